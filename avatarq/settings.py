@@ -1,0 +1,77 @@
+"""Settings from the environment and `.env.local`, under the names users already have.
+
+LiveKit's own variables (`LIVEKIT_URL`, `LIVEKIT_API_KEY`, `LIVEKIT_API_SECRET`), the Avaluma
+plugin's and examples' names, the standard AWS variables, and `AVATARQ_*` for our own knobs.
+Secrets are `SecretStr` so they never print by accident.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _env(*names: str) -> AliasChoices:
+    return AliasChoices(*names)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env.local", env_file_encoding="utf-8", extra="ignore", populate_by_name=True
+    )
+
+    # LiveKit
+    livekit_url: str = Field("ws://localhost:7880", validation_alias=_env("LIVEKIT_URL"))
+    livekit_api_key: str = Field("devkey", validation_alias=_env("LIVEKIT_API_KEY"))
+    livekit_api_secret: SecretStr = Field(
+        SecretStr("secret"), validation_alias=_env("LIVEKIT_API_SECRET")
+    )
+
+    # Avaluma avatar server
+    avaluma_license_key: SecretStr = Field(
+        SecretStr(""), validation_alias=_env("AVALUMA_LICENSE_KEY", "AVALUMA_API_KEY")
+    )
+    avaluma_api_url: str = Field(
+        "https://api.avaluma.ai", validation_alias=_env("AVALUMA_API_URL", "AVATAR_SERVER_URL")
+    )
+
+    # Celery / Redis
+    redis_url: str = Field("redis://localhost:6379/0", validation_alias=_env("REDIS_URL"))
+    celery_broker_url: str | None = Field(None, validation_alias=_env("CELERY_BROKER_URL"))
+    celery_result_backend: str | None = Field(None, validation_alias=_env("CELERY_RESULT_BACKEND"))
+
+    # S3 (credentials are read by boto3 itself from the standard AWS variables/files)
+    s3_endpoint_url: str | None = Field(
+        None, validation_alias=_env("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+    )
+    aws_region: str | None = Field(None, validation_alias=_env("AWS_REGION", "AWS_DEFAULT_REGION"))
+
+    # avatarq's own knobs
+    ffmpeg_binary: str | None = Field(None, validation_alias=_env("AVATARQ_FFMPEG"))
+    default_lead_s: float = Field(0.5, validation_alias=_env("AVATARQ_DEFAULT_LEAD"))
+    max_job_duration_s: float = Field(3600.0, validation_alias=_env("AVATARQ_MAX_JOB_DURATION"))
+    avatar_join_timeout_s: float = Field(30.0, validation_alias=_env("AVATARQ_AVATAR_JOIN_TIMEOUT"))
+    avatar_start_attempts: int = Field(4, validation_alias=_env("AVATARQ_AVATAR_START_ATTEMPTS"))
+    playback_finished_timeout_s: float = Field(
+        10.0, validation_alias=_env("AVATARQ_PLAYBACK_FINISHED_TIMEOUT")
+    )
+    events_stream: str = Field("avatarq:events", validation_alias=_env("AVATARQ_EVENTS_STREAM"))
+    events_maxlen: int = Field(100_000, validation_alias=_env("AVATARQ_EVENTS_MAXLEN"))
+    worker_concurrency: int = Field(16, validation_alias=_env("AVATARQ_WORKER_CONCURRENCY"))
+    webhook_secret: SecretStr = Field(SecretStr(""), validation_alias=_env("AVATARQ_WEBHOOK_SECRET"))
+
+    @property
+    def broker_url(self) -> str:
+        return self.celery_broker_url or self.redis_url
+
+    @property
+    def result_backend(self) -> str:
+        return self.celery_result_backend or self.redis_url
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()
