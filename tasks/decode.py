@@ -1,0 +1,269 @@
+"""Decode a resolved audio source to mono s16le PCM with ffmpeg, streamed chunk by chunk.
+
+ffmpeg runs as a child process writing PCM to a pipe; we read it in fixed-size chunks as the
+consumer (real-time playback) asks for them. Reading only on demand gives back-pressure: when
+playback is slow the pipe fills and ffmpeg simply waits, so memory stays a few chunks whatever
+the audio's length. stderr is drained concurrently into a small ring buffer so ffmpeg can never
+block on it, and its tail turns into the error message when decoding fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import TracebackType
+
+import ffmpeg
+import imageio_ffmpeg
+
+from avatarq.errors import DecodeError, JobError, SourceNotFound, SourceUnavailable
+from avatarq.settings import Settings, get_settings
+from tasks.source import ResolvedSource
+
+STDERR_TAIL_BYTES = 4096
+# ffmpeg's I/O timeout for network sources (microseconds): a stalled server fails the read
+# instead of hanging the job; the reconnect options below then retry it.
+_RW_TIMEOUT_US = 15_000_000
+_RECONNECT_DELAY_MAX_S = 10
+_PROBE_TIMEOUT_S = 15.0
+
+
+def ffmpeg_binary(settings: Settings) -> str:
+    """The configured ffmpeg, else the one on PATH, else the one bundled by imageio-ffmpeg."""
+    return settings.ffmpeg_binary or shutil.which("ffmpeg") or imageio_ffmpeg.get_ffmpeg_exe()
+
+
+def ffprobe_binary(settings: Settings) -> str | None:
+    """An ffprobe next to the chosen ffmpeg (imageio-ffmpeg ships none), or None."""
+    ff = Path(ffmpeg_binary(settings))
+    candidate = ff.with_name(ff.name.replace("ffmpeg", "ffprobe"))
+    if candidate != ff and candidate.is_file():
+        return str(candidate)
+    return None
+
+
+def _input_options(resolved: ResolvedSource) -> dict[str, str | int]:
+    options: dict[str, str | int] = {"protocol_whitelist": ",".join(resolved.protocols)}
+    if resolved.kind in ("http", "s3"):
+        # An hour of real-time playback keeps one HTTP response open for an hour, paced by
+        # back-pressure; servers and proxies drop such connections, so ffmpeg must resume with
+        # a Range request at the byte where it stopped (reconnect_streamed covers non-seekable
+        # responses too).
+        options.update(
+            reconnect=1,
+            reconnect_streamed=1,
+            reconnect_on_network_error=1,
+            reconnect_on_http_error="5xx",
+            reconnect_delay_max=_RECONNECT_DELAY_MAX_S,
+            rw_timeout=_RW_TIMEOUT_US,
+        )
+    return options
+
+
+def decode_command(
+    resolved: ResolvedSource, *, sample_rate: int = 16000, binary: str | None = None
+) -> list[str]:
+    """The ffmpeg argv decoding `resolved` to mono s16le PCM at `sample_rate` on stdout."""
+    binary = binary or ffmpeg_binary(get_settings())
+    stream = ffmpeg.input(resolved.url_or_path, **_input_options(resolved))
+    # ["a:0"] maps only the first audio stream: video/cover art is never decoded, and a file
+    # without audio fails with "matches no streams" instead of producing silence.
+    out = stream["a:0"].output("pipe:", format="s16le", acodec="pcm_s16le", ac=1, ar=sample_rate)
+    # Global options first: -nostdin so ffmpeg never competes for the worker's stdin.
+    argv: list[str] = out.compile(cmd=[binary, "-nostdin", "-hide_banner", "-loglevel", "error"])
+    return argv
+
+
+def _classify(stderr: str, returncode: int | None, resolved: ResolvedSource) -> JobError:
+    """Turn ffmpeg's stderr into a JobError whose class says whether a retry can help."""
+    description = resolved.description
+    network = resolved.kind != "file"
+    low = stderr.lower()
+    last = stderr.strip().splitlines()[-1] if stderr.strip() else f"exit code {returncode}"
+    if "not on whitelist" in low:
+        return DecodeError(
+            f"{description} tries to open a disallowed protocol: {last}",
+            reason="protocol_not_allowed",
+        )
+    if network and any(s in low for s in ("404 not found", "410 gone", "403 forbidden")):
+        return SourceNotFound(f"audio source not found at {description}: {last}")
+    if network and any(
+        s in low
+        for s in (
+            "connection refused",
+            "connection reset",
+            "connection timed out",
+            "network is unreachable",
+            "5xx server error",
+            "server returned 5",
+            "i/o error",
+            "end of file",
+        )
+    ):
+        return SourceUnavailable(f"audio source unavailable ({description}): {last}")
+    if "matches no streams" in low or "does not contain any stream" in low:
+        return DecodeError(f"no audio stream in {description}", reason="no_audio_stream")
+    if "invalid data found" in low or "moov atom not found" in low:
+        return DecodeError(
+            f"not an audio file or corrupt data: {description}: {last}", reason="invalid_audio"
+        )
+    if "no such file" in low:
+        return SourceNotFound(f"audio file not found: {description}")
+    return DecodeError(f"ffmpeg failed on {description}: {last}")
+
+
+class PcmDecoder:
+    """An ffmpeg child decoding one source to mono s16le PCM, read as fixed-size chunks.
+
+    `async with PcmDecoder(resolved) as dec: async for chunk in dec.chunks(3200): ...`
+    Leaving the block kills ffmpeg if it still runs and reaps it. When the stream ends with
+    ffmpeg failing, or with no audio at all, `chunks()` raises DecodeError (or SourceNotFound /
+    SourceUnavailable for network sources) carrying the tail of ffmpeg's stderr.
+    """
+
+    def __init__(
+        self,
+        resolved: ResolvedSource,
+        *,
+        sample_rate: int = 16000,
+        settings: Settings | None = None,
+    ) -> None:
+        self.resolved = resolved
+        self.sample_rate = sample_rate
+        self.settings = settings or get_settings()
+        self.bytes_read = 0
+        self._proc: asyncio.subprocess.Process | None = None
+        self._stderr_task: asyncio.Task[None] | None = None
+        self._stderr_tail = bytearray()
+
+    @property
+    def argv(self) -> list[str]:
+        return decode_command(
+            self.resolved, sample_rate=self.sample_rate, binary=ffmpeg_binary(self.settings)
+        )
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self._proc is None else self._proc.returncode
+
+    @property
+    def stderr_tail(self) -> str:
+        return self._stderr_tail.decode("utf-8", "replace")
+
+    async def __aenter__(self) -> PcmDecoder:
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                *self.argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+        except OSError as exc:
+            # A missing/broken ffmpeg is the worker's fault: another worker may do better.
+            raise SourceUnavailable(f"cannot start ffmpeg: {exc}", reason="ffmpeg_missing") from exc
+        self._stderr_task = asyncio.create_task(self._drain_stderr())
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Kill ffmpeg if it still runs (the consumer stopped early), then reap it."""
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        await proc.wait()
+        if self._stderr_task is not None:
+            # stderr hits EOF once ffmpeg is gone, so this finishes promptly.
+            await self._stderr_task
+
+    async def _drain_stderr(self) -> None:
+        assert self._proc is not None and self._proc.stderr is not None
+        while block := await self._proc.stderr.read(4096):
+            self._stderr_tail += block
+            del self._stderr_tail[:-STDERR_TAIL_BYTES]
+
+    async def chunks(self, chunk_bytes: int = 3200) -> AsyncIterator[bytes]:
+        """Yield PCM in chunks of exactly `chunk_bytes` (the last may be shorter, always even)."""
+        if chunk_bytes <= 0 or chunk_bytes % 2:
+            raise ValueError(f"chunk_bytes must be a positive even number, got {chunk_bytes}")
+        if self._proc is None or self._proc.stdout is None:
+            raise RuntimeError("PcmDecoder.chunks() needs `async with PcmDecoder(...)` first")
+        stdout = self._proc.stdout
+        while True:
+            try:
+                chunk = await stdout.readexactly(chunk_bytes)
+            except asyncio.IncompleteReadError as eof:
+                # A half sample only appears if ffmpeg died mid-write; it is not audio.
+                chunk = eof.partial[: len(eof.partial) & ~1]
+                if chunk:
+                    self.bytes_read += len(chunk)
+                    yield chunk
+                break
+            self.bytes_read += len(chunk)
+            yield chunk
+        await self._finish()
+
+    async def _finish(self) -> None:
+        assert self._proc is not None and self._stderr_task is not None
+        returncode = await self._proc.wait()
+        await self._stderr_task
+        if returncode != 0:
+            raise _classify(self.stderr_tail, returncode, self.resolved)
+        if self.bytes_read == 0:
+            detail = self.stderr_tail.strip()
+            raise DecodeError(
+                f"no audio decoded from {self.resolved.description}"
+                + (f": {detail.splitlines()[-1]}" if detail else ""),
+                reason="no_audio",
+            )
+
+
+async def probe_duration(
+    resolved: ResolvedSource, settings: Settings | None = None, *, timeout: float = _PROBE_TIMEOUT_S
+) -> float | None:
+    """The source's duration in seconds per ffprobe, or None if unknown, unavailable or slow.
+
+    Only an estimate for job time limits: failures here are left for the decoder to report.
+    """
+    binary = ffprobe_binary(settings or get_settings())
+    if binary is None:
+        return None
+    options = _input_options(resolved)
+    argv = [binary, "-nostdin", "-hide_banner", "-loglevel", "error"]
+    for name, value in options.items():
+        argv += [f"-{name}", str(value)]
+    argv += ["-show_entries", "format=duration", "-of", "csv=p=0", resolved.url_or_path]
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        return None
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+    if proc.returncode != 0:
+        return None
+    try:
+        duration = float(out.decode().strip())
+    except ValueError:  # "N/A" for streams without a known length
+        return None
+    return duration if duration > 0 else None
