@@ -1,0 +1,41 @@
+"""Names shared by the worker (which writes) and producers (which read): events and records.
+
+Backend services read job events from the Redis stream `avatarq:events` (all jobs) or
+`avatarq:events:{job_id}` (one job); each entry has fields `event`, `job_id`, `ts` and
+`data` (a JSON object). The terminal state of a job is kept under `avatarq:job:{job_id}`.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Event(StrEnum):
+    STARTED = "job.started"
+    AVATAR_READY = "job.avatar_ready"
+    PROGRESS = "job.progress"
+    COMPLETED = "job.completed"
+    FAILED = "job.failed"
+    RETRYING = "job.retrying"
+
+
+class Status(StrEnum):
+    QUEUED = "queued"
+    PLAYING = "playing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED})
+
+#: How long records and per-job event streams are kept (they must outlive redelivery).
+RECORD_TTL_S = 30 * 24 * 3600
+
+
+def job_events_key(job_id: str) -> str:
+    return f"avatarq:events:{job_id}"
+
+
+def job_record_key(job_id: str) -> str:
+    return f"avatarq:job:{job_id}"

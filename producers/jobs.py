@@ -1,0 +1,123 @@
+"""The job schema: what a producer sends and what a worker plays.
+
+Validated at enqueue and again in the worker (a payload may come from any producer, in any
+language). Unknown fields are an error, so a typo never silently drops an option.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from pathlib import PurePath
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationError, field_validator
+
+from avatarq.errors import InvalidJob
+
+#: Sample rates the avatar's receiver accepts (Avaluma's plugin sends 16 kHz).
+SAMPLE_RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000)
+#: Source URL schemes the worker can open.
+SOURCE_SCHEMES = ("file", "http", "https", "s3")
+#: Room names and avatar ids: what LiveKit accepts in identities and room names, conservatively.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:@=-]{0,127}$"
+JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
+MAX_METADATA_BYTES = 16 * 1024
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Job(BaseModel):
+    """One render job: play `source` through avatar `avatar_id` in LiveKit room `room`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    job_id: str = Field(default_factory=new_job_id, pattern=JOB_ID_PATTERN)
+    """Idempotency key: a job id that completed is never played again."""
+    room: str = Field(pattern=NAME_PATTERN)
+    avatar_id: str = Field(pattern=NAME_PATTERN)
+    avatar_server: HttpUrl | None = None
+    """Avatar server base URL; defaults to the `AVALUMA_API_URL` setting."""
+    source: str = Field(min_length=1, max_length=4096)
+    """Audio to play: a local path, `file://`, `http(s)://` or `s3://bucket/key`."""
+    sample_rate: int = 16000
+    lead: float | None = Field(None, ge=0.0, le=30.0)
+    """Seconds the sender may run ahead of real time; defaults to the `AVATARQ_DEFAULT_LEAD`."""
+    max_duration: float | None = Field(None, gt=0.0)
+    """Refuse audio longer than this many seconds (and bound the job's time limit)."""
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    """Free data echoed in the result and events."""
+    webhook_url: HttpUrl | None = None
+
+    @field_validator("sample_rate")
+    @classmethod
+    def _known_rate(cls, v: int) -> int:
+        if v not in SAMPLE_RATES:
+            raise ValueError(f"sample_rate {v} is not one of {', '.join(map(str, SAMPLE_RATES))}")
+        return v
+
+    @field_validator("source")
+    @classmethod
+    def _known_scheme(cls, v: str) -> str:
+        scheme = urlsplit(v).scheme.lower()
+        # A bare path (or a Windows drive letter) is a local file.
+        if scheme and len(scheme) > 1 and scheme not in SOURCE_SCHEMES:
+            raise ValueError(
+                f"source scheme {scheme!r} is not supported (use a path or one of "
+                f"{', '.join(s + '://' for s in SOURCE_SCHEMES)})"
+            )
+        if scheme == "s3" and not re.match(r"^s3://[^/]+/.+", v):
+            raise ValueError("s3 source must look like s3://bucket/key")
+        if not scheme and not PurePath(v).name:
+            raise ValueError("source path names no file")
+        return v
+
+    @field_validator("metadata")
+    @classmethod
+    def _small_json(cls, v: dict[str, Any]) -> dict[str, Any]:
+        try:
+            size = len(json.dumps(v))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"metadata must be JSON-serializable: {e}") from None
+        if size > MAX_METADATA_BYTES:
+            raise ValueError(f"metadata is {size} bytes, over the {MAX_METADATA_BYTES} limit")
+        return v
+
+    @property
+    def avatar_identity(self) -> str:
+        """The avatar's participant identity, fixed by the avatar server's convention."""
+        return f"avatar-{self.avatar_id}"
+
+    @property
+    def worker_identity(self) -> str:
+        return f"avatarq-{self.job_id}"
+
+    def payload(self) -> dict[str, Any]:
+        """The JSON-safe dict that travels through the broker."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+def describe_validation_error(err: ValidationError) -> str:
+    """One line per problem, naming the field: `room: field required; sample_rate: …`."""
+    parts = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "job"
+        msg = e["msg"].removeprefix("Value error, ")
+        parts.append(f"{where}: {msg}")
+    return "; ".join(parts)
+
+
+def parse_job(payload: Any) -> Job:
+    """Validate a job payload from any producer; raises InvalidJob naming each bad field."""
+    if isinstance(payload, Job):
+        return payload
+    if not isinstance(payload, dict):
+        raise InvalidJob(f"job payload must be a JSON object, not {type(payload).__name__}")
+    try:
+        return Job.model_validate(payload)
+    except ValidationError as e:
+        raise InvalidJob(f"invalid job: {describe_validation_error(e)}") from None

@@ -1,0 +1,160 @@
+"""The path of one job: source → decode → room → avatar → stream → report.
+
+`play()` runs on the worker process's shared event loop (tasks/runtime.py). It returns the
+result dict or raises a JobError; the Celery task (tasks/render.py) decides about retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from avatarq.errors import DecodeError
+from avatarq.events import Event
+from avatarq.settings import Settings
+from producers.jobs import Job
+from tasks import room as rooms
+from tasks import tokens
+from tasks.avatar import AvatarClient, AvatarSession, HttpAvatarClient
+from tasks.decode import PcmDecoder, probe_duration
+from tasks.pacing import Pacer
+from tasks.report import JobReporter
+from tasks.source import aresolve
+from tasks.stream import AudioStreamSender
+
+log = logging.getLogger("avatarq.pipeline")
+
+#: Audio per write: 100 ms keeps FFI calls at 10/s per stream (cheap with 100 streams in a
+#: process) while staying far below the default lead, so pacing stays smooth.
+CHUNK_SECONDS = 0.1
+#: Time allowed on top of the audio itself for joining, avatar start and the final report.
+OVERHEAD_BUDGET_S = 60.0
+
+
+@dataclass
+class Timestamps:
+    """Wall-clock (epoch seconds) milestones of a job, for results and overhead figures."""
+
+    picked: float = field(default_factory=time.time)
+    room_joined: float | None = None
+    avatar_ready: float | None = None
+    first_byte: float | None = None
+    last_byte: float | None = None
+    playback_finished: float | None = None
+
+
+def time_budget(job: Job, audio_seconds: float | None, settings: Settings) -> float:
+    """The job's whole time limit: its audio plus joining, avatar start and reporting."""
+    length = audio_seconds or job.max_duration or settings.max_job_duration_s
+    return length + settings.avatar_join_timeout_s + settings.playback_finished_timeout_s + (
+        OVERHEAD_BUDGET_S
+    )
+
+
+def avatar_client_for(job: Job, settings: Settings) -> AvatarClient:
+    base = str(job.avatar_server) if job.avatar_server else settings.avaluma_api_url
+    return HttpAvatarClient(
+        base,
+        settings.avaluma_license_key.get_secret_value(),
+        attempts=settings.avatar_start_attempts,
+    )
+
+
+async def play(job: Job, settings: Settings, reporter: JobReporter, *, attempt: int = 1) -> dict[str, Any]:
+    ts = Timestamps()
+    await reporter.emit(Event.STARTED, room=job.room, avatar_id=job.avatar_id, attempt=attempt)
+
+    resolved = await aresolve(job.source, settings)
+    duration = await probe_duration(resolved, settings)
+    limit = job.max_duration or settings.max_job_duration_s
+    if duration is not None and duration > limit:
+        raise DecodeError(f"audio is {duration:.1f}s long, over the {limit:g}s maximum", reason="too_long")
+
+    lead = settings.default_lead_s if job.lead is None else job.lead
+    sample_rate = job.sample_rate
+    chunk_bytes = int(sample_rate * CHUNK_SECONDS) * 2
+
+    async with asyncio.timeout(time_budget(job, duration, settings)):
+        async with PcmDecoder(resolved, sample_rate=sample_rate, settings=settings) as decoder:
+            chunks = decoder.chunks(chunk_bytes)
+            # Decode the first chunk before joining anything: a bad file fails here, cheaply.
+            first = await anext(chunks, b"")
+            if not first:
+                raise DecodeError("the audio decodes to zero samples", reason="empty_audio")
+
+            job_tokens = tokens.mint(
+                settings,
+                room=job.room,
+                worker_identity=job.worker_identity,
+                avatar_identity=job.avatar_identity,
+                ttl=tokens.ttl_for(duration, settings),
+            )
+            room = await rooms.connect(settings.livekit_url, job_tokens.worker)
+            ts.room_joined = time.time()
+            avatar = avatar_client_for(job, settings)
+            session: AvatarSession | None = None
+            try:
+                sender = AudioStreamSender(room, job.avatar_identity, sample_rate)
+                session = await avatar.start(
+                    livekit_url=settings.livekit_url,
+                    livekit_token=job_tokens.avatar,
+                    avatar_id=job.avatar_id,
+                    avatar_identity=job.avatar_identity,
+                )
+                await rooms.wait_for_avatar(
+                    room, session.participant_identity, timeout=settings.avatar_join_timeout_s
+                )
+                ts.avatar_ready = time.time()
+                await reporter.emit(Event.AVATAR_READY, session_id=session.session_id)
+
+                bps = sender.bytes_per_second
+
+                async def pcm() -> Any:
+                    yield first
+                    ts.first_byte = time.time()
+                    async for chunk in chunks:
+                        yield chunk
+
+                async def on_progress(sent: int) -> None:
+                    await reporter.progress(sent / bps, duration)
+
+                pacer = Pacer(bytes_per_second=bps, lead=lead)
+                sent = await sender.send_segment(pcm(), pacer, on_progress=on_progress, name=job.job_id)
+                ts.last_byte = time.time()
+                streamed = sent / bps
+                await reporter.progress(streamed, duration, force=True)
+
+                # The avatar still has up to `lead` seconds buffered when the last byte leaves.
+                finished = await sender.wait_playback_finished(
+                    lead + settings.playback_finished_timeout_s
+                )
+                if finished is not None:
+                    ts.playback_finished = time.time()
+                else:
+                    log.warning("job %s: no lk.playback_finished from the avatar", job.job_id)
+            finally:
+                if session is not None:
+                    await avatar.stop(session)
+                await avatar.aclose()
+                await room.disconnect()
+
+    return {
+        "job_id": job.job_id,
+        "status": "completed",
+        "room": job.room,
+        "avatar_id": job.avatar_id,
+        "audio_duration": duration if duration is not None else streamed,
+        "seconds_streamed": round(streamed, 6),
+        "playback_position": finished.playback_position if finished else None,
+        "interrupted": finished.interrupted if finished else None,
+        "playback_confirmed": finished is not None,
+        "attempt": attempt,
+        "lead": lead,
+        "sample_rate": sample_rate,
+        "metadata": job.metadata,
+        "timestamps": asdict(ts),
+    }
+

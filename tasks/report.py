@@ -1,0 +1,111 @@
+"""Tell the world how a job goes: Redis stream events, Celery PROGRESS state, the terminal
+record, and the webhook. Everything written here is built from explicit fields, so no secret
+(from settings) can slip into it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import redis.asyncio as aioredis
+
+from avatarq.events import RECORD_TTL_S, Event, job_events_key, job_record_key
+from avatarq.settings import Settings
+from tasks.backoff import backoff_delay
+
+log = logging.getLogger("avatarq.report")
+
+PROGRESS_INTERVAL_S = 1.0
+WEBHOOK_ATTEMPTS = 4
+WEBHOOK_SIGNATURE_HEADER = "X-Avatarq-Signature"
+WEBHOOK_TIMESTAMP_HEADER = "X-Avatarq-Timestamp"
+
+StateUpdater = Callable[[dict[str, Any]], None]
+
+
+def sign_webhook(secret: str, timestamp: str, body: bytes) -> str:
+    """HMAC-SHA256 over `{timestamp}.{body}`, hex; verify it the same way on receipt."""
+    mac = hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256)
+    return "sha256=" + mac.hexdigest()
+
+
+class JobReporter:
+    def __init__(
+        self,
+        settings: Settings,
+        job_id: str,
+        *,
+        update_state: StateUpdater | None = None,
+        redis: aioredis.Redis | None = None,
+    ) -> None:
+        self.settings = settings
+        self.job_id = job_id
+        self._update_state = update_state
+        self._redis = redis or aioredis.from_url(settings.redis_url)
+        self._owns_redis = redis is None
+        self._last_progress = 0.0
+
+    async def emit(self, event: Event, **data: Any) -> None:
+        fields = {
+            "event": event.value,
+            "job_id": self.job_id,
+            "ts": f"{time.time():.6f}",
+            "data": json.dumps(data, default=str),
+        }
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.xadd(self.settings.events_stream, fields, maxlen=self.settings.events_maxlen)
+        pipe.xadd(job_events_key(self.job_id), fields)
+        pipe.expire(job_events_key(self.job_id), RECORD_TTL_S)
+        await pipe.execute()
+
+    async def progress(self, streamed_s: float, total_s: float | None, *, force: bool = False) -> None:
+        """At most once a second: a `job.progress` event and the Celery PROGRESS state."""
+        now = time.monotonic()
+        if not force and now - self._last_progress < PROGRESS_INTERVAL_S:
+            return
+        self._last_progress = now
+        meta = {"seconds_streamed": round(streamed_s, 3), "total_seconds": total_s}
+        await self.emit(Event.PROGRESS, **meta)
+        if self._update_state is not None:
+            await asyncio.to_thread(self._update_state, meta)
+
+    async def finish(self, result: dict[str, Any], webhook_url: str | None) -> None:
+        """Record the terminal state, announce it, and deliver the webhook."""
+        body = json.dumps(result, default=str)
+        await self._redis.set(job_record_key(self.job_id), body, ex=RECORD_TTL_S)
+        event = Event.COMPLETED if result["status"] == "completed" else Event.FAILED
+        await self.emit(event, **result)
+        if webhook_url:
+            await self._deliver_webhook(webhook_url, body.encode())
+
+    async def _deliver_webhook(self, url: str, body: bytes) -> None:
+        secret = self.settings.webhook_secret.get_secret_value()
+        async with aiohttp.ClientSession() as http:
+            for attempt in range(WEBHOOK_ATTEMPTS):
+                headers = {"Content-Type": "application/json"}
+                if secret:
+                    ts = str(int(time.time()))
+                    headers[WEBHOOK_TIMESTAMP_HEADER] = ts
+                    headers[WEBHOOK_SIGNATURE_HEADER] = sign_webhook(secret, ts, body)
+                try:
+                    async with http.post(
+                        url, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=10)
+                    ) as resp:
+                        if resp.status < 500:
+                            return
+                except (aiohttp.ClientError, asyncio.TimeoutError):
+                    pass
+                await asyncio.sleep(backoff_delay(attempt))
+        log.warning("webhook for job %s not delivered after %d attempts", self.job_id, WEBHOOK_ATTEMPTS)
+
+    async def aclose(self) -> None:
+        if self._owns_redis:
+            await self._redis.aclose()
