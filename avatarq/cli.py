@@ -1,0 +1,243 @@
+"""`avatarq`: enqueue and follow jobs, run workers, run the local stack.
+
+Exit codes: 0 done, 1 the job failed or was cancelled, 2 bad input, 3 timed out waiting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from avatarq.errors import InvalidJob
+from avatarq.settings import get_settings
+
+EXIT_FAILED, EXIT_INVALID, EXIT_TIMEOUT = 1, 2, 3
+POLL_INTERVAL_S = 0.25
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+dev = typer.Typer(no_args_is_help=True, help="The embedded local stack's services.")
+app.add_typer(dev, name="dev")
+err = Console(stderr=True)
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    err.print(f"[red]error:[/] {message}")
+    return typer.Exit(code)
+
+
+def follow(job_id: str, *, timeout: float, show_progress: bool) -> dict[str, Any]:
+    """Poll the job until it ends (or `timeout`), drawing a bar of seconds played."""
+    from producers import get_status
+    from producers.client import is_terminal
+
+    deadline = time.monotonic() + timeout
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[played]}"))
+    with Progress(*columns, TimeElapsedColumn(), console=err, disable=not show_progress) as bar:
+        task = bar.add_task(f"job {job_id}", total=None, played="queued")
+        while time.monotonic() < deadline:
+            status = get_status(job_id)
+            if is_terminal(status):
+                return status
+            streamed, total = status.get("seconds_streamed"), status.get("total_seconds")
+            if streamed is not None:
+                bar.update(task, completed=streamed, total=total, played=f"{streamed:.1f}s played")
+            else:
+                bar.update(task, played=status.get("status", "queued"))
+            time.sleep(POLL_INTERVAL_S)
+    raise _fail(f"job {job_id} did not finish within {timeout:g}s", EXIT_TIMEOUT)
+
+
+def report(result: dict[str, Any], *, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result, default=str))
+    elif result.get("status") == "completed":
+        pos = result.get("playback_position")
+        where = f"{pos:.2f}s" if isinstance(pos, (int, float)) else "unconfirmed"
+        err.print(
+            f"[green]completed[/] job {result['job_id']}: "
+            f"{result.get('seconds_streamed', 0):.2f}s streamed, played to {where}"
+        )
+    else:
+        err.print(f"[red]{result.get('status')}[/] job {result['job_id']}: {result.get('error')}")
+
+
+@app.command()
+def enqueue(
+    source: Annotated[
+        str, typer.Argument(help="Audio: path, file://, http(s):// or s3://bucket/key")
+    ],
+    room: Annotated[str, typer.Option(help="LiveKit room name")],
+    avatar: Annotated[str, typer.Option(help="Avatar id (participant avatar-<id>)")],
+    job_id: Annotated[str | None, typer.Option(help="Idempotency key (default: random)")] = None,
+    sample_rate: Annotated[int, typer.Option(help="PCM rate sent to the avatar")] = 16000,
+    lead: Annotated[float | None, typer.Option(help="Seconds ahead of real time")] = None,
+    metadata: Annotated[str | None, typer.Option(help="JSON object echoed in the result")] = None,
+    webhook_url: Annotated[str | None, typer.Option(help="POST the final result here")] = None,
+    wait: Annotated[bool, typer.Option(help="Wait for the job to end")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait with --wait")] = 3600.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON, no progress bar")] = False,
+) -> None:
+    """Enqueue one job.
+
+    Example: avatarq enqueue s3://clips/hello.mp3 --room lobby --avatar anna --wait
+    """
+    from producers import enqueue as do_enqueue
+
+    job: dict[str, Any] = {"room": room, "avatar_id": avatar, "source": source}
+    job.update(sample_rate=sample_rate, lead=lead, webhook_url=webhook_url, job_id=job_id)
+    if metadata:
+        try:
+            job["metadata"] = json.loads(metadata)
+        except ValueError as e:
+            raise _fail(f"--metadata is not JSON: {e}", EXIT_INVALID) from None
+    try:
+        handle = do_enqueue({k: v for k, v in job.items() if v is not None})
+    except InvalidJob as e:
+        raise _fail(e.message, EXIT_INVALID) from None
+    if not wait:
+        if as_json:
+            print(json.dumps({"job_id": handle.job_id, "status": "queued"}))
+        else:
+            err.print(f"queued job {handle.job_id}")
+        return
+    result = follow(handle.job_id, timeout=timeout, show_progress=not as_json)
+    report(result, as_json=as_json)
+    if result.get("status") != "completed":
+        raise typer.Exit(EXIT_FAILED)
+
+
+@app.command()
+def status(
+    job_id: str,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+) -> None:
+    """Show a job's state (queued, playing with progress, or its final result).
+
+    Example: avatarq status 4f2a9c
+    """
+    from producers import get_status
+
+    result = get_status(job_id)
+    if as_json:
+        print(json.dumps(result, default=str))
+    else:
+        for key, value in result.items():
+            err.print(f"{key}: {value}")
+
+
+@app.command()
+def cancel(job_id: str) -> None:
+    """Cancel a queued job.
+
+    Example: avatarq cancel 4f2a9c
+    """
+    from producers import cancel as do_cancel
+
+    do_cancel(job_id)
+    err.print(f"cancel requested for job {job_id}")
+
+
+@app.command()
+def token(
+    room: Annotated[str, typer.Option(help="Room to join")],
+    identity: Annotated[str, typer.Option(help="Participant identity")] = "viewer",
+    ttl: Annotated[int, typer.Option(help="Lifetime in seconds")] = 3600,
+) -> None:
+    """Print a join token for watching a room in a LiveKit client (subscribe only).
+
+    Example: avatarq token --room lobby --identity viewer
+    """
+    from datetime import timedelta
+
+    from livekit import api
+
+    s = get_settings()
+    jwt = (
+        api.AccessToken(s.livekit_api_key, s.livekit_api_secret.get_secret_value())
+        .with_identity(identity)
+        .with_ttl(timedelta(seconds=ttl))
+        .with_grants(api.VideoGrants(room_join=True, room=room, can_publish=False))
+        .to_jwt()
+    )
+    print(jwt)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def worker(
+    ctx: typer.Context,
+    concurrency: Annotated[int | None, typer.Option(help="Jobs played at once")] = None,
+    loglevel: Annotated[str, typer.Option(help="Celery log level")] = "INFO",
+) -> None:
+    """Start a Celery worker (`celery -A tasks worker` with avatarq's options; extra args pass
+    through).
+
+    Example: avatarq worker --concurrency 50
+    """
+    argv = [sys.executable, "-m", "celery", "-A", "tasks", "worker", "--loglevel", loglevel]
+    if concurrency:
+        argv += ["--concurrency", str(concurrency)]
+    os.execv(sys.executable, [*argv, *ctx.args])
+
+
+@app.command()
+def demo(
+    source: Annotated[
+        str | None, typer.Option(help="Audio to play (default: bundled sample)")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON")] = False,
+    workdir: Annotated[Path | None, typer.Option(help="Keep logs and recordings here")] = None,
+    netns: Annotated[bool, typer.Option(help="Run inside a private network namespace")] = False,
+) -> None:
+    """Bring up the local stack, play one job end to end, print a summary, shut down.
+
+    Example: avatarq demo --netns
+    """
+    from avatarq.dev.demo import run_demo, run_in_netns
+
+    if netns and os.environ.get("AVATARQ_IN_NETNS") != "1":
+        raise typer.Exit(run_in_netns(sys.argv[1:]))
+    summary = run_demo(source=source, workdir=workdir, show_progress=not as_json)
+    if as_json:
+        print(json.dumps(summary, default=str))
+    if summary.get("status") != "completed":
+        raise typer.Exit(EXIT_FAILED)
+
+
+@dev.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def livekit(ctx: typer.Context) -> None:
+    """Run the local LiveKit-protocol server (development and tests only).
+
+    Example: avatarq dev livekit --port 7880
+    """
+    from avatarq.dev.livekit_server import main as server_main
+
+    raise typer.Exit(server_main(ctx.args))
+
+
+@dev.command(
+    name="avatar", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
+)
+def avatar_emulator(ctx: typer.Context) -> None:
+    """Run the avatar emulator (a GPU-free stand-in for the Avaluma avatar server).
+
+    Example: avatarq dev avatar --port 8089 --license-key dev
+    """
+    from avatarq.dev.avatar_emulator import main as emulator_main
+
+    raise typer.Exit(emulator_main(ctx.args))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""The embedded local stack: Redis, the local LiveKit server, the avatar emulator and Celery
+workers, each its own process on a free loopback port. Used by `avatarq demo`, the tests and
+the benchmarks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from avatarq.dev.processes import ManagedProcess, RedisServer, free_port, python_module, tcp_ready
+
+DEV_API_KEY = "devkey"
+DEV_API_SECRET = "secret"
+DEV_LICENSE_KEY = "local-dev-license"
+HOST = "127.0.0.1"
+
+
+@dataclass
+class LocalStack:
+    workdir: Path
+    redis: RedisServer
+    livekit: ManagedProcess
+    avatar: ManagedProcess
+    livekit_port: int
+    avatar_port: int
+    workers: list[ManagedProcess] = field(default_factory=list)
+
+    @property
+    def livekit_url(self) -> str:
+        return f"ws://{HOST}:{self.livekit_port}"
+
+    @property
+    def avatar_url(self) -> str:
+        return f"http://{HOST}:{self.avatar_port}"
+
+    @property
+    def recordings(self) -> Path:
+        return self.workdir / "recordings"
+
+    def env(self) -> dict[str, str]:
+        """The settings (environment) that point workers and producers at this stack."""
+        return {
+            "LIVEKIT_URL": self.livekit_url,
+            "LIVEKIT_API_KEY": DEV_API_KEY,
+            "LIVEKIT_API_SECRET": DEV_API_SECRET,
+            "AVALUMA_API_URL": self.avatar_url,
+            "AVALUMA_LICENSE_KEY": DEV_LICENSE_KEY,
+            "REDIS_URL": self.redis.url,
+        }
+
+    def start_worker(
+        self, name: str = "w1", *, concurrency: int = 8, extra_env: dict[str, str] | None = None
+    ) -> ManagedProcess:
+        """A real `celery -A tasks worker` process on this stack."""
+        proc = ManagedProcess(
+            f"worker-{name}",
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "tasks",
+                "worker",
+                "--loglevel",
+                "INFO",
+                "--concurrency",
+                str(concurrency),
+                "--hostname",
+                f"{name}@%h",
+                "--without-gossip",
+                "--without-mingle",
+            ],
+            ready=lambda: " ready." in proc.tail(200),
+            env={**self.env(), **(extra_env or {})},
+            log_dir=self.workdir / "logs",
+            start_timeout=60,
+        )
+        proc.start()
+        self.workers.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        for proc in [*self.workers, self.avatar, self.livekit, self.redis]:
+            proc.stop()
+
+
+@contextlib.contextmanager
+def local_stack(
+    workdir: Path | None = None, *, workers: int = 0, concurrency: int = 8
+) -> Iterator[LocalStack]:
+    """Start the whole stack (and `workers` Celery workers); stop everything on exit."""
+    workdir = workdir or Path(tempfile.mkdtemp(prefix="avatarq-stack-"))
+    logs = workdir / "logs"
+    lk_port, av_port = free_port(), free_port()
+    redis = RedisServer(log_dir=logs)
+    livekit = python_module(
+        "livekit",
+        "avatarq.dev.livekit_server",
+        ["--host", HOST, "--port", str(lk_port), "--keys", f"{DEV_API_KEY}: {DEV_API_SECRET}"],
+        ready=tcp_ready(HOST, lk_port),
+        log_dir=logs,
+    )
+    avatar = python_module(
+        "avatar",
+        "avatarq.dev.avatar_emulator",
+        [
+            "--host",
+            HOST,
+            "--port",
+            str(av_port),
+            "--license-key",
+            DEV_LICENSE_KEY,
+            "--record-dir",
+            str(workdir / "recordings"),
+        ],
+        ready=tcp_ready(HOST, av_port),
+        log_dir=logs,
+    )
+    stack = LocalStack(workdir, redis, livekit, avatar, lk_port, av_port)
+    try:
+        for proc in (redis, livekit, avatar):
+            proc.start()
+        for i in range(workers):
+            stack.start_worker(f"w{i + 1}", concurrency=concurrency)
+        yield stack
+    finally:
+        stack.stop()
