@@ -1,0 +1,5 @@
+"""`python -m avatarq.dev.livekit_server`: run the dev LiveKit-protocol server."""
+
+from .cli import main
+
+raise SystemExit(main())

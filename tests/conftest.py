@@ -1,0 +1,47 @@
+# --- livekit_server fixture (owner: avatarq/dev/livekit_server) -------------------------------
+import dataclasses as _lk_dataclasses
+from collections.abc import Iterator as _LkIterator
+
+import pytest as _lk_pytest
+
+
+@_lk_dataclasses.dataclass(frozen=True)
+class LiveKitServerInfo:
+    """A running dev LiveKit server: `url` for rtc.Room.connect and LiveKitAPI."""
+
+    url: str
+    api_key: str
+    api_secret: str
+    log_path: str
+
+
+@_lk_pytest.fixture(scope="module")
+def livekit_server() -> _LkIterator[LiveKitServerInfo]:
+    """`python -m avatarq.dev.livekit_server` as a subprocess on a free loopback port.
+
+    Short empty-room timeout (2 s) so rooms left by one test do not linger.
+    """
+    from avatarq.dev.processes import free_port, python_module, tcp_ready
+
+    port = free_port()
+    key, secret = "devkey", "secret"
+    proc = python_module(
+        "livekit-server",
+        "avatarq.dev.livekit_server",
+        [
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--keys",
+            f"{key}: {secret}",
+            "--empty-timeout",
+            "2",
+        ],
+        ready=tcp_ready("127.0.0.1", port),
+    )
+    with proc:
+        yield LiveKitServerInfo(f"ws://127.0.0.1:{port}", key, secret, str(proc.log_path))
+
+
+# --- end livekit_server fixture ----------------------------------------------------------------
