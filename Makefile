@@ -1,0 +1,19 @@
+# The two commands of the README:
+#   make demo   plays one job end to end on the embedded local stack
+#   make test   runs the test suite
+# Both install what is missing first (infra/bootstrap). Anything that joins a LiveKit room runs
+# in a private network namespace (infra/netns-run): libwebrtc ignores loopback.
+.PHONY: demo test bootstrap lint bench
+
+bootstrap:
+	@bash infra/bootstrap
+
+demo: bootstrap
+	infra/netns-run .venv/bin/avatarq demo
+
+test: bootstrap
+	infra/netns-run .venv/bin/python -m pytest -q -rs $(PYTEST_ARGS)
+
+lint: bootstrap
+	.venv/bin/ruff check avatarq producers tasks tests bench
+	.venv/bin/ruff format --check avatarq producers tasks tests bench
