@@ -60,7 +60,9 @@ class Settings(BaseSettings):
     events_stream: str = Field("avatarq:events", validation_alias=_env("AVATARQ_EVENTS_STREAM"))
     events_maxlen: int = Field(100_000, validation_alias=_env("AVATARQ_EVENTS_MAXLEN"))
     worker_concurrency: int = Field(16, validation_alias=_env("AVATARQ_WORKER_CONCURRENCY"))
-    webhook_secret: SecretStr = Field(SecretStr(""), validation_alias=_env("AVATARQ_WEBHOOK_SECRET"))
+    webhook_secret: SecretStr = Field(
+        SecretStr(""), validation_alias=_env("AVATARQ_WEBHOOK_SECRET")
+    )
 
     @property
     def broker_url(self) -> str:

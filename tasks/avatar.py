@@ -89,7 +89,7 @@ class HttpAvatarClient:
                         last = f"HTTP {resp.status} {_brief(text)}"
                         continue
                     data = await resp.json(content_type=None) if text else {}
-            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            except (TimeoutError, aiohttp.ClientError) as e:
                 last = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
                 continue
             return AvatarSession(
@@ -115,7 +115,7 @@ class HttpAvatarClient:
                 timeout=aiohttp.ClientTimeout(total=5.0),
             ) as resp:
                 await resp.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError):
             pass
 
     def _client(self) -> aiohttp.ClientSession:

@@ -49,8 +49,11 @@ class Timestamps:
 def time_budget(job: Job, audio_seconds: float | None, settings: Settings) -> float:
     """The job's whole time limit: its audio plus joining, avatar start and reporting."""
     length = audio_seconds or job.max_duration or settings.max_job_duration_s
-    return length + settings.avatar_join_timeout_s + settings.playback_finished_timeout_s + (
-        OVERHEAD_BUDGET_S
+    return (
+        length
+        + settings.avatar_join_timeout_s
+        + settings.playback_finished_timeout_s
+        + (OVERHEAD_BUDGET_S)
     )
 
 
@@ -63,7 +66,9 @@ def avatar_client_for(job: Job, settings: Settings) -> AvatarClient:
     )
 
 
-async def play(job: Job, settings: Settings, reporter: JobReporter, *, attempt: int = 1) -> dict[str, Any]:
+async def play(
+    job: Job, settings: Settings, reporter: JobReporter, *, attempt: int = 1
+) -> dict[str, Any]:
     ts = Timestamps()
     await reporter.emit(Event.STARTED, room=job.room, avatar_id=job.avatar_id, attempt=attempt)
 
@@ -71,7 +76,9 @@ async def play(job: Job, settings: Settings, reporter: JobReporter, *, attempt: 
     duration = await probe_duration(resolved, settings)
     limit = job.max_duration or settings.max_job_duration_s
     if duration is not None and duration > limit:
-        raise DecodeError(f"audio is {duration:.1f}s long, over the {limit:g}s maximum", reason="too_long")
+        raise DecodeError(
+            f"audio is {duration:.1f}s long, over the {limit:g}s maximum", reason="too_long"
+        )
 
     lead = settings.default_lead_s if job.lead is None else job.lead
     sample_rate = job.sample_rate
@@ -122,7 +129,9 @@ async def play(job: Job, settings: Settings, reporter: JobReporter, *, attempt: 
                     await reporter.progress(sent / bps, duration)
 
                 pacer = Pacer(bytes_per_second=bps, lead=lead)
-                sent = await sender.send_segment(pcm(), pacer, on_progress=on_progress, name=job.job_id)
+                sent = await sender.send_segment(
+                    pcm(), pacer, on_progress=on_progress, name=job.job_id
+                )
                 ts.last_byte = time.time()
                 streamed = sent / bps
                 await reporter.progress(streamed, duration, force=True)
@@ -157,4 +166,3 @@ async def play(job: Job, settings: Settings, reporter: JobReporter, *, attempt: 
         "metadata": job.metadata,
         "timestamps": asdict(ts),
     }
-

@@ -65,16 +65,16 @@ def render(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
     except JobError as e:
         if not e.permanent and self.request.retries < self.max_retries:
             countdown = backoff_delay(self.request.retries, RETRY_BASE_S, RETRY_CAP_S)
-            log.warning("job %s attempt %d: %s; retrying in %.1fs", job.job_id, attempt, e, countdown)
+            log.warning(
+                "job %s attempt %d: %s; retrying in %.1fs", job.job_id, attempt, e, countdown
+            )
             runtime.run(_emit(settings, job.job_id, Event.RETRYING, e, attempt, countdown))
             raise self.retry(exc=e, countdown=countdown) from None
         runtime.run(_record_failure(settings, job.job_id, job, e, attempt))
         raise JobFailed(f"{e.reason}: {e.message}") from None
 
 
-async def _play(
-    job: Job, settings: Settings, update_state: Any, attempt: int
-) -> dict[str, Any]:
+async def _play(job: Job, settings: Settings, update_state: Any, attempt: int) -> dict[str, Any]:
     reporter = JobReporter(settings, job.job_id, update_state=update_state)
     try:
         try:

@@ -66,7 +66,9 @@ class JobReporter:
         pipe.expire(job_events_key(self.job_id), RECORD_TTL_S)
         await pipe.execute()
 
-    async def progress(self, streamed_s: float, total_s: float | None, *, force: bool = False) -> None:
+    async def progress(
+        self, streamed_s: float, total_s: float | None, *, force: bool = False
+    ) -> None:
         """At most once a second: a `job.progress` event and the Celery PROGRESS state."""
         now = time.monotonic()
         if not force and now - self._last_progress < PROGRESS_INTERVAL_S:
@@ -101,10 +103,12 @@ class JobReporter:
                     ) as resp:
                         if resp.status < 500:
                             return
-                except (aiohttp.ClientError, asyncio.TimeoutError):
+                except (TimeoutError, aiohttp.ClientError):
                     pass
                 await asyncio.sleep(backoff_delay(attempt))
-        log.warning("webhook for job %s not delivered after %d attempts", self.job_id, WEBHOOK_ATTEMPTS)
+        log.warning(
+            "webhook for job %s not delivered after %d attempts", self.job_id, WEBHOOK_ATTEMPTS
+        )
 
     async def aclose(self) -> None:
         if self._owns_redis:

@@ -17,7 +17,7 @@ async def connect(url: str, token: str, *, timeout: float = CONNECT_TIMEOUT_S) -
         # Audio travels as data, so nothing needs subscribing; saves decoding the avatar's video.
         options = rtc.RoomOptions(auto_subscribe=False)
         await asyncio.wait_for(room.connect(url, token, options), timeout)
-    except (rtc.ConnectError, asyncio.TimeoutError) as e:
+    except (TimeoutError, rtc.ConnectError) as e:
         await room.disconnect()
         raise RoomError(f"could not join the LiveKit room at {url}: {e or 'timed out'}") from None
     return room
@@ -42,7 +42,7 @@ async def wait_for_avatar(room: rtc.Room, identity: str, *, timeout: float) -> N
     try:
         check()
         await asyncio.wait_for(ready.wait(), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         joined = identity in room.remote_participants
         what = "joined but published no video" if joined else "never joined the room"
         raise AvatarTimeout(f"avatar {identity!r} {what} within {timeout:g}s") from None

@@ -102,7 +102,7 @@ class AudioStreamSender:
         """The avatar's report, or None if it never came (a lost RPC must not hang the job)."""
         try:
             return await asyncio.wait_for(self._finished.get(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return None
 
     async def clear_buffer(self, timeout: float = 2.0) -> None:

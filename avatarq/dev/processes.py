@@ -76,7 +76,9 @@ class ManagedProcess:
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise ServiceError(f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}")
+                raise ServiceError(
+                    f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}"
+                )
             if self.ready():
                 return self
             time.sleep(0.05)
