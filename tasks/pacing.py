@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 
@@ -17,6 +17,7 @@ class Pacer:
     bytes_per_second: float
     lead: float
     clock: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     #: Keep each chunk's lateness (seconds past its deadline) for benchmarks.
     record_errors: bool = False
     errors: list[float] = field(default_factory=list)
@@ -35,6 +36,6 @@ class Pacer:
         due = self.due(sent_bytes)
         delay = due - self.clock()
         if delay > 0:
-            await asyncio.sleep(delay)
+            await self.sleep(delay)
             if self.record_errors:
                 self.errors.append(self.clock() - due)

@@ -45,3 +45,16 @@ def livekit_server() -> _LkIterator[LiveKitServerInfo]:
 
 
 # --- end livekit_server fixture ----------------------------------------------------------------
+
+
+# --- redis fixture (owner: core pipeline) -----------------------------------------------------
+@_lk_pytest.fixture(scope="session")
+def redis_server() -> _LkIterator[str]:
+    """A throwaway `redis-server` on a free loopback port; yields its URL."""
+    from avatarq.dev.processes import RedisServer
+
+    with RedisServer() as server:
+        yield server.url
+
+
+# --- end redis fixture -------------------------------------------------------------------------

@@ -1,0 +1,70 @@
+"""Pacing against an absolute clock: lateness of one sleep never carries into the next."""
+
+from __future__ import annotations
+
+import asyncio
+
+from tasks.pacing import Pacer
+
+RATE = 32000.0  # bytes/s: 16 kHz s16 mono
+CHUNK = 3200  # 100 ms
+
+
+class FakeTime:
+    """A clock that moves only when slept on, each sleep overshooting by `overshoot`."""
+
+    def __init__(self, overshoot: float) -> None:
+        self.now = 1000.0
+        self.overshoot = overshoot
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, delay: float) -> None:
+        self.now += delay + self.overshoot
+
+
+def run_chunks(pacer: Pacer, fake: FakeTime, n: int) -> list[float]:
+    sent_at = []
+
+    async def go() -> None:
+        pacer.start()
+        for i in range(n):
+            await pacer.wait(i * CHUNK)
+            sent_at.append(fake.now)
+
+    asyncio.run(go())
+    return sent_at
+
+
+def test_overshoot_does_not_accumulate() -> None:
+    fake = FakeTime(overshoot=0.004)
+    pacer = Pacer(RATE, lead=0.0, clock=fake.clock, sleep=fake.sleep, record_errors=True)
+    sent = run_chunks(pacer, fake, 6000)  # 10 minutes of audio
+    # Summed sleeps would be 6000 × 4 ms = 24 s late by the end; absolute deadlines stay 4 ms.
+    assert abs(sent[-1] - (1000.0 + 5999 * 0.1)) <= 0.0041
+    assert max(pacer.errors) <= 0.0041
+
+
+def test_lead_sends_ahead_then_real_time() -> None:
+    fake = FakeTime(overshoot=0.0)
+    pacer = Pacer(RATE, lead=0.5, clock=fake.clock, sleep=fake.sleep)
+    sent = run_chunks(pacer, fake, 20)
+    # The first 0.5 s of audio (chunks 0..5) leave at once; then one chunk per 100 ms.
+    assert sent[:6] == [1000.0] * 6
+    assert [round(b - a, 6) for a, b in zip(sent[5:], sent[6:], strict=False)] == [0.1] * 14
+
+
+def test_real_sleep_tracks_wall_clock() -> None:
+    pacer = Pacer(RATE, lead=0.0)
+
+    async def go() -> float:
+        loop = asyncio.get_running_loop()
+        pacer.start()
+        t0 = loop.time()
+        for i in range(6):
+            await pacer.wait(i * CHUNK)
+        return loop.time() - t0
+
+    elapsed = asyncio.run(go())
+    assert elapsed >= 0.5 - 0.01  # never early
