@@ -1,0 +1,98 @@
+"""Job reporting against a real Redis: events in order, terminal record, signed webhook."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+from typing import Any
+
+import redis
+from aiohttp import web
+
+from avatarq.dev.processes import free_port
+from avatarq.events import Event, job_events_key, job_record_key
+from avatarq.settings import Settings
+from tasks.report import WEBHOOK_SIGNATURE_HEADER, WEBHOOK_TIMESTAMP_HEADER, JobReporter
+
+
+def settings_for(redis_url: str, **kw: Any) -> Settings:
+    return Settings(REDIS_URL=redis_url, AVATARQ_EVENTS_STREAM="test:events", **kw)
+
+
+def entries(client: redis.Redis, key: str) -> list[dict[str, Any]]:
+    out = []
+    for _id, fields in client.xrange(key):
+        f = {k.decode(): v.decode() for k, v in fields.items()}
+        out.append({"event": f["event"], "job_id": f["job_id"], "data": json.loads(f["data"])})
+    return out
+
+
+def test_events_progress_and_record(redis_server: str) -> None:
+    settings = settings_for(redis_server)
+    states: list[dict[str, Any]] = []
+
+    async def go() -> None:
+        reporter = JobReporter(settings, "job-r1", update_state=states.append)
+        await reporter.emit(Event.STARTED, room="r")
+        for i in range(5):  # within one second: only the first passes the throttle
+            await reporter.progress(i * 0.1, 2.0)
+        await reporter.progress(2.0, 2.0, force=True)
+        await reporter.finish({"job_id": "job-r1", "status": "completed", "x": 1}, None)
+        await reporter.aclose()
+
+    asyncio.run(go())
+    client = redis.Redis.from_url(redis_server)
+    events = entries(client, job_events_key("job-r1"))
+    assert [e["event"] for e in events] == [
+        "job.started",
+        "job.progress",
+        "job.progress",
+        "job.completed",
+    ]
+    assert [e["data"].get("seconds_streamed") for e in events[1:3]] == [0.0, 2.0]
+    assert events == [e for e in entries(client, "test:events") if e["job_id"] == "job-r1"]
+    assert states == [
+        {"seconds_streamed": 0.0, "total_seconds": 2.0},
+        {"seconds_streamed": 2.0, "total_seconds": 2.0},
+    ]
+    assert json.loads(client.get(job_record_key("job-r1")))["x"] == 1
+    assert client.ttl(job_events_key("job-r1")) > 0
+
+
+def test_webhook_signed_and_retried(redis_server: str) -> None:
+    secret = "whsec-test"
+    settings = settings_for(redis_server, AVATARQ_WEBHOOK_SECRET=secret)
+    received: list[tuple[dict[str, str], bytes]] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        received.append((dict(request.headers), await request.read()))
+        # The first delivery meets a server error and must be retried.
+        return web.Response(status=503 if len(received) == 1 else 204)
+
+    async def go() -> None:
+        app = web.Application()
+        app.router.add_post("/hook", hook)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        reporter = JobReporter(settings, "job-w1")
+        try:
+            result = {"job_id": "job-w1", "status": "failed", "reason": "decode_error"}
+            await reporter.finish(result, f"http://127.0.0.1:{port}/hook")
+        finally:
+            await reporter.aclose()
+            await runner.cleanup()
+
+    asyncio.run(go())
+    assert len(received) == 2
+    headers, body = received[-1]
+    ts = headers[WEBHOOK_TIMESTAMP_HEADER]
+    expected = hmac.new(secret.encode(), f"{ts}.".encode() + body, hashlib.sha256).hexdigest()
+    assert headers[WEBHOOK_SIGNATURE_HEADER] == f"sha256={expected}"
+    assert json.loads(body)["reason"] == "decode_error"
+    assert secret not in body.decode()
+    client = redis.Redis.from_url(redis_server)
+    assert [e["event"] for e in entries(client, job_events_key("job-w1"))] == ["job.failed"]
