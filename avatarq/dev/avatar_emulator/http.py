@@ -1,0 +1,239 @@
+"""HTTP API of the avatar emulator: Avaluma's start/stop endpoints plus emulator-only ones.
+
+Avaluma endpoints (as the avaluma-livekit-plugin calls them, `api-secret` header required):
+  POST /v1/livekit/start-avatar  {livekit_url, livekit_token, avaluma_key, avaluma_avatar_id}
+  POST /v1/livekit/stop-avatar   {session_id}
+Emulator-only (no auth; tests and benchmarks):
+  GET  /v1/sessions/{session_id}  state, segments, underruns, recording paths
+  GET|POST /_emulator/faults      fault injection, see `Faults`
+  GET  /healthz (and /health)
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from .session import AvatarSession, TokenError, TokenInfo
+
+logger = logging.getLogger(__name__)
+
+API_SECRET_HEADER = "api-secret"
+START_PATH = "/v1/livekit/start-avatar"
+STOP_PATH = "/v1/livekit/stop-avatar"
+SESSION_PATH = "/v1/sessions/{session_id}"
+FAULTS_PATH = "/_emulator/faults"
+_LIVEKIT_URL_SCHEMES = ("ws://", "wss://", "http://", "https://")
+
+
+class RequestError(Exception):
+    """Becomes a JSON error answer `{"error": message, "code": code}`."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+    def response(self) -> web.Response:
+        return web.json_response({"error": self.message, "code": self.code}, status=self.status)
+
+
+@dataclass
+class Faults:
+    """Misbehaviour to inject into the sessions started from now on."""
+
+    fail_next_starts: int = 0  # answer the next N valid starts with `fail_status`
+    fail_status: int = 500
+    join: bool = True  # false: accept starts but never join the room
+    leave_after_s: float | None = None  # leave the room this long after joining
+
+    def update(self, changes: dict[str, Any]) -> None:
+        """Apply a partial update; validates everything before changing anything."""
+        unknown = set(changes) - set(asdict(self))
+        if unknown:
+            raise ValueError(f"unknown fault(s): {sorted(unknown)}")
+        merged = {**asdict(self), **changes}
+        count, status = merged["fail_next_starts"], merged["fail_status"]
+        join, leave = merged["join"], merged["leave_after_s"]
+        if not _is_int(count) or count < 0:
+            raise ValueError("fail_next_starts must be an integer >= 0")
+        if not _is_int(status) or not 400 <= status <= 599:
+            raise ValueError("fail_status must be an HTTP error status (400-599)")
+        if not isinstance(join, bool):
+            raise ValueError("join must be a boolean")
+        if leave is not None and (not _is_number(leave) or leave < 0):
+            raise ValueError("leave_after_s must be null or a number >= 0")
+        self.fail_next_starts, self.fail_status, self.join = count, status, join
+        self.leave_after_s = None if leave is None else float(leave)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+class Emulator:
+    """All sessions of one emulator process, kept after they end so tests can inspect them."""
+
+    def __init__(self, license_key: str, record_dir: Path | None) -> None:
+        if not license_key:
+            raise ValueError("a license key is required")
+        self._license_key = license_key
+        self.record_dir = record_dir
+        self.sessions: dict[str, AvatarSession] = {}
+        self.faults = Faults()
+
+    def check_license(self, request: web.Request) -> None:
+        secret = request.headers.get(API_SECRET_HEADER)
+        if not secret:
+            raise RequestError(401, "MISSING_API_SECRET", f"missing {API_SECRET_HEADER} header")
+        if not self.is_license_key(secret):
+            raise RequestError(403, "INVALID_LICENSE", "invalid license key")
+
+    def is_license_key(self, candidate: str) -> bool:
+        return hmac.compare_digest(candidate.encode(), self._license_key.encode())
+
+    def active_sessions(self) -> list[AvatarSession]:
+        return [s for s in self.sessions.values() if not s.done]
+
+    async def stop_all(self, reason: str) -> None:
+        for session in self.active_sessions():
+            await session.stop(reason)
+
+
+async def _json_object(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise RequestError(400, "INVALID_REQUEST", "body is not JSON") from None
+    if not isinstance(body, dict):
+        raise RequestError(400, "INVALID_REQUEST", "body is not a JSON object")
+    return body
+
+
+def _required_str(body: dict[str, Any], field: str) -> str:
+    value = body.get(field)
+    if value is None:
+        raise RequestError(400, "MISSING_PARAMETER", f"missing field: {field}")
+    if not isinstance(value, str) or not value:
+        raise RequestError(400, "INVALID_PARAMETER", f"{field} must be a non-empty string")
+    return value
+
+
+def create_app(emulator: Emulator) -> web.Application:
+    routes = web.RouteTableDef()
+
+    @routes.post(START_PATH)
+    async def start_avatar(request: web.Request) -> web.Response:
+        emulator.check_license(request)
+        body = await _json_object(request)
+        livekit_url = _required_str(body, "livekit_url")
+        if not livekit_url.startswith(_LIVEKIT_URL_SCHEMES):
+            raise RequestError(400, "INVALID_PARAMETER", "livekit_url must be a ws(s) URL")
+        token = _required_str(body, "livekit_token")
+        avatar_id = _required_str(body, "avaluma_avatar_id")
+        # The plugin sends `avaluma_key`; Avaluma's API notes call it `avaluma_license_key`.
+        key_field = "avaluma_license_key" if "avaluma_license_key" in body else "avaluma_key"
+        if not emulator.is_license_key(_required_str(body, key_field)):
+            raise RequestError(403, "INVALID_LICENSE", f"{key_field} is not a valid license key")
+        try:
+            info = TokenInfo.parse(token)
+        except TokenError as e:
+            raise RequestError(400, "INVALID_PARAMETER", str(e)) from None
+
+        faults = emulator.faults
+        if faults.fail_next_starts > 0:
+            faults.fail_next_starts -= 1
+            raise RequestError(faults.fail_status, "INJECTED_FAULT", "injected start failure")
+
+        session_id = f"sess_{uuid.uuid4().hex[:16]}"
+        session = AvatarSession(
+            session_id,
+            livekit_url=livekit_url,
+            token=token,
+            token_info=info,
+            avatar_id=avatar_id,
+            record_dir=emulator.record_dir,
+            join=faults.join,
+            leave_after_s=faults.leave_after_s,
+        )
+        emulator.sessions[session_id] = session
+        session.start()
+        logger.info(
+            "session %s started: avatar %s as %s in room %s (sender %s)",
+            session_id,
+            avatar_id,
+            info.identity,
+            info.room,
+            info.sender_identity or "first agent",
+        )
+        return web.json_response(
+            {
+                "session_id": session_id,
+                "status": "started",
+                "avatar_participant_identity": info.identity,
+            }
+        )
+
+    @routes.post(STOP_PATH)
+    async def stop_avatar(request: web.Request) -> web.Response:
+        emulator.check_license(request)
+        body = await _json_object(request)
+        session = emulator.sessions.get(_required_str(body, "session_id"))
+        if session is None:
+            raise RequestError(404, "SESSION_NOT_FOUND", "session not found")
+        # Waits for the session to leave, so its recording is complete when we answer.
+        await session.stop("stop_request")
+        return web.json_response({"status": "stopped"})
+
+    @routes.get(SESSION_PATH)
+    async def get_session(request: web.Request) -> web.Response:
+        session = emulator.sessions.get(request.match_info["session_id"])
+        if session is None:
+            raise RequestError(404, "SESSION_NOT_FOUND", "session not found")
+        return web.json_response(session.snapshot())
+
+    @routes.get(FAULTS_PATH)
+    async def get_faults(request: web.Request) -> web.Response:
+        return web.json_response(asdict(emulator.faults))
+
+    @routes.post(FAULTS_PATH)
+    async def set_faults(request: web.Request) -> web.Response:
+        try:
+            emulator.faults.update(await _json_object(request))
+        except ValueError as e:
+            raise RequestError(400, "INVALID_PARAMETER", str(e)) from None
+        return web.json_response(asdict(emulator.faults))
+
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response(
+            {"status": "healthy", "active_sessions": len(emulator.active_sessions())}
+        )
+
+    @web.middleware
+    async def errors_as_json(request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            response: web.StreamResponse = await handler(request)
+        except RequestError as e:
+            return e.response()
+        return response
+
+    async def on_shutdown(app: web.Application) -> None:
+        await emulator.stop_all("shutdown")
+
+    app = web.Application(middlewares=[errors_as_json])
+    app.add_routes(routes)
+    app.router.add_get("/healthz", health)
+    app.router.add_get("/health", health)
+    app.on_shutdown.append(on_shutdown)
+    return app
