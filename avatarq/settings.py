@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     playback_finished_timeout_s: float = Field(
         10.0, validation_alias=_env("AVATARQ_PLAYBACK_FINISHED_TIMEOUT")
     )
+    max_retries: int = Field(4, ge=0, validation_alias=_env("AVATARQ_MAX_RETRIES"))
+    retry_base_s: float = Field(2.0, gt=0, validation_alias=_env("AVATARQ_RETRY_BASE"))
+    retry_cap_s: float = Field(60.0, gt=0, validation_alias=_env("AVATARQ_RETRY_CAP"))
     events_stream: str = Field("avatarq:events", validation_alias=_env("AVATARQ_EVENTS_STREAM"))
     events_maxlen: int = Field(100_000, validation_alias=_env("AVATARQ_EVENTS_MAXLEN"))
     worker_concurrency: int = Field(16, validation_alias=_env("AVATARQ_WORKER_CONCURRENCY"))

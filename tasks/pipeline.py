@@ -160,6 +160,7 @@ async def play(
         "playback_position": finished.playback_position if finished else None,
         "interrupted": finished.interrupted if finished else None,
         "playback_confirmed": finished is not None,
+        "avatar_session_id": session.session_id if session else None,
         "attempt": attempt,
         "lead": lead,
         "sample_rate": sample_rate,

@@ -20,11 +20,6 @@ from tasks.runtime import get_loop_thread
 
 log = logging.getLogger("avatarq.render")
 
-#: Transient faults (network, 5xx, timeouts) are retried this many times, with backoff.
-MAX_RETRIES = 4
-RETRY_BASE_S = 2.0
-RETRY_CAP_S = 60.0
-
 
 class JobFailed(Exception):
     """Raised to Celery after a job failed for good; its record holds the details."""
@@ -35,15 +30,14 @@ class JobFailed(Exception):
     bind=True,
     acks_late=True,
     reject_on_worker_lost=True,
-    max_retries=MAX_RETRIES,
 )
 def render(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
     """Play one job through its avatar in its LiveKit room and return the result.
 
     ``payload`` is a `producers.jobs.Job` as JSON; it is validated again here because any
     producer, in any language, may have sent it. Bad input fails at once and for good;
-    transient faults are retried up to `MAX_RETRIES` times with exponential backoff and
-    jitter, each attempt playing the job from the start.
+    transient faults (network, 5xx, timeouts) are retried up to `AVATARQ_MAX_RETRIES` times
+    with exponential backoff and jitter, each attempt playing the job from the start.
     """
     settings = get_settings()
     attempt = self.request.retries + 1
@@ -63,13 +57,15 @@ def render(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
     try:
         return runtime.run(_play(job, settings, update_state, attempt))
     except JobError as e:
-        if not e.permanent and self.request.retries < self.max_retries:
-            countdown = backoff_delay(self.request.retries, RETRY_BASE_S, RETRY_CAP_S)
+        if not e.permanent and self.request.retries < settings.max_retries:
+            countdown = backoff_delay(
+                self.request.retries, settings.retry_base_s, settings.retry_cap_s
+            )
             log.warning(
                 "job %s attempt %d: %s; retrying in %.1fs", job.job_id, attempt, e, countdown
             )
             runtime.run(_emit(settings, job.job_id, Event.RETRYING, e, attempt, countdown))
-            raise self.retry(exc=e, countdown=countdown) from None
+            raise self.retry(exc=e, countdown=countdown, max_retries=settings.max_retries) from None
         runtime.run(_record_failure(settings, job.job_id, job, e, attempt))
         raise JobFailed(f"{e.reason}: {e.message}") from None
 
@@ -84,6 +80,12 @@ async def _play(job: Job, settings: Settings, update_state: Any, attempt: int) -
                 "job overran its time limit (audio length plus start-up budget)",
                 reason="job_timeout",
             ) from None
+        except JobError:
+            raise
+        except Exception as e:
+            # Unclassified: log the trace here, retry like any fault we cannot rule out.
+            log.exception("job %s: unexpected error", job.job_id)
+            raise TransientJobError(f"{type(e).__name__}: {e}", reason="internal_error") from None
         await reporter.finish(result, str(job.webhook_url) if job.webhook_url else None)
         return result
     finally:

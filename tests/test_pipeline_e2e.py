@@ -1,0 +1,178 @@
+"""End to end on the local stack: producer → Redis → real `celery worker` → LiveKit room →
+avatar emulator, with real ffmpeg. Runs inside the private network namespace."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import wave
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import requests
+
+from avatarq.dev.processes import free_port
+from avatarq.dev.stack import LocalStack, local_stack
+from avatarq.events import job_events_key
+from avatarq.settings import Settings, get_settings
+from tasks.decode import ffmpeg_binary
+from tests import audio
+
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.skipif(
+        os.environ.get("AVATARQ_IN_NETNS") != "1",
+        reason="joins LiveKit rooms: run inside infra/netns-run (libwebrtc ignores loopback)",
+    ),
+]
+
+JOB_TIMEOUT_S = 90.0
+#: Worker settings that keep fault tests short: few quick retries, short avatar timeout.
+FAST_FAULTS = {
+    "AVATARQ_MAX_RETRIES": "2",
+    "AVATARQ_RETRY_BASE": "0.2",
+    "AVATARQ_RETRY_CAP": "0.5",
+    "AVATARQ_AVATAR_START_ATTEMPTS": "2",
+    "AVATARQ_AVATAR_JOIN_TIMEOUT": "4",
+}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    with local_stack(tmp_path_factory.mktemp("stack")) as s:
+        s.start_worker("e2e", concurrency=4, extra_env=FAST_FAULTS)
+        saved = dict(os.environ)
+        os.environ.update(s.env())
+        get_settings.cache_clear()
+        try:
+            yield s
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+            get_settings.cache_clear()
+
+
+@pytest.fixture
+def faults(stack: LocalStack) -> Iterator[Any]:
+    def set_faults(**changes: Any) -> None:
+        r = requests.post(f"{stack.avatar_url}/_emulator/faults", json=changes, timeout=5)
+        r.raise_for_status()
+
+    yield set_faults
+    set_faults(fail_next_starts=0, join=True, leave_after_s=None)
+
+
+def run_job(stack: LocalStack, **job: Any) -> dict[str, Any]:
+    from producers import enqueue, get_status
+    from producers.client import is_terminal
+
+    handle = enqueue({"room": "e2e", "avatar_id": "anna", **job})
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while time.monotonic() < deadline:
+        status = get_status(handle.job_id)
+        if is_terminal(status):
+            return status
+        time.sleep(0.1)
+    worker_log = "\n".join(w.tail(60) for w in stack.workers)
+    raise AssertionError(f"job {handle.job_id} did not end in {JOB_TIMEOUT_S}s\n{worker_log}")
+
+
+def events_of(stack: LocalStack, job_id: str) -> list[dict[str, Any]]:
+    client = redis.Redis.from_url(stack.redis.url)
+    return [
+        {"event": f[b"event"].decode(), **json.loads(f[b"data"])}
+        for _id, f in client.xrange(job_events_key(job_id))
+    ]
+
+
+def reference_pcm(path: Path, rate: int) -> bytes:
+    argv = [ffmpeg_binary(Settings()), "-nostdin", "-loglevel", "error", "-i", str(path)]
+    argv += ["-f", "s16le", "-acodec", "pcm_s16le", "-ac", "1", "-ar", str(rate), "pipe:1"]
+    return subprocess.run(argv, capture_output=True, check=True, timeout=60).stdout
+
+
+def test_job_plays_end_to_end(stack: LocalStack, tmp_path: Path) -> None:
+    clip = audio.chirp(tmp_path / "clip.ogg", seconds=3.0, rate=24000)
+    lead = 0.3
+    result = run_job(stack, source=str(clip), lead=lead, metadata={"campaign": "e2e"})
+    assert result["status"] == "completed", result
+    assert result["metadata"] == {"campaign": "e2e"} and result["attempt"] == 1
+
+    # The avatar received exactly ffmpeg's decode of the source, sample for sample.
+    expected = reference_pcm(clip, 16000)
+    wav_path = stack.recordings / f"{result['avatar_session_id']}.wav"
+    with wave.open(str(wav_path)) as w:
+        assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (16000, 1, 2)
+        received = w.readframes(w.getnframes())
+    assert received == expected
+
+    seconds = len(expected) / 32000
+    assert result["seconds_streamed"] == pytest.approx(seconds, abs=1e-3)
+    # Real-time pacing: streaming cannot finish before the audio's length minus the lead.
+    ts = result["timestamps"]
+    assert ts["last_byte"] - ts["first_byte"] >= seconds - lead - 0.11  # first chunk is 100 ms
+    # The result carries the avatar's own playback report.
+    assert result["playback_confirmed"] and result["interrupted"] is False
+    assert result["playback_position"] == pytest.approx(seconds, abs=0.15)
+    assert ts["picked"] <= ts["room_joined"] <= ts["avatar_ready"] <= ts["first_byte"]
+    assert ts["first_byte"] <= ts["last_byte"] <= ts["playback_finished"]
+
+    events = events_of(stack, result["job_id"])
+    names = [e["event"] for e in events]
+    assert names[:2] == ["job.started", "job.avatar_ready"] and names[-1] == "job.completed"
+    progress = [e["seconds_streamed"] for e in events if e["event"] == "job.progress"]
+    assert len(progress) >= 2 and progress == sorted(progress)
+    assert progress[-1] == pytest.approx(seconds, abs=1e-3)
+    assert set(names[2:-1]) == {"job.progress"}
+
+
+def test_missing_file_fails_permanently(stack: LocalStack, tmp_path: Path) -> None:
+    result = run_job(stack, source=str(tmp_path / "nope.wav"))
+    assert result["status"] == "failed" and result["reason"] == "source_not_found"
+    assert "nope.wav" in result["error"] and result["attempt"] == 1
+
+
+def test_non_audio_file_fails_permanently(stack: LocalStack, tmp_path: Path) -> None:
+    result = run_job(stack, source=str(audio.text_file(tmp_path / "notes.wav")))
+    assert result["status"] == "failed" and result["reason"] == "invalid_audio", result
+    assert "not an audio file" in result["error"]
+    assert result["attempt"] == 1
+    assert "job.retrying" not in [e["event"] for e in events_of(stack, result["job_id"])]
+
+
+def test_avatar_server_403_is_not_retried(stack: LocalStack, tmp_path: Path, faults: Any) -> None:
+    faults(fail_next_starts=1, fail_status=403)
+    result = run_job(stack, source=str(audio.tone(tmp_path / "t.wav", seconds=1.0)))
+    assert result["status"] == "failed" and result["reason"] == "avatar_rejected", result
+    assert "HTTP 403" in result["error"] and result["attempt"] == 1
+
+
+def test_unreachable_avatar_server_retries_then_fails(stack: LocalStack, tmp_path: Path) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    result = run_job(
+        stack, source=str(audio.tone(tmp_path / "t.wav", seconds=1.0)), avatar_server=dead
+    )
+    assert result["status"] == "failed" and result["reason"] == "avatar_unavailable", result
+    assert result["attempt"] == 3  # 1 + AVATARQ_MAX_RETRIES
+    retries = [e for e in events_of(stack, result["job_id"]) if e["event"] == "job.retrying"]
+    assert [e["attempt"] for e in retries] == [1, 2]
+
+
+def test_avatar_server_500_then_200_recovers(
+    stack: LocalStack, tmp_path: Path, faults: Any
+) -> None:
+    faults(fail_next_starts=1, fail_status=500)
+    result = run_job(stack, source=str(audio.tone(tmp_path / "t.wav", seconds=1.0)))
+    assert result["status"] == "completed" and result["attempt"] == 1, result
+
+
+def test_avatar_never_joins_times_out(stack: LocalStack, tmp_path: Path, faults: Any) -> None:
+    faults(join=False)
+    result = run_job(stack, source=str(audio.tone(tmp_path / "t.wav", seconds=1.0)))
+    assert result["status"] == "failed" and result["reason"] == "avatar_timeout", result
+    assert "never joined the room" in result["error"] and result["attempt"] == 3
