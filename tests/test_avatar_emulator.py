@@ -7,9 +7,12 @@ infra/netns-run) a real LiveKit round trip against the dev LiveKit server.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import os
 import wave
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -19,6 +22,11 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from livekit import api, rtc
 from livekit.agents.types import ATTRIBUTE_PUBLISH_ON_BEHALF
+from livekit.agents.voice.avatar._datastream_io import (
+    AUDIO_STREAM_TOPIC,
+    RPC_CLEAR_BUFFER,
+    RPC_PLAYBACK_FINISHED,
+)
 
 from avatarq.dev.avatar_emulator.http import API_SECRET_HEADER, Emulator, create_app
 from avatarq.dev.avatar_emulator.playout import UNDERRUN_TOLERANCE_S, SegmentPlayout
@@ -329,3 +337,211 @@ def test_video_mouth_follows_level() -> None:
     assert bytes(video.render(0.0).data) == bytes(closed.data)
     assert audio_level(np.zeros(160, np.int16)) == 0.0
     assert audio_level(np.full(160, 20000, np.int16)) == 1.0
+
+
+# -- a real room: dev LiveKit server + emulator subprocess + an in-test sender ----------------
+
+STEP_TIMEOUT = 20.0
+RATE = 16000
+CHUNK_S = 0.1
+SEND_LEAD_S = 0.3  # the sender stays this far ahead of real time, as a real worker does
+
+needs_netns = pytest.mark.skipif(
+    os.environ.get("AVATARQ_IN_NETNS") != "1",
+    reason="joins LiveKit rooms: run inside infra/netns-run (libwebrtc ignores loopback)",
+)
+
+
+@dataclass(frozen=True)
+class EmulatorProcess:
+    base_url: str
+    record_dir: Path
+    log_path: Path
+
+
+@pytest.fixture(scope="module")
+def emulator_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatorProcess]:
+    workdir = tmp_path_factory.mktemp("avatar-emulator")
+    port = free_port()
+    proc = python_module(
+        "avatar-emulator",
+        "avatarq.dev.avatar_emulator",
+        [
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--license-key",
+            LICENSE_KEY,
+            "--record-dir",
+            str(workdir / "rec"),
+        ],
+        ready=tcp_ready("127.0.0.1", port),
+        log_dir=workdir,
+    )
+    with proc:
+        yield EmulatorProcess(f"http://127.0.0.1:{port}", workdir / "rec", proc.log_path)
+
+
+def tone(seconds: float, freq: float, seed: int) -> bytes:
+    """A known, non-trivial s16 mono signal (tone plus seeded noise)."""
+    t = np.arange(int(seconds * RATE)) / RATE
+    noise = np.random.default_rng(seed).normal(0, 500, t.size)
+    return (np.sin(2 * np.pi * freq * t) * 8000 + noise).astype(np.int16).tobytes()
+
+
+async def wait(aw: Awaitable[T], timeout: float = STEP_TIMEOUT) -> T:
+    return await asyncio.wait_for(aw, timeout)
+
+
+async def until(predicate: Callable[[], bool], what: str, timeout: float = STEP_TIMEOUT) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise TimeoutError(what)
+        await asyncio.sleep(0.05)
+
+
+async def stream_segment(
+    sender: rtc.Room,
+    pcm: bytes,
+    *,
+    name: str,
+    on_progress: Callable[[float], Awaitable[bool]] | None = None,
+) -> None:
+    """Write `pcm` as one lk.audio_stream segment, paced like a worker (real time + lead).
+
+    `on_progress(seconds_sent)` may return True to stop sending (the stream is still closed).
+    """
+    writer = await wait(
+        sender.local_participant.stream_bytes(
+            name,
+            topic=AUDIO_STREAM_TOPIC,
+            destination_identities=[AVATAR_IDENTITY],
+            attributes={"sample_rate": str(RATE), "num_channels": "1"},
+        )
+    )
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    chunk_bytes = int(CHUNK_S * RATE) * 2
+    for i, offset in enumerate(range(0, len(pcm), chunk_bytes)):
+        await wait(writer.write(pcm[offset : offset + chunk_bytes]))
+        sent_s = (i + 1) * CHUNK_S
+        if on_progress is not None and await on_progress(sent_s):
+            break
+        await asyncio.sleep(max(0.0, start + sent_s - SEND_LEAD_S - loop.time()))
+    await wait(writer.aclose())
+
+
+@pytest.mark.netns
+@needs_netns
+@pytest.mark.timeout(120)
+def test_room_round_trip(livekit_server: Any, emulator_process: EmulatorProcess) -> None:
+    room = "emu-round-trip"
+    server_token = functools.partial(
+        make_token, room=room, key=livekit_server.api_key, secret=livekit_server.api_secret
+    )
+    seg1, seg2, seg3, seg4 = (
+        tone(2.0, 440, 1),
+        tone(1.0, 660, 2),
+        tone(3.0, 220, 3),
+        tone(0.5, 880, 4),
+    )
+
+    async def body() -> None:
+        sender = rtc.Room()
+        await wait(sender.connect(livekit_server.url, server_token(SENDER_IDENTITY, sender=None)))
+        finished: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+        def on_playback_finished(data: rtc.RpcInvocationData) -> str:
+            assert data.caller_identity == AVATAR_IDENTITY
+            finished.put_nowait(json.loads(data.payload))
+            return "ok"
+
+        sender.local_participant.register_rpc_method(RPC_PLAYBACK_FINISHED, on_playback_finished)
+        base = emulator_process.base_url
+        async with aiohttp.ClientSession() as http:
+            body = start_body(livekit_url=livekit_server.url, livekit_token=server_token())
+            async with http.post(base + START, json=body, headers=AUTH) as r:
+                assert r.status == 200, await r.text()
+                session_id = (await r.json())["session_id"]
+
+            def avatar_video_published() -> bool:
+                avatar = sender.remote_participants.get(AVATAR_IDENTITY)
+                return avatar is not None and any(
+                    pub.kind == rtc.TrackKind.KIND_VIDEO
+                    for pub in avatar.track_publications.values()
+                )
+
+            await until(avatar_video_published, "avatar video track")
+            avatar = sender.remote_participants[AVATAR_IDENTITY]
+            assert avatar.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
+
+            # Two complete segments: positions are the exact audio lengths.
+            for pcm, seconds in ((seg1, 2.0), (seg2, 1.0)):
+                await stream_segment(sender, pcm, name=f"seg-{seconds}")
+                event = await wait(finished.get(), 10)
+                assert event["playback_position"] == pytest.approx(seconds)
+                assert event["interrupted"] is False
+
+            # clear_buffer one second into a 3 s segment interrupts it where playback was.
+            async def clear_after_1s(sent_s: float) -> bool:
+                if sent_s < 1.0:
+                    return False
+                reply = await wait(
+                    sender.local_participant.perform_rpc(
+                        destination_identity=AVATAR_IDENTITY, method=RPC_CLEAR_BUFFER, payload=""
+                    )
+                )
+                assert reply == "ok"
+                return True
+
+            await stream_segment(sender, seg3, name="seg-cleared", on_progress=clear_after_1s)
+            event = await wait(finished.get(), 10)
+            assert event["interrupted"] is True
+            cleared_at = event["playback_position"]
+            assert 0.4 < cleared_at < 1.4
+
+            # The session keeps working after a clear.
+            await stream_segment(sender, seg4, name="seg-after-clear")
+            event = await wait(finished.get(), 10)
+            assert event["playback_position"] == pytest.approx(0.5)
+            assert event["interrupted"] is False
+            assert finished.empty()
+
+            # The worker leaving ends the session (after the ~1 s grace period).
+            await wait(sender.disconnect())
+
+            async def session() -> dict[str, Any]:
+                async with http.get(f"{base}/v1/sessions/{session_id}") as r:
+                    return dict(await r.json())
+
+            deadline = asyncio.get_running_loop().time() + 10
+            while (info := await session())["state"] != "stopped":
+                assert asyncio.get_running_loop().time() < deadline, info
+                await asyncio.sleep(0.2)
+
+        assert info["stop_reason"] == "room_empty"
+        assert info["sender_identity"] == SENDER_IDENTITY
+        segments = info["segments"]
+        assert [s["interrupted"] for s in segments] == [False, False, True, False]
+        assert [s["received_s"] for s in segments][:2] == [2.0, 1.0]
+        assert segments[3]["received_s"] == 0.5
+        assert segments[2]["playback_position"] == pytest.approx(cleared_at)
+        assert segments[2]["playback_position"] <= segments[2]["received_s"]
+        assert info["underruns"] == 0, segments
+        for s in segments:
+            assert s["first_frame_at"] <= s["last_frame_at"] <= s["playback_finished_at"]
+
+        # The WAV is exactly what was received: seg1, seg2, the part of seg3 before the
+        # clear, seg4.
+        with wave.open(info["wav_path"], "rb") as w:
+            assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (RATE, 1, 2)
+            audio = w.readframes(w.getnframes())
+        seg3_bytes = segments[2]["received_samples"] * 2
+        assert audio == seg1 + seg2 + seg3[:seg3_bytes] + seg4
+        sidecar = json.loads(Path(info["json_path"]).read_text())
+        assert sidecar["segments"] == segments
+
+    run(body(), timeout=100)

@@ -224,21 +224,27 @@ class AvatarSession:
             "session %s joined room %s as %s", self.session_id, self.info.room, self.info.identity
         )
         room.local_participant.register_rpc_method(RPC_AGENT_STATE_CHANGED, lambda _data: "ok")
+        self._spawn(self._watch_room(room))
+        if self._leave_after_s is not None:
+            self._spawn(self._leave_after(self._leave_after_s))
+
+        # The receiver's byte stream handler must be registered before the sender can start
+        # streaming, and the sender starts once it sees our video track: so receiver first.
+        receiver = self._receiver = DataStreamAudioReceiver(
+            room, sender_identity=self.info.sender_identity
+        )
+        receiver.on("clear_buffer", self._on_clear_buffer)
+        await receiver.start()  # waits for the sender to be in the room
+        self._route_clear_buffer_to_this_room(receiver)
 
         source = self._video_source = rtc.VideoSource(WIDTH, HEIGHT)
         track = rtc.LocalVideoTrack.create_video_track(VIDEO_TRACK_NAME, source)
         await room.local_participant.publish_track(
             track, rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_CAMERA)
         )
-        self._receiver = DataStreamAudioReceiver(room, sender_identity=self.info.sender_identity)
-        self._receiver.on("clear_buffer", self._on_clear_buffer)
-
         self._spawn(self._video_loop(source))
-        self._spawn(self._receive_loop(self._receiver))
+        self._spawn(self._receive_loop(receiver))
         self._spawn(self._playout_loop())
-        self._spawn(self._watch_room(room))
-        if self._leave_after_s is not None:
-            self._spawn(self._leave_after(self._leave_after_s))
         await self._stop_requested.wait()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -293,8 +299,6 @@ class AvatarSession:
     # -- audio -------------------------------------------------------------------------------
 
     async def _receive_loop(self, receiver: DataStreamAudioReceiver) -> None:
-        await receiver.start()  # waits for the sender to be in the room
-        self._route_clear_buffer_to_this_room(receiver)
         async for item in receiver:
             if isinstance(item, AudioSegmentEnd):
                 # None after clear_buffer: that segment is already finished.
