@@ -6,6 +6,9 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import warnings
+
+from jwt.warnings import InsecureKeyLengthWarning
 
 from .auth import parse_keys
 from .config import DEFAULT_EMPTY_TIMEOUT, ServerConfig
@@ -47,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     # publish is all this server should say.
     for noisy in ("aiortc", "aioice", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Dev keys like livekit-server's own "devkey: secret" are short on purpose.
+    warnings.filterwarnings("ignore", category=InsecureKeyLengthWarning)
     from .app import serve  # after logging is set up
 
     config = ServerConfig(keys=keys, empty_timeout=args.empty_timeout)

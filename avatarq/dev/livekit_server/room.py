@@ -67,6 +67,9 @@ class Session(Protocol):
 class PublishedTrack:
     info: models.TrackInfo
     cid: str
+    # m-sections of the publisher's last offer when the track was announced: a later offer
+    # with more sections was made after the client added the track's transceiver.
+    sections_at_publish: int
     # Set once the track appeared in a publisher offer: only then can its absence from a
     # later offer mean "unpublished" rather than "not negotiated yet".
     negotiated: bool = False

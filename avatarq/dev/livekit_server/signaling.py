@@ -47,8 +47,8 @@ def authenticate(request: web.Request, keys: dict[str, str]) -> Claims | None:
     return verify_token(token, keys) if token else None
 
 
-def sending_track_ids(sdp: str) -> set[str]:
-    """Track ids (msid) of the media sections the offerer sends in."""
+def sending_track_ids(sdp: str) -> tuple[set[str], int]:
+    """Track ids (msid) of the media sections the offerer sends in, and the section count."""
     ids: set[str] = set()
     sections = sdp.split("\nm=")[1:]
     for section in sections:
@@ -67,7 +67,7 @@ def sending_track_ids(sdp: str) -> set[str]:
                     track_id = parts[1]
         if track_id and direction in SENDING_DIRECTIONS:
             ids.add(track_id)
-    return ids
+    return ids, len(sections)
 
 
 class SignalSession:
@@ -80,6 +80,7 @@ class SignalSession:
         self.participant: Participant | None = None
         self._outbox: asyncio.Queue[bytes | None] = asyncio.Queue()
         self._closing = False
+        self._offer_sections = 0  # m-sections in the last publisher offer
         self.peer = PublisherPeer(on_data=self._on_data, on_connected=self._on_connected)
 
     # -- Session protocol (used by Room) -------------------------------------------------
@@ -166,12 +167,16 @@ class SignalSession:
                 answer=rtc.SessionDescription(type="answer", sdp=answer_sdp, id=offer.id)
             )
         )
-        sending = sending_track_ids(offer.sdp)
+        sending, sections = sending_track_ids(offer.sdp)
+        self._offer_sections = sections
         removed = []
         for sid, track in participant.tracks.items():
             if track.cid in sending:
                 track.negotiated = True
-            elif track.negotiated:
+            elif track.negotiated or sections > track.sections_at_publish:
+                # Absent from an offer that was made after its transceiver was added
+                # (more sections than when it was announced): the client removed it,
+                # possibly before it was ever negotiated.
                 removed.append(sid)
         for sid in removed:
             del participant.tracks[sid]
@@ -206,7 +211,9 @@ class SignalSession:
             stream=req.stream,
             audio_features=req.audio_features,
         )
-        participant.tracks[info.sid] = PublishedTrack(info=info, cid=req.cid)
+        participant.tracks[info.sid] = PublishedTrack(
+            info=info, cid=req.cid, sections_at_publish=self._offer_sections
+        )
         self.send_signal(
             rtc.SignalResponse(track_published=rtc.TrackPublishedResponse(cid=req.cid, track=info))
         )
