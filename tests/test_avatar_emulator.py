@@ -545,3 +545,78 @@ def test_room_round_trip(livekit_server: Any, emulator_process: EmulatorProcess)
         assert sidecar["segments"] == segments
 
     run(body(), timeout=100)
+
+
+@pytest.mark.netns
+@needs_netns
+@pytest.mark.timeout(120)
+def test_room_leave_fault_and_stop_mid_stream(
+    livekit_server: Any, emulator_process: EmulatorProcess
+) -> None:
+    base = emulator_process.base_url
+
+    async def leaves_mid_stream(
+        http: aiohttp.ClientSession, room: str, *, with_sender_attribute: bool, stop: bool
+    ) -> dict[str, Any]:
+        """Stream a 5 s segment; the avatar leaves after ~1 s (fault, or stop-avatar)."""
+        token = functools.partial(
+            make_token, room=room, key=livekit_server.api_key, secret=livekit_server.api_secret
+        )
+        sender = rtc.Room()
+        await wait(sender.connect(livekit_server.url, token(SENDER_IDENTITY, sender=None)))
+        try:
+            # Without lk.publish_on_behalf the avatar takes the first agent participant.
+            sender_attr = SENDER_IDENTITY if with_sender_attribute else None
+            body = start_body(
+                livekit_url=livekit_server.url, livekit_token=token(sender=sender_attr)
+            )
+            async with http.post(base + START, json=body, headers=AUTH) as r:
+                assert r.status == 200, await r.text()
+                session_id = (await r.json())["session_id"]
+            await until(
+                lambda: any(
+                    pub.kind == rtc.TrackKind.KIND_VIDEO
+                    for p in sender.remote_participants.values()
+                    for pub in p.track_publications.values()
+                ),
+                "avatar video track",
+            )
+
+            async def leave_after_1s(sent_s: float) -> bool:
+                if stop and sent_s >= 1.0 + SEND_LEAD_S:
+                    async with http.post(
+                        base + STOP, json={"session_id": session_id}, headers=AUTH
+                    ) as r:
+                        assert r.status == 200
+                return AVATAR_IDENTITY not in sender.remote_participants
+
+            await stream_segment(sender, tone(5.0, 330, 5), name="long", on_progress=leave_after_1s)
+            await until(lambda: AVATAR_IDENTITY not in sender.remote_participants, "avatar left")
+            async with http.get(f"{base}/v1/sessions/{session_id}") as r:
+                return dict(await r.json())
+        finally:
+            await wait(sender.disconnect())
+
+    async def body() -> None:
+        async with aiohttp.ClientSession() as http:
+            await http.post(base + FAULTS, json={"leave_after_s": 1.0})
+            try:
+                left = await leaves_mid_stream(
+                    http, "emu-leave", with_sender_attribute=True, stop=False
+                )
+            finally:
+                await http.post(base + FAULTS, json={"leave_after_s": None})
+            stopped = await leaves_mid_stream(
+                http, "emu-stop", with_sender_attribute=False, stop=True
+            )
+        for info, reason in ((left, "fault_leave_after"), (stopped, "stop_request")):
+            assert info["state"] == "stopped" and info["stop_reason"] == reason
+            [segment] = info["segments"]
+            assert segment["interrupted"] is True
+            assert 0.3 < segment["playback_position"] < 2.0
+            assert segment["received_s"] < 5.0
+            with wave.open(info["wav_path"], "rb") as w:
+                assert w.getnframes() == segment["received_samples"]
+        assert stopped["sender_identity"] is None
+
+    run(body(), timeout=100)
