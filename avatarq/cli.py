@@ -235,6 +235,20 @@ def avatar_emulator(ctx: typer.Context) -> None:
     raise typer.Exit(emulator_main(ctx.args))
 
 
+#: Modules under avatarq/commands/ that add their own sub-commands.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
+def _register_commands() -> None:
+    import importlib
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"avatarq.commands.{name}").register(app)
+
+
+_register_commands()
+
+
 def main() -> None:
     app()
 
