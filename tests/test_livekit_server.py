@@ -432,3 +432,57 @@ def test_bad_tokens_rejected(livekit_server: Any) -> None:
                 assert resp.status == 404
 
     run(body)
+
+
+def test_resume_after_server_restart_falls_back_to_full_rejoin(tmp_path: Any) -> None:
+    """The restarted server does not know the session the SDK tries to resume; it answers
+    like livekit-server (LeaveRequest, action RECONNECT) and the SDK rejoins from scratch."""
+    import signal
+
+    from avatarq.dev.processes import free_port, python_module, tcp_ready
+
+    port = free_port()
+    url = f"ws://127.0.0.1:{port}"
+    server = type("S", (), {"url": url, "api_key": "devkey", "api_secret": "secret"})()
+
+    def start() -> Any:
+        return python_module(
+            "livekit-server",
+            "avatarq.dev.livekit_server",
+            ["--port", str(port), "--keys", "devkey: secret"],
+            ready=tcp_ready("127.0.0.1", port),
+            log_dir=tmp_path,
+        ).start()
+
+    first = start()
+    second = None
+    try:
+
+        async def body() -> None:
+            nonlocal second
+            async with joined(server, "survivor", "room-restart") as room:
+                reconnected = asyncio.Event()
+                room.on("reconnected", reconnected.set)
+                first.signal(signal.SIGKILL)  # no goodbye: the client sees the socket die
+                assert first.proc is not None
+                await asyncio.to_thread(first.proc.wait, 10)
+                second = await asyncio.to_thread(start)
+                await wait(reconnected.wait(), 40)
+                assert room.isconnected()
+                lkapi = api.LiveKitAPI(url, "devkey", "secret")
+                try:
+                    parts = await wait(
+                        lkapi.room.list_participants(
+                            api.ListParticipantsRequest(room="room-restart")
+                        )
+                    )
+                finally:
+                    await lkapi.aclose()
+                assert [p.identity for p in parts.participants] == ["survivor"]
+                assert parts.participants[0].sid == room.local_participant.sid
+
+        run(body, timeout=80)
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
