@@ -96,7 +96,9 @@ class SessionRecorder:
         self.segments.append(seg)
         return seg
 
-    def write(self, seg: SegmentRecord, pcm: bytes, samples_per_channel: int, at: float) -> None:
+    def write(
+        self, seg: SegmentRecord, pcm: bytes | memoryview, samples_per_channel: int, at: float
+    ) -> None:
         seg.received_samples += samples_per_channel
         seg.last_frame_at = at
         if self._wav is not None and self._wav_file is not None and seg.in_wav:

@@ -141,6 +141,8 @@ class AvatarSession:
         self._receiver: DataStreamAudioReceiver | None = None
         self._video_source: rtc.VideoSource | None = None
         self._clear_buffer_handler: Any = None
+        # The sender the receiver settled on (the token's, or the first agent to join).
+        self._sender_identity: str | None = None
 
         # Receiving side: frames go from the receiver to the playout queue as they arrive.
         self._queue: asyncio.Queue[_Frame | _End] = asyncio.Queue()
@@ -235,7 +237,10 @@ class AvatarSession:
         )
         receiver.on("clear_buffer", self._on_clear_buffer)
         await receiver.start()  # waits for the sender to be in the room
-        self._route_clear_buffer_to_this_room(receiver)
+        # Private attribute: the receiver does not otherwise tell whom it settled on.
+        sender = receiver._remote_participant
+        self._sender_identity = sender.identity if sender is not None else None
+        self._route_clear_buffer_to_this_room()
 
         source = self._video_source = rtc.VideoSource(WIDTH, HEIGHT)
         track = rtc.LocalVideoTrack.create_video_track(VIDEO_TRACK_NAME, source)
@@ -299,28 +304,39 @@ class AvatarSession:
     # -- audio -------------------------------------------------------------------------------
 
     async def _receive_loop(self, receiver: DataStreamAudioReceiver) -> None:
-        async for item in receiver:
-            if isinstance(item, AudioSegmentEnd):
-                # None after clear_buffer: that segment is already finished.
-                if self._recv_segment is not None:
-                    self._queue.put_nowait(_End(self._recv_segment))
-                    self._recv_segment = None
-                continue
-            now = time.time()
-            seg = self._recv_segment
-            if seg is None:
-                seg = self._recv_segment = self.recorder.begin_segment(
-                    item.sample_rate, item.num_channels, now
-                )
-                logger.debug(
-                    "session %s segment %d started (%d Hz x%d)",
-                    self.session_id,
-                    seg.index,
-                    item.sample_rate,
-                    item.num_channels,
-                )
-            self.recorder.write(seg, item.data.cast("B"), item.samples_per_channel, now)
-            self._queue.put_nowait(_Frame(seg, item))
+        try:
+            async for item in receiver:
+                self._on_received(item)
+        except Exception:
+            # The receiver dies when its lk.playback_finished RPC fails after retries, which is
+            # what happens when the worker leaves right after its last segment: a normal end,
+            # which the room watcher turns into a stop. With the sender still here it is not.
+            if self._sender_identity in (self._room.remote_participants if self._room else {}):
+                raise
+            logger.debug("session %s: receiver ended after the sender left", self.session_id)
+
+    def _on_received(self, item: rtc.AudioFrame | AudioSegmentEnd) -> None:
+        if isinstance(item, AudioSegmentEnd):
+            # None after clear_buffer: that segment is already finished.
+            if self._recv_segment is not None:
+                self._queue.put_nowait(_End(self._recv_segment))
+                self._recv_segment = None
+            return
+        now = time.time()
+        seg = self._recv_segment
+        if seg is None:
+            seg = self._recv_segment = self.recorder.begin_segment(
+                item.sample_rate, item.num_channels, now
+            )
+            logger.debug(
+                "session %s segment %d started (%d Hz x%d)",
+                self.session_id,
+                seg.index,
+                item.sample_rate,
+                item.num_channels,
+            )
+        self.recorder.write(seg, item.data.cast("B"), item.samples_per_channel, now)
+        self._queue.put_nowait(_Frame(seg, item))
 
     async def _playout_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -397,15 +413,14 @@ class AvatarSession:
         if self._wake_fut is not None:
             _wake(self._wake_fut)
 
-    def _route_clear_buffer_to_this_room(self, receiver: DataStreamAudioReceiver) -> None:
+    def _route_clear_buffer_to_this_room(self) -> None:
         # DataStreamAudioReceiver keeps clear_buffer handlers in a class-level dict keyed by the
         # sender's identity and dispatches on that alone, so sessions of this process whose
         # senders share an identity (in different rooms) would receive each other's
         # clear_buffer. Bind this room's RPC method directly to this receiver's handler.
-        sender = receiver._remote_participant
-        if sender is None or self._room is None:
+        if self._sender_identity is None or self._room is None:
             return
-        handler = DataStreamAudioReceiver._clear_buffer_handlers.get(sender.identity)
+        handler = DataStreamAudioReceiver._clear_buffer_handlers.get(self._sender_identity)
         if handler is not None:
             self._clear_buffer_handler = handler
             self._room.local_participant.register_rpc_method(RPC_CLEAR_BUFFER, handler)
