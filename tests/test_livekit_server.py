@@ -431,6 +431,26 @@ def test_bad_tokens_rejected(livekit_server: Any) -> None:
             async with session.get(f"{http}/rtc/v1") as resp:
                 assert resp.status == 404
 
+            # Twirp with a JSON body, and Twirp's JSON errors.
+            twirp = f"{http}/twirp/livekit.RoomService"
+            lister = api.AccessToken(livekit_server.api_key, livekit_server.api_secret)
+            lister = lister.with_grants(api.VideoGrants(room_list=True)).to_jwt()
+            json_headers = {"Authorization": f"Bearer {lister}"}
+            async with session.post(f"{twirp}/ListRooms", json={}, headers=json_headers) as resp:
+                assert resp.status == 200
+                assert resp.content_type == "application/json"
+                assert isinstance(await resp.json(), dict)
+            async with session.post(f"{twirp}/ListRooms", json={}) as resp:
+                assert resp.status == 401
+                assert (await resp.json())["code"] == "unauthenticated"
+            async with session.post(
+                f"{twirp}/CreateRoom", json={"name": "x"}, headers=json_headers
+            ) as resp:
+                assert resp.status == 401  # roomList does not grant roomCreate
+            async with session.post(f"{twirp}/NoSuchMethod", json={}, headers=json_headers) as resp:
+                assert resp.status == 404
+                assert (await resp.json())["code"] == "bad_route"
+
     run(body)
 
 

@@ -27,7 +27,7 @@ _ID_ALPHABET = string.ascii_letters + string.digits
 _ID_LENGTH = 12
 
 # Token `kind` claim -> ParticipantInfo.Kind (livekit.api.AccessToken.ParticipantKind).
-PARTICIPANT_KINDS: dict[str, int] = {
+PARTICIPANT_KINDS: dict[str, models.ParticipantInfo.Kind] = {
     "": models.ParticipantInfo.Kind.STANDARD,
     "standard": models.ParticipantInfo.Kind.STANDARD,
     "ingress": models.ParticipantInfo.Kind.INGRESS,
@@ -37,7 +37,7 @@ PARTICIPANT_KINDS: dict[str, int] = {
     "connector": models.ParticipantInfo.Kind.CONNECTOR,
     "bridge": models.ParticipantInfo.Kind.BRIDGE,
 }
-_SOURCE_NAMES: dict[str, int] = {
+_SOURCE_NAMES: dict[str, models.TrackSource] = {
     "camera": models.TrackSource.CAMERA,
     "microphone": models.TrackSource.MICROPHONE,
     "screen_share": models.TrackSource.SCREEN_SHARE,
@@ -80,16 +80,16 @@ class Participant:
     sid: str
     identity: str
     name: str
-    kind: int
+    kind: models.ParticipantInfo.Kind
     metadata: str
     attributes: dict[str, str]
     permission: models.ParticipantPermission
     client_protocol: int
     session: Session
     joined_at_ms: int = field(default_factory=now_ms)
-    state: int = models.ParticipantInfo.State.JOINED
+    state: models.ParticipantInfo.State = models.ParticipantInfo.State.JOINED
     version: int = 1
-    disconnect_reason: int = models.DisconnectReason.UNKNOWN_REASON
+    disconnect_reason: models.DisconnectReason = models.DisconnectReason.UNKNOWN_REASON
     tracks: dict[str, PublishedTrack] = field(default_factory=dict)
 
     @classmethod
@@ -228,12 +228,12 @@ class RoomRegistry:
             room.name,
             participant.identity,
             participant.sid,
-            models.ParticipantInfo.Kind.Name(participant.kind),  # type: ignore[arg-type]
+            models.ParticipantInfo.Kind.Name(participant.kind),
         )
         room.broadcast_participant(participant)
         return replaced
 
-    def leave(self, room: Room, participant: Participant, reason: int) -> None:
+    def leave(self, room: Room, participant: Participant, reason: models.DisconnectReason) -> None:
         """Remove a participant (no-op if already gone) and tell the others."""
         if room.participants.get(participant.identity) is not participant:
             return
@@ -246,7 +246,7 @@ class RoomRegistry:
             room.name,
             participant.identity,
             participant.sid,
-            models.DisconnectReason.Name(reason),  # type: ignore[arg-type]
+            models.DisconnectReason.Name(reason),
         )
         room.broadcast(
             rtc.SignalResponse(update=rtc.ParticipantUpdate(participants=[participant.info()]))
@@ -254,7 +254,7 @@ class RoomRegistry:
         if not room.participants:
             self._schedule_close(room)
 
-    def kick(self, room: Room, participant: Participant, reason: int) -> None:
+    def kick(self, room: Room, participant: Participant, reason: models.DisconnectReason) -> None:
         """Remove a participant and close its session with a LeaveRequest saying why."""
         self.leave(room, participant, reason)
         participant.session.close(
@@ -263,7 +263,9 @@ class RoomRegistry:
             )
         )
 
-    def delete(self, room: Room, reason: int = models.DisconnectReason.ROOM_DELETED) -> None:
+    def delete(
+        self, room: Room, reason: models.DisconnectReason = models.DisconnectReason.ROOM_DELETED
+    ) -> None:
         """Close a room now, sending every participant a LeaveRequest."""
         if self.rooms.get(room.name) is not room:
             return

@@ -222,7 +222,7 @@ class SignalSession:
             self.room.name,
             participant.identity,
             info.sid,
-            models.TrackType.Name(info.type),  # type: ignore[arg-type]
+            models.TrackType.Name(info.type),
             info.name,
         )
         participant.bump()
