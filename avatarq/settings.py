@@ -67,6 +67,13 @@ class Settings(BaseSettings):
         SecretStr(""), validation_alias=_env("AVATARQ_WEBHOOK_SECRET")
     )
 
+    # schedules and the HTTP API (producer side)
+    schedule_file: str | None = Field(None, validation_alias=_env("AVATARQ_SCHEDULE_FILE"))
+    api_keys: SecretStr = Field(SecretStr(""), validation_alias=_env("AVATARQ_API_KEYS"))
+    api_max_body_bytes: int = Field(
+        64 * 1024, gt=0, validation_alias=_env("AVATARQ_API_MAX_BODY_BYTES")
+    )
+
     @property
     def broker_url(self) -> str:
         return self.celery_broker_url or self.redis_url

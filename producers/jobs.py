@@ -101,14 +101,30 @@ class Job(BaseModel):
         return self.model_dump(mode="json", exclude_none=True)
 
 
+def field_errors(err: ValidationError) -> list[tuple[str, str]]:
+    """Each problem as (field, message), e.g. `("sample_rate", "sample_rate 7 is not one of…")`."""
+    return [
+        (".".join(str(p) for p in e["loc"]) or "job", e["msg"].removeprefix("Value error, "))
+        for e in err.errors()
+    ]
+
+
 def describe_validation_error(err: ValidationError) -> str:
     """One line per problem, naming the field: `room: field required; sample_rate: …`."""
-    parts = []
-    for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "job"
-        msg = e["msg"].removeprefix("Value error, ")
-        parts.append(f"{where}: {msg}")
-    return "; ".join(parts)
+    return "; ".join(f"{where}: {msg}" for where, msg in field_errors(err))
+
+
+def job_errors(payload: dict[str, Any]) -> list[tuple[str, str]]:
+    """Every problem with a job payload as (field, message); empty when it is a valid job.
+
+    For producers that report each bad field with its own position (manifest lines, schedule
+    file lines) rather than parse_job's one-sentence error.
+    """
+    try:
+        Job.model_validate(payload)
+    except ValidationError as e:
+        return field_errors(e)
+    return []
 
 
 def parse_job(payload: Any) -> Job:
