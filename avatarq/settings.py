@@ -8,6 +8,7 @@ Secrets are `SecretStr` so they never print by accident.
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -65,6 +66,12 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(16, validation_alias=_env("AVATARQ_WORKER_CONCURRENCY"))
     webhook_secret: SecretStr = Field(
         SecretStr(""), validation_alias=_env("AVATARQ_WEBHOOK_SECRET")
+    )
+    # Operations: Prometheus /metrics port of each worker process (0 disables), and the log
+    # format ("auto": JSON lines unless the log stream is a terminal).
+    metrics_port: int = Field(9808, ge=0, le=65535, validation_alias=_env("AVATARQ_METRICS_PORT"))
+    log_format: Literal["auto", "json", "text"] = Field(
+        "auto", validation_alias=_env("AVATARQ_LOG_FORMAT")
     )
 
     # schedules and the HTTP API (producer side)

@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
+from billiard.process import current_process
 from celery import Celery
+from celery.signals import (
+    setup_logging,
+    task_postrun,
+    task_prerun,
+    worker_init,
+    worker_process_init,
+)
 
+from avatarq import logs
 from avatarq.celeryconfig import celery_config
 from avatarq.settings import get_settings
+from tasks import metrics
 
 app = Celery("avatarq")
 app.conf.update(celery_config(get_settings()))
@@ -19,6 +30,45 @@ def quiet_livekit_logs() -> None:
     SCTP packet, costing more CPU than streaming. Keep them at WARNING unless asked."""
     for name in ("livekit", "livekit.rtc"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@setup_logging.connect
+def _setup_logging(loglevel: int | str = logging.INFO, **_: Any) -> None:
+    # Connecting this signal replaces Celery's own logging setup with ours (JSON lines).
+    logs.configure(loglevel, get_settings().log_format)
+    quiet_livekit_logs()
+
+
+@worker_init.connect
+def _serve_metrics(**_: Any) -> None:
+    # Threads and solo pools play jobs in this process; a prefork parent serves an empty
+    # registry here, its children serve their own below.
+    metrics.serve(get_settings().metrics_port)
+
+
+@worker_process_init.connect
+def _serve_child_metrics(**_: Any) -> None:
+    port = get_settings().metrics_port
+    index = getattr(current_process(), "index", None)
+    if port and index is not None:
+        # Prefork child i: its own registry on the next ports (one port per child).
+        metrics.serve(port + 1 + index)
+
+
+@task_prerun.connect
+def _bind_job_logs(task_id: str, args: tuple[Any, ...] = (), **_: Any) -> None:
+    # The payload is not validated yet (render does that); take only what is there.
+    payload = args[0] if args and isinstance(args[0], dict) else {}
+    logs.bind_job(
+        job_id=payload.get("job_id") or task_id,
+        room=payload.get("room"),
+        avatar_id=payload.get("avatar_id"),
+    )
+
+
+@task_postrun.connect
+def _clear_job_logs(**_: Any) -> None:
+    logs.clear_job()
 
 
 quiet_livekit_logs()

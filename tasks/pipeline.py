@@ -16,8 +16,8 @@ from avatarq.errors import DecodeError
 from avatarq.events import Event
 from avatarq.settings import Settings
 from producers.jobs import Job
+from tasks import metrics, tokens
 from tasks import room as rooms
-from tasks import tokens
 from tasks.avatar import AvatarClient, AvatarSession, HttpAvatarClient
 from tasks.decode import PcmDecoder, probe_duration
 from tasks.pacing import Pacer
@@ -103,6 +103,7 @@ async def play(
             ts.room_joined = time.time()
             avatar = avatar_client_for(job, settings)
             session: AvatarSession | None = None
+            metrics.STREAMS_IN_FLIGHT.inc()
             try:
                 sender = AudioStreamSender(room, job.avatar_identity, sample_rate)
                 session = await avatar.start(
@@ -126,9 +127,11 @@ async def play(
                         yield chunk
 
                 async def on_progress(sent: int) -> None:
+                    pacing.observe(sent)
                     await reporter.progress(sent / bps, duration)
 
                 pacer = Pacer(bytes_per_second=bps, lead=lead)
+                pacing = metrics.PacingProbe(pacer)
                 sent = await sender.send_segment(
                     pcm(), pacer, on_progress=on_progress, name=job.job_id
                 )
@@ -145,6 +148,7 @@ async def play(
                 else:
                     log.warning("job %s: no lk.playback_finished from the avatar", job.job_id)
             finally:
+                metrics.STREAMS_IN_FLIGHT.dec()
                 if session is not None:
                     await avatar.stop(session)
                 await avatar.aclose()

@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 
 from avatarq.events import RECORD_TTL_S, Event, job_events_key, job_record_key
 from avatarq.settings import Settings
+from tasks import metrics
 from tasks.backoff import backoff_delay
 
 log = logging.getLogger("avatarq.report")
@@ -65,6 +66,7 @@ class JobReporter:
         pipe.xadd(job_events_key(self.job_id), fields)
         pipe.expire(job_events_key(self.job_id), RECORD_TTL_S)
         await pipe.execute()
+        metrics.observe(event, data)
 
     async def progress(
         self, streamed_s: float, total_s: float | None, *, force: bool = False
