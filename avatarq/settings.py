@@ -8,6 +8,7 @@ Secrets are `SecretStr` so they never print by accident.
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr
@@ -79,6 +80,33 @@ class Settings(BaseSettings):
     api_keys: SecretStr = Field(SecretStr(""), validation_alias=_env("AVATARQ_API_KEYS"))
     api_max_body_bytes: int = Field(
         64 * 1024, gt=0, validation_alias=_env("AVATARQ_API_MAX_BODY_BYTES")
+    )
+
+    # TTS pre-generation (producer side: rendered once, stored, then enqueued as plain audio)
+    tts_max_chars: int = Field(5000, gt=0, validation_alias=_env("AVATARQ_TTS_MAX_CHARS"))
+    tts_bucket: str | None = Field(None, validation_alias=_env("AVATARQ_TTS_BUCKET"))
+    tts_prefix: str = Field("tts/", validation_alias=_env("AVATARQ_TTS_PREFIX"))
+    tts_cache_dir: Path = Field(
+        Path("~/.cache/avatarq/tts"), validation_alias=_env("AVATARQ_TTS_CACHE_DIR")
+    )
+    tts_timeout_s: float = Field(60.0, gt=0, validation_alias=_env("AVATARQ_TTS_TIMEOUT"))
+    tts_attempts: int = Field(3, ge=1, validation_alias=_env("AVATARQ_TTS_ATTEMPTS"))
+    espeak_binary: str = Field("espeak-ng", validation_alias=_env("AVATARQ_ESPEAK"))
+    openai_tts_url: str = Field(
+        "https://api.openai.com", validation_alias=_env("AVATARQ_OPENAI_TTS_URL")
+    )
+    openai_api_key: SecretStr = Field(SecretStr(""), validation_alias=_env("OPENAI_API_KEY"))
+    openai_tts_model: str = Field(
+        "gpt-4o-mini-tts", validation_alias=_env("AVATARQ_OPENAI_TTS_MODEL")
+    )
+    elevenlabs_url: str = Field(
+        "https://api.elevenlabs.io", validation_alias=_env("AVATARQ_ELEVENLABS_URL")
+    )
+    elevenlabs_api_key: SecretStr = Field(
+        SecretStr(""), validation_alias=_env("ELEVEN_API_KEY", "ELEVENLABS_API_KEY")
+    )
+    elevenlabs_model: str = Field(
+        "eleven_multilingual_v2", validation_alias=_env("AVATARQ_ELEVENLABS_MODEL")
     )
 
     @property

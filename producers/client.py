@@ -20,6 +20,7 @@ from avatarq.celeryconfig import RENDER_QUEUE, RENDER_TASK, celery_config
 from avatarq.events import TERMINAL, Status, job_record_key
 from avatarq.settings import Settings, get_settings
 from producers.jobs import Job, parse_job
+from producers.tts.render import render_job
 
 #: Seconds of slack on top of a job's own length before Celery's hard time limit fires
 #: (prefork pools only; the threads pool relies on the pipeline's own deadline).
@@ -52,7 +53,7 @@ class JobHandle:
 def enqueue(job: Job | Mapping[str, Any], *, settings: Settings | None = None) -> JobHandle:
     """Validate and enqueue one job; the job id is also the Celery task id."""
     s = settings or get_settings()
-    parsed = parse_job(dict(job) if isinstance(job, Mapping) else job)
+    parsed = render_job(parse_job(dict(job) if isinstance(job, Mapping) else job), s)
     limit = (parsed.max_duration or s.max_job_duration_s) + TIME_LIMIT_SLACK_S
     res = celery_app(s).send_task(
         RENDER_TASK,

@@ -10,12 +10,22 @@ import json
 import re
 import uuid
 from pathlib import PurePath
-from typing import Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    HttpUrl,
+    Tag,
+    ValidationError,
+    field_validator,
+)
 
 from avatarq.errors import InvalidJob
+from avatarq.settings import get_settings
 
 #: Sample rates the avatar's receiver accepts (Avaluma's plugin sends 16 kHz).
 SAMPLE_RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000)
@@ -25,10 +35,51 @@ SOURCE_SCHEMES = ("file", "http", "https", "s3")
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:@=-]{0,127}$"
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
 MAX_METADATA_BYTES = 16 * 1024
+#: TTS engines a `tts` source may name (implemented in producers/tts/).
+TtsEngineName = Literal["espeak", "openai", "elevenlabs"]
 
 
 def new_job_id() -> str:
     return uuid.uuid4().hex
+
+
+class TtsSource(BaseModel):
+    """Speech to render before the job is enqueued: workers only ever play audio files."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["tts"]
+    text: str = Field(min_length=1)
+    """What to say; SSML markup when `ssml` is true. At most `AVATARQ_TTS_MAX_CHARS`."""
+    engine: TtsEngineName = "espeak"
+    voice: str | None = Field(None, min_length=1, max_length=256)
+    """Engine-specific voice (espeak `en-us`, OpenAI `alloy`, an ElevenLabs voice id)."""
+    language: str | None = Field(None, min_length=2, max_length=35)
+    """BCP 47 language; espeak picks its voice from it when `voice` is not given."""
+    ssml: bool = False
+
+    @field_validator("text")
+    @classmethod
+    def _within_limit(cls, v: str) -> str:
+        # Read at validation time so a producer's environment sets its own limit.
+        limit = get_settings().tts_max_chars
+        if len(v) > limit:
+            raise ValueError(
+                f"text is {len(v)} characters, over the AVATARQ_TTS_MAX_CHARS limit of {limit}"
+            )
+        return v
+
+
+def _source_kind(v: Any) -> str:
+    return "tts" if isinstance(v, (dict, TtsSource)) else "audio"
+
+
+#: A source is either audio (path or URL) or speech to render; tagged so errors name the kind.
+Source = Annotated[
+    Annotated[str, Field(min_length=1, max_length=4096), Tag("audio")]
+    | Annotated[TtsSource, Tag("tts")],
+    Discriminator(_source_kind),
+]
 
 
 class Job(BaseModel):
@@ -42,8 +93,9 @@ class Job(BaseModel):
     avatar_id: str = Field(pattern=NAME_PATTERN)
     avatar_server: HttpUrl | None = None
     """Avatar server base URL; defaults to the `AVALUMA_API_URL` setting."""
-    source: str = Field(min_length=1, max_length=4096)
-    """Audio to play: a local path, `file://`, `http(s)://` or `s3://bucket/key`."""
+    source: Source
+    """Audio to play: a local path, `file://`, `http(s)://` or `s3://bucket/key`; or a `tts`
+    object, which `producers.enqueue` renders to stored audio before sending."""
     sample_rate: int = 16000
     lead: float | None = Field(None, ge=0.0, le=30.0)
     """Seconds the sender may run ahead of real time; defaults to the `AVATARQ_DEFAULT_LEAD`."""
@@ -62,7 +114,9 @@ class Job(BaseModel):
 
     @field_validator("source")
     @classmethod
-    def _known_scheme(cls, v: str) -> str:
+    def _known_scheme(cls, v: str | TtsSource) -> str | TtsSource:
+        if isinstance(v, TtsSource):
+            return v
         scheme = urlsplit(v).scheme.lower()
         # A bare path (or a Windows drive letter) is a local file.
         if scheme and len(scheme) > 1 and scheme not in SOURCE_SCHEMES:
