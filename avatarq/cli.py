@@ -236,7 +236,7 @@ def avatar_emulator(ctx: typer.Context) -> None:
 
 
 #: Modules under avatarq/commands/ that add their own sub-commands.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("schedule",)
 
 
 def _register_commands() -> None:

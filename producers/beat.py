@@ -1,0 +1,81 @@
+"""The beat app: `celery -A producers.beat beat` fires the announcements of the schedule file
+named by `AVATARQ_SCHEDULE_FILE`.
+
+It runs on celery-redbeat: each announcement's last fire time lives in Redis, and beat holds
+a Redis lock while it runs, so a second beat instance waits as a standby (taking over within
+`LOCK_TIMEOUT_S` if the first dies) instead of firing the same announcements again. On top of
+that, each fire's job id is derived from the announcement's name and fire slot, so even a slot
+fired twice would be one job, played once.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from celery import Celery
+from celery.result import AsyncResult
+from redbeat import RedBeatScheduler
+from redbeat.schedulers import RedBeatSchedulerEntry
+
+from avatarq.celeryconfig import RENDER_TASK, celery_config
+from avatarq.settings import get_settings
+from producers.client import enqueue
+from producers.schedules import Announcement, load_schedule
+
+#: Beat wakes at least this often; the standby also retries the lock at this pace.
+MAX_LOOP_INTERVAL_S = 5
+#: A dead beat's lock expires after this, letting a standby take over.
+LOCK_TIMEOUT_S = 5 * MAX_LOOP_INTERVAL_S
+
+
+def _announcements() -> dict[str, Announcement]:
+    path = get_settings().schedule_file
+    if not path:
+        raise RuntimeError("set AVATARQ_SCHEDULE_FILE to the schedule file beat should run")
+    return {a.name: a for a in load_schedule(path)}
+
+
+ANNOUNCEMENTS = _announcements()
+
+
+class AnnouncementEntry(RedBeatSchedulerEntry):  # type: ignore[misc]
+    """A redbeat entry whose schedule comes from the file, not from Redis: redbeat stores a
+    cron entry as a plain crontab, which would lose the announcement's own timezone."""
+
+    def __init__(self, name: str | None = None, *args: Any, **kwargs: Any) -> None:
+        announcement = ANNOUNCEMENTS.get(str(name))
+        if announcement is not None:
+            kwargs["schedule"] = announcement.celery_schedule()
+        super().__init__(name, *args, **kwargs)
+
+
+class AnnouncementScheduler(RedBeatScheduler):  # type: ignore[misc]
+    Entry = AnnouncementEntry
+
+    def apply_async(
+        self, entry: AnnouncementEntry, producer: Any = None, advance: bool = True, **kwargs: Any
+    ) -> AsyncResult:
+        announcement = ANNOUNCEMENTS.get(entry.name)
+        if announcement is None:  # an entry someone added to Redis by hand: plain beat rules
+            return super().apply_async(entry, producer, advance, **kwargs)
+        if advance:
+            self.reserve(entry)
+        # Through the producer API, so the job is validated and sent exactly like any other.
+        return enqueue(announcement.job_at(datetime.now(UTC))).result
+
+
+app = Celery("avatarq-beat")
+app.conf.update(celery_config(get_settings()))
+app.conf.update(
+    timezone="UTC",
+    beat_scheduler=f"{__name__}:AnnouncementScheduler",
+    beat_max_loop_interval=MAX_LOOP_INTERVAL_S,
+    beat_schedule={
+        a.name: {"task": RENDER_TASK, "schedule": a.celery_schedule()}
+        for a in ANNOUNCEMENTS.values()
+    },
+    redbeat_redis_url=get_settings().redis_url,
+    redbeat_key_prefix="avatarq:beat:",
+    redbeat_lock_timeout=LOCK_TIMEOUT_S,
+)
