@@ -12,12 +12,8 @@ from avatarq.settings import Settings
 #: The render task's registered name; producers send by name and never import the worker.
 RENDER_TASK = "avatarq.render"
 RENDER_QUEUE = "avatarq"
-#: Slack on top of the longest job for the broker's redelivery window.
-VISIBILITY_MARGIN_S = 600
-
-
 def celery_config(settings: Settings) -> dict[str, Any]:
-    visibility = int(settings.max_job_duration_s + VISIBILITY_MARGIN_S)
+    visibility = int(settings.redelivery_after_s)
     return {
         "broker_url": settings.broker_url,
         "result_backend": settings.result_backend,

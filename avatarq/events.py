@@ -16,6 +16,7 @@ class Event(StrEnum):
     PROGRESS = "job.progress"
     COMPLETED = "job.completed"
     FAILED = "job.failed"
+    CANCELLED = "job.cancelled"
     RETRYING = "job.retrying"
 
 
@@ -39,3 +40,30 @@ def job_events_key(job_id: str) -> str:
 
 def job_record_key(job_id: str) -> str:
     return f"avatarq:job:{job_id}"
+
+
+def job_enqueued_key(job_id: str) -> str:
+    """Hash {ts, room, job}: set once at enqueue, so the same job id is never sent twice."""
+    return f"avatarq:enqueued:{job_id}"
+
+
+def job_lease_key(job_id: str) -> str:
+    """The worker playing the job (expires unless renewed, so a dead worker lets go)."""
+    return f"avatarq:lease:{job_id}"
+
+
+def job_cancel_key(job_id: str) -> str:
+    return f"avatarq:cancel:{job_id}"
+
+
+def job_attempts_key(job_id: str) -> str:
+    return f"avatarq:attempts:{job_id}"
+
+
+def room_order_key(room: str) -> str:
+    """List of the room's unfinished job ids in enqueue order: only the head may play."""
+    return f"avatarq:room:{room}"
+
+
+#: Jobs that exhausted their retries, newest first (JSON: job, reason, error, attempts, ts).
+DEAD_LETTER_KEY = "avatarq:dead"

@@ -62,17 +62,15 @@ class Settings(BaseSettings):
     max_retries: int = Field(4, ge=0, validation_alias=_env("AVATARQ_MAX_RETRIES"))
     retry_base_s: float = Field(2.0, gt=0, validation_alias=_env("AVATARQ_RETRY_BASE"))
     retry_cap_s: float = Field(60.0, gt=0, validation_alias=_env("AVATARQ_RETRY_CAP"))
+    shutdown_grace_s: float = Field(30.0, ge=0, validation_alias=_env("AVATARQ_SHUTDOWN_GRACE"))
+    visibility_timeout_s: float | None = Field(
+        None, gt=0, validation_alias=_env("AVATARQ_VISIBILITY_TIMEOUT")
+    )
     events_stream: str = Field("avatarq:events", validation_alias=_env("AVATARQ_EVENTS_STREAM"))
     events_maxlen: int = Field(100_000, validation_alias=_env("AVATARQ_EVENTS_MAXLEN"))
     worker_concurrency: int = Field(16, validation_alias=_env("AVATARQ_WORKER_CONCURRENCY"))
     webhook_secret: SecretStr = Field(
         SecretStr(""), validation_alias=_env("AVATARQ_WEBHOOK_SECRET")
-    )
-    # Operations: Prometheus /metrics port of each worker process (0 disables), and the log
-    # format ("auto": JSON lines unless the log stream is a terminal).
-    metrics_port: int = Field(9808, ge=0, le=65535, validation_alias=_env("AVATARQ_METRICS_PORT"))
-    log_format: Literal["auto", "json", "text"] = Field(
-        "auto", validation_alias=_env("AVATARQ_LOG_FORMAT")
     )
 
     # schedules and the HTTP API (producer side)
@@ -80,6 +78,12 @@ class Settings(BaseSettings):
     api_keys: SecretStr = Field(SecretStr(""), validation_alias=_env("AVATARQ_API_KEYS"))
     api_max_body_bytes: int = Field(
         64 * 1024, gt=0, validation_alias=_env("AVATARQ_API_MAX_BODY_BYTES")
+    )
+    # Operations: Prometheus /metrics port of each worker process (0 disables), and the log
+    # format ("auto": JSON lines unless the log stream is a terminal).
+    metrics_port: int = Field(9808, ge=0, le=65535, validation_alias=_env("AVATARQ_METRICS_PORT"))
+    log_format: Literal["auto", "json", "text"] = Field(
+        "auto", validation_alias=_env("AVATARQ_LOG_FORMAT")
     )
 
     # TTS pre-generation (producer side: rendered once, stored, then enqueued as plain audio)
@@ -108,6 +112,12 @@ class Settings(BaseSettings):
     elevenlabs_model: str = Field(
         "eleven_multilingual_v2", validation_alias=_env("AVATARQ_ELEVENLABS_MODEL")
     )
+
+    @property
+    def redelivery_after_s(self) -> float:
+        """The broker's visibility timeout: an unacknowledged job (its worker died) is handed
+        to another worker after this long, so it must exceed the longest job."""
+        return self.visibility_timeout_s or self.max_job_duration_s + 600
 
     @property
     def broker_url(self) -> str:

@@ -7,6 +7,7 @@ ffmpeg here).
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -17,7 +18,16 @@ from celery import Celery
 from celery.result import AsyncResult
 
 from avatarq.celeryconfig import RENDER_QUEUE, RENDER_TASK, celery_config
-from avatarq.events import TERMINAL, Status, job_record_key
+from avatarq.events import (
+    RECORD_TTL_S,
+    TERMINAL,
+    Status,
+    job_cancel_key,
+    job_enqueued_key,
+    job_lease_key,
+    job_record_key,
+    room_order_key,
+)
 from avatarq.settings import Settings, get_settings
 from producers.jobs import Job, parse_job
 from producers.tts.render import render_job
@@ -40,10 +50,22 @@ def celery_app(settings: Settings | None = None) -> Celery:
     return _celery(s.broker_url, s.result_backend)
 
 
+# KEYS: enqueued, room order; ARGV: now, room, payload json, ttl s
+_REGISTER = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'ts', ARGV[1], 'room', ARGV[2], 'job', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('RPUSH', KEYS[2], ARGV[5])
+return 1
+"""
+
+
 @dataclass(frozen=True)
 class JobHandle:
     job_id: str
     result: AsyncResult
+    #: False when this job id had been enqueued before: nothing new was sent.
+    created: bool = True
 
     def wait(self, timeout: float | None = None) -> dict[str, Any]:
         """Block until the job ends; returns its result (raises if it failed)."""
@@ -51,18 +73,36 @@ class JobHandle:
 
 
 def enqueue(job: Job | Mapping[str, Any], *, settings: Settings | None = None) -> JobHandle:
-    """Validate and enqueue one job; the job id is also the Celery task id."""
+    """Validate and enqueue one job; the job id is also the Celery task id.
+
+    Idempotent: a job id that was enqueued before is not sent again (`created` is False).
+    The job takes its place in its room's order here, so jobs of one room play in the order
+    they were enqueued.
+    """
     s = settings or get_settings()
     parsed = render_job(parse_job(dict(job) if isinstance(job, Mapping) else job), s)
+    app = celery_app(s)
+    payload = parsed.payload()
+    keys = [job_enqueued_key(parsed.job_id), room_order_key(parsed.room)]
+    args = [f"{time.time():.3f}", parsed.room, json.dumps(payload), RECORD_TTL_S, parsed.job_id]
+    r = _redis(s.redis_url)
+    if not r.register_script(_REGISTER)(keys=keys, args=args):
+        return JobHandle(parsed.job_id, AsyncResult(parsed.job_id, app=app), created=False)
     limit = (parsed.max_duration or s.max_job_duration_s) + TIME_LIMIT_SLACK_S
-    res = celery_app(s).send_task(
-        RENDER_TASK,
-        args=[parsed.payload()],
-        task_id=parsed.job_id,
-        queue=RENDER_QUEUE,
-        time_limit=limit,
-        soft_time_limit=limit - 30,
-    )
+    try:
+        res = app.send_task(
+            RENDER_TASK,
+            args=[payload],
+            task_id=parsed.job_id,
+            queue=RENDER_QUEUE,
+            time_limit=limit,
+            soft_time_limit=limit - 30,
+        )
+    except Exception:
+        # Not sent: free the id and the room's place so a retry of this call can succeed.
+        r.lrem(room_order_key(parsed.room), 0, parsed.job_id)
+        r.delete(job_enqueued_key(parsed.job_id))
+        raise
     return JobHandle(parsed.job_id, res)
 
 
@@ -96,9 +136,16 @@ def is_terminal(status: Mapping[str, Any]) -> bool:
     return status.get("status") in TERMINAL
 
 
-def cancel(job_id: str, *, settings: Settings | None = None) -> None:
-    """Revoke a queued job so no worker plays it."""
-    celery_app(settings).control.revoke(job_id)
+def cancel(job_id: str, *, settings: Settings | None = None) -> str:
+    """Cancel a job: a queued job is dropped when a worker reaches it, a playing one stops
+    within half a second (the avatar's buffer is cleared). Returns what the job was doing:
+    "queued", "playing" or "ended" (too late: nothing changes)."""
+    s = settings or get_settings()
+    r = _redis(s.redis_url)
+    if r.exists(job_record_key(job_id)):
+        return "ended"
+    r.set(job_cancel_key(job_id), "1", ex=RECORD_TTL_S)
+    return "playing" if r.exists(job_lease_key(job_id)) else "queued"
 
 
 @lru_cache(maxsize=4)

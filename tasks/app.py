@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 from billiard.process import current_process
@@ -13,12 +14,14 @@ from celery.signals import (
     task_prerun,
     worker_init,
     worker_process_init,
+    worker_shutting_down,
 )
 
 from avatarq import logs
 from avatarq.celeryconfig import celery_config
 from avatarq.settings import get_settings
 from tasks import metrics
+from tasks.control import HAND_BACK
 
 app = Celery("avatarq")
 app.conf.update(celery_config(get_settings()))
@@ -69,6 +72,15 @@ def _bind_job_logs(task_id: str, args: tuple[Any, ...] = (), **_: Any) -> None:
 @task_postrun.connect
 def _clear_job_logs(**_: Any) -> None:
     logs.clear_job()
+
+
+@worker_shutting_down.connect
+def _hand_back_after_grace(**_: Any) -> None:
+    # Warm shutdown: Celery stops taking jobs and waits for the playing ones. Let them finish
+    # within the grace period; then hand the rest back so another worker plays them.
+    timer = threading.Timer(get_settings().shutdown_grace_s, HAND_BACK.set)
+    timer.daemon = True
+    timer.start()
 
 
 quiet_livekit_logs()

@@ -12,13 +12,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from avatarq.errors import DecodeError
+from avatarq.errors import DecodeError, RoomError
 from avatarq.events import Event
 from avatarq.settings import Settings
 from producers.jobs import Job
 from tasks import metrics, tokens
 from tasks import room as rooms
 from tasks.avatar import AvatarClient, AvatarSession, HttpAvatarClient
+from tasks.control import Interrupted, JobControl, StopReason
 from tasks.decode import PcmDecoder, probe_duration
 from tasks.pacing import Pacer
 from tasks.report import JobReporter
@@ -66,9 +67,15 @@ def avatar_client_for(job: Job, settings: Settings) -> AvatarClient:
     )
 
 
+#: How long an interrupted job waits for the avatar to report where playback stopped.
+INTERRUPT_REPORT_TIMEOUT_S = 2.0
+
+
 async def play(
-    job: Job, settings: Settings, reporter: JobReporter, *, attempt: int = 1
+    job: Job, settings: Settings, reporter: JobReporter, control: JobControl, *, attempt: int = 1
 ) -> dict[str, Any]:
+    """Play `job` once, start to finish. Raises JobError on failure and `Interrupted` when
+    `control` asked it to stop (cancel, hand-back)."""
     ts = Timestamps()
     await reporter.emit(Event.STARTED, room=job.room, avatar_id=job.avatar_id, attempt=attempt)
 
@@ -100,6 +107,8 @@ async def play(
                 ttl=tokens.ttl_for(duration, settings),
             )
             room = await rooms.connect(settings.livekit_url, job_tokens.worker)
+            # Fired only once the SDK gave up reconnecting: the room is lost for good.
+            room.on("disconnected", lambda *_: control.request_stop(StopReason.ROOM_LOST))
             ts.room_joined = time.time()
             avatar = avatar_client_for(job, settings)
             session: AvatarSession | None = None
@@ -132,12 +141,19 @@ async def play(
 
                 pacer = Pacer(bytes_per_second=bps, lead=lead)
                 pacing = metrics.PacingProbe(pacer)
-                sent = await sender.send_segment(
-                    pcm(), pacer, on_progress=on_progress, name=job.job_id
-                )
+                try:
+                    sent = await sender.send_segment(
+                        pcm(), pacer, on_progress=on_progress, stop=control.stop, name=job.job_id
+                    )
+                except Exception as e:
+                    if control.reason is not StopReason.ROOM_LOST:
+                        raise
+                    raise RoomError(f"lost the LiveKit room while streaming: {e}") from None
                 ts.last_byte = time.time()
                 streamed = sent / bps
                 await reporter.progress(streamed, duration, force=True)
+                if control.reason is not None:
+                    await _interrupt(sender, control.reason, streamed, duration)
 
                 # The avatar still has up to `lead` seconds buffered when the last byte leaves.
                 finished = await sender.wait_playback_finished(
@@ -171,3 +187,22 @@ async def play(
         "metadata": job.metadata,
         "timestamps": asdict(ts),
     }
+
+
+async def _interrupt(
+    sender: AudioStreamSender, reason: StopReason, streamed: float, duration: float | None
+) -> None:
+    """Stop the avatar mid-segment and raise how far it got."""
+    if reason is StopReason.ROOM_LOST:
+        total = f" of {duration:.1f}s" if duration else ""
+        raise RoomError(f"lost the LiveKit room after {streamed:.1f}s{total} streamed")
+    try:
+        await sender.clear_buffer()
+    except Exception as e:  # the avatar may be gone already; we are stopping anyway
+        log.warning("lk.clear_buffer failed: %s", e)
+    finished = await sender.wait_playback_finished(INTERRUPT_REPORT_TIMEOUT_S)
+    raise Interrupted(
+        reason,
+        seconds_streamed=streamed,
+        playback_position=finished.playback_position if finished else None,
+    )

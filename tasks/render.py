@@ -1,36 +1,63 @@
-"""The render task: Celery's side of a job. The job itself runs in tasks/pipeline.py."""
+"""The render task: Celery's side of a job. The job itself runs in tasks/pipeline.py.
+
+Delivery is at-least-once (acks_late, reject_on_worker_lost); tasks/ledger.py turns that into
+exactly-once playback and one voice per room. Every job ends in exactly one terminal state,
+`completed`, `failed` or `cancelled`, recorded once and announced once.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
+import time
+from dataclasses import dataclass
 from typing import Any
 
+import redis.asyncio as aioredis
 from celery import Task
+from celery.exceptions import Ignore
 
 from avatarq.celeryconfig import RENDER_TASK
 from avatarq.errors import InvalidJob, JobError, TransientJobError
-from avatarq.events import Event
+from avatarq.events import DEAD_LETTER_KEY, Event, Status
 from avatarq.settings import Settings, get_settings
 from producers.jobs import Job, parse_job
 from tasks import pipeline
 from tasks.app import app
 from tasks.backoff import backoff_delay
-from tasks.report import JobReporter
+from tasks.control import HAND_BACK, Interrupted, JobControl, StopReason
+from tasks.ledger import LEASE_TTL_S, Claim, Ledger
+from tasks.report import JobReporter, StateUpdater
 from tasks.runtime import get_loop_thread
 
 log = logging.getLogger("avatarq.render")
+
+#: A job whose room is busy waits this long in its worker slot before going back to the
+#: queue, so waiting jobs can never fill every slot while the room's head job is queued.
+ROOM_WAIT_S = 5.0
+ROOM_POLL_S = 0.2
+ROOM_REQUEUE_S = 1.0
+#: How often a playing job checks for cancel and hand-back: stops within half a second.
+WATCH_INTERVAL_S = 0.25
 
 
 class JobFailed(Exception):
     """Raised to Celery after a job failed for good; its record holds the details."""
 
 
-@app.task(
-    name=RENDER_TASK,
-    bind=True,
-    acks_late=True,
-    reject_on_worker_lost=True,
-)
+@dataclass(frozen=True)
+class Outcome:
+    """What the task does once the job's coroutine returns: finish, retry later, or drop."""
+
+    result: dict[str, Any] | None = None
+    retry_in: float | None = None
+
+
+SKIP = Outcome()
+
+
+@app.task(name=RENDER_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
 def render(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
     """Play one job through its avatar in its LiveKit room and return the result.
 
@@ -40,85 +67,171 @@ def render(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
     with exponential backoff and jitter, each attempt playing the job from the start.
     """
     settings = get_settings()
-    attempt = self.request.retries + 1
     task_id = self.request.id
-    job_id = str(payload.get("job_id") or task_id) if isinstance(payload, dict) else task_id
-    runtime = get_loop_thread()
 
     def update_state(meta: dict[str, Any]) -> None:
         self.update_state(task_id=task_id, state="PROGRESS", meta=meta)
 
-    try:
-        job = parse_job(payload)
-    except InvalidJob as e:
-        runtime.run(_record_failure(settings, job_id, None, e, attempt))
-        raise JobFailed(f"{e.reason}: {e.message}") from None
-
-    try:
-        return runtime.run(_play(job, settings, update_state, attempt))
-    except JobError as e:
-        if not e.permanent and self.request.retries < settings.max_retries:
-            countdown = backoff_delay(
-                self.request.retries, settings.retry_base_s, settings.retry_cap_s
-            )
-            log.warning(
-                "job %s attempt %d: %s; retrying in %.1fs", job.job_id, attempt, e, countdown
-            )
-            runtime.run(_emit(settings, job.job_id, Event.RETRYING, e, attempt, countdown))
-            raise self.retry(exc=e, countdown=countdown, max_retries=settings.max_retries) from None
-        runtime.run(_record_failure(settings, job.job_id, job, e, attempt))
-        raise JobFailed(f"{e.reason}: {e.message}") from None
+    outcome = get_loop_thread().run(run_job(payload, task_id, settings, update_state))
+    if outcome.retry_in is not None:
+        # Our own attempt counter bounds retries (tasks/ledger.py), not Celery's.
+        raise self.retry(countdown=outcome.retry_in, max_retries=None)
+    if outcome.result is None:
+        raise Ignore()  # ended already, or a duplicate delivery of a job playing elsewhere
+    if outcome.result["status"] == Status.FAILED:
+        raise JobFailed(f"{outcome.result['reason']}: {outcome.result['error']}")
+    return outcome.result
 
 
-async def _play(job: Job, settings: Settings, update_state: Any, attempt: int) -> dict[str, Any]:
-    reporter = JobReporter(settings, job.job_id, update_state=update_state)
+async def run_job(
+    payload: Any, task_id: str, settings: Settings, update_state: StateUpdater | None
+) -> Outcome:
+    redis = aioredis.from_url(settings.redis_url)
+    ledger = Ledger(redis, stale_after_s=settings.redelivery_after_s)
+    job_id = str(payload.get("job_id") or task_id) if isinstance(payload, dict) else task_id
+    reporter = JobReporter(settings, job_id, update_state=update_state, redis=redis)
     try:
         try:
-            result = await pipeline.play(job, settings, reporter, attempt=attempt)
-        except TimeoutError:
-            raise TransientJobError(
-                "job overran its time limit (audio length plus start-up budget)",
-                reason="job_timeout",
-            ) from None
-        except JobError:
-            raise
-        except Exception as e:
-            # Unclassified: log the trace here, retry like any fault we cannot rule out.
-            log.exception("job %s: unexpected error", job.job_id)
-            raise TransientJobError(f"{type(e).__name__}: {e}", reason="internal_error") from None
-        await reporter.finish(result, str(job.webhook_url) if job.webhook_url else None)
-        return result
+            job = parse_job(payload)
+        except InvalidJob as e:
+            return await _end(ledger, reporter, None, _failure(job_id, None, e, attempt=1))
+        return await _claim_and_play(job, settings, ledger, reporter)
     finally:
-        await reporter.aclose()
+        await redis.aclose()
 
 
-async def _emit(
-    settings: Settings, job_id: str, event: Event, error: JobError, attempt: int, countdown: float
-) -> None:
-    reporter = JobReporter(settings, job_id)
+async def _claim_and_play(
+    job: Job, settings: Settings, ledger: Ledger, reporter: JobReporter
+) -> Outcome:
+    token = ledger.new_token()
+    deadline = time.monotonic() + ROOM_WAIT_S
+    verdict, attempt = await ledger.claim(job.job_id, job.room, token)
+    while verdict is Claim.WAIT and time.monotonic() < deadline:
+        await asyncio.sleep(ROOM_POLL_S)
+        verdict, attempt = await ledger.claim(job.job_id, job.room, token)
+    if verdict is Claim.WAIT:
+        return Outcome(retry_in=ROOM_REQUEUE_S)
+    if verdict in (Claim.DONE, Claim.BUSY):
+        log.info("job %s: %s, not playing it", job.job_id, verdict.value)
+        return SKIP
+    if verdict is Claim.CANCELLED:
+        result = _cancelled(job, attempt=0, while_="queued", position=None, streamed=0.0)
+        return await _end(ledger, reporter, job, result)
+
+    control = JobControl()
+    watcher = asyncio.create_task(_watch(ledger, job.job_id, token, control))
     try:
-        await reporter.emit(
-            event, reason=error.reason, error=error.message, attempt=attempt, retry_in=countdown
+        result = await pipeline.play(job, settings, reporter, control, attempt=attempt)
+    except Interrupted as e:
+        if e.reason is StopReason.HANDED_BACK:
+            await ledger.release(job.job_id, token)
+            await reporter.emit(Event.RETRYING, reason=e.reason.value, attempt=attempt, retry_in=0)
+            return Outcome(retry_in=0.0)
+        result = _cancelled(
+            job,
+            attempt=attempt,
+            while_="playing",
+            position=e.playback_position,
+            streamed=e.seconds_streamed,
         )
+    except TimeoutError:
+        error = TransientJobError(
+            "job overran its time limit (audio length plus start-up budget)", reason="job_timeout"
+        )
+        return await _failed(job, settings, ledger, reporter, token, error, attempt)
+    except JobError as e:
+        return await _failed(job, settings, ledger, reporter, token, e, attempt)
+    except Exception as e:
+        # Unclassified: keep the trace in the log, retry like any fault we cannot rule out.
+        log.exception("job %s: unexpected error", job.job_id)
+        error = TransientJobError(f"{type(e).__name__}: {e}", reason="internal_error")
+        return await _failed(job, settings, ledger, reporter, token, error, attempt)
     finally:
-        await reporter.aclose()
+        watcher.cancel()
+    return await _end(ledger, reporter, job, result)
 
 
-async def _record_failure(
-    settings: Settings, job_id: str, job: Job | None, error: JobError, attempt: int
-) -> None:
+async def _watch(ledger: Ledger, job_id: str, token: str, control: JobControl) -> None:
+    """Renew the job's lease; stop the job on a cancel request or at the end of shutdown
+    grace."""
+    renew_every = max(1, int(LEASE_TTL_S / 3 / WATCH_INTERVAL_S))
+    tick = 0
+    while control.reason is None:
+        await asyncio.sleep(WATCH_INTERVAL_S)
+        tick += 1
+        if HAND_BACK.is_set():
+            control.request_stop(StopReason.HANDED_BACK)
+        elif await ledger.cancel_requested(job_id):
+            control.request_stop(StopReason.CANCELLED)
+        if tick % renew_every == 0:
+            await ledger.renew(job_id, token)
+
+
+async def _failed(
+    job: Job,
+    settings: Settings,
+    ledger: Ledger,
+    reporter: JobReporter,
+    token: str,
+    error: JobError,
+    attempt: int,
+) -> Outcome:
+    if not error.permanent and attempt <= settings.max_retries:
+        countdown = backoff_delay(attempt - 1, settings.retry_base_s, settings.retry_cap_s)
+        log.warning("job %s attempt %d: %s; retry in %.1fs", job.job_id, attempt, error, countdown)
+        await ledger.release(job.job_id, token)
+        await reporter.emit(
+            Event.RETRYING,
+            reason=error.reason,
+            error=error.message,
+            attempt=attempt,
+            retry_in=round(countdown, 3),
+        )
+        return Outcome(retry_in=countdown)
+    result = _failure(job.job_id, job, error, attempt=attempt)
+    if not error.permanent:
+        # Retries exhausted: keep the job where an operator can see and replay it.
+        entry = {"job": job.payload(), **result, "ts": time.time()}
+        await ledger.redis.lpush(DEAD_LETTER_KEY, json.dumps(entry))
+    return await _end(ledger, reporter, job, result)
+
+
+async def _end(
+    ledger: Ledger, reporter: JobReporter, job: Job | None, result: dict[str, Any]
+) -> Outcome:
+    """Record the terminal state once; only the first recorder announces it."""
+    if not await ledger.finish(result["job_id"], job.room if job else None, result):
+        return SKIP
+    webhook = str(job.webhook_url) if job is not None and job.webhook_url else None
+    await reporter.announce(result, webhook)
+    return Outcome(result=result)
+
+
+def _failure(job_id: str, job: Job | None, error: JobError, *, attempt: int) -> dict[str, Any]:
     result: dict[str, Any] = {
         "job_id": job_id,
-        "status": "failed",
+        "status": Status.FAILED.value,
         "reason": error.reason,
         "error": error.message,
         "attempt": attempt,
     }
     if job is not None:
         result.update(room=job.room, avatar_id=job.avatar_id, metadata=job.metadata)
-    reporter = JobReporter(settings, job_id)
-    try:
-        webhook = str(job.webhook_url) if job is not None and job.webhook_url else None
-        await reporter.finish(result, webhook)
-    finally:
-        await reporter.aclose()
+    return result
+
+
+def _cancelled(
+    job: Job, *, attempt: int, while_: str, position: float | None, streamed: float
+) -> dict[str, Any]:
+    return {
+        "job_id": job.job_id,
+        "status": Status.CANCELLED.value,
+        "reason": "cancelled",
+        "cancelled_while": while_,
+        "room": job.room,
+        "avatar_id": job.avatar_id,
+        "seconds_streamed": round(streamed, 6),
+        "playback_position": position,
+        "attempt": attempt,
+        "metadata": job.metadata,
+    }

@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import redis.asyncio as aioredis
 
-from avatarq.events import RECORD_TTL_S, Event, job_events_key, job_record_key
+from avatarq.events import RECORD_TTL_S, Event, Status, job_events_key
 from avatarq.settings import Settings
 from tasks import metrics
 from tasks.backoff import backoff_delay
@@ -28,6 +28,12 @@ PROGRESS_INTERVAL_S = 1.0
 WEBHOOK_ATTEMPTS = 4
 WEBHOOK_SIGNATURE_HEADER = "X-Avatarq-Signature"
 WEBHOOK_TIMESTAMP_HEADER = "X-Avatarq-Timestamp"
+
+TERMINAL_EVENTS = {
+    Status.COMPLETED: Event.COMPLETED,
+    Status.FAILED: Event.FAILED,
+    Status.CANCELLED: Event.CANCELLED,
+}
 
 StateUpdater = Callable[[dict[str, Any]], None]
 
@@ -81,12 +87,10 @@ class JobReporter:
         if self._update_state is not None:
             await asyncio.to_thread(self._update_state, meta)
 
-    async def finish(self, result: dict[str, Any], webhook_url: str | None) -> None:
-        """Record the terminal state, announce it, and deliver the webhook."""
+    async def announce(self, result: dict[str, Any], webhook_url: str | None) -> None:
+        """Announce the terminal state (already recorded by the ledger); deliver the webhook."""
         body = json.dumps(result, default=str)
-        await self._redis.set(job_record_key(self.job_id), body, ex=RECORD_TTL_S)
-        event = Event.COMPLETED if result["status"] == "completed" else Event.FAILED
-        await self.emit(event, **result)
+        await self.emit(TERMINAL_EVENTS[Status(result["status"])], **result)
         if webhook_url:
             await self._deliver_webhook(webhook_url, body.encode())
 

@@ -74,9 +74,12 @@ class AudioStreamSender:
         pacer: Pacer,
         *,
         on_progress: ProgressCallback | None = None,
+        stop: asyncio.Event | None = None,
         name: str = "avatarq",
     ) -> int:
-        """Stream one segment, paced by `pacer`; returns the bytes sent. Closes the stream."""
+        """Stream one segment, paced by `pacer`; returns the bytes sent. Closes the stream.
+
+        Returns early, within one chunk's pacing wait, once `stop` is set."""
         writer = await self.room.local_participant.stream_bytes(
             name=name,
             topic=AUDIO_STREAM_TOPIC,
@@ -89,6 +92,8 @@ class AudioStreamSender:
                 if pacer.t0 is None:
                     pacer.start()
                 await pacer.wait(sent)
+                if stop is not None and stop.is_set():
+                    break
                 await writer.write(chunk)
                 sent += len(chunk)
                 if on_progress is not None:

@@ -1,4 +1,4 @@
-"""Job reporting against a real Redis: events in order, terminal record, signed webhook."""
+"""Job reporting against a real Redis: events in order, progress throttle, signed webhook."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import redis
 from aiohttp import web
 
 from avatarq.dev.processes import free_port
-from avatarq.events import Event, job_events_key, job_record_key
+from avatarq.events import Event, job_events_key
 from avatarq.settings import Settings
 from tasks.report import WEBHOOK_SIGNATURE_HEADER, WEBHOOK_TIMESTAMP_HEADER, JobReporter
 
@@ -29,7 +29,7 @@ def entries(client: redis.Redis, key: str) -> list[dict[str, Any]]:
     return out
 
 
-def test_events_progress_and_record(redis_server: str) -> None:
+def test_events_and_progress(redis_server: str) -> None:
     settings = settings_for(redis_server)
     states: list[dict[str, Any]] = []
 
@@ -39,7 +39,7 @@ def test_events_progress_and_record(redis_server: str) -> None:
         for i in range(5):  # within one second: only the first passes the throttle
             await reporter.progress(i * 0.1, 2.0)
         await reporter.progress(2.0, 2.0, force=True)
-        await reporter.finish({"job_id": "job-r1", "status": "completed", "x": 1}, None)
+        await reporter.announce({"job_id": "job-r1", "status": "completed", "x": 1}, None)
         await reporter.aclose()
 
     asyncio.run(go())
@@ -57,7 +57,7 @@ def test_events_progress_and_record(redis_server: str) -> None:
         {"seconds_streamed": 0.0, "total_seconds": 2.0},
         {"seconds_streamed": 2.0, "total_seconds": 2.0},
     ]
-    assert json.loads(client.get(job_record_key("job-r1")))["x"] == 1
+    assert events[-1]["data"]["x"] == 1
     assert client.ttl(job_events_key("job-r1")) > 0
 
 
@@ -81,7 +81,7 @@ def test_webhook_signed_and_retried(redis_server: str) -> None:
         reporter = JobReporter(settings, "job-w1")
         try:
             result = {"job_id": "job-w1", "status": "failed", "reason": "decode_error"}
-            await reporter.finish(result, f"http://127.0.0.1:{port}/hook")
+            await reporter.announce(result, f"http://127.0.0.1:{port}/hook")
         finally:
             await reporter.aclose()
             await runner.cleanup()

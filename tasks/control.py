@@ -1,0 +1,50 @@
+"""Stopping a job that is playing: cancellation, hand-back at shutdown, a lost room.
+
+A `JobControl` is the one place a playing job looks to know whether to stop and why. A
+watcher task sets it from Redis (cancel requests) and from the process's shutdown state; the
+room sets it when its connection is lost for good.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class StopReason(StrEnum):
+    CANCELLED = "cancelled"
+    HANDED_BACK = "handed_back"  # the worker is shutting down; another worker plays it
+    ROOM_LOST = "room_lost"
+
+
+#: Set once the worker's shutdown grace period is over: playing jobs are handed back.
+HAND_BACK = threading.Event()
+
+
+@dataclass
+class JobControl:
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    reason: StopReason | None = None
+
+    def request_stop(self, reason: StopReason) -> None:
+        if self.reason is None:
+            self.reason = reason
+        self.stop.set()
+
+
+class Interrupted(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """The job stopped before its end on request; carries how far it got."""
+
+    def __init__(
+        self,
+        reason: StopReason,
+        *,
+        seconds_streamed: float,
+        playback_position: float | None,
+    ) -> None:
+        super().__init__(f"{reason.value} after {seconds_streamed:.2f}s streamed")
+        self.reason = reason
+        self.seconds_streamed = seconds_streamed
+        self.playback_position = playback_position
