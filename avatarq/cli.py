@@ -135,14 +135,16 @@ def status(
 
 @app.command()
 def cancel(job_id: str) -> None:
-    """Cancel a queued job.
+    """Cancel a job: a queued one is dropped, a playing one stops within half a second.
 
     Example: avatarq cancel 4f2a9c
     """
     from producers import cancel as do_cancel
 
-    do_cancel(job_id)
-    err.print(f"cancel requested for job {job_id}")
+    was = do_cancel(job_id)
+    if was == "ended":
+        raise _fail(f"job {job_id} had already ended; nothing to cancel", EXIT_FAILED)
+    err.print(f"cancelling job {job_id} ({was})")
 
 
 @app.command()

@@ -29,6 +29,7 @@ class LocalStack:
     livekit_port: int
     avatar_port: int
     workers: list[ManagedProcess] = field(default_factory=list)
+    metrics_ports: dict[str, int] = field(default_factory=dict)
 
     @property
     def livekit_url(self) -> str:
@@ -56,7 +57,9 @@ class LocalStack:
     def start_worker(
         self, name: str = "w1", *, concurrency: int = 8, extra_env: dict[str, str] | None = None
     ) -> ManagedProcess:
-        """A real `celery -A tasks worker` process on this stack."""
+        """A real `celery -A tasks worker` process on this stack, with its own metrics port
+        (`metrics_ports[name]`)."""
+        self.metrics_ports[name] = free_port()
         proc = ManagedProcess(
             f"worker-{name}",
             [
@@ -76,7 +79,11 @@ class LocalStack:
                 "--without-mingle",
             ],
             ready=lambda: " ready." in proc.tail(200),
-            env={**self.env(), **(extra_env or {})},
+            env={
+                **self.env(),
+                "AVATARQ_METRICS_PORT": str(self.metrics_ports[name]),
+                **(extra_env or {}),
+            },
             log_dir=self.workdir / "logs",
             start_timeout=60,
         )
