@@ -77,5 +77,6 @@ app.conf.update(
     },
     redbeat_redis_url=get_settings().redis_url,
     redbeat_key_prefix="avatarq:beat:",
+    redbeat_lock_key="avatarq:beat:lock",
     redbeat_lock_timeout=LOCK_TIMEOUT_S,
 )
