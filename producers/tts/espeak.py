@@ -13,6 +13,7 @@ fails with the list's name for it instead of espeak's generic error.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import tempfile
 from functools import lru_cache
@@ -22,6 +23,7 @@ from avatarq.settings import Settings
 from producers.tts.base import Speech, TtsRejected, TtsUnavailable
 
 DEFAULT_VOICE = "en"
+_OTHER_LANGUAGE = re.compile(r"\(([\w-]+) \d+\)")
 
 
 @lru_cache(maxsize=4)
@@ -44,6 +46,8 @@ def installed_voices(binary: str) -> frozenset[str]:
         cols = line.split()
         if len(cols) >= 5:
             names.update(n.lower() for n in (cols[1], cols[3], cols[4]))
+            # "(en 2)(en-gb 3)": languages this voice also serves, which `-v en` selects.
+            names.update(m.lower() for m in _OTHER_LANGUAGE.findall(line))
     return frozenset(names)
 
 
@@ -79,6 +83,8 @@ class EspeakEngine:
             except subprocess.TimeoutExpired:
                 raise TtsUnavailable(f"espeak: no audio within {self.timeout:g}s") from None
             if done.returncode != 0 or not out.exists() or out.stat().st_size <= 44:
-                message = done.stderr.strip() or f"exit status {done.returncode}, no audio"
+                # espeak's stderr, on one line (it can span several, e.g. for MBROLA voices).
+                lines = [ln.strip() for ln in done.stderr.splitlines() if ln.strip()]
+                message = "; ".join(lines)[:500] or f"exit status {done.returncode}, no audio"
                 raise TtsRejected(f"espeak: {message}")
             return Speech(out.read_bytes(), "audio/wav", "wav")
