@@ -102,13 +102,18 @@ def enqueue(
         handle = do_enqueue({k: v for k, v in job.items() if v is not None})
     except InvalidJob as e:
         raise _fail(e.message, EXIT_INVALID) from None
+    conclude(handle.job_id, wait=wait, timeout=timeout, as_json=as_json)
+
+
+def conclude(job_id: str, *, wait: bool, timeout: float, as_json: bool) -> None:
+    """After enqueueing: say it is queued, or with `wait` follow it and exit with its outcome."""
     if not wait:
         if as_json:
-            print(json.dumps({"job_id": handle.job_id, "status": "queued"}))
+            print(json.dumps({"job_id": job_id, "status": "queued"}))
         else:
-            err.print(f"queued job {handle.job_id}")
+            err.print(f"queued job {job_id}")
         return
-    result = follow(handle.job_id, timeout=timeout, show_progress=not as_json)
+    result = follow(job_id, timeout=timeout, show_progress=not as_json)
     report(result, as_json=as_json)
     if result.get("status") != "completed":
         raise typer.Exit(EXIT_FAILED)
@@ -194,19 +199,23 @@ def demo(
     source: Annotated[
         str | None, typer.Option(help="Audio to play (default: bundled sample)")
     ] = None,
+    say: Annotated[
+        str | None, typer.Option(help="Speak this text instead (rendered with espeak-ng)")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON")] = False,
     workdir: Annotated[Path | None, typer.Option(help="Keep logs and recordings here")] = None,
     netns: Annotated[bool, typer.Option(help="Run inside a private network namespace")] = False,
 ) -> None:
     """Bring up the local stack, play one job end to end, print a summary, shut down.
 
-    Example: avatarq demo --netns
+    Example: avatarq demo --netns --say "Hello from the avatar queue"
     """
     from avatarq.dev.demo import run_demo, run_in_netns
 
     if netns and os.environ.get("AVATARQ_IN_NETNS") != "1":
         raise typer.Exit(run_in_netns(sys.argv[1:]))
-    summary = run_demo(source=source, workdir=workdir, show_progress=not as_json)
+    speech = {"type": "tts", "engine": "espeak", "text": say} if say else None
+    summary = run_demo(source=speech or source, workdir=workdir, show_progress=not as_json)
     if as_json:
         print(json.dumps(summary, default=str))
     if summary.get("status") != "completed":
@@ -238,7 +247,7 @@ def avatar_emulator(ctx: typer.Context) -> None:
 
 
 #: Modules under avatarq/commands/ that add their own sub-commands.
-COMMAND_MODULES: tuple[str, ...] = ("schedule",)
+COMMAND_MODULES: tuple[str, ...] = ("schedule", "tts")
 
 
 def _register_commands() -> None:

@@ -30,8 +30,12 @@ def run_in_netns(argv: list[str]) -> int:
 
 
 def run_demo(
-    *, source: str | None = None, workdir: Path | None = None, show_progress: bool = True
+    *,
+    source: str | dict[str, Any] | None = None,
+    workdir: Path | None = None,
+    show_progress: bool = True,
 ) -> dict[str, Any]:
+    """`source` is audio or a `tts` source (rendered by `producers.enqueue` before sending)."""
     from avatarq.cli import follow
     from avatarq.settings import get_settings
 
