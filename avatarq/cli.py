@@ -121,15 +121,21 @@ def conclude(job_id: str, *, wait: bool, timeout: float, as_json: bool) -> None:
 
 @app.command()
 def status(
-    job_id: str,
+    job_id: Annotated[str | None, typer.Argument(help="A job (default: the whole fleet)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
 ) -> None:
-    """Show a job's state (queued, playing with progress, or its final result).
+    """Show a job's state (queued, playing with progress, or its final result); without a
+    job id, the queue depth, workers, jobs in flight and recent failures.
 
     Example: avatarq status 4f2a9c
     """
     from producers import get_status
 
+    if job_id is None:
+        from avatarq.commands.ops import show_overview
+
+        show_overview(as_json=as_json)
+        return
     result = get_status(job_id)
     if as_json:
         print(json.dumps(result, default=str))
@@ -247,7 +253,7 @@ def avatar_emulator(ctx: typer.Context) -> None:
 
 
 #: Modules under avatarq/commands/ that add their own sub-commands.
-COMMAND_MODULES: tuple[str, ...] = ("schedule", "tts")
+COMMAND_MODULES: tuple[str, ...] = ("schedule", "tts", "ops")
 
 
 def _register_commands() -> None:
