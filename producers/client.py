@@ -84,7 +84,13 @@ def enqueue(job: Job | Mapping[str, Any], *, settings: Settings | None = None) -
     app = celery_app(s)
     payload = parsed.payload()
     keys = [job_enqueued_key(parsed.job_id), room_order_key(parsed.room)]
-    args = [f"{time.time():.3f}", parsed.room, json.dumps(payload), RECORD_TTL_S, parsed.job_id]
+    args: list[str | int] = [
+        f"{time.time():.3f}",
+        parsed.room,
+        json.dumps(payload),
+        RECORD_TTL_S,
+        parsed.job_id,
+    ]
     r = _redis(s.redis_url)
     if not r.register_script(_REGISTER)(keys=keys, args=args):
         return JobHandle(parsed.job_id, AsyncResult(parsed.job_id, app=app), created=False)

@@ -17,6 +17,7 @@ class StopReason(StrEnum):
     CANCELLED = "cancelled"
     HANDED_BACK = "handed_back"  # the worker is shutting down; another worker plays it
     ROOM_LOST = "room_lost"
+    AVATAR_LEFT = "avatar_left"
 
 
 #: Set once the worker's shutdown grace period is over: playing jobs are handed back.
@@ -41,10 +42,12 @@ class Interrupted(Exception):  # noqa: N818 - a control-flow signal, not an erro
         self,
         reason: StopReason,
         *,
+        stopped_at: float,
         seconds_streamed: float,
         playback_position: float | None,
     ) -> None:
         super().__init__(f"{reason.value} after {seconds_streamed:.2f}s streamed")
         self.reason = reason
+        self.stopped_at = stopped_at
         self.seconds_streamed = seconds_streamed
         self.playback_position = playback_position

@@ -101,7 +101,13 @@ class Ledger:
             job_attempts_key(job_id),
             job_enqueued_key(job_id),
         ]
-        args = [token, int(LEASE_TTL_S * 1000), job_id, f"{time.time():.3f}", RECORD_TTL_S]
+        args: list[str | int] = [
+            token,
+            int(LEASE_TTL_S * 1000),
+            job_id,
+            f"{time.time():.3f}",
+            RECORD_TTL_S,
+        ]
         verdict, attempt = await self._claim(keys=keys, args=args)
         return Claim(verdict.decode() if isinstance(verdict, bytes) else verdict), int(attempt)
 
@@ -109,13 +115,13 @@ class Ledger:
         """Unblock the room from heads that ended, or were lost without ending."""
         order = room_order_key(room)
         for _ in range(limit):
-            head = await self.redis.lindex(order, 0)
+            head: bytes | None = await self.redis.lindex(order, 0)  # type: ignore[assignment]
             if head is None or head.decode() == job_id:
                 return
             head_id = head.decode()
             if not await self._is_finished_or_lost(head_id):
                 return
-            await self.redis.lrem(order, 1, head)
+            await self.redis.lrem(order, 1, head_id)
 
     async def _is_finished_or_lost(self, job_id: str) -> bool:
         if await self.redis.exists(job_record_key(job_id)):

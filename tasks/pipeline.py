@@ -12,7 +12,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from avatarq.errors import DecodeError, RoomError
+from avatarq.errors import (
+    AvatarTimeout,
+    DecodeError,
+    InvalidJob,
+    RoomError,
+    TransientJobError,
+)
 from avatarq.events import Event
 from avatarq.settings import Settings
 from producers.jobs import Job
@@ -69,6 +75,8 @@ def avatar_client_for(job: Job, settings: Settings) -> AvatarClient:
 
 #: How long an interrupted job waits for the avatar to report where playback stopped.
 INTERRUPT_REPORT_TIMEOUT_S = 2.0
+#: Audio the avatar may report short of what was sent before the playback counts as cut off.
+PLAYBACK_SHORTFALL_S = 0.5
 
 
 async def play(
@@ -79,6 +87,9 @@ async def play(
     ts = Timestamps()
     await reporter.emit(Event.STARTED, room=job.room, avatar_id=job.avatar_id, attempt=attempt)
 
+    if not isinstance(job.source, str):
+        # Speech is rendered once by the producer (producers.tts), never by a worker.
+        raise InvalidJob("tts sources must be rendered by the producer before they are queued")
     resolved = await aresolve(job.source, settings)
     duration = await probe_duration(resolved, settings)
     limit = job.max_duration or settings.max_job_duration_s
@@ -125,6 +136,9 @@ async def play(
                     room, session.participant_identity, timeout=settings.avatar_join_timeout_s
                 )
                 ts.avatar_ready = time.time()
+                rooms.on_leave(
+                    room, session.participant_identity, control.request_stop, StopReason.AVATAR_LEFT
+                )
                 await reporter.emit(Event.AVATAR_READY, session_id=session.session_id)
 
                 bps = sender.bytes_per_second
@@ -149,11 +163,17 @@ async def play(
                     if control.reason is not StopReason.ROOM_LOST:
                         raise
                     raise RoomError(f"lost the LiveKit room while streaming: {e}") from None
-                ts.last_byte = time.time()
+                ts.last_byte = ended = time.time()
                 streamed = sent / bps
                 await reporter.progress(streamed, duration, force=True)
                 if control.reason is not None:
-                    await _interrupt(sender, control.reason, streamed, duration)
+                    await _interrupt(
+                        sender,
+                        control.reason,
+                        stopped_at=ended,
+                        streamed=streamed,
+                        duration=duration,
+                    )
 
                 # The avatar still has up to `lead` seconds buffered when the last byte leaves.
                 finished = await sender.wait_playback_finished(
@@ -161,6 +181,7 @@ async def play(
                 )
                 if finished is not None:
                     ts.playback_finished = time.time()
+                    _check_complete(finished.playback_position, streamed)
                 else:
                     log.warning("job %s: no lk.playback_finished from the avatar", job.job_id)
             finally:
@@ -190,12 +211,21 @@ async def play(
 
 
 async def _interrupt(
-    sender: AudioStreamSender, reason: StopReason, streamed: float, duration: float | None
+    sender: AudioStreamSender,
+    reason: StopReason,
+    *,
+    stopped_at: float,
+    streamed: float,
+    duration: float | None,
 ) -> None:
     """Stop the avatar mid-segment and raise how far it got."""
+    total = f" of {duration:.1f}s" if duration else ""
     if reason is StopReason.ROOM_LOST:
-        total = f" of {duration:.1f}s" if duration else ""
         raise RoomError(f"lost the LiveKit room after {streamed:.1f}s{total} streamed")
+    if reason is StopReason.AVATAR_LEFT:
+        raise AvatarTimeout(
+            f"the avatar left the room after {streamed:.1f}s{total} streamed", reason="avatar_left"
+        )
     try:
         await sender.clear_buffer()
     except Exception as e:  # the avatar may be gone already; we are stopping anyway
@@ -203,6 +233,18 @@ async def _interrupt(
     finished = await sender.wait_playback_finished(INTERRUPT_REPORT_TIMEOUT_S)
     raise Interrupted(
         reason,
+        stopped_at=stopped_at,
         seconds_streamed=streamed,
         playback_position=finished.playback_position if finished else None,
     )
+
+
+def _check_complete(position: float, streamed: float) -> None:
+    """An avatar that played clearly less than it was sent lost audio on the way (a LiveKit
+    reconnect that did not resume the stream): play the job again rather than report it
+    done."""
+    if position < streamed - PLAYBACK_SHORTFALL_S:
+        raise TransientJobError(
+            f"the avatar played {position:.1f}s of the {streamed:.1f}s sent",
+            reason="incomplete_playback",
+        )

@@ -134,6 +134,7 @@ async def _claim_and_play(
             position=e.playback_position,
             streamed=e.seconds_streamed,
         )
+        result["stopped_at"] = e.stopped_at
     except TimeoutError:
         error = TransientJobError(
             "job overran its time limit (audio length plus start-up budget)", reason="job_timeout"

@@ -16,6 +16,8 @@ from typing import Any
 
 import aiohttp
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+from redis.typing import EncodableT, FieldT
 
 from avatarq.events import RECORD_TTL_S, Event, Status, job_events_key
 from avatarq.settings import Settings
@@ -61,7 +63,7 @@ class JobReporter:
         self._last_progress = 0.0
 
     async def emit(self, event: Event, **data: Any) -> None:
-        fields = {
+        fields: dict[FieldT, EncodableT] = {
             "event": event.value,
             "job_id": self.job_id,
             "ts": f"{time.time():.6f}",
@@ -71,8 +73,12 @@ class JobReporter:
         pipe.xadd(self.settings.events_stream, fields, maxlen=self.settings.events_maxlen)
         pipe.xadd(job_events_key(self.job_id), fields)
         pipe.expire(job_events_key(self.job_id), RECORD_TTL_S)
-        await pipe.execute()
         metrics.observe(event, data)
+        try:
+            await pipe.execute()
+        except RedisError as e:
+            # Events are a view on the job; a Redis outage must not cut the audio off.
+            log.warning("job %s: event %s not written: %s", self.job_id, event.value, e)
 
     async def progress(
         self, streamed_s: float, total_s: float | None, *, force: bool = False

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from typing import TypeVar
 
 from livekit import rtc
 
 from avatarq.errors import AvatarTimeout, RoomError
 
 CONNECT_TIMEOUT_S = 20.0
+T = TypeVar("T")
 
 
 async def connect(url: str, token: str, *, timeout: float = CONNECT_TIMEOUT_S) -> rtc.Room:
@@ -36,9 +39,8 @@ async def wait_for_avatar(room: rtc.Room, identity: str, *, timeout: float) -> N
         if p is not None and _has_video(p):
             ready.set()
 
-    events = ("participant_connected", "track_published")
-    for ev in events:
-        room.on(ev, check)
+    room.on("participant_connected", check)
+    room.on("track_published", check)
     try:
         check()
         await asyncio.wait_for(ready.wait(), timeout)
@@ -47,5 +49,15 @@ async def wait_for_avatar(room: rtc.Room, identity: str, *, timeout: float) -> N
         what = "joined but published no video" if joined else "never joined the room"
         raise AvatarTimeout(f"avatar {identity!r} {what} within {timeout:g}s") from None
     finally:
-        for ev in events:
-            room.off(ev, check)
+        room.off("participant_connected", check)
+        room.off("track_published", check)
+
+
+def on_leave(room: rtc.Room, identity: str, callback: Callable[[T], None], arg: T) -> None:
+    """Call `callback(arg)` when participant `identity` leaves the room."""
+
+    def check(participant: rtc.RemoteParticipant) -> None:
+        if participant.identity == identity:
+            callback(arg)
+
+    room.on("participant_disconnected", check)
