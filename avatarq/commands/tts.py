@@ -11,7 +11,7 @@ from avatarq.errors import InvalidJob, JobError
 
 
 def say(
-    text: Annotated[str, typer.Argument(help="What the avatar says (SSML with --ssml)")],
+    text: Annotated[str, typer.Argument(metavar="TEXT", help="What to say (SSML with --ssml)")],
     room: Annotated[str, typer.Option(help="LiveKit room name")],
     avatar: Annotated[str, typer.Option(help="Avatar id (participant avatar-<id>)")],
     engine: Annotated[str, typer.Option(help="espeak (offline), openai or elevenlabs")] = "espeak",
