@@ -91,7 +91,7 @@ def enqueue(job: Job | Mapping[str, Any], *, settings: Settings | None = None) -
         RECORD_TTL_S,
         parsed.job_id,
     ]
-    r = _redis(s.redis_url)
+    r = redis_client(s.redis_url)
     if not r.register_script(_REGISTER)(keys=keys, args=args):
         return JobHandle(parsed.job_id, AsyncResult(parsed.job_id, app=app), created=False)
     limit = (parsed.max_duration or s.max_job_duration_s) + TIME_LIMIT_SLACK_S
@@ -123,7 +123,7 @@ def enqueue_many(
 def get_status(job_id: str, *, settings: Settings | None = None) -> dict[str, Any]:
     """The job's terminal record if it ended, else its live Celery state and progress."""
     s = settings or get_settings()
-    record = _redis(s.redis_url).get(job_record_key(job_id))
+    record = redis_client(s.redis_url).get(job_record_key(job_id))
     if record is not None:
         return json.loads(record)  # type: ignore[no-any-return]
     res = AsyncResult(job_id, app=celery_app(s))
@@ -147,7 +147,7 @@ def cancel(job_id: str, *, settings: Settings | None = None) -> str:
     within half a second (the avatar's buffer is cleared). Returns what the job was doing:
     "queued", "playing" or "ended" (too late: nothing changes)."""
     s = settings or get_settings()
-    r = _redis(s.redis_url)
+    r = redis_client(s.redis_url)
     if r.exists(job_record_key(job_id)):
         return "ended"
     r.set(job_cancel_key(job_id), "1", ex=RECORD_TTL_S)
@@ -155,5 +155,5 @@ def cancel(job_id: str, *, settings: Settings | None = None) -> str:
 
 
 @lru_cache(maxsize=4)
-def _redis(url: str) -> redis.Redis:
+def redis_client(url: str) -> redis.Redis:
     return redis.Redis.from_url(url)

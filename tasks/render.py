@@ -17,6 +17,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from celery import Task
 from celery.exceptions import Ignore
+from redis.exceptions import RedisError
 
 from avatarq.celeryconfig import RENDER_TASK
 from avatarq.errors import InvalidJob, JobError, TransientJobError
@@ -40,6 +41,8 @@ ROOM_POLL_S = 0.2
 ROOM_REQUEUE_S = 1.0
 #: How often a playing job checks for cancel and hand-back: stops within half a second.
 WATCH_INTERVAL_S = 0.25
+#: Tries to record a job's end while Redis is unreachable (about a minute with backoff).
+FINISH_ATTEMPTS = 20
 
 
 class JobFailed(Exception):
@@ -162,10 +165,15 @@ async def _watch(ledger: Ledger, job_id: str, token: str, control: JobControl) -
         tick += 1
         if HAND_BACK.is_set():
             control.request_stop(StopReason.HANDED_BACK)
-        elif await ledger.cancel_requested(job_id):
-            control.request_stop(StopReason.CANCELLED)
-        if tick % renew_every == 0:
-            await ledger.renew(job_id, token)
+            return
+        try:
+            if await ledger.cancel_requested(job_id):
+                control.request_stop(StopReason.CANCELLED)
+            if tick % renew_every == 0:
+                await ledger.renew(job_id, token)
+        except RedisError as e:
+            # Keep playing through a Redis outage; the lease outlives a short one.
+            log.warning("job %s: ledger unreachable: %s", job_id, e)
 
 
 async def _failed(
@@ -201,7 +209,18 @@ async def _end(
     ledger: Ledger, reporter: JobReporter, job: Job | None, result: dict[str, Any]
 ) -> Outcome:
     """Record the terminal state once; only the first recorder announces it."""
-    if not await ledger.finish(result["job_id"], job.room if job else None, result):
+    room = job.room if job else None
+    for attempt in range(FINISH_ATTEMPTS):
+        try:
+            recorded = await ledger.finish(result["job_id"], room, result)
+            break
+        except RedisError as e:
+            # The job has ended; losing its record would let it play again. Wait Redis out.
+            log.warning("job %s: cannot record its end yet: %s", result["job_id"], e)
+            await asyncio.sleep(backoff_delay(attempt, 0.5, 5.0))
+    else:
+        raise TransientJobError("could not record the job's end: Redis unreachable")
+    if not recorded:
         return SKIP
     webhook = str(job.webhook_url) if job is not None and job.webhook_url else None
     await reporter.announce(result, webhook)

@@ -91,7 +91,10 @@ class JobReporter:
         meta = {"seconds_streamed": round(streamed_s, 3), "total_seconds": total_s}
         await self.emit(Event.PROGRESS, **meta)
         if self._update_state is not None:
-            await asyncio.to_thread(self._update_state, meta)
+            try:
+                await asyncio.to_thread(self._update_state, meta)
+            except Exception as e:  # the result backend is down: progress can wait
+                log.warning("job %s: progress state not stored: %s", self.job_id, e)
 
     async def announce(self, result: dict[str, Any], webhook_url: str | None) -> None:
         """Announce the terminal state (already recorded by the ledger); deliver the webhook."""
