@@ -14,15 +14,7 @@ from typing import Any
 from urllib.parse import quote
 
 from avatarq.settings import Settings
-from producers.tts.base import (
-    HttpReply,
-    Speech,
-    body_excerpt,
-    expect_audio,
-    http_failure,
-    post_json,
-    redact,
-)
+from producers.tts.http import HttpEngine, HttpRequest
 
 #: "Rachel", one of the premade voices every account has.
 DEFAULT_VOICE = "21m00Tcm4TlvDq8ikWAM"
@@ -30,49 +22,38 @@ DEFAULT_VOICE = "21m00Tcm4TlvDq8ikWAM"
 OUTPUT_FORMAT = "mp3_44100_128"
 
 
-class ElevenLabsEngine:
+class ElevenLabsEngine(HttpEngine):
     name = "elevenlabs"
-    supports_ssml = False
+    extension = "mp3"
 
     def __init__(self, settings: Settings) -> None:
+        super().__init__(
+            key=settings.elevenlabs_api_key.get_secret_value(),
+            model=settings.elevenlabs_model,
+            timeout=settings.tts_timeout_s,
+        )
         self.base = settings.elevenlabs_url.rstrip("/")
-        self.model = settings.elevenlabs_model
-        self._key = settings.elevenlabs_api_key.get_secret_value()
-        self.timeout = settings.tts_timeout_s
 
-    @property
-    def cache_identity(self) -> str:
-        return f"{self.name}:{self.model}:{OUTPUT_FORMAT}"
-
-    def synthesize(self, text: str, voice: str | None, language: str | None, ssml: bool) -> Speech:
+    def _request(self, text: str, voice: str | None, language: str | None) -> HttpRequest:
         voice_id = quote(voice or DEFAULT_VOICE, safe="")
         url = f"{self.base}/v1/text-to-speech/{voice_id}?output_format={OUTPUT_FORMAT}"
         payload: dict[str, Any] = {"text": text, "model_id": self.model}
         if language:
             # ISO 639-1: ElevenLabs wants `de`, not `de-DE`.
             payload["language_code"] = language.split("-")[0].lower()
-        headers = {"xi-api-key": self._key, "Accept": "audio/mpeg"}
-        reply = post_json(url, payload, headers, timeout=self.timeout, engine=self.name)
-        if reply.status != 200:
-            raise self._failure(reply)
-        expect_audio(reply, self.name)
-        return Speech(reply.body, reply.content_type, "mp3")
+        return HttpRequest(url, payload, {"xi-api-key": self._key, "Accept": "audio/mpeg"})
 
-    def _failure(self, reply: HttpReply) -> Exception:
-        body = reply.json()
+    def _error(self, body: Any) -> tuple[str, bool] | None:
         detail = body.get("detail") if isinstance(body, dict) else None
-        status = ""
         if isinstance(detail, dict):
             status = str(detail.get("code") or detail.get("status") or "")
             message = f"{status}: {detail.get('message', '')}" if status else str(detail)
-        elif isinstance(detail, list):
-            message = "; ".join(
+            return message, status == "quota_exceeded"
+        if isinstance(detail, list):
+            problems = (
                 f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg', '')}"
                 for d in detail
                 if isinstance(d, dict)
             )
-        else:
-            message = body_excerpt(reply)
-        return http_failure(
-            self.name, reply, redact(message, self._key), out_of_quota=status == "quota_exceeded"
-        )
+            return "; ".join(problems), False
+        return None

@@ -9,58 +9,42 @@ OpenAI infers the language from the text, so `language` is not sent; SSML is not
 
 from __future__ import annotations
 
+from typing import Any
+
 from avatarq.settings import Settings
-from producers.tts.base import (
-    HttpReply,
-    Speech,
-    body_excerpt,
-    expect_audio,
-    http_failure,
-    post_json,
-    redact,
-)
+from producers.tts.http import HttpEngine, HttpRequest
 
 DEFAULT_VOICE = "alloy"
-#: mp3 keeps stored files small; every OpenAI-compatible server supports it.
-RESPONSE_FORMAT = "mp3"
 
 
-class OpenAiEngine:
+class OpenAiEngine(HttpEngine):
     name = "openai"
-    supports_ssml = False
+    #: mp3 keeps stored files small; every OpenAI-compatible server supports it.
+    extension = "mp3"
 
     def __init__(self, settings: Settings) -> None:
+        super().__init__(
+            key=settings.openai_api_key.get_secret_value(),
+            model=settings.openai_tts_model,
+            timeout=settings.tts_timeout_s,
+        )
         base = settings.openai_tts_url.rstrip("/").removesuffix("/v1")
         self.url = f"{base}/v1/audio/speech"
-        self.model = settings.openai_tts_model
-        self._key = settings.openai_api_key.get_secret_value()
-        self.timeout = settings.tts_timeout_s
 
-    @property
-    def cache_identity(self) -> str:
-        return f"{self.name}:{self.model}:{RESPONSE_FORMAT}"
-
-    def synthesize(self, text: str, voice: str | None, language: str | None, ssml: bool) -> Speech:
+    def _request(self, text: str, voice: str | None, language: str | None) -> HttpRequest:
         payload = {
             "model": self.model,
             "input": text,
             "voice": voice or DEFAULT_VOICE,
-            "response_format": RESPONSE_FORMAT,
+            "response_format": self.extension,
         }
         # Self-hosted servers often need no key; sending an empty Bearer would be refused.
         headers = {"Authorization": f"Bearer {self._key}"} if self._key else {}
-        reply = post_json(self.url, payload, headers, timeout=self.timeout, engine=self.name)
-        if reply.status != 200:
-            raise self._failure(reply)
-        expect_audio(reply, self.name)
-        return Speech(reply.body, reply.content_type, RESPONSE_FORMAT)
+        return HttpRequest(self.url, payload, headers)
 
-    def _failure(self, reply: HttpReply) -> Exception:
-        body = reply.json()
+    def _error(self, body: Any) -> tuple[str, bool] | None:
         error = body.get("error") if isinstance(body, dict) else None
-        if isinstance(error, dict) and error.get("message"):
-            message = str(error["message"])
-            quota = "insufficient_quota" in (error.get("code"), error.get("type"))
-        else:
-            message, quota = body_excerpt(reply), False
-        return http_failure(self.name, reply, redact(message, self._key), out_of_quota=quota)
+        if not isinstance(error, dict) or not error.get("message"):
+            return None
+        quota = "insufficient_quota" in (error.get("code"), error.get("type"))
+        return str(error["message"]), quota
