@@ -1,0 +1,166 @@
+"""The HTTP API as a real uvicorn subprocess on a free port against a real Redis: auth,
+validation, body cap, idempotency, status, cancel, SSE and the OpenAPI document."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import requests
+
+from avatarq.celeryconfig import RENDER_QUEUE
+from avatarq.dev.processes import ManagedProcess, free_port, tcp_ready
+from avatarq.events import job_events_key, job_record_key
+
+KEYS = ("key-one", "key-two")
+MAX_BODY = 4096
+AUTH = {"Authorization": f"Bearer {KEYS[0]}"}
+JOB = {"room": "lobby", "avatar_id": "anna", "source": "https://cdn.example/hello.wav"}
+
+
+def start_api(env: dict[str, str], log_dir: Path) -> tuple[ManagedProcess, str]:
+    """`avatarq api` on a free port with `env` (REDIS_URL, …) and this module's keys."""
+    port = free_port()
+    argv = [str(Path(sys.executable).with_name("avatarq")), "api", "--port", str(port)]
+    env = {"AVATARQ_API_KEYS": ",".join(KEYS), "AVATARQ_API_MAX_BODY_BYTES": str(MAX_BODY), **env}
+    proc = ManagedProcess("api", argv, ready=tcp_ready("127.0.0.1", port), env=env, log_dir=log_dir)
+    return proc.start(), f"http://127.0.0.1:{port}"
+
+
+def sse_frames(response: requests.Response) -> list[dict[str, Any]]:
+    """Parse an event stream into frames {id, event, data}; comments are skipped."""
+    frames, frame = [], {}
+    for line in response.iter_lines(decode_unicode=True):
+        if not line:
+            if frame:
+                frames.append(frame)
+            frame = {}
+        elif not line.startswith(":"):
+            key, _, value = line.partition(": ")
+            frame[key] = json.loads(value) if key == "data" else value
+    return frames
+
+
+@pytest.fixture(scope="module")
+def api(redis_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    url = redis_server.rsplit("/", 1)[0] + "/3"  # a database of its own
+    redis.Redis.from_url(url).flushdb()
+    proc, base = start_api({"REDIS_URL": url}, tmp_path_factory.mktemp("api"))
+    with proc:
+        yield base
+
+
+@pytest.fixture
+def r(redis_server: str) -> redis.Redis:
+    return redis.Redis.from_url(redis_server.rsplit("/", 1)[0] + "/3")
+
+
+def test_api_keys(api: str) -> None:
+    missing = requests.get(f"{api}/jobs/x1", timeout=10)
+    assert missing.status_code == 401 and missing.headers["WWW-Authenticate"] == "Bearer"
+    assert "X-API-Key" in missing.json()["detail"]
+    assert (
+        requests.get(f"{api}/jobs/x1", headers={"X-API-Key": "nope"}, timeout=10).status_code == 403
+    )
+    wrong = {"Authorization": "Bearer nope"}
+    assert requests.get(f"{api}/jobs/x1", headers=wrong, timeout=10).status_code == 403
+    assert requests.get(f"{api}/jobs/x1", headers=AUTH, timeout=10).status_code == 200
+    other = {"X-API-Key": KEYS[1]}
+    assert requests.get(f"{api}/jobs/x1", headers=other, timeout=10).status_code == 200
+    # Auth comes before the body is even looked at.
+    assert requests.post(f"{api}/jobs", json={}, timeout=10).status_code == 401
+
+
+def test_validation_errors_name_the_fields(api: str) -> None:
+    bad = {"room": "lobby", "source": "ftp://host/a.wav", "sample_rate": 7, "colour": "blue"}
+    res = requests.post(f"{api}/jobs", json=bad, headers=AUTH, timeout=10)
+    assert res.status_code == 422
+    fields = {tuple(e["loc"][:2]) for e in res.json()["detail"]}
+    assert {("body", "avatar_id"), ("body", "sample_rate"), ("body", "colour")} <= fields
+    assert any(e["loc"][1] == "source" for e in res.json()["detail"])
+
+
+@pytest.mark.parametrize("source", ["/etc/passwd", "file:///etc/passwd", "clips/hello.wav"])
+def test_local_file_sources_are_refused(api: str, r: redis.Redis, source: str) -> None:
+    res = requests.post(f"{api}/jobs", json={**JOB, "source": source}, headers=AUTH, timeout=10)
+    assert res.status_code == 422
+    [error] = res.json()["detail"]
+    assert error["loc"] == ["body", "source"] and "worker's disk" in error["msg"]
+
+
+def test_body_over_the_cap_is_413(api: str) -> None:
+    big = {**JOB, "metadata": {"pad": "x" * MAX_BODY}}
+    res = requests.post(f"{api}/jobs", json=big, headers=AUTH, timeout=10)
+    assert res.status_code == 413 and str(MAX_BODY) in res.json()["detail"]
+    # Chunked (no Content-Length): counted as it arrives.
+    chunks = iter([json.dumps(big).encode()])
+    res = requests.post(f"{api}/jobs", data=chunks, headers=AUTH, timeout=10)
+    assert res.status_code == 413
+
+
+def test_post_is_idempotent_on_job_id(api: str, r: redis.Redis) -> None:
+    job = {**JOB, "job_id": "api-idem-1"}
+    first = requests.post(f"{api}/jobs", json=job, headers=AUTH, timeout=10)
+    assert first.status_code == 201, first.text
+    assert first.headers["Location"] == "/jobs/api-idem-1"
+    assert first.json() == {"job_id": "api-idem-1", "celery_state": "PENDING", "status": "queued"}
+    again = requests.post(f"{api}/jobs", json=job, headers=AUTH, timeout=10)
+    assert again.status_code == 200 and again.json()["job_id"] == "api-idem-1"
+    sent = [json.loads(m)["headers"]["id"] for m in r.lrange(RENDER_QUEUE, 0, -1)]
+    assert sent.count("api-idem-1") == 1
+    # Without a job_id the server picks one: a new job each time.
+    a = requests.post(f"{api}/jobs", json=JOB, headers=AUTH, timeout=10)
+    b = requests.post(f"{api}/jobs", json=JOB, headers=AUTH, timeout=10)
+    assert (a.status_code, b.status_code) == (201, 201)
+    assert a.json()["job_id"] != b.json()["job_id"]
+
+
+def test_status_and_cancel(api: str, r: redis.Redis) -> None:
+    job = {**JOB, "job_id": "api-cancel-1"}
+    assert requests.post(f"{api}/jobs", json=job, headers=AUTH, timeout=10).status_code == 201
+    status = requests.get(f"{api}/jobs/api-cancel-1", headers=AUTH, timeout=10)
+    assert status.status_code == 200 and status.json()["status"] == "queued"
+    res = requests.delete(f"{api}/jobs/api-cancel-1", headers=AUTH, timeout=10)
+    assert res.status_code == 202 and res.json() == {"job_id": "api-cancel-1", "was": "queued"}
+    # An ended job reports its record, and cancelling it changes nothing.
+    record = {"job_id": "api-done-1", "status": "completed", "seconds_streamed": 1.5}
+    r.set(job_record_key("api-done-1"), json.dumps(record))
+    assert requests.get(f"{api}/jobs/api-done-1", headers=AUTH, timeout=10).json() == record
+    res = requests.delete(f"{api}/jobs/api-done-1", headers=AUTH, timeout=10)
+    assert res.json()["was"] == "ended"
+    bad_id = requests.get(f"{api}/jobs/..%2Fx", headers=AUTH, timeout=10)
+    assert bad_id.status_code in (404, 422)
+
+
+def test_sse_stream_ends_after_the_terminal_event(api: str, r: redis.Redis) -> None:
+    key = job_events_key("api-sse-1")
+    for event, data in [("job.started", {}), ("job.progress", {"seconds_streamed": 1.0})]:
+        r.xadd(key, {"event": event, "job_id": "api-sse-1", "ts": "1", "data": json.dumps(data)})
+    last = r.xadd(key, {"event": "job.completed", "job_id": "api-sse-1", "ts": "2", "data": "{}"})
+    url = f"{api}/jobs/api-sse-1/events"
+    with requests.get(url, headers=AUTH, stream=True, timeout=30) as res:
+        assert res.headers["content-type"].startswith("text/event-stream")
+        frames = sse_frames(res)
+    assert [f["event"] for f in frames] == ["job.started", "job.progress", "job.completed"]
+    assert frames[1]["data"]["data"] == {"seconds_streamed": 1.0}
+    assert frames[-1]["id"] == last.decode()
+    # Resuming after the second event sends only the rest.
+    resume = {**AUTH, "Last-Event-ID": frames[1]["id"]}
+    with requests.get(url, headers=resume, stream=True, timeout=30) as res:
+        assert [f["event"] for f in sse_frames(res)] == ["job.completed"]
+    # Bounded: a job with no events closes after `timeout` seconds.
+    with requests.get(f"{api}/jobs/api-sse-none/events?timeout=1", headers=AUTH, timeout=30) as res:
+        assert res.status_code == 200 and sse_frames(res) == []
+
+
+def test_openapi_document(api: str) -> None:
+    doc = requests.get(f"{api}/openapi.json", timeout=10).json()
+    assert {"/jobs", "/jobs/{job_id}", "/jobs/{job_id}/events"} <= set(doc["paths"])
+    assert {"post"} <= set(doc["paths"]["/jobs"]) and "delete" in doc["paths"]["/jobs/{job_id}"]
+    assert {"HTTPBearer", "APIKeyHeader"} <= set(doc["components"]["securitySchemes"])
+    assert "room" in doc["components"]["schemas"]["Job"]["properties"]
