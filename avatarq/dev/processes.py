@@ -120,15 +120,23 @@ class ManagedProcess:
 class RedisServer(ManagedProcess):
     """A throwaway `redis-server` on a free loopback port, keeping nothing on disk."""
 
-    def __init__(self, port: int | None = None, *, log_dir: Path | None = None) -> None:
+    def __init__(
+        self, port: int | None = None, *, log_dir: Path | None = None, data_dir: Path | None = None
+    ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise ServiceError("redis-server not found on PATH; run infra/bootstrap to install it")
         self.port = port or free_port()
-        argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1"]
+        argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        if data_dir is None:
+            argv += ["--appendonly", "no"]
+        else:
+            # Append-only file: queued jobs survive a restart, as in production.
+            data_dir.mkdir(parents=True, exist_ok=True)
+            argv += ["--appendonly", "yes", "--dir", str(data_dir)]
         super().__init__(
             "redis",
-            [*argv, "--save", "", "--appendonly", "no"],
+            argv,
             ready=tcp_ready("127.0.0.1", self.port),
             log_dir=log_dir,
         )

@@ -28,6 +28,8 @@ class LocalStack:
     avatar: ManagedProcess
     livekit_port: int
     avatar_port: int
+    api_secret: str
+    license_key: str
     workers: list[ManagedProcess] = field(default_factory=list)
     metrics_ports: dict[str, int] = field(default_factory=dict)
 
@@ -48,9 +50,9 @@ class LocalStack:
         return {
             "LIVEKIT_URL": self.livekit_url,
             "LIVEKIT_API_KEY": DEV_API_KEY,
-            "LIVEKIT_API_SECRET": DEV_API_SECRET,
+            "LIVEKIT_API_SECRET": self.api_secret,
             "AVALUMA_API_URL": self.avatar_url,
-            "AVALUMA_LICENSE_KEY": DEV_LICENSE_KEY,
+            "AVALUMA_LICENSE_KEY": self.license_key,
             "REDIS_URL": self.redis.url,
         }
 
@@ -98,17 +100,26 @@ class LocalStack:
 
 @contextlib.contextmanager
 def local_stack(
-    workdir: Path | None = None, *, workers: int = 0, concurrency: int = 8
+    workdir: Path | None = None,
+    *,
+    workers: int = 0,
+    concurrency: int = 8,
+    persistent: bool = False,
+    api_secret: str | None = None,
+    license_key: str | None = None,
 ) -> Iterator[LocalStack]:
-    """Start the whole stack (and `workers` Celery workers); stop everything on exit."""
+    """Start the whole stack (and `workers` Celery workers); stop everything on exit.
+    `persistent` gives Redis an append-only file, so it can be restarted without loss."""
+    api_secret = api_secret or DEV_API_SECRET
+    license_key = license_key or DEV_LICENSE_KEY
     workdir = workdir or Path(tempfile.mkdtemp(prefix="avatarq-stack-"))
     logs = workdir / "logs"
     lk_port, av_port = free_port(), free_port()
-    redis = RedisServer(log_dir=logs)
+    redis = RedisServer(log_dir=logs, data_dir=workdir / "redis" if persistent else None)
     livekit = python_module(
         "livekit",
         "avatarq.dev.livekit_server",
-        ["--host", HOST, "--port", str(lk_port), "--keys", f"{DEV_API_KEY}: {DEV_API_SECRET}"],
+        ["--host", HOST, "--port", str(lk_port), "--keys", f"{DEV_API_KEY}: {api_secret}"],
         ready=tcp_ready(HOST, lk_port),
         log_dir=logs,
     )
@@ -121,14 +132,14 @@ def local_stack(
             "--port",
             str(av_port),
             "--license-key",
-            DEV_LICENSE_KEY,
+            license_key,
             "--record-dir",
             str(workdir / "recordings"),
         ],
         ready=tcp_ready(HOST, av_port),
         log_dir=logs,
     )
-    stack = LocalStack(workdir, redis, livekit, avatar, lk_port, av_port)
+    stack = LocalStack(workdir, redis, livekit, avatar, lk_port, av_port, api_secret, license_key)
     try:
         for proc in (redis, livekit, avatar):
             proc.start()
