@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from avatarq.errors import InvalidJob
-from avatarq.settings import Settings
+from avatarq.settings import Settings, get_settings
 from producers.jobs import TtsSource, parse_job
 from producers.tts import TtsRejected, TtsUnavailable, render_job, render_tts
 from producers.tts.elevenlabs import ElevenLabsEngine
@@ -255,17 +255,19 @@ def test_s3_missing_bucket_is_permanent(
 # --- schema and enqueue -----------------------------------------------------------------------
 
 
-def test_text_over_the_limit_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    from avatarq.settings import get_settings
-
-    monkeypatch.setenv("AVATARQ_TTS_MAX_CHARS", "20")
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
+    """Set environment variables for code that reads the process-wide settings."""
+    yield monkeypatch
+    monkeypatch.undo()
     get_settings.cache_clear()
-    try:
-        with pytest.raises(InvalidJob) as info:
-            parse_job({**JOB, "source": {"type": "tts", "text": "x" * 21}})
-    finally:
-        monkeypatch.undo()
-        get_settings.cache_clear()
+
+
+def test_text_over_the_limit_names_it(env: pytest.MonkeyPatch) -> None:
+    env.setenv("AVATARQ_TTS_MAX_CHARS", "20")
+    get_settings.cache_clear()
+    with pytest.raises(InvalidJob) as info:
+        parse_job({**JOB, "source": {"type": "tts", "text": "x" * 21}})
     assert "source.tts.text: text is 21 characters, over the AVATARQ_TTS_MAX_CHARS limit of 20" in (
         info.value.message
     )
@@ -303,3 +305,29 @@ def test_render_job_points_at_the_audio_and_keeps_the_request(tmp_path: Path) ->
     assert len(meta["preview"]) == 80 and meta["preview"].endswith("…")
     assert Path(rendered.source).stem == meta["sha256"]
     assert render_job(parse_job({**JOB, "source": "a.wav"})).source == "a.wav"
+
+
+# --- avatarq say ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "words"),
+    [
+        (["--voice", "xx-nowhere"], 1, "tts_rejected: espeak: voice 'xx-nowhere' is not"),
+        (["--engine", "polly"], 2, "source.tts.engine: Input should be"),
+    ],
+)
+def test_say_reports_refusals_without_enqueueing(
+    tmp_path: Path, env: pytest.MonkeyPatch, args: list[str], code: int, words: str
+) -> None:
+    from typer.testing import CliRunner
+
+    from avatarq.cli import app
+
+    env.setenv("AVATARQ_TTS_CACHE_DIR", str(tmp_path))
+    # No broker is reachable: failing before enqueue is the only way these can exit cleanly.
+    env.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
+    get_settings.cache_clear()
+    result = CliRunner().invoke(app, ["say", "hello", "--room", "r", "--avatar", "a", *args])
+    assert result.exit_code == code, result.output
+    assert words in " ".join(result.output.split())
