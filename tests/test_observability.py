@@ -13,7 +13,6 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import requests
@@ -26,12 +25,14 @@ from avatarq.events import Event
 from avatarq.settings import Settings, get_settings
 from tasks import metrics
 from tests import audio
+from tests.test_pipeline_e2e import run_job
 
+#: Room and avatar of this module's jobs, looked for in the worker's log lines.
+JOB = {"room": "obs-room", "avatar_id": "obs-avatar"}
 in_netns = pytest.mark.skipif(
     os.environ.get("AVATARQ_IN_NETNS") != "1",
     reason="joins LiveKit rooms: run inside infra/netns-run (libwebrtc ignores loopback)",
 )
-JOB_TIMEOUT_S = 90.0
 
 
 # --- units ---------------------------------------------------------------------------------
@@ -136,20 +137,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[stack_module.Loc
                 get_settings.cache_clear()
 
 
-def run_job(**job: Any) -> dict[str, Any]:
-    from producers import enqueue, get_status
-    from producers.client import is_terminal
-
-    handle = enqueue({"room": "obs-room", "avatar_id": "obs-avatar", **job})
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    while time.monotonic() < deadline:
-        status = get_status(handle.job_id)
-        if is_terminal(status):
-            return status
-        time.sleep(0.1)
-    raise AssertionError(f"job {handle.job_id} did not end in {JOB_TIMEOUT_S}s")
-
-
 def scrape(stack: stack_module.LocalStack) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     port = stack.metrics_ports["obs"]
     text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
@@ -164,8 +151,8 @@ def scrape(stack: stack_module.LocalStack) -> dict[tuple[str, tuple[tuple[str, s
 @pytest.mark.netns
 def test_worker_metrics_move_after_jobs(stack: stack_module.LocalStack, tmp_path: Path) -> None:
     before = scrape(stack)
-    ok = run_job(source=str(audio.tone(tmp_path / "t.wav", seconds=1.5)))
-    bad = run_job(source=str(tmp_path / "missing.wav"))
+    ok = run_job(stack, **JOB, source=str(audio.tone(tmp_path / "t.wav", seconds=1.5)))
+    bad = run_job(stack, **JOB, source=str(tmp_path / "missing.wav"))
     assert ok["status"] == "completed" and bad["reason"] == "source_not_found"
     after = scrape(stack)
 
@@ -188,7 +175,7 @@ def test_worker_metrics_move_after_jobs(stack: stack_module.LocalStack, tmp_path
 def test_worker_logs_are_json_with_job_context_and_no_secrets(
     stack: stack_module.LocalStack, tmp_path: Path
 ) -> None:
-    result = run_job(source=str(tmp_path / "missing.wav"))
+    result = run_job(stack, **JOB, source=str(tmp_path / "missing.wav"))
     (worker,) = stack.workers
     text = worker.log_path.read_text()
     for secret in (stack_module.DEV_API_SECRET, stack_module.DEV_LICENSE_KEY):
@@ -198,7 +185,7 @@ def test_worker_logs_are_json_with_job_context_and_no_secrets(
     job_lines = [line for line in lines if line.get("job_id") == result["job_id"]]
     assert job_lines, "no log line carried the job id"
     for line in job_lines:
-        assert (line["room"], line["avatar_id"]) == ("obs-room", "obs-avatar")
+        assert (line["room"], line["avatar_id"]) == (JOB["room"], JOB["avatar_id"])
 
 
 @in_netns
