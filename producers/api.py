@@ -11,7 +11,7 @@ import asyncio
 import hmac
 import json
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
@@ -32,6 +32,9 @@ TERMINAL_EVENTS = frozenset({Event.COMPLETED, Event.FAILED, Event.CANCELLED})
 HEARTBEAT_S = 15.0
 #: Longest an events request may stay open (the client reconnects with Last-Event-ID).
 MAX_STREAM_S = 3600.0
+
+#: XREAD's reply: [(stream key, [(entry id, {field: value})])].
+StreamReply = list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]]
 
 JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN, description="The job's id")]
 
@@ -139,7 +142,11 @@ async def _job_events(
     try:
         while (left := deadline - loop.time()) > 0 and not await request.is_disconnected():
             block_ms = max(1, int(min(HEARTBEAT_S, left) * 1000))
-            found = await client.xread({job_events_key(job_id): after}, block=block_ms, count=100)
+            # redis-py types every protocol's reply shape; RESP2 (the default) is StreamReply.
+            found = cast(
+                StreamReply,
+                await client.xread({job_events_key(job_id): after}, block=block_ms, count=100),
+            )
             if not found:
                 # Its terminal event may be gone (trimmed, expired) while its record remains.
                 if await client.exists(job_record_key(job_id)):
