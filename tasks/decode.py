@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -29,6 +30,26 @@ STDERR_TAIL_BYTES = 4096
 _RW_TIMEOUT_US = 15_000_000
 _RECONNECT_DELAY_MAX_S = 10
 _PROBE_TIMEOUT_S = 15.0
+# Phrases in ffmpeg's errors that mean the network, not the file, failed: retrying may help.
+_NETWORK_FAULTS = (
+    "connection refused",
+    "connection reset",
+    "connection timed out",
+    "network is unreachable",
+    "5xx server error",
+    "server returned 5",
+    "i/o error",
+    "end of file",
+)
+# Phrases that mean the bytes are not (intact) audio.
+_CORRUPT_SIGNS = (
+    "invalid data found",
+    "moov atom not found",
+    "failed to read frame",
+    "header missing",
+    "error while decoding",
+    "invalid argument",
+)
 
 
 def ffmpeg_binary(settings: Settings) -> str:
@@ -77,8 +98,17 @@ def decode_command(
     return argv
 
 
+# Any URL query string in ffmpeg's messages may hold a signature or token (presigned S3 URLs).
+_URL_QUERY = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^\s?'\"]+)\?[^\s'\"]*", re.IGNORECASE)
+
+
+def _scrub(stderr: str, resolved: ResolvedSource) -> str:
+    """ffmpeg's stderr made safe for logs and job results: the source URL shown by description."""
+    return _URL_QUERY.sub(r"\1?…", stderr.replace(resolved.url_or_path, resolved.description))
+
+
 def _classify(stderr: str, returncode: int | None, resolved: ResolvedSource) -> JobError:
-    """Turn ffmpeg's stderr into a JobError whose class says whether a retry can help."""
+    """Turn ffmpeg's (scrubbed) stderr into a JobError whose class says if a retry can help."""
     description = resolved.description
     network = resolved.kind != "file"
     low = stderr.lower()
@@ -90,23 +120,13 @@ def _classify(stderr: str, returncode: int | None, resolved: ResolvedSource) -> 
         )
     if network and any(s in low for s in ("404 not found", "410 gone", "403 forbidden")):
         return SourceNotFound(f"audio source not found at {description}: {last}")
-    if network and any(
-        s in low
-        for s in (
-            "connection refused",
-            "connection reset",
-            "connection timed out",
-            "network is unreachable",
-            "5xx server error",
-            "server returned 5",
-            "i/o error",
-            "end of file",
-        )
-    ):
+    if network and any(s in low for s in _NETWORK_FAULTS):
         return SourceUnavailable(f"audio source unavailable ({description}): {last}")
     if "matches no streams" in low or "does not contain any stream" in low:
-        return DecodeError(f"no audio stream in {description}", reason="no_audio_stream")
-    if "invalid data found" in low or "moov atom not found" in low:
+        return DecodeError(
+            f"not an audio file (no audio stream): {description}", reason="no_audio_stream"
+        )
+    if any(s in low for s in _CORRUPT_SIGNS):
         return DecodeError(
             f"not an audio file or corrupt data: {description}: {last}", reason="invalid_audio"
         )
@@ -151,7 +171,8 @@ class PcmDecoder:
 
     @property
     def stderr_tail(self) -> str:
-        return self._stderr_tail.decode("utf-8", "replace")
+        """The last few KB of ffmpeg's stderr, with URL secrets removed."""
+        return _scrub(self._stderr_tail.decode("utf-8", "replace"), self.resolved)
 
     async def __aenter__(self) -> PcmDecoder:
         try:
@@ -183,6 +204,12 @@ class PcmDecoder:
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
+        # asyncio's wait() also waits for every pipe to close, and a consumer that stopped
+        # early leaves stdout paused (buffer full) so its EOF is never seen: discard what is
+        # left, at most a pipe's worth once ffmpeg is dead.
+        if proc.stdout is not None:
+            while await proc.stdout.read(65536):
+                pass
         await proc.wait()
         if self._stderr_task is not None:
             # stderr hits EOF once ffmpeg is gone, so this finishes promptly.
@@ -219,10 +246,11 @@ class PcmDecoder:
         assert self._proc is not None and self._stderr_task is not None
         returncode = await self._proc.wait()
         await self._stderr_task
+        stderr = self.stderr_tail
         if returncode != 0:
-            raise _classify(self.stderr_tail, returncode, self.resolved)
+            raise _classify(stderr, returncode, self.resolved)
         if self.bytes_read == 0:
-            detail = self.stderr_tail.strip()
+            detail = stderr.strip()
             raise DecodeError(
                 f"no audio decoded from {self.resolved.description}"
                 + (f": {detail.splitlines()[-1]}" if detail else ""),
@@ -241,7 +269,7 @@ async def probe_duration(
     if binary is None:
         return None
     options = _input_options(resolved)
-    argv = [binary, "-nostdin", "-hide_banner", "-loglevel", "error"]
+    argv = [binary, "-hide_banner", "-loglevel", "error"]  # ffprobe has no -nostdin
     for name, value in options.items():
         argv += [f"-{name}", str(value)]
     argv += ["-show_entries", "format=duration", "-of", "csv=p=0", resolved.url_or_path]

@@ -57,6 +57,12 @@ def chirp(path: Path, *, seconds: float, rate: int = 16000) -> Path:
     return path
 
 
+def remux_ts(source: Path, path: Path) -> Path:
+    """`source`'s audio copied into MPEG-TS, the segment format HLS playlists reference."""
+    _ffmpeg("-i", str(source), "-map", "0:a:0", "-c", "copy", "-f", "mpegts", str(path))
+    return path
+
+
 def image(path: Path) -> Path:
     """A real media file without audio (a PNG): ffmpeg opens it but finds no audio stream."""
     _ffmpeg("-f", "lavfi", "-i", "color=c=red:s=32x32", "-frames:v", "1", str(path))

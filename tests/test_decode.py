@@ -1,0 +1,327 @@
+"""PcmDecoder against the real ffmpeg: formats, errors, protocol whitelist, HTTP/S3, memory."""
+
+from __future__ import annotations
+
+import asyncio
+import http.server
+import shutil
+import threading
+import time
+import tracemalloc
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import imageio_ffmpeg
+import pytest
+
+from avatarq.dev.processes import free_port
+from avatarq.errors import DecodeError, SourceNotFound, SourceUnavailable
+from avatarq.settings import Settings
+from tasks.decode import PcmDecoder, decode_command, probe_duration
+from tasks.source import HTTP_PROTOCOLS, ResolvedSource, resolve
+from tests import audio
+from tests.s3 import aws_env, s3_client, s3_server
+
+__all__ = ["aws_env", "s3_server"]  # fixtures used by name below
+
+pytestmark = pytest.mark.timeout(120)
+
+SETTINGS = Settings()
+RATE = 16000
+CHUNK = 3200  # 100 ms of 16 kHz mono s16le, what the streamer sends per frame batch
+# ffmpeg reads ~100 KB while opening a WAV (format and codec probing) before it decodes.
+HEAD_START = 256 * 1024
+
+
+async def _decode(resolved: ResolvedSource, rate: int, chunk_bytes: int) -> list[bytes]:
+    async with PcmDecoder(resolved, sample_rate=rate, settings=SETTINGS) as dec:
+        return [chunk async for chunk in dec.chunks(chunk_bytes)]
+
+
+def decode(resolved: ResolvedSource, rate: int = RATE, chunk_bytes: int = CHUNK) -> bytes:
+    """Decode everything, checking the chunking contract on the way."""
+    chunks = asyncio.run(_decode(resolved, rate, chunk_bytes))
+    assert all(len(c) == chunk_bytes for c in chunks[:-1])
+    assert chunks and 0 < len(chunks[-1]) <= chunk_bytes and len(chunks[-1]) % 2 == 0
+    return b"".join(chunks)
+
+
+def local(path: Path) -> ResolvedSource:
+    return resolve(str(path), SETTINGS)
+
+
+# --- local files -------------------------------------------------------------------------
+
+
+# Lossy codecs may add or trim up to a frame of priming/padding (aac 1024, mp3 1152 samples at
+# the source rate); ffmpeg trims most of it with the containers' gapless metadata.
+@pytest.mark.parametrize(
+    ("suffix", "tolerance"), [("wav", 0), ("mp3", 1152), ("m4a", 1024), ("ogg", 960)]
+)
+def test_formats_decode_to_expected_length(tmp_path: Path, suffix: str, tolerance: int) -> None:
+    src = audio.tone(tmp_path / f"tone.{suffix}", seconds=3, rate=RATE)
+    pcm = decode(local(src))
+    assert abs(len(pcm) // 2 - 3 * RATE) <= tolerance
+    assert max(pcm) > 0  # not silence
+
+
+def test_wav_at_target_rate_is_bit_exact(tmp_path: Path) -> None:
+    src = audio.chirp(tmp_path / "chirp.wav", seconds=2.5, rate=RATE)
+    assert decode(local(src), chunk_bytes=4000) == audio.wav_samples(src)
+
+
+def test_resamples_and_downmixes_44k1_stereo(tmp_path: Path) -> None:
+    src = audio.tone(tmp_path / "cd.wav", seconds=3, rate=44100, channels=2)
+    pcm = decode(local(src))
+    assert abs(len(pcm) // 2 - 3 * RATE) <= 16
+
+
+def test_file_name_with_colon_is_not_a_protocol(tmp_path: Path) -> None:
+    src = audio.tone(tmp_path / "take:2.wav", seconds=1, rate=RATE)
+    assert len(decode(local(src))) == 2 * RATE
+
+
+@pytest.mark.parametrize("odd", [1, 3201])
+def test_chunk_size_must_be_even(tmp_path: Path, odd: int) -> None:
+    src = audio.tone(tmp_path / "t.wav", seconds=1, rate=RATE)
+    with pytest.raises(ValueError, match="even"):
+        decode(local(src), chunk_bytes=odd)
+
+
+def test_image_is_not_audio(tmp_path: Path) -> None:
+    with pytest.raises(DecodeError, match="not an audio file.*no audio stream") as info:
+        decode(local(audio.image(tmp_path / "photo.png")))
+    assert info.value.reason == "no_audio_stream" and info.value.permanent
+
+
+def test_text_file_is_not_audio(tmp_path: Path) -> None:
+    with pytest.raises(DecodeError, match="not an audio file") as info:
+        decode(local(audio.text_file(tmp_path / "notes.mp3")))
+    assert "notes.mp3" in info.value.message
+
+
+@pytest.mark.parametrize("suffix", ["m4a", "mp3"])
+def test_corrupt_file(tmp_path: Path, suffix: str) -> None:
+    good = audio.tone(tmp_path / f"good.{suffix}", seconds=2, rate=RATE)
+    bad = audio.corrupt(tmp_path / f"bad.{suffix}", source=good)
+    with pytest.raises(DecodeError, match="corrupt") as info:
+        decode(local(bad))
+    assert info.value.reason == "invalid_audio"
+    assert f"bad.{suffix}" in info.value.message
+
+
+def test_file_removed_after_resolve(tmp_path: Path) -> None:
+    src = audio.tone(tmp_path / "gone.wav", seconds=1, rate=RATE)
+    resolved = local(src)
+    src.unlink()
+    with pytest.raises(SourceNotFound, match="gone.wav"):
+        decode(resolved)
+
+
+def test_stopping_early_kills_and_reaps_ffmpeg(tmp_path: Path) -> None:
+    src = audio.tone(tmp_path / "long.wav", seconds=120, rate=RATE)
+
+    async def first_chunk() -> int | None:
+        async with PcmDecoder(local(src), settings=SETTINGS) as dec:
+            async for _ in dec.chunks(CHUNK):
+                break
+        return dec.returncode
+
+    started = time.monotonic()
+    assert asyncio.run(first_chunk()) is not None  # reaped: the exit status is known
+    assert time.monotonic() - started < 10
+
+
+# --- protocol whitelist ------------------------------------------------------------------
+
+
+@dataclass
+class HttpFiles:
+    """A threaded HTTP server on loopback serving one directory, recording the paths asked."""
+
+    root: Path
+    url: str
+    requests: list[str] = field(default_factory=list)
+    # While cleared, "/slow/<name>" sends HEAD_START bytes and waits: a download under way.
+    release: threading.Event = field(default_factory=threading.Event)
+
+
+@pytest.fixture
+def http_files(tmp_path: Path) -> Iterator[HttpFiles]:
+    root = tmp_path / "www"
+    root.mkdir()
+    state = HttpFiles(root=root, url="")
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self) -> None:
+            state.requests.append(self.path)
+            if not self.path.startswith("/slow/"):
+                return super().do_GET()
+            data = (root / self.path.removeprefix("/slow/")).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Type", "audio/wav")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[:HEAD_START])
+            self.wfile.flush()
+            state.release.wait(30)
+            self.wfile.write(data[HEAD_START:])
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass  # keep test output clean
+
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), partial(Handler, directory=str(root))
+    )
+    server.daemon_threads = True
+    state.url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield state
+    finally:
+        state.release.set()
+        server.shutdown()
+        server.server_close()
+
+
+def test_local_playlist_cannot_reach_the_network(tmp_path: Path, http_files: HttpFiles) -> None:
+    """A local HLS playlist pointing at an internal URL: ffmpeg would fetch it (SSRF) if the
+    whitelist allowed http, as the control decode shows; for a local source it must not."""
+    seg = tmp_path / "seg.m4a"
+    audio.tone(seg, seconds=2, rate=RATE)
+    audio.remux_ts(seg, http_files.root / "seg.ts")
+    playlist = tmp_path / "innocent.m3u8"
+    playlist.write_text(
+        "#EXTM3U\n#EXT-X-TARGETDURATION:3\n#EXT-X-MEDIA-SEQUENCE:0\n"
+        f"#EXTINF:2.0,\n{http_files.url}/seg.ts\n#EXT-X-ENDLIST\n"
+    )
+    resolved = local(playlist)
+
+    with pytest.raises(DecodeError, match="disallowed protocol") as info:
+        decode(resolved)
+    assert info.value.reason == "protocol_not_allowed"
+    assert http_files.requests == []
+
+    # Control: the same input with http allowed does reach the server and decodes.
+    permissive = ResolvedSource(
+        resolved.url_or_path, ("file", "http", "tcp"), resolved.description, "file"
+    )
+    assert len(decode(permissive)) // 2 >= 1.5 * RATE  # MPEG-TS adds its own padding
+    assert http_files.requests == ["/seg.ts"]
+
+
+# --- HTTP and S3 -------------------------------------------------------------------------
+
+
+def test_http_source_is_bit_exact(http_files: HttpFiles) -> None:
+    src = audio.chirp(http_files.root / "voice.wav", seconds=2, rate=RATE)
+    resolved = resolve(f"{http_files.url}/voice.wav?token=s3cret", SETTINGS)
+    assert decode(resolved) == audio.wav_samples(src)
+
+
+def test_http_playback_starts_before_download_ends(http_files: HttpFiles) -> None:
+    src = audio.chirp(http_files.root / "long.wav", seconds=30, rate=RATE)
+
+    async def run() -> bytes:
+        async with PcmDecoder(
+            resolve(f"{http_files.url}/slow/long.wav", SETTINGS), settings=SETTINGS
+        ) as dec:
+            stream = dec.chunks(CHUNK)
+            # The server holds back all but the first 8 s of the file until released.
+            first = await asyncio.wait_for(anext(stream), 10)
+            assert not http_files.release.is_set()
+            http_files.release.set()
+            return first + b"".join([c async for c in stream])
+
+    assert asyncio.run(run()) == audio.wav_samples(src)
+
+
+def test_http_404_is_source_not_found(http_files: HttpFiles) -> None:
+    with pytest.raises(SourceNotFound, match="404") as info:
+        decode(resolve(f"{http_files.url}/missing.wav?X-Amz-Signature=deadbeef", SETTINGS))
+    assert "deadbeef" not in info.value.message
+
+
+def test_http_connection_refused_is_transient() -> None:
+    url = f"http://127.0.0.1:{free_port()}/a.wav"
+    with pytest.raises(SourceUnavailable, match="Connection refused") as info:
+        decode(resolve(url, SETTINGS))
+    assert not info.value.permanent
+
+
+def test_s3_object_decodes_via_presigned_url(
+    tmp_path: Path, s3_server: str, aws_env: dict[str, str]
+) -> None:
+    src = audio.tone(tmp_path / "s3.mp3", seconds=2, rate=RATE)
+    s3 = s3_client(s3_server)
+    s3.create_bucket(Bucket="decode-me")
+    s3.upload_file(str(src), "decode-me", "in/s3.mp3")
+    settings = Settings(s3_endpoint_url=s3_server, aws_region="us-east-1")
+    resolved = resolve("s3://decode-me/in/s3.mp3", settings)
+    assert resolved.protocols == HTTP_PROTOCOLS
+    assert abs(len(decode(resolved)) // 2 - 2 * RATE) <= 1152
+
+
+# --- memory ------------------------------------------------------------------------------
+
+
+def test_memory_stays_flat_for_long_audio(tmp_path: Path) -> None:
+    """20 minutes of audio (38 MB of PCM) pass through while Python holds about a chunk."""
+    minutes = 20
+    src = audio.tone(tmp_path / "hour.wav", seconds=minutes * 60, rate=RATE)
+    pcm_bytes = minutes * 60 * RATE * 2
+
+    async def run() -> tuple[int, int]:
+        total = 0
+        async with PcmDecoder(local(src), settings=SETTINGS) as dec:
+            async for chunk in dec.chunks(CHUNK):
+                total += len(chunk)
+        return total, tracemalloc.get_traced_memory()[1]
+
+    tracemalloc.start()
+    try:
+        total, peak = asyncio.run(run())
+    finally:
+        tracemalloc.stop()
+    assert total == pcm_bytes
+    # Pipe read buffer (asyncio pauses at 2x its 64 KB limit) plus a chunk or two in flight.
+    assert peak < 1_000_000, f"peak {peak} bytes while decoding {pcm_bytes} bytes"
+
+
+# --- command and probe -------------------------------------------------------------------
+
+
+def test_decode_command_shape(tmp_path: Path) -> None:
+    src = audio.tone(tmp_path / "t.wav", seconds=1, rate=RATE)
+    argv = decode_command(local(src), sample_rate=24000, binary="ffmpeg")
+    assert argv[:5] == ["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error"]
+    assert argv[argv.index("-protocol_whitelist") + 1] == "file"
+    assert argv.index("-protocol_whitelist") < argv.index("-i")
+    assert "-reconnect" not in argv
+    for flag, value in [("-f", "s16le"), ("-ac", "1"), ("-ar", "24000"), ("-map", "0:a:0")]:
+        assert argv[argv.index(flag) + 1] == value
+    assert argv[-1] == "pipe:"
+
+    http = decode_command(resolve("https://h.example/a.mp3", SETTINGS), binary="ffmpeg")
+    assert http[http.index("-protocol_whitelist") + 1] == ",".join(HTTP_PROTOCOLS)
+    assert http[http.index("-reconnect") + 1] == "1"
+    assert http.index("-reconnect") < http.index("-i")
+
+
+@pytest.mark.skipif(shutil.which("ffprobe") is None, reason="no ffprobe on this machine")
+def test_probe_duration(tmp_path: Path) -> None:
+    src = audio.tone(tmp_path / "t.m4a", seconds=4, rate=RATE)
+    duration = asyncio.run(probe_duration(local(src), SETTINGS))
+    assert duration is not None and abs(duration - 4.0) < 0.1
+    bad = audio.corrupt(tmp_path / "bad.m4a", source=src)
+    assert asyncio.run(probe_duration(local(bad), SETTINGS)) is None
+
+
+def test_probe_without_ffprobe_is_none(tmp_path: Path) -> None:
+    # imageio-ffmpeg ships ffmpeg alone, so there is nothing to probe with.
+    settings = Settings(ffmpeg_binary=imageio_ffmpeg.get_ffmpeg_exe())
+    src = audio.tone(tmp_path / "t.wav", seconds=1, rate=RATE)
+    assert asyncio.run(probe_duration(local(src), settings)) is None
