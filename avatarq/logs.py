@@ -13,7 +13,6 @@ import contextvars
 import json
 import logging
 import sys
-import time
 from typing import Any, TextIO
 
 JOB_FIELDS = ("job_id", "room", "avatar_id")
@@ -55,8 +54,6 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
-    converter = time.gmtime
-
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 

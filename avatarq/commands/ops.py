@@ -42,7 +42,7 @@ def effective_config(settings: Settings) -> dict[str, Any]:
     """Each setting under its environment name, secrets and URL passwords masked."""
     config: dict[str, Any] = {}
     for name, field in Settings.model_fields.items():
-        env_name = field.validation_alias.choices[0]  # type: ignore[union-attr]
+        env_name = str(field.validation_alias.choices[0])  # type: ignore[union-attr]
         value = getattr(settings, name)
         if isinstance(value, SecretStr):
             value = MASK if value.get_secret_value() else ""
