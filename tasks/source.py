@@ -188,7 +188,7 @@ def _bucket_exists(client: S3Client, bucket: str) -> bool:
     try:
         client.head_bucket(Bucket=bucket)
     except ClientError as exc:
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
         return status != 404
     except BotoCoreError:
         return True  # unknown: keep the generic "object not found" wording
