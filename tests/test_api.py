@@ -4,7 +4,6 @@ validation, body cap, idempotency, status, cancel, SSE and the OpenAPI document.
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,9 +12,9 @@ import pytest
 import redis
 import requests
 
-from avatarq.celeryconfig import RENDER_QUEUE
 from avatarq.dev.processes import ManagedProcess, free_port, tcp_ready
 from avatarq.events import job_events_key, job_record_key
+from tests.producing import AVATARQ, own_db, queued_job_ids
 
 KEYS = ("key-one", "key-two")
 MAX_BODY = 4096
@@ -26,7 +25,7 @@ JOB = {"room": "lobby", "avatar_id": "anna", "source": "https://cdn.example/hell
 def start_api(env: dict[str, str], log_dir: Path) -> tuple[ManagedProcess, str]:
     """`avatarq api` on a free port with `env` (REDIS_URL, …) and this module's keys."""
     port = free_port()
-    argv = [str(Path(sys.executable).with_name("avatarq")), "api", "--port", str(port)]
+    argv = [AVATARQ, "api", "--port", str(port)]
     env = {"AVATARQ_API_KEYS": ",".join(KEYS), "AVATARQ_API_MAX_BODY_BYTES": str(MAX_BODY), **env}
     proc = ManagedProcess("api", argv, ready=tcp_ready("127.0.0.1", port), env=env, log_dir=log_dir)
     return proc.start(), f"http://127.0.0.1:{port}"
@@ -48,9 +47,7 @@ def sse_frames(response: requests.Response) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def api(redis_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    url = redis_server.rsplit("/", 1)[0] + "/3"  # a database of its own
-    redis.Redis.from_url(url).flushdb()
-    proc, base = start_api({"REDIS_URL": url}, tmp_path_factory.mktemp("api"))
+    proc, base = start_api({"REDIS_URL": own_db(redis_server, 3)}, tmp_path_factory.mktemp("api"))
     with proc:
         yield base
 
@@ -111,8 +108,7 @@ def test_post_is_idempotent_on_job_id(api: str, r: redis.Redis) -> None:
     assert first.json() == {"job_id": "api-idem-1", "celery_state": "PENDING", "status": "queued"}
     again = requests.post(f"{api}/jobs", json=job, headers=AUTH, timeout=10)
     assert again.status_code == 200 and again.json()["job_id"] == "api-idem-1"
-    sent = [json.loads(m)["headers"]["id"] for m in r.lrange(RENDER_QUEUE, 0, -1)]
-    assert sent.count("api-idem-1") == 1
+    assert queued_job_ids(r).count("api-idem-1") == 1
     # Without a job_id the server picks one: a new job each time.
     a = requests.post(f"{api}/jobs", json=JOB, headers=AUTH, timeout=10)
     b = requests.post(f"{api}/jobs", json=JOB, headers=AUTH, timeout=10)

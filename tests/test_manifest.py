@@ -4,9 +4,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,7 @@ import redis
 
 from avatarq.celeryconfig import RENDER_QUEUE
 from producers.manifest import ManifestError, load_manifest
+from tests.producing import avatarq, own_db, queued_job_ids
 
 CSV = """\
 room,avatar_id,source,sample_rate,metadata,job_id
@@ -76,23 +75,12 @@ def test_jsonl_rows_are_validated_with_line_numbers(tmp_path: Path) -> None:
 
 
 def enqueue_many(url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(Path(sys.executable).with_name("avatarq")), "enqueue-many", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "REDIS_URL": url},
-    )
-
-
-def queued_ids(client: redis.Redis) -> list[str]:
-    return [json.loads(m)["headers"]["id"] for m in client.lrange(RENDER_QUEUE, 0, -1)]
+    return avatarq("enqueue-many", *args, env={"REDIS_URL": url})
 
 
 def test_enqueue_many_is_all_or_nothing(tmp_path: Path, redis_server: str) -> None:
-    url = redis_server.rsplit("/", 1)[0] + "/2"  # a database of its own
+    url = own_db(redis_server, 2)
     client = redis.Redis.from_url(url)
-    client.flushdb()
     path = write(tmp_path, "jobs.csv", CSV)
 
     refused = enqueue_many(url, str(path))
@@ -105,16 +93,15 @@ def test_enqueue_many_is_all_or_nothing(tmp_path: Path, redis_server: str) -> No
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
     assert summary["enqueued"] == 2 and [b["line"] for b in summary["invalid"]] == [3, 7, 8, 9]
-    assert sorted(queued_ids(client)) == ["bulk-a", "bulk-c"]
+    assert sorted(queued_job_ids(client)) == ["bulk-a", "bulk-c"]
 
 
 def test_enqueue_many_jsonl_sends_every_row(tmp_path: Path, redis_server: str) -> None:
-    url = redis_server.rsplit("/", 1)[0] + "/2"
+    url = own_db(redis_server, 2)
     client = redis.Redis.from_url(url)
-    client.flushdb()
     rows = [{"room": "lobby", "avatar_id": "anna", "source": f"/clips/{i}.wav"} for i in range(5)]
     path = write(tmp_path, "jobs.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     done = enqueue_many(url, str(path), "--json")
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
-    assert summary["enqueued"] == 5 and sorted(queued_ids(client)) == sorted(summary["job_ids"])
+    assert summary["enqueued"] == 5 and sorted(queued_job_ids(client)) == sorted(summary["job_ids"])

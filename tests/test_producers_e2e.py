@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +15,7 @@ import requests
 from avatarq.dev.processes import ManagedProcess, free_port, tcp_ready
 from avatarq.dev.stack import LocalStack, local_stack
 from tests import audio
+from tests.producing import avatarq
 from tests.test_api import AUTH, sse_frames, start_api
 
 pytestmark = [
@@ -44,13 +44,8 @@ def test_enqueue_many_waits_for_the_whole_batch(stack: LocalStack, tmp_path: Pat
     ]
     manifest = tmp_path / "jobs.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    done = subprocess.run(
-        [str(Path(sys.executable).with_name("avatarq")), "enqueue-many", str(manifest)]
-        + ["--wait", "--timeout", "90", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, **stack.env()},
+    done = avatarq(
+        "enqueue-many", str(manifest), "--wait", "--timeout", "90", "--json", env=stack.env()
     )
     assert done.returncode == 0, done.stderr + "\n".join(w.tail(40) for w in stack.workers)
     summary = json.loads(done.stdout)

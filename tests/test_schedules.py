@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 from datetime import UTC, datetime
@@ -16,6 +15,7 @@ import redis
 from avatarq.celeryconfig import RENDER_QUEUE
 from avatarq.dev.processes import ManagedProcess
 from producers.schedules import ScheduleError, load_schedule
+from tests.producing import avatarq, own_db, queued_job_ids
 
 GOOD = """\
 timezone: Europe/Berlin
@@ -113,15 +113,6 @@ def test_job_ids_derive_from_name_and_fire_slot(tmp_path: Path) -> None:
     assert late.job_id == "opening-20260330T063000Z"
 
 
-def avatarq(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(Path(sys.executable).with_name("avatarq")), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
 def test_cli_validate_and_list(tmp_path: Path) -> None:
     bad = avatarq("schedule", "validate", str(write(tmp_path, BAD)))
     assert bad.returncode == 2
@@ -149,14 +140,9 @@ def start_beat(name: str, env: dict[str, str], log_dir: Path) -> ManagedProcess:
     return proc.start()
 
 
-def queued_job_ids(client: redis.Redis) -> list[str]:
-    return [json.loads(m)["headers"]["id"] for m in client.lrange(RENDER_QUEUE, 0, -1)]
-
-
 def test_two_beats_fire_every_slot_once(tmp_path: Path, redis_server: str) -> None:
-    url = redis_server.rsplit("/", 1)[0] + "/1"  # a database of its own
+    url = own_db(redis_server, 1)
     client = redis.Redis.from_url(url)
-    client.flushdb()
     env = {"REDIS_URL": url, "AVATARQ_SCHEDULE_FILE": str(write(tmp_path, GOOD))}
     beats = [start_beat(f"beat{i}", env, tmp_path / "logs") for i in (1, 2)]
     try:

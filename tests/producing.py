@@ -1,0 +1,41 @@
+"""Helpers for the producer tests: run the `avatarq` CLI, give a test its own Redis database,
+read what sits in the broker's render queue."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import redis
+
+from avatarq.celeryconfig import RENDER_QUEUE
+
+AVATARQ = str(Path(sys.executable).with_name("avatarq"))
+
+
+def avatarq(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """The `avatarq` of this venv as a subprocess (its own process, as a user would run it)."""
+    return subprocess.run(
+        [AVATARQ, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def own_db(redis_url: str, db: int) -> str:
+    """`redis_url` on database `db`, emptied: the session's Redis is shared between modules."""
+    url = f"{redis_url.rsplit('/', 1)[0]}/{db}"
+    redis.Redis.from_url(url).flushdb()
+    return url
+
+
+def queued_job_ids(client: redis.Redis) -> list[str]:
+    """Job ids of the render messages waiting in the broker (Celery's task id is the job id)."""
+    return [json.loads(m)["headers"]["id"] for m in client.lrange(RENDER_QUEUE, 0, -1)]
