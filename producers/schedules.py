@@ -79,9 +79,10 @@ class ZonedCron(crontab):  # type: ignore[misc]
 
     def is_due(self, last_run_at: datetime) -> schedstate:
         now = datetime.now(UTC)
-        if self.next_after(last_run_at) <= now:
+        due = self.next_after(last_run_at)
+        if due <= now:
             return schedstate(True, (self.next_after(now) - now).total_seconds())
-        return schedstate(False, (self.next_after(last_run_at) - now).total_seconds())
+        return schedstate(False, (due - now).total_seconds())
 
 
 @dataclass(frozen=True)

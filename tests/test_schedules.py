@@ -6,15 +6,18 @@ from __future__ import annotations
 import json
 import sys
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 import redis
+from croniter import croniter
+from redbeat.decoder import RedBeatJSONEncoder
 
 from avatarq.celeryconfig import RENDER_QUEUE
 from avatarq.dev.processes import ManagedProcess
-from producers.schedules import ScheduleError, load_schedule
+from producers.schedules import ScheduleError, ZonedCron, load_schedule
 from tests.producing import avatarq, own_db, queued_job_ids
 
 GOOD = """\
@@ -111,6 +114,19 @@ def test_job_ids_derive_from_name_and_fire_slot(tmp_path: Path) -> None:
     assert a.metadata == {"kind": "heartbeat"} and a.room == "lobby"
     late = opening.job_at(datetime(2026, 3, 30, 6, 30, 7, tzinfo=UTC))  # 08:30:07 Berlin
     assert late.job_id == "opening-20260330T063000Z"
+
+
+def test_zoned_cron_is_due_in_its_own_timezone() -> None:
+    zone = ZoneInfo("Pacific/Kiritimati")  # UTC+14: its 09:00 is never UTC's 09:00
+    cron = ZonedCron("0 9 * * *", zone)
+    now = datetime.now(UTC)
+    assert cron.is_due(now - timedelta(days=2)).is_due
+    state = cron.is_due(now)
+    expected = croniter("0 9 * * *", now.astimezone(zone)).get_next(datetime) - now
+    assert not state.is_due and state.next == pytest.approx(expected.total_seconds(), abs=5)
+    # celery-redbeat can store it (as a plain crontab; the beat app swaps the zone back in).
+    stored = json.loads(json.dumps(cron, cls=RedBeatJSONEncoder))
+    assert (stored["__type__"], stored["minute"], stored["hour"]) == ("crontab", "0", "9")
 
 
 def test_cli_validate_and_list(tmp_path: Path) -> None:

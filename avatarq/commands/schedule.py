@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from avatarq.cli import EXIT_INVALID, err
+
+if TYPE_CHECKING:
+    from producers.schedules import Announcement
 
 schedule = typer.Typer(no_args_is_help=True, help="Scheduled announcements (celery beat).")
 
 FileArg = Annotated[Path, typer.Argument(help="Schedule file (YAML)", exists=True, dir_okay=False)]
 
 
-def _load(path: Path) -> list:  # type: ignore[type-arg]
+def _load(path: Path) -> list[Announcement]:
     from producers.schedules import ScheduleError, load_schedule
 
     try:
