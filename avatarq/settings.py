@@ -85,6 +85,8 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "text"] = Field(
         "auto", validation_alias=_env("AVATARQ_LOG_FORMAT")
     )
+    # Benchmarks (avatarq bench): results carry every audio chunk's schedule error.
+    pacing_trace: bool = Field(False, validation_alias=_env("AVATARQ_PACING_TRACE"))
 
     # TTS pre-generation (producer side: rendered once, stored, then enqueued as plain audio)
     tts_max_chars: int = Field(5000, gt=0, validation_alias=_env("AVATARQ_TTS_MAX_CHARS"))

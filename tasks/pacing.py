@@ -18,7 +18,7 @@ class Pacer:
     lead: float
     clock: Callable[[], float] = time.monotonic
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
-    #: Keep each chunk's lateness (seconds past its deadline) for benchmarks.
+    #: Keep each chunk's schedule error (actual minus ideal send time, seconds) for benchmarks.
     record_errors: bool = False
     errors: list[float] = field(default_factory=list)
     t0: float | None = None
@@ -37,5 +37,7 @@ class Pacer:
         delay = due - self.clock()
         if delay > 0:
             await self.sleep(delay)
-            if self.record_errors:
-                self.errors.append(self.clock() - due)
+        # Chunks the lead lets go at once (due before the start) have no schedule to keep. A
+        # chunk already late when asked is recorded too: it is the error that matters most.
+        if self.record_errors and self.t0 is not None and due >= self.t0:
+            self.errors.append(self.clock() - due)

@@ -153,7 +153,7 @@ async def play(
                     pacing.observe(sent)
                     await reporter.progress(sent / bps, duration)
 
-                pacer = Pacer(bytes_per_second=bps, lead=lead)
+                pacer = Pacer(bytes_per_second=bps, lead=lead, record_errors=settings.pacing_trace)
                 pacing = metrics.PacingProbe(pacer)
                 try:
                     sent = await sender.send_segment(
@@ -191,7 +191,7 @@ async def play(
                 await avatar.aclose()
                 await room.disconnect()
 
-    return {
+    result: dict[str, Any] = {
         "job_id": job.job_id,
         "status": "completed",
         "room": job.room,
@@ -208,6 +208,10 @@ async def play(
         "metadata": job.metadata,
         "timestamps": asdict(ts),
     }
+    if pacer.record_errors:
+        # Benchmarks only (AVATARQ_PACING_TRACE): the sender's schedule error of every chunk.
+        result["pacing_errors_ms"] = [round(e * 1000, 2) for e in pacer.errors]
+    return result
 
 
 async def _interrupt(

@@ -57,10 +57,16 @@ class LocalStack:
         }
 
     def start_worker(
-        self, name: str = "w1", *, concurrency: int = 8, extra_env: dict[str, str] | None = None
+        self,
+        name: str = "w1",
+        *,
+        concurrency: int = 8,
+        extra_env: dict[str, str] | None = None,
+        pool: str | None = None,
     ) -> ManagedProcess:
         """A real `celery -A tasks worker` process on this stack, with its own metrics port
-        (`metrics_ports[name]`)."""
+        (`metrics_ports[name]`); `pool` overrides the configured threads pool (e.g. the
+        benchmark's `prefork` baseline)."""
         self.metrics_ports[name] = free_port()
         proc = ManagedProcess(
             f"worker-{name}",
@@ -79,6 +85,7 @@ class LocalStack:
                 f"{name}@%h",
                 "--without-gossip",
                 "--without-mingle",
+                *(["--pool", pool] if pool else []),
             ],
             ready=lambda: " ready." in proc.tail(200),
             env={

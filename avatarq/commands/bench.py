@@ -1,0 +1,33 @@
+"""`avatarq bench`: measure overhead, pacing, concurrency, decode, queue and sender cost."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def bench(
+    quick: Annotated[bool, typer.Option("--quick", help="Small counts, under 2 minutes")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+    sections: Annotated[
+        str, typer.Option(help="Comma-separated: decode, queue, jobs, sender")
+    ] = "decode,queue,jobs,sender",
+    docs: Annotated[
+        Path | None, typer.Option(help="Write performance.md and the PNG plots here")
+    ] = None,
+) -> None:
+    """Benchmark the worker on the local stack, every figure against a baseline.
+
+    Example: infra/netns-run avatarq bench --quick --json
+    """
+    from avatarq.dev.bench import FULL, QUICK, emit
+
+    code = emit(QUICK if quick else FULL, tuple(sections.split(",")), as_json, docs)
+    if code:
+        raise typer.Exit(code)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(bench)

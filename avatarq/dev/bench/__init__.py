@@ -1,0 +1,371 @@
+"""`avatarq bench`: overhead, pacing, concurrency, decode, queue and sender cost, each against
+a baseline measured in the same run on the same machine.
+
+    infra/netns-run .venv/bin/avatarq bench [--quick] [--json] [--docs docs]
+    infra/netns-run .venv/bin/python -m avatarq.dev.bench [--quick] [--json]
+
+Sections (`--sections`): `decode` and `queue` need no LiveKit; `jobs` (overhead, drift,
+concurrency, prefork baseline) and `sender` (versus livekit-agents, SDK log filtering, chunk
+size) join rooms and so run inside infra/netns-run. Every loop is bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from avatarq.dev.bench import codec, queue, report, streams
+from avatarq.dev.bench.stats import make_clip, ratio
+from avatarq.dev.stack import LocalStack, local_stack
+
+SECTIONS = ("decode", "queue", "jobs", "sender")
+NETNS_SECTIONS = {"jobs", "sender"}
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    decode_seconds: float
+    queue_jobs: int
+    overhead_jobs: int
+    overhead_batch: int
+    overhead_audio_s: float
+    drift_audio_s: float
+    ramp: tuple[int, ...]
+    ramp_audio_s: float
+    prefork_streams: int
+    sender_streams: int
+    sender_seconds: float
+    chunks: tuple[float, ...]
+    budget_s: float  # the ramp stops early rather than run past this
+
+
+QUICK = Plan(
+    name="quick",
+    decode_seconds=20,
+    queue_jobs=200,
+    overhead_jobs=20,
+    overhead_batch=5,
+    overhead_audio_s=1.0,
+    drift_audio_s=30,
+    ramp=(5, 10),
+    ramp_audio_s=8,
+    prefork_streams=5,
+    sender_streams=4,
+    sender_seconds=4,
+    chunks=(0.05, 0.1),
+    budget_s=100,
+)
+FULL = Plan(
+    name="full",
+    decode_seconds=60,
+    queue_jobs=1000,
+    overhead_jobs=24,
+    overhead_batch=3,
+    overhead_audio_s=2.0,
+    drift_audio_s=600,
+    ramp=(10, 25, 50, 75, 100, 125, 150),
+    ramp_audio_s=25,
+    prefork_streams=10,
+    sender_streams=10,
+    sender_seconds=15,
+    chunks=(0.02, 0.05, 0.1, 0.2),
+    budget_s=840,
+)
+LEAD = 0.5
+#: Workers on the bench stack: every result carries its pacing trace.
+BENCH_ENV = {"AVATARQ_PACING_TRACE": "true"}
+
+
+def machine() -> dict[str, Any]:
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return {
+        "cores": psutil.cpu_count(),
+        "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "cpu": model,
+        "python": platform.python_version(),
+        "load_avg_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+class JobsBench:
+    """Sections 1–3 on one local stack."""
+
+    def __init__(self, stack: LocalStack, plan: Plan, deadline: float) -> None:
+        self.stack, self.plan, self.deadline = stack, plan, deadline
+        self.clip = make_clip(stack.workdir / "overhead.wav", plan.overhead_audio_s, rate=16000)
+        self.ramp_clip = make_clip(stack.workdir / "ramp.wav", plan.ramp_audio_s, rate=16000)
+
+    def run(self) -> tuple[dict[str, Any], list[float]]:
+        plan, stack = self.plan, self.stack
+        # The long job first, on a worker of its own (concurrency 1): the other sections load
+        # the machine while it plays, which is what drift must survive.
+        stack.start_worker("drift", concurrency=1, extra_env=BENCH_ENV)
+        long_clip = make_clip(stack.workdir / "long.wav", plan.drift_audio_s, rate=16000)
+        drift_job = streams.submit(["bench-drift"], long_clip, LEAD)
+        self._wait_playing(drift_job[0][0].job_id)
+        worker = stack.start_worker("bench", concurrency=max(plan.ramp), extra_env=BENCH_ENV)
+        assert worker.proc is not None
+        proc = psutil.Process(worker.proc.pid)
+        idle_rss = proc.memory_info().rss / 1e6
+
+        overhead_runs: list[streams.Played] = []
+        for start in range(0, plan.overhead_jobs, plan.overhead_batch):
+            rooms = [
+                f"bench-oh-{i}"
+                for i in range(start, min(start + plan.overhead_batch, plan.overhead_jobs))
+            ]
+            overhead_runs += streams.collect(stack, streams.submit(rooms, self.clip, LEAD), 60)
+        results = streams.overhead(overhead_runs, LEAD)
+
+        steps = []
+        for n in plan.ramp:
+            if time.monotonic() + plan.ramp_audio_s + 30 > self.deadline:
+                break
+            steps.append(
+                streams.step(stack, proc, n, self.ramp_clip, LEAD, plan.ramp_audio_s + 90, "ramp")
+            )
+            if not steps[-1]["sustained"]:
+                break
+        worker.stop()
+        prefork = self._prefork()
+        results.update(self._concurrency(steps, prefork, idle_rss))
+
+        drift_runs = streams.collect(stack, drift_job, plan.drift_audio_s + 90)
+        results.update(streams.drift(drift_runs[0], LEAD, overhead_runs))
+        results["pacing"]["chunk_s"] = streams.CHUNK_SECONDS
+        errors = results.pop("_pacing_errors_ms")
+        return results, errors
+
+    def _wait_playing(self, job_id: str) -> None:
+        from producers import get_status
+
+        limit = time.monotonic() + 60
+        while time.monotonic() < limit and get_status(job_id).get("status") != "playing":
+            time.sleep(0.2)
+
+    def _prefork(self) -> dict[str, Any]:
+        n = self.plan.prefork_streams
+        # One process per job, each with its own loop and LiveKit runtime: the obvious design.
+        worker = self.stack.start_worker(
+            "prefork",
+            concurrency=n,
+            pool="prefork",
+            extra_env={**BENCH_ENV, "AVATARQ_METRICS_PORT": "0"},
+        )
+        assert worker.proc is not None
+        try:
+            return streams.step(
+                self.stack,
+                psutil.Process(worker.proc.pid),
+                n,
+                self.ramp_clip,
+                LEAD,
+                self.plan.ramp_audio_s + 90,
+                "prefork",
+            )
+        finally:
+            worker.stop()
+
+    def _concurrency(
+        self, steps: list[dict[str, Any]], prefork: dict[str, Any], idle_rss: float
+    ) -> dict[str, Any]:
+        sustained = [s["streams"] for s in steps if s["sustained"]]
+        same = next((s for s in steps if s["streams"] == prefork["streams"]), None)
+        top = steps[-1] if steps else None
+        near_50 = min(steps, key=lambda s: abs(s["streams"] - 50)) if steps else None
+        threads_rss = same["worker_rss_mb_per_stream"] if same else 0.0
+        prefork_rss = prefork["worker_rss_mb_per_stream"]
+        return {
+            "max_streams_per_process": max(sustained, default=0),
+            "schedule_error_p99_ms": near_50["schedule_error_ms"]["p99"] if near_50 else 0.0,
+            "rss_per_stream_mb": threads_rss,
+            "rss_per_stream_mb_prefork": prefork_rss,
+            "concurrency": {
+                "audio_s_per_job": self.plan.ramp_audio_s,
+                "source_format": "wav (decode cost: see decode)",
+                "worker_rss_mb_idle": round(idle_rss, 1),
+                "schedule_error_at_streams": near_50["streams"] if near_50 else None,
+                "compared_at_streams": prefork["streams"],
+                "worker_cpu_percent_per_stream": same["worker_cpu_percent_per_stream"]
+                if same
+                else None,
+                "prefork_cpu_percent_per_stream": prefork["worker_cpu_percent_per_stream"],
+                "ratio_rss_per_stream_prefork_vs_threads": ratio(prefork_rss, threads_rss),
+                "worker_rss_mb_per_stream_marginal_at_top": round(
+                    (top["worker_rss_mb"] - idle_rss) / top["streams"], 2
+                )
+                if top
+                else None,
+                "stopped_by": None
+                if not steps or steps[-1]["sustained"]
+                else "underrun or failure",
+                "steps": steps,
+                "prefork": prefork,
+            },
+        }
+
+
+def bench_sender(stack: LocalStack, plan: Plan) -> dict[str, Any]:
+    """Sections 6–8, each configuration in a fresh process (see avatarq/dev/bench/sender.py)."""
+    base_env = {k: v for k, v in os.environ.items() if k not in ("RUST_LOG", "LIVEKIT_RTC_DEBUG")}
+
+    def run(
+        *args: str, env: dict[str, str] | None = None, streams_: int | None = None
+    ) -> dict[str, Any]:
+        argv = [
+            sys.executable,
+            "-m",
+            "avatarq.dev.bench.sender",
+            "--streams",
+            str(streams_ or plan.sender_streams),
+        ]
+        argv += ["--seconds", str(plan.sender_seconds), *args]
+        done = subprocess.run(
+            argv,
+            env={**base_env, **stack.env(), **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=plan.sender_seconds * 3 + 150,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"sender bench {args} failed:\n{done.stderr[-2000:]}")
+        return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+    huge_lead = str(plan.sender_seconds * 10)  # nothing waits: as fast as the avatar accepts
+    ours = run("--mode", "ours")
+    results: dict[str, Any] = {
+        "ours": ours,
+        "agents": run("--mode", "agents"),
+        "ours_unpaced": run("--mode", "ours", "--lead", huge_lead, streams_=1),
+        "agents_unpaced": run("--mode", "agents", "--lead", huge_lead, streams_=1),
+        "logs": {
+            "default": ours,
+            "verbose": run(
+                "--mode",
+                "ours",
+                "--verbose-logs",
+                env={"RUST_LOG": "debug", "LIVEKIT_RTC_DEBUG": "1"},
+            ),
+        },
+        "chunks": [
+            ours if chunk == streams.CHUNK_SECONDS else run("--mode", "ours", "--chunk", str(chunk))
+            for chunk in plan.chunks
+        ],
+    }
+    results["ratio_cpu_ours_vs_agents"] = ratio(
+        ours["cpu_percent_per_stream"], results["agents"]["cpu_percent_per_stream"]
+    )
+    return results
+
+
+def run(
+    plan: Plan, sections: tuple[str, ...] = SECTIONS, workdir: Path | None = None
+) -> dict[str, Any]:
+    """Run `sections` of `plan`; one JSON-able dict (plus the long job's pacing trace under
+    `_pacing_errors_ms`, for the plot)."""
+    started = time.monotonic()
+    deadline = started + plan.budget_s
+    workdir = workdir or Path(tempfile.mkdtemp(prefix="avatarq-bench-"))
+    results: dict[str, Any] = {
+        "plan": plan.name,
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(),
+        "sections": list(sections),
+    }
+    if plan is QUICK:
+        results["note"] = (
+            f"--quick: drift from a {plan.drift_audio_s:g}-second job, not 10 minutes; "
+            f"concurrency only up to {max(plan.ramp)} streams"
+        )
+    if "decode" in sections:
+        results.update(codec.bench_decode(workdir, plan.decode_seconds))
+    if "queue" in sections:
+        clip = make_clip(workdir / "queue.wav", 1.0, rate=16000)
+        results.update(queue.bench_queue(workdir, clip, plan.queue_jobs, time_limit=30))
+    if NETNS_SECTIONS & set(sections):
+        if os.environ.get("AVATARQ_IN_NETNS") != "1":
+            raise SystemExit("sections jobs/sender join LiveKit rooms: run inside infra/netns-run")
+        with local_stack(workdir / "stack") as stack, queue.settings_env(stack.env()):
+            if "sender" in sections:
+                results["sender"] = bench_sender(stack, plan)
+            if "jobs" in sections:
+                figures, errors = JobsBench(stack, plan, deadline).run()
+                results.update(figures)
+                results["_pacing_errors_ms"] = errors
+    results["machine"]["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+    results["elapsed_s"] = round(time.monotonic() - started, 1)
+    return results
+
+
+def write_docs(results: dict[str, Any], docs: Path) -> list[Path]:
+    """docs/performance.md (table, date, machine) and the PNG plots."""
+    docs.mkdir(parents=True, exist_ok=True)
+    written = report.plot(results, results.get("_pacing_errors_ms") or [], docs)
+    m = results["machine"]
+    body = [
+        "# Performance",
+        "",
+        f"`avatarq bench` ({results['plan']} plan), {results['date']}, on {m['cores']} cores "
+        f"({m['cpu']}), {m['ram_gb']} GB RAM; load average {m['load_avg_start']} at the start, "
+        f"{m['load_avg_end']} at the end (the machine is shared). The local LiveKit server and "
+        "avatar emulator run on the same cores as the worker.",
+        "",
+        report.markdown_table(results),
+        "",
+        *(f"![{p.stem}]({p.name})" for p in written),
+        "",
+        "Full figures (`avatarq bench --json`):",
+        "",
+        "```json",
+        json.dumps({k: v for k, v in results.items() if not k.startswith("_")}, indent=1),
+        "```",
+        "",
+    ]
+    (docs / "performance.md").write_text("\n".join(body))
+    return [docs / "performance.md", *written]
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small counts, under 2 minutes")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated")
+    parser.add_argument("--docs", type=Path, help="write performance.md and plots here")
+    args = parser.parse_args(argv)
+    return emit(
+        QUICK if args.quick else FULL, tuple(args.sections.split(",")), args.json, args.docs
+    )
+
+
+def emit(plan: Plan, sections: tuple[str, ...], as_json: bool, docs: Path | None) -> int:
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        print(f"unknown sections: {', '.join(sorted(unknown))}", file=sys.stderr)
+        return 2
+    results = run(plan, sections)
+    if docs is not None:
+        write_docs(results, docs)
+    public = {k: v for k, v in results.items() if not k.startswith("_")}
+    print(json.dumps(public) if as_json else report.text_table(public))
+    return 0

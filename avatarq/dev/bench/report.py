@@ -1,0 +1,196 @@
+"""The benchmark's outputs: the summary table (text and markdown) and the PNG plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+#: (label, dotted path of the value, of its baseline, unit, goal)
+Row = tuple[str, str, str | None, str, str]
+
+ROWS: list[Row] = [
+    (
+        "start overhead p50 (excl. avatar start)",
+        "overhead.start_overhead_s.p50",
+        "overhead.avatar_start_s.p50",
+        "s",
+        "< 1 s",
+    ),
+    ("start overhead p95", "overhead.start_overhead_s.p95", None, "s", "< 1 s"),
+    ("avatar start p50 (emulator)", "overhead.avatar_start_s.p50", None, "s", "reported"),
+    (
+        "end overhead p50 (last byte → finished)",
+        "overhead.end_overhead_s.p50",
+        "overhead.lead_s",
+        "s",
+        "< lead + 0.3 s",
+    ),
+    ("end overhead p95", "overhead.end_overhead_s.p95", "overhead.lead_s", "s", "< lead + 0.3 s"),
+    ("pickup latency at idle p50", "overhead.pickup_latency_s.p50", None, "s", ""),
+    (
+        "receiver drift, long job",
+        "pacing.receiver_drift_ms",
+        "pacing.baseline_short_jobs_drift_ms_p50",
+        "ms",
+        "< 5 ms",
+    ),
+    ("schedule error p50, long job", "pacing.schedule_error_ms.p50", None, "ms", ""),
+    ("schedule error p99, long job", "pacing.schedule_error_ms.p99", None, "ms", ""),
+    ("schedule error max, long job", "pacing.schedule_error_ms.max", None, "ms", ""),
+    ("schedule error p99 at ~50 streams", "schedule_error_p99_ms", None, "ms", "< 20 ms"),
+    ("max streams in one process (no underrun)", "max_streams_per_process", None, "", "≥ 100"),
+    (
+        "worker CPU per stream",
+        "concurrency.worker_cpu_percent_per_stream",
+        "concurrency.prefork_cpu_percent_per_stream",
+        "% core",
+        "",
+    ),
+    ("worker RSS per stream", "rss_per_stream_mb", "rss_per_stream_mb_prefork", "MB", "≥ 10× less"),
+    (
+        "decode+resample, slowest format",
+        "decode_x_realtime",
+        "decode.slowest_baseline_x_realtime",
+        "× real time",
+        "≥ 300×",
+    ),
+    (
+        "enqueue, single",
+        "queue.enqueue_single_jobs_per_s",
+        "queue.baseline_celery_send_task_jobs_per_s",
+        "jobs/s",
+        "",
+    ),
+    (
+        "enqueue, bulk",
+        "queue.enqueue_bulk_jobs_per_s",
+        "queue.baseline_celery_send_task_jobs_per_s",
+        "jobs/s",
+        "",
+    ),
+    (
+        "sender CPU per stream, ours",
+        "sender.ours.cpu_percent_per_stream",
+        "sender.agents.cpu_percent_per_stream",
+        "% core",
+        "",
+    ),
+    (
+        "sender bytes/s unpaced, ours",
+        "sender.ours_unpaced.bytes_per_s_per_stream",
+        "sender.agents_unpaced.bytes_per_s_per_stream",
+        "B/s",
+        "",
+    ),
+    (
+        "sender CPU per stream, verbose SDK logs",
+        "sender.logs.verbose.cpu_percent_per_stream",
+        "sender.ours.cpu_percent_per_stream",
+        "% core",
+        "",
+    ),
+]
+
+
+def lookup(results: dict[str, Any], path: str) -> Any:
+    node: Any = results
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.3g}" if abs(value) < 100 else f"{value:,.0f}"
+    return "—" if value is None else str(value)
+
+
+def rows(results: dict[str, Any]) -> list[list[str]]:
+    """[figure, value, baseline, ratio, goal] for every figure the run measured."""
+    out = []
+    for label, path, base_path, unit, goal in ROWS:
+        value = lookup(results, path)
+        if value is None:
+            continue
+        base = lookup(results, base_path) if base_path else None
+        ratio = value / base if isinstance(value, int | float) and base else None
+        shown = f"{_fmt(value)} {unit}".strip()
+        out.append([label, shown, _fmt(base), f"{ratio:.2f}" if ratio is not None else "—", goal])
+    for size in lookup(results, "sender.chunks") or []:
+        cpu, p99 = size["cpu_percent_per_stream"], size["schedule_error_ms"]["p99"]
+        out.append(
+            [
+                f"chunk {size['chunk_s']:g} s: CPU per stream / schedule p99",
+                f"{cpu:.2f} % / {p99:.1f} ms",
+                "—",
+                "—",
+                "",
+            ]
+        )
+    return out
+
+
+HEADER = ["figure", "value", "baseline", "ratio", "goal"]
+
+
+def text_table(results: dict[str, Any]) -> str:
+    body = rows(results)
+    widths = [max(len(r[i]) for r in [HEADER, *body]) for i in range(len(HEADER))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)) for r in [HEADER, *body]
+    )
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows(results)]
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, Any], pacing_errors_ms: list[float], out_dir: Path) -> list[Path]:
+    """docs/bench-pacing.png (schedule error over the long job) and docs/bench-concurrency.png
+    (CPU and RSS against streams)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    chunk_s = lookup(results, "pacing.chunk_s") or 0.1
+    if pacing_errors_ms:
+        fig, ax = plt.subplots(figsize=(8, 3.5))
+        ax.plot([i * chunk_s / 60 for i in range(len(pacing_errors_ms))], pacing_errors_ms, lw=0.5)
+        ax.set_xlabel("audio time (min)")
+        ax.set_ylabel("schedule error (ms)")
+        ax.set_title("Sender schedule error per 100 ms chunk, long job")
+        fig.tight_layout()
+        written.append(out_dir / "bench-pacing.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    steps = lookup(results, "concurrency.steps") or []
+    if steps:
+        n = [s["streams"] for s in steps]
+        fig, (cpu, rss) = plt.subplots(1, 2, figsize=(10, 3.8))
+        for key, label in (
+            ("worker_cpu_percent", "worker (one process)"),
+            ("livekit_server_cpu_percent", "dev LiveKit server"),
+            ("avatar_emulator_cpu_percent", "avatar emulator"),
+        ):
+            cpu.plot(n, [s[key] for s in steps], marker="o", label=label)
+        cpu.set_xlabel("concurrent streams")
+        cpu.set_ylabel("CPU (% of one core)")
+        cpu.legend(fontsize=8)
+        rss.plot(n, [s["worker_rss_mb"] for s in steps], marker="o", label="worker (threads)")
+        prefork = lookup(results, "concurrency.prefork")
+        if prefork:
+            rss.plot([prefork["streams"]], [prefork["worker_rss_mb"]], "rs", label="prefork total")
+        rss.set_xlabel("concurrent streams")
+        rss.set_ylabel("RSS (MB)")
+        rss.legend(fontsize=8)
+        fig.tight_layout()
+        written.append(out_dir / "bench-concurrency.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    return written

@@ -1,0 +1,166 @@
+"""Sections 6–8: the cost of sending alone, in a fresh process per configuration.
+
+    python -m avatarq.dev.bench.sender --mode ours --streams 10 --seconds 20 --chunk 0.1 ...
+
+Joins `--streams` rooms of the local stack, starts an emulated avatar in each, then streams the
+same synthetic PCM to all of them at once, either with the worker's AudioStreamSender
+(`ours`) or with livekit-agents' DataStreamAudioOutput (`agents`), both paced by the same
+Pacer (`--lead` large = as fast as the avatar accepts). It prints one JSON object: CPU seconds
+of this process during the streaming phase only (joins and avatar starts excluded), bytes/s,
+and the schedule error of every chunk. A fresh process per run matters: the LiveKit SDK reads
+its log filter (RUST_LOG) once, when its native library starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import resource
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from livekit import rtc
+
+from avatarq.dev.bench.stats import spread
+from avatarq.settings import get_settings
+from tasks import room as rooms
+from tasks import tokens
+from tasks.app import quiet_livekit_logs
+from tasks.avatar import HttpAvatarClient
+from tasks.pacing import Pacer
+from tasks.stream import AudioStreamSender
+
+RATE = 16000
+BYTES_PER_SECOND = RATE * 2
+JOIN_TIMEOUT_S = 30.0
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def tone_chunk(chunk_bytes: int) -> bytes:
+    """One chunk of a 440 Hz tone; every chunk is the same (the content costs nothing)."""
+    samples = chunk_bytes // 2
+    pcm = (int(8000 * math.sin(2 * math.pi * 440 * i / RATE)) for i in range(samples))
+    return b"".join(v.to_bytes(2, "little", signed=True) for v in pcm)
+
+
+async def pcm(seconds: float, chunk_bytes: int) -> AsyncIterator[bytes]:
+    chunk = tone_chunk(chunk_bytes)
+    for _ in range(int(seconds * BYTES_PER_SECOND) // chunk_bytes):
+        yield chunk
+
+
+async def send_agents(
+    room: rtc.Room, avatar: str, seconds: float, chunk_bytes: int, pacer: Pacer
+) -> int:
+    """The same audio through livekit-agents' DataStreamAudioOutput, paced alike."""
+    from livekit.agents.voice.avatar import DataStreamAudioOutput
+
+    out = DataStreamAudioOutput(room, destination_identity=avatar, sample_rate=RATE)
+    sent = 0
+    pacer.start()
+    async for chunk in pcm(seconds, chunk_bytes):
+        await pacer.wait(sent)
+        await out.capture_frame(rtc.AudioFrame(chunk, RATE, 1, len(chunk) // 2))
+        sent += len(chunk)
+    out.flush()
+    return sent
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    settings = get_settings()
+    chunk_bytes = int(RATE * args.chunk) * 2
+    avatar_client = HttpAvatarClient(
+        settings.avaluma_api_url, settings.avaluma_license_key.get_secret_value()
+    )
+    joined: list[tuple[rtc.Room, str]] = []
+    sessions = []
+    try:
+
+        async def join(i: int) -> None:
+            name, worker, avatar = f"send-{args.mode}-{i}", f"w-{i}", f"avatar-{i}"
+            t = tokens.mint(
+                settings,
+                room=name,
+                worker_identity=worker,
+                avatar_identity=avatar,
+                ttl=tokens.ttl_for(args.seconds, settings),
+            )
+            room = await rooms.connect(settings.livekit_url, t.worker)
+            joined.append((room, avatar))
+            sessions.append(
+                await avatar_client.start(
+                    livekit_url=settings.livekit_url,
+                    livekit_token=t.avatar,
+                    avatar_id="bench",
+                    avatar_identity=avatar,
+                )
+            )
+            await rooms.wait_for_avatar(room, avatar, timeout=JOIN_TIMEOUT_S)
+
+        await asyncio.gather(*(join(i) for i in range(args.streams)))
+        pacers = [Pacer(BYTES_PER_SECOND, lead=args.lead, record_errors=True) for _ in joined]
+
+        async def one(room: rtc.Room, avatar: str, pacer: Pacer) -> int:
+            if args.mode == "agents":
+                return await send_agents(room, avatar, args.seconds, chunk_bytes, pacer)
+            sender = AudioStreamSender(room, avatar, RATE)
+            return await sender.send_segment(pcm(args.seconds, chunk_bytes), pacer)
+
+        cpu0, wall0 = cpu_seconds(), time.perf_counter()
+        sent = await asyncio.gather(
+            *(one(r, a, p) for (r, a), p in zip(joined, pacers, strict=True))
+        )
+        wall, cpu = time.perf_counter() - wall0, cpu_seconds() - cpu0
+    finally:
+        await asyncio.gather(*(avatar_client.stop(s) for s in sessions), return_exceptions=True)
+        await avatar_client.aclose()
+        await asyncio.gather(*(r.disconnect() for r, _ in joined), return_exceptions=True)
+    audio_s = sum(sent) / BYTES_PER_SECOND
+    errors = [e * 1000 for p in pacers for e in p.errors]
+    return {
+        "mode": args.mode,
+        "streams": args.streams,
+        "chunk_s": args.chunk,
+        "lead_s": args.lead,
+        "audio_s": round(audio_s, 3),
+        "wall_s": round(wall, 3),
+        "cpu_s": round(cpu, 3),
+        # CPU seconds per second of audio sent = share of one core per real-time stream.
+        "cpu_percent_per_stream": round(cpu / audio_s * 100, 3),
+        "bytes_per_s_per_stream": round(sum(sent) / len(sent) / wall, 1),
+        "schedule_error_ms": spread(errors, 2),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=["ours", "agents"], default="ours")
+    parser.add_argument("--streams", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--chunk", type=float, default=0.1)
+    parser.add_argument("--lead", type=float, default=0.5)
+    parser.add_argument(
+        "--verbose-logs", action="store_true", help="DEBUG logging like `--loglevel DEBUG`"
+    )
+    args = parser.parse_args(argv)
+    # Log to a file, as a worker does, so formatting costs what it costs in production.
+    logging.basicConfig(
+        filename="/dev/null", level=logging.DEBUG if args.verbose_logs else logging.INFO
+    )
+    if not args.verbose_logs:
+        quiet_livekit_logs()
+    result = asyncio.run(asyncio.wait_for(run(args), args.seconds * 3 + 120))
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

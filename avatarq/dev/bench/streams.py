@@ -1,0 +1,215 @@
+"""Sections 1–3: real jobs on the local stack (producer → Redis → celery worker → LiveKit room
+→ avatar emulator): start/end overhead, pacing drift on the receiving side, and how many
+streams one worker process plays without an underrun, versus the prefork baseline.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from avatarq.dev.bench.stats import ProcessSampler, ratio, spread
+from avatarq.dev.stack import LocalStack
+from tasks.pipeline import CHUNK_SECONDS
+
+POLL_S = 0.5
+#: Results and sidecars of a job that ended are read for this long before giving up.
+SIDECAR_WAIT_S = 5.0
+
+
+@dataclass
+class Played:
+    enqueued_at: float
+    result: dict[str, Any]
+    segment: dict[str, Any] | None  # the emulator's record of the job's one audio segment
+
+
+def submit(rooms: list[str], clip: Path, lead: float) -> list[tuple[Any, float]]:
+    from producers import enqueue
+
+    handles = []
+    for room in rooms:
+        at = time.time()
+        handles.append(
+            (enqueue({"room": room, "avatar_id": "anna", "source": str(clip), "lead": lead}), at)
+        )
+    return handles
+
+
+def collect(stack: LocalStack, handles: list[tuple[Any, float]], timeout: float) -> list[Played]:
+    """Wait (at most `timeout`) for every job to end; pair each result with its segment."""
+    from producers import get_status
+    from producers.client import is_terminal
+
+    deadline = time.monotonic() + timeout
+    results: dict[str, dict[str, Any]] = {}
+    while len(results) < len(handles) and time.monotonic() < deadline:
+        for handle, _ in handles:
+            if handle.job_id not in results:
+                status = get_status(handle.job_id)
+                if is_terminal(status):
+                    results[handle.job_id] = status
+        time.sleep(POLL_S)
+    return [
+        Played(
+            at, results.get(h.job_id, {"status": "timeout"}), _segment(stack, results.get(h.job_id))
+        )
+        for h, at in handles
+    ]
+
+
+def _segment(stack: LocalStack, result: dict[str, Any] | None) -> dict[str, Any] | None:
+    session = (result or {}).get("avatar_session_id")
+    if not session:
+        return None
+    path = stack.recordings / f"{session}.json"
+    deadline = time.monotonic() + SIDECAR_WAIT_S
+    while time.monotonic() < deadline:
+        try:
+            segments = json.loads(path.read_text())["segments"]
+            if segments and segments[0].get("playback_finished_at"):
+                return dict(segments[0])
+        except (OSError, ValueError, KeyError):
+            pass  # not written yet (the emulator saves when the segment finishes)
+        time.sleep(0.1)
+    return None
+
+
+def drift_ms(segment: dict[str, Any], lead: float) -> float:
+    """Receiver-side drift: how far the audio's arrival span strays from the wall clock.
+
+    The sender lets the first `lead` seconds go at once, then sends chunk k at its audio time
+    minus the lead; so the last chunk (starting at D − c) arrives D − c − lead after the first.
+    Accumulating pacing error would show as a span longer (or shorter) than that.
+    """
+    received = float(segment["received_s"])
+    chunks = math.ceil(round(received / CHUNK_SECONDS, 6))
+    last_chunk_starts = (chunks - 1) * CHUNK_SECONDS
+    expected = max(0.0, last_chunk_starts - lead)
+    return (segment["last_frame_at"] - segment["first_frame_at"] - expected) * 1000
+
+
+def _completed(runs: list[Played]) -> list[Played]:
+    return [r for r in runs if r.result.get("status") == "completed"]
+
+
+def overhead(runs: list[Played], lead: float) -> dict[str, Any]:
+    """Section 1 from the jobs' timestamps (epoch seconds in the result)."""
+    done = [r for r in _completed(runs) if r.result["timestamps"].get("playback_finished")]
+    pickup, start, avatar, end, stream, drift = [], [], [], [], [], []
+    for r in done:
+        ts = r.result["timestamps"]
+        avatar_s = ts["avatar_ready"] - ts["room_joined"]
+        pickup.append(ts["picked"] - r.enqueued_at)
+        avatar.append(avatar_s)
+        # The worker's own start: everything from pick-up to first byte but the avatar's start.
+        start.append(ts["first_byte"] - ts["picked"] - avatar_s)
+        end.append(ts["playback_finished"] - ts["last_byte"])
+        stream.append(ts["last_byte"] - ts["first_byte"])
+        if r.segment is not None:
+            drift.append(drift_ms(r.segment, lead))
+    start_s, end_s, avatar_spread = spread(start), spread(end), spread(avatar)
+    return {
+        "start_overhead_p50_s": start_s["p50"],
+        "overhead": {
+            "jobs": len(runs),
+            "completed": len(done),
+            "lead_s": lead,
+            "pickup_latency_s": spread(pickup),
+            "start_overhead_s": start_s,
+            "avatar_start_s": avatar_spread,
+            "end_overhead_s": end_s,
+            "streaming_s": spread(stream),
+            "receiver_drift_ms": spread(drift, 2),
+            # Baselines: the avatar's own start (outside our control) and the lead (the audio
+            # the avatar still has to play when the last byte leaves).
+            "ratio_start_vs_avatar_start": ratio(start_s["p50"], avatar_spread["p50"]),
+            "ratio_end_vs_lead": ratio(end_s["p50"], lead),
+            "goal_start_below_s": 1.0,
+            "goal_end_below_s": round(lead + 0.3, 3),
+        },
+    }
+
+
+def drift(run: Played, lead: float, baseline: list[Played]) -> dict[str, Any]:
+    """Section 2 for the long job: receiver drift and the sender's schedule error over time;
+    baseline: the drift of the short overhead jobs (offset that is not accumulation)."""
+    errors = run.result.get("pacing_errors_ms") or []
+    value = drift_ms(run.segment, lead) if run.segment else float("nan")
+    short = [drift_ms(r.segment, lead) for r in _completed(baseline) if r.segment]
+    short_p50 = statistics.median(short) if short else 0.0
+    return {
+        "pacing_drift_ms": round(value, 2),
+        "pacing": {
+            "job_audio_s": run.result.get("seconds_streamed"),
+            "status": run.result.get("status"),
+            "receiver_drift_ms": round(value, 2),
+            "baseline_short_jobs_drift_ms_p50": round(short_p50, 2),
+            "ratio_drift_vs_short_jobs": ratio(abs(value), abs(short_p50)),
+            "underruns": len((run.segment or {}).get("underruns", [])),
+            "schedule_error_ms": spread(errors, 2),
+            "goal_drift_below_ms": 5.0,
+        },
+        "_pacing_errors_ms": errors,
+    }
+
+
+def step(
+    stack: LocalStack,
+    worker: psutil.Process,
+    n: int,
+    clip: Path,
+    lead: float,
+    timeout: float,
+    tag: str,
+) -> dict[str, Any]:
+    """Play `n` jobs at once on `worker`; its CPU and RSS (and the stand-ins') while all play."""
+    assert stack.livekit.proc is not None and stack.avatar.proc is not None
+    procs = {
+        "worker": worker,
+        "livekit_server": psutil.Process(stack.livekit.proc.pid),
+        "avatar_emulator": psutil.Process(stack.avatar.proc.pid),
+    }
+    with ProcessSampler(procs) as sampler:
+        runs = collect(stack, submit([f"{tag}-{n}-{i}" for i in range(n)], clip, lead), timeout)
+    done = _completed(runs)
+    stamps = [r.result["timestamps"] for r in done]
+    # Only while every stream is playing: after the last first byte, before the first last byte.
+    start = max((t["first_byte"] for t in stamps), default=0.0)
+    end = min((t["last_byte"] for t in stamps), default=0.0)
+    figures: dict[str, Any] = {
+        "streams": n,
+        "completed": len(done),
+        "window_s": round(end - start, 1),
+    }
+    for name in procs:
+        cpu, rss, ffmpeg_rss = sampler.cpu_rss(name, start, end)
+        figures[f"{name}_cpu_percent"] = cpu
+        figures[f"{name}_rss_mb"] = rss
+        if name == "worker":
+            figures["ffmpeg_rss_mb"] = ffmpeg_rss
+    errors = [e for r in done for e in r.result.get("pacing_errors_ms") or []]
+    figures["schedule_error_ms"] = spread(errors, 2)
+    figures["underruns"] = sum(len(r.segment["underruns"]) for r in done if r.segment)
+    figures["missing_segments"] = sum(r.segment is None for r in done)
+    figures["sustained"] = (
+        len(done) == n and figures["underruns"] == 0 and figures["missing_segments"] == 0
+    )
+    figures["worker_cpu_percent_per_stream"] = round(figures["worker_cpu_percent"] / n, 2)
+    figures["worker_rss_mb_per_stream"] = round(figures["worker_rss_mb"] / n, 2)
+    return figures
+
+
+def pacing_p99(steps: list[dict[str, Any]], at: int) -> float:
+    """p99 schedule error of the step closest to `at` streams."""
+    if not steps:
+        return 0.0
+    nearest = min(steps, key=lambda s: abs(s["streams"] - at))
+    return float(nearest["schedule_error_ms"]["p99"])
