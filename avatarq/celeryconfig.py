@@ -12,6 +12,8 @@ from avatarq.settings import Settings
 #: The render task's registered name; producers send by name and never import the worker.
 RENDER_TASK = "avatarq.render"
 RENDER_QUEUE = "avatarq"
+#: Seconds between sweeps that hand jobs of dead workers back to the queue.
+RESTORE_SWEEP_S = 5
 def celery_config(settings: Settings) -> dict[str, Any]:
     visibility = int(settings.redelivery_after_s)
     return {
@@ -28,7 +30,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         # Redelivery of an unacked job must wait longer than the longest job can play.
-        "broker_transport_options": {"visibility_timeout": visibility},
+        # Each worker sweeps for jobs abandoned by dead workers every few seconds (kombu's
+        # default sweep is ~100 s, which would add minutes to every recovery).
+        "broker_transport_options": {
+            "visibility_timeout": visibility,
+            "unacked_restore_interval": RESTORE_SWEEP_S,
+            "unacked_restore_throttle": 1,
+        },
         "result_backend_transport_options": {"visibility_timeout": visibility},
         "result_expires": 7 * 24 * 3600,
         "task_track_started": True,

@@ -21,6 +21,7 @@ class Event(StrEnum):
 
 
 class Status(StrEnum):
+    UNKNOWN = "unknown"  # never enqueued (or its record expired)
     QUEUED = "queued"
     PLAYING = "playing"
     COMPLETED = "completed"

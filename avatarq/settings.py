@@ -68,6 +68,7 @@ class Settings(BaseSettings):
     )
     events_stream: str = Field("avatarq:events", validation_alias=_env("AVATARQ_EVENTS_STREAM"))
     events_maxlen: int = Field(100_000, validation_alias=_env("AVATARQ_EVENTS_MAXLEN"))
+    events_ttl_s: int = Field(7 * 24 * 3600, gt=0, validation_alias=_env("AVATARQ_EVENTS_TTL"))
     worker_concurrency: int = Field(16, validation_alias=_env("AVATARQ_WORKER_CONCURRENCY"))
     webhook_secret: SecretStr = Field(
         SecretStr(""), validation_alias=_env("AVATARQ_WEBHOOK_SECRET")

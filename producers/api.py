@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from avatarq.events import Event, job_events_key, job_record_key
+from avatarq.events import Event, Status, job_events_key, job_record_key
 from avatarq.settings import Settings, get_settings
 from producers.client import cancel, enqueue, get_status
 from producers.jobs import JOB_ID_PATTERN, Job
@@ -195,8 +195,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @jobs.get("/{job_id}")
     def job_status(job_id: JobId) -> dict[str, Any]:
-        """The job's final result if it ended, else `queued` or `playing` with progress."""
-        return get_status(job_id, settings=s)
+        """The job's final result if it ended, else `queued` or `playing` with progress;
+        404 for a job id that was never enqueued."""
+        status = get_status(job_id, settings=s)
+        if status["status"] == Status.UNKNOWN:
+            raise HTTPException(404, f"no job {job_id}")
+        return status
 
     @jobs.delete("/{job_id}", status_code=202)
     def cancel_job(job_id: JobId) -> dict[str, Any]:

@@ -123,7 +123,8 @@ def enqueue_many(
 def get_status(job_id: str, *, settings: Settings | None = None) -> dict[str, Any]:
     """The job's terminal record if it ended, else its live Celery state and progress."""
     s = settings or get_settings()
-    record = redis_client(s.redis_url).get(job_record_key(job_id))
+    r = redis_client(s.redis_url)
+    record = r.get(job_record_key(job_id))
     if record is not None:
         return json.loads(record)  # type: ignore[no-any-return]
     res = AsyncResult(job_id, app=celery_app(s))
@@ -133,8 +134,12 @@ def get_status(job_id: str, *, settings: Settings | None = None) -> dict[str, An
         status.update(status=Status.PLAYING.value, **res.info)
     elif state in ("STARTED", "RETRY"):
         status["status"] = Status.PLAYING.value if state == "STARTED" else Status.QUEUED.value
+    elif r.exists(job_enqueued_key(job_id)):
+        status["status"] = Status.QUEUED.value
     else:
-        status["status"] = Status.QUEUED.value  # PENDING: queued or unknown to Celery
+        status["status"] = Status.UNKNOWN.value
+    if r.exists(job_cancel_key(job_id)):
+        status["cancel_requested"] = True
     return status
 
 

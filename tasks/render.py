@@ -41,8 +41,10 @@ ROOM_POLL_S = 0.2
 ROOM_REQUEUE_S = 1.0
 #: How often a playing job checks for cancel and hand-back: stops within half a second.
 WATCH_INTERVAL_S = 0.25
-#: Tries to record a job's end while Redis is unreachable (about a minute with backoff).
+#: Tries to record a job's end, or to start one, while Redis is unreachable (about a minute
+#: with backoff).
 FINISH_ATTEMPTS = 20
+REDIS_OUTAGE_ATTEMPTS = 20
 
 
 class JobFailed(Exception):
@@ -75,7 +77,21 @@ def render(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
     def update_state(meta: dict[str, Any]) -> None:
         self.update_state(task_id=task_id, state="PROGRESS", meta=meta)
 
-    outcome = get_loop_thread().run(run_job(payload, task_id, settings, update_state))
+    # One lease token per delivery: a re-run after a Redis outage is the same holder.
+    token = Ledger.new_token()
+    for outage in range(REDIS_OUTAGE_ATTEMPTS):
+        try:
+            outcome = get_loop_thread().run(
+                run_job(payload, task_id, token, settings, update_state)
+            )
+            break
+        except (RedisError, OSError) as e:
+            # Redis (broker and ledger) is unreachable before the job could start: wait it out
+            # here rather than fail, since failing would acknowledge, and lose, the job.
+            log.warning("job %s: Redis unreachable (%s); trying again", task_id, e)
+            time.sleep(backoff_delay(outage, 0.5, 5.0))
+    else:
+        raise TransientJobError("Redis unreachable: the job could not start")
     if outcome.retry_in is not None:
         # Our own attempt counter bounds retries (tasks/ledger.py), not Celery's.
         raise self.retry(countdown=outcome.retry_in, max_retries=None)
@@ -87,7 +103,7 @@ def render(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
 
 
 async def run_job(
-    payload: Any, task_id: str, settings: Settings, update_state: StateUpdater | None
+    payload: Any, task_id: str, token: str, settings: Settings, update_state: StateUpdater | None
 ) -> Outcome:
     redis = aioredis.from_url(settings.redis_url)
     ledger = Ledger(redis, stale_after_s=settings.redelivery_after_s)
@@ -98,15 +114,14 @@ async def run_job(
             job = parse_job(payload)
         except InvalidJob as e:
             return await _end(ledger, reporter, None, _failure(job_id, None, e, attempt=1))
-        return await _claim_and_play(job, settings, ledger, reporter)
+        return await _claim_and_play(job, token, settings, ledger, reporter)
     finally:
         await redis.aclose()
 
 
 async def _claim_and_play(
-    job: Job, settings: Settings, ledger: Ledger, reporter: JobReporter
+    job: Job, token: str, settings: Settings, ledger: Ledger, reporter: JobReporter
 ) -> Outcome:
-    token = ledger.new_token()
     deadline = time.monotonic() + ROOM_WAIT_S
     verdict, attempt = await ledger.claim(job.job_id, job.room, token)
     while verdict is Claim.WAIT and time.monotonic() < deadline:

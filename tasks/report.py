@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 from redis.typing import EncodableT, FieldT
 
-from avatarq.events import RECORD_TTL_S, Event, Status, job_events_key
+from avatarq.events import Event, Status, job_events_key
 from avatarq.settings import Settings
 from tasks import metrics
 from tasks.backoff import backoff_delay
@@ -27,6 +27,9 @@ from tasks.backoff import backoff_delay
 log = logging.getLogger("avatarq.report")
 
 PROGRESS_INTERVAL_S = 1.0
+#: A job's own stream keeps its last ~2000 events (about half an hour of progress); the
+#: lifecycle events that matter are also in the terminal record and the global stream.
+JOB_EVENTS_MAXLEN = 2000
 WEBHOOK_ATTEMPTS = 4
 WEBHOOK_SIGNATURE_HEADER = "X-Avatarq-Signature"
 WEBHOOK_TIMESTAMP_HEADER = "X-Avatarq-Timestamp"
@@ -71,8 +74,8 @@ class JobReporter:
         }
         pipe = self._redis.pipeline(transaction=False)
         pipe.xadd(self.settings.events_stream, fields, maxlen=self.settings.events_maxlen)
-        pipe.xadd(job_events_key(self.job_id), fields)
-        pipe.expire(job_events_key(self.job_id), RECORD_TTL_S)
+        pipe.xadd(job_events_key(self.job_id), fields, maxlen=JOB_EVENTS_MAXLEN)
+        pipe.expire(job_events_key(self.job_id), self.settings.events_ttl_s)
         metrics.observe(event, data)
         try:
             await pipe.execute()

@@ -131,6 +131,8 @@ def test_status_and_cancel(api: str, r: redis.Redis) -> None:
     assert res.json()["was"] == "ended"
     bad_id = requests.get(f"{api}/jobs/..%2Fx", headers=AUTH, timeout=10)
     assert bad_id.status_code in (404, 422)
+    never = requests.get(f"{api}/jobs/never-enqueued-1", headers=AUTH, timeout=10)
+    assert never.status_code == 404 and "never-enqueued-1" in never.text
 
 
 def test_sse_stream_ends_after_the_terminal_event(api: str, r: redis.Redis) -> None:

@@ -25,7 +25,7 @@ def sample_path() -> Path:
 
 def run_in_netns(argv: list[str]) -> int:
     """Re-run this command inside a private network namespace (see infra/netns-run)."""
-    cmd = [str(NETNS_RUN), sys.executable, "-m", "avatarq.cli", *argv]
+    cmd = [str(NETNS_RUN), sys.executable, "-m", "avatarq", *argv]
     return subprocess.call(cmd)
 
 

@@ -1,0 +1,5 @@
+"""`python -m avatarq`: the `avatarq` command."""
+
+from avatarq.cli import main
+
+main()
