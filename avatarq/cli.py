@@ -253,7 +253,7 @@ def avatar_emulator(ctx: typer.Context) -> None:
 
 
 #: Modules under avatarq/commands/ that add their own sub-commands.
-COMMAND_MODULES: tuple[str, ...] = ("schedule", "tts", "bulk", "api", "ops", "dead", "bench")
+COMMAND_MODULES: tuple[str, ...] = ("schedule", "tts", "bulk", "api", "ops", "dead", "bench", "faults")
 
 
 def _register_commands() -> None:
