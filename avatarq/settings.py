@@ -51,6 +51,10 @@ class Settings(BaseSettings):
     aws_region: str | None = Field(None, validation_alias=_env("AWS_REGION", "AWS_DEFAULT_REGION"))
 
     # avatarq's own knobs
+    source_hosts: str = Field("", validation_alias=_env("AVATARQ_SOURCE_HOSTS"))
+    allow_private_sources: bool = Field(
+        False, validation_alias=_env("AVATARQ_ALLOW_PRIVATE_SOURCES")
+    )
     ffmpeg_binary: str | None = Field(None, validation_alias=_env("AVATARQ_FFMPEG"))
     default_lead_s: float = Field(0.5, validation_alias=_env("AVATARQ_DEFAULT_LEAD"))
     max_job_duration_s: float = Field(3600.0, validation_alias=_env("AVATARQ_MAX_JOB_DURATION"))

@@ -25,6 +25,7 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from avatarq.errors import InvalidJob, SourceNotFound, SourceUnavailable
 from avatarq.settings import Settings
+from avatarq.sourcepolicy import check_source_url
 
 # boto3 clients are generated at runtime; without the (optional) stubs they are untyped.
 S3Client = Any
@@ -89,6 +90,7 @@ def resolve(source: str, settings: Settings) -> ResolvedSource:
     if scheme in ("http", "https"):
         if not parts.hostname:
             raise InvalidJob("http(s) source without a host", reason="invalid_source")
+        check_source_url(source, settings, resolve=True)
         return ResolvedSource(
             url_or_path=source,
             protocols=HTTP_PROTOCOLS,

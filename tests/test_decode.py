@@ -28,7 +28,8 @@ __all__ = ["aws_env", "s3_server"]  # fixtures used by name below
 
 pytestmark = pytest.mark.timeout(120)
 
-SETTINGS = Settings()
+# The HTTP tests serve audio from loopback, which production settings refuse (SSRF).
+SETTINGS = Settings(allow_private_sources=True)
 RATE = 16000
 CHUNK = 3200  # 100 ms of 16 kHz mono s16le, what the streamer sends per frame batch
 # ffmpeg reads ~100 KB while opening a WAV (format and codec probing) before it decodes.

@@ -54,6 +54,8 @@ class LocalStack:
             "AVALUMA_API_URL": self.avatar_url,
             "AVALUMA_LICENSE_KEY": self.license_key,
             "REDIS_URL": self.redis.url,
+            # Local development serves audio from this machine.
+            "AVATARQ_ALLOW_PRIVATE_SOURCES": "true",
         }
 
     def start_worker(
