@@ -130,11 +130,12 @@ def get_status(job_id: str, *, settings: Settings | None = None) -> dict[str, An
     record = r.get(job_record_key(job_id))
     if record is not None:
         return json.loads(record)  # type: ignore[no-any-return]
-    res = AsyncResult(job_id, app=celery_app(s))
-    state = res.state
+    # One read of the task's meta: state and info read apart can disagree mid-update.
+    meta = celery_app(s).backend.get_task_meta(job_id)
+    state, info = meta.get("status", "PENDING"), meta.get("result")
     status: dict[str, Any] = {"job_id": job_id, "celery_state": state}
-    if state == "PROGRESS" and isinstance(res.info, dict):
-        status.update(status=Status.PLAYING.value, **res.info)
+    if state == "PROGRESS" and isinstance(info, dict):
+        status.update(status=Status.PLAYING.value, **info)
     elif state in ("STARTED", "RETRY"):
         status["status"] = Status.PLAYING.value if state == "STARTED" else Status.QUEUED.value
     elif r.exists(job_enqueued_key(job_id)):

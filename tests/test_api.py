@@ -66,9 +66,11 @@ def test_api_keys(api: str) -> None:
     )
     wrong = {"Authorization": "Bearer nope"}
     assert requests.get(f"{api}/jobs/x1", headers=wrong, timeout=10).status_code == 403
-    assert requests.get(f"{api}/jobs/x1", headers=AUTH, timeout=10).status_code == 200
+    assert (
+        requests.get(f"{api}/jobs/x1", headers=AUTH, timeout=10).status_code == 404
+    )  # let in; no such job
     other = {"X-API-Key": KEYS[1]}
-    assert requests.get(f"{api}/jobs/x1", headers=other, timeout=10).status_code == 200
+    assert requests.get(f"{api}/jobs/x1", headers=other, timeout=10).status_code == 404
     # Auth comes before the body is even looked at.
     assert requests.post(f"{api}/jobs", json={}, timeout=10).status_code == 401
 
