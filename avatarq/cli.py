@@ -253,7 +253,16 @@ def avatar_emulator(ctx: typer.Context) -> None:
 
 
 #: Modules under avatarq/commands/ that add their own sub-commands.
-COMMAND_MODULES: tuple[str, ...] = ("schedule", "tts", "bulk", "api", "ops", "dead", "bench", "faults")
+COMMAND_MODULES: tuple[str, ...] = (
+    "schedule",
+    "tts",
+    "bulk",
+    "api",
+    "ops",
+    "dead",
+    "bench",
+    "faults",
+)
 
 
 def _register_commands() -> None:

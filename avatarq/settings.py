@@ -92,6 +92,8 @@ class Settings(BaseSettings):
     )
     # Benchmarks (avatarq bench): results carry every audio chunk's schedule error.
     pacing_trace: bool = Field(False, validation_alias=_env("AVATARQ_PACING_TRACE"))
+    # Workers: let the LiveKit SDK forward its native logs into Python (costly; tasks/lklogs.py).
+    livekit_log_capture: bool = Field(False, validation_alias=_env("AVATARQ_LIVEKIT_LOG_CAPTURE"))
 
     # TTS pre-generation (producer side: rendered once, stored, then enqueued as plain audio)
     tts_max_chars: int = Field(5000, gt=0, validation_alias=_env("AVATARQ_TTS_MAX_CHARS"))

@@ -20,7 +20,7 @@ from celery.signals import (
 from avatarq import logs
 from avatarq.celeryconfig import celery_config
 from avatarq.settings import get_settings
-from tasks import metrics
+from tasks import lklogs, metrics
 from tasks.control import HAND_BACK
 
 app = Celery("avatarq")
@@ -30,9 +30,11 @@ app.conf.imports = ["tasks.render"]
 
 def quiet_livekit_logs() -> None:
     """The SDK forwards Rust/libwebrtc logs into Python; at debug levels that is a hex dump per
-    SCTP packet, costing more CPU than streaming. Keep them at WARNING unless asked."""
+    SCTP packet, costing more CPU than streaming. Keep them at WARNING unless asked, and
+    unless AVATARQ_LIVEKIT_LOG_CAPTURE, keep them out of Python altogether (tasks/lklogs.py)."""
     for name in ("livekit", "livekit.rtc"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    lklogs.capture_native_logs(get_settings().livekit_log_capture)
 
 
 @setup_logging.connect

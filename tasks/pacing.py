@@ -37,7 +37,7 @@ class Pacer:
         delay = due - self.clock()
         if delay > 0:
             await self.sleep(delay)
-        # Chunks the lead lets go at once (due before the start) have no schedule to keep. A
+        # Chunks the lead lets go at once (due by the start) have no schedule to keep. A
         # chunk already late when asked is recorded too: it is the error that matters most.
-        if self.record_errors and self.t0 is not None and due >= self.t0:
+        if self.record_errors and self.t0 is not None and due > self.t0:
             self.errors.append(self.clock() - due)

@@ -151,7 +151,7 @@ async def play(
 
                 async def on_progress(sent: int) -> None:
                     pacing.observe(sent)
-                    await reporter.progress(sent / bps, duration)
+                    reporter.progress_nowait(sent / bps, duration)
 
                 pacer = Pacer(bytes_per_second=bps, lead=lead, record_errors=settings.pacing_trace)
                 pacing = metrics.PacingProbe(pacer)
@@ -163,6 +163,8 @@ async def play(
                     if control.reason is not StopReason.ROOM_LOST:
                         raise
                     raise RoomError(f"lost the LiveKit room while streaming: {e}") from None
+                finally:
+                    await reporter.settle_progress()
                 ts.last_byte = ended = time.time()
                 streamed = sent / bps
                 await reporter.progress(streamed, duration, force=True)

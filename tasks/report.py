@@ -64,6 +64,7 @@ class JobReporter:
         self._redis = redis or aioredis.from_url(settings.redis_url)
         self._owns_redis = redis is None
         self._last_progress = 0.0
+        self._progress_task: asyncio.Task[None] | None = None
 
     async def emit(self, event: Event, **data: Any) -> None:
         fields: dict[FieldT, EncodableT] = {
@@ -98,6 +99,22 @@ class JobReporter:
                 await asyncio.to_thread(self._update_state, meta)
             except Exception as e:  # the result backend is down: progress can wait
                 log.warning("job %s: progress state not stored: %s", self.job_id, e)
+
+    def progress_nowait(self, streamed_s: float, total_s: float | None) -> None:
+        """`progress` beside the caller instead of in its way: the audio send loop calls this
+        after every chunk, and a report (Redis, then the Celery result backend through a
+        thread) took up to 150 ms under load, long enough to starve the avatar. One report
+        at a time; one falling due while the previous is still out is skipped."""
+        if time.monotonic() - self._last_progress < PROGRESS_INTERVAL_S:
+            return
+        if self._progress_task is None or self._progress_task.done():
+            self._progress_task = asyncio.create_task(self.progress(streamed_s, total_s))
+
+    async def settle_progress(self) -> None:
+        """Wait for the report `progress_nowait` left running, so none lands after the end."""
+        if self._progress_task is not None:
+            await self._progress_task
+            self._progress_task = None
 
     async def announce(self, result: dict[str, Any], webhook_url: str | None) -> None:
         """Announce the terminal state (already recorded by the ledger); deliver the webhook."""

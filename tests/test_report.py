@@ -96,3 +96,38 @@ def test_webhook_signed_and_retried(redis_server: str) -> None:
     assert secret not in body.decode()
     client = redis.Redis.from_url(redis_server)
     assert [e["event"] for e in entries(client, job_events_key("job-w1"))] == ["job.failed"]
+
+
+def test_progress_nowait_never_holds_up_the_caller(redis_server: str) -> None:
+    settings = settings_for(redis_server)
+    release = asyncio.Event()
+    states: list[float] = []
+
+    def slow_state(meta: dict[str, Any]) -> None:  # the result backend, in a thread
+        states.append(meta["seconds_streamed"])
+
+    async def go() -> float:
+        reporter = JobReporter(settings, "job-r3", update_state=slow_state)
+        original = reporter.emit
+
+        async def held_emit(event: Event, **data: Any) -> None:
+            await release.wait()  # Redis stalls: the audio loop must not notice
+            await original(event, **data)
+
+        reporter.emit = held_emit  # type: ignore[method-assign]
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        for i in range(5):  # one report goes out; the rest are throttled or skipped
+            reporter.progress_nowait(i * 0.1, 2.0)
+        elapsed = loop.time() - start
+        release.set()
+        await reporter.settle_progress()
+        await reporter.aclose()
+        return elapsed
+
+    assert asyncio.run(go()) < 0.05
+    assert states == [0.0]
+    names = [
+        e["event"] for e in entries(redis.Redis.from_url(redis_server), job_events_key("job-r3"))
+    ]
+    assert names == ["job.progress"]

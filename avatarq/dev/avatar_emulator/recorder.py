@@ -36,6 +36,10 @@ class SegmentRecord:
     playback_position: float | None = None
     interrupted: bool | None = None
     underruns: list[Underrun] = field(default_factory=list)
+    # Per second since the first frame: the most audio received ahead of the wall clock
+    # (received seconds minus elapsed seconds). A sender that keeps time holds it at its lead;
+    # one whose pacing drifts makes it sink or climb (avatarq bench reads it).
+    ahead_s: list[float] = field(default_factory=list)
     # False when the segment's format differs from the session WAV's (a WAV has one format).
     in_wav: bool = True
 
@@ -65,6 +69,7 @@ class SegmentRecord:
             "last_frame_at": self.last_frame_at,
             "playback_finished_at": self.playback_finished_at,
             "underruns": [asdict(u) for u in self.underruns],
+            "ahead_s": [round(a, 4) for a in self.ahead_s],
             "in_wav": self.in_wav,
         }
 
@@ -101,6 +106,12 @@ class SessionRecorder:
     ) -> None:
         seg.received_samples += samples_per_channel
         seg.last_frame_at = at
+        elapsed = at - seg.first_frame_at
+        ahead, second = seg.received_s - elapsed, int(elapsed)
+        if second < len(seg.ahead_s):
+            seg.ahead_s[second] = max(seg.ahead_s[second], ahead)
+        else:  # seconds without a frame (an underrun) repeat the value they ended with
+            seg.ahead_s.extend([ahead] * (second + 1 - len(seg.ahead_s)))
         if self._wav is not None and self._wav_file is not None and seg.in_wav:
             self._wav.writeframes(pcm)
             # Readers (tests, a human with the session still running) see the audio so far.

@@ -30,7 +30,7 @@ ROWS: list[Row] = [
     (
         "receiver drift, long job",
         "pacing.receiver_drift_ms",
-        "pacing.baseline_short_jobs_drift_ms_p50",
+        "pacing.baseline_summed_sleeps_drift_ms",
         "ms",
         "< 5 ms",
     ),
@@ -80,6 +80,13 @@ ROWS: list[Row] = [
         "sender.ours_unpaced.bytes_per_s_per_stream",
         "sender.agents_unpaced.bytes_per_s_per_stream",
         "B/s",
+        "",
+    ),
+    (
+        "sender CPU per stream, SDK log capture on (SDK default)",
+        "sender.logs.sdk_capture.cpu_percent_per_stream",
+        "sender.ours.cpu_percent_per_stream",
+        "% core",
         "",
     ),
     (

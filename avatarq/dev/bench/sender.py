@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import math
+import os
 import resource
 import time
 from collections.abc import AsyncIterator
@@ -25,11 +26,13 @@ from typing import Any
 
 from livekit import rtc
 
+# Imported for its side effect: the worker's SDK log settings (tasks/lklogs.py), applied
+# before the SDK starts, so each configuration costs what it costs in a worker.
+import tasks.app  # noqa: F401
 from avatarq.dev.bench.stats import spread
 from avatarq.settings import get_settings
 from tasks import room as rooms
 from tasks import tokens
-from tasks.app import quiet_livekit_logs
 from tasks.avatar import HttpAvatarClient
 from tasks.pacing import Pacer
 from tasks.stream import AudioStreamSender
@@ -153,10 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # Log to a file, as a worker does, so formatting costs what it costs in production.
     logging.basicConfig(
-        filename="/dev/null", level=logging.DEBUG if args.verbose_logs else logging.INFO
+        filename=os.devnull, level=logging.DEBUG if args.verbose_logs else logging.INFO
     )
-    if not args.verbose_logs:
-        quiet_livekit_logs()
+    if args.verbose_logs:
+        # Importing tasks.app applied the worker's log settings; undo the Python half.
+        for name in ("livekit", "livekit.rtc"):
+            logging.getLogger(name).setLevel(logging.DEBUG)
     result = asyncio.run(asyncio.wait_for(run(args), args.seconds * 3 + 120))
     print(json.dumps(result))
     return 0

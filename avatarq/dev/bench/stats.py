@@ -63,6 +63,9 @@ class Sample:
     cpu_percent: float  # of one core: the process and all its descendants
     rss_mb: float  # the process and its Python descendants (prefork children)
     ffmpeg_rss_mb: float  # its ffmpeg decoders, one per job in either design
+    #: CPU seconds so far per thread name of the process itself (its profile, coarse but free
+    #: of sampling overhead: LiveKit's native threads are invisible to Python profilers).
+    threads: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -113,7 +116,8 @@ class ProcessSampler:
                 last[name] = (now, cpu)
                 # Ended children take their CPU seconds with them: never report a negative.
                 percent = max(0.0, (cpu - cpu0) / (now - then) * 100)
-                self.samples.setdefault(name, []).append(Sample(time.time(), percent, rss, ffmpeg))
+                sample = Sample(time.time(), percent, rss, ffmpeg, _thread_cpu(proc))
+                self.samples.setdefault(name, []).append(sample)
 
     def window(self, name: str, start: float, end: float) -> list[Sample]:
         return [s for s in self.samples.get(name, []) if start <= s.at <= end]
@@ -129,3 +133,31 @@ class ProcessSampler:
             round(max(s.rss_mb for s in window), 1),
             round(max(s.ffmpeg_rss_mb for s in window), 1),
         )
+
+    def thread_cpu(self, name: str, start: float, end: float) -> dict[str, float]:
+        """CPU % of one core per thread name of `name` between `start` and `end`."""
+        window = self.window(name, start, end)
+        if len(window) < 2:
+            return {}
+        first, last = window[0], window[-1]
+        seconds = last.at - first.at
+        return {
+            thread: round((cpu - first.threads.get(thread, 0.0)) / seconds * 100, 1)
+            for thread, cpu in sorted(last.threads.items(), key=lambda kv: -kv[1])
+        }
+
+
+def _thread_cpu(proc: psutil.Process) -> dict[str, float]:
+    """CPU seconds per thread name (threads of one name, e.g. tokio's workers, summed)."""
+    out: dict[str, float] = {}
+    try:
+        threads = proc.threads()
+    except psutil.Error:
+        return out
+    for t in threads:
+        try:
+            name = Path(f"/proc/{proc.pid}/task/{t.id}/comm").read_text().strip()
+        except OSError:  # the thread ended
+            continue
+        out[name] = out.get(name, 0.0) + t.user_time + t.system_time
+    return out
