@@ -26,6 +26,7 @@ import psutil
 from jwt.warnings import InsecureKeyLengthWarning
 from livekit import api, rtc
 
+from avatarq.dev.bench.stats import pct
 from avatarq.dev.processes import free_port, python_module, tcp_ready
 
 API_KEY, API_SECRET = "devkey", "secret"
@@ -56,11 +57,6 @@ QUICK = Plan(
 def token(identity: str, room: str) -> str:
     grants = api.VideoGrants(room_join=True, room=room)
     return api.AccessToken(API_KEY, API_SECRET).with_identity(identity).with_grants(grants).to_jwt()
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
 async def join(url: str, identity: str, room: str) -> tuple[rtc.Room, float]:

@@ -117,7 +117,7 @@ class JobsBench:
         self.clip = make_clip(stack.workdir / "overhead.wav", plan.overhead_audio_s, rate=16000)
         self.ramp_clip = make_clip(stack.workdir / "ramp.wav", plan.ramp_audio_s, rate=16000)
 
-    def run(self) -> tuple[dict[str, Any], list[float]]:
+    def run(self) -> dict[str, Any]:
         plan, stack = self.plan, self.stack
         # The long job first, on a worker of its own (concurrency 1): the other sections load
         # the machine while it plays, which is what drift must survive.
@@ -162,9 +162,7 @@ class JobsBench:
 
         drift_runs = streams.collect(stack, drift_job, plan.drift_audio_s + 90)
         results.update(streams.drift(drift_runs[0]))
-        results["pacing"]["chunk_s"] = CHUNK_SECONDS
-        errors = results.pop("_pacing_errors_ms")
-        return results, errors
+        return results
 
     def _wait_playing(self, job_id: str) -> None:
         from producers import get_status
@@ -296,8 +294,7 @@ def bench_sender(stack: LocalStack, plan: Plan) -> dict[str, Any]:
 def run(
     plan: Plan, sections: tuple[str, ...] = SECTIONS, workdir: Path | None = None
 ) -> dict[str, Any]:
-    """Run `sections` of `plan`; one JSON-able dict (plus the long job's pacing trace under
-    `_pacing_errors_ms`, for the plot)."""
+    """Run `sections` of `plan`; one JSON-able dict."""
     started = time.monotonic()
     deadline = started + plan.budget_s
     workdir = workdir or Path(tempfile.mkdtemp(prefix="avatarq-bench-"))
@@ -324,40 +321,57 @@ def run(
             if "sender" in sections:
                 results["sender"] = bench_sender(stack, plan)
             if "jobs" in sections:
-                figures, errors = JobsBench(stack, plan, deadline).run()
-                results.update(figures)
-                results["_pacing_errors_ms"] = errors
+                results.update(JobsBench(stack, plan, deadline).run())
     results["machine"]["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     results["elapsed_s"] = round(time.monotonic() - started, 1)
     return results
 
 
+#: Generated text sits between these markers; hand-written text around them is kept.
+BEGIN, END = "<!-- avatarq bench: begin -->", "<!-- avatarq bench: end -->"
+
+
+def _splice(path: Path, block: str) -> None:
+    text = path.read_text() if path.exists() else f"# Performance\n\n{BEGIN}\n{END}\n"
+    head, begin, rest = text.partition(BEGIN)
+    _, end, tail = rest.partition(END)
+    if not (begin and end):
+        raise SystemExit(f"{path}: no {BEGIN} … {END} block to replace")
+    path.write_text(f"{head}{BEGIN}\n{block}\n{END}{tail}")
+
+
 def write_docs(results: dict[str, Any], docs: Path) -> list[Path]:
-    """docs/performance.md (table, date, machine) and the PNG plots."""
+    """The PNG plots and the generated part of docs/performance.md (table, date, machine,
+    all figures); also of the README next to `docs` when it has the markers."""
     docs.mkdir(parents=True, exist_ok=True)
-    written = report.plot(results, results.get("_pacing_errors_ms") or [], docs)
+    plots = report.plot(results, docs)
     m = results["machine"]
-    body = [
-        "# Performance",
-        "",
-        f"`avatarq bench` ({results['plan']} plan), {results['date']}, on {m['cores']} cores "
-        f"({m['cpu']}), {m['ram_gb']} GB RAM; load average {m['load_avg_start']} at the start, "
-        f"{m['load_avg_end']} at the end (the machine is shared). The local LiveKit server and "
-        "avatar emulator run on the same cores as the worker.",
-        "",
-        report.markdown_table(results),
-        "",
-        *(f"![{p.stem}]({p.name})" for p in written),
-        "",
-        "Full figures (`avatarq bench --json`):",
-        "",
-        "```json",
-        json.dumps({k: v for k, v in results.items() if not k.startswith("_")}, indent=1),
-        "```",
-        "",
-    ]
-    (docs / "performance.md").write_text("\n".join(body))
-    return [docs / "performance.md", *written]
+    summary = (
+        f"`avatarq bench` ({results['plan']} plan, {results['elapsed_s']:.0f} s), "
+        f"{results['date']}, on {m['cores']} cores ({m['cpu']}) and {m['ram_gb']} GB RAM; load "
+        f"average {m['load_avg_start']} at the start, {m['load_avg_end']} at the end (shared "
+        "machine). The local LiveKit server and the avatar emulator share the worker's cores."
+    )
+    table = report.markdown_table(results)
+    figures = json.dumps(results, indent=1)
+    _splice(
+        docs / "performance.md",
+        "\n\n".join(
+            [
+                summary,
+                table,
+                *(f"![{p.stem}]({p.name})" for p in plots),
+                f"All figures (`avatarq bench --json`):\n\n```json\n{figures}\n```",
+            ]
+        ),
+    )
+    written = [docs / "performance.md", *plots]
+    readme = docs.parent / "README.md"
+    if readme.exists() and BEGIN in readme.read_text():
+        links = [f"![{p.stem}]({docs.name}/{p.name})" for p in plots]
+        _splice(readme, "\n\n".join([summary, table, *links]))
+        written.append(readme)
+    return written
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -382,6 +396,5 @@ def emit(plan: Plan, sections: tuple[str, ...], as_json: bool, docs: Path | None
     results = run(plan, sections)
     if docs is not None:
         write_docs(results, docs)
-    public = {k: v for k, v in results.items() if not k.startswith("_")}
-    print(json.dumps(public) if as_json else report.text_table(public))
+    print(json.dumps(results) if as_json else report.text_table(results))
     return 0
