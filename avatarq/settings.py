@@ -66,6 +66,7 @@ class Settings(BaseSettings):
     max_retries: int = Field(4, ge=0, validation_alias=_env("AVATARQ_MAX_RETRIES"))
     retry_base_s: float = Field(2.0, gt=0, validation_alias=_env("AVATARQ_RETRY_BASE"))
     retry_cap_s: float = Field(60.0, gt=0, validation_alias=_env("AVATARQ_RETRY_CAP"))
+    warm_idle_s: float = Field(10.0, ge=0, validation_alias=_env("AVATARQ_WARM_IDLE"))
     shutdown_grace_s: float = Field(30.0, ge=0, validation_alias=_env("AVATARQ_SHUTDOWN_GRACE"))
     visibility_timeout_s: float | None = Field(
         None, gt=0, validation_alias=_env("AVATARQ_VISIBILITY_TIMEOUT")

@@ -22,6 +22,8 @@ from avatarq.celeryconfig import celery_config
 from avatarq.settings import get_settings
 from tasks import lklogs, metrics
 from tasks.control import HAND_BACK
+from tasks.runtime import get_loop_thread
+from tasks.warm import warm_pool
 
 app = Celery("avatarq")
 app.conf.update(celery_config(get_settings()))
@@ -83,6 +85,8 @@ def _hand_back_after_grace(**_: Any) -> None:
     timer = threading.Timer(get_settings().shutdown_grace_s, HAND_BACK.set)
     timer.daemon = True
     timer.start()
+    # No new job will come to reuse them: let idle avatars go now.
+    get_loop_thread().submit(warm_pool().aclose())
 
 
 quiet_livekit_logs()

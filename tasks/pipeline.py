@@ -24,13 +24,14 @@ from avatarq.settings import Settings
 from producers.jobs import Job
 from tasks import metrics, tokens
 from tasks import room as rooms
-from tasks.avatar import AvatarClient, AvatarSession, HttpAvatarClient
+from tasks.avatar import AvatarClient, HttpAvatarClient
 from tasks.control import Interrupted, JobControl, StopReason
 from tasks.decode import PcmDecoder, probe_duration
 from tasks.pacing import Pacer
 from tasks.report import JobReporter
 from tasks.source import aresolve
 from tasks.stream import AudioStreamSender
+from tasks.warm import AvatarLink, LinkKey, warm_pool
 
 log = logging.getLogger("avatarq.pipeline")
 
@@ -110,37 +111,22 @@ async def play(
             if not first:
                 raise DecodeError("the audio decodes to zero samples", reason="empty_audio")
 
-            job_tokens = tokens.mint(
-                settings,
-                room=job.room,
-                worker_identity=job.worker_identity,
-                avatar_identity=job.avatar_identity,
-                ttl=tokens.ttl_for(duration, settings),
+            key = link_key(job, settings)
+            link = warm_pool().take(key) if settings.warm_idle_s > 0 else None
+            warm = link is not None
+            if link is None:
+                link = await open_link(job, settings, key, duration, ts)
+            else:
+                ts.room_joined = ts.avatar_ready = time.time()
+            link.attach(control)
+            session = link.session
+            sender = link.sender
+            await reporter.emit(
+                Event.AVATAR_READY, session_id=session.session_id if session else None, warm=warm
             )
-            room = await rooms.connect(settings.livekit_url, job_tokens.worker)
-            # Fired only once the SDK gave up reconnecting: the room is lost for good.
-            room.on("disconnected", lambda *_: control.request_stop(StopReason.ROOM_LOST))
-            ts.room_joined = time.time()
-            avatar = avatar_client_for(job, settings)
-            session: AvatarSession | None = None
+            keep = False
             metrics.STREAMS_IN_FLIGHT.inc()
             try:
-                sender = AudioStreamSender(room, job.avatar_identity, sample_rate)
-                session = await avatar.start(
-                    livekit_url=settings.livekit_url,
-                    livekit_token=job_tokens.avatar,
-                    avatar_id=job.avatar_id,
-                    avatar_identity=job.avatar_identity,
-                )
-                await rooms.wait_for_avatar(
-                    room, session.participant_identity, timeout=settings.avatar_join_timeout_s
-                )
-                ts.avatar_ready = time.time()
-                rooms.on_leave(
-                    room, session.participant_identity, control.request_stop, StopReason.AVATAR_LEFT
-                )
-                await reporter.emit(Event.AVATAR_READY, session_id=session.session_id)
-
                 bps = sender.bytes_per_second
 
                 async def pcm() -> Any:
@@ -186,12 +172,14 @@ async def play(
                     _check_complete(finished.playback_position, streamed)
                 else:
                     log.warning("job %s: no lk.playback_finished from the avatar", job.job_id)
+                # Only a segment that ended cleanly leaves the session fit for the next job.
+                keep = settings.warm_idle_s > 0 and finished is not None
             finally:
                 metrics.STREAMS_IN_FLIGHT.dec()
-                if session is not None:
-                    await avatar.stop(session)
-                await avatar.aclose()
-                await room.disconnect()
+                if keep and link.reusable:
+                    warm_pool().park(link, settings.warm_idle_s)
+                else:
+                    await link.close()
 
     result: dict[str, Any] = {
         "job_id": job.job_id,
@@ -204,6 +192,7 @@ async def play(
         "interrupted": finished.interrupted if finished else None,
         "playback_confirmed": finished is not None,
         "avatar_session_id": session.session_id if session else None,
+        "warm": warm,
         "attempt": attempt,
         "lead": lead,
         "sample_rate": sample_rate,
@@ -214,6 +203,45 @@ async def play(
         # Benchmarks only (AVATARQ_PACING_TRACE): the sender's schedule error of every chunk.
         result["pacing_errors_ms"] = [round(e * 1000, 2) for e in pacer.errors]
     return result
+
+
+def link_key(job: Job, settings: Settings) -> LinkKey:
+    server = str(job.avatar_server) if job.avatar_server else settings.avaluma_api_url
+    return (job.room, job.avatar_identity, server, job.sample_rate)
+
+
+async def open_link(
+    job: Job, settings: Settings, key: LinkKey, duration: float | None, ts: Timestamps
+) -> AvatarLink:
+    """Join the room and start the avatar; ready to stream when it returns."""
+    job_tokens = tokens.mint(
+        settings,
+        room=job.room,
+        worker_identity=job.worker_identity,
+        avatar_identity=job.avatar_identity,
+        ttl=tokens.ttl_for(duration, settings),
+    )
+    room = await rooms.connect(settings.livekit_url, job_tokens.worker)
+    ts.room_joined = time.time()
+    sender = AudioStreamSender(room, job.avatar_identity, job.sample_rate)
+    link = AvatarLink(key, room, sender, avatar_client_for(job, settings))
+    # Fired only once the SDK gave up reconnecting: the room is lost for good.
+    room.on("disconnected", lambda *_: link.lost(StopReason.ROOM_LOST))
+    try:
+        link.session = await link.avatar.start(
+            livekit_url=settings.livekit_url,
+            livekit_token=job_tokens.avatar,
+            avatar_id=job.avatar_id,
+            avatar_identity=job.avatar_identity,
+        )
+        identity = link.session.participant_identity
+        await rooms.wait_for_avatar(room, identity, timeout=settings.avatar_join_timeout_s)
+    except BaseException:
+        await link.close()
+        raise
+    ts.avatar_ready = time.time()
+    rooms.on_leave(room, identity, link.lost, StopReason.AVATAR_LEFT)
+    return link
 
 
 async def _interrupt(

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import time
+import uuid
 import wave
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +33,7 @@ pytestmark = [
 ]
 
 JOB_TIMEOUT_S = 90.0
+WARM_IDLE_S = 3.0
 #: Worker settings that keep fault tests short: few quick retries, short avatar timeout.
 FAST_FAULTS = {
     "AVATARQ_MAX_RETRIES": "2",
@@ -39,6 +41,7 @@ FAST_FAULTS = {
     "AVATARQ_RETRY_CAP": "0.5",
     "AVATARQ_AVATAR_START_ATTEMPTS": "2",
     "AVATARQ_AVATAR_JOIN_TIMEOUT": "4",
+    "AVATARQ_WARM_IDLE": str(WARM_IDLE_S),
 }
 
 
@@ -71,7 +74,9 @@ def run_job(stack: LocalStack, **job: Any) -> dict[str, Any]:
     from producers import enqueue, get_status
     from producers.client import is_terminal
 
-    handle = enqueue({"room": "e2e", "avatar_id": "anna", **job})
+    # A room of its own per job unless asked: no warm avatar carries over between tests.
+    job.setdefault("room", f"e2e-{uuid.uuid4().hex[:8]}")
+    handle = enqueue({"avatar_id": "anna", **job})
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while time.monotonic() < deadline:
         status = get_status(handle.job_id)
@@ -176,3 +181,34 @@ def test_avatar_never_joins_times_out(stack: LocalStack, tmp_path: Path, faults:
     result = run_job(stack, source=str(audio.tone(tmp_path / "t.wav", seconds=1.0)))
     assert result["status"] == "failed" and result["reason"] == "avatar_timeout", result
     assert "never joined the room" in result["error"] and result["attempt"] == 3
+
+
+def test_back_to_back_jobs_reuse_the_warm_avatar(stack: LocalStack, tmp_path: Path) -> None:
+    room = f"warm-{uuid.uuid4().hex[:8]}"
+    clips = [audio.chirp(tmp_path / f"c{i}.wav", seconds=1.0 + i * 0.5) for i in range(2)]
+    cold = run_job(stack, room=room, source=str(clips[0]), lead=0.2)
+    warm = run_job(stack, room=room, source=str(clips[1]), lead=0.2)
+    assert (cold["warm"], warm["warm"]) == (False, True), (cold, warm)
+    # One avatar session played both jobs as two segments, in order, sample for sample.
+    assert warm["avatar_session_id"] == cold["avatar_session_id"]
+    session = requests.get(
+        f"{stack.avatar_url}/v1/sessions/{cold['avatar_session_id']}", timeout=5
+    ).json()
+    assert [round(seg["received_s"], 3) for seg in session["segments"]] == [1.0, 1.5]
+    with wave.open(session["wav_path"]) as w:
+        received = w.readframes(w.getnframes())
+    assert received == b"".join(reference_pcm(c, 16000) for c in clips)
+    # The warm job skipped joining and starting the avatar.
+    ts = warm["timestamps"]
+    assert (
+        ts["avatar_ready"] - ts["picked"]
+        < cold["timestamps"]["avatar_ready"] - (cold["timestamps"]["picked"])
+    )
+    # After the idle window the avatar is let go; the next job starts cold.
+    time.sleep(WARM_IDLE_S + 1.0)
+    state = requests.get(
+        f"{stack.avatar_url}/v1/sessions/{cold['avatar_session_id']}", timeout=5
+    ).json()
+    assert state["state"] == "stopped" and state["stop_reason"] == "stop_request"
+    later = run_job(stack, room=room, source=str(clips[0]), lead=0.2)
+    assert later["warm"] is False and later["avatar_session_id"] != cold["avatar_session_id"]
