@@ -23,7 +23,7 @@ from avatarq.settings import get_settings
 from tasks import lklogs, metrics
 from tasks.control import HAND_BACK
 from tasks.runtime import get_loop_thread
-from tasks.warm import warm_pool
+from tasks.warm import close_idle
 
 app = Celery("avatarq")
 app.conf.update(celery_config(get_settings()))
@@ -86,7 +86,7 @@ def _hand_back_after_grace(**_: Any) -> None:
     timer.daemon = True
     timer.start()
     # No new job will come to reuse them: let idle avatars go now.
-    get_loop_thread().submit(warm_pool().aclose())
+    get_loop_thread().submit(close_idle())
 
 
 quiet_livekit_logs()

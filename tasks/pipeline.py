@@ -112,9 +112,11 @@ async def play(
                 raise DecodeError("the audio decodes to zero samples", reason="empty_audio")
 
             key = link_key(job, settings)
-            link = warm_pool().take(key) if settings.warm_idle_s > 0 else None
+            pool = warm_pool(settings.redis_url)
+            link = await pool.take(key) if settings.warm_idle_s > 0 else None
             warm = link is not None
             if link is None:
+                await pool.make_room(key)
                 link = await open_link(job, settings, key, duration, ts)
             else:
                 ts.room_joined = ts.avatar_ready = time.time()
@@ -177,7 +179,7 @@ async def play(
             finally:
                 metrics.STREAMS_IN_FLIGHT.dec()
                 if keep and link.reusable:
-                    warm_pool().park(link, settings.warm_idle_s)
+                    await pool.park(link, settings.warm_idle_s)
                 else:
                     await link.close()
 

@@ -4,6 +4,11 @@ Starting an avatar costs the avatar server seconds (a GPU session); joining a ro
 worker a few hundred milliseconds. When the next job of the same room and avatar comes to the
 same worker process within `AVATARQ_WARM_IDLE` seconds, it plays as a new segment on the same
 session. Per-room ordering (tasks/ledger.py) already makes such jobs sequential.
+
+The avatar's identity is fixed (`avatar-{id}`), so a second session for the same room and
+avatar would knock the idle one out of the room. A process that must start a session cold
+therefore first asks whichever process holds an idle one to let it go (a Redis marker per room
+and avatar, and a release request the holder watches for).
 """
 
 from __future__ import annotations
@@ -11,9 +16,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+import uuid
 from dataclasses import dataclass, field
 
+import redis.asyncio as aioredis
 from livekit import rtc
+from redis.exceptions import RedisError
 
 from tasks.avatar import AvatarClient, AvatarSession
 from tasks.control import JobControl, StopReason
@@ -23,6 +32,18 @@ log = logging.getLogger("avatarq.warm")
 
 #: (room, avatar identity, avatar server URL, sample rate): what a next job must match.
 LinkKey = tuple[str, str, str, int]
+#: How often a process holding idle sessions checks for release requests.
+RELEASE_POLL_S = 0.2
+#: How long a cold start waits for another process to let its idle session go.
+RELEASE_WAIT_S = 3.0
+
+
+def _holder_key(key: LinkKey) -> str:
+    return f"avatarq:warm:{key[0]}:{key[1]}"
+
+
+def _release_key(key: LinkKey) -> str:
+    return f"avatarq:warm-release:{key[0]}:{key[1]}"
 
 
 @dataclass
@@ -68,51 +89,106 @@ class AvatarLink:
 
 
 class WarmPool:
-    """Idle links of this worker process, each closed after its idle window."""
+    """Idle links of this worker process, each closed after its idle window or on request."""
 
-    def __init__(self) -> None:
+    def __init__(self, redis_url: str) -> None:
+        self._redis = aioredis.from_url(redis_url)
+        self._token = uuid.uuid4().hex
         self._idle: dict[LinkKey, tuple[AvatarLink, asyncio.TimerHandle]] = {}
+        self._watcher: asyncio.Task[None] | None = None
 
-    def take(self, key: LinkKey) -> AvatarLink | None:
+    async def take(self, key: LinkKey) -> AvatarLink | None:
+        """The idle link for `key`, if this process has a usable one."""
         entry = self._idle.pop(key, None)
         if entry is None:
             return None
         link, timer = entry
         timer.cancel()
+        await self._forget(key)
         if link.reusable:
             return link
-        asyncio.get_running_loop().create_task(link.close())
+        await link.close()
         return None
 
-    def park(self, link: AvatarLink, idle_s: float) -> None:
+    async def park(self, link: AvatarLink, idle_s: float) -> None:
         link.control = None
-        loop = asyncio.get_running_loop()
         previous = self._idle.pop(link.key, None)
         if previous is not None:  # two links for one key: keep the newer
             previous[1].cancel()
-            loop.create_task(previous[0].close())
-        timer = loop.call_later(idle_s, self._expire, link)
-        self._idle[link.key] = (link, timer)
+            await previous[0].close()
+        loop = asyncio.get_running_loop()
+        self._idle[link.key] = (link, loop.call_later(idle_s, self._expire, link))
+        with contextlib.suppress(RedisError):
+            await self._redis.set(_holder_key(link.key), self._token, ex=int(idle_s) + 5)
+        if self._watcher is None or self._watcher.done():
+            self._watcher = loop.create_task(self._watch_releases())
+
+    async def make_room(self, key: LinkKey) -> None:
+        """Before starting an avatar cold: ask another process's idle session for the same
+        room and avatar to leave, and wait (briefly) until it has."""
+        try:
+            holder = await self._redis.get(_holder_key(key))
+            if holder is None or holder == self._token.encode():
+                return
+            await self._redis.set(_release_key(key), "1", ex=30)
+            deadline = time.monotonic() + RELEASE_WAIT_S
+            while time.monotonic() < deadline and await self._redis.exists(_holder_key(key)):
+                await asyncio.sleep(RELEASE_POLL_S / 2)
+        except RedisError as e:
+            log.warning("warm avatars: cannot coordinate with other workers: %s", e)
+
+    async def _watch_releases(self) -> None:
+        while self._idle:
+            await asyncio.sleep(RELEASE_POLL_S)
+            for key in list(self._idle):
+                try:
+                    wanted = await self._redis.exists(_release_key(key))
+                except RedisError:
+                    continue
+                entry = self._idle.pop(key, None) if wanted else None
+                if entry is not None:
+                    entry[1].cancel()
+                    await entry[0].close()
+                    await self._forget(key)
+                    with contextlib.suppress(RedisError):
+                        await self._redis.delete(_release_key(key))
+
+    async def _forget(self, key: LinkKey) -> None:
+        with contextlib.suppress(RedisError):
+            if await self._redis.get(_holder_key(key)) == self._token.encode():
+                await self._redis.delete(_holder_key(key))
 
     def _expire(self, link: AvatarLink) -> None:
         entry = self._idle.get(link.key)
         if entry is not None and entry[0] is link:
             del self._idle[link.key]
-        asyncio.get_running_loop().create_task(link.close())
+        asyncio.get_running_loop().create_task(self._close_expired(link))
+
+    async def _close_expired(self, link: AvatarLink) -> None:
+        await link.close()
+        if link.key not in self._idle:
+            await self._forget(link.key)
 
     async def aclose(self) -> None:
         while self._idle:
-            _key, (link, timer) = self._idle.popitem()
+            key, (link, timer) = self._idle.popitem()
             timer.cancel()
             await link.close()
+            await self._forget(key)
 
 
 _pool: WarmPool | None = None
 
 
-def warm_pool() -> WarmPool:
+def warm_pool(redis_url: str) -> WarmPool:
     """This process's pool (one event loop per worker process, see tasks/runtime.py)."""
     global _pool
     if _pool is None:
-        _pool = WarmPool()
+        _pool = WarmPool(redis_url)
     return _pool
+
+
+async def close_idle() -> None:
+    """Let every idle avatar of this process go (worker shutdown: no job will reuse them)."""
+    if _pool is not None:
+        await _pool.aclose()

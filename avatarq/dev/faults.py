@@ -93,6 +93,9 @@ class FaultLab:
         self.clips = clips
         self.redis = redis.Redis.from_url(stack.redis.url)
         self.durations: dict[str, float] = {}
+        #: When each completed job streamed (first to last byte): a warm avatar
+        #: session plays several jobs, so its sender alone does not say whose a segment is.
+        self.windows: dict[str, tuple[float, float]] = {}
         self._workers = 0
 
     # -- jobs ------------------------------------------------------------------------------
@@ -132,6 +135,9 @@ class FaultLab:
             for job_id in ids:
                 if job_id not in ended and is_terminal(status := get_status(job_id)):
                     ended[job_id] = status
+                    ts = status.get("timestamps") or {}
+                    if ts.get("first_byte") and ts.get("last_byte"):
+                        self.windows[job_id] = (ts["first_byte"] - 0.05, ts["last_byte"] + 0.05)
             time.sleep(0.2)
         return ended
 
@@ -192,18 +198,24 @@ class FaultLab:
         return {**WORKER_ENV, "AWS_ENDPOINT_URL_S3": self.s3_endpoint}
 
     # -- judging ---------------------------------------------------------------------------
+    def sessions(self) -> list[dict[str, Any]]:
+        """Every avatar session's record (the emulator's JSON sidecars)."""
+        return [json.loads(p.read_text()) for p in sorted(self.stack.recordings.glob("*.json"))]
+
     def segments(self) -> list[Segment]:
         """Every audio segment the avatar received, from its recordings."""
         out = []
-        for path in sorted(self.stack.recordings.glob("*.json")):
-            session = json.loads(path.read_text())
+        for session in self.sessions():
             sender = session.get("sender_identity") or ""
-            job_id = sender.removeprefix("avatarq-")
             for seg in session.get("segments", []):
                 start = seg.get("first_frame_at")
                 if start is None:
                     continue
                 end = seg.get("playback_finished_at") or seg.get("last_frame_at") or start
+                job_id = next(
+                    (j for j, (a, b) in self.windows.items() if a <= start <= b),
+                    sender.removeprefix("avatarq-"),
+                )
                 out.append(
                     Segment(
                         job_id,
@@ -561,6 +573,32 @@ def cancellation(lab: FaultLab) -> FaultReport:
     )
 
 
+def warm_session_elsewhere(lab: FaultLab) -> FaultReport:
+    """The next job of a room lands on another worker than the one keeping the room's avatar
+    warm: that worker lets its idle session go first, so the two never collide."""
+    room = _room("warm")
+    with lab.workers(1, concurrency=1, AVATARQ_WARM_IDLE="30") as (holder,):
+        first = lab.enqueue(room, 1.0)
+        lab.wait([first])
+        busy = lab.enqueue(_room("busy"), 4.0)  # the holder's only slot is taken...
+        lab.wait_event(busy, "job.avatar_ready")
+        with lab.workers(1, AVATARQ_WARM_IDLE="30"):
+            second = lab.enqueue(room, 1.0)  # ...so another worker plays this one
+            records = lab.wait([first, busy, second])
+    sessions = {s["session_id"]: s for s in lab.sessions()}
+    held = sessions.get(records.get(first, {}).get("avatar_session_id"), {})
+    return lab.judge(
+        "next job of a warm room on another worker",
+        [first, busy, second],
+        records,
+        checks={
+            "all completed": all(r.get("status") == "completed" for r in records.values()),
+            "second started cold": records.get(second, {}).get("warm") is False,
+            "idle session let go, not knocked out": held.get("stop_reason") == "stop_request",
+        },
+    )
+
+
 def _dead(lab: FaultLab, job_id: str) -> bool:
     return any(
         json.loads(raw)["job_id"] == job_id for raw in lab.redis.lrange(DEAD_LETTER_KEY, 0, -1)
@@ -592,6 +630,7 @@ SCENARIOS: dict[str, Callable[[FaultLab], FaultReport]] = {
         same_room_20,
         same_job_id_5x,
         cancellation,
+        warm_session_elsewhere,
     )
 }
 
