@@ -94,6 +94,9 @@ class SessionState(StrEnum):
 class _Frame:
     segment: SegmentRecord
     frame: rtc.AudioFrame
+    # Loop time of its arrival: an underrun is audio arriving after it was due, not this
+    # process's own loop getting to a frame late while a hundred sessions share it.
+    arrived: float
 
 
 @dataclass
@@ -336,7 +339,7 @@ class AvatarSession:
                 item.num_channels,
             )
         self.recorder.write(seg, item.data.cast("B"), item.samples_per_channel, now)
-        self._queue.put_nowait(_Frame(seg, item))
+        self._queue.put_nowait(_Frame(seg, item, asyncio.get_running_loop().time()))
 
     async def _playout_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -358,7 +361,7 @@ class AvatarSession:
                     seg.sample_rate, start=loop.time(), underruns=seg.underruns
                 )
             frame = item.frame
-            ends_at = self._playout.schedule(frame.samples_per_channel, loop.time())
+            ends_at = self._playout.schedule(frame.samples_per_channel, item.arrived)
             self._level = audio_level(np.frombuffer(frame.data, dtype=np.int16))
             self._level_until = ends_at
             await self._sleep_until(ends_at)

@@ -54,19 +54,19 @@ class Plan:
 
 QUICK = Plan(
     name="quick",
-    decode_seconds=20,
+    decode_seconds=60,
     queue_jobs=200,
     overhead_jobs=20,
     overhead_batch=5,
     overhead_audio_s=1.0,
-    drift_audio_s=30,
+    drift_audio_s=20,
     ramp=(5, 10),
-    ramp_audio_s=8,
+    ramp_audio_s=6,
     prefork_streams=5,
     sender_streams=4,
-    sender_seconds=4,
-    chunks=(0.05, 0.1),
-    budget_s=100,
+    sender_seconds=3,
+    chunks=(0.1, 0.2),
+    budget_s=90,
 )
 FULL = Plan(
     name="full",
@@ -260,7 +260,8 @@ def bench_sender(stack: LocalStack, plan: Plan) -> dict[str, Any]:
             timeout=plan.sender_seconds * 3 + 150,
         )
         if done.returncode != 0:
-            raise RuntimeError(f"sender bench {args} failed:\n{done.stderr[-2000:]}")
+            # One configuration failing must not cost the rest of the run its figures.
+            return {"error": done.stderr.strip().splitlines()[-1:], "args": list(args)}
         return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
     huge_lead = str(plan.sender_seconds * 10)  # nothing waits: as fast as the avatar accepts
@@ -286,7 +287,8 @@ def bench_sender(stack: LocalStack, plan: Plan) -> dict[str, Any]:
         ],
     }
     results["ratio_cpu_ours_vs_agents"] = ratio(
-        ours["cpu_percent_per_stream"], results["agents"]["cpu_percent_per_stream"]
+        ours.get("cpu_percent_per_stream", 0.0),
+        results["agents"].get("cpu_percent_per_stream", 0.0),
     )
     return results
 

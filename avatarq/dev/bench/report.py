@@ -126,6 +126,8 @@ def rows(results: dict[str, Any]) -> list[list[str]]:
         shown = f"{_fmt(value)} {unit}".strip()
         out.append([label, shown, _fmt(base), f"{ratio:.2f}" if ratio is not None else "—", goal])
     for size in lookup(results, "sender.chunks") or []:
+        if "error" in size:
+            continue
         cpu, p99 = size["cpu_percent_per_stream"], size["schedule_error_ms"]["p99"]
         out.append(
             [
