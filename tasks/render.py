@@ -62,7 +62,9 @@ class Outcome:
 SKIP = Outcome()
 
 
-@app.task(name=RENDER_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
+# max_retries=None: Celery must never give up on its own (its default is 3): requeues while a
+# room is busy are not attempts, and real attempts are bounded by the ledger's counter.
+@app.task(name=RENDER_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
 def render(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
     """Play one job through its avatar in its LiveKit room and return the result.
 
@@ -93,8 +95,7 @@ def render(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
     else:
         raise TransientJobError("Redis unreachable: the job could not start")
     if outcome.retry_in is not None:
-        # Our own attempt counter bounds retries (tasks/ledger.py), not Celery's.
-        raise self.retry(countdown=outcome.retry_in, max_retries=None)
+        raise self.retry(countdown=outcome.retry_in)
     if outcome.result is None:
         raise Ignore()  # ended already, or a duplicate delivery of a job playing elsewhere
     if outcome.result["status"] == Status.FAILED:

@@ -150,6 +150,23 @@ def test_non_audio_file_fails_permanently(stack: LocalStack, tmp_path: Path) -> 
     assert "job.retrying" not in [e["event"] for e in events_of(stack, result["job_id"])]
 
 
+def test_audio_over_max_duration_fails_permanently(stack: LocalStack, tmp_path: Path) -> None:
+    result = run_job(stack, source=str(audio.tone(tmp_path / "t.wav", seconds=2.0)), max_duration=1)
+    assert result["status"] == "failed" and result["reason"] == "too_long", result
+    assert "over the 1s maximum" in result["error"] and result["attempt"] == 1
+
+
+def test_zero_length_audio_fails_permanently(stack: LocalStack, tmp_path: Path) -> None:
+    empty = tmp_path / "empty.wav"
+    with wave.open(str(empty), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+    result = run_job(stack, source=str(empty))
+    assert result["status"] == "failed" and result["attempt"] == 1, result
+    assert result["reason"] in ("no_audio", "empty_audio") and "audio" in result["error"]
+
+
 def test_avatar_server_403_is_not_retried(stack: LocalStack, tmp_path: Path, faults: Any) -> None:
     faults(fail_next_starts=1, fail_status=403)
     result = run_job(stack, source=str(audio.tone(tmp_path / "t.wav", seconds=1.0)))
