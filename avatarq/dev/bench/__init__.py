@@ -116,6 +116,7 @@ class JobsBench:
         self.stack, self.plan, self.deadline = stack, plan, deadline
         self.clip = make_clip(stack.workdir / "overhead.wav", plan.overhead_audio_s, rate=16000)
         self.ramp_clip = make_clip(stack.workdir / "ramp.wav", plan.ramp_audio_s, rate=16000)
+        self.stopped_by = "end of ramp"
 
     def run(self) -> dict[str, Any]:
         plan, stack = self.plan, self.stack
@@ -140,7 +141,6 @@ class JobsBench:
         results = streams.overhead(overhead_runs, LEAD)
 
         steps: list[dict[str, Any]] = []
-        self.stopped_by = "end of ramp"
         for n in plan.ramp:
             if time.monotonic() + plan.ramp_audio_s + 30 > self.deadline:
                 self.stopped_by = "time budget"
