@@ -37,7 +37,13 @@ ROWS: list[Row] = [
     ("schedule error p50, long job", "pacing.schedule_error_ms.p50", None, "ms", ""),
     ("schedule error p99, long job", "pacing.schedule_error_ms.p99", None, "ms", ""),
     ("schedule error max, long job", "pacing.schedule_error_ms.max", None, "ms", ""),
-    ("schedule error p99 at ~50 streams", "schedule_error_p99_ms", None, "ms", "< 20 ms"),
+    (
+        "schedule error p99, ramp step nearest 50 streams",
+        "schedule_error_p99_ms",
+        None,
+        "ms",
+        "< 20 ms",
+    ),
     ("max streams in one process (no underrun)", "max_streams_per_process", None, "", "≥ 100"),
     (
         "worker CPU per stream",
