@@ -95,7 +95,7 @@ class FaultLab:
         self.durations: dict[str, float] = {}
         #: When each completed job streamed (first to last byte): a warm avatar
         #: session plays several jobs, so its sender alone does not say whose a segment is.
-        self.windows: dict[str, tuple[float, float]] = {}
+        self.windows: dict[str, tuple[str, float, float]] = {}
         self._workers = 0
 
     # -- jobs ------------------------------------------------------------------------------
@@ -137,7 +137,8 @@ class FaultLab:
                     ended[job_id] = status
                     ts = status.get("timestamps") or {}
                     if ts.get("first_byte") and ts.get("last_byte"):
-                        self.windows[job_id] = (ts["first_byte"] - 0.05, ts["last_byte"] + 0.05)
+                        window = (ts["first_byte"] - 0.05, ts["last_byte"] + 0.05)
+                        self.windows[job_id] = (status.get("room", ""), *window)
             time.sleep(0.2)
         return ended
 
@@ -213,7 +214,11 @@ class FaultLab:
                     continue
                 end = seg.get("playback_finished_at") or seg.get("last_frame_at") or start
                 job_id = next(
-                    (j for j, (a, b) in self.windows.items() if a <= start <= b),
+                    (
+                        j
+                        for j, (room, a, b) in self.windows.items()
+                        if room == session["room"] and a <= start <= b
+                    ),
                     sender.removeprefix("avatarq-"),
                 )
                 out.append(
