@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from avatarq.dev.bench import QUICK, report, run
-from avatarq.dev.bench.streams import drift_ms
+from avatarq.dev.bench.streams import Played, drift_ms, warm_start
 
 TINY = dataclasses.replace(QUICK, decode_seconds=2, queue_jobs=20)
 
@@ -47,3 +47,16 @@ def test_drift_is_the_change_of_audio_ahead_of_the_wall_clock() -> None:
     sinking = [0.6 - 0.001 * i for i in range(100)]
     assert 60 < -drift_ms({"ahead_s": [0.1, 0.5, *sinking, 0.2]}) < 80
     assert math.isnan(drift_ms({"ahead_s": [0.5]}))
+
+
+def test_warm_start_compares_kept_sessions_with_cold_starts() -> None:
+    def run(picked: float, first_byte: float, warm: bool) -> Played:
+        ts = {"picked": picked, "first_byte": first_byte}
+        return Played(0.0, {"status": "completed", "warm": warm, "timestamps": ts}, None)
+
+    cold = [run(0, 1.2, False), run(0, 1.0, False)]
+    warm = [run(5, 5.1, True), run(5, 5.2, True), run(9, 10.5, False)]  # the last one went cold
+    figures = warm_start(cold, warm)
+    assert figures["warm_start"]["warm_start_s"]["n"] == 2
+    assert figures["start_overhead_warm_p50_s"] < figures["warm_start"]["cold_start_s"]["p50"]
+    assert 0 < figures["warm_start"]["ratio_warm_vs_cold"] < 0.5

@@ -17,6 +17,13 @@ ROWS: list[Row] = [
         "< 1 s",
     ),
     ("start overhead p95", "overhead.start_overhead_s.p95", None, "s", "< 1 s"),
+    (
+        "start overhead p50, warm avatar (incl. avatar)",
+        "warm_start.warm_start_s.p50",
+        "warm_start.cold_start_s.p50",
+        "s",
+        "reported",
+    ),
     ("avatar start p50 (emulator)", "overhead.avatar_start_s.p50", None, "s", "reported"),
     (
         "end overhead p50 (last byte → finished)",

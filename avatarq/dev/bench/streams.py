@@ -139,6 +139,28 @@ def overhead(runs: list[Played], lead: float) -> dict[str, Any]:
     }
 
 
+def warm_start(cold: list[Played], warm: list[Played]) -> dict[str, Any]:
+    """Start overhead (picked → first byte, avatar start included) of jobs that started the
+    avatar (cold) versus the next job of the same rooms, played on the kept session (warm)."""
+
+    def starts(runs: list[Played], want_warm: bool) -> list[float]:
+        return [
+            r.result["timestamps"]["first_byte"] - r.result["timestamps"]["picked"]
+            for r in _completed(runs)
+            if bool(r.result.get("warm")) is want_warm
+        ]
+
+    cold_s, warm_s = spread(starts(cold, False)), spread(starts(warm, True))
+    return {
+        "start_overhead_warm_p50_s": warm_s["p50"],
+        "warm_start": {
+            "cold_start_s": cold_s,
+            "warm_start_s": warm_s,
+            "ratio_warm_vs_cold": ratio(warm_s["p50"], cold_s["p50"]),
+        },
+    }
+
+
 def drift(run: Played) -> dict[str, Any]:
     """Section 2 for the long job: receiver drift and the sender's schedule error over time.
     Baseline: the drift the same timer lateness would have added up to with summed sleeps
