@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import os
 import wave
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from avatarq.dev.avatar_emulator.recorder import SessionRecorder
 from avatarq.dev.avatar_emulator.session import TokenError, TokenInfo
 from avatarq.dev.avatar_emulator.video import HEIGHT, WIDTH, MouthVideo, audio_level
 from avatarq.dev.processes import free_port, python_module, tcp_ready
+from tests.netns import needs_netns
 
 T = TypeVar("T")
 LICENSE_KEY = "lic-test-7f3a9c"
@@ -345,11 +345,6 @@ STEP_TIMEOUT = 20.0
 RATE = 16000
 CHUNK_S = 0.1
 SEND_LEAD_S = 0.3  # the sender stays this far ahead of real time, as a real worker does
-
-needs_netns = pytest.mark.skipif(
-    os.environ.get("AVATARQ_IN_NETNS") != "1",
-    reason="joins LiveKit rooms: run inside infra/netns-run (libwebrtc ignores loopback)",
-)
 
 
 @dataclass(frozen=True)

@@ -4,20 +4,14 @@ is lost, none is played twice, no room hears two jobs at once, and no secret lea
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 
 import pytest
 
 from avatarq.dev.faults import SCENARIOS, FaultLab, fault_lab, leaked_secrets
+from tests.netns import NETNS
 
-pytestmark = [
-    pytest.mark.netns,
-    pytest.mark.skipif(
-        os.environ.get("AVATARQ_IN_NETNS") != "1",
-        reason="joins LiveKit rooms: run inside infra/netns-run (libwebrtc ignores loopback)",
-    ),
-]
+pytestmark = NETNS
 
 
 @pytest.fixture(scope="module")

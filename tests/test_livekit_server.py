@@ -22,12 +22,10 @@ import aiohttp
 import pytest
 from livekit import api, rtc
 
+from tests.netns import NETNS
+
 pytestmark = [
-    pytest.mark.netns,
-    pytest.mark.skipif(
-        os.environ.get("AVATARQ_IN_NETNS") != "1",
-        reason="joins LiveKit rooms: run inside infra/netns-run (libwebrtc ignores loopback)",
-    ),
+    *NETNS,
     pytest.mark.timeout(90),
     # The test key pair is livekit-server's short dev secret on purpose.
     pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarning"),

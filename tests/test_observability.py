@@ -25,14 +25,11 @@ from avatarq.events import Event
 from avatarq.settings import Settings, get_settings
 from tasks import metrics
 from tests import audio
+from tests.netns import needs_netns
 from tests.test_pipeline_e2e import run_job
 
 #: Room and avatar of this module's jobs, looked for in the worker's log lines.
 JOB = {"room": "obs-room", "avatar_id": "obs-avatar"}
-in_netns = pytest.mark.skipif(
-    os.environ.get("AVATARQ_IN_NETNS") != "1",
-    reason="joins LiveKit rooms: run inside infra/netns-run (libwebrtc ignores loopback)",
-)
 
 
 # --- units ---------------------------------------------------------------------------------
@@ -147,7 +144,7 @@ def scrape(stack: stack_module.LocalStack) -> dict[tuple[str, tuple[tuple[str, s
     }
 
 
-@in_netns
+@needs_netns
 @pytest.mark.netns
 def test_worker_metrics_move_after_jobs(stack: stack_module.LocalStack, tmp_path: Path) -> None:
     before = scrape(stack)
@@ -170,7 +167,7 @@ def test_worker_metrics_move_after_jobs(stack: stack_module.LocalStack, tmp_path
     assert after[("avatarq_streams_in_flight", ())] == 0
 
 
-@in_netns
+@needs_netns
 @pytest.mark.netns
 def test_worker_logs_are_json_with_job_context_and_no_secrets(
     stack: stack_module.LocalStack, tmp_path: Path
@@ -188,7 +185,7 @@ def test_worker_logs_are_json_with_job_context_and_no_secrets(
         assert (line["room"], line["avatar_id"]) == (JOB["room"], JOB["avatar_id"])
 
 
-@in_netns
+@needs_netns
 @pytest.mark.netns
 def test_status_overview_lists_the_worker(stack: stack_module.LocalStack) -> None:
     argv = [str(Path(sys.executable).with_name("avatarq")), "status", "--json"]

@@ -23,14 +23,9 @@ from avatarq.events import job_events_key
 from avatarq.settings import Settings, get_settings
 from tasks.decode import ffmpeg_binary
 from tests import audio
+from tests.netns import NETNS
 
-pytestmark = [
-    pytest.mark.netns,
-    pytest.mark.skipif(
-        os.environ.get("AVATARQ_IN_NETNS") != "1",
-        reason="joins LiveKit rooms: run inside infra/netns-run (libwebrtc ignores loopback)",
-    ),
-]
+pytestmark = NETNS
 
 JOB_TIMEOUT_S = 90.0
 WARM_IDLE_S = 3.0

@@ -4,7 +4,6 @@ the local LiveKit server and the avatar emulator. Runs inside the private networ
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,16 +14,11 @@ import requests
 from avatarq.dev.processes import ManagedProcess, free_port, tcp_ready
 from avatarq.dev.stack import LocalStack, local_stack
 from tests import audio
+from tests.netns import NETNS
 from tests.producing import avatarq
 from tests.test_api import AUTH, sse_frames, start_api
 
-pytestmark = [
-    pytest.mark.netns,
-    pytest.mark.skipif(
-        os.environ.get("AVATARQ_IN_NETNS") != "1",
-        reason="joins LiveKit rooms: run inside infra/netns-run (libwebrtc ignores loopback)",
-    ),
-]
+pytestmark = NETNS
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ the private network namespace (`infra/netns-run`)."""
 
 from __future__ import annotations
 
-import os
 import wave
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,17 +12,12 @@ import pytest
 
 from avatarq.dev.stack import LocalStack
 from avatarq.settings import get_settings
+from tests.netns import NETNS
 from tests.test_pipeline_e2e import reference_pcm, run_job, stack
 
 __all__ = ["stack"]  # the local stack fixture, used by name below
 
-pytestmark = [
-    pytest.mark.netns,
-    pytest.mark.skipif(
-        os.environ.get("AVATARQ_IN_NETNS") != "1",
-        reason="joins LiveKit rooms: run inside infra/netns-run (libwebrtc ignores loopback)",
-    ),
-]
+pytestmark = NETNS
 
 
 @pytest.fixture
