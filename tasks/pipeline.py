@@ -40,6 +40,10 @@ log = logging.getLogger("avatarq.pipeline")
 CHUNK_SECONDS = 0.1
 #: Time allowed on top of the audio itself for joining, avatar start and the final report.
 OVERHEAD_BUDGET_S = 60.0
+#: How long an interrupted job waits for the avatar to report where playback stopped.
+INTERRUPT_REPORT_TIMEOUT_S = 2.0
+#: Audio the avatar may report short of what was sent before the playback counts as cut off.
+PLAYBACK_SHORTFALL_S = 0.5
 
 
 @dataclass
@@ -57,12 +61,8 @@ class Timestamps:
 def time_budget(job: Job, audio_seconds: float | None, settings: Settings) -> float:
     """The job's whole time limit: its audio plus joining, avatar start and reporting."""
     length = audio_seconds or job.max_duration or settings.max_job_duration_s
-    return (
-        length
-        + settings.avatar_join_timeout_s
-        + settings.playback_finished_timeout_s
-        + (OVERHEAD_BUDGET_S)
-    )
+    waits = settings.avatar_join_timeout_s + settings.playback_finished_timeout_s
+    return length + waits + OVERHEAD_BUDGET_S
 
 
 def avatar_client_for(job: Job, settings: Settings) -> AvatarClient:
@@ -72,12 +72,6 @@ def avatar_client_for(job: Job, settings: Settings) -> AvatarClient:
         settings.avaluma_license_key.get_secret_value(),
         attempts=settings.avatar_start_attempts,
     )
-
-
-#: How long an interrupted job waits for the avatar to report where playback stopped.
-INTERRUPT_REPORT_TIMEOUT_S = 2.0
-#: Audio the avatar may report short of what was sent before the playback counts as cut off.
-PLAYBACK_SHORTFALL_S = 0.5
 
 
 async def play(
