@@ -6,13 +6,14 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
-from avatarq.dev.stack import local_stack
+from avatarq.dev.stack import HOST, local_stack
 
 NETNS_RUN = Path(__file__).resolve().parents[2] / "infra" / "netns-run"
 DEMO_TIMEOUT_S = 300.0
@@ -46,6 +47,8 @@ def run_demo(
             f"avatar emulator {stack.avatar_url}, Redis {stack.redis.url}"
         )
         stack.start_worker("demo", concurrency=4)
+        metrics_url = f"http://{HOST}:{stack.metrics_ports['demo']}/metrics"
+        console.print(f"worker metrics (Prometheus) at {metrics_url}")
         # Point this process's producer at the stack, as a user's environment would.
         os.environ.update(stack.env())
         get_settings.cache_clear()
@@ -56,10 +59,26 @@ def run_demo(
         result = follow(handle.job_id, timeout=DEMO_TIMEOUT_S, show_progress=show_progress)
         wall = time.monotonic() - started
         summary = summarize(result, wall, stack.recordings)
+        summary["metrics_url"] = metrics_url
+        summary["metrics_jobs_completed"] = scrape(metrics_url, "avatarq_jobs_completed_total")
         if show_progress:
             for key, value in summary.items():
                 console.print(f"  {key}: {value}")
         return summary
+
+
+def scrape(url: str, metric: str) -> float | None:
+    """One sample's value from a Prometheus text page (None if absent or unreachable)."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as page:
+            text = page.read().decode()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name == metric:
+            return float(value)
+    return None
 
 
 def summarize(result: dict[str, Any], wall_s: float, recordings: Path) -> dict[str, Any]:
