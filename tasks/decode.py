@@ -66,8 +66,19 @@ def ffprobe_binary(settings: Settings) -> str | None:
     return None
 
 
+#: Demuxers a source may use: audio containers only. Playlists (HLS, concat, ...) are refused:
+#: they would make the worker fetch whatever URLs they list, which a host check can't see.
+AUDIO_FORMATS = ",".join(
+    ("wav", "w64", "mp3", "aac", "mov", "ogg", "flac", "matroska", "aiff", "caf", "amr", "wv",
+     "mpegts", "asf", "ac3", "eac3", "dts", "ape", "tta", "au", "voc", "mpc", "s16le")
+)  # fmt: skip
+
+
 def _input_options(resolved: ResolvedSource) -> dict[str, str | int]:
-    options: dict[str, str | int] = {"protocol_whitelist": ",".join(resolved.protocols)}
+    options: dict[str, str | int] = {
+        "protocol_whitelist": ",".join(resolved.protocols),
+        "format_whitelist": AUDIO_FORMATS,
+    }
     if resolved.kind in ("http", "s3"):
         # An hour of real-time playback keeps one HTTP response open for an hour, paced by
         # back-pressure; servers and proxies drop such connections, so ffmpeg must resume with
@@ -113,6 +124,12 @@ def _classify(stderr: str, returncode: int | None, resolved: ResolvedSource) -> 
     network = resolved.kind != "file"
     low = stderr.lower()
     last = stderr.strip().splitlines()[-1] if stderr.strip() else f"exit code {returncode}"
+    if "format not on whitelist" in low:
+        return DecodeError(
+            f"not an audio file: {description} is in a format that is not allowed (audio "
+            f"containers only; playlists and other indirections are refused)",
+            reason="format_not_allowed",
+        )
     if "not on whitelist" in low:
         return DecodeError(
             f"{description} tries to open a disallowed protocol: {last}",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import http.server
 import shutil
+import subprocess
 import threading
 import time
 import tracemalloc
@@ -19,7 +20,7 @@ import pytest
 from avatarq.dev.processes import free_port
 from avatarq.errors import DecodeError, SourceNotFound, SourceUnavailable
 from avatarq.settings import Settings
-from tasks.decode import PcmDecoder, decode_command, probe_duration
+from tasks.decode import AUDIO_FORMATS, PcmDecoder, decode_command, probe_duration
 from tasks.source import HTTP_PROTOCOLS, ResolvedSource, resolve
 from tests import audio
 from tests.s3 import aws_env, s3_client, s3_server
@@ -92,9 +93,10 @@ def test_chunk_size_must_be_even(tmp_path: Path, odd: int) -> None:
 
 
 def test_image_is_not_audio(tmp_path: Path) -> None:
-    with pytest.raises(DecodeError, match="not an audio file.*no audio stream") as info:
+    # An image container is not on the audio-only format whitelist: refused before probing.
+    with pytest.raises(DecodeError, match="not an audio file.*format that is not allowed") as info:
         decode(local(audio.image(tmp_path / "photo.png")))
-    assert info.value.reason == "no_audio_stream" and info.value.permanent
+    assert info.value.reason == "format_not_allowed" and info.value.permanent
 
 
 def test_text_file_is_not_audio(tmp_path: Path) -> None:
@@ -188,9 +190,9 @@ def http_files(tmp_path: Path) -> Iterator[HttpFiles]:
         server.server_close()
 
 
-def test_local_playlist_cannot_reach_the_network(tmp_path: Path, http_files: HttpFiles) -> None:
-    """A local HLS playlist pointing at an internal URL: ffmpeg would fetch it (SSRF) if the
-    whitelist allowed http, as the control decode shows; for a local source it must not."""
+def test_playlist_cannot_reach_the_network(tmp_path: Path, http_files: HttpFiles) -> None:
+    """An HLS playlist pointing at an internal URL: plain ffmpeg fetches it (SSRF), as the
+    control run shows; our decoder refuses playlists, and a local source may not open http."""
     seg = tmp_path / "seg.m4a"
     audio.tone(seg, seconds=2, rate=RATE)
     audio.remux_ts(seg, http_files.root / "seg.ts")
@@ -201,16 +203,22 @@ def test_local_playlist_cannot_reach_the_network(tmp_path: Path, http_files: Htt
     )
     resolved = local(playlist)
 
-    with pytest.raises(DecodeError, match="disallowed protocol") as info:
+    with pytest.raises(DecodeError, match="playlists and other indirections") as info:
         decode(resolved)
-    assert info.value.reason == "protocol_not_allowed"
-    assert http_files.requests == []
-
-    # Control: the same input with http allowed does reach the server and decodes.
+    assert info.value.reason == "format_not_allowed"
+    # Even with http allowed (as for an http source), the playlist is refused.
     permissive = ResolvedSource(
         resolved.url_or_path, ("file", "http", "tcp"), resolved.description, "file"
     )
-    assert len(decode(permissive)) // 2 >= 1.5 * RATE  # MPEG-TS adds its own padding
+    with pytest.raises(DecodeError, match="playlists"):
+        decode(permissive)
+    assert http_files.requests == []
+
+    # Control: without our whitelists the same input does reach the server and decodes.
+    argv = [a for a in decode_command(permissive, sample_rate=RATE) if a != AUDIO_FORMATS]
+    argv.remove("-format_whitelist")
+    out = subprocess.run(argv, capture_output=True, timeout=60, check=True).stdout
+    assert len(out) // 2 >= 1.5 * RATE  # MPEG-TS adds its own padding
     assert http_files.requests == ["/seg.ts"]
 
 
