@@ -31,7 +31,7 @@ def list_dead(*, settings: Settings | None = None, limit: int = 1000) -> list[di
 def retry_dead(job_id: str, *, settings: Settings | None = None) -> JobHandle:
     """Enqueue a dead-lettered job again under its own id, as a fresh job (attempts from 1)."""
     s = settings or get_settings()
-    r = redis_client(s.redis_url)
+    r: Any = redis_client(s.redis_url)  # redis-py types bytes replies as bytes | str
     raw = _find(r, job_id)
     if raw is None:
         raise KeyError(f"job {job_id} is not in the dead-letter list")
@@ -50,7 +50,7 @@ def retry_dead(job_id: str, *, settings: Settings | None = None) -> JobHandle:
 def purge_dead(job_id: str | None = None, *, settings: Settings | None = None) -> int:
     """Drop one dead-lettered job, or all of them; returns how many were dropped."""
     s = settings or get_settings()
-    r = redis_client(s.redis_url)
+    r: Any = redis_client(s.redis_url)  # redis-py types bytes replies as bytes | str
     if job_id is None:
         count = int(r.llen(DEAD_LETTER_KEY))
         r.delete(DEAD_LETTER_KEY)

@@ -91,7 +91,7 @@ class FaultLab:
         self.stack = stack
         self.s3_endpoint = s3_endpoint
         self.clips = clips
-        self.redis = redis.Redis.from_url(stack.redis.url)
+        self.redis: Any = redis.Redis.from_url(stack.redis.url)  # bytes replies; loose stubs
         self.durations: dict[str, float] = {}
         #: When each completed job streamed (first to last byte): a warm avatar
         #: session plays several jobs, so its sender alone does not say whose a segment is.
