@@ -17,3 +17,4 @@ test: bootstrap
 lint: bootstrap
 	.venv/bin/ruff check avatarq producers tasks tests bench
 	.venv/bin/ruff format --check avatarq producers tasks tests bench
+	.venv/bin/mypy avatarq producers tasks

@@ -14,6 +14,8 @@ RENDER_TASK = "avatarq.render"
 RENDER_QUEUE = "avatarq"
 #: Seconds between sweeps that hand jobs of dead workers back to the queue.
 RESTORE_SWEEP_S = 5
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     visibility = int(settings.redelivery_after_s)
     return {
