@@ -23,6 +23,7 @@ from avatarq.settings import Settings
 from tasks.decode import AUDIO_FORMATS, PcmDecoder, decode_command, probe_duration
 from tasks.source import HTTP_PROTOCOLS, ResolvedSource, resolve
 from tests import audio
+from tests.httpserve import serving
 from tests.s3 import aws_env, s3_client, s3_server
 
 __all__ = ["aws_env", "s3_server"]  # fixtures used by name below
@@ -178,16 +179,12 @@ def http_files(tmp_path: Path) -> Iterator[HttpFiles]:
     server = http.server.ThreadingHTTPServer(
         ("127.0.0.1", 0), partial(Handler, directory=str(root))
     )
-    server.daemon_threads = True
-    state.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield state
-    finally:
-        state.release.set()
-        server.shutdown()
-        server.server_close()
+    with serving(server) as url:
+        state.url = url
+        try:
+            yield state
+        finally:
+            state.release.set()  # before shutdown: a held response must not block it
 
 
 def test_playlist_cannot_reach_the_network(tmp_path: Path, http_files: HttpFiles) -> None:

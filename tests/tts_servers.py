@@ -9,12 +9,13 @@ their bodies are the documented ones below. `requests` records every call receiv
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
+
+from tests.httpserve import serving
 
 OPENAI_KEY = "sk-test-openai-key"
 ELEVEN_KEY = "xi-test-eleven-key"
@@ -208,14 +209,9 @@ def serve(handler: type[_Handler], audio: bytes) -> Iterator[FakeTts]:
     fake = FakeTts("", audio)
     # A subclass per server, so two fakes of one provider never share state.
     server = ThreadingHTTPServer(("127.0.0.1", 0), type("Bound", (handler,), {"fake": fake}))
-    fake.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving(server) as url:
+        fake.url = url
         yield fake
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def openai_server(audio: bytes) -> Iterator[FakeTts]:
