@@ -65,10 +65,13 @@ def time_budget(job: Job, audio_seconds: float | None, settings: Settings) -> fl
     return length + waits + OVERHEAD_BUDGET_S
 
 
+def avatar_server_url(job: Job, settings: Settings) -> str:
+    return str(job.avatar_server) if job.avatar_server else settings.avaluma_api_url
+
+
 def avatar_client_for(job: Job, settings: Settings) -> AvatarClient:
-    base = str(job.avatar_server) if job.avatar_server else settings.avaluma_api_url
     return HttpAvatarClient(
-        base,
+        avatar_server_url(job, settings),
         settings.avaluma_license_key.get_secret_value(),
         attempts=settings.avatar_start_attempts,
     )
@@ -202,8 +205,7 @@ async def play(
 
 
 def link_key(job: Job, settings: Settings) -> LinkKey:
-    server = str(job.avatar_server) if job.avatar_server else settings.avaluma_api_url
-    return (job.room, job.avatar_identity, server, job.sample_rate)
+    return (job.room, job.avatar_identity, avatar_server_url(job, settings), job.sample_rate)
 
 
 async def open_link(
