@@ -38,9 +38,12 @@ from tasks.warm import AvatarLink, LinkKey, RoomAdmin, warm_pool
 
 log = logging.getLogger("avatarq.pipeline")
 
-#: Audio per write: 100 ms keeps FFI calls at 10/s per stream (cheap with 100 streams in a
-#: process) while staying far below the default lead, so pacing stays smooth.
-CHUNK_SECONDS = 0.1
+#: Audio per write. Each write is an FFI round trip whose callback the SDK hands to every room
+#: of the process, so the per-stream cost grows with the write rate times the rooms: 200 ms
+#: (5 writes/s) cost a fifth less CPU than 100 ms in `avatarq bench`, and the avatar still
+#: never holds less than the lead (a chunk is due when the buffer is down to the lead); larger
+#: ones only add to the end overhead and the stop latency (docs/performance.md).
+CHUNK_SECONDS = 0.2
 #: Time allowed on top of the audio itself for joining, avatar start and the final report.
 OVERHEAD_BUDGET_S = 60.0
 #: How long an interrupted job waits for the avatar to report where playback stopped.

@@ -51,12 +51,15 @@ def test_drift_is_the_change_of_audio_ahead_of_the_wall_clock() -> None:
 
 def test_warm_start_compares_kept_sessions_with_cold_starts() -> None:
     def run(picked: float, first_byte: float, warm: bool) -> Played:
-        ts = {"picked": picked, "first_byte": first_byte}
+        # A warm job's room_joined is when it took the kept link.
+        ts = {"picked": picked, "room_joined": picked + 0.03, "first_byte": first_byte}
         return Played(0.0, {"status": "completed", "warm": warm, "timestamps": ts}, None)
 
     cold = [run(0, 1.2, False), run(0, 1.0, False)]
     warm = [run(5, 5.1, True), run(5, 5.2, True), run(9, 10.5, False)]  # the last one went cold
     figures = warm_start(cold, warm)
     assert figures["warm_start"]["warm_start_s"]["n"] == 2
-    assert figures["start_overhead_warm_p50_s"] < figures["warm_start"]["cold_start_s"]["p50"]
+    assert figures["warm_start_overhead_p50_s"] < figures["warm_start"]["cold_start_s"]["p50"]
     assert 0 < figures["warm_start"]["ratio_warm_vs_cold"] < 0.5
+    assert figures["warm_start"]["warm_picked_to_link_s"]["p50"] == 0.03
+    assert figures["warm_start"]["warm_link_to_first_byte_s"]["n"] == 2

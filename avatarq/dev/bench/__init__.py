@@ -25,8 +25,11 @@ from typing import Any
 
 import psutil
 
+from avatarq.dev import livekit_official
 from avatarq.dev.bench import codec, queue, report, streams
+from avatarq.dev.bench.load import LightAvatars, light_avatars
 from avatarq.dev.bench.stats import make_clip, ratio
+from avatarq.dev.processes import ManagedProcess
 from avatarq.dev.stack import LocalStack, local_stack
 from tasks.pipeline import CHUNK_SECONDS
 
@@ -50,6 +53,7 @@ class Plan:
     sender_seconds: float
     chunks: tuple[float, ...]
     budget_s: float  # the ramp stops early rather than run past this
+    log_variants: bool = True  # the sender's cost with the SDK's log capture / verbose logs
 
 
 QUICK = Plan(
@@ -60,13 +64,14 @@ QUICK = Plan(
     overhead_batch=5,
     overhead_audio_s=1.0,
     drift_audio_s=20,
-    ramp=(5, 10),
-    ramp_audio_s=6,
-    prefork_streams=5,
+    ramp=(10, 25, 50, 100),
+    ramp_audio_s=15,
+    prefork_streams=10,
     sender_streams=4,
-    sender_seconds=3,
-    chunks=(0.1, 0.2),
-    budget_s=90,
+    sender_seconds=4,
+    chunks=(0.1, 0.25),
+    budget_s=200,
+    log_variants=False,
 )
 FULL = Plan(
     name="full",
@@ -76,12 +81,12 @@ FULL = Plan(
     overhead_batch=3,
     overhead_audio_s=2.0,
     drift_audio_s=600,
-    ramp=(10, 20, 30, 50, 75, 100),
-    ramp_audio_s=25,
-    prefork_streams=20,
-    sender_streams=10,
+    ramp=(10, 25, 50, 75, 100, 125),
+    ramp_audio_s=30,
+    prefork_streams=25,
+    sender_streams=20,
     sender_seconds=15,
-    chunks=(0.02, 0.05, 0.1, 0.2),
+    chunks=(0.05, 0.1, 0.2, 0.25, 0.4),
     budget_s=840,
 )
 LEAD = 0.5
@@ -110,10 +115,11 @@ def machine() -> dict[str, Any]:
 
 
 class JobsBench:
-    """Sections 1–3 on one local stack."""
+    """Sections 1–3 on one local stack: overhead and drift against the avatar emulator (an
+    AvatarRunner's start), the ramp and the prefork baseline against the light receivers."""
 
-    def __init__(self, stack: LocalStack, plan: Plan, deadline: float) -> None:
-        self.stack, self.plan, self.deadline = stack, plan, deadline
+    def __init__(self, stack: LocalStack, light: LightAvatars, plan: Plan, deadline: float) -> None:
+        self.stack, self.light, self.plan, self.deadline = stack, light, plan, deadline
         self.clip = make_clip(stack.workdir / "overhead.wav", plan.overhead_audio_s, rate=16000)
         self.ramp_clip = make_clip(stack.workdir / "ramp.wav", plan.ramp_audio_s, rate=16000)
         self.stopped_by = "end of ramp"
@@ -126,31 +132,20 @@ class JobsBench:
         long_clip = make_clip(stack.workdir / "long.wav", plan.drift_audio_s, rate=16000)
         drift_job = streams.submit(["bench-drift"], long_clip, LEAD)
         self._wait_playing(drift_job[0][0].job_id)
-        worker = stack.start_worker("bench", concurrency=max(plan.ramp), extra_env=BENCH_ENV)
-        assert worker.proc is not None
-        proc = psutil.Process(worker.proc.pid)
-        idle_rss = proc.memory_info().rss / 1e6
+        results = self._overhead()
 
-        overhead_runs: list[streams.Played] = []
-        for start in range(0, plan.overhead_jobs, plan.overhead_batch):
-            rooms = [
-                f"bench-oh-{i}"
-                for i in range(start, min(start + plan.overhead_batch, plan.overhead_jobs))
-            ]
-            overhead_runs += streams.collect(stack, streams.submit(rooms, self.clip, LEAD), 60)
-        results = streams.overhead(overhead_runs, LEAD)
-        # The last batch's rooms still hold their avatars (AVATARQ_WARM_IDLE): play there again.
-        cold = overhead_runs[-len(rooms) :]
-        warm = streams.collect(stack, streams.submit(rooms, self.clip, LEAD), 60)
-        results.update(streams.warm_start(cold, warm))
-
+        worker = stack.start_worker(
+            "ramp", concurrency=max(plan.ramp), extra_env={**BENCH_ENV, **self.light.env()}
+        )
+        procs = self._procs(worker)
+        idle_rss = procs["worker"].memory_info().rss / 1e6
         steps: list[dict[str, Any]] = []
         for n in plan.ramp:
             if time.monotonic() + plan.ramp_audio_s + 30 > self.deadline:
                 self.stopped_by = "time budget"
                 break
             steps.append(
-                streams.step(stack, proc, n, self.ramp_clip, LEAD, plan.ramp_audio_s + 90, "ramp")
+                streams.step(stack, procs, n, self.ramp_clip, LEAD, plan.ramp_audio_s + 90, "ramp")
             )
             # Underruns end the ramp only past the pacing goal's 50 streams, which must be
             # measured either way; failed jobs end it at once.
@@ -158,7 +153,7 @@ class JobsBench:
                 self.stopped_by = "failed jobs"
                 break
             if not steps[-1]["sustained"] and n >= PACING_GOAL_STREAMS:
-                self.stopped_by = "underruns"
+                self.stopped_by = "underruns or schedule error"
                 break
         worker.stop()
         prefork = self._prefork()
@@ -167,6 +162,36 @@ class JobsBench:
         drift_runs = streams.collect(stack, drift_job, plan.drift_audio_s + 90)
         results.update(streams.drift(drift_runs[0]))
         return results
+
+    def _overhead(self) -> dict[str, Any]:
+        """Cold starts in batches, then warm ones in the last batch's rooms, on the emulator:
+        its AvatarRunner start (audio, subscription, video) is what the keeper, the audio
+        subscription and the receiver probe add to."""
+        plan, stack = self.plan, self.stack
+        worker = stack.start_worker("bench", concurrency=plan.overhead_batch, extra_env=BENCH_ENV)
+        runs: list[streams.Played] = []
+        rooms: list[str] = []
+        for start in range(0, plan.overhead_jobs, plan.overhead_batch):
+            rooms = [
+                f"bench-oh-{i}"
+                for i in range(start, min(start + plan.overhead_batch, plan.overhead_jobs))
+            ]
+            runs += streams.collect(stack, streams.submit(rooms, self.clip, LEAD), 60)
+        results = streams.overhead(runs, LEAD)
+        # The last batch's rooms still hold their avatars (AVATARQ_WARM_IDLE): play there again.
+        cold = runs[-len(rooms) :]
+        warm = streams.collect(stack, streams.submit(rooms, self.clip, LEAD), 60)
+        results.update(streams.warm_start(cold, warm))
+        worker.stop()
+        return results
+
+    def _procs(self, worker: ManagedProcess) -> dict[str, psutil.Process]:
+        assert worker.proc is not None and self.stack.livekit.proc is not None
+        return {
+            "worker": psutil.Process(worker.proc.pid),
+            "livekit_server": psutil.Process(self.stack.livekit.proc.pid),
+            **self.light.processes(),
+        }
 
     def _wait_playing(self, job_id: str) -> None:
         from producers import get_status
@@ -184,13 +209,12 @@ class JobsBench:
             # "processes" is Celery's other name for prefork: `-P prefork` is taken as "the
             # default pool" and replaced by the configured threads pool.
             pool="processes",
-            extra_env={**BENCH_ENV, "AVATARQ_METRICS_PORT": "0"},
+            extra_env={**BENCH_ENV, **self.light.env(), "AVATARQ_METRICS_PORT": "0"},
         )
-        assert worker.proc is not None
         try:
             return streams.step(
                 self.stack,
-                psutil.Process(worker.proc.pid),
+                self._procs(worker),
                 n,
                 self.ramp_clip,
                 LEAD,
@@ -203,7 +227,7 @@ class JobsBench:
     def _concurrency(
         self, steps: list[dict[str, Any]], prefork: dict[str, Any], idle_rss: float
     ) -> dict[str, Any]:
-        # Every step up to it without an underrun: one lucky step above a failed one is noise.
+        # Every step up to it sustained: one lucky step above a failed one is noise.
         unsustained = [s["streams"] for s in steps if not s["sustained"]]
         sustained = [s["streams"] for s in steps if s["streams"] < min(unsustained, default=1e9)]
         same = next((s for s in steps if s["streams"] == prefork["streams"]), None)
@@ -234,6 +258,10 @@ class JobsBench:
                 )
                 if top
                 else None,
+                "worker_cpu_percent_per_stream_at_top": top["worker_cpu_percent_per_stream"]
+                if top
+                else None,
+                "receiver_processes": len(self.light.processes()) - 1,
                 "stopped_by": self.stopped_by,
                 "steps": steps,
                 "prefork": prefork,
@@ -241,8 +269,11 @@ class JobsBench:
         }
 
 
-def bench_sender(stack: LocalStack, plan: Plan) -> dict[str, Any]:
-    """Sections 6–8, each configuration in a fresh process (see avatarq/dev/bench/sender.py)."""
+def bench_sender(
+    stack: LocalStack, light: LightAvatars, plan: Plan, *, full: bool = True
+) -> dict[str, Any]:
+    """Sections 6–8, each configuration in a fresh process (see avatarq/dev/bench/sender.py),
+    against the light receivers. `full=False`: only our paced sender (a comparison row)."""
     base_env = {k: v for k, v in os.environ.items() if k not in ("RUST_LOG", "LIVEKIT_RTC_DEBUG")}
 
     def run(
@@ -258,7 +289,7 @@ def bench_sender(stack: LocalStack, plan: Plan) -> dict[str, Any]:
         argv += ["--seconds", str(plan.sender_seconds), *args]
         done = subprocess.run(
             argv,
-            env={**base_env, **stack.env(), **(env or {})},
+            env={**base_env, **stack.env(), **light.env(), **(env or {})},
             capture_output=True,
             text=True,
             timeout=plan.sender_seconds * 3 + 150,
@@ -270,12 +301,23 @@ def bench_sender(stack: LocalStack, plan: Plan) -> dict[str, Any]:
 
     huge_lead = str(plan.sender_seconds * 10)  # nothing waits: as fast as the avatar accepts
     ours = run("--mode", "ours")
+    if not full:
+        return {"ours": ours}
     results: dict[str, Any] = {
         "ours": ours,
         "agents": run("--mode", "agents"),
-        "ours_unpaced": run("--mode", "ours", "--lead", huge_lead, streams_=1),
-        "agents_unpaced": run("--mode", "agents", "--lead", huge_lead, streams_=1),
-        "logs": {
+        # The floor: the same sender and streams moving the bytes as fast as they go.
+        "ours_unpaced": run("--mode", "ours", "--lead", huge_lead),
+        "agents_unpaced": run("--mode", "agents", "--lead", huge_lead),
+        # What the worker's hidden room keeper (tasks/room.py) adds: a second room per stream.
+        "ours_keepers": run("--mode", "ours", "--keepers"),
+        "chunks": [
+            ours if chunk == CHUNK_SECONDS else run("--mode", "ours", "--chunk", str(chunk))
+            for chunk in plan.chunks
+        ],
+    }
+    if plan.log_variants:
+        results["logs"] = {
             "default": ours,
             "sdk_capture": run("--mode", "ours", env={"AVATARQ_LIVEKIT_LOG_CAPTURE": "1"}),
             "verbose": run(
@@ -284,17 +326,35 @@ def bench_sender(stack: LocalStack, plan: Plan) -> dict[str, Any]:
                 "--verbose-logs",
                 env={"AVATARQ_LIVEKIT_LOG_CAPTURE": "1", "LIVEKIT_RTC_DEBUG": "1"},
             ),
-        },
-        "chunks": [
-            ours if chunk == CHUNK_SECONDS else run("--mode", "ours", "--chunk", str(chunk))
-            for chunk in plan.chunks
-        ],
-    }
-    results["ratio_cpu_ours_vs_agents"] = ratio(
-        ours.get("cpu_percent_per_stream", 0.0),
-        results["agents"].get("cpu_percent_per_stream", 0.0),
-    )
+        }
+    paced = ours.get("cpu_percent_per_stream", 0.0)
+    unpaced = results["ours_unpaced"].get("cpu_percent_per_stream", 0.0)
+    agents = results["agents"].get("cpu_percent_per_stream", 0.0)
+    results["ratio_cpu_ours_vs_agents"] = ratio(paced, agents)
+    results["ratio_cpu_paced_vs_unpaced"] = ratio(paced, unpaced)
+    results["goal_ratio_paced_vs_unpaced_max"] = 1.5
+    results["goal_ratio_ours_vs_agents_max"] = 0.5
     return results
+
+
+def sender_keys(sender: dict[str, Any]) -> dict[str, Any]:
+    """The top-level CPU figures: share of one core per real-time stream, paced (ours), the
+    unpaced floor of the same sender, and livekit-agents' DataStreamAudioOutput paced alike."""
+    return {
+        "cpu_per_stream_pct": sender["ours"].get("cpu_percent_per_stream"),
+        "cpu_per_stream_unpaced_pct": sender["ours_unpaced"].get("cpu_percent_per_stream"),
+        "cpu_per_stream_agents_pct": sender["agents"].get("cpu_percent_per_stream"),
+    }
+
+
+def bench_embedded(plan: Plan, workdir: Path) -> dict[str, Any]:
+    """The comparison row: our paced sender on the embedded (Python) LiveKit server."""
+    with (
+        queue.settings_env({livekit_official.CHOICE_ENV: "embedded"}),
+        local_stack(workdir) as stack,
+        light_avatars(stack) as light,
+    ):
+        return {"server": stack.server, **bench_sender(stack, light, plan, full=False)}
 
 
 def run(
@@ -323,11 +383,19 @@ def run(
     if NETNS_SECTIONS & set(sections):
         if os.environ.get("AVATARQ_IN_NETNS") != "1":
             raise SystemExit("sections jobs/sender join LiveKit rooms: run inside infra/netns-run")
-        with local_stack(workdir / "stack") as stack, queue.settings_env(stack.env()):
+        with (
+            local_stack(workdir / "stack") as stack,
+            queue.settings_env(stack.env()),
+            light_avatars(stack) as light,
+        ):
+            results["server"] = stack.server
             if "sender" in sections:
-                results["sender"] = bench_sender(stack, plan)
+                results["sender"] = bench_sender(stack, light, plan)
+                results.update(sender_keys(results["sender"]))
             if "jobs" in sections:
-                results.update(JobsBench(stack, plan, deadline).run())
+                results.update(JobsBench(stack, light, plan, deadline).run())
+        if "sender" in sections and results["server"] != "embedded":
+            results["embedded_comparison"] = bench_embedded(plan, workdir / "embedded")
     results["machine"]["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     results["elapsed_s"] = round(time.monotonic() - started, 1)
     return results
@@ -356,9 +424,13 @@ def write_docs(results: dict[str, Any], docs: Path) -> list[Path]:
         f"`avatarq bench` ({results['plan']} plan, {results['elapsed_s']:.0f} s), "
         f"{results['date']}, on {m['cores']} cores ({m['cpu']}) and {m['ram_gb']} GB RAM; load "
         f"average {m['load_avg_start']} at the start, {m['load_avg_end']} at the end (shared "
-        "machine). The local LiveKit server and the avatar emulator share the worker's cores."
+        f"machine). LiveKit server: {results.get('server', '?')}; it, the avatar emulator and the "
+        "light receivers share the worker's cores."
     )
     table = report.markdown_table(results)
+    steps = report.markdown_steps(results)
+    if steps:
+        table += f"\n\nPer ramp step, CPU in % of one core while (nearly) all play:\n\n{steps}"
     figures = json.dumps(results, indent=1)
     _splice(
         docs / "performance.md",

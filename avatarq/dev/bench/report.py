@@ -18,13 +18,26 @@ ROWS: list[Row] = [
     ),
     ("start overhead p95", "overhead.start_overhead_s.p95", None, "s", "< 1 s"),
     (
-        "start overhead p50, warm avatar (incl. avatar)",
-        "warm_start.warm_start_s.p50",
+        "start overhead p50, warm (kept room and avatar)",
+        "warm_start_overhead_p50_s",
         "warm_start.cold_start_s.p50",
+        "s",
+        "< 0.1 s",
+    ),
+    (
+        "warm start: picked → kept link (probe, decoder, first chunk)",
+        "warm_start.warm_picked_to_link_s.p50",
+        None,
+        "s",
+        "",
+    ),
+    (
+        "avatar start p50 (emulator, AvatarRunner order, incl. keeper and probe)",
+        "overhead.avatar_start_s.p50",
+        None,
         "s",
         "reported",
     ),
-    ("avatar start p50 (emulator)", "overhead.avatar_start_s.p50", None, "s", "reported"),
     (
         "end overhead p50 (last byte → finished)",
         "overhead.end_overhead_s.p50",
@@ -53,9 +66,16 @@ ROWS: list[Row] = [
     ),
     ("max streams in one process (no underrun)", "max_streams_per_process", None, "", "≥ 100"),
     (
-        "worker CPU per stream",
+        "worker CPU per stream (threads pool vs prefork, same streams)",
         "concurrency.worker_cpu_percent_per_stream",
         "concurrency.prefork_cpu_percent_per_stream",
+        "% core",
+        "",
+    ),
+    (
+        "worker CPU per stream at the ramp's top step",
+        "concurrency.worker_cpu_percent_per_stream_at_top",
+        None,
         "% core",
         "",
     ),
@@ -82,9 +102,30 @@ ROWS: list[Row] = [
         "",
     ),
     (
-        "sender CPU per stream, ours",
+        "sender CPU per paced stream vs unpaced floor",
+        "cpu_per_stream_pct",
+        "cpu_per_stream_unpaced_pct",
+        "% core",
+        "ratio ≤ 1.5",
+    ),
+    (
+        "sender CPU per paced stream vs DataStreamAudioOutput",
+        "cpu_per_stream_pct",
+        "cpu_per_stream_agents_pct",
+        "% core",
+        "ratio ≤ 0.5",
+    ),
+    (
+        "sender CPU per stream with a keeper room per stream (as the worker)",
+        "sender.ours_keepers.cpu_percent_per_stream",
         "sender.ours.cpu_percent_per_stream",
-        "sender.agents.cpu_percent_per_stream",
+        "% core",
+        "",
+    ),
+    (
+        "sender CPU per stream, embedded server (comparison only)",
+        "embedded_comparison.ours.cpu_percent_per_stream",
+        "sender.ours.cpu_percent_per_stream",
         "% core",
         "",
     ),
@@ -155,6 +196,40 @@ def rows(results: dict[str, Any]) -> list[list[str]]:
 
 
 HEADER = ["figure", "value", "baseline", "ratio", "goal"]
+STEP_HEADER = [
+    "streams",
+    "worker CPU",
+    "LiveKit server CPU",
+    "receivers CPU (busiest of them)",
+    "worker RSS",
+    "schedule p99",
+    "underruns",
+    "sustained",
+]
+
+
+def step_rows(results: dict[str, Any]) -> list[list[str]]:
+    """One row per ramp step (and the prefork baseline): who uses how much CPU (% of one
+    core), so the table shows what saturates first."""
+    steps = list(lookup(results, "concurrency.steps") or [])
+    prefork = lookup(results, "concurrency.prefork")
+    out = []
+    for step in [*steps, *([prefork] if prefork else [])]:
+        label = str(step["streams"]) + (" (prefork)" if step is prefork else "")
+        out.append(
+            [
+                label,
+                f"{step['worker_cpu_percent']:.0f} %",
+                f"{step['livekit_server_cpu_percent']:.0f} %",
+                f"{step.get('receiver_front_cpu_percent', 0):.0f} % "
+                f"({step.get('receiver_busiest_cpu_percent', 0):.0f} %)",
+                f"{step['worker_rss_mb']:.0f} MB",
+                f"{step['schedule_error_ms']['p99']:.1f} ms",
+                str(step["underruns"]),
+                "yes" if step["sustained"] else "no",
+            ]
+        )
+    return out
 
 
 def text_table(results: dict[str, Any]) -> str:
@@ -165,10 +240,20 @@ def text_table(results: dict[str, Any]) -> str:
     )
 
 
-def markdown_table(results: dict[str, Any]) -> str:
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows(results)]
+def _markdown(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in body]
     return "\n".join(lines)
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    return _markdown(HEADER, rows(results))
+
+
+def markdown_steps(results: dict[str, Any]) -> str:
+    """The ramp's per-process CPU table ("" when the run had no ramp)."""
+    body = step_rows(results)
+    return _markdown(STEP_HEADER, body) if body else ""
 
 
 def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
@@ -197,10 +282,11 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
         fig, (cpu, rss) = plt.subplots(1, 2, figsize=(10, 3.8))
         for key, label in (
             ("worker_cpu_percent", "worker (one process)"),
-            ("livekit_server_cpu_percent", "dev LiveKit server"),
-            ("avatar_emulator_cpu_percent", "avatar emulator"),
+            ("livekit_server_cpu_percent", f"LiveKit server ({results.get('server')})"),
+            ("receiver_front_cpu_percent", "light receivers (all processes)"),
+            ("receiver_busiest_cpu_percent", "busiest receiver process"),
         ):
-            cpu.plot(n, [s[key] for s in steps], marker="o", label=label)
+            cpu.plot(n, [s.get(key, 0.0) for s in steps], marker="o", label=label)
         cpu.set_xlabel("concurrent streams")
         cpu.set_ylabel("CPU (% of one core)")
         cpu.legend(fontsize=8)

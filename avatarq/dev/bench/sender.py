@@ -1,6 +1,6 @@
 """Sections 6–8: the cost of sending alone, in a fresh process per configuration.
 
-    python -m avatarq.dev.bench.sender --mode ours --streams 10 --seconds 20 --chunk 0.1 ...
+    python -m avatarq.dev.bench.sender --mode ours --streams 10 --seconds 20 [--chunk 0.2] ...
 
 Joins `--streams` rooms of the local stack, starts an emulated avatar in each, then streams the
 same synthetic PCM to all of them at once, either with the worker's AudioStreamSender
@@ -24,17 +24,19 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import psutil
 from livekit import rtc
 
 # Imported for its side effect: the worker's SDK log settings (tasks/lklogs.py), applied
 # before the SDK starts, so each configuration costs what it costs in a worker.
 import tasks.app  # noqa: F401
-from avatarq.dev.bench.stats import spread
+from avatarq.dev.bench.stats import spread, thread_cpu_seconds
 from avatarq.settings import get_settings
 from tasks import room as rooms
 from tasks import tokens
 from tasks.avatar import HttpAvatarClient
 from tasks.pacing import Pacer
+from tasks.pipeline import CHUNK_SECONDS
 from tasks.stream import AudioStreamSender
 
 RATE = 16000
@@ -85,6 +87,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "default", server.base_url, settings.avatar_license_key(server)
     )
     joined: list[tuple[rtc.Room, str]] = []
+    keepers: list[rtc.Room] = []
     sessions = []
     try:
 
@@ -99,6 +102,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             )
             room = await rooms.connect(settings.livekit_url, t.worker)
             joined.append((room, avatar))
+            if args.keepers:
+                # As the worker does (tasks/room.py): a hidden participant per room.
+                keepers.append(await rooms.connect(settings.livekit_url, t.keeper))
             sessions.append(
                 await avatar_client.start(
                     livekit_url=settings.livekit_url,
@@ -118,15 +124,21 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             sender = AudioStreamSender(room, avatar, RATE)
             return await sender.send_segment(pcm(args.seconds, chunk_bytes), pacer)
 
-        cpu0, wall0 = cpu_seconds(), time.perf_counter()
+        me = psutil.Process()
+        cpu0, wall0, threads0 = cpu_seconds(), time.perf_counter(), thread_cpu_seconds(me)
         sent = await asyncio.gather(
             *(one(r, a, p) for (r, a), p in zip(joined, pacers, strict=True))
         )
         wall, cpu = time.perf_counter() - wall0, cpu_seconds() - cpu0
+        threads = {
+            name: round((t - threads0.get(name, 0.0)) / wall * 100, 1)
+            for name, t in sorted(thread_cpu_seconds(me).items(), key=lambda kv: -kv[1])
+        }
     finally:
         await asyncio.gather(*(avatar_client.stop(s) for s in sessions), return_exceptions=True)
         await avatar_client.aclose()
         await asyncio.gather(*(r.disconnect() for r, _ in joined), return_exceptions=True)
+        await asyncio.gather(*(r.disconnect() for r in keepers), return_exceptions=True)
     audio_s = sum(sent) / BYTES_PER_SECOND
     errors = [e * 1000 for p in pacers for e in p.errors]
     return {
@@ -141,6 +153,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "cpu_percent_per_stream": round(cpu / audio_s * 100, 3),
         "bytes_per_s_per_stream": round(sum(sent) / len(sent) / wall, 1),
         "schedule_error_ms": spread(errors, 2),
+        "keepers": args.keepers,
+        # Per thread name, % of one core while streaming: LiveKit's native threads (network,
+        # tokio) next to the Python one.
+        "threads_cpu_percent": threads,
     }
 
 
@@ -149,8 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=["ours", "agents"], default="ours")
     parser.add_argument("--streams", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--chunk", type=float, default=0.1)
+    parser.add_argument("--chunk", type=float, default=CHUNK_SECONDS)
     parser.add_argument("--lead", type=float, default=0.5)
+    parser.add_argument("--keepers", action="store_true", help="join a keeper per room too")
     parser.add_argument(
         "--verbose-logs", action="store_true", help="DEBUG logging like `--loglevel DEBUG`"
     )

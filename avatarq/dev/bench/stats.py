@@ -116,7 +116,7 @@ class ProcessSampler:
                 last[name] = (now, cpu)
                 # Ended children take their CPU seconds with them: never report a negative.
                 percent = max(0.0, (cpu - cpu0) / (now - then) * 100)
-                sample = Sample(time.time(), percent, rss, ffmpeg, _thread_cpu(proc))
+                sample = Sample(time.time(), percent, rss, ffmpeg, thread_cpu_seconds(proc))
                 self.samples.setdefault(name, []).append(sample)
 
     def window(self, name: str, start: float, end: float) -> list[Sample]:
@@ -147,7 +147,7 @@ class ProcessSampler:
         }
 
 
-def _thread_cpu(proc: psutil.Process) -> dict[str, float]:
+def thread_cpu_seconds(proc: psutil.Process) -> dict[str, float]:
     """CPU seconds per thread name (threads of one name, e.g. tokio's workers, summed)."""
     out: dict[str, float] = {}
     try:
