@@ -3,15 +3,28 @@ documented keys, and its drift estimate reads the emulator's record the right wa
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import math
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
-from avatarq.dev.bench import QUICK, report, run
+import pytest
+
+from avatarq.dev.bench import PACING_GOAL_STREAMS, QUICK, queue, report, run, sender_keys
+from avatarq.dev.bench.load import light_avatars
 from avatarq.dev.bench.streams import Played, drift_ms, warm_start
+from avatarq.dev.stack import LocalStack, local_stack
+from avatarq.settings import get_settings
+from tasks import room as rooms
+from tasks import tokens
+from tasks.avatar import HttpAvatarClient
+from tasks.pacing import Pacer
+from tasks.stream import AudioStreamSender
+from tests.netns import needs_netns
 
 TINY = dataclasses.replace(QUICK, decode_seconds=2, queue_jobs=20)
 
@@ -63,3 +76,85 @@ def test_warm_start_compares_kept_sessions_with_cold_starts() -> None:
     assert 0 < figures["warm_start"]["ratio_warm_vs_cold"] < 0.5
     assert figures["warm_start"]["warm_picked_to_link_s"]["p50"] == 0.03
     assert figures["warm_start"]["warm_link_to_first_byte_s"]["n"] == 2
+
+
+def test_quick_plan_ramps_past_the_pacing_goal_and_names_every_cpu_key() -> None:
+    # The quick plan must show a streams-per-process figure, not stop at 10.
+    assert max(QUICK.ramp) >= PACING_GOAL_STREAMS and len(QUICK.ramp) >= 3
+    sender = {
+        "ours": {"cpu_percent_per_stream": 1.2},
+        "ours_unpaced": {"cpu_percent_per_stream": 0.9},
+        "agents": {"error": ["a configuration failed"]},
+    }
+    assert sender_keys(sender) == {
+        "cpu_per_stream_pct": 1.2,
+        "cpu_per_stream_unpaced_pct": 0.9,
+        "cpu_per_stream_agents_pct": None,
+    }
+
+
+@needs_netns
+def test_light_receiver_speaks_the_avatar_protocol(tmp_path: Path) -> None:
+    """The bench's load receiver, on the official server where it runs: the worker's readiness
+    probe, a segment played in real time and reported, a stop that clears the buffer."""
+    with (
+        local_stack(tmp_path / "stack") as stack,
+        queue.settings_env(stack.env()),
+        light_avatars(stack, processes=2) as light,
+    ):
+        asyncio.run(asyncio.wait_for(_speak_to_light_receiver(stack, light.url), 60))
+
+
+async def _speak_to_light_receiver(stack: LocalStack, url: str) -> None:
+    settings = get_settings()
+    ttl = tokens.ttl_for(10.0, settings)
+    t = tokens.mint(settings, room="light", worker_identity="w", avatar_identity="a", ttl=ttl)
+    other = tokens.mint(settings, room="light", worker_identity="w2", avatar_identity="a2", ttl=ttl)
+    room = await rooms.connect(settings.livekit_url, t.worker)
+    stranger = await rooms.connect(settings.livekit_url, other.worker)
+    client = HttpAvatarClient("light", url, stack.license_key)
+    try:
+        session = await client.start(
+            livekit_url=settings.livekit_url,
+            livekit_token=t.avatar,
+            avatar_id="bench",
+            avatar_identity="a",
+        )
+        await rooms.wait_for_avatar(room, "a", timeout=20)
+        await rooms.wait_until_listening(room, "a", timeout=10)
+        answer = await stranger.local_participant.perform_rpc(
+            destination_identity="a", method="lk.clear_buffer", payload=""
+        )
+        assert answer == "reject"  # bound to its token's sender only
+
+        sender = AudioStreamSender(room, "a", 16000)
+        chunk = bytes(6400)  # 200 ms of 16 kHz s16 mono
+
+        async def pcm(n: int) -> AsyncIterator[bytes]:
+            for _ in range(n):
+                yield chunk
+
+        await sender.send_segment(pcm(10), Pacer(32000, lead=0.5))
+        finished = await sender.wait_playback_finished(5)
+        assert finished is not None and not finished.interrupted
+        assert finished.playback_position == pytest.approx(2.0, abs=0.01)
+        sidecar = json.loads((stack.recordings / f"{session.session_id}.json").read_text())
+        played = sidecar["segments"][0]
+        assert played["received_s"] == pytest.approx(2.0) and played["underruns"] == []
+        assert played["playback_finished_at"] - played["first_frame_at"] >= 2.0 - 0.05
+
+        stop = asyncio.Event()
+
+        async def stopping() -> AsyncIterator[bytes]:
+            async for c in pcm(50):
+                yield c
+                stop.set()  # after the first chunk: the sender clears before closing
+
+        sent = await sender.send_segment(stopping(), Pacer(32000, lead=0.0), stop=stop)
+        cut = await sender.wait_playback_finished(5)
+        assert sent < 50 * len(chunk) and cut is not None and cut.interrupted
+        assert await client.stop(session)
+    finally:
+        await client.aclose()
+        await rooms.disconnect(stranger)
+        await rooms.disconnect(room)

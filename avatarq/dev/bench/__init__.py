@@ -60,17 +60,17 @@ QUICK = Plan(
     name="quick",
     decode_seconds=60,
     queue_jobs=200,
-    overhead_jobs=20,
+    overhead_jobs=10,
     overhead_batch=5,
     overhead_audio_s=1.0,
     drift_audio_s=20,
-    ramp=(10, 25, 50, 100),
-    ramp_audio_s=15,
+    ramp=(10, 25, 50),
+    ramp_audio_s=20,
     prefork_streams=10,
     sender_streams=4,
     sender_seconds=4,
-    chunks=(0.1, 0.25),
-    budget_s=200,
+    chunks=(0.1,),
+    budget_s=220,
     log_variants=False,
 )
 FULL = Plan(
@@ -81,12 +81,12 @@ FULL = Plan(
     overhead_batch=3,
     overhead_audio_s=2.0,
     drift_audio_s=600,
-    ramp=(10, 25, 50, 75, 100, 125),
-    ramp_audio_s=30,
+    ramp=(10, 25, 50, 75, 100),
+    ramp_audio_s=40,
     prefork_streams=25,
     sender_streams=20,
-    sender_seconds=15,
-    chunks=(0.05, 0.1, 0.2, 0.25, 0.4),
+    sender_seconds=12,
+    chunks=(0.1, 0.2, 0.25, 0.4),
     budget_s=840,
 )
 LEAD = 0.5
@@ -231,7 +231,8 @@ class JobsBench:
         unsustained = [s["streams"] for s in steps if not s["sustained"]]
         sustained = [s["streams"] for s in steps if s["streams"] < min(unsustained, default=1e9)]
         same = next((s for s in steps if s["streams"] == prefork["streams"]), None)
-        top = steps[-1] if steps else None
+        # The largest step whose CPU window held samples (a step that fell apart may not).
+        top = next((s for s in reversed(steps) if s["worker_cpu_percent"] > 0), None)
         near_50 = (
             min(steps, key=lambda s: abs(s["streams"] - PACING_GOAL_STREAMS)) if steps else None
         )
@@ -261,6 +262,7 @@ class JobsBench:
                 "worker_cpu_percent_per_stream_at_top": top["worker_cpu_percent_per_stream"]
                 if top
                 else None,
+                "top_streams": top["streams"] if top else None,
                 "receiver_processes": len(self.light.processes()) - 1,
                 "stopped_by": self.stopped_by,
                 "steps": steps,
