@@ -313,6 +313,8 @@ def bench_sender(
         "agents_unpaced": run("--mode", "agents", "--lead", huge_lead),
         # What the worker's hidden room keeper (tasks/room.py) adds: a second room per stream.
         "ours_keepers": run("--mode", "ours", "--keepers"),
+        # The same, each room subscribed to its own FFI events only (ffi_routing.py).
+        "ours_keepers_routed": run("--mode", "ours", "--keepers", "--route-events"),
         "chunks": [
             ours if chunk == CHUNK_SECONDS else run("--mode", "ours", "--chunk", str(chunk))
             for chunk in plan.chunks

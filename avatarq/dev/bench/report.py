@@ -123,6 +123,20 @@ ROWS: list[Row] = [
         "",
     ),
     (
+        "… and with each room given only its own FFI events (experiment)",
+        "sender.ours_keepers_routed.cpu_percent_per_stream",
+        "sender.ours_keepers.cpu_percent_per_stream",
+        "% core",
+        "",
+    ),
+    (
+        "bytes the keepers received per audio byte sent",
+        "sender.ours_keepers.keeper_bytes_per_audio_byte",
+        None,
+        "",
+        "0 (expected)",
+    ),
+    (
         "sender CPU per stream, embedded server (comparison only)",
         "embedded_comparison.ours.cpu_percent_per_stream",
         "sender.ours.cpu_percent_per_stream",

@@ -30,6 +30,7 @@ from livekit import rtc
 # Imported for its side effect: the worker's SDK log settings (tasks/lklogs.py), applied
 # before the SDK starts, so each configuration costs what it costs in a worker.
 import tasks.app  # noqa: F401
+from avatarq.dev.bench.ffi_routing import route_room_events
 from avatarq.dev.bench.stats import spread, thread_cpu_seconds
 from avatarq.settings import get_settings
 from tasks import room as rooms
@@ -60,6 +61,16 @@ async def pcm(seconds: float, chunk_bytes: int) -> AsyncIterator[bytes]:
     chunk = tone_chunk(chunk_bytes)
     for _ in range(int(seconds * BYTES_PER_SECOND) // chunk_bytes):
         yield chunk
+
+
+async def data_bytes_received(room: rtc.Room) -> int:
+    """Bytes that arrived on `room`'s data channels (its RTC stats)."""
+    stats = await room.get_rtc_stats()
+    return sum(
+        s.data_channel.dc.bytes_received
+        for s in [*stats.publisher_stats, *stats.subscriber_stats]
+        if s.WhichOneof("stats") == "data_channel"
+    )
 
 
 async def send_agents(
@@ -105,6 +116,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             if args.keepers:
                 # As the worker does (tasks/room.py): a hidden participant per room.
                 keepers.append(await rooms.connect(settings.livekit_url, t.keeper))
+            if args.route_events:
+                for r in [room, *keepers[-1:]] if args.keepers else [room]:
+                    route_room_events(r)
             sessions.append(
                 await avatar_client.start(
                     livekit_url=settings.livekit_url,
@@ -134,6 +148,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             name: round((t - threads0.get(name, 0.0)) / wall * 100, 1)
             for name, t in sorted(thread_cpu_seconds(me).items(), key=lambda kv: -kv[1])
         }
+        keeper_bytes = sum([await data_bytes_received(k) for k in keepers])
     finally:
         await asyncio.gather(*(avatar_client.stop(s) for s in sessions), return_exceptions=True)
         await avatar_client.aclose()
@@ -154,6 +169,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "bytes_per_s_per_stream": round(sum(sent) / len(sent) / wall, 1),
         "schedule_error_ms": spread(errors, 2),
         "keepers": args.keepers,
+        # What the keepers' data channels received, per byte of audio sent: the server
+        # forwards the avatar's byte stream to them too.
+        "keeper_bytes_per_audio_byte": round(keeper_bytes / sum(sent), 3) if keepers else None,
+        "route_events": args.route_events,
         # Per thread name, % of one core while streaming: LiveKit's native threads (network,
         # tokio) next to the Python one.
         "threads_cpu_percent": threads,
@@ -168,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk", type=float, default=CHUNK_SECONDS)
     parser.add_argument("--lead", type=float, default=0.5)
     parser.add_argument("--keepers", action="store_true", help="join a keeper per room too")
+    parser.add_argument(
+        "--route-events", action="store_true", help="each room gets only its own FFI events"
+    )
     parser.add_argument(
         "--verbose-logs", action="store_true", help="DEBUG logging like `--loglevel DEBUG`"
     )
