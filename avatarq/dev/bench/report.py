@@ -39,6 +39,13 @@ ROWS: list[Row] = [
         "reported",
     ),
     (
+        "avatar start p50, light receiver (video at once)",
+        "overhead_light_receiver.avatar_start_s.p50",
+        "overhead.avatar_start_s.p50",
+        "s",
+        "reported",
+    ),
+    (
         "end overhead p50 (last byte → finished)",
         "overhead.end_overhead_s.p50",
         "overhead.lead_s",
