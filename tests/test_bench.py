@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from avatarq.dev.bench import PACING_GOAL_STREAMS, QUICK, queue, report, run, sender_keys
+from avatarq.dev.bench import PACING_GOAL_STREAMS, QUICK, queue, report, run, scale, sender_keys
 from avatarq.dev.bench.load import light_avatars
 from avatarq.dev.bench.streams import Played, drift_ms, warm_start
 from avatarq.dev.stack import LocalStack, local_stack
@@ -158,3 +158,24 @@ async def _speak_to_light_receiver(stack: LocalStack, url: str) -> None:
         await client.aclose()
         await rooms.disconnect(stranger)
         await rooms.disconnect(room)
+
+
+def test_scale_figures_take_the_tightest_limit() -> None:
+    # 10 streams: 2 % of a core each in all, 1 % on the network thread, 0.5 % in Python.
+    step = {
+        "streams": 10,
+        "worker_cpu_percent": 20.0,
+        "worker_rss_mb": 220.0,
+        "worker_threads_cpu_percent": {"network_thread": 10.0, "python3": 5.0, "tokio": 5.0},
+    }
+    plan = scale.node_plan(step, idle_rss_mb=120.0)
+    assert plan["process_limited_by"] == "network_thread" and plan["process_limit_streams"] == 80
+    one, *_, sixteen = plan["rows"]
+    assert one == {
+        "processes": 1,
+        "streams_per_process": 80,
+        "streams_per_node": 80,
+        "limited_by": "per-process limit",
+    }
+    # 16 cores at 80 % hold 640 streams of 2 %: the node's cores, not the processes, bind.
+    assert sixteen["streams_per_node"] == 640 and sixteen["limited_by"] == "cores"

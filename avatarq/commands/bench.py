@@ -9,7 +9,7 @@ import typer
 
 
 def bench(
-    quick: Annotated[bool, typer.Option("--quick", help="Small counts, under 2 minutes")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="Small counts, under 5 minutes")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
     sections: Annotated[
         str, typer.Option(help="Comma-separated: decode, queue, jobs, sender")

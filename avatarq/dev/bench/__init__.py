@@ -26,7 +26,7 @@ from typing import Any
 import psutil
 
 from avatarq.dev import livekit_official
-from avatarq.dev.bench import codec, queue, report, streams
+from avatarq.dev.bench import codec, queue, report, scale, streams
 from avatarq.dev.bench.load import LightAvatars, light_avatars
 from avatarq.dev.bench.stats import make_clip, ratio
 from avatarq.dev.processes import ManagedProcess
@@ -86,7 +86,7 @@ FULL = Plan(
     ramp_audio_s=40,
     prefork_streams=25,
     sender_streams=20,
-    sender_seconds=12,
+    sender_seconds=10,
     chunks=(0.1, 0.2, 0.25, 0.4),
     budget_s=840,
 )
@@ -240,6 +240,9 @@ class JobsBench:
         unsustained = [s["streams"] for s in steps if not s["sustained"]]
         sustained = [s["streams"] for s in steps if s["streams"] < min(unsustained, default=1e9)]
         same = next((s for s in steps if s["streams"] == prefork["streams"]), None)
+        basis = next((s for s in reversed(steps) if s["streams"] in sustained), None) or (
+            steps[0] if steps else None
+        )
         # The largest step whose CPU window held samples (a step that fell apart may not).
         top = next((s for s in reversed(steps) if s["worker_cpu_percent"] > 0), None)
         near_50 = (
@@ -275,6 +278,8 @@ class JobsBench:
                 "receiver_processes": len(self.light.processes()) - 1,
                 "stopped_by": self.stopped_by,
                 "steps": steps,
+                # From the largest sustained step (else the first): a healthy worker's cost.
+                "scale": scale.node_plan(basis, idle_rss) if basis else None,
                 "prefork": prefork,
             },
         }
@@ -444,6 +449,13 @@ def write_docs(results: dict[str, Any], docs: Path) -> list[Path]:
     steps = report.markdown_steps(results)
     if steps:
         table += f"\n\nPer ramp step, CPU in % of one core while (nearly) all play:\n\n{steps}"
+    plan_16 = report.lookup(results, "concurrency.scale")
+    if plan_16:
+        table += (
+            f"\n\nA {scale.NODE_CORES}-core, {scale.NODE_RAM_GB} GB worker node, from the "
+            f"{plan_16['from_step_streams']}-stream step (each limit at "
+            f"{scale.HEADROOM:.0%}):\n\n{scale.markdown(plan_16)}"
+        )
     figures = json.dumps(results, indent=1)
     _splice(
         docs / "performance.md",
@@ -469,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small counts, under 2 minutes")
+    parser.add_argument("--quick", action="store_true", help="small counts, under 5 minutes")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated")
     parser.add_argument("--docs", type=Path, help="write performance.md and plots here")
