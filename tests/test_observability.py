@@ -24,6 +24,7 @@ from avatarq.dev import stack as stack_module
 from avatarq.events import Event
 from avatarq.settings import Settings, get_settings
 from tasks import metrics
+from tasks.pipeline import CHUNK_SECONDS
 from tests import audio
 from tests.netns import needs_netns
 from tests.test_pipeline_e2e import run_job
@@ -163,7 +164,8 @@ def test_worker_metrics_move_after_jobs(stack: stack_module.LocalStack, tmp_path
     assert moved("avatarq_job_duration_seconds_count") == 1
     assert moved("avatarq_job_duration_seconds_sum") >= 1.5
     assert moved("avatarq_avatar_start_seconds_count") == 1
-    assert moved("avatarq_pacing_error_seconds_count") >= 10  # 100 ms chunks of 1.5 s
+    # One observation per chunk of the 1.5 s clip.
+    assert moved("avatarq_pacing_error_seconds_count") >= int(1.5 / CHUNK_SECONDS)
     assert after[("avatarq_streams_in_flight", ())] == 0
 
 
