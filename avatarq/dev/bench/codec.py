@@ -7,6 +7,7 @@ pipe), i.e. what the codec alone costs; the ratio shows what our pipe and resamp
 from __future__ import annotations
 
 import asyncio
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 
 from avatarq.dev.bench.stats import CODECS, make_clip, ratio
 from avatarq.settings import Settings
-from tasks.decode import PcmDecoder, ffmpeg_binary
+from tasks.decode import PcmDecoder, ffmpeg_binary, probe_duration
 from tasks.pipeline import CHUNK_SECONDS
 from tasks.source import aresolve
 
@@ -30,6 +31,31 @@ async def _decode_seconds(path: Path, settings: Settings) -> tuple[float, int]:
         async for _ in decoder.chunks(CHUNK_BYTES):
             pass
     return time.perf_counter() - start, decoder.bytes_read
+
+
+async def _start_seconds(path: Path, settings: Settings) -> dict[str, float]:
+    """What play() does before it touches a room (or a kept link): resolve the source, probe
+    its duration (ffprobe), start the decoder and read the first chunk (ffmpeg)."""
+    t0 = time.perf_counter()
+    resolved = await aresolve(str(path), settings)
+    t1 = time.perf_counter()
+    await probe_duration(resolved, settings)
+    t2 = time.perf_counter()
+    async with PcmDecoder(resolved, sample_rate=RATE, settings=settings) as decoder:
+        await anext(decoder.chunks(CHUNK_BYTES))
+        t3 = time.perf_counter()
+    return {"resolve_s": t1 - t0, "probe_s": t2 - t1, "first_chunk_s": t3 - t2}
+
+
+def bench_job_start(workdir: Path, runs: int = 5) -> dict[str, Any]:
+    """p50 of each step a warm job takes before its first byte, on a short WAV."""
+    settings = Settings()
+    clip = make_clip(workdir / "start.wav", 2.0, rate=RATE)
+    samples = [asyncio.run(_start_seconds(clip, settings)) for _ in range(runs)]
+    return {
+        key: round(statistics.median(s[key] for s in samples), 4)
+        for key in ("resolve_s", "probe_s", "first_chunk_s")
+    }
 
 
 def _null_decode_seconds(path: Path, settings: Settings) -> float:
@@ -59,6 +85,7 @@ def bench_decode(workdir: Path, seconds: float) -> dict[str, Any]:
     return {
         "decode_x_realtime": formats[slowest]["x_realtime"],
         "decode": {
+            "job_start_p50": bench_job_start(workdir),
             "clip_seconds": seconds,
             "slowest_format": slowest,
             "slowest_baseline_x_realtime": formats[slowest]["baseline_ffmpeg_null_x_realtime"],

@@ -31,6 +31,8 @@ ROWS: list[Row] = [
         "s",
         "",
     ),
+    ("… of it: ffprobe of the source", "decode.job_start_p50.probe_s", None, "s", ""),
+    ("… of it: ffmpeg start to first chunk", "decode.job_start_p50.first_chunk_s", None, "s", ""),
     (
         "avatar start p50 (emulator, AvatarRunner order, incl. keeper and probe)",
         "overhead.avatar_start_s.p50",
