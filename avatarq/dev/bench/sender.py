@@ -132,7 +132,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.gather(*(join(i) for i in range(args.streams)))
         pacers = [Pacer(BYTES_PER_SECOND, lead=args.lead, record_errors=True) for _ in joined]
 
-        async def one(room: rtc.Room, avatar: str, pacer: Pacer) -> int:
+        async def one(i: int, room: rtc.Room, avatar: str, pacer: Pacer) -> int:
+            if not args.aligned:
+                # Jobs start at any moment, so their writes fall anywhere within a chunk's
+                # period: spread the streams' phases the same way.
+                await asyncio.sleep(args.chunk * i / len(joined))
             if args.mode == "agents":
                 return await send_agents(room, avatar, args.seconds, chunk_bytes, pacer)
             sender = AudioStreamSender(room, avatar, RATE)
@@ -141,7 +145,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         me = psutil.Process()
         cpu0, wall0, threads0 = cpu_seconds(), time.perf_counter(), thread_cpu_seconds(me)
         sent = await asyncio.gather(
-            *(one(r, a, p) for (r, a), p in zip(joined, pacers, strict=True))
+            *(one(i, r, a, p) for i, ((r, a), p) in enumerate(zip(joined, pacers, strict=True)))
         )
         wall, cpu = time.perf_counter() - wall0, cpu_seconds() - cpu0
         threads = {
@@ -169,6 +173,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "bytes_per_s_per_stream": round(sum(sent) / len(sent) / wall, 1),
         "schedule_error_ms": spread(errors, 2),
         "keepers": args.keepers,
+        "aligned": args.aligned,
         # What the keepers' data channels received, per byte of audio sent: the server
         # forwards the avatar's byte stream to them too.
         "keeper_bytes_per_audio_byte": round(keeper_bytes / sum(sent), 3) if keepers else None,
@@ -187,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk", type=float, default=CHUNK_SECONDS)
     parser.add_argument("--lead", type=float, default=0.5)
     parser.add_argument("--keepers", action="store_true", help="join a keeper per room too")
+    parser.add_argument(
+        "--aligned", action="store_true", help="all streams write at the same instants"
+    )
     parser.add_argument(
         "--route-events", action="store_true", help="each room gets only its own FFI events"
     )
