@@ -131,6 +131,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
         await asyncio.gather(*(join(i) for i in range(args.streams)))
         pacers = [Pacer(BYTES_PER_SECOND, lead=args.lead, record_errors=True) for _ in joined]
+        write_s: list[float] = []
 
         async def one(i: int, room: rtc.Room, avatar: str, pacer: Pacer) -> int:
             if not args.aligned:
@@ -140,7 +141,25 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             if args.mode == "agents":
                 return await send_agents(room, avatar, args.seconds, chunk_bytes, pacer)
             sender = AudioStreamSender(room, avatar, RATE)
-            return await sender.send_segment(pcm(args.seconds, chunk_bytes), pacer)
+            # The SDK's write (FFI request, native send, completion event): from the pacer
+            # letting a chunk go (after its sleep, or after the previous write when it was
+            # already due) to the progress callback that follows the write.
+            began = [0.0]
+
+            async def sleep(delay: float) -> None:
+                await asyncio.sleep(delay)
+                began[0] = time.monotonic()
+
+            async def wrote(_sent: int) -> None:
+                now = time.monotonic()
+                write_s.append(now - began[0])
+                began[0] = now
+
+            pacer.sleep = sleep
+            began[0] = time.monotonic()
+            return await sender.send_segment(
+                pcm(args.seconds, chunk_bytes), pacer, on_progress=wrote
+            )
 
         me = psutil.Process()
         cpu0, wall0, threads0 = cpu_seconds(), time.perf_counter(), thread_cpu_seconds(me)
@@ -174,6 +193,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "schedule_error_ms": spread(errors, 2),
         "keepers": args.keepers,
         "aligned": args.aligned,
+        "write_ms": spread([w * 1000 for w in write_s], 2) if args.mode == "ours" else None,
         # What the keepers' data channels received, per byte of audio sent: the server
         # forwards the avatar's byte stream to them too.
         "keeper_bytes_per_audio_byte": round(keeper_bytes / sum(sent), 3) if keepers else None,
