@@ -125,6 +125,13 @@ ROWS: list[Row] = [
         "ratio ≤ 0.5",
     ),
     (
+        "sender: SDK write p99 (FFI, native send, completion)",
+        "sender.ours.write_ms.p99",
+        "sender.ours.write_ms.p50",
+        "ms",
+        "",
+    ),
+    (
         "sender CPU per stream with a keeper room per stream (as the worker)",
         "sender.ours_keepers.cpu_percent_per_stream",
         "sender.ours.cpu_percent_per_stream",
