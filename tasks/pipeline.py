@@ -38,12 +38,14 @@ from tasks.warm import AvatarLink, LinkKey, RoomAdmin, warm_pool
 
 log = logging.getLogger("avatarq.pipeline")
 
-#: Audio per write. Each write is an FFI round trip whose callback the SDK hands to every room
-#: of the process, so the per-stream cost grows with the write rate times the rooms: 200 ms
-#: (5 writes/s) cost a fifth less CPU than 100 ms in `avatarq bench`, and the avatar still
-#: never holds less than the lead (a chunk is due when the buffer is down to the lead); larger
-#: ones only add to the end overhead and the stop latency (docs/performance.md).
-CHUNK_SECONDS = 0.2
+#: Audio per write. Each write is an FFI round trip whose completion the SDK hands to every
+#: room of the process, so the write rate times the rooms is the cost that grows fastest with
+#: streams: in `avatarq bench`, 25 streams of 400 ms chunks cost 14 % less CPU than 200 ms and
+#: kept the schedule error p99 at 3 ms instead of 90–150 ms (docs/performance.md). The avatar
+#: never holds less than the lead (a chunk is due when the buffer is down to it), and the
+#: sender cuts the last chunk into 100 ms pieces (tasks/pacing.py TAIL_SECONDS), so the end
+#: overhead does not grow with it; a stop waits at most one chunk.
+CHUNK_SECONDS = 0.4
 #: Time allowed on top of the audio itself for joining, avatar start and the final report.
 OVERHEAD_BUDGET_S = 60.0
 #: How long an interrupted job waits for the avatar to report where playback stopped.

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from livekit import rtc
 
-from tasks.pacing import Pacer
+from tasks.pacing import Pacer, tail_pieces
 
 log = logging.getLogger("avatarq.stream")
 
@@ -116,18 +116,31 @@ class AudioStreamSender:
         )
         self.set_agent_state(STATE_SPEAKING)
         sent = 0
+        frame = BYTES_PER_SAMPLE * NUM_CHANNELS
+        # One waiter for the whole segment: every pacing wait ends early once it is done.
+        stopped = asyncio.ensure_future(stop.wait()) if stop is not None else None
         try:
-            async for chunk in chunks:
-                if pacer.t0 is None:
-                    pacer.start()
-                await pacer.wait(sent)
+            # One chunk ahead, to know which is the last: that one goes out in short pieces.
+            upcoming = await anext(chunks, None)
+            while upcoming is not None:
+                chunk, upcoming = upcoming, await anext(chunks, None)
+                last = upcoming is None
+                pieces = tail_pieces(chunk, self.bytes_per_second, frame) if last else [chunk]
+                for piece in pieces:
+                    if pacer.t0 is None:
+                        pacer.start()
+                    await pacer.wait(sent, stopped)
+                    if stop is not None and stop.is_set():
+                        break
+                    await writer.write(piece)
+                    sent += len(piece)
+                    if on_progress is not None:
+                        await on_progress(sent)
                 if stop is not None and stop.is_set():
                     break
-                await writer.write(chunk)
-                sent += len(chunk)
-                if on_progress is not None:
-                    await on_progress(sent)
         finally:
+            if stopped is not None:
+                stopped.cancel()
             self._awaiting_report = True
             if stop is not None and stop.is_set():
                 await self._clear_quietly()

@@ -9,6 +9,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -128,16 +129,20 @@ async def _speak_to_light_receiver(stack: LocalStack, url: str) -> None:
         assert answer == "reject"  # bound to its token's sender only
 
         sender = AudioStreamSender(room, "a", 16000)
-        chunk = bytes(6400)  # 200 ms of 16 kHz s16 mono
+        chunk = bytes(12800)  # 400 ms of 16 kHz s16 mono
 
         async def pcm(n: int) -> AsyncIterator[bytes]:
             for _ in range(n):
                 yield chunk
 
-        await sender.send_segment(pcm(10), Pacer(32000, lead=0.5))
+        await sender.send_segment(pcm(5), Pacer(32000, lead=0.5))
+        ended = time.monotonic()
         finished = await sender.wait_playback_finished(5)
         assert finished is not None and not finished.interrupted
         assert finished.playback_position == pytest.approx(2.0, abs=0.01)
+        # The last chunk left in 100 ms pieces: the avatar held the lead plus one piece, not
+        # plus a whole 400 ms chunk.
+        assert time.monotonic() - ended < 0.5 + 0.1 + 0.2
         sidecar = json.loads((stack.recordings / f"{session.session_id}.json").read_text())
         played = sidecar["segments"][0]
         assert played["received_s"] == pytest.approx(2.0) and played["underruns"] == []
@@ -145,14 +150,14 @@ async def _speak_to_light_receiver(stack: LocalStack, url: str) -> None:
 
         stop = asyncio.Event()
 
-        async def stopping() -> AsyncIterator[bytes]:
-            async for c in pcm(50):
-                yield c
-                stop.set()  # after the first chunk: the sender clears before closing
+        async def stop_after_first_write(_sent: int) -> None:
+            stop.set()  # the sender clears the avatar's buffer before closing
 
-        sent = await sender.send_segment(stopping(), Pacer(32000, lead=0.0), stop=stop)
+        sent = await sender.send_segment(
+            pcm(20), Pacer(32000, lead=0.0), on_progress=stop_after_first_write, stop=stop
+        )
         cut = await sender.wait_playback_finished(5)
-        assert sent < 50 * len(chunk) and cut is not None and cut.interrupted
+        assert sent == len(chunk) and cut is not None and cut.interrupted
         assert await client.stop(session)
     finally:
         await client.aclose()

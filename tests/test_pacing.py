@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from tasks.pacing import Pacer
+from tasks.pacing import Pacer, tail_pieces
 
 RATE = 32000.0  # bytes/s: 16 kHz s16 mono
 CHUNK = 3200  # 100 ms
@@ -68,3 +68,28 @@ def test_real_sleep_tracks_wall_clock() -> None:
 
     elapsed = asyncio.run(go())
     assert elapsed >= 0.5 - 0.01  # never early
+
+
+def test_tail_pieces_cut_the_last_chunk_on_frame_boundaries() -> None:
+    chunk = bytes(12800)  # 400 ms
+    assert [len(p) for p in tail_pieces(chunk, 32000)] == [3200] * 4
+    assert [len(p) for p in tail_pieces(bytes(7000), 32000)] == [3200, 3200, 600]
+    # 44.1 kHz stereo: 4-byte frames, so no piece splits a frame.
+    assert all(len(p) % 4 == 0 for p in tail_pieces(bytes(40000), 176400, frame_bytes=4))
+    assert tail_pieces(b"", 32000) == []
+
+
+def test_interrupt_ends_a_long_wait_early() -> None:
+    pacer = Pacer(RATE, lead=0.0, record_errors=True)
+
+    async def go() -> float:
+        loop = asyncio.get_running_loop()
+        interrupt: asyncio.Future[None] = loop.create_future()
+        pacer.start()
+        loop.call_later(0.05, interrupt.set_result, None)
+        t0 = loop.time()
+        await pacer.wait(int(RATE * 10), interrupt)  # due in 10 s
+        return loop.time() - t0
+
+    assert asyncio.run(go()) < 1.0
+    assert pacer.errors == []  # a stop is not a schedule error
