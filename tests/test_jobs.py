@@ -37,7 +37,7 @@ def test_defaults_and_payload_roundtrip() -> None:
         ({"max_duration": float("inf")}, "max_duration", "finite number"),
         ({"max_duration": float("nan")}, "max_duration", "finite number"),
         ({"lead": float("nan")}, "lead", "finite number"),
-        ({"max_duration": 3601}, "max_duration", "over the AVATARQ_MAX_JOB_DURATION limit of 3600s"),
+        ({"max_duration": 3601}, "max_duration", "AVATARQ_MAX_JOB_DURATION limit of 3600s"),
         ({"metadata": {"x": float("nan")}}, "metadata", "Out of range float values"),
     ],
 )
