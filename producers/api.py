@@ -51,7 +51,7 @@ from producers.jobs import JOB_ID_PATTERN, Job, parse_job
 log = logging.getLogger("avatarq.api")
 
 #: Events after which a job's stream has nothing more to say.
-TERMINAL_EVENTS = frozenset({Event.COMPLETED, Event.FAILED, Event.CANCELLED})
+TERMINAL_EVENTS = frozenset({Event.COMPLETED, Event.FAILED, Event.CANCELLED, Event.UNCONFIRMED})
 #: An SSE comment is sent this often while no event comes, so proxies keep the connection.
 HEARTBEAT_S = 10.0
 #: The events stream's Redis socket timeout: longer than a blocking XREAD of HEARTBEAT_S
