@@ -42,6 +42,8 @@ class Site:
     url: str = ""
     port: int = 0
     requests: list[str] = field(default_factory=list)
+    ranges: list[str | None] = field(default_factory=list)
+    dropped: bool = False
 
 
 @pytest.fixture
@@ -51,13 +53,37 @@ def site(tmp_path: Path) -> Iterator[Site]:
     class Handler(http.server.SimpleHTTPRequestHandler):
         def do_GET(self) -> None:
             state.requests.append(self.path)
+            state.ranges.append(self.headers.get("Range"))
             if self.path.startswith("/redirect/") or self.path == "/loop":
                 self.send_response(302)
                 self.send_header("Location", self.path.removeprefix("/redirect/"))
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return
+            if self.path.startswith("/ranged/"):
+                return self.ranged(self.path.removeprefix("/ranged/"))
             super().do_GET()
+
+        def ranged(self, name: str) -> None:
+            """Range requests served. `drop-*`: the first response that ffmpeg reads through
+            (the one after its seek to the WAV data) breaks off halfway through the file, as
+            a server or proxy cutting a long download does."""
+            data = (tmp_path / name).read_bytes()
+            start = int(self.headers.get("Range", "bytes=0-")[6:].split("-")[0])
+            self.send_response(206 if start else 200)
+            self.send_header("Accept-Ranges", "bytes")
+            self.send_header("Content-Length", str(len(data) - start))
+            if start:
+                self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            self.end_headers()
+            if name.startswith("drop-") and 0 < start < len(data) // 2 and not state.dropped:
+                state.dropped = True
+                self.wfile.write(data[start : len(data) // 2])
+                self.wfile.flush()
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            self.wfile.write(data[start:])
 
         def log_message(self, format: str, *args: object) -> None:
             pass
@@ -84,6 +110,24 @@ def test_redirect_within_the_policy_is_followed(site: Site) -> None:
     url = f"{site.url}/redirect/{site.url}/voice.wav"
     assert decode(resolve(url, LOOPBACK_ONLY), LOOPBACK_ONLY) == audio.wav_samples(src)
     assert site.requests == [f"/redirect/{site.url}/voice.wav", "/voice.wav"]
+
+
+def test_dropped_download_resumes_with_a_range_request(site: Site) -> None:
+    """What ffmpeg's reconnect does for hour-long streams still works through the relay."""
+    src = audio.chirp(site.root / "drop-voice.wav", seconds=20, rate=RATE)
+    url = f"{site.url}/ranged/drop-voice.wav"
+    assert decode(resolve(url, LOOPBACK_ONLY), LOOPBACK_ONLY) == audio.wav_samples(src)
+    # The last request resumed where the cut one broke off instead of starting over.
+    assert site.dropped and site.ranges[-1] == f"bytes={src.stat().st_size // 2}-"
+
+
+def test_seeking_formats_work_through_the_relay(site: Site) -> None:
+    """An m4a whose index (moov) comes last: ffmpeg seeks with Range requests to read it."""
+    src = audio.tone(site.root / "late-index.m4a", seconds=3, rate=RATE)
+    assert src.read_bytes().index(b"moov") > src.read_bytes().index(b"mdat")
+    pcm = decode(resolve(f"{site.url}/ranged/late-index.m4a", LOOPBACK_ONLY), LOOPBACK_ONLY)
+    assert abs(len(pcm) // 2 - 3 * RATE) <= 1024
+    assert any(r not in (None, "bytes=0-") for r in site.ranges)
 
 
 def test_redirect_outside_the_allowlist_is_refused(site: Site) -> None:
