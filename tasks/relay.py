@@ -30,8 +30,8 @@ log = logging.getLogger("avatarq.relay")
 
 #: What ffmpeg may use to read a relayed source: plain http to loopback.
 RELAY_PROTOCOLS: tuple[str, ...] = ("http", "tcp")
-#: Request headers passed upstream: those ffmpeg uses to seek and resume.
-_FORWARDED = ("Range", "If-Range")
+#: Request headers passed upstream: those ffmpeg uses to seek and resume, and its name.
+_FORWARDED = ("Range", "If-Range", "User-Agent")
 #: Response headers passed back; never Location, Set-Cookie or anything else.
 _RETURNED = (
     "Content-Type",
@@ -102,6 +102,8 @@ class SourceRelay:
         if request.method not in ("GET", "HEAD"):
             return web.Response(status=405)
         headers = {h: request.headers[h] for h in _FORWARDED if h in request.headers}
+        # As ffmpeg asks itself: byte ranges must count bytes of the file, not of a gzip of it.
+        headers["Accept-Encoding"] = "identity"
         try:
             upstream = await self._http.request(request.method, self.url, headers=headers)
         except JobError as e:  # a hop or an address the policy refuses
