@@ -247,10 +247,10 @@ class PcmDecoder:
         return _scrub(self._stderr_tail.decode("utf-8", "replace"), self._input)
 
     async def __aenter__(self) -> PcmDecoder:
+        self._input, self._relay = await self._exits.enter_async_context(
+            ffmpeg_input(self.resolved, self.settings)
+        )
         try:
-            self._input, self._relay = await self._exits.enter_async_context(
-                ffmpeg_input(self.resolved, self.settings)
-            )
             self._proc = await asyncio.create_subprocess_exec(
                 *self.argv,
                 stdin=asyncio.subprocess.DEVNULL,

@@ -14,10 +14,11 @@ One relay per decoder or probe, with an unguessable path, closed with it.
 
 from __future__ import annotations
 
-import logging
+import asyncio
 import secrets
 import socket
 from types import TracebackType
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -25,8 +26,6 @@ from aiohttp import web
 from avatarq.errors import JobError
 from avatarq.sourcepolicy import UrlPolicy
 from tasks.safehttp import SafeHttp, describe_failure
-
-log = logging.getLogger("avatarq.relay")
 
 #: What ffmpeg may use to read a relayed source: plain http to loopback.
 RELAY_PROTOCOLS: tuple[str, ...] = ("http", "tcp")
@@ -64,6 +63,7 @@ class SourceRelay:
         self._token = secrets.token_urlsafe(16)
         self._http = SafeHttp(policy, timeout=_UPSTREAM_TIMEOUT)
         self._runner: web.AppRunner | None = None
+        self._handlers: set[asyncio.Task[Any]] = set()
 
     async def __aenter__(self) -> SourceRelay:
         app = web.Application()
@@ -93,10 +93,24 @@ class SourceRelay:
             self._runner = None
 
     async def _close(self, runner: web.AppRunner) -> None:
+        # Closed after ffmpeg is gone, so a handler still waiting for a (stalled) upstream has
+        # nobody to serve: cancel it, rather than let aiohttp wait for it up to 60 s.
+        for task in self._handlers:
+            task.cancel()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
         await runner.cleanup()
         await self._http.__aexit__(None, None, None)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        try:
+            return await self._relay(request)
+        finally:
+            self._handlers.discard(task)
+
+    async def _relay(self, request: web.Request) -> web.StreamResponse:
         if not secrets.compare_digest(request.match_info["token"], self._token):
             return web.Response(status=404)
         if request.method not in ("GET", "HEAD"):

@@ -251,6 +251,23 @@ def test_http_playback_starts_before_download_ends(http_files: HttpFiles) -> Non
     assert asyncio.run(run()) == audio.wav_samples(src)
 
 
+def test_stopping_early_on_a_stalled_download_is_prompt(http_files: HttpFiles) -> None:
+    """A job cancelled while its server holds back the rest: ffmpeg and the relay go at once."""
+    audio.chirp(http_files.root / "held.wav", seconds=30, rate=RATE)
+
+    async def first_chunk() -> float:
+        async with PcmDecoder(
+            resolve(f"{http_files.url}/slow/held.wav", SETTINGS), settings=SETTINGS
+        ) as dec:
+            async for _ in dec.chunks(CHUNK):
+                break
+            started = time.monotonic()
+        return time.monotonic() - started
+
+    assert asyncio.run(first_chunk()) < 3
+    assert not http_files.release.is_set()
+
+
 def test_http_404_is_source_not_found(http_files: HttpFiles) -> None:
     with pytest.raises(SourceNotFound, match="404") as info:
         decode(resolve(f"{http_files.url}/missing.wav?X-Amz-Signature=deadbeef", SETTINGS))
