@@ -159,6 +159,13 @@ class Settings(BaseSettings):
         "eleven_multilingual_v2", validation_alias=_env("AVATARQ_ELEVENLABS_MODEL")
     )
 
+    # --- SSRF guard for webhooks (issue 10, item 4): like the source settings above ---
+    webhook_hosts: str = Field("", validation_alias=_env("AVATARQ_WEBHOOK_HOSTS"))
+    allow_private_webhooks: bool = Field(
+        False, validation_alias=_env("AVATARQ_ALLOW_PRIVATE_WEBHOOKS")
+    )
+    # --- end SSRF guard for webhooks ---
+
     @property
     def redelivery_after_s(self) -> float:
         """The broker's visibility timeout: an unacknowledged job (its worker died) is handed
