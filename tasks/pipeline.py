@@ -134,7 +134,16 @@ async def play(
     chunk_bytes = int(sample_rate * CHUNK_SECONDS) * 2
 
     async with asyncio.timeout(time_budget(job, duration, settings)):
-        async with PcmDecoder(resolved, sample_rate=sample_rate, settings=settings) as decoder:
+        # The limit holds while decoding too (many files do not declare their length), and a
+        # file that decodes clearly short of its declared length fails as truncated_audio.
+        decoder = PcmDecoder(
+            resolved,
+            sample_rate=sample_rate,
+            settings=settings,
+            max_seconds=limit,
+            expected_seconds=duration,
+        )
+        async with decoder:
             chunks = decoder.chunks(chunk_bytes)
             # Decode the first chunk before joining anything: a bad file fails here, cheaply.
             first = await anext(chunks, b"")
@@ -221,7 +230,7 @@ async def play(
         **({} if confirmed else {"reason": "playback_unconfirmed"}),
         "room": job.room,
         "avatar_id": job.avatar_id,
-        "audio_duration": duration if duration is not None else streamed,
+        "audio_duration": duration if duration is not None else decoder.decoded_seconds,
         "seconds_streamed": round(streamed, 6),
         "playback_position": finished.playback_position if finished else None,
         "interrupted": finished.interrupted if finished else None,
