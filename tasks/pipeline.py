@@ -272,11 +272,8 @@ async def start_link(
     `NoAvatarSlot` sends the job back to the queue), then open the link, which holds the
     slot until it closes."""
     quota = avatar_quota(settings, key[2])
-    waited = False
 
     async def on_wait(waiting: Waiting) -> None:
-        nonlocal waited
-        waited = True
         info = {
             "server": key[2],
             "place": waiting.place + 1,
@@ -287,8 +284,8 @@ async def start_link(
         await quota.redis.set(job_waiting_key(job.job_id), json.dumps(info), ex=WAITING_TTL_S)
 
     slot = await wait_for_slot(quota, job.job_id, patience_s=QUOTA_PATIENCE_S, on_wait=on_wait)
-    if waited:
-        await quota.redis.delete(job_waiting_key(job.job_id))
+    # Also clears what an earlier, requeued try of this job left.
+    await quota.redis.delete(job_waiting_key(job.job_id))
     try:
         await warm_pool(settings.redis_url).make_room(key)
         link = await open_link(job, settings, key, duration, ts)
