@@ -183,6 +183,18 @@ def test_many_jobs_share_a_quota_of_sessions(fleet: LocalStack, tmp_path: Path) 
     for room in rooms:
         first, second = (ended[j] for r, j in order if r == room)
         assert first["timestamps"]["last_byte"] <= second["timestamps"]["first_byte"]
+    # Visible to operators: the fleet status and each worker's metrics.
+    from avatarq.commands.ops import overview
+
+    (row,) = overview(get_settings())["avatar_servers"]
+    assert row["server"] == "default" and row["quota"] == QUOTA and row["sessions"] <= QUOTA
+    waits = 0.0
+    for port in fleet.metrics_ports.values():
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        for line in text.splitlines():
+            if line.startswith('avatarq_avatar_waits_total{server="default"}'):
+                waits += float(line.split()[-1])
+    assert waits >= 1
 
 
 @needs_netns
