@@ -37,7 +37,7 @@ def run_demo(
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """`source` is audio or a `tts` source (rendered by `producers.enqueue` before sending)."""
-    from avatarq.cli import follow
+    from avatarq.commands.common import follow
     from avatarq.settings import get_settings
 
     source = source or str(sample_path())
