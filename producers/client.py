@@ -134,11 +134,13 @@ def get_status(job_id: str, *, settings: Settings | None = None) -> dict[str, An
     meta = celery_app(s).backend.get_task_meta(job_id)
     state, info = meta.get("status", "PENDING"), meta.get("result")
     status: dict[str, Any] = {"job_id": job_id, "celery_state": state}
-    if state == "PROGRESS" and isinstance(info, dict):
+    # Celery's state outlives a worker killed mid-job: only a live lease means playing.
+    leased = bool(r.exists(job_lease_key(job_id)))
+    if state == "PROGRESS" and isinstance(info, dict) and leased:
         status.update(status=Status.PLAYING.value, **info)
-    elif state in ("STARTED", "RETRY"):
-        status["status"] = Status.PLAYING.value if state == "STARTED" else Status.QUEUED.value
-    elif r.exists(job_enqueued_key(job_id)):
+    elif state in ("STARTED", "PROGRESS") and leased:
+        status["status"] = Status.PLAYING.value
+    elif state in ("STARTED", "PROGRESS", "RETRY") or r.exists(job_enqueued_key(job_id)):
         status["status"] = Status.QUEUED.value
     else:
         status["status"] = Status.UNKNOWN.value

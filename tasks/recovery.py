@@ -1,0 +1,154 @@
+"""Recovery from a dead worker within seconds, without waiting for the broker.
+
+A worker killed with SIGKILL leaves its messages unacknowledged: Redis hands them back only
+after the visibility timeout (the longest job + 10 minutes), and RabbitMQ hands them back at
+once, but to a worker that finds the job's lease still live and drops the copy. So, as
+Sidekiq's super_fetch and Dramatiq's heartbeats do, each worker process keeps in Redis a
+heartbeat (`worker_heartbeat_key`, renewed every second, gone `LEASE_TTL_S` after the process
+dies) and the deliveries it holds with their payloads (`worker_held_key`). Every live process
+sweeps every few seconds: the deliveries of a process whose heartbeat is gone are taken
+atomically by one sweeper (`Ledger.take_orphans`), whose avatar sessions are stopped, and are
+published again. Exactly-once playback still comes from the ledger: the copy plays under a new
+lease as the next attempt, and the late original redelivery meets the terminal record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Callable
+from contextlib import suppress
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from avatarq.events import WORKERS_KEY, worker_heartbeat_key, worker_held_key
+from avatarq.settings import Settings
+from tasks.avatar import AvatarSession, HttpAvatarClient
+from tasks.ledger import LEASE_TTL_S, Ledger
+from tasks.runtime import get_loop_thread
+
+log = logging.getLogger("avatarq.recovery")
+
+#: The heartbeat is renewed this often; it expires `LEASE_TTL_S` after the last renewal.
+HEARTBEAT_S = 1.0
+#: Every live worker process looks for dead ones this often.
+SWEEP_S = 2.0
+
+#: Publishes a payload again as the render task with the given task id.
+Publish = Callable[[str, dict[str, object]], None]
+
+
+class Presence:
+    """This worker process in Redis: its heartbeat and the deliveries it holds."""
+
+    def __init__(self, settings: Settings, publish: Publish) -> None:
+        self.settings = settings
+        self.publish = publish
+        self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        #: job id -> payload JSON of every delivery this process holds (Redis mirrors it).
+        self.held: dict[str, str] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._redis: aioredis.Redis | None = None
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        if self._redis is None:
+            self._redis = aioredis.from_url(self.settings.redis_url)
+        return self._redis
+
+    def start(self) -> None:
+        """Start the heartbeat and the sweeper on this process's event loop."""
+        loop = get_loop_thread()
+        loop.submit(self._spawn())
+
+    async def _spawn(self) -> None:
+        for body in (self._beat, self._sweep):
+            task = asyncio.create_task(body())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def new_token(self) -> str:
+        return Ledger.new_token(self.worker_id)
+
+    async def hold(self, job_id: str, payload: dict[str, object]) -> None:
+        """Record, before the job is claimed, that this process holds a delivery of it."""
+        self.held[job_id] = json.dumps(payload)
+        await self.redis.hset(worker_held_key(self.worker_id), job_id, self.held[job_id])  # type: ignore[misc]
+
+    def let_go(self, job_id: str) -> None:
+        """The delivery is over (ended, retried or dropped); the next heartbeat syncs Redis."""
+        self.held.pop(job_id, None)
+
+    async def _beat(self) -> None:
+        ttl_ms = int(LEASE_TTL_S * 1000)
+        while True:
+            try:
+                # One transaction, so a Redis that lost its data never sees this process
+                # without its held deliveries, nor held deliveries without a heartbeat.
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    pipe.set(worker_heartbeat_key(self.worker_id), "1", px=ttl_ms)
+                    pipe.sadd(WORKERS_KEY, self.worker_id)
+                    pipe.delete(worker_held_key(self.worker_id))
+                    if self.held:
+                        pipe.hset(worker_held_key(self.worker_id), mapping=dict(self.held))  # type: ignore[arg-type]
+                    await pipe.execute()
+            except (RedisError, OSError) as e:
+                log.warning("heartbeat: Redis unreachable: %s", e)
+            await asyncio.sleep(HEARTBEAT_S)
+
+    async def _sweep(self) -> None:
+        ledger = Ledger(self.redis, stale_after_s=self.settings.redelivery_after_s)
+        while True:
+            await asyncio.sleep(SWEEP_S)
+            try:
+                orphans = await ledger.take_orphans()
+            except (RedisError, OSError) as e:
+                log.warning("recovery sweep: Redis unreachable: %s", e)
+                continue
+            for job_id, payload in orphans:
+                await self._recover(ledger, job_id, payload)
+
+    async def _recover(self, ledger: Ledger, job_id: str, payload: str) -> None:
+        log.warning("job %s: its worker died; publishing it again", job_id)
+        with suppress(RedisError, OSError):
+            note = await ledger.avatar_session(job_id)
+            if note is not None:
+                await stop_avatar_session(self.settings, *note)
+                await ledger.forget_avatar_session(job_id)
+        try:
+            await asyncio.to_thread(self.publish, job_id, json.loads(payload))
+        except Exception:
+            # The broker still holds the original message; it comes back by its own rules.
+            log.exception("job %s: could not publish it again", job_id)
+
+
+async def stop_avatar_session(settings: Settings, server: str, session_id: str | None) -> None:
+    """Stop an orphaned avatar session. The license key only goes to the configured avatar
+    server, never to a URL read back from Redis."""
+    if session_id is None or server.rstrip("/") != settings.avaluma_api_url.rstrip("/"):
+        return
+    client = HttpAvatarClient(server, settings.avaluma_license_key.get_secret_value(), attempts=1)
+    try:
+        await client.stop(AvatarSession(session_id, participant_identity=""))
+    finally:
+        await client.aclose()
+
+
+_lock = threading.Lock()
+_presence: tuple[int, Presence] | None = None
+
+
+def get_presence(settings: Settings, publish: Publish) -> Presence:
+    """This process's presence, started on first use (and again in a forked child)."""
+    global _presence
+    with _lock:
+        if _presence is None or _presence[0] != os.getpid():
+            _presence = (os.getpid(), Presence(settings, publish))
+            _presence[1].start()
+        return _presence[1]
