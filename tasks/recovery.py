@@ -86,33 +86,39 @@ class Presence:
         self.held.pop(job_id, None)
 
     async def _beat(self) -> None:
-        ttl_ms = int(LEASE_TTL_S * 1000)
         while True:
             try:
-                # One transaction, so a Redis that lost its data never sees this process
-                # without its held deliveries, nor held deliveries without a heartbeat.
-                async with self.redis.pipeline(transaction=True) as pipe:
-                    pipe.set(worker_heartbeat_key(self.worker_id), "1", px=ttl_ms)
-                    pipe.sadd(WORKERS_KEY, self.worker_id)
-                    pipe.delete(worker_held_key(self.worker_id))
-                    if self.held:
-                        pipe.hset(worker_held_key(self.worker_id), mapping=dict(self.held))  # type: ignore[arg-type]
-                    await pipe.execute()
+                await self.beat_once()
             except (RedisError, OSError) as e:
                 log.warning("heartbeat: Redis unreachable: %s", e)
             await asyncio.sleep(HEARTBEAT_S)
 
+    async def beat_once(self) -> None:
+        # One transaction, so a Redis that lost its data never sees this process without its
+        # held deliveries, nor held deliveries without a heartbeat.
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(worker_heartbeat_key(self.worker_id), "1", px=int(LEASE_TTL_S * 1000))
+            pipe.sadd(WORKERS_KEY, self.worker_id)
+            pipe.delete(worker_held_key(self.worker_id))
+            if self.held:
+                pipe.hset(worker_held_key(self.worker_id), mapping=dict(self.held))  # type: ignore[arg-type]
+            await pipe.execute()
+
     async def _sweep(self) -> None:
-        ledger = Ledger(self.redis, stale_after_s=self.settings.redelivery_after_s)
         while True:
             await asyncio.sleep(SWEEP_S)
             try:
-                orphans = await ledger.take_orphans()
+                await self.sweep_once()
             except (RedisError, OSError) as e:
                 log.warning("recovery sweep: Redis unreachable: %s", e)
-                continue
-            for job_id, payload in orphans:
-                await self._recover(ledger, job_id, payload)
+
+    async def sweep_once(self) -> list[str]:
+        """Recover the deliveries of every dead worker process; returns their job ids."""
+        ledger = Ledger(self.redis, stale_after_s=self.settings.redelivery_after_s)
+        orphans = await ledger.take_orphans()
+        for job_id, payload in orphans:
+            await self._recover(ledger, job_id, payload)
+        return [job_id for job_id, _ in orphans]
 
     async def _recover(self, ledger: Ledger, job_id: str, payload: str) -> None:
         log.warning("job %s: its worker died; publishing it again", job_id)
