@@ -23,6 +23,7 @@ import threading
 import uuid
 from collections.abc import Callable
 from contextlib import suppress
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -41,7 +42,7 @@ HEARTBEAT_S = 1.0
 SWEEP_S = 2.0
 
 #: Publishes a payload again as the render task with the given task id.
-Publish = Callable[[str, dict[str, object]], None]
+Publish = Callable[[str, Any], None]
 
 
 class Presence:
@@ -53,7 +54,10 @@ class Presence:
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         #: job id -> payload JSON of every delivery this process holds (Redis mirrors it).
         self.held: dict[str, str] = {}
+        self._counts: dict[str, int] = {}
+        self._held_lock = threading.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._redis: aioredis.Redis | None = None
 
     @property
@@ -68,6 +72,7 @@ class Presence:
         loop.submit(self._spawn())
 
     async def _spawn(self) -> None:
+        self._loop = asyncio.get_running_loop()
         for body in (self._beat, self._sweep):
             task = asyncio.create_task(body())
             self._tasks.add(task)
@@ -76,14 +81,29 @@ class Presence:
     def new_token(self) -> str:
         return Ledger.new_token(self.worker_id)
 
-    async def hold(self, job_id: str, payload: dict[str, object]) -> None:
-        """Record, before the job is claimed, that this process holds a delivery of it."""
-        self.held[job_id] = json.dumps(payload)
-        await self.redis.hset(worker_held_key(self.worker_id), job_id, self.held[job_id])  # type: ignore[misc]
+    def hold(self, job_id: str, payload: Any) -> None:
+        """This process received a delivery of the job (a countdown retry too: Celery holds
+        it unacknowledged until it is due). Counted, since one process may hold two copies."""
+        with self._held_lock:
+            count = self._counts.get(job_id, 0)
+            self._counts[job_id] = count + 1
+            self.held[job_id] = json.dumps(payload)
+            body = self.held[job_id]
+        if self._loop is not None:  # started: write it now, not only at the next heartbeat
+            asyncio.run_coroutine_threadsafe(self._write_held(job_id, body), self._loop)
 
     def let_go(self, job_id: str) -> None:
-        """The delivery is over (ended, retried or dropped); the next heartbeat syncs Redis."""
-        self.held.pop(job_id, None)
+        """A delivery is over (ended, retried or dropped); the next heartbeat syncs Redis."""
+        with self._held_lock:
+            count = self._counts.pop(job_id, 0) - 1
+            if count > 0:
+                self._counts[job_id] = count
+            else:
+                self.held.pop(job_id, None)
+
+    async def _write_held(self, job_id: str, payload: str) -> None:
+        with suppress(RedisError, OSError):  # the next heartbeat writes it anyway
+            await self.redis.hset(worker_held_key(self.worker_id), job_id, payload)  # type: ignore[misc]
 
     async def _beat(self) -> None:
         while True:
@@ -100,8 +120,10 @@ class Presence:
             pipe.set(worker_heartbeat_key(self.worker_id), "1", px=int(LEASE_TTL_S * 1000))
             pipe.sadd(WORKERS_KEY, self.worker_id)
             pipe.delete(worker_held_key(self.worker_id))
-            if self.held:
-                pipe.hset(worker_held_key(self.worker_id), mapping=dict(self.held))  # type: ignore[arg-type]
+            with self._held_lock:
+                held = dict(self.held)
+            if held:
+                pipe.hset(worker_held_key(self.worker_id), mapping=held)  # type: ignore[arg-type]
             await pipe.execute()
 
     async def _sweep(self) -> None:
@@ -151,7 +173,12 @@ _presence: tuple[int, Presence] | None = None
 
 
 def get_presence(settings: Settings, publish: Publish) -> Presence:
-    """This process's presence, started on first use (and again in a forked child)."""
+    """This process's presence, started on first use (and again in a forked child).
+
+    It lives in the process that consumes from the broker: with the threads pool (the
+    default) or solo, that is where jobs play. A prefork child's end is not seen by its
+    parent here, so with prefork, deliveries stay listed until the parent restarts (their
+    copies, if it dies, meet their terminal records)."""
     global _presence
     with _lock:
         if _presence is None or _presence[0] != os.getpid():

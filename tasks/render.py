@@ -17,6 +17,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from celery import Task
 from celery.exceptions import Ignore
+from celery.signals import task_received, worker_ready
 from redis.exceptions import RedisError
 
 from avatarq.celeryconfig import RENDER_QUEUE, RENDER_TASK
@@ -29,7 +30,7 @@ from tasks.app import app
 from tasks.backoff import backoff_delay
 from tasks.control import HAND_BACK, Interrupted, JobControl, StopReason
 from tasks.ledger import Claim, Ledger
-from tasks.recovery import Presence, get_presence
+from tasks.recovery import get_presence
 from tasks.report import JobReporter, StateUpdater
 from tasks.runtime import get_loop_thread
 
@@ -87,7 +88,7 @@ def render(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
         for outage in range(REDIS_OUTAGE_ATTEMPTS):
             try:
                 outcome = get_loop_thread().run(
-                    run_job(payload, task_id, token, settings, update_state, presence)
+                    run_job(payload, task_id, token, settings, update_state)
                 )
                 break
             except (RedisError, OSError) as e:
@@ -109,6 +110,24 @@ def render(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
     return outcome.result
 
 
+@worker_ready.connect
+def _announce(**_: Any) -> None:
+    # Heartbeat and sweeper from the start: an idle worker recovers dead workers' jobs too.
+    get_presence(get_settings(), republish)
+
+
+@task_received.connect
+def _hold_on_receipt(request: Any, **_: Any) -> None:
+    # From receipt, not from the start of the run: a countdown retry waits unacknowledged in
+    # this process first, and must be recovered too if the process dies meanwhile.
+    if request.name != RENDER_TASK:
+        return
+    payload = request.args[0] if request.args else None
+    job_id = job_id_of(payload, request.id)
+    body = {**payload, "job_id": job_id} if isinstance(payload, dict) else payload
+    get_presence(get_settings(), republish).hold(job_id, body)
+
+
 def republish(job_id: str, payload: dict[str, Any]) -> None:
     """Send a dead worker's job again (tasks/recovery.py), under its own task id."""
     app.send_task(RENDER_TASK, args=[payload], task_id=job_id, queue=RENDER_QUEUE)
@@ -128,7 +147,6 @@ async def run_job(
     token: str,
     settings: Settings,
     update_state: StateUpdater | None,
-    presence: Presence | None = None,
 ) -> Outcome:
     redis = aioredis.from_url(settings.redis_url)
     ledger = Ledger(redis, stale_after_s=settings.redelivery_after_s)
@@ -143,8 +161,6 @@ async def run_job(
                             job_id, e)  # fmt: skip
                 return SKIP
             return await _end(ledger, reporter, None, _failure(job_id, None, e, attempt=1))
-        if presence is not None:
-            await presence.hold(job.job_id, job.payload())
         return await _claim_and_play(job, token, settings, ledger, reporter)
     finally:
         await redis.aclose()

@@ -51,7 +51,7 @@ def test_dead_workers_deliveries_are_published_again_and_its_avatar_stopped(
             dead = Presence(settings, lambda *a: published.append(a))
             live = Presence(settings, lambda *a: published.append(a))
             try:
-                await dead.hold(job_id, payload)
+                dead.hold(job_id, payload)
                 await dead.beat_once()
                 await live.beat_once()
                 ledger = Ledger(dead.redis, stale_after_s=3600)
@@ -82,7 +82,7 @@ def test_orphaned_session_on_an_unknown_server_gets_no_license(redis_server: str
             dead = Presence(settings, lambda *a: None)
             live = Presence(settings, lambda *a: None)
             try:
-                await dead.hold(job_id, {"job_id": job_id})
+                dead.hold(job_id, {"job_id": job_id})
                 await dead.beat_once()
                 await Ledger(dead.redis, stale_after_s=3600).note_avatar_session(
                     job_id, avatar_url, "sess-1"
