@@ -5,13 +5,25 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import sys
+import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 
-from avatarq.events import job_record_key, worker_heartbeat_key
+from avatarq.dev.processes import ManagedProcess
+from avatarq.events import (
+    job_lease_key,
+    job_record_key,
+    room_holder_key,
+    room_order_key,
+    worker_heartbeat_key,
+)
 from avatarq.settings import Settings
 from producers.client import enqueue
 from tasks.ledger import Ledger
@@ -122,3 +134,58 @@ def test_raw_payload_without_job_id_takes_its_task_id() -> None:
     assert job_id_of({"room": "r"}, "celery-task-1") == "celery-task-1"
     assert job_id_of({"room": "r", "job_id": ""}, "celery-task-1") == "celery-task-1"
     assert job_id_of({"job_id": "mine"}, "celery-task-1") == "mine"
+
+
+def _worker(name: str, env: dict[str, str], log_dir: Path) -> ManagedProcess:
+    proc = ManagedProcess(
+        f"worker-{name}",
+        [sys.executable, "-m", "celery", "-A", "tasks", "worker", "--loglevel", "INFO",
+         "--concurrency", "2", "--hostname", f"{name}@%h", "--without-gossip",
+         "--without-mingle"],
+        ready=lambda: " ready." in proc.tail(200),
+        env=env,
+        log_dir=log_dir,
+        start_timeout=60,
+    )  # fmt: skip
+    return proc
+
+
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
+def test_sigkilled_workers_waiting_job_plays_on_another_worker_within_seconds(
+    broker: str, redis_server: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    # Default settings: the Redis broker's visibility timeout (4200 s) would hold the job
+    # for 70 minutes; RabbitMQ hands it back at once, to a worker that must not drop it.
+    broker_url = (
+        request.getfixturevalue("rabbitmq_server") if broker == "rabbitmq" else redis_server
+    )
+    env = {"REDIS_URL": redis_server, "CELERY_BROKER_URL": broker_url, "AVATARQ_METRICS_PORT": "0"}
+    settings = Settings(**env)  # type: ignore[arg-type]
+    client = redis.Redis.from_url(redis_server)
+    room = f"rec-{uuid.uuid4().hex[:8]}"
+    blocker, job_id = f"blocker-{room}", f"job-{room}"
+    # Another job plays in the room (a live lease held elsewhere), so ours waits its turn.
+    client.rpush(room_order_key(room), blocker)
+    client.set(room_holder_key(room), blocker, px=120_000)
+    client.set(job_lease_key(blocker), "elsewhere/x", px=120_000)
+    enqueue({"job_id": job_id, "room": room, "avatar_id": "a", "source": str(tmp_path / "no.wav")},
+            settings=settings)  # fmt: skip
+    with _worker("victim", env, tmp_path) as victim:
+        deadline = time.monotonic() + 30
+        while not any(client.hexists(k, job_id) for k in client.scan_iter("avatarq:held:*")):
+            assert time.monotonic() < deadline, victim.tail()
+            time.sleep(0.2)
+        victim.signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        assert victim.proc is not None
+        victim.proc.wait(10)
+    with _worker("rescuer", env, tmp_path) as rescuer:
+        # The room frees up: the blocker ends.
+        client.set(job_record_key(blocker), "{}")
+        client.delete(room_holder_key(room), job_lease_key(blocker))
+        client.lrem(room_order_key(room), 0, blocker)
+        while (record := client.get(job_record_key(job_id))) is None:
+            assert time.monotonic() - killed_at < 45, rescuer.tail()
+            time.sleep(0.2)
+    # It ran to its (here: permanent) end on the rescuer: its source does not exist.
+    assert json.loads(record)["reason"] == "source_not_found"
