@@ -260,8 +260,9 @@ class Ledger:
         await self.redis.delete(job_avatar_key(job_id))
 
     async def take_orphans(self) -> list[tuple[str, str]]:
-        """(job id, payload JSON) of every unfinished delivery held by a worker process whose
-        heartbeat is gone; each is returned to one caller only, which must publish it again."""
+        """(task id, payload JSON) of every unfinished delivery held by a worker process whose
+        heartbeat is gone; each is returned to one caller only, which must publish it again.
+        A job's task id is its job id, unless a message names another job's id."""
         prefixes = [worker_heartbeat_key(""), worker_held_key(""), job_lease_key(""),
                     job_record_key("")]  # fmt: skip
         flat: list[bytes] = await self._take_orphans(keys=[WORKERS_KEY], args=prefixes)

@@ -41,7 +41,7 @@ HEARTBEAT_S = 1.0
 #: Every live worker process looks for dead ones this often.
 SWEEP_S = 2.0
 
-#: Publishes a payload again as the render task with the given task id.
+#: Publishes a payload again as the render task under the given task id.
 Publish = Callable[[str, Any], None]
 
 
@@ -52,7 +52,7 @@ class Presence:
         self.settings = settings
         self.publish = publish
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        #: job id -> payload JSON of every delivery this process holds (Redis mirrors it).
+        #: task id -> payload JSON of every delivery this process holds (Redis mirrors it).
         self.held: dict[str, str] = {}
         self._counts: dict[str, int] = {}
         self._held_lock = threading.Lock()
@@ -81,29 +81,27 @@ class Presence:
     def new_token(self) -> str:
         return Ledger.new_token(self.worker_id)
 
-    def hold(self, job_id: str, payload: Any) -> None:
-        """This process received a delivery of the job (a countdown retry too: Celery holds
-        it unacknowledged until it is due). Counted, since one process may hold two copies."""
+    def hold(self, task_id: str, payload: Any) -> None:
+        """This process received a delivery (a countdown retry too: Celery holds it
+        unacknowledged until it is due). Counted: one process may hold two copies of it."""
         with self._held_lock:
-            count = self._counts.get(job_id, 0)
-            self._counts[job_id] = count + 1
-            self.held[job_id] = json.dumps(payload)
-            body = self.held[job_id]
+            self._counts[task_id] = self._counts.get(task_id, 0) + 1
+            self.held[task_id] = body = json.dumps(payload)
         if self._loop is not None:  # started: write it now, not only at the next heartbeat
-            asyncio.run_coroutine_threadsafe(self._write_held(job_id, body), self._loop)
+            asyncio.run_coroutine_threadsafe(self._write_held(task_id, body), self._loop)
 
-    def let_go(self, job_id: str) -> None:
+    def let_go(self, task_id: str) -> None:
         """A delivery is over (ended, retried or dropped); the next heartbeat syncs Redis."""
         with self._held_lock:
-            count = self._counts.pop(job_id, 0) - 1
+            count = self._counts.pop(task_id, 0) - 1
             if count > 0:
-                self._counts[job_id] = count
+                self._counts[task_id] = count
             else:
-                self.held.pop(job_id, None)
+                self.held.pop(task_id, None)
 
-    async def _write_held(self, job_id: str, payload: str) -> None:
+    async def _write_held(self, task_id: str, payload: str) -> None:
         with suppress(RedisError, OSError):  # the next heartbeat writes it anyway
-            await self.redis.hset(worker_held_key(self.worker_id), job_id, payload)  # type: ignore[misc]
+            await self.redis.hset(worker_held_key(self.worker_id), task_id, payload)  # type: ignore[misc]
 
     async def _beat(self) -> None:
         while True:
@@ -176,9 +174,9 @@ def get_presence(settings: Settings, publish: Publish) -> Presence:
     """This process's presence, started on first use (and again in a forked child).
 
     It lives in the process that consumes from the broker: with the threads pool (the
-    default) or solo, that is where jobs play. A prefork child's end is not seen by its
-    parent here, so with prefork, deliveries stay listed until the parent restarts (their
-    copies, if it dies, meet their terminal records)."""
+    default) or solo, that is where jobs play. A prefork parent never learns when its
+    children finish a job, so with `-P prefork` nothing is held, and a dead worker's jobs
+    come back by the broker's own rules (RabbitMQ: at once; Redis: the visibility timeout)."""
     global _presence
     with _lock:
         if _presence is None or _presence[0] != os.getpid():

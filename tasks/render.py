@@ -102,7 +102,7 @@ def render(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
             # Published again (with its countdown) before this delivery lets go of it.
             raise self.retry(countdown=outcome.retry_in)
     finally:
-        presence.let_go(job_id_of(payload, task_id))
+        presence.let_go(task_id)
     if outcome.result is None:
         raise Ignore()  # ended already, or a duplicate delivery of a job playing elsewhere
     if outcome.result["status"] == Status.FAILED:
@@ -117,20 +117,29 @@ def _announce(**_: Any) -> None:
 
 
 @task_received.connect
-def _hold_on_receipt(request: Any, **_: Any) -> None:
+def _hold_on_receipt(sender: Any, request: Any, **_: Any) -> None:
     # From receipt, not from the start of the run: a countdown retry waits unacknowledged in
-    # this process first, and must be recovered too if the process dies meanwhile.
-    if request.name != RENDER_TASK:
+    # this process first, and must be recovered too if the process dies meanwhile. Keyed by
+    # task id: an invalid message naming another job's id must not stand in for that job.
+    # A prefork parent never learns when its children finish a job (see get_presence).
+    if request.name != RENDER_TASK or _is_prefork(sender):
         return
     payload = request.args[0] if request.args else None
-    job_id = job_id_of(payload, request.id)
-    body = {**payload, "job_id": job_id} if isinstance(payload, dict) else payload
-    get_presence(get_settings(), republish).hold(job_id, body)
+    body = (
+        {**payload, "job_id": job_id_of(payload, request.id)}
+        if isinstance(payload, dict)
+        else payload
+    )
+    get_presence(get_settings(), republish).hold(request.id, payload)
 
 
-def republish(job_id: str, payload: dict[str, Any]) -> None:
-    """Send a dead worker's job again (tasks/recovery.py), under its own task id."""
-    app.send_task(RENDER_TASK, args=[payload], task_id=job_id, queue=RENDER_QUEUE)
+def _is_prefork(consumer: Any) -> bool:
+    return type(getattr(consumer, "pool", None)).__module__ == "celery.concurrency.prefork"
+
+
+def republish(task_id: str, payload: Any) -> None:
+    """Send a dead worker's delivery again (tasks/recovery.py), under its own task id."""
+    app.send_task(RENDER_TASK, args=[payload], task_id=task_id, queue=RENDER_QUEUE)
 
 
 def job_id_of(payload: Any, task_id: str) -> str:
@@ -167,10 +176,12 @@ async def run_job(
 
 
 async def _owned_by_another(redis: aioredis.Redis, job_id: str, payload: Any) -> bool:
-    """Whether a valid job registered this id with another payload: a message that fails
-    validation must not end a job it does not own."""
+    """Whether a valid job owns this id (enqueued with another payload, or claimed by a valid
+    delivery): a message that fails validation must not end a job it does not own."""
     registered = await redis.hget(job_enqueued_key(job_id), "job")  # type: ignore[misc]
-    return registered is not None and json.loads(registered) != payload
+    if registered is not None:
+        return bool(json.loads(registered) != payload)
+    return bool(await redis.exists(job_enqueued_key(job_id)))
 
 
 async def _claim_and_play(
