@@ -125,11 +125,8 @@ def _hold_on_receipt(sender: Any, request: Any, **_: Any) -> None:
     if request.name != RENDER_TASK or _is_prefork(sender):
         return
     payload = request.args[0] if request.args else None
-    body = (
-        {**payload, "job_id": job_id_of(payload, request.id)}
-        if isinstance(payload, dict)
-        else payload
-    )
+    if isinstance(payload, dict):
+        payload = {**payload, "job_id": job_id_of(payload, request.id)}
     get_presence(get_settings(), republish).hold(request.id, payload)
 
 
