@@ -27,8 +27,6 @@ from pydantic import (
 from avatarq.errors import InvalidJob
 from avatarq.settings import get_settings
 
-#: Sample rates the avatar's receiver accepts (Avaluma's plugin sends 16 kHz).
-SAMPLE_RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000)
 #: Source URL schemes the worker can open.
 SOURCE_SCHEMES = ("file", "http", "https", "s3")
 #: Room names and avatar ids: what LiveKit accepts in identities and room names, conservatively.
@@ -91,12 +89,14 @@ class Job(BaseModel):
     """Idempotency key: a job id that completed is never played again."""
     room: str = Field(pattern=NAME_PATTERN)
     avatar_id: str = Field(pattern=NAME_PATTERN)
-    avatar_server: HttpUrl | None = None
-    """Avatar server base URL; defaults to the `AVALUMA_API_URL` setting."""
+    avatar_server: str | None = Field(None, pattern=NAME_PATTERN)
+    """Name of an avatar server configured in the worker's settings (`AVATARQ_AVATAR_SERVERS`);
+    omitted: the `AVALUMA_API_URL` one. Never a URL: the license key goes there."""
+    sample_rate: None = Field(None, exclude=True)
+    """Refused with a clear message: the avatar server's settings fix the rate."""
     source: Source
     """Audio to play: a local path, `file://`, `http(s)://` or `s3://bucket/key`; or a `tts`
     object, which `producers.enqueue` renders to stored audio before sending."""
-    sample_rate: int = 16000
     lead: float | None = Field(None, ge=0.0, le=30.0)
     """Seconds the sender may run ahead of real time; defaults to the `AVATARQ_DEFAULT_LEAD`."""
     max_duration: float | None = Field(None, gt=0.0)
@@ -105,11 +105,24 @@ class Job(BaseModel):
     """Free data echoed in the result and events."""
     webhook_url: HttpUrl | None = None
 
-    @field_validator("sample_rate")
+    @field_validator("avatar_server", mode="before")
     @classmethod
-    def _known_rate(cls, v: int) -> int:
-        if v not in SAMPLE_RATES:
-            raise ValueError(f"sample_rate {v} is not one of {', '.join(map(str, SAMPLE_RATES))}")
+    def _a_name_not_a_url(cls, v: Any) -> Any:
+        if isinstance(v, str) and "/" in v:
+            raise ValueError(
+                "avatar_server names a server configured in the worker's "
+                "AVATARQ_AVATAR_SERVERS setting, never a URL (the license key goes there)"
+            )
+        return v
+
+    @field_validator("sample_rate", mode="before")
+    @classmethod
+    def _not_a_job_option(cls, v: Any) -> Any:
+        if v is not None:
+            raise ValueError(
+                "sample_rate is not a job option: the worker sends the rate the avatar server "
+                "expects (its sample_rate in AVATARQ_AVATAR_SERVERS, 16000 for Avaluma)"
+            )
         return v
 
     @field_validator("source")

@@ -241,8 +241,9 @@ class Ledger:
         )
 
     async def note_avatar_session(self, job_id: str, server: str, session_id: str | None) -> None:
-        """Remember the avatar session the job started (call right after start-avatar), so
-        that if the job's worker dies, recovery stops it instead of leaving it running."""
+        """Remember the avatar session the job started (call right after start-avatar, and
+        when a job takes over a warm session), so that if the job's worker dies, recovery
+        stops it instead of leaving it running. `server` is the configured server's name."""
         key = job_avatar_key(job_id)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(key, mapping={"server": server, "session_id": session_id or ""})

@@ -155,11 +155,18 @@ class Presence:
 
 
 async def stop_avatar_session(settings: Settings, server: str, session_id: str | None) -> None:
-    """Stop an orphaned avatar session. The license key only goes to the configured avatar
-    server, never to a URL read back from Redis."""
-    if session_id is None or server.rstrip("/") != settings.avaluma_api_url.rstrip("/"):
+    """Stop an orphaned avatar session on the server of that name. Names resolve through the
+    settings only, so the license key never goes to a URL read back from Redis."""
+    try:
+        configured = settings.avatar_server(server)
+    except KeyError:
+        log.warning("orphaned avatar session %s: no avatar server named %r", session_id, server)
         return
-    client = HttpAvatarClient(server, settings.avaluma_license_key.get_secret_value(), attempts=1)
+    if session_id is None:
+        return
+    client = HttpAvatarClient(
+        server, configured.base_url, settings.avatar_license_key(configured), attempts=1
+    )
     try:
         await client.stop(AvatarSession(session_id, participant_identity=""))
     finally:

@@ -67,7 +67,7 @@ def test_dead_workers_deliveries_are_published_again_and_its_avatar_stopped(
                 await dead.beat_once()
                 await live.beat_once()
                 ledger = Ledger(dead.redis, stale_after_s=3600)
-                await ledger.note_avatar_session(job_id, avatar_url, "sess-9")
+                await ledger.note_avatar_session(job_id, "default", "sess-9")
                 # Alive: nothing to recover.
                 assert await live.sweep_once() == []
                 await dead.redis.delete(worker_heartbeat_key(dead.worker_id))  # SIGKILL
@@ -85,10 +85,13 @@ def test_dead_workers_deliveries_are_published_again_and_its_avatar_stopped(
 
 
 def test_orphaned_session_on_an_unknown_server_gets_no_license(redis_server: str) -> None:
+    # A name the settings lack (a URL written into Redis, a server since removed): no call.
     job_id = f"rec-{uuid.uuid4().hex[:8]}"
     _AvatarStops.calls = []
     with serving(ThreadingHTTPServer(("127.0.0.1", 0), _AvatarStops)) as avatar_url:
-        settings = Settings(REDIS_URL=redis_server, AVALUMA_LICENSE_KEY="lic-1")
+        settings = Settings(
+            REDIS_URL=redis_server, AVALUMA_API_URL=avatar_url, AVALUMA_LICENSE_KEY="lic-1"
+        )
 
         async def go() -> None:
             dead = Presence(settings, lambda *a: None)
@@ -98,7 +101,7 @@ def test_orphaned_session_on_an_unknown_server_gets_no_license(redis_server: str
                 await dead.beat_once()
                 await Ledger(dead.redis, stale_after_s=3600).note_avatar_session(
                     job_id, avatar_url, "sess-1"
-                )
+                )  # a URL, not a configured name
                 await dead.redis.delete(worker_heartbeat_key(dead.worker_id))
                 assert await live.sweep_once() == [job_id]
             finally:

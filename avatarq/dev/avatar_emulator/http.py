@@ -4,6 +4,7 @@ Avaluma endpoints (as the avaluma-livekit-plugin calls them, `api-secret` header
   POST /v1/livekit/start-avatar  {livekit_url, livekit_token, avaluma_key, avaluma_avatar_id}
   POST /v1/livekit/stop-avatar   {session_id}
 Emulator-only (no auth; tests and benchmarks):
+  GET  /v1/sessions[?room=R]      every session (of room R) so far
   GET  /v1/sessions/{session_id}  state, segments, underruns, recording paths
   GET|POST /_emulator/faults      fault injection, see `Faults`
   GET  /healthz (and /health)
@@ -11,15 +12,17 @@ Emulator-only (no auth; tests and benchmarks):
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import uuid
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from pydantic import ValidationError
 
+from .behaviour import Faults
 from .session import AvatarSession, TokenError, TokenInfo
 
 logger = logging.getLogger(__name__)
@@ -27,6 +30,7 @@ logger = logging.getLogger(__name__)
 API_SECRET_HEADER = "api-secret"
 START_PATH = "/v1/livekit/start-avatar"
 STOP_PATH = "/v1/livekit/stop-avatar"
+SESSIONS_PATH = "/v1/sessions"
 SESSION_PATH = "/v1/sessions/{session_id}"
 FAULTS_PATH = "/_emulator/faults"
 _LIVEKIT_URL_SCHEMES = ("ws://", "wss://", "http://", "https://")
@@ -35,51 +39,19 @@ _LIVEKIT_URL_SCHEMES = ("ws://", "wss://", "http://", "https://")
 class RequestError(Exception):
     """Becomes a JSON error answer `{"error": message, "code": code}`."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, *, retry_after: float | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.retry_after = retry_after
 
     def response(self) -> web.Response:
-        return web.json_response({"error": self.message, "code": self.code}, status=self.status)
-
-
-@dataclass
-class Faults:
-    """Misbehaviour to inject into the sessions started from now on."""
-
-    fail_next_starts: int = 0  # answer the next N valid starts with `fail_status`
-    fail_status: int = 500
-    join: bool = True  # false: accept starts but never join the room
-    leave_after_s: float | None = None  # leave the room this long after joining
-
-    def update(self, changes: dict[str, Any]) -> None:
-        """Apply a partial update; validates everything before changing anything."""
-        unknown = set(changes) - set(asdict(self))
-        if unknown:
-            raise ValueError(f"unknown fault(s): {sorted(unknown)}")
-        merged = {**asdict(self), **changes}
-        count, status = merged["fail_next_starts"], merged["fail_status"]
-        join, leave = merged["join"], merged["leave_after_s"]
-        if not _is_int(count) or count < 0:
-            raise ValueError("fail_next_starts must be an integer >= 0")
-        if not _is_int(status) or not 400 <= status <= 599:
-            raise ValueError("fail_status must be an HTTP error status (400-599)")
-        if not isinstance(join, bool):
-            raise ValueError("join must be a boolean")
-        if leave is not None and (not _is_number(leave) or leave < 0):
-            raise ValueError("leave_after_s must be null or a number >= 0")
-        self.fail_next_starts, self.fail_status, self.join = count, status, join
-        self.leave_after_s = None if leave is None else float(leave)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+        headers = {} if self.retry_after is None else {"Retry-After": f"{self.retry_after:g}"}
+        body = {"error": self.message, "code": self.code}
+        return web.json_response(body, status=self.status, headers=headers)
 
 
 class Emulator:
@@ -92,6 +64,8 @@ class Emulator:
         self.record_dir = record_dir
         self.sessions: dict[str, AvatarSession] = {}
         self.faults = Faults()
+        #: Most sessions active at once since the emulator started (quota tests).
+        self.peak_sessions = 0
 
     def check_license(self, request: web.Request) -> None:
         secret = request.headers.get(API_SECRET_HEADER)
@@ -151,10 +125,22 @@ def create_app(emulator: Emulator) -> web.Application:
         except TokenError as e:
             raise RequestError(400, "INVALID_PARAMETER", str(e)) from None
 
-        faults = emulator.faults
+        faults = emulator.faults.model_copy(deep=True)
         if faults.fail_next_starts > 0:
-            faults.fail_next_starts -= 1
-            raise RequestError(faults.fail_status, "INJECTED_FAULT", "injected start failure")
+            emulator.faults.fail_next_starts -= 1
+            raise RequestError(
+                faults.fail_status,
+                "INJECTED_FAULT",
+                "injected start failure",
+                retry_after=faults.retry_after_s,
+            )
+        if (
+            faults.max_sessions is not None
+            and len(emulator.active_sessions()) >= faults.max_sessions
+        ):
+            raise RequestError(
+                429, "TOO_MANY_SESSIONS", f"over the limit of {faults.max_sessions} sessions"
+            )
 
         session_id = f"sess_{uuid.uuid4().hex[:16]}"
         session = AvatarSession(
@@ -164,8 +150,7 @@ def create_app(emulator: Emulator) -> web.Application:
             token_info=info,
             avatar_id=avatar_id,
             record_dir=emulator.record_dir,
-            join=faults.join,
-            leave_after_s=faults.leave_after_s,
+            behaviour=faults,
         )
         emulator.sessions[session_id] = session
         session.start()
@@ -177,6 +162,11 @@ def create_app(emulator: Emulator) -> web.Application:
             info.room,
             info.sender_identity or "first agent",
         )
+        emulator.peak_sessions = max(emulator.peak_sessions, len(emulator.active_sessions()))
+        if faults.start_delay_s:
+            await asyncio.sleep(faults.start_delay_s)
+        if faults.start_body == "text":
+            return web.Response(text="avatar started", content_type="text/plain")
         return web.json_response(
             {
                 "session_id": session_id,
@@ -187,6 +177,8 @@ def create_app(emulator: Emulator) -> web.Application:
 
     @routes.post(STOP_PATH)
     async def stop_avatar(request: web.Request) -> web.Response:
+        if not emulator.faults.stop_endpoint:
+            raise web.HTTPNotFound()
         emulator.check_license(request)
         body = await _json_object(request)
         session = emulator.sessions.get(_required_str(body, "session_id"))
@@ -195,6 +187,12 @@ def create_app(emulator: Emulator) -> web.Application:
         # Waits for the session to leave, so its recording is complete when we answer.
         await session.stop("stop_request")
         return web.json_response({"status": "stopped"})
+
+    @routes.get(SESSIONS_PATH)
+    async def list_sessions(request: web.Request) -> web.Response:
+        room = request.query.get("room")
+        found = [s.snapshot() for s in emulator.sessions.values() if room in (None, s.info.room)]
+        return web.json_response(found)
 
     @routes.get(SESSION_PATH)
     async def get_session(request: web.Request) -> web.Response:
@@ -205,19 +203,23 @@ def create_app(emulator: Emulator) -> web.Application:
 
     @routes.get(FAULTS_PATH)
     async def get_faults(request: web.Request) -> web.Response:
-        return web.json_response(asdict(emulator.faults))
+        return web.json_response(emulator.faults.model_dump())
 
     @routes.post(FAULTS_PATH)
     async def set_faults(request: web.Request) -> web.Response:
         try:
             emulator.faults.update(await _json_object(request))
-        except ValueError as e:
+        except ValidationError as e:
             raise RequestError(400, "INVALID_PARAMETER", str(e)) from None
-        return web.json_response(asdict(emulator.faults))
+        return web.json_response(emulator.faults.model_dump())
 
     async def health(request: web.Request) -> web.Response:
         return web.json_response(
-            {"status": "healthy", "active_sessions": len(emulator.active_sessions())}
+            {
+                "status": "healthy",
+                "active_sessions": len(emulator.active_sessions()),
+                "peak_sessions": emulator.peak_sessions,
+            }
         )
 
     @web.middleware
