@@ -269,9 +269,6 @@ class Ledger:
         flat: list[bytes] = await self._take_orphans(keys=[WORKERS_KEY], args=prefixes)
         return [(flat[i].decode(), flat[i + 1].decode()) for i in range(0, len(flat), 2)]
 
-    async def cancel_requested(self, job_id: str) -> bool:
-        return bool(await self.redis.exists(job_cancel_key(job_id)))
-
     async def finish(self, job_id: str, room: str | None, result: dict[str, Any]) -> bool:
         """Record the terminal state once; False if the job had already ended."""
         keys = [

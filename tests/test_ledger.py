@@ -133,7 +133,7 @@ def test_cancel_reports_playing_and_ended(redis_server: str) -> None:
     assert cancel("p1", settings=settings) == "playing"
 
     async def check_and_end(ledger: Ledger) -> None:
-        assert await ledger.cancel_requested("p1")
+        assert (await ledger.watch("p1", r, "t"))[0]  # the cancel request
         await ledger.finish("p1", r, {"job_id": "p1", "status": "cancelled"})
 
     run(redis_server, check_and_end)
