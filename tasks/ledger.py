@@ -20,6 +20,7 @@ import json
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
@@ -122,7 +123,8 @@ return 0
 """
 
 # Deliveries held by worker processes whose heartbeat is gone, taken (and so recovered) by
-# exactly one caller. A dead worker's leases go with it; jobs that ended are left out.
+# exactly one caller, each with whether it was playing (held the lease). A dead worker's
+# leases go with it; jobs that ended are left out.
 # KEYS: workers set; ARGV: heartbeat, held, lease and record key prefixes
 _TAKE_ORPHANS = """
 local out = {}
@@ -133,10 +135,15 @@ for _, w in ipairs(redis.call('SMEMBERS', KEYS[1])) do
       local job = items[i]
       local lease = ARGV[3] .. job
       local holder = redis.call('GET', lease)
-      if holder and string.sub(holder, 1, #w + 1) == w .. '/' then redis.call('DEL', lease) end
+      local playing = 0
+      if holder and string.sub(holder, 1, #w + 1) == w .. '/' then
+        redis.call('DEL', lease)
+        playing = 1
+      end
       if redis.call('EXISTS', ARGV[4] .. job) == 0 then
         table.insert(out, job)
         table.insert(out, items[i + 1])
+        table.insert(out, playing)
       end
     end
     redis.call('DEL', ARGV[2] .. w)
@@ -145,6 +152,17 @@ for _, w in ipairs(redis.call('SMEMBERS', KEYS[1])) do
 end
 return out
 """
+
+
+@dataclass(frozen=True)
+class Orphan:
+    """A delivery its dead worker held."""
+
+    #: Its Celery task id: the job id, unless the message named another job's id.
+    task_id: str
+    payload: str
+    #: It held the job's lease: its avatar may still be in the room.
+    playing: bool
 
 
 class Claim(StrEnum):
@@ -260,14 +278,16 @@ class Ledger:
     async def forget_avatar_session(self, job_id: str) -> None:
         await self.redis.delete(job_avatar_key(job_id))
 
-    async def take_orphans(self) -> list[tuple[str, str]]:
-        """(task id, payload JSON) of every unfinished delivery held by a worker process whose
-        heartbeat is gone; each is returned to one caller only, which must publish it again.
-        A job's task id is its job id, unless a message names another job's id."""
+    async def take_orphans(self) -> list[Orphan]:
+        """Every unfinished delivery held by a worker process whose heartbeat is gone; each
+        is returned to one caller only, which must publish it again."""
         prefixes = [worker_heartbeat_key(""), worker_held_key(""), job_lease_key(""),
                     job_record_key("")]  # fmt: skip
-        flat: list[bytes] = await self._take_orphans(keys=[WORKERS_KEY], args=prefixes)
-        return [(flat[i].decode(), flat[i + 1].decode()) for i in range(0, len(flat), 2)]
+        flat: list[Any] = await self._take_orphans(keys=[WORKERS_KEY], args=prefixes)
+        return [
+            Orphan(flat[i].decode(), flat[i + 1].decode(), bool(flat[i + 2]))
+            for i in range(0, len(flat), 3)
+        ]
 
     async def finish(self, job_id: str, room: str | None, result: dict[str, Any]) -> bool:
         """Record the terminal state once; False if the job had already ended."""

@@ -28,10 +28,13 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from avatarq.errors import InvalidJob
 from avatarq.events import WORKERS_KEY, worker_heartbeat_key, worker_held_key
 from avatarq.settings import Settings
+from producers.jobs import parse_job
+from tasks import room as rooms
 from tasks.avatar import AvatarSession, HttpAvatarClient
-from tasks.ledger import LEASE_TTL_S, Ledger
+from tasks.ledger import LEASE_TTL_S, Ledger, Orphan
 from tasks.runtime import get_loop_thread
 
 log = logging.getLogger("avatarq.recovery")
@@ -136,22 +139,43 @@ class Presence:
         """Recover the deliveries of every dead worker process; returns their job ids."""
         ledger = Ledger(self.redis, stale_after_s=self.settings.redelivery_after_s)
         orphans = await ledger.take_orphans()
-        for job_id, payload in orphans:
-            await self._recover(ledger, job_id, payload)
-        return [job_id for job_id, _ in orphans]
+        for orphan in orphans:
+            await self._recover(ledger, orphan)
+        return [orphan.task_id for orphan in orphans]
 
-    async def _recover(self, ledger: Ledger, job_id: str, payload: str) -> None:
-        log.warning("job %s: its worker died; publishing it again", job_id)
-        with suppress(RedisError, OSError):
-            note = await ledger.avatar_session(job_id)
-            if note is not None:
-                await stop_avatar_session(self.settings, *note)
-                await ledger.forget_avatar_session(job_id)
+    async def _recover(self, ledger: Ledger, orphan: Orphan) -> None:
+        task_id = orphan.task_id
+        log.warning("delivery %s: its worker died; publishing it again", task_id)
+        body = json.loads(orphan.payload)
+        if orphan.playing:
+            with suppress(RedisError, OSError):
+                note = await ledger.avatar_session(task_id)
+                if note is not None:
+                    await stop_avatar_session(self.settings, *note)
+                    await ledger.forget_avatar_session(task_id)
+            await self._evict_avatar(body)
         try:
-            await asyncio.to_thread(self.publish, job_id, json.loads(payload))
+            await asyncio.to_thread(self.publish, task_id, body)
         except Exception:
             # The broker still holds the original message; it comes back by its own rules.
-            log.exception("job %s: could not publish it again", job_id)
+            log.exception("delivery %s: could not publish it again", task_id)
+
+    async def _evict_avatar(self, payload: Any) -> None:
+        """Make the dead worker's avatar leave the room before the job plays again: a new
+        avatar joining under the same identity would knock it out, and that reads as the new
+        one leaving. The dead job held the room, so no other job's avatar is there."""
+        try:
+            job = parse_job(payload)
+        except InvalidJob:
+            return
+        s = self.settings
+        await rooms.remove_participant(
+            s.livekit_url,
+            s.livekit_api_key,
+            s.livekit_api_secret.get_secret_value(),
+            room=job.room,
+            identity=job.avatar_identity,
+        )
 
 
 async def stop_avatar_session(settings: Settings, server: str, session_id: str | None) -> None:

@@ -25,7 +25,7 @@ from avatarq.events import (
 )
 from avatarq.settings import Settings
 from producers.client import cancel, enqueue
-from tasks.ledger import REJOIN_GRACE_S, Claim, Ledger
+from tasks.ledger import REJOIN_GRACE_S, Claim, Ledger, Orphan
 
 
 def run(redis_url: str, body: Callable[[Ledger], Awaitable[Any]], stale: float = 3600) -> Any:
@@ -229,7 +229,7 @@ def test_orphans_of_a_dead_worker_are_taken_once(redis_server: str) -> None:
     async def body(ledger: Ledger) -> None:
         client.rpush(room_order_key(r), f"o1-{r}")
         assert (await ledger.claim(f"o1-{r}", r, Ledger.new_token(dead)))[0] is Claim.OK
-        assert await ledger.take_orphans() == [(f"o1-{r}", payload)]
+        assert await ledger.take_orphans() == [Orphan(f"o1-{r}", payload, playing=True)]
         assert await ledger.take_orphans() == []
         # The dead worker's lease went with it: the published copy plays at once.
         assert await ledger.claim(f"o1-{r}", r, Ledger.new_token(alive)) == (Claim.OK, 2)

@@ -26,7 +26,7 @@ from avatarq.events import (
 )
 from avatarq.settings import Settings
 from producers.client import enqueue
-from tasks.ledger import Ledger
+from tasks.ledger import Claim, Ledger
 from tasks.recovery import Presence
 from tasks.render import SKIP, job_id_of, run_job
 from tests.httpserve import serving
@@ -51,12 +51,17 @@ def test_dead_workers_deliveries_are_published_again_and_its_avatar_stopped(
     redis_server: str,
 ) -> None:
     job_id = f"rec-{uuid.uuid4().hex[:8]}"
-    payload = {"job_id": job_id, "room": "r", "avatar_id": "a", "source": "a.wav"}
+    payload = {"job_id": job_id, "room": job_id, "avatar_id": "a", "source": "a.wav"}
+    # Evicting the dead job's avatar from its room meets no LiveKit server here: best effort.
+    nowhere = "ws://127.0.0.1:9"
     published: list[tuple[str, dict[str, object]]] = []
     _AvatarStops.calls = []
     with serving(ThreadingHTTPServer(("127.0.0.1", 0), _AvatarStops)) as avatar_url:
         settings = Settings(
-            REDIS_URL=redis_server, AVALUMA_API_URL=avatar_url, AVALUMA_LICENSE_KEY="lic-1"
+            REDIS_URL=redis_server,
+            AVALUMA_API_URL=avatar_url,
+            AVALUMA_LICENSE_KEY="lic-1",
+            LIVEKIT_URL=nowhere,
         )
 
         async def go() -> list[str]:
@@ -67,6 +72,8 @@ def test_dead_workers_deliveries_are_published_again_and_its_avatar_stopped(
                 await dead.beat_once()
                 await live.beat_once()
                 ledger = Ledger(dead.redis, stale_after_s=3600)
+                await dead.redis.rpush(room_order_key(job_id), job_id)
+                assert (await ledger.claim(job_id, job_id, dead.new_token()))[0] is Claim.OK
                 await ledger.note_avatar_session(job_id, "default", "sess-9")
                 # Alive: nothing to recover.
                 assert await live.sweep_once() == []
@@ -90,7 +97,10 @@ def test_orphaned_session_on_an_unknown_server_gets_no_license(redis_server: str
     _AvatarStops.calls = []
     with serving(ThreadingHTTPServer(("127.0.0.1", 0), _AvatarStops)) as avatar_url:
         settings = Settings(
-            REDIS_URL=redis_server, AVALUMA_API_URL=avatar_url, AVALUMA_LICENSE_KEY="lic-1"
+            REDIS_URL=redis_server,
+            AVALUMA_API_URL=avatar_url,
+            AVALUMA_LICENSE_KEY="lic-1",
+            LIVEKIT_URL="ws://127.0.0.1:9",
         )
 
         async def go() -> None:
@@ -99,9 +109,10 @@ def test_orphaned_session_on_an_unknown_server_gets_no_license(redis_server: str
             try:
                 dead.hold(job_id, {"job_id": job_id})
                 await dead.beat_once()
-                await Ledger(dead.redis, stale_after_s=3600).note_avatar_session(
-                    job_id, avatar_url, "sess-1"
-                )  # a URL, not a configured name
+                ledger = Ledger(dead.redis, stale_after_s=3600)
+                await dead.redis.rpush(room_order_key(job_id), job_id)
+                assert (await ledger.claim(job_id, job_id, dead.new_token()))[0] is Claim.OK
+                await ledger.note_avatar_session(job_id, avatar_url, "sess-1")  # not a name
                 await dead.redis.delete(worker_heartbeat_key(dead.worker_id))
                 assert await live.sweep_once() == [job_id]
             finally:

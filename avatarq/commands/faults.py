@@ -90,7 +90,8 @@ def to_markdown(reports: list[dict], leaks: list[str]) -> str:  # type: ignore[t
     cores = os.cpu_count()
     return (
         f"Produced {when} by `avatarq faults --netns` on a {cores}-core machine (local stack: "
-        "dev LiveKit server, avatar emulator, moto S3; Redis with redis-server's default "
+        "LiveKit server (the official one where it runs), avatar emulator, moto S3; Redis with "
+        "redis-server's default "
         "persistence, RDB only; the broker Redis or RabbitMQ). Default settings throughout "
         "(visibility timeout 4200 s, 15 s leases, default retries and timeouts), except: "
         "the SIGTERM hand-back uses a 1 s shutdown grace (a hand-back needs a job longer than "

@@ -260,15 +260,19 @@ class FaultLab:
                 )
         return sorted(out, key=lambda s: s.start)
 
+    def _whole(self, s: Segment) -> bool:
+        return not s.interrupted and s.received_s >= (
+            self.durations.get(s.job_id, 0.0) - FULL_PLAY_TOLERANCE_S
+        )
+
     def full_plays(self, job_id: str) -> int:
         """How many times the avatar received the job's whole audio, uninterrupted."""
-        return sum(
-            1
-            for s in self.segments()
-            if s.job_id == job_id
-            and not s.interrupted
-            and s.received_s >= self.durations[job_id] - FULL_PLAY_TOLERANCE_S
-        )
+        return sum(1 for s in self.segments() if s.job_id == job_id and self._whole(s))
+
+    def played_in_full(self, room: str) -> list[str]:
+        """The jobs the room's avatar played whole, in the order it played them (a killed
+        worker's cut-off segment is not one)."""
+        return [s.job_id for s in self.segments() if s.room == room and self._whole(s)]
 
     def judge(
         self,
@@ -331,7 +335,6 @@ def sigkill_mid_stream(lab: FaultLab) -> FaultReport:
             records = lab.wait([job, *behind])
     rec = records.get(job, {})
     ended = lab.ended_at(job)
-    played = [s.job_id for s in lab.segments() if s.room == room and not s.interrupted]
     return lab.judge(
         "SIGKILL worker mid-stream",
         [job, *behind],
@@ -342,7 +345,7 @@ def sigkill_mid_stream(lab: FaultLab) -> FaultReport:
             f"completed within {RECOVERY_GOAL_S:g} s of the kill": ended is not None
             and ended - killed_at < RECOVERY_GOAL_S,
             "played in full": lab.full_plays(job) == 1,
-            "room's next jobs followed in order": played == [job, *behind],
+            "room's next jobs followed in order": lab.played_in_full(room) == [job, *behind],
         },
     )
 
