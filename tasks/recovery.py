@@ -4,11 +4,11 @@ A worker killed with SIGKILL leaves its messages unacknowledged: Redis hands the
 after the visibility timeout (the longest job + 10 minutes), and RabbitMQ hands them back at
 once, but to a worker that finds the job's lease still live and drops the copy. So, as
 Sidekiq's super_fetch and Dramatiq's heartbeats do, each worker process keeps in Redis a
-heartbeat (`worker_heartbeat_key`, renewed every second, gone `LEASE_TTL_S` after the process
-dies) and the deliveries it holds with their payloads (`worker_held_key`). Every live process
-sweeps every few seconds: the deliveries of a process whose heartbeat is gone are taken
-atomically by one sweeper (`Ledger.take_orphans`), whose avatar sessions are stopped, and are
-published again. Exactly-once playback still comes from the ledger: the copy plays under a new
+heartbeat (`worker_heartbeat_key`, renewed every second, gone `HEARTBEAT_TTL_S` after the
+process dies) and the deliveries it holds with their payloads (`worker_held_key`). Every live
+process sweeps every few seconds: the deliveries of a process whose heartbeat is gone are
+taken atomically by one sweeper (`Ledger.take_orphans`), which frees their leases, stops the
+avatars of the ones that were playing, and publishes them again. Exactly-once playback still comes from the ledger: the copy plays under a new
 lease as the next attempt, and the late original redelivery meets the terminal record.
 """
 
@@ -34,13 +34,16 @@ from avatarq.settings import Settings
 from producers.jobs import parse_job
 from tasks import room as rooms
 from tasks.avatar import AvatarSession, HttpAvatarClient
-from tasks.ledger import LEASE_TTL_S, Ledger, Orphan
+from tasks.ledger import Ledger, Orphan
 from tasks.runtime import get_loop_thread
 
 log = logging.getLogger("avatarq.recovery")
 
-#: The heartbeat is renewed this often; it expires `LEASE_TTL_S` after the last renewal.
+#: The heartbeat is renewed this often, and expires this long after the last renewal: before
+#: the dead worker's leases (`LEASE_TTL_S`), which still say which of its jobs were playing
+#: (their avatars must leave the room first) when the sweep takes them.
 HEARTBEAT_S = 1.0
+HEARTBEAT_TTL_S = 10.0
 #: Every live worker process looks for dead ones this often.
 SWEEP_S = 2.0
 
@@ -118,7 +121,7 @@ class Presence:
         # One transaction, so a Redis that lost its data never sees this process without its
         # held deliveries, nor held deliveries without a heartbeat.
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(worker_heartbeat_key(self.worker_id), "1", px=int(LEASE_TTL_S * 1000))
+            pipe.set(worker_heartbeat_key(self.worker_id), "1", px=int(HEARTBEAT_TTL_S * 1000))
             pipe.sadd(WORKERS_KEY, self.worker_id)
             pipe.delete(worker_held_key(self.worker_id))
             with self._held_lock:
