@@ -8,8 +8,9 @@ heartbeat (`worker_heartbeat_key`, renewed every second, gone `HEARTBEAT_TTL_S` 
 process dies) and the deliveries it holds with their payloads (`worker_held_key`). Every live
 process sweeps every few seconds: the deliveries of a process whose heartbeat is gone are
 taken atomically by one sweeper (`Ledger.take_orphans`), which frees their leases, stops the
-avatars of the ones that were playing, and publishes them again. Exactly-once playback still comes from the ledger: the copy plays under a new
-lease as the next attempt, and the late original redelivery meets the terminal record.
+avatars of the ones that were playing, and publishes them again. Exactly-once playback still
+comes from the ledger: the copy plays under a new lease as the next attempt, and the late
+original redelivery meets the terminal record.
 """
 
 from __future__ import annotations
