@@ -103,11 +103,12 @@ end
 return {cancel, 1}
 """
 
-# KEYS: lease, room holder; ARGV: token, job id
+# KEYS: lease, room holder, attempts; ARGV: token, job id, 1 to take the attempt back
 _RELEASE = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
 if redis.call('GET', KEYS[2]) == ARGV[2] then redis.call('DEL', KEYS[2]) end
+if ARGV[3] == '1' then redis.call('DECR', KEYS[3]) end
 return 1
 """
 
@@ -252,10 +253,13 @@ class Ledger:
         cancel, ours = await self._watch(keys=keys, args=[token, int(LEASE_TTL_S * 1000), job_id])
         return bool(cancel), bool(ours)
 
-    async def release(self, job_id: str, room: str, token: str) -> None:
-        """Give the job back without ending it (it will be played again from the start)."""
+    async def release(self, job_id: str, room: str, token: str, *, uncount: bool = False) -> None:
+        """Give the job back without ending it (it will be played again from the start).
+        `uncount`: this claim was no attempt at all (it only waited), so it does not count
+        against the job's retries."""
         await self._release(
-            keys=[job_lease_key(job_id), room_holder_key(room)], args=[token, job_id]
+            keys=[job_lease_key(job_id), room_holder_key(room), job_attempts_key(job_id)],
+            args=[token, job_id, int(uncount)],
         )
 
     async def note_avatar_session(self, job_id: str, server: str, session_id: str | None) -> None:
