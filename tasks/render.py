@@ -254,7 +254,7 @@ async def _watch(ledger: Ledger, job: Job, token: str, control: JobControl) -> b
             return False
         try:
             cancel, ours = await ledger.watch(job.job_id, job.room, token)
-        except RedisError as e:
+        except (RedisError, OSError) as e:
             # Keep playing through a Redis outage; the lease outlives a short one.
             log.warning("job %s: ledger unreachable: %s", job.job_id, e)
             continue
