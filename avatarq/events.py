@@ -83,5 +83,31 @@ def room_order_key(room: str) -> str:
     return f"avatarq:room:{room}"
 
 
+def room_holder_key(room: str) -> str:
+    """The job playing in the room right now (expires with its lease): no other job of the
+    room may start while it is live, even if the room's order was lost."""
+    return f"avatarq:room-holder:{room}"
+
+
+def job_avatar_key(job_id: str) -> str:
+    """Hash {server, session_id}: the avatar session a playing job started, so recovery can
+    stop it if the job's worker dies."""
+    return f"avatarq:avatar:{job_id}"
+
+
+#: Set of the ids of worker processes that announced themselves (tasks/recovery.py).
+WORKERS_KEY = "avatarq:workers"
+
+
+def worker_heartbeat_key(worker_id: str) -> str:
+    """Present while the worker process is alive (expires with the lease TTL)."""
+    return f"avatarq:worker:{worker_id}"
+
+
+def worker_held_key(worker_id: str) -> str:
+    """Hash job id -> payload JSON: the deliveries the worker process holds right now."""
+    return f"avatarq:held:{worker_id}"
+
+
 #: Jobs that exhausted their retries, newest first (JSON: job, reason, error, attempts, ts).
 DEAD_LETTER_KEY = "avatarq:dead"

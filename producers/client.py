@@ -138,14 +138,16 @@ def get_status(job_id: str, *, settings: Settings | None = None) -> dict[str, An
     state, info = meta.get("status", "PENDING"), meta.get("result")
     status: dict[str, Any] = {"job_id": job_id, "celery_state": state}
     waiting = r.get(job_waiting_key(job_id))
+    # Celery's state outlives a worker killed mid-job: only a live lease means playing.
+    leased = bool(r.exists(job_lease_key(job_id)))
     if waiting is not None:
         # In line for a session of its avatar server (server, place, sessions, quota).
         status.update(status=Status.WAITING_FOR_AVATAR.value, **json.loads(waiting))
-    elif state == "PROGRESS" and isinstance(info, dict):
+    elif state == "PROGRESS" and isinstance(info, dict) and leased:
         status.update(status=Status.PLAYING.value, **info)
-    elif state in ("STARTED", "RETRY"):
-        status["status"] = Status.PLAYING.value if state == "STARTED" else Status.QUEUED.value
-    elif r.exists(job_enqueued_key(job_id)):
+    elif state in ("STARTED", "PROGRESS") and leased:
+        status["status"] = Status.PLAYING.value
+    elif state in ("STARTED", "PROGRESS", "RETRY") or r.exists(job_enqueued_key(job_id)):
         status["status"] = Status.QUEUED.value
     else:
         status["status"] = Status.UNKNOWN.value
