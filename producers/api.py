@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from avatarq.events import Event, Status, job_events_key, job_record_key
 from avatarq.settings import Settings, get_settings
 from producers.client import cancel, enqueue, get_status
+from producers.console import mount_console
 from producers.jobs import JOB_ID_PATTERN, Job
 
 #: Events after which a job's stream has nothing more to say.
@@ -231,4 +232,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
 
     app.include_router(jobs)
+    mount_console(app, _key_checker(keys), s)
     return app

@@ -1,0 +1,304 @@
+// The operator console: queue per room, playing jobs with live progress, recent outcomes,
+// dead letters, enqueue / cancel / retry, and a live view of a room.
+
+import "./style.css";
+import { followEvents, forgetKey, KeyRefused, loadKey, request, saveKey, type JobEvent } from "./api";
+import { $, clock, h, seconds } from "./dom";
+import { leave, watch } from "./room";
+
+interface JobStatus {
+  job_id: string;
+  status: string;
+  avatar_id?: string;
+  source?: string;
+  seconds_streamed?: number;
+  total_seconds?: number | null;
+  cancel_requested?: boolean;
+}
+interface Ended {
+  job_id: string;
+  ts: number;
+  status: string;
+  room?: string;
+  reason?: string | null;
+  error?: string | null;
+  audio_duration?: number | null;
+}
+interface Dead {
+  job_id: string;
+  reason?: string;
+  error?: string;
+  attempts?: number;
+  ts?: number;
+  job?: { room?: string };
+}
+interface Overview {
+  rooms: { room: string; jobs: JobStatus[] }[];
+  recent: Ended[];
+  dead: Dead[];
+}
+
+const REFRESH_MS = 2000;
+/** Event streams open at once; jobs past this show the overview's progress (every 2 s). */
+const MAX_FOLLOWED = 20;
+const TERMINAL = new Set(["job.completed", "job.failed", "job.cancelled"]);
+
+const progress = new Map<string, { streamed: number; total: number | null }>();
+const followers = new Map<string, AbortController>();
+let timer: number | undefined;
+
+function showKeyForm(message = ""): void {
+  stop();
+  $("console").hidden = true;
+  $("forget").hidden = true;
+  $("key-form").hidden = false;
+  $("key-error").textContent = message;
+}
+
+function showConsole(): void {
+  $("key-form").hidden = true;
+  $("console").hidden = false;
+  $("forget").hidden = false;
+}
+
+function stop(): void {
+  window.clearInterval(timer);
+  timer = undefined;
+  followers.forEach((c) => c.abort());
+  followers.clear();
+}
+
+/** Run an action; a refused key sends the operator back to the key form, other errors are shown. */
+async function guarded(action: () => Promise<void>, errorTarget?: HTMLElement): Promise<void> {
+  try {
+    await action();
+  } catch (e) {
+    if (e instanceof KeyRefused) {
+      forgetKey();
+      showKeyForm(`key refused: ${e.message}`);
+    } else if (errorTarget) {
+      errorTarget.textContent = String((e as Error).message ?? e);
+      errorTarget.className = "error";
+    } else {
+      console.error(e);
+    }
+  }
+}
+
+// --- live progress ---------------------------------------------------------------------------
+
+function updateBar(jobId: string): void {
+  const p = progress.get(jobId);
+  const row = document.querySelector<HTMLElement>(`.job[data-job-id="${CSS.escape(jobId)}"]`);
+  if (!p || !row) return;
+  const bar = row.querySelector("progress");
+  if (bar) {
+    if (p.total) bar.max = p.total;
+    bar.value = p.streamed;
+  }
+  const label = row.querySelector(".played");
+  if (label) label.textContent = `${seconds(p.streamed)} of ${seconds(p.total)}`;
+}
+
+function onJobEvent(e: JobEvent): void {
+  if (e.event === "job.progress") {
+    const total = e.data.total_seconds;
+    progress.set(e.job_id, {
+      streamed: Number(e.data.seconds_streamed ?? 0),
+      total: typeof total === "number" ? total : null,
+    });
+    updateBar(e.job_id);
+  }
+  if (e.event === "job.progress" || e.event === "job.started" || TERMINAL.has(e.event)) {
+    // A queued row that starts playing, or any row that ends, moves to another list.
+    const row = document.querySelector<HTMLElement>(`.job[data-job-id="${CSS.escape(e.job_id)}"]`);
+    if (TERMINAL.has(e.event) || row?.dataset.status !== "playing") void refresh();
+  }
+}
+
+function follow(jobId: string): void {
+  if (followers.has(jobId) || followers.size >= MAX_FOLLOWED) return;
+  const control = new AbortController();
+  followers.set(jobId, control);
+  followEvents(jobId, onJobEvent, control.signal)
+    .catch(() => undefined)
+    .finally(() => {
+      if (followers.get(jobId) === control) followers.delete(jobId);
+    });
+}
+
+// --- rendering -------------------------------------------------------------------------------
+
+function cancelButton(jobId: string): HTMLElement {
+  return h("button", {
+    type: "button",
+    class: "danger cancel",
+    "data-job-id": jobId,
+    onclick: () => guarded(async () => {
+      await request("DELETE", `/jobs/${encodeURIComponent(jobId)}`);
+      await refresh();
+    }),
+  }, "Cancel");
+}
+
+function watchButton(room: string): HTMLElement {
+  return h("button", {
+    type: "button",
+    class: "watch",
+    onclick: () => {
+      ($("watch-room") as HTMLInputElement).value = room;
+      void guarded(() => watch(room), $("watch-status"));
+    },
+  }, "Watch");
+}
+
+function jobRow(job: JobStatus, room: string): HTMLElement {
+  if (job.status === "playing" && job.seconds_streamed !== undefined && !progress.has(job.job_id)) {
+    progress.set(job.job_id, { streamed: job.seconds_streamed, total: job.total_seconds ?? null });
+  }
+  const p = progress.get(job.job_id);
+  const playing = job.status === "playing";
+  const row = h(
+    "div",
+    { class: "job", "data-job-id": job.job_id, "data-status": job.status },
+    h("span", { class: "id" }, job.job_id),
+    h(
+      "span",
+      { class: "meta" },
+      `${room} · avatar ${job.avatar_id ?? "?"} · `,
+      h("span", { class: `status-${job.status}` }, job.cancel_requested ? "cancelling" : job.status),
+      job.source ? ` · ${job.source}` : "",
+    ),
+    playing ? h("progress", { max: p?.total ?? 1, value: p?.streamed ?? 0 }) : null,
+    playing ? h("span", { class: "meta played" }, `${seconds(p?.streamed)} of ${seconds(p?.total)}`) : null,
+    h("div", { class: "actions" }, playing ? watchButton(room) : null, cancelButton(job.job_id)),
+  );
+  return row;
+}
+
+function renderQueue(data: Overview): void {
+  const playing: HTMLElement[] = [];
+  const rooms: HTMLElement[] = [];
+  for (const { room, jobs } of data.rooms) {
+    const waiting = jobs.filter((j) => j.status !== "playing");
+    jobs.filter((j) => j.status === "playing").forEach((j) => playing.push(jobRow(j, room)));
+    jobs.forEach((j) => follow(j.job_id));
+    if (waiting.length) {
+      rooms.push(
+        h(
+          "div",
+          { class: "room", "data-room": room },
+          h("h3", {}, room, h("span", { class: "meta" }, `${waiting.length} waiting`)),
+          ...waiting.map((j) => jobRow(j, room)),
+        ),
+      );
+    }
+  }
+  $("playing").replaceChildren(...(playing.length ? playing : [h("p", { class: "empty" }, "nothing playing")]));
+  $("queue").replaceChildren(...(rooms.length ? rooms : [h("p", { class: "empty" }, "no jobs waiting")]));
+}
+
+function renderRecent(recent: Ended[]): void {
+  const head = h("tr", {}, ...["ended", "job", "room", "status", "reason", "error"].map((t) => h("th", {}, t)));
+  const rows = recent.map((e) =>
+    h(
+      "tr",
+      { "data-job-id": e.job_id, "data-status": e.status },
+      h("td", {}, clock(e.ts)),
+      h("td", { class: "id" }, e.job_id),
+      h("td", {}, e.room ?? ""),
+      h("td", { class: `status-${e.status}` }, e.status),
+      h("td", {}, e.reason ?? ""),
+      h("td", {}, e.error ?? ""),
+    ),
+  );
+  $("recent").replaceChildren(head, ...rows);
+}
+
+function renderDead(dead: Dead[]): void {
+  if (!dead.length) {
+    $("dead").replaceChildren(h("tr", {}, h("td", { class: "empty" }, "no dead letters")));
+    return;
+  }
+  const head = h("tr", {}, ...["job", "room", "reason", "error", "attempts", ""].map((t) => h("th", {}, t)));
+  const rows = dead.map((d) =>
+    h(
+      "tr",
+      { "data-job-id": d.job_id },
+      h("td", { class: "id" }, d.job_id),
+      h("td", {}, d.job?.room ?? ""),
+      h("td", {}, d.reason ?? ""),
+      h("td", {}, d.error ?? ""),
+      h("td", {}, d.attempts ?? ""),
+      h("td", {}, h("button", {
+        type: "button",
+        class: "retry",
+        onclick: () => guarded(async () => {
+          await request("POST", `/console/api/dead/${encodeURIComponent(d.job_id)}/retry`);
+          await refresh();
+        }),
+      }, "Retry")),
+    ),
+  );
+  $("dead").replaceChildren(head, ...rows);
+}
+
+async function refresh(): Promise<void> {
+  await guarded(async () => {
+    const data = await request<Overview>("GET", "/console/api/overview");
+    showConsole();
+    renderQueue(data);
+    renderRecent(data.recent);
+    renderDead(data.dead);
+    $("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
+    timer ??= window.setInterval(() => void refresh(), REFRESH_MS);
+  });
+}
+
+// --- forms -----------------------------------------------------------------------------------
+
+function jobSource(kind: string, value: string): unknown {
+  if (kind === "tts") return { type: "tts", engine: "espeak", text: value };
+  if (kind === "s3") return value.startsWith("s3://") ? value : `s3://${value}`;
+  return value;
+}
+
+$("enqueue").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const out = $("enqueue-result");
+  const value = (id: string): string => ($(id) as HTMLInputElement).value.trim();
+  void guarded(async () => {
+    const job = {
+      room: value("room"),
+      avatar_id: value("avatar"),
+      source: jobSource(value("source-kind"), value("source")),
+    };
+    const status = await request<JobStatus>("POST", "/jobs", job);
+    out.className = "";
+    out.textContent = `enqueued ${status.job_id} (${status.status})`;
+    out.dataset.jobId = status.job_id;
+    await refresh();
+  }, out);
+});
+
+$("key-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  saveKey(($("key") as HTMLInputElement).value.trim());
+  void refresh();
+});
+
+$("forget").addEventListener("click", () => {
+  forgetKey();
+  void leave();
+  showKeyForm();
+});
+
+$("watch").addEventListener("submit", (e) => {
+  e.preventDefault();
+  void guarded(() => watch(($("watch-room") as HTMLInputElement).value.trim()), $("watch-status"));
+});
+
+$("leave").addEventListener("click", () => void leave());
+
+if (loadKey()) void refresh();
+else showKeyForm();

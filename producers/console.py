@@ -1,0 +1,205 @@
+"""The operator console: a page served at `/console/` and the JSON it reads.
+
+The page is the built front end (`console/`, `npm ci && npm run build` in `infra/bootstrap`,
+output in `console/dist/`); without a build the API still serves everything else and
+`/console/` answers 503 saying how to build it. The page holds no data: what it shows comes
+from `/console/api/*` here and from the `/jobs` routes (enqueue, cancel, job events over SSE),
+all behind the same API keys. It reuses the producer functions rather than reading worker
+internals: `get_status` for each job in a room's order, `producers.deadletter` for the
+dead-letter list, the global events stream for recent outcomes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException
+from fastapi.responses import FileResponse, PlainTextResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+
+from avatarq.events import Event, job_enqueued_key, room_order_key
+from avatarq.settings import Settings
+from producers.client import get_status, redis_client
+from producers.deadletter import list_dead, retry_dead
+from producers.jobs import NAME_PATTERN
+
+log = logging.getLogger("avatarq.console")
+
+#: Where `npm run build` in console/ writes the page (see console/vite.config.ts).
+CONSOLE_DIST = Path(__file__).resolve().parents[1] / "console" / "dist"
+BUILD_HINT = "cd console && npm ci && npm run build (infra/bootstrap does it when npm exists)"
+#: Bounds on what one overview reads, so a huge backlog cannot make the page slow to answer.
+MAX_ROOMS = 100
+MAX_JOBS_PER_ROOM = 50
+RECENT_ENDED = 20
+EVENTS_SCANNED = 2000
+DEAD_SHOWN = 50
+#: A viewer token outlives a long announcement; the page asks for a new one per watch.
+VIEWER_TTL = timedelta(hours=2)
+TERMINAL_EVENTS = {Event.COMPLETED.value, Event.FAILED.value, Event.CANCELLED.value}
+
+
+class WatchRequest(BaseModel):
+    room: str = Field(pattern=NAME_PATTERN, description="The LiveKit room to watch")
+
+
+class ViewerToken(BaseModel):
+    url: str = Field(description="LiveKit server URL to connect to")
+    token: str = Field(description="Subscribe-only access token for `room`")
+    room: str
+    identity: str
+
+
+def _text(value: bytes | str | None) -> str:
+    return value.decode() if isinstance(value, bytes) else (value or "")
+
+
+def _queued_job(r: Any, job_id: str, settings: Settings) -> dict[str, Any]:
+    """A job in a room's order: its live status plus what was asked (avatar, source)."""
+    status = get_status(job_id, settings=settings)
+    raw = r.hget(job_enqueued_key(job_id), "job")
+    job = json.loads(raw) if raw else {}
+    source = job.get("source")
+    tts = (job.get("metadata") or {}).get("tts")
+    status.setdefault("avatar_id", job.get("avatar_id"))
+    status["source"] = f"tts: {tts.get('preview')}" if isinstance(tts, dict) else source
+    return status
+
+
+def rooms(settings: Settings) -> list[dict[str, Any]]:
+    """Each room with unfinished jobs, its jobs in play order (the head plays first)."""
+    r = redis_client(settings.redis_url)
+    prefix = room_order_key("")
+    found = []
+    for key in r.scan_iter(match=room_order_key("*"), count=500):
+        found.append(_text(key)[len(prefix) :])
+        if len(found) == MAX_ROOMS:
+            break
+    result = []
+    for room in sorted(found):
+        ids = [_text(i) for i in r.lrange(room_order_key(room), 0, MAX_JOBS_PER_ROOM - 1)]
+        jobs = [_queued_job(r, job_id, settings) for job_id in ids]
+        if jobs:
+            result.append({"room": room, "jobs": jobs})
+    return result
+
+
+def recent_ended(settings: Settings) -> list[dict[str, Any]]:
+    """The latest completed, failed and cancelled jobs, newest first, with their reasons."""
+    r = redis_client(settings.redis_url)
+    ended = []
+    for _id, fields in r.xrevrange(settings.events_stream, count=EVENTS_SCANNED):
+        if _text(fields.get(b"event")) not in TERMINAL_EVENTS:
+            continue
+        data = json.loads(fields.get(b"data") or b"{}")
+        ended.append(
+            {
+                "job_id": _text(fields.get(b"job_id")),
+                "ts": float(fields.get(b"ts") or 0),
+                **{
+                    k: data.get(k)
+                    for k in (
+                        "status",
+                        "room",
+                        "avatar_id",
+                        "reason",
+                        "error",
+                        "audio_duration",
+                        "seconds_streamed",
+                    )
+                },
+            }
+        )
+        if len(ended) == RECENT_ENDED:
+            break
+    return ended
+
+
+def viewer_token(settings: Settings, room: str) -> ViewerToken:
+    """A token that may only join `room` and subscribe: no publishing of media or data, hidden
+    from the room's other participants. Signed here; the secret never leaves the API."""
+    from livekit import api  # the worker's SDK: imported only when someone watches
+
+    identity = f"console-{secrets.token_hex(4)}"
+    grants = api.VideoGrants(
+        room_join=True,
+        room=room,
+        can_subscribe=True,
+        can_publish=False,
+        can_publish_data=False,
+        hidden=True,
+    )
+    token = (
+        api.AccessToken(settings.livekit_api_key, settings.livekit_api_secret.get_secret_value())
+        .with_identity(identity)
+        .with_name("avatarq console")
+        .with_ttl(VIEWER_TTL)
+        .with_grants(grants)
+        .to_jwt()
+    )
+    return ViewerToken(url=settings.livekit_url, token=token, room=room, identity=identity)
+
+
+def _page_routes(app: FastAPI) -> None:
+    """The page and its assets, or a 503 that says how to build them."""
+    index = CONSOLE_DIST / "index.html"
+    if index.is_file():
+        app.mount("/console/assets", StaticFiles(directory=CONSOLE_DIST / "assets"), "console")
+    else:
+        log.warning("console disabled: no build at %s; %s", CONSOLE_DIST, BUILD_HINT)
+
+    @app.get("/", include_in_schema=False)
+    def root() -> RedirectResponse:
+        return RedirectResponse("/console/")
+
+    @app.get("/console", include_in_schema=False)
+    def console_no_slash() -> RedirectResponse:
+        return RedirectResponse("/console/")
+
+    @app.get("/console/", include_in_schema=False, response_model=None)
+    def page() -> Response:
+        if not index.is_file():
+            message = f"avatarq console disabled: it is not built ({CONSOLE_DIST} missing). "
+            return PlainTextResponse(message + BUILD_HINT, status_code=503)
+        # The page itself is public and holds no data; every request it makes needs a key.
+        return FileResponse(index, headers={"Cache-Control": "no-cache"})
+
+
+def mount_console(app: FastAPI, require_key: Any, settings: Settings) -> None:
+    """Add the console's page and its key-protected JSON routes to the API app."""
+    _page_routes(app)
+    data = APIRouter(
+        prefix="/console/api", tags=["console"], dependencies=[Depends(require_key)]
+    )
+
+    @data.get("/overview")
+    def overview() -> dict[str, Any]:
+        """Rooms with their unfinished jobs in play order (status and progress each), the
+        latest ended jobs with their reasons, and the dead-letter list."""
+        return {
+            "rooms": rooms(settings),
+            "recent": recent_ended(settings),
+            "dead": list_dead(settings=settings, limit=DEAD_SHOWN),
+        }
+
+    @data.post("/dead/{job_id}/retry")
+    def retry(job_id: str) -> dict[str, Any]:
+        """Enqueue a dead-lettered job again under its own id."""
+        try:
+            handle = retry_dead(job_id, settings=settings)
+        except KeyError as e:
+            raise HTTPException(404, str(e.args[0])) from None
+        return {"job_id": handle.job_id, "created": handle.created}
+
+    @data.post("/viewer-token")
+    def watch(request: WatchRequest) -> ViewerToken:
+        """A subscribe-only LiveKit token for the room, so the page can show its avatar."""
+        return viewer_token(settings, request.room)
+
+    app.include_router(data)
