@@ -23,7 +23,7 @@ from fastapi.responses import FileResponse, PlainTextResponse, RedirectResponse,
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
-from avatarq.events import Event, job_enqueued_key, room_order_key
+from avatarq.events import Event, Status, job_enqueued_key, job_lease_key, room_order_key
 from avatarq.settings import Settings
 from producers.client import get_status, redis_client
 from producers.deadletter import list_dead, retry_dead
@@ -63,6 +63,9 @@ def _text(value: bytes | str | None) -> str:
 def _queued_job(r: Any, job_id: str, settings: Settings) -> dict[str, Any]:
     """A job in a room's order: its live status plus what was asked (avatar, source)."""
     status = get_status(job_id, settings=settings)
+    if status["status"] == Status.PLAYING and not r.exists(job_lease_key(job_id)):
+        # A worker holds it but waits for its turn in the room (only the head has a lease).
+        status["status"] = Status.QUEUED.value
     raw = r.hget(job_enqueued_key(job_id), "job")
     job = json.loads(raw) if raw else {}
     source = job.get("source")

@@ -169,8 +169,9 @@ function jobRow(job: JobStatus, room: string): HTMLElement {
       h("span", { class: `status-${job.status}` }, job.cancel_requested ? "cancelling" : job.status),
       job.source ? ` · ${job.source}` : "",
     ),
-    playing ? h("progress", { max: p?.total ?? 1, value: p?.streamed ?? 0 }) : null,
-    playing ? h("span", { class: "meta played" }, `${seconds(p?.streamed)} of ${seconds(p?.total)}`) : null,
+    // Indeterminate until the first progress event says how far and how long.
+    playing ? h("progress", p?.total ? { max: p.total, value: p.streamed } : {}) : null,
+    playing ? h("span", { class: "meta played" }, p ? `${seconds(p.streamed)} of ${seconds(p.total)}` : "starting…") : null,
     h("div", { class: "actions" }, playing ? watchButton(room) : null, cancelButton(job.job_id)),
   );
   return row;
@@ -299,6 +300,11 @@ $("watch").addEventListener("submit", (e) => {
 });
 
 $("leave").addEventListener("click", () => void leave());
+
+// A link with `#key=` pasted into an open tab changes only the fragment: no reload.
+window.addEventListener("hashchange", () => {
+  if (location.hash.includes("key=") && loadKey()) void refresh();
+});
 
 if (loadKey()) void refresh();
 else showKeyForm();

@@ -1,0 +1,252 @@
+"""The operator console in a real headless Chromium (Debian's `chromium`, driven by selenium
+through `chromium-driver`) against the whole local stack and a real `avatarq api`: the page is
+refused without a key and opens with one; a job enqueued from the page shows up, its progress
+bar advances and it ends completed; cancel from the page stops a playing job; the room view
+receives the avatar's video. Each state is saved as a screenshot under `var/test-artefacts/`
+(or `$AVATARQ_TEST_ARTEFACTS`)."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import requests
+
+from avatarq.dev.processes import ManagedProcess, free_port, tcp_ready
+from avatarq.dev.stack import LocalStack, local_stack
+from producers.console import CONSOLE_DIST
+from tests.audio import tone
+from tests.httpserve import serving
+from tests.netns import NETNS
+from tests.producing import AVATARQ
+
+pytestmark = NETNS
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+KEY = "browser-key"
+#: Flags for a quiet, reproducible browser: no sandbox (root in a namespace), no GPU, no QUIC,
+#: nothing fetched in the background, a fresh profile per run (added in `browser`).
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1400,1100",
+    # The page plays the room's audio; a test has no user gesture to allow it.
+    "--autoplay-policy=no-user-gesture-required",
+)
+T = TypeVar("T")
+
+
+def _missing() -> str | None:
+    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+        return "chromium and chromium-driver not installed (infra/bootstrap installs them)"
+    if not (CONSOLE_DIST / "index.html").is_file():
+        return "console not built (infra/bootstrap: cd console && npm ci && npm run build)"
+    return None
+
+
+# CI must run these: a missing browser or build there is a failure, not a skip.
+if (reason := _missing()) and os.environ.get("CI") != "true":
+    pytestmark = [*NETNS, pytest.mark.skip(reason=reason)]
+
+
+def wait_for(check: Callable[[], T | None], what: str, timeout: float = 30.0) -> T:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := check():
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def artefacts() -> Path:
+    path = Path(os.environ.get("AVATARQ_TEST_ARTEFACTS", ROOT / "var" / "test-artefacts"))
+    path = path / "console"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    with local_stack(tmp_path_factory.mktemp("console-stack"), workers=1) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def base(stack: LocalStack) -> Iterator[str]:
+    port = free_port()
+    proc = ManagedProcess(
+        "api",
+        [AVATARQ, "api", "--port", str(port)],
+        ready=tcp_ready("127.0.0.1", port),
+        env={**stack.env(), "AVATARQ_API_KEYS": KEY},
+        log_dir=stack.workdir / "logs",
+    )
+    with proc.start():
+        yield f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def audio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Tones served over HTTP (the API refuses local file sources)."""
+    root = tmp_path_factory.mktemp("console-audio")
+    for seconds in (4, 30):
+        tone(root / f"tone{seconds}.wav", seconds=seconds)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    with serving(http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def js(browser: Any, script: str, *args: Any) -> Any:
+    return browser.execute_script(script, *args)
+
+
+def visible(browser: Any, selector: str) -> bool:
+    return bool(js(browser, "const e = document.querySelector(arguments[0]); return !!e && !e.closest('[hidden]');", selector))
+
+
+def open_console(browser: Any, base: str, key: str | None) -> None:
+    browser.get(f"{base}/console/")
+    js(browser, "sessionStorage.clear()")
+    browser.get("about:blank")  # a fresh load: only the fragment would change otherwise
+    browser.get(f"{base}/console/" + (f"#key={key}" if key else ""))
+
+
+def enqueue_from_page(browser: Any, source: str, room: str) -> str:
+    from selenium.webdriver.common.by import By
+
+    previous = js(browser, "return document.getElementById('enqueue-result').dataset.jobId")
+    for field, value in (("source", source), ("room", room), ("avatar", "anna")):
+        element = browser.find_element(By.ID, field)
+        element.clear()
+        element.send_keys(value)
+    browser.find_element(By.CSS_SELECTOR, "#enqueue button[type=submit]").click()
+    job_id: str = wait_for(
+        lambda: (
+            (got := js(browser, "return document.getElementById('enqueue-result').dataset.jobId"))
+            != previous
+            and got
+        ),
+        "the page to report the enqueued job",
+    )
+    return job_id
+
+
+def row_status(browser: Any, job_id: str) -> str | None:
+    return js(browser, "const r = document.querySelector(`.job[data-job-id='${arguments[0]}']`); return r && r.dataset.status;", job_id)  # type: ignore[no-any-return]
+
+
+def ended_as(browser: Any, job_id: str) -> str | None:
+    return js(browser, "const r = document.querySelector(`#recent tr[data-job-id='${arguments[0]}']`); return r && r.dataset.status;", job_id)  # type: ignore[no-any-return]
+
+
+def bar(browser: Any, job_id: str) -> tuple[float, float] | None:
+    value = js(
+        browser,
+        "const p = document.querySelector(`.job[data-job-id='${arguments[0]}'] progress`);"
+        "return p && p.position >= 0 && [p.value, p.max];",  # position -1: indeterminate
+        job_id,
+    )
+    return (float(value[0]), float(value[1])) if value else None
+
+
+@pytest.mark.timeout(120)
+def test_page_is_refused_without_a_key_and_opens_with_one(
+    browser: Any, base: str, artefacts: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    open_console(browser, base, None)
+    wait_for(lambda: visible(browser, "#key-form"), "the key form")
+    assert not visible(browser, "#console")
+    status = js(browser, "return fetch('/console/api/overview').then(r => r.status)")
+    assert status == 401
+    browser.find_element(By.ID, "key").send_keys("not-a-key")
+    browser.find_element(By.CSS_SELECTOR, "#key-form button").click()
+    error = wait_for(lambda: browser.find_element(By.ID, "key-error").text, "the refusal")
+    assert "key refused" in error and "invalid API key" in error
+    assert not visible(browser, "#console")
+    browser.save_screenshot(str(artefacts / "01-refused-without-key.png"))
+
+    open_console(browser, base, KEY)
+    wait_for(lambda: visible(browser, "#console"), "the console")
+    assert "key=" not in browser.current_url  # taken out of the address bar
+    assert js(browser, "return sessionStorage.getItem('avatarq.apiKey')") == KEY
+    browser.save_screenshot(str(artefacts / "02-opened-with-key.png"))
+
+
+@pytest.mark.timeout(180)
+def test_enqueued_job_shows_up_progresses_and_completes(
+    browser: Any, base: str, audio: str, artefacts: Path
+) -> None:
+    open_console(browser, base, KEY)
+    wait_for(lambda: visible(browser, "#console"), "the console")
+    first = enqueue_from_page(browser, f"{audio}/tone4.wav", "console-a")
+    second = enqueue_from_page(browser, f"{audio}/tone4.wav", "console-a")
+    # The room plays one job at a time: the second waits behind the first.
+    wait_for(lambda: row_status(browser, first) == "playing", "the first job to play")
+    assert row_status(browser, second) == "queued"
+    browser.save_screenshot(str(artefacts / "03-playing-and-queued.png"))
+
+    seen: list[float] = []
+    deadline = time.monotonic() + 30
+    while ended_as(browser, first) is None and time.monotonic() < deadline:
+        if (b := bar(browser, first)) and (not seen or b[0] != seen[-1]):
+            seen.append(b[0])
+            assert b[1] == pytest.approx(4.0, abs=0.1)  # the bar's length is the audio's
+        time.sleep(0.2)
+    assert len(seen) >= 3 and seen == sorted(seen) and seen[-1] > seen[0], seen
+    assert wait_for(lambda: ended_as(browser, first), "the first job to end") == "completed"
+    assert wait_for(lambda: ended_as(browser, second), "the second job to end") == "completed"
+    browser.save_screenshot(str(artefacts / "04-completed.png"))
+    status = requests.get(f"{base}/jobs/{first}", headers={"X-API-Key": KEY}, timeout=10).json()
+    assert status["status"] == "completed"
+
+
+@pytest.mark.timeout(180)
+def test_cancel_from_the_page_stops_a_playing_job(
+    browser: Any, base: str, audio: str, artefacts: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    open_console(browser, base, KEY)
+    wait_for(lambda: visible(browser, "#console"), "the console")
+    job_id = enqueue_from_page(browser, f"{audio}/tone30.wav", "console-b")
+    wait_for(lambda: (b := bar(browser, job_id)) and b[0] >= 1.0, "a second of playback")
+    browser.find_element(By.CSS_SELECTOR, f".job[data-job-id='{job_id}'] button.cancel").click()
+    assert wait_for(lambda: ended_as(browser, job_id), "the cancellation", 15) == "cancelled"
+    browser.save_screenshot(str(artefacts / "05-cancelled.png"))
+    status = requests.get(f"{base}/jobs/{job_id}", headers={"X-API-Key": KEY}, timeout=10).json()
+    assert status["status"] == "cancelled" and status["cancelled_while"] == "playing"
+    assert status["seconds_streamed"] < 10
+
