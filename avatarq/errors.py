@@ -67,3 +67,9 @@ class AvatarTimeout(TransientJobError):
 
 class RoomError(TransientJobError):
     reason = "room_error"
+
+
+class LiveKitRejected(PermanentJobError):
+    """The LiveKit server refused our credentials: a settings problem no retry fixes."""
+
+    reason = "livekit_rejected"

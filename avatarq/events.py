@@ -17,6 +17,7 @@ class Event(StrEnum):
     COMPLETED = "job.completed"
     FAILED = "job.failed"
     CANCELLED = "job.cancelled"
+    UNCONFIRMED = "job.unconfirmed"
     RETRYING = "job.retrying"
 
 
@@ -27,9 +28,11 @@ class Status(StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    #: Streamed in full to a listening avatar that never reported playing it: not replayed.
+    UNCONFIRMED = "unconfirmed"
 
 
-TERMINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED})
+TERMINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED, Status.UNCONFIRMED})
 
 #: How long records and per-job event streams are kept (they must outlive redelivery).
 RECORD_TTL_S = 30 * 24 * 3600

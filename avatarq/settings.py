@@ -11,12 +11,38 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, HttpUrl, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: The name jobs use (or omit) for the avatar server of `AVALUMA_API_URL`.
+DEFAULT_AVATAR_SERVER = "default"
+#: Avaluma's plugin and server work at 16 kHz.
+AVALUMA_SAMPLE_RATE = 16000
+#: Avaluma recommends about 10 concurrent sessions per license key.
+AVALUMA_MAX_SESSIONS = 10
 
 
 def _env(*names: str) -> AliasChoices:
     return AliasChoices(*names)
+
+
+class AvatarServer(BaseModel):
+    """One avatar server a job may name. Only settings define them: the license key and the
+    room's LiveKit token go to this URL, so a job can never choose where they are sent."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: HttpUrl
+    #: Its own license key; the `AVALUMA_LICENSE_KEY` setting when omitted.
+    license_key: SecretStr | None = None
+    #: The PCM rate its receiver expects; the worker resamples every source to it.
+    sample_rate: int = Field(AVALUMA_SAMPLE_RATE, ge=8000, le=48000)
+    #: Concurrent sessions it (or its license) allows across the fleet.
+    max_sessions: int = Field(AVALUMA_MAX_SESSIONS, ge=1)
+
+    @property
+    def base_url(self) -> str:
+        return str(self.url).rstrip("/")
 
 
 class Settings(BaseSettings):
@@ -37,6 +63,12 @@ class Settings(BaseSettings):
     )
     avaluma_api_url: str = Field(
         "https://api.avaluma.ai", validation_alias=_env("AVALUMA_API_URL", "AVATAR_SERVER_URL")
+    )
+    #: Further avatar servers jobs may pick by name (`avatar_server`), as JSON:
+    #: `{"eu": {"url": "https://eu.example", "sample_rate": 16000, "license_key": "..."}}`.
+    #: The `AVALUMA_API_URL` server is always there as `default` unless this redefines it.
+    avatar_servers: dict[str, AvatarServer] = Field(
+        default_factory=dict, validation_alias=_env("AVATARQ_AVATAR_SERVERS")
     )
 
     # Celery / Redis
@@ -128,6 +160,26 @@ class Settings(BaseSettings):
         """The broker's visibility timeout: an unacknowledged job (its worker died) is handed
         to another worker after this long, so it must exceed the longest job."""
         return self.visibility_timeout_s or self.max_job_duration_s + 600
+
+    def avatar_server(self, name: str | None) -> AvatarServer:
+        """The configured server a job names (`None`: the default one); `KeyError` naming
+        the configured ones when there is no such server."""
+        servers = self.configured_avatar_servers()
+        try:
+            return servers[name or DEFAULT_AVATAR_SERVER]
+        except KeyError:
+            known = ", ".join(sorted(servers))
+            raise KeyError(
+                f"no avatar server named {name!r} is configured (known: {known})"
+            ) from None
+
+    def configured_avatar_servers(self) -> dict[str, AvatarServer]:
+        default = AvatarServer(url=HttpUrl(self.avaluma_api_url))
+        return {DEFAULT_AVATAR_SERVER: default, **self.avatar_servers}
+
+    def avatar_license_key(self, server: AvatarServer) -> str:
+        key = server.license_key or self.avaluma_license_key
+        return key.get_secret_value()
 
     @property
     def broker_url(self) -> str:

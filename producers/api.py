@@ -28,7 +28,7 @@ from producers.console import mount_console
 from producers.jobs import JOB_ID_PATTERN, Job
 
 #: Events after which a job's stream has nothing more to say.
-TERMINAL_EVENTS = frozenset({Event.COMPLETED, Event.FAILED, Event.CANCELLED})
+TERMINAL_EVENTS = frozenset({Event.COMPLETED, Event.FAILED, Event.CANCELLED, Event.UNCONFIRMED})
 #: An SSE comment is sent this often while no event comes, so proxies keep the connection.
 HEARTBEAT_S = 15.0
 #: Longest an events request may stay open (the client reconnects with Last-Event-ID).

@@ -22,13 +22,12 @@ from pydantic import (
     Tag,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from avatarq.errors import InvalidJob
 from avatarq.settings import get_settings
 
-#: Sample rates the avatar's receiver accepts (Avaluma's plugin sends 16 kHz).
-SAMPLE_RATES = (8000, 16000, 22050, 24000, 32000, 44100, 48000)
 #: Source URL schemes the worker can open.
 SOURCE_SCHEMES = ("file", "http", "https", "s3")
 #: Room names and avatar ids: what LiveKit accepts in identities and room names, conservatively.
@@ -91,12 +90,12 @@ class Job(BaseModel):
     """Idempotency key: a job id that completed is never played again."""
     room: str = Field(pattern=NAME_PATTERN)
     avatar_id: str = Field(pattern=NAME_PATTERN)
-    avatar_server: HttpUrl | None = None
-    """Avatar server base URL; defaults to the `AVALUMA_API_URL` setting."""
+    avatar_server: str | None = Field(None, pattern=NAME_PATTERN)
+    """Name of an avatar server configured in the worker's settings (`AVATARQ_AVATAR_SERVERS`);
+    omitted: the `AVALUMA_API_URL` one. Never a URL: the license key goes there."""
     source: Source
     """Audio to play: a local path, `file://`, `http(s)://` or `s3://bucket/key`; or a `tts`
     object, which `producers.enqueue` renders to stored audio before sending."""
-    sample_rate: int = 16000
     lead: float | None = Field(None, ge=0.0, le=30.0)
     """Seconds the sender may run ahead of real time; defaults to the `AVATARQ_DEFAULT_LEAD`."""
     max_duration: float | None = Field(None, gt=0.0)
@@ -105,12 +104,23 @@ class Job(BaseModel):
     """Free data echoed in the result and events."""
     webhook_url: HttpUrl | None = None
 
-    @field_validator("sample_rate")
+    @model_validator(mode="before")
     @classmethod
-    def _known_rate(cls, v: int) -> int:
-        if v not in SAMPLE_RATES:
-            raise ValueError(f"sample_rate {v} is not one of {', '.join(map(str, SAMPLE_RATES))}")
-        return v
+    def _worker_settings_only(cls, data: Any) -> Any:
+        # Clear refusals for fields that once were job options and now belong to settings.
+        if isinstance(data, dict):
+            if "sample_rate" in data:
+                raise ValueError(
+                    "sample_rate is not a job option: the worker sends the rate the avatar "
+                    "server expects (its sample_rate in AVATARQ_AVATAR_SERVERS, 16000 for Avaluma)"
+                )
+            server = data.get("avatar_server")
+            if isinstance(server, str) and "/" in server:
+                raise ValueError(
+                    "avatar_server names a server configured in the worker's "
+                    "AVATARQ_AVATAR_SERVERS setting, never a URL (the license key goes there)"
+                )
+        return data
 
     @field_validator("source")
     @classmethod

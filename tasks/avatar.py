@@ -1,32 +1,54 @@
-"""Start and stop an avatar session on the Avaluma avatar server.
+"""Start and stop an avatar session on an Avaluma-compatible avatar server.
 
 Speaks the small HTTP protocol of avaluma-livekit-plugin ourselves (the plugin is not on PyPI
-and is tied to an AgentSession); `AvatarClient` is the seam where an installed plugin could
-be used instead. The license key comes from settings, never from the job.
+and is tied to an AgentSession); `AvatarClient` is the seam where another client fits. The
+server and its license key come from settings (`Settings.avatar_server`), never from a job.
+
+Start is not idempotent: every accepted POST starts a GPU session, and a second session with
+the same avatar identity knocks the first out of the room. So a POST is only repeated when the
+server surely did not start anything (no connection, or an answer saying so: 409, 429, 5xx);
+when the answer is lost after the request went out, the session may be starting, and the
+caller waits for the avatar to join instead of asking again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import logging
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import aiohttp
 
 from avatarq.errors import AvatarRejected, AvatarUnavailable
 from tasks.backoff import backoff_delay
 
+log = logging.getLogger("avatarq.avatar")
+
 START_PATH = "/v1/livekit/start-avatar"
 STOP_PATH = "/v1/livekit/stop-avatar"
 #: Header the avatar server reads the license key from.
 LICENSE_HEADER = "api-secret"
-REQUEST_TIMEOUT_S = 15.0
+CONNECT_TIMEOUT_S = 10.0
+#: A cold GPU start may hold the answer for a long time; the session is starting meanwhile.
+START_ANSWER_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 5.0
+#: Answers that mean "nothing was started, try again later" (Avaluma: 409 avatar already
+#: active, 429 over the license's limit, 503 no capacity), besides every 5xx.
+TRANSIENT_STATUSES = frozenset({408, 409, 425, 429})
+#: Longest `Retry-After` honoured; longer waits become a job retry instead.
+RETRY_AFTER_CAP_S = 30.0
 
 
 @dataclass(frozen=True)
 class AvatarSession:
+    #: The server's id for the session; None when its answer did not say (or was lost).
     session_id: str | None
     participant_identity: str
+    #: False when the POST went out but no answer came: it may or may not be starting.
+    acknowledged: bool = True
 
 
 class AvatarClient(Protocol):
@@ -34,7 +56,9 @@ class AvatarClient(Protocol):
         self, *, livekit_url: str, livekit_token: str, avatar_id: str, avatar_identity: str
     ) -> AvatarSession: ...
 
-    async def stop(self, session: AvatarSession) -> None: ...
+    async def stop(self, session: AvatarSession) -> bool:
+        """True once the server confirmed the session is stopped."""
+        ...
 
     async def aclose(self) -> None: ...
 
@@ -44,16 +68,25 @@ class HttpAvatarClient:
 
     def __init__(
         self,
+        name: str,
         base_url: str,
         license_key: str,
         *,
         attempts: int = 4,
         session: aiohttp.ClientSession | None = None,
     ) -> None:
+        self.name = name
         self.base_url = base_url.rstrip("/")
         self._license_key = license_key
         self.attempts = max(1, attempts)
         self._session = session
+
+    def __repr__(self) -> str:
+        return f"HttpAvatarClient({self.name!r}, {self.base_url!r})"
+
+    @property
+    def label(self) -> str:
+        return f"avatar server {self.name!r} ({self.base_url})"
 
     def _headers(self) -> dict[str, str]:
         return {LICENSE_HEADER: self._license_key}
@@ -67,56 +100,76 @@ class HttpAvatarClient:
             "avaluma_key": self._license_key,
             "avaluma_avatar_id": avatar_id,
         }
-        url = self.base_url + START_PATH
+        secrets = (self._license_key, livekit_token)
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=START_ANSWER_TIMEOUT_S
+        )
         last = ""
         for attempt in range(self.attempts):
-            if attempt:
-                await asyncio.sleep(backoff_delay(attempt - 1))
             try:
                 async with self._client().post(
-                    url,
-                    json=body,
-                    headers=self._headers(),
-                    timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S),
+                    self.base_url + START_PATH, json=body, headers=self._headers(), timeout=timeout
                 ) as resp:
-                    text = await resp.text()
-                    if 400 <= resp.status < 500:
-                        raise AvatarRejected(
-                            f"avatar server refused to start avatar {avatar_id!r}: "
-                            f"HTTP {resp.status} {_brief(text)}"
-                        )
-                    if resp.status >= 500:
-                        last = f"HTTP {resp.status} {_brief(text)}"
-                        continue
-                    data = await resp.json(content_type=None) if text else {}
+                    text = await resp.text(errors="replace")
+                    status, retry_after = resp.status, _retry_after(resp.headers)
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
+                last = _describe(e)  # never reached the server: nothing started
             except (TimeoutError, aiohttp.ClientError) as e:
-                last = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-                continue
-            return AvatarSession(
-                session_id=data.get("session_id") if isinstance(data, dict) else None,
-                participant_identity=(
-                    data.get("avatar_participant_identity") if isinstance(data, dict) else None
-                )
-                or avatar_identity,
-            )
-        raise AvatarUnavailable(
-            f"avatar server {self.base_url} unreachable after {self.attempts} attempts: {last}"
+                # The request went out; the session may be starting. Asking again could start
+                # a second one, so the caller waits for the avatar to join instead.
+                log.warning("%s: start answer lost (%s); waiting for the avatar", self.label, e)
+                return AvatarSession(None, avatar_identity, acknowledged=False)
+            else:
+                if 200 <= status < 300:
+                    return self._session_from(text, avatar_identity)
+                brief = _brief(text, secrets)
+                if status < 500 and status not in TRANSIENT_STATUSES:
+                    raise AvatarRejected(
+                        f"{self.label} refused to start avatar {avatar_id!r}: HTTP {status} {brief}"
+                    )
+                last = f"HTTP {status} {brief}"
+                if retry_after is not None and attempt + 1 < self.attempts:
+                    if retry_after > RETRY_AFTER_CAP_S:
+                        break
+                    await asyncio.sleep(retry_after)
+                    continue
+            if attempt + 1 < self.attempts:
+                await asyncio.sleep(backoff_delay(attempt))
+        raise AvatarUnavailable(f"{self.label} did not start avatar {avatar_id!r}: {last}")
+
+    def _session_from(self, text: str, avatar_identity: str) -> AvatarSession:
+        """A 2xx answer started a session whatever its body; a body we cannot read only
+        costs us its id (the session is then ended by removing its participant)."""
+        data: Any = None
+        with contextlib.suppress(ValueError):
+            data = json.loads(text) if text.strip() else {}
+        if not isinstance(data, dict):
+            log.warning("%s: start answer is not a JSON object; session id unknown", self.label)
+            return AvatarSession(None, avatar_identity)
+        session_id = data.get("session_id")
+        identity = data.get("avatar_participant_identity")
+        return AvatarSession(
+            session_id if isinstance(session_id, str) and session_id else None,
+            identity if isinstance(identity, str) and identity else avatar_identity,
         )
 
-    async def stop(self, session: AvatarSession) -> None:
-        """Best effort: the avatar also leaves by itself once the room empties."""
+    async def stop(self, session: AvatarSession) -> bool:
+        """Ask the server to end the session. Avaluma's plugin no longer calls this endpoint
+        and servers may answer 404: False then, and the caller makes the avatar leave."""
         if not session.session_id:
-            return
+            return False
         try:
             async with self._client().post(
                 self.base_url + STOP_PATH,
                 json={"session_id": session.session_id},
                 headers=self._headers(),
-                timeout=aiohttp.ClientTimeout(total=5.0),
+                timeout=aiohttp.ClientTimeout(total=STOP_TIMEOUT_S),
             ) as resp:
                 await resp.read()
-        except (TimeoutError, aiohttp.ClientError):
-            pass
+                return 200 <= resp.status < 300
+        except (TimeoutError, aiohttp.ClientError) as e:
+            log.info("%s: stop-avatar failed: %s", self.label, _describe(e))
+            return False
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -128,6 +181,23 @@ class HttpAvatarClient:
             await self._session.close()
 
 
-def _brief(text: str, limit: int = 300) -> str:
+def _retry_after(headers: Any) -> float | None:
+    value = headers.get("Retry-After")
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None  # an HTTP date: fall back to our own backoff
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
+
+def _brief(text: str, secrets: tuple[str, ...], limit: int = 200) -> str:
+    """The server's error text for humans: one line, short, with our secrets blanked (a
+    server may echo the request, license key and token included)."""
     text = " ".join(text.split())
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
     return text if len(text) <= limit else text[:limit] + "…"

@@ -12,26 +12,29 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from livekit import rtc
+
 from avatarq.errors import (
     AvatarTimeout,
     DecodeError,
     InvalidJob,
+    PermanentJobError,
     RoomError,
     TransientJobError,
 )
-from avatarq.events import Event
-from avatarq.settings import Settings
+from avatarq.events import Event, Status
+from avatarq.settings import DEFAULT_AVATAR_SERVER, AvatarServer, Settings
 from producers.jobs import Job
 from tasks import metrics, tokens
 from tasks import room as rooms
-from tasks.avatar import AvatarClient, HttpAvatarClient
+from tasks.avatar import START_ANSWER_TIMEOUT_S, AvatarClient, HttpAvatarClient
 from tasks.control import Interrupted, JobControl, StopReason
 from tasks.decode import PcmDecoder, probe_duration
 from tasks.pacing import Pacer
 from tasks.report import JobReporter
 from tasks.source import aresolve
 from tasks.stream import AudioStreamSender
-from tasks.warm import AvatarLink, LinkKey, warm_pool
+from tasks.warm import AvatarLink, LinkKey, RoomAdmin, warm_pool
 
 log = logging.getLogger("avatarq.pipeline")
 
@@ -65,14 +68,20 @@ def time_budget(job: Job, audio_seconds: float | None, settings: Settings) -> fl
     return length + waits + OVERHEAD_BUDGET_S
 
 
-def avatar_server_url(job: Job, settings: Settings) -> str:
-    return str(job.avatar_server) if job.avatar_server else settings.avaluma_api_url
+def avatar_server_for(job: Job, settings: Settings) -> AvatarServer:
+    """The configured server the job names; a name the settings lack fails the job alone."""
+    try:
+        return settings.avatar_server(job.avatar_server)
+    except KeyError as e:
+        raise InvalidJob(str(e.args[0]), reason="unknown_avatar_server") from None
 
 
 def avatar_client_for(job: Job, settings: Settings) -> AvatarClient:
+    server = avatar_server_for(job, settings)
     return HttpAvatarClient(
-        avatar_server_url(job, settings),
-        settings.avaluma_license_key.get_secret_value(),
+        job.avatar_server or DEFAULT_AVATAR_SERVER,
+        server.base_url,
+        settings.avatar_license_key(server),
         attempts=settings.avatar_start_attempts,
     )
 
@@ -88,6 +97,7 @@ async def play(
     if not isinstance(job.source, str):
         # Speech is rendered once by the producer (producers.tts), never by a worker.
         raise InvalidJob("tts sources must be rendered by the producer before they are queued")
+    server = avatar_server_for(job, settings)
     resolved = await aresolve(job.source, settings)
     duration = await probe_duration(resolved, settings)
     limit = job.max_duration or settings.max_job_duration_s
@@ -97,7 +107,8 @@ async def play(
         )
 
     lead = settings.default_lead_s if job.lead is None else job.lead
-    sample_rate = job.sample_rate
+    # What the avatar server expects, whatever the source's rate: ffmpeg resamples.
+    sample_rate = server.sample_rate
     chunk_bytes = int(sample_rate * CHUNK_SECONDS) * 2
 
     async with asyncio.timeout(time_budget(job, duration, settings)):
@@ -168,7 +179,7 @@ async def play(
                 )
                 if finished is not None:
                     ts.playback_finished = time.time()
-                    _check_complete(finished.playback_position, streamed)
+                    _check_complete(finished.playback_position, streamed, attempt=attempt)
                 else:
                     log.warning("job %s: no lk.playback_finished from the avatar", job.job_id)
                 # Only a segment that ended cleanly leaves the session fit for the next job.
@@ -180,16 +191,21 @@ async def play(
                 else:
                     await link.close()
 
+    # A listening avatar got every byte but never said it played them (livekit-agents has
+    # known cases of a lost report): not a plain success, and not replayed either.
+    confirmed = finished is not None
     result: dict[str, Any] = {
         "job_id": job.job_id,
-        "status": "completed",
+        "status": Status.COMPLETED.value if confirmed else Status.UNCONFIRMED.value,
+        **({} if confirmed else {"reason": "playback_unconfirmed"}),
         "room": job.room,
         "avatar_id": job.avatar_id,
         "audio_duration": duration if duration is not None else streamed,
         "seconds_streamed": round(streamed, 6),
         "playback_position": finished.playback_position if finished else None,
         "interrupted": finished.interrupted if finished else None,
-        "playback_confirmed": finished is not None,
+        "playback_confirmed": confirmed,
+        "avatar_server": job.avatar_server or DEFAULT_AVATAR_SERVER,
         "avatar_session_id": session.session_id if session else None,
         "warm": warm,
         "attempt": attempt,
@@ -205,13 +221,20 @@ async def play(
 
 
 def link_key(job: Job, settings: Settings) -> LinkKey:
-    return (job.room, job.avatar_identity, avatar_server_url(job, settings), job.sample_rate)
+    server = avatar_server_for(job, settings)
+    return (
+        job.room,
+        job.avatar_identity,
+        job.avatar_server or DEFAULT_AVATAR_SERVER,
+        server.sample_rate,
+    )
 
 
 async def open_link(
     job: Job, settings: Settings, key: LinkKey, duration: float | None, ts: Timestamps
 ) -> AvatarLink:
-    """Join the room and start the avatar; ready to stream when it returns."""
+    """Join the room (with its keeper), start the avatar and wait until it listens to us;
+    ready to stream when it returns."""
     job_tokens = tokens.mint(
         settings,
         room=job.room,
@@ -219,10 +242,25 @@ async def open_link(
         avatar_identity=job.avatar_identity,
         ttl=tokens.ttl_for(duration, settings),
     )
-    room = await rooms.connect(settings.livekit_url, job_tokens.worker)
+    joined = await asyncio.gather(
+        rooms.connect(settings.livekit_url, job_tokens.worker),
+        rooms.connect(settings.livekit_url, job_tokens.keeper),
+        return_exceptions=True,
+    )
+    room, keeper = joined
+    if isinstance(room, BaseException) or isinstance(keeper, BaseException):
+        for joined_room in joined:
+            if isinstance(joined_room, rtc.Room):
+                await rooms.disconnect(joined_room)
+        raise room if isinstance(room, BaseException) else keeper  # type: ignore[misc]
     ts.room_joined = time.time()
-    sender = AudioStreamSender(room, job.avatar_identity, job.sample_rate)
-    link = AvatarLink(key, room, sender, avatar_client_for(job, settings))
+    admin = RoomAdmin(
+        settings.livekit_url,
+        settings.livekit_api_key,
+        settings.livekit_api_secret.get_secret_value(),
+    )
+    sender = AudioStreamSender(room, job.avatar_identity, key[3])
+    link = AvatarLink(key, room, sender, avatar_client_for(job, settings), admin, keeper=keeper)
     # Fired only once the SDK gave up reconnecting: the room is lost for good.
     room.on("disconnected", lambda *_: link.lost(StopReason.ROOM_LOST))
     try:
@@ -233,7 +271,12 @@ async def open_link(
             avatar_identity=job.avatar_identity,
         )
         identity = link.session.participant_identity
-        await rooms.wait_for_avatar(room, identity, timeout=settings.avatar_join_timeout_s)
+        join_timeout = settings.avatar_join_timeout_s
+        if not link.session.acknowledged:
+            # The start answer was lost: a cold start may take the whole answer timeout.
+            join_timeout += START_ANSWER_TIMEOUT_S
+        await rooms.wait_for_avatar(room, identity, timeout=join_timeout)
+        await rooms.wait_until_listening(room, identity, timeout=settings.avatar_join_timeout_s)
     except BaseException:
         await link.close()
         raise
@@ -258,10 +301,7 @@ async def _interrupt(
         raise AvatarTimeout(
             f"the avatar left the room after {streamed:.1f}s{total} streamed", reason="avatar_left"
         )
-    try:
-        await sender.clear_buffer()
-    except Exception as e:  # the avatar may be gone already; we are stopping anyway
-        log.warning("lk.clear_buffer failed: %s", e)
+    # The sender cleared the avatar's buffer before closing the stream.
     finished = await sender.wait_playback_finished(INTERRUPT_REPORT_TIMEOUT_S)
     raise Interrupted(
         reason,
@@ -271,12 +311,17 @@ async def _interrupt(
     )
 
 
-def _check_complete(position: float, streamed: float) -> None:
+def _check_complete(position: float, streamed: float, *, attempt: int) -> None:
     """An avatar that played clearly less than it was sent lost audio on the way (a LiveKit
     reconnect that did not resume the stream): play the job again rather than report it
-    done."""
-    if position < streamed - PLAYBACK_SHORTFALL_S:
-        raise TransientJobError(
-            f"the avatar played {position:.1f}s of the {streamed:.1f}s sent",
-            reason="incomplete_playback",
-        )
+    done, but only once: an avatar that under-reports would otherwise make viewers hear the
+    same clip again and again."""
+    if position >= streamed - PLAYBACK_SHORTFALL_S:
+        return
+    message = f"the avatar played {position:.1f}s of the {streamed:.1f}s sent"
+    if attempt <= 1:
+        raise TransientJobError(message, reason="incomplete_playback")
+    raise PermanentJobError(
+        f"{message}, again after a replay: not replayed a second time",
+        reason="incomplete_playback",
+    )

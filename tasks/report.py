@@ -38,6 +38,7 @@ TERMINAL_EVENTS = {
     Status.COMPLETED: Event.COMPLETED,
     Status.FAILED: Event.FAILED,
     Status.CANCELLED: Event.CANCELLED,
+    Status.UNCONFIRMED: Event.UNCONFIRMED,
 }
 
 StateUpdater = Callable[[dict[str, Any]], None]

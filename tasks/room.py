@@ -1,29 +1,69 @@
-"""Join the job's LiveKit room and wait for the avatar to be ready in it."""
+"""Join the job's LiveKit room, keep it open, and wait until the avatar is listening.
+
+Three facts of the real livekit-server and of livekit-agents' avatars shape this module:
+
+- Agent participants are "dependent": a room holding only agents (the worker and the avatar)
+  is closed after its empty or departure timeout (300 s / 20 s by default), and a room's
+  timeouts cannot be changed once it exists. So each link also joins a *keeper*: a hidden
+  standard participant with no rights, which keeps the room open exactly as long as the job
+  (or its warm session) needs it, whoever created the room and with whatever timeouts.
+- `AvatarRunner` publishes its audio track, waits until someone subscribes to it, and only
+  then publishes video. The worker subscribes to the avatar's audio (never its video, which
+  it would have to decode) until the video is there.
+- The avatar's receiver may register a moment after its video appears, or bind to another
+  agent. Nothing is streamed until `lk.clear_buffer`, which only the receiver answers and
+  only for its own sender, says "ok" to us.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 from collections.abc import Callable
 from typing import TypeVar
 
-from livekit import rtc
+from livekit import api, rtc
 
-from avatarq.errors import AvatarTimeout, RoomError
+from avatarq.errors import AvatarTimeout, LiveKitRejected, RoomError
+
+log = logging.getLogger("avatarq.room")
 
 CONNECT_TIMEOUT_S = 20.0
+#: Wire names of livekit-agents' avatar receiver (voice/avatar/_datastream_io.py).
+RPC_CLEAR_BUFFER = "lk.clear_buffer"
+#: What a receiver bound to another sender answers our probe.
+RECEIVER_REJECTED = "reject"
+PROBE_INTERVAL_S = 0.2
+PROBE_RPC_TIMEOUT_S = 2.0
 T = TypeVar("T")
 
 
 async def connect(url: str, token: str, *, timeout: float = CONNECT_TIMEOUT_S) -> rtc.Room:
     room = rtc.Room()
     try:
-        # Audio travels as data, so nothing needs subscribing; saves decoding the avatar's video.
+        # Subscriptions are chosen by hand (the avatar's audio only, see wait_for_avatar).
         options = rtc.RoomOptions(auto_subscribe=False)
         await asyncio.wait_for(room.connect(url, token, options), timeout)
     except (TimeoutError, rtc.ConnectError) as e:
         await room.disconnect()
-        raise RoomError(f"could not join the LiveKit room at {url}: {e or 'timed out'}") from None
+        text = str(e) or "timed out"
+        if _unauthorized(text):
+            raise LiveKitRejected(
+                f"the LiveKit server at {url} refused our token ({text}): check "
+                "LIVEKIT_API_KEY / LIVEKIT_API_SECRET"
+            ) from None
+        raise RoomError(f"could not join the LiveKit room at {url}: {text}") from None
     return room
+
+
+def _unauthorized(text: str) -> bool:
+    lowered = text.lower()
+    return "401" in lowered or "unauthorized" in lowered or "invalid token" in lowered
+
+
+def _audio_publications(p: rtc.RemoteParticipant) -> list[rtc.RemoteTrackPublication]:
+    return [t for t in p.track_publications.values() if t.kind == rtc.TrackKind.KIND_AUDIO]
 
 
 def _has_video(participant: rtc.RemoteParticipant) -> bool:
@@ -31,13 +71,22 @@ def _has_video(participant: rtc.RemoteParticipant) -> bool:
 
 
 async def wait_for_avatar(room: rtc.Room, identity: str, *, timeout: float) -> None:
-    """Until participant `identity` is in the room and has published video (it is rendering)."""
+    """Until participant `identity` is in the room and publishes video (it is rendering).
+
+    Subscribes to its audio meanwhile, which is what releases an AvatarRunner's video; once
+    the video is there the audio is let go again (the worker never plays it)."""
     ready = asyncio.Event()
 
     def check(*_: object) -> None:
         p = room.remote_participants.get(identity)
-        if p is not None and _has_video(p):
+        if p is None:
+            return
+        if _has_video(p):
             ready.set()
+            return
+        for publication in _audio_publications(p):
+            if not publication.subscribed:
+                publication.set_subscribed(True)
 
     room.on("participant_connected", check)
     room.on("track_published", check)
@@ -45,12 +94,50 @@ async def wait_for_avatar(room: rtc.Room, identity: str, *, timeout: float) -> N
         check()
         await asyncio.wait_for(ready.wait(), timeout)
     except TimeoutError:
-        joined = identity in room.remote_participants
-        what = "joined but published no video" if joined else "never joined the room"
+        p = room.remote_participants.get(identity)
+        if p is None:
+            what = "never joined the room"
+        elif _audio_publications(p):
+            what = "published audio but no video"
+        else:
+            what = "joined but published no video"
         raise AvatarTimeout(f"avatar {identity!r} {what} within {timeout:g}s") from None
     finally:
         room.off("participant_connected", check)
         room.off("track_published", check)
+    avatar = room.remote_participants.get(identity)
+    for publication in _audio_publications(avatar) if avatar else []:
+        if publication.subscribed:
+            publication.set_subscribed(False)
+
+
+async def wait_until_listening(room: rtc.Room, identity: str, *, timeout: float) -> None:
+    """Until the avatar's audio receiver answers for us: registered, and bound to this
+    worker rather than to another agent in the room."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    last = "no answer"
+    while True:
+        try:
+            answer = await room.local_participant.perform_rpc(
+                destination_identity=identity,
+                method=RPC_CLEAR_BUFFER,
+                payload="",
+                response_timeout=PROBE_RPC_TIMEOUT_S,
+            )
+        except rtc.RpcError as e:
+            last = f"{e.message or 'RPC error'} ({e.code})"
+        else:
+            if answer != RECEIVER_REJECTED:
+                return
+            last = "its receiver listens to another participant"
+        if loop.time() + PROBE_INTERVAL_S >= deadline:
+            raise AvatarTimeout(
+                f"avatar {identity!r} is in the room but not listening to this worker "
+                f"within {timeout:g}s: {last}",
+                reason="avatar_not_listening",
+            )
+        await asyncio.sleep(PROBE_INTERVAL_S)
 
 
 def on_leave(room: rtc.Room, identity: str, callback: Callable[[T], None], arg: T) -> None:
@@ -61,3 +148,25 @@ def on_leave(room: rtc.Room, identity: str, callback: Callable[[T], None], arg: 
             callback(arg)
 
     room.on("participant_disconnected", check)
+
+
+async def disconnect(room: rtc.Room | None) -> None:
+    if room is not None:
+        with contextlib.suppress(Exception):
+            await room.disconnect()
+
+
+async def remove_participant(
+    url: str, api_key: str, api_secret: str, *, room: str, identity: str
+) -> None:
+    """Make `identity` leave `room` (an avatar whose session we could not stop). Best effort:
+    a participant already gone is the outcome we wanted."""
+    lkapi = api.LiveKitAPI(url, api_key, api_secret)
+    try:
+        await lkapi.room.remove_participant(
+            api.RoomParticipantIdentity(room=room, identity=identity)
+        )
+    except Exception as e:  # noqa: BLE001 - twirp errors, network: nothing more to do
+        log.debug("remove %s from %s: %s", identity, room, e)
+    finally:
+        await lkapi.aclose()

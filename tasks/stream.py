@@ -5,12 +5,20 @@ One byte stream per segment on topic `lk.audio_stream`, attributes `sample_rate`
 `lk.playback_finished` RPC. We speak it on plain `livekit.rtc` instead of reusing
 DataStreamAudioOutput, whose RPC handlers live in class-level dicts keyed by the avatar's
 identity: two rooms with the same avatar in one process would cross.
+
+The report carries no segment id, so a report counts only once the segment it would answer
+has ended (its stream closed, or cleared): one that arrives earlier is a stray from an
+earlier segment on the same session, or a bogus one, and is dropped. Like the Avaluma plugin,
+the sender also tells the avatar when it is speaking and listening (`agent_state_changed`),
+which avatar servers use to switch between talking and idle animation.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
@@ -18,10 +26,17 @@ from livekit import rtc
 
 from tasks.pacing import Pacer
 
+log = logging.getLogger("avatarq.stream")
+
 AUDIO_STREAM_TOPIC = "lk.audio_stream"
 RPC_PLAYBACK_FINISHED = "lk.playback_finished"
 RPC_PLAYBACK_STARTED = "lk.playback_started"
 RPC_CLEAR_BUFFER = "lk.clear_buffer"
+#: The Avaluma plugin's turn-taking RPC and the states it sends (livekit-agents AgentState).
+RPC_AGENT_STATE_CHANGED = "agent_state_changed"
+STATE_SPEAKING = "speaking"
+STATE_LISTENING = "listening"
+CLEAR_BUFFER_TIMEOUT_S = 2.0
 BYTES_PER_SAMPLE = 2  # s16le
 NUM_CHANNELS = 1
 
@@ -44,7 +59,11 @@ class AudioStreamSender:
         self.sample_rate = sample_rate
         self.bytes_per_second = sample_rate * NUM_CHANNELS * BYTES_PER_SAMPLE
         self._finished: asyncio.Queue[PlaybackFinished] = asyncio.Queue()
+        #: True from the end of a segment until its report came: only then is one taken.
+        self._awaiting_report = False
+        self.stray_reports = 0
         self.playback_started = asyncio.Event()
+        self._state_tasks: set[asyncio.Task[None]] = set()
         lp = room.local_participant
         lp.register_rpc_method(RPC_PLAYBACK_FINISHED, self._on_playback_finished)
         lp.register_rpc_method(RPC_PLAYBACK_STARTED, self._on_playback_started)
@@ -60,6 +79,11 @@ class AudioStreamSender:
             event = PlaybackFinished(float(body["playback_position"]), bool(body["interrupted"]))
         except (ValueError, KeyError, TypeError):
             raise rtc.RpcError(rtc.RpcError.ErrorCode.APPLICATION_ERROR, "bad payload") from None
+        if not self._awaiting_report:
+            self.stray_reports += 1
+            log.info("ignored a lk.playback_finished that answers no ended segment: %s", event)
+            return "ok"
+        self._awaiting_report = False
         self._finished.put_nowait(event)
         return "ok"
 
@@ -79,13 +103,18 @@ class AudioStreamSender:
     ) -> int:
         """Stream one segment, paced by `pacer`; returns the bytes sent. Closes the stream.
 
-        Returns early, within one chunk's pacing wait, once `stop` is set."""
+        Returns early, within one chunk's pacing wait, once `stop` is set; the avatar's buffer
+        is then cleared before the stream closes, as DataStreamAudioOutput does."""
+        self._awaiting_report = False
+        while not self._finished.empty():
+            self._finished.get_nowait()  # a late report of an earlier segment
         writer = await self.room.local_participant.stream_bytes(
             name=name,
             topic=AUDIO_STREAM_TOPIC,
             destination_identities=[self.avatar_identity],
             attributes={"sample_rate": str(self.sample_rate), "num_channels": str(NUM_CHANNELS)},
         )
+        self.set_agent_state(STATE_SPEAKING)
         sent = 0
         try:
             async for chunk in chunks:
@@ -99,9 +128,40 @@ class AudioStreamSender:
                 if on_progress is not None:
                     await on_progress(sent)
         finally:
+            self._awaiting_report = True
+            if stop is not None and stop.is_set():
+                await self._clear_quietly()
             # Closing ends the segment: the avatar plays what it has and reports back.
             await writer.aclose()
+            self.set_agent_state(STATE_LISTENING)
         return sent
+
+    async def _clear_quietly(self) -> None:
+        if self.room.isconnected() and self.avatar_identity in self.room.remote_participants:
+            try:
+                await self.clear_buffer(CLEAR_BUFFER_TIMEOUT_S)
+            except Exception as e:  # the avatar may be going; we are stopping anyway
+                log.warning("lk.clear_buffer failed: %s", e)
+
+    def set_agent_state(self, state: str) -> None:
+        """Tell the avatar (fire and forget) whether we are speaking or listening."""
+        task = asyncio.get_running_loop().create_task(self._send_state(state))
+        self._state_tasks.add(task)
+        task.add_done_callback(self._state_tasks.discard)
+
+    async def _send_state(self, state: str) -> None:
+        with contextlib.suppress(Exception):  # optional for avatar servers: many lack it
+            await self.room.local_participant.perform_rpc(
+                destination_identity=self.avatar_identity,
+                method=RPC_AGENT_STATE_CHANGED,
+                payload=state,
+                response_timeout=CLEAR_BUFFER_TIMEOUT_S,
+            )
+
+    async def aclose(self) -> None:
+        """Wait for state messages in flight (bounded by their RPC timeout)."""
+        if self._state_tasks:
+            await asyncio.gather(*self._state_tasks, return_exceptions=True)
 
     async def wait_playback_finished(self, timeout: float) -> PlaybackFinished | None:
         """The avatar's report, or None if it never came (a lost RPC must not hang the job)."""
@@ -110,7 +170,7 @@ class AudioStreamSender:
         except TimeoutError:
             return None
 
-    async def clear_buffer(self, timeout: float = 2.0) -> None:
+    async def clear_buffer(self, timeout: float = CLEAR_BUFFER_TIMEOUT_S) -> None:
         """Ask the avatar to drop what it has buffered (interrupt)."""
         await self.room.local_participant.perform_rpc(
             destination_identity=self.avatar_identity,

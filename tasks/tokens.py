@@ -23,6 +23,12 @@ MIN_TTL_S = 300.0
 class JobTokens:
     worker: str
     avatar: str
+    #: The room keeper (tasks/room.py): hidden, and allowed nothing but being there.
+    keeper: str
+
+
+def keeper_identity(worker_identity: str) -> str:
+    return f"{worker_identity}-keeper"
 
 
 def ttl_for(audio_seconds: float | None, settings: Settings) -> timedelta:
@@ -68,4 +74,21 @@ def mint(
         .with_attributes({ATTRIBUTE_PUBLISH_ON_BEHALF: worker_identity})
         .to_jwt()
     )
-    return JobTokens(worker=worker, avatar=avatar)
+    keeper = (
+        api.AccessToken(key, secret)
+        .with_identity(keeper_identity(worker_identity))
+        .with_kind("standard")
+        .with_ttl(ttl)
+        .with_grants(
+            api.VideoGrants(
+                room_join=True,
+                room=room,
+                hidden=True,
+                can_publish=False,
+                can_publish_data=False,
+                can_subscribe=False,
+            )
+        )
+        .to_jwt()
+    )
+    return JobTokens(worker=worker, avatar=avatar, keeper=keeper)

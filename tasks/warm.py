@@ -24,13 +24,14 @@ import redis.asyncio as aioredis
 from livekit import rtc
 from redis.exceptions import RedisError
 
+from tasks import room as rooms
 from tasks.avatar import AvatarClient, AvatarSession
 from tasks.control import JobControl, StopReason
 from tasks.stream import AudioStreamSender
 
 log = logging.getLogger("avatarq.warm")
 
-#: (room, avatar identity, avatar server URL, sample rate): what a next job must match.
+#: (room, avatar identity, avatar server name, sample rate): what a next job must match.
 LinkKey = tuple[str, str, str, int]
 #: How often a process holding idle sessions checks for release requests.
 RELEASE_POLL_S = 0.2
@@ -46,6 +47,15 @@ def _release_key(key: LinkKey) -> str:
     return f"avatarq:warm-release:{key[0]}:{key[1]}"
 
 
+@dataclass(frozen=True)
+class RoomAdmin:
+    """What it takes to make a participant leave a room (RoomService credentials)."""
+
+    url: str
+    api_key: str
+    api_secret: str = field(repr=False)
+
+
 @dataclass
 class AvatarLink:
     """A joined room with a ready avatar, used by one job at a time."""
@@ -54,6 +64,9 @@ class AvatarLink:
     room: rtc.Room
     sender: AudioStreamSender
     avatar: AvatarClient
+    admin: RoomAdmin
+    #: The hidden participant that keeps the room open while the link lives (tasks/room.py).
+    keeper: rtc.Room | None = None
     session: AvatarSession | None = None
     control: JobControl | None = None
     #: Set once the room or the avatar is gone: the link must not be used again.
@@ -77,15 +90,24 @@ class AvatarLink:
         return self.broken is None and not self._closed and self.room.isconnected()
 
     async def close(self) -> None:
-        """Stop the avatar session and leave the room (idempotent, best effort)."""
+        """Stop the avatar session and leave the room (idempotent, best effort). An avatar
+        whose server could not confirm the stop (no session id, no stop endpoint, an error) is
+        removed from the room, so it never goes on rendering after its job."""
         if self._closed:
             return
         self._closed = True
-        if self.session is not None:
-            await self.avatar.stop(self.session)
+        if self.session is not None and not await self.avatar.stop(self.session):
+            await rooms.remove_participant(
+                self.admin.url,
+                self.admin.api_key,
+                self.admin.api_secret,
+                room=self.key[0],
+                identity=self.sender.avatar_identity,
+            )
         await self.avatar.aclose()
-        with contextlib.suppress(Exception):
-            await self.room.disconnect()
+        await self.sender.aclose()
+        await rooms.disconnect(self.room)
+        await rooms.disconnect(self.keeper)
 
 
 class WarmPool:

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from avatarq.dev import livekit_official
 from avatarq.dev.processes import ManagedProcess, RedisServer, free_port, python_module, tcp_ready
 
 DEV_API_KEY = "devkey"
@@ -30,6 +31,8 @@ class LocalStack:
     avatar_port: int
     api_secret: str
     license_key: str
+    #: Which LiveKit server runs: "official" (livekit-server) or "embedded" (ours).
+    server: str = "embedded"
     workers: list[ManagedProcess] = field(default_factory=list)
     metrics_ports: dict[str, int] = field(default_factory=dict)
 
@@ -116,21 +119,21 @@ def local_stack(
     persistent: bool = False,
     api_secret: str | None = None,
     license_key: str | None = None,
+    room_timeouts: tuple[int, int] | None = None,
 ) -> Iterator[LocalStack]:
     """Start the whole stack (and `workers` Celery workers); stop everything on exit.
-    `persistent` gives Redis an append-only file, so it can be restarted without loss."""
+    `persistent` gives Redis an append-only file, so it can be restarted without loss.
+    The LiveKit server is the official one where it can run (`livekit_official.choice`);
+    `room_timeouts` (empty, departure seconds) replaces its room defaults (300 s / 20 s)."""
+    server = livekit_official.choice()
     api_secret = api_secret or DEV_API_SECRET
     license_key = license_key or DEV_LICENSE_KEY
     workdir = workdir or Path(tempfile.mkdtemp(prefix="avatarq-stack-"))
     logs = workdir / "logs"
     lk_port, av_port = free_port(), free_port()
     redis = RedisServer(log_dir=logs, data_dir=workdir / "redis" if persistent else None)
-    livekit = python_module(
-        "livekit",
-        "avatarq.dev.livekit_server",
-        ["--host", HOST, "--port", str(lk_port), "--keys", f"{DEV_API_KEY}: {api_secret}"],
-        ready=tcp_ready(HOST, lk_port),
-        log_dir=logs,
+    livekit = livekit_process(
+        server, lk_port, {DEV_API_KEY: api_secret}, logs, room_timeouts=room_timeouts
     )
     avatar = python_module(
         "avatar",
@@ -148,7 +151,9 @@ def local_stack(
         ready=tcp_ready(HOST, av_port),
         log_dir=logs,
     )
-    stack = LocalStack(workdir, redis, livekit, avatar, lk_port, av_port, api_secret, license_key)
+    stack = LocalStack(
+        workdir, redis, livekit, avatar, lk_port, av_port, api_secret, license_key, server
+    )
     try:
         for proc in (redis, livekit, avatar):
             proc.start()
@@ -157,3 +162,34 @@ def local_stack(
         yield stack
     finally:
         stack.stop()
+
+
+def livekit_process(
+    server: str,
+    port: int,
+    keys: dict[str, str],
+    log_dir: Path,
+    *,
+    room_timeouts: tuple[int, int] | None = None,
+) -> ManagedProcess:
+    """The chosen LiveKit server on `port`, not started yet."""
+    empty, departure = room_timeouts or (None, None)
+    if server == "official":
+        return livekit_official.official_server(
+            port=port,
+            keys=keys,
+            log_dir=log_dir,
+            empty_timeout_s=empty,
+            departure_timeout_s=departure,
+        )
+    args = ["--host", HOST, "--port", str(port)]
+    args += ["--keys", ", ".join(f"{k}: {v}" for k, v in keys.items())]
+    if empty is not None:
+        args += ["--empty-timeout", str(empty)]
+    return python_module(
+        "livekit",
+        "avatarq.dev.livekit_server",
+        args,
+        ready=tcp_ready(HOST, port),
+        log_dir=log_dir,
+    )

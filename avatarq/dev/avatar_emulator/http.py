@@ -11,15 +11,17 @@ Emulator-only (no auth; tests and benchmarks):
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import uuid
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from pydantic import ValidationError
 
+from .behaviour import Faults
 from .session import AvatarSession, TokenError, TokenInfo
 
 logger = logging.getLogger(__name__)
@@ -35,51 +37,19 @@ _LIVEKIT_URL_SCHEMES = ("ws://", "wss://", "http://", "https://")
 class RequestError(Exception):
     """Becomes a JSON error answer `{"error": message, "code": code}`."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, *, retry_after: float | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.retry_after = retry_after
 
     def response(self) -> web.Response:
-        return web.json_response({"error": self.message, "code": self.code}, status=self.status)
-
-
-@dataclass
-class Faults:
-    """Misbehaviour to inject into the sessions started from now on."""
-
-    fail_next_starts: int = 0  # answer the next N valid starts with `fail_status`
-    fail_status: int = 500
-    join: bool = True  # false: accept starts but never join the room
-    leave_after_s: float | None = None  # leave the room this long after joining
-
-    def update(self, changes: dict[str, Any]) -> None:
-        """Apply a partial update; validates everything before changing anything."""
-        unknown = set(changes) - set(asdict(self))
-        if unknown:
-            raise ValueError(f"unknown fault(s): {sorted(unknown)}")
-        merged = {**asdict(self), **changes}
-        count, status = merged["fail_next_starts"], merged["fail_status"]
-        join, leave = merged["join"], merged["leave_after_s"]
-        if not _is_int(count) or count < 0:
-            raise ValueError("fail_next_starts must be an integer >= 0")
-        if not _is_int(status) or not 400 <= status <= 599:
-            raise ValueError("fail_status must be an HTTP error status (400-599)")
-        if not isinstance(join, bool):
-            raise ValueError("join must be a boolean")
-        if leave is not None and (not _is_number(leave) or leave < 0):
-            raise ValueError("leave_after_s must be null or a number >= 0")
-        self.fail_next_starts, self.fail_status, self.join = count, status, join
-        self.leave_after_s = None if leave is None else float(leave)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+        headers = {} if self.retry_after is None else {"Retry-After": f"{self.retry_after:g}"}
+        body = {"error": self.message, "code": self.code}
+        return web.json_response(body, status=self.status, headers=headers)
 
 
 class Emulator:
@@ -92,6 +62,8 @@ class Emulator:
         self.record_dir = record_dir
         self.sessions: dict[str, AvatarSession] = {}
         self.faults = Faults()
+        #: Most sessions active at once since the emulator started (quota tests).
+        self.peak_sessions = 0
 
     def check_license(self, request: web.Request) -> None:
         secret = request.headers.get(API_SECRET_HEADER)
@@ -151,10 +123,22 @@ def create_app(emulator: Emulator) -> web.Application:
         except TokenError as e:
             raise RequestError(400, "INVALID_PARAMETER", str(e)) from None
 
-        faults = emulator.faults
+        faults = emulator.faults.model_copy(deep=True)
         if faults.fail_next_starts > 0:
-            faults.fail_next_starts -= 1
-            raise RequestError(faults.fail_status, "INJECTED_FAULT", "injected start failure")
+            emulator.faults.fail_next_starts -= 1
+            raise RequestError(
+                faults.fail_status,
+                "INJECTED_FAULT",
+                "injected start failure",
+                retry_after=faults.retry_after_s,
+            )
+        if (
+            faults.max_sessions is not None
+            and len(emulator.active_sessions()) >= faults.max_sessions
+        ):
+            raise RequestError(
+                429, "TOO_MANY_SESSIONS", f"over the limit of {faults.max_sessions} sessions"
+            )
 
         session_id = f"sess_{uuid.uuid4().hex[:16]}"
         session = AvatarSession(
@@ -164,8 +148,7 @@ def create_app(emulator: Emulator) -> web.Application:
             token_info=info,
             avatar_id=avatar_id,
             record_dir=emulator.record_dir,
-            join=faults.join,
-            leave_after_s=faults.leave_after_s,
+            behaviour=faults,
         )
         emulator.sessions[session_id] = session
         session.start()
@@ -177,6 +160,11 @@ def create_app(emulator: Emulator) -> web.Application:
             info.room,
             info.sender_identity or "first agent",
         )
+        emulator.peak_sessions = max(emulator.peak_sessions, len(emulator.active_sessions()))
+        if faults.start_delay_s:
+            await asyncio.sleep(faults.start_delay_s)
+        if faults.start_body == "text":
+            return web.Response(text="avatar started", content_type="text/plain")
         return web.json_response(
             {
                 "session_id": session_id,
@@ -187,6 +175,8 @@ def create_app(emulator: Emulator) -> web.Application:
 
     @routes.post(STOP_PATH)
     async def stop_avatar(request: web.Request) -> web.Response:
+        if not emulator.faults.stop_endpoint:
+            raise web.HTTPNotFound()
         emulator.check_license(request)
         body = await _json_object(request)
         session = emulator.sessions.get(_required_str(body, "session_id"))
@@ -205,19 +195,23 @@ def create_app(emulator: Emulator) -> web.Application:
 
     @routes.get(FAULTS_PATH)
     async def get_faults(request: web.Request) -> web.Response:
-        return web.json_response(asdict(emulator.faults))
+        return web.json_response(emulator.faults.model_dump())
 
     @routes.post(FAULTS_PATH)
     async def set_faults(request: web.Request) -> web.Response:
         try:
             emulator.faults.update(await _json_object(request))
-        except ValueError as e:
+        except ValidationError as e:
             raise RequestError(400, "INVALID_PARAMETER", str(e)) from None
-        return web.json_response(asdict(emulator.faults))
+        return web.json_response(emulator.faults.model_dump())
 
     async def health(request: web.Request) -> web.Response:
         return web.json_response(
-            {"status": "healthy", "active_sessions": len(emulator.active_sessions())}
+            {
+                "status": "healthy",
+                "active_sessions": len(emulator.active_sessions()),
+                "peak_sessions": emulator.peak_sessions,
+            }
         )
 
     @web.middleware

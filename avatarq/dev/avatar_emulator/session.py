@@ -1,9 +1,12 @@
 """One emulated avatar in one LiveKit room.
 
-It behaves like the Avaluma avatar as seen from the worker: joins with the token it was given,
-publishes a video track, receives audio with livekit-agents' own DataStreamAudioReceiver,
-plays each segment out in real time, answers with `lk.playback_finished`, honours
-`lk.clear_buffer`, and leaves once the worker has left. Everything it receives is recorded.
+It behaves like a livekit-agents avatar (Avaluma's runner subclasses `AvatarRunner`) as seen
+from the worker: joins with the token it was given, starts livekit-agents' own
+DataStreamAudioReceiver (bound to the token's `lk.publish_on_behalf` sender), publishes its
+audio track, waits until someone subscribes to it and only then publishes video; plays each
+segment out in real time, answers with `lk.playback_finished`, honours `lk.clear_buffer`, and
+leaves once its sender has left. `Faults` (behaviour.py) switches on the known variations of
+real servers. Everything it receives is recorded.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from livekit.agents.types import ATTRIBUTE_PUBLISH_ON_BEHALF
 from livekit.agents.voice.avatar import AudioSegmentEnd, DataStreamAudioReceiver
 from livekit.agents.voice.avatar._datastream_io import RPC_CLEAR_BUFFER  # not re-exported
 
+from .behaviour import Faults
 from .playout import SegmentPlayout
 from .recorder import SegmentRecord, SessionRecorder
 from .video import FPS, HEIGHT, WIDTH, MouthVideo, audio_level
@@ -37,6 +41,9 @@ logger = logging.getLogger(__name__)
 # answering it keeps plugin-based senders from logging RPC errors.
 RPC_AGENT_STATE_CHANGED = "agent_state_changed"
 VIDEO_TRACK_NAME = "avatar_video"
+AUDIO_TRACK_NAME = "avatar_audio"
+#: The avatar's published audio (AvatarRunner's AudioSource); the emulator keeps it silent.
+AUDIO_TRACK_RATE = 16000
 # The worker leaving is the normal end of a session; a short grace period rides out a
 # participant list that is briefly empty while someone reconnects.
 EMPTY_ROOM_GRACE_S = 1.0
@@ -119,8 +126,7 @@ class AvatarSession:
         token_info: TokenInfo,
         avatar_id: str,
         record_dir: Path | None,
-        join: bool = True,
-        leave_after_s: float | None = None,
+        behaviour: Faults | None = None,
     ) -> None:
         self.session_id = session_id
         self.info = token_info
@@ -134,8 +140,9 @@ class AvatarSession:
         self.stopped_at: float | None = None
         self._livekit_url = livekit_url
         self._token = token
-        self._join = join
-        self._leave_after_s = leave_after_s
+        self.behaviour = behaviour or Faults()
+        #: Segments not played because of their sample rate (`Faults.sample_rates`).
+        self.refused_rates: list[int] = []
 
         self._stop_requested = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -143,6 +150,8 @@ class AvatarSession:
         self._room: rtc.Room | None = None
         self._receiver: DataStreamAudioReceiver | None = None
         self._video_source: rtc.VideoSource | None = None
+        self._audio_source: rtc.AudioSource | None = None
+        self._refusing = False
         self._clear_buffer_handler: Any = None
         # The sender the receiver settled on (the token's, or the first agent to join).
         self._sender_identity: str | None = None
@@ -156,6 +165,8 @@ class AvatarSession:
         self._wake_fut: asyncio.Future[None] | None = None
         self._level = 0.0
         self._level_until = 0.0
+        #: `agent_state_changed` payloads received (speaking / listening), in order.
+        self.agent_states: list[str] = []
         self._video = MouthVideo()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -180,7 +191,7 @@ class AvatarSession:
 
     async def _run(self) -> None:
         try:
-            if self._join:
+            if self.behaviour.join:
                 await self._serve_until_stopped()
             else:
                 await self._stop_requested.wait()
@@ -228,32 +239,54 @@ class AvatarSession:
         logger.info(
             "session %s joined room %s as %s", self.session_id, self.info.room, self.info.identity
         )
-        room.local_participant.register_rpc_method(RPC_AGENT_STATE_CHANGED, lambda _data: "ok")
+        room.local_participant.register_rpc_method(RPC_AGENT_STATE_CHANGED, self._on_state)
         self._spawn(self._watch_room(room))
-        if self._leave_after_s is not None:
-            self._spawn(self._leave_after(self._leave_after_s))
+        behaviour = self.behaviour
+        if behaviour.leave_after_s is not None:
+            self._spawn(self._leave_after(behaviour.leave_after_s))
 
-        # The receiver's byte stream handler must be registered before the sender can start
-        # streaming, and the sender starts once it sees our video track: so receiver first.
-        receiver = self._receiver = DataStreamAudioReceiver(
-            room, sender_identity=self.info.sender_identity
-        )
-        receiver.on("clear_buffer", self._on_clear_buffer)
-        await receiver.start()  # waits for the sender to be in the room
-        # Private attribute: the receiver does not otherwise tell whom it settled on.
-        sender = receiver._remote_participant
-        self._sender_identity = sender.identity if sender is not None else None
-        self._route_clear_buffer_to_this_room()
-
-        source = self._video_source = rtc.VideoSource(WIDTH, HEIGHT)
-        track = rtc.LocalVideoTrack.create_video_track(VIDEO_TRACK_NAME, source)
-        await room.local_participant.publish_track(
-            track, rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_CAMERA)
-        )
-        self._spawn(self._video_loop(source))
+        # AvatarRunner starts its receiver first (it waits for the sender to be in the room),
+        # then publishes. A server that registers it late is a variation.
+        if not behaviour.receiver_delay_s:
+            receiver = await self._start_receiver(room)
+        await self._publish(room)
+        if behaviour.receiver_delay_s:
+            await asyncio.sleep(behaviour.receiver_delay_s)
+            receiver = await self._start_receiver(room)
         self._spawn(self._receive_loop(receiver))
         self._spawn(self._playout_loop())
         await self._stop_requested.wait()
+
+    async def _start_receiver(self, room: rtc.Room) -> DataStreamAudioReceiver:
+        sender = self.info.sender_identity if self.behaviour.bind == "token" else None
+        receiver = self._receiver = DataStreamAudioReceiver(room, sender_identity=sender)
+        receiver.on("clear_buffer", self._on_clear_buffer)
+        await receiver.start()  # waits for the sender to be in the room
+        # Private attribute: the receiver does not otherwise tell whom it settled on.
+        bound = receiver._remote_participant
+        self._sender_identity = bound.identity if bound is not None else None
+        self._route_clear_buffer_to_this_room()
+        return receiver
+
+    async def _publish(self, room: rtc.Room) -> None:
+        """AvatarRunner's order: audio, then (once someone subscribed to it) video."""
+        lp = room.local_participant
+        if self.behaviour.publish == "runner":
+            audio = self._audio_source = rtc.AudioSource(AUDIO_TRACK_RATE, 1)
+            track = rtc.LocalAudioTrack.create_audio_track(AUDIO_TRACK_NAME, audio)
+            publication = await lp.publish_track(
+                track, rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE)
+            )
+            await publication.wait_for_subscription()
+        source = self._video_source = rtc.VideoSource(WIDTH, HEIGHT)
+        video = rtc.LocalVideoTrack.create_video_track(VIDEO_TRACK_NAME, source)
+        await lp.publish_track(video, rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_CAMERA))
+        self._spawn(self._video_loop(source))
+
+    def _on_state(self, data: rtc.RpcInvocationData) -> str:
+        # The avaluma plugin's turn-taking state; answering keeps senders from logging errors.
+        self.agent_states.append(data.payload)
+        return "ok"
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
@@ -280,6 +313,8 @@ class AvatarSession:
             self._release_clear_buffer_handler()
         if self._video_source is not None:
             await self._video_source.aclose()
+        if self._audio_source is not None:
+            await self._audio_source.aclose()
         if self._room is not None:
             await self._room.disconnect()
 
@@ -295,7 +330,7 @@ class AvatarSession:
             if not room.isconnected():
                 self._request_stop("disconnected")
                 return
-            if room.remote_participants:
+            if room.remote_participants and not self._sender_gone(room):
                 empty_since = None
                 continue
             now = loop.time()
@@ -303,6 +338,11 @@ class AvatarSession:
             if now - empty_since >= EMPTY_ROOM_GRACE_S:
                 self._request_stop("room_empty")
                 return
+
+    def _sender_gone(self, room: rtc.Room) -> bool:
+        """Avatar servers end a session once the agent they speak for has left."""
+        sender = self._sender_identity or self.info.sender_identity
+        return sender is not None and sender not in room.remote_participants
 
     # -- audio -------------------------------------------------------------------------------
 
@@ -320,10 +360,27 @@ class AvatarSession:
 
     def _on_received(self, item: rtc.AudioFrame | AudioSegmentEnd) -> None:
         if isinstance(item, AudioSegmentEnd):
+            if self._refusing:
+                self._refusing = False
+                return
             # None after clear_buffer: that segment is already finished.
             if self._recv_segment is not None:
                 self._queue.put_nowait(_End(self._recv_segment))
                 self._recv_segment = None
+            return
+        rates = self.behaviour.sample_rates
+        if self._refusing or (
+            self._recv_segment is None and rates and item.sample_rate not in rates
+        ):
+            if not self._refusing:
+                self._refusing = True
+                self.refused_rates.append(item.sample_rate)
+                logger.warning(
+                    "session %s: a %d Hz segment is not played (this server takes %s)",
+                    self.session_id,
+                    item.sample_rate,
+                    rates,
+                )
             return
         now = time.time()
         seg = self._recv_segment
@@ -387,7 +444,11 @@ class AvatarSession:
         self._playing = None
         self._playout = None
         self._level_until = 0.0
-        self._receiver.notify_playback_finished(position, interrupted)
+        behaviour = self.behaviour
+        if behaviour.report_playback:
+            reported = position * behaviour.report_scale
+            for _ in range(2 if behaviour.duplicate_reports else 1):
+                self._receiver.notify_playback_finished(reported, interrupted)
         logger.info(
             "session %s segment %d finished: played %.3fs of %.3fs, interrupted=%s, underruns=%d",
             self.session_id,
@@ -464,6 +525,9 @@ class AvatarSession:
             "room": self.info.room,
             "avatar_participant_identity": self.info.identity,
             "sender_identity": self.info.sender_identity,
+            "bound_sender_identity": self._sender_identity,
+            "agent_states": list(self.agent_states),
+            "refused_rates": list(self.refused_rates),
             "created_at": self.created_at,
             "joined_at": self.joined_at,
             "stopped_at": self.stopped_at,

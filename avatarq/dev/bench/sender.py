@@ -80,8 +80,9 @@ async def send_agents(
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     settings = get_settings()
     chunk_bytes = int(RATE * args.chunk) * 2
+    server = settings.avatar_server(None)
     avatar_client = HttpAvatarClient(
-        settings.avaluma_api_url, settings.avaluma_license_key.get_secret_value()
+        "default", server.base_url, settings.avatar_license_key(server)
     )
     joined: list[tuple[rtc.Room, str]] = []
     sessions = []
