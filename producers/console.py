@@ -42,6 +42,8 @@ EVENTS_SCANNED = 2000
 DEAD_SHOWN = 50
 #: A viewer token outlives a long announcement; the page asks for a new one per watch.
 VIEWER_TTL = timedelta(hours=2)
+#: What the console shows of an ended job's result (its terminal event's data).
+ENDED_FIELDS = ("status", "room", "avatar_id", "reason", "error", "audio_duration")
 TERMINAL_EVENTS = {Event.COMPLETED.value, Event.FAILED.value, Event.CANCELLED.value}
 
 
@@ -95,7 +97,7 @@ def rooms(settings: Settings) -> list[dict[str, Any]]:
 
 def recent_ended(settings: Settings) -> list[dict[str, Any]]:
     """The latest completed, failed and cancelled jobs, newest first, with their reasons."""
-    r = redis_client(settings.redis_url)
+    r: Any = redis_client(settings.redis_url)  # redis-py types bytes replies as bytes | str
     ended = []
     for _id, fields in r.xrevrange(settings.events_stream, count=EVENTS_SCANNED):
         if _text(fields.get(b"event")) not in TERMINAL_EVENTS:
@@ -105,18 +107,7 @@ def recent_ended(settings: Settings) -> list[dict[str, Any]]:
             {
                 "job_id": _text(fields.get(b"job_id")),
                 "ts": float(fields.get(b"ts") or 0),
-                **{
-                    k: data.get(k)
-                    for k in (
-                        "status",
-                        "room",
-                        "avatar_id",
-                        "reason",
-                        "error",
-                        "audio_duration",
-                        "seconds_streamed",
-                    )
-                },
+                **{k: data.get(k) for k in ENDED_FIELDS},
             }
         )
         if len(ended) == RECENT_ENDED:
@@ -177,9 +168,7 @@ def _page_routes(app: FastAPI) -> None:
 def mount_console(app: FastAPI, require_key: Any, settings: Settings) -> None:
     """Add the console's page and its key-protected JSON routes to the API app."""
     _page_routes(app)
-    data = APIRouter(
-        prefix="/console/api", tags=["console"], dependencies=[Depends(require_key)]
-    )
+    data = APIRouter(prefix="/console/api", tags=["console"], dependencies=[Depends(require_key)])
 
     @data.get("/overview")
     def overview() -> dict[str, Any]:

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import pytest
 import requests
 
+from avatarq.dev import livekit_official
 from avatarq.dev.processes import ManagedProcess, free_port, tcp_ready
 from avatarq.dev.stack import LocalStack, local_stack
 from producers.console import CONSOLE_DIST
@@ -104,7 +105,7 @@ def base(stack: LocalStack) -> Iterator[str]:
 def audio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Tones served over HTTP (the API refuses local file sources)."""
     root = tmp_path_factory.mktemp("console-audio")
-    for seconds in (4, 30):
+    for seconds in (4, 8, 30):
         tone(root / f"tone{seconds}.wav", seconds=seconds)
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
     with serving(http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)) as url:
@@ -132,7 +133,8 @@ def js(browser: Any, script: str, *args: Any) -> Any:
 
 
 def visible(browser: Any, selector: str) -> bool:
-    return bool(js(browser, "const e = document.querySelector(arguments[0]); return !!e && !e.closest('[hidden]');", selector))
+    script = "const e = document.querySelector(arguments[0]); return !!e && !e.closest('[hidden]')"
+    return bool(js(browser, script, selector))
 
 
 def open_console(browser: Any, base: str, key: str | None) -> None:
@@ -162,12 +164,23 @@ def enqueue_from_page(browser: Any, source: str, room: str) -> str:
     return job_id
 
 
+def status_at(browser: Any, selector: str) -> str | None:
+    found = js(
+        browser,
+        "const r = document.querySelector(arguments[0]); return r && r.dataset.status",
+        selector,
+    )
+    return str(found) if found else None
+
+
 def row_status(browser: Any, job_id: str) -> str | None:
-    return js(browser, "const r = document.querySelector(`.job[data-job-id='${arguments[0]}']`); return r && r.dataset.status;", job_id)  # type: ignore[no-any-return]
+    """The job's status in the Playing or Queue list."""
+    return status_at(browser, f".job[data-job-id='{job_id}']")
 
 
 def ended_as(browser: Any, job_id: str) -> str | None:
-    return js(browser, "const r = document.querySelector(`#recent tr[data-job-id='${arguments[0]}']`); return r && r.dataset.status;", job_id)  # type: ignore[no-any-return]
+    """The job's status in the Recently ended table (None while it is not there)."""
+    return status_at(browser, f"#recent tr[data-job-id='{job_id}']")
 
 
 def bar(browser: Any, job_id: str) -> tuple[float, float] | None:
@@ -250,3 +263,69 @@ def test_cancel_from_the_page_stops_a_playing_job(
     assert status["status"] == "cancelled" and status["cancelled_while"] == "playing"
     assert status["seconds_streamed"] < 10
 
+
+#: Share of the emulator's level meter (avatarq/dev/avatar_emulator/video.py: a green bar under
+#: the face, lit in proportion to the audio level) lit in the frame the page shows now.
+METER_LIT = """
+const v = document.getElementById('video');
+if (!v.videoWidth) return -1;
+const c = document.createElement('canvas');
+c.width = 160; c.height = 120;
+const g = c.getContext('2d');
+g.drawImage(v, 0, 0, 160, 120);
+const row = g.getImageData(8, 115, 144, 1).data;
+let lit = 0;
+for (let i = 0; i < row.length; i += 4) if (row[i + 1] > 150 && row[i] < 150) lit++;
+return lit / 144;
+"""
+
+
+def meter(browser: Any) -> float:
+    """The lit share of the meter in the shown frame, -1 while there is no video."""
+    return float(js(browser, METER_LIT))
+
+
+def frames(browser: Any) -> tuple[int, int]:
+    """(frames presented, per requestVideoFrameCallback; frames decoded, per the element)."""
+    got = js(
+        browser,
+        "const v = document.getElementById('video');"
+        "return [Number(v.dataset.frames || 0), v.getVideoPlaybackQuality().totalVideoFrames];",
+    )
+    return int(got[0]), int(got[1])
+
+
+@pytest.mark.timeout(180)
+def test_room_view_shows_the_avatars_video_following_the_audio(
+    browser: Any, base: str, audio: str, stack: LocalStack, artefacts: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    if stack.server != "official":
+        # The embedded dev server forwards no media; CI has the official one (infra/bootstrap).
+        why = livekit_official.why_unavailable()
+        reason = f"media flows only through the official livekit-server: {why}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    open_console(browser, base, KEY)
+    wait_for(lambda: visible(browser, "#console"), "the console")
+    browser.find_element(By.ID, "watch-room").send_keys("console-v")
+    browser.find_element(By.CSS_SELECTOR, "#watch button[type=submit]").click()
+    status = browser.find_element(By.ID, "watch-status")
+    wait_for(lambda: "waiting for the avatar" in status.text, "the viewer to join")
+    job_id = enqueue_from_page(browser, f"{audio}/tone8.wav", "console-v")
+
+    wait_for(lambda: frames(browser)[1] > 10, "decoded video frames", 45)
+    shown = js(browser, "return document.getElementById('video').dataset.participant")
+    assert shown == "avatar-anna"
+    before = frames(browser)
+    time.sleep(1.0)
+    after = frames(browser)
+    assert after[0] > before[0] and after[1] > before[1], (before, after)  # counting up
+    # The tone is loud: the meter lights up while it plays ...
+    wait_for(lambda: meter(browser) > 0.3, "the meter to light up", 15)
+    browser.save_screenshot(str(artefacts / "06-room-view.png"))
+    assert wait_for(lambda: ended_as(browser, job_id), "the job to end", 30) == "completed"
+    # ... and goes dark when the audio ends (the avatar stays a while for the next job).
+    wait_for(lambda: 0 <= meter(browser) < 0.05, "the meter to go dark", 10)
