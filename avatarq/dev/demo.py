@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import secrets
+import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from importlib import resources
@@ -13,10 +17,15 @@ from typing import Any
 
 from rich.console import Console
 
-from avatarq.dev.stack import HOST, local_stack
+from avatarq.dev.processes import free_port, python_module, tcp_ready
+from avatarq.dev.stack import HOST, LocalStack, local_stack
 
 NETNS_RUN = Path(__file__).resolve().parents[2] / "infra" / "netns-run"
 DEMO_TIMEOUT_S = 300.0
+#: `--keep` serves the API and console here (on a free port when this one is taken).
+CONSOLE_PORT = 8000
+#: `--keep` stops by itself after this long, in case nobody is there to press Ctrl-C.
+KEEP_MAX_S = 24 * 3600.0
 console = Console(stderr=True)
 
 
@@ -35,8 +44,10 @@ def run_demo(
     source: str | dict[str, Any] | None = None,
     workdir: Path | None = None,
     show_progress: bool = True,
+    keep: bool = False,
 ) -> dict[str, Any]:
-    """`source` is audio or a `tts` source (rendered by `producers.enqueue` before sending)."""
+    """`source` is audio or a `tts` source (rendered by `producers.enqueue` before sending).
+    `keep`: afterwards, serve the API and its console on the stack until Ctrl-C or SIGTERM."""
     from avatarq.cli import follow
     from avatarq.settings import get_settings
 
@@ -64,7 +75,47 @@ def run_demo(
         if show_progress:
             for key, value in summary.items():
                 console.print(f"  {key}: {value}")
+        if keep:
+            serve_console(stack)
         return summary
+
+
+def serve_console(stack: LocalStack) -> None:
+    """`avatarq api` on the stack, its console's URL (with a key) printed, until stopped."""
+    given = os.environ.get("AVATARQ_API_KEYS", "").strip(" ,")
+    keys = given or secrets.token_urlsafe(16)
+    port = CONSOLE_PORT if _port_free(CONSOLE_PORT) else free_port()
+    api = python_module(
+        "api",
+        "avatarq",
+        ["api", "--host", HOST, "--port", str(port)],
+        ready=tcp_ready(HOST, port),
+        env={**stack.env(), "AVATARQ_API_KEYS": keys},
+        log_dir=stack.workdir / "logs",
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with api:
+        url = f"http://{HOST}:{port}/console/#key={keys.split(',')[0].strip()}"
+        console.print(f"console: {url}", soft_wrap=True, highlight=False)
+        if stack.server != "official":
+            console.print(
+                "  (room view without video: the embedded LiveKit server forwards no media; "
+                "the official livekit-server runs inside infra/netns-run)",
+                soft_wrap=True,
+            )
+        console.print("the stack stays up: Ctrl-C stops it")
+        stop.wait(KEEP_MAX_S)
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return False
+    return True
 
 
 def scrape(url: str, metric: str) -> float | None:
