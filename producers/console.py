@@ -1,7 +1,7 @@
 """The operator console: a page served at `/console/` and the JSON it reads.
 
 The page is the built front end (`console/`, `npm ci && npm run build` in `infra/bootstrap`,
-output in `console/dist/`); without a build the API still serves everything else and
+output in `producers/console_dist/`, package data of the wheel); without a build the API still serves everything else and
 `/console/` answers 503 saying how to build it. The page holds no data: what it shows comes
 from `/console/api/*` here and from the `/jobs` routes (enqueue, cancel, job events over SSE),
 all behind the same API keys. It reuses the producer functions rather than reading worker
@@ -32,7 +32,7 @@ from producers.jobs import NAME_PATTERN
 log = logging.getLogger("avatarq.console")
 
 #: Where `npm run build` in console/ writes the page (see console/vite.config.ts).
-CONSOLE_DIST = Path(__file__).resolve().parents[1] / "console" / "dist"
+CONSOLE_DIST = Path(__file__).resolve().parent / "console_dist"
 BUILD_HINT = "cd console && npm ci && npm run build (infra/bootstrap does it when npm exists)"
 #: Bounds on what one overview reads, so a huge backlog cannot make the page slow to answer.
 MAX_ROOMS = 100

@@ -166,6 +166,16 @@ def test_dockerfile_is_slim_nonroot_with_ffmpeg_and_no_secrets() -> None:
             assert ".env" not in line, line
 
 
+def test_dockerfile_builds_the_console_where_the_api_serves_it_from() -> None:
+    from producers.console import CONSOLE_DIST
+
+    text = (ROOT / "infra" / "Dockerfile").read_text()
+    assert re.search(r"^FROM node:\d+[\w.-]* AS console$", text, re.M)
+    assert "RUN npm ci" in text and "RUN npm run build" in text
+    built = CONSOLE_DIST.relative_to(ROOT).as_posix()
+    assert f"COPY --from=console /src/{built} ./{built}" in text
+
+
 # --- infra/k8s -----------------------------------------------------------------------------
 
 
