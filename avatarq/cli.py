@@ -77,7 +77,9 @@ def enqueue(
     room: Annotated[str, typer.Option(help="LiveKit room name")],
     avatar: Annotated[str, typer.Option(help="Avatar id (participant avatar-<id>)")],
     job_id: Annotated[str | None, typer.Option(help="Idempotency key (default: random)")] = None,
-    sample_rate: Annotated[int, typer.Option(help="PCM rate sent to the avatar")] = 16000,
+    avatar_server: Annotated[
+        str | None, typer.Option(help="Configured avatar server to use (AVATARQ_AVATAR_SERVERS)")
+    ] = None,
     lead: Annotated[float | None, typer.Option(help="Seconds ahead of real time")] = None,
     metadata: Annotated[str | None, typer.Option(help="JSON object echoed in the result")] = None,
     webhook_url: Annotated[str | None, typer.Option(help="POST the final result here")] = None,
@@ -92,7 +94,7 @@ def enqueue(
     from producers import enqueue as do_enqueue
 
     job: dict[str, Any] = {"room": room, "avatar_id": avatar, "source": source}
-    job.update(sample_rate=sample_rate, lead=lead, webhook_url=webhook_url, job_id=job_id)
+    job.update(avatar_server=avatar_server, lead=lead, webhook_url=webhook_url, job_id=job_id)
     if metadata:
         try:
             job["metadata"] = json.loads(metadata)

@@ -22,7 +22,6 @@ from pydantic import (
     Tag,
     ValidationError,
     field_validator,
-    model_validator,
 )
 
 from avatarq.errors import InvalidJob
@@ -93,6 +92,8 @@ class Job(BaseModel):
     avatar_server: str | None = Field(None, pattern=NAME_PATTERN)
     """Name of an avatar server configured in the worker's settings (`AVATARQ_AVATAR_SERVERS`);
     omitted: the `AVALUMA_API_URL` one. Never a URL: the license key goes there."""
+    sample_rate: None = Field(None, exclude=True)
+    """Refused with a clear message: the avatar server's settings fix the rate."""
     source: Source
     """Audio to play: a local path, `file://`, `http(s)://` or `s3://bucket/key`; or a `tts`
     object, which `producers.enqueue` renders to stored audio before sending."""
@@ -104,23 +105,25 @@ class Job(BaseModel):
     """Free data echoed in the result and events."""
     webhook_url: HttpUrl | None = None
 
-    @model_validator(mode="before")
+    @field_validator("avatar_server", mode="before")
     @classmethod
-    def _worker_settings_only(cls, data: Any) -> Any:
-        # Clear refusals for fields that once were job options and now belong to settings.
-        if isinstance(data, dict):
-            if "sample_rate" in data:
-                raise ValueError(
-                    "sample_rate is not a job option: the worker sends the rate the avatar "
-                    "server expects (its sample_rate in AVATARQ_AVATAR_SERVERS, 16000 for Avaluma)"
-                )
-            server = data.get("avatar_server")
-            if isinstance(server, str) and "/" in server:
-                raise ValueError(
-                    "avatar_server names a server configured in the worker's "
-                    "AVATARQ_AVATAR_SERVERS setting, never a URL (the license key goes there)"
-                )
-        return data
+    def _a_name_not_a_url(cls, v: Any) -> Any:
+        if isinstance(v, str) and "/" in v:
+            raise ValueError(
+                "avatar_server names a server configured in the worker's "
+                "AVATARQ_AVATAR_SERVERS setting, never a URL (the license key goes there)"
+            )
+        return v
+
+    @field_validator("sample_rate", mode="before")
+    @classmethod
+    def _not_a_job_option(cls, v: Any) -> Any:
+        if v is not None:
+            raise ValueError(
+                "sample_rate is not a job option: the worker sends the rate the avatar server "
+                "expects (its sample_rate in AVATARQ_AVATAR_SERVERS, 16000 for Avaluma)"
+            )
+        return v
 
     @field_validator("source")
     @classmethod

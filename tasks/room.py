@@ -130,7 +130,12 @@ async def wait_until_listening(room: rtc.Room, identity: str, *, timeout: float)
         else:
             if answer != RECEIVER_REJECTED:
                 return
-            last = "its receiver listens to another participant"
+            # Bound for the session's life: waiting cannot help, a new session (retry) may.
+            raise AvatarTimeout(
+                f"avatar {identity!r} is in the room but its receiver listens to another "
+                "participant (an agent that joined before this worker)",
+                reason="avatar_not_listening",
+            )
         if loop.time() + PROBE_INTERVAL_S >= deadline:
             raise AvatarTimeout(
                 f"avatar {identity!r} is in the room but not listening to this worker "

@@ -25,22 +25,37 @@ def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def run_against(
-    statuses: list[int], body: Callable[[Any], Awaitable[Any]], seen: list[dict[str, Any]]
+    statuses: list[int],
+    body: Callable[[Any], Awaitable[Any]],
+    seen: list[dict[str, Any]],
+    *,
+    headers: dict[str, str] | None = None,
+    text: str | None = None,
+    hang_s: float = 0.0,
+    stop_status: int = 200,
+    echo: bool = False,
 ) -> Any:
-    """Serve start-avatar answering `statuses` in turn, recording requests in `seen`."""
+    """Serve start-avatar answering `statuses` in turn (with `headers`; a 200 with `text`
+    instead of JSON; after `hang_s`; errors echoing the request when `echo`), recording
+    requests in `seen`."""
 
     async def start(request: web.Request) -> web.Response:
         seen.append({"headers": dict(request.headers), "json": await request.json()})
         status = statuses[min(len(seen) - 1, len(statuses) - 1)]
+        if hang_s:
+            await asyncio.sleep(hang_s)
         if status != 200:
-            return web.json_response({"detail": "nope"}, status=status)
+            detail = await request.text() if echo else "nope"
+            return web.json_response({"detail": detail}, status=status, headers=headers)
+        if text is not None:
+            return web.Response(text=text)
         return web.json_response(
             {"session_id": "S1", "status": "started", "avatar_participant_identity": "avatar-a"}
         )
 
     async def stop(request: web.Request) -> web.Response:
         seen.append({"stop": await request.json()})
-        return web.json_response({"status": "stopped"})
+        return web.json_response({"status": "stopped"}, status=stop_status)
 
     async def go() -> Any:
         app = web.Application()
@@ -50,7 +65,7 @@ def run_against(
         await runner.setup()
         port = free_port()
         await web.TCPSite(runner, "127.0.0.1", port).start()
-        client = HttpAvatarClient(f"http://127.0.0.1:{port}/", KEY, attempts=4)
+        client = HttpAvatarClient("test", f"http://127.0.0.1:{port}/", KEY, attempts=4)
         try:
             return await body(client)
         finally:
@@ -92,7 +107,7 @@ def test_5xx_is_retried_then_succeeds() -> None:
 
 
 def test_5xx_every_time_is_unavailable() -> None:
-    with pytest.raises(AvatarUnavailable, match="after 4 attempts: HTTP 500"):
+    with pytest.raises(AvatarUnavailable, match="did not start avatar 'a': HTTP 500"):
         run_against([500], start, [])
 
 
@@ -106,12 +121,64 @@ def test_4xx_is_permanent_without_retry() -> None:
 
 def test_unreachable_server_is_transient() -> None:
     async def go() -> None:
-        client = HttpAvatarClient(f"http://127.0.0.1:{free_port()}", KEY, attempts=3)
+        client = HttpAvatarClient("test", f"http://127.0.0.1:{free_port()}", KEY, attempts=3)
         try:
             await start(client)
         finally:
             await client.aclose()
 
-    with pytest.raises(AvatarUnavailable, match="unreachable after 3 attempts") as exc:
+    with pytest.raises(AvatarUnavailable, match="'test' .* did not start avatar") as exc:
         asyncio.run(go())
     assert not exc.value.permanent
+
+
+@pytest.mark.parametrize("status", [409, 429, 503])
+def test_documented_busy_answers_are_transient_and_retried(status: int) -> None:
+    seen: list = []
+    session = run_against([status, 200], start, seen)
+    assert session.session_id == "S1" and len(seen) == 2
+
+
+def test_retry_after_is_honoured() -> None:
+    seen: list = []
+
+    async def timed(client: HttpAvatarClient) -> float:
+        t0 = asyncio.get_running_loop().time()
+        await start(client)
+        return asyncio.get_running_loop().time() - t0
+
+    waited = run_against([429, 200], timed, seen, headers={"Retry-After": "0.4"})
+    assert waited >= 0.4 and len(seen) == 2
+
+
+def test_a_200_that_is_not_json_is_a_started_session_without_id() -> None:
+    seen: list = []
+    session = run_against([200], start, seen, text="avatar started")
+    assert session.session_id is None and session.acknowledged
+    assert session.participant_identity == "avatar-a" and len(seen) == 1
+
+
+def test_a_lost_answer_is_never_followed_by_a_second_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The server took the request and is slow to answer (a cold GPU start): asking again
+    # would start a second session with the same identity.
+    monkeypatch.setattr("tasks.avatar.START_ANSWER_TIMEOUT_S", 0.3)
+    seen: list = []
+    session = run_against([200], start, seen, hang_s=1.0)
+    assert not session.acknowledged and session.session_id is None
+    assert len(seen) == 1
+
+
+def test_stop_404_is_tolerated_and_reported_as_not_stopped() -> None:
+    async def body(client: HttpAvatarClient) -> Any:
+        return await client.stop(await start(client))
+
+    assert run_against([200], body, [], stop_status=404) is False
+    assert run_against([200], body, [], stop_status=200) is True
+
+
+def test_error_text_never_echoes_the_license_or_token() -> None:
+    with pytest.raises(AvatarRejected) as exc:
+        run_against([400], start, [], echo=True)
+    message = str(exc.value)
+    assert "HTTP 400" in message and "'test'" in message
+    assert KEY not in message and '"tok"' not in message and "***" in message

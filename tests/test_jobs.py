@@ -15,7 +15,7 @@ BASE = {"room": "lobby", "avatar_id": "anna", "source": "s3://clips/hello.mp3"}
 
 def test_defaults_and_payload_roundtrip() -> None:
     job = parse_job(BASE)
-    assert len(job.job_id) == 32 and job.sample_rate == 16000
+    assert len(job.job_id) == 32 and job.avatar_server is None
     assert job.avatar_identity == "avatar-anna"
     again = parse_job(job.payload())
     assert again == job
@@ -30,7 +30,9 @@ def test_defaults_and_payload_roundtrip() -> None:
         ({"avatar_id": None}, "avatar_id", "string"),
         ({"source": "ftp://host/a.mp3"}, "source", "scheme 'ftp' is not supported"),
         ({"source": "s3://bucket-only"}, "source", "s3://bucket/key"),
-        ({"sample_rate": 12345}, "sample_rate", "12345 is not one of"),
+        ({"sample_rate": 48000}, "sample_rate", "not a job option"),
+        ({"avatar_server": "http://169.254.169.254/"}, "avatar_server", "never a URL"),
+        ({"avatar_server": "eu west"}, "avatar_server", "pattern"),
         ({"lead": -1}, "lead", "greater than or equal"),
         ({"metadata": {"x": "y" * 20000}}, "metadata", "over the 16384 limit"),
         ({"webhook_url": "not a url"}, "webhook_url", "URL"),

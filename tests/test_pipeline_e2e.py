@@ -30,7 +30,10 @@ pytestmark = NETNS
 JOB_TIMEOUT_S = 90.0
 WARM_IDLE_S = 3.0
 #: Worker settings that keep fault tests short: few quick retries, short avatar timeout.
+DEAD_AVATAR_PORT = free_port()
 FAST_FAULTS = {
+    # A second configured avatar server, named by jobs, that nothing listens on.
+    "AVATARQ_AVATAR_SERVERS": json.dumps({"dead": {"url": f"http://127.0.0.1:{DEAD_AVATAR_PORT}"}}),
     "AVATARQ_MAX_RETRIES": "2",
     "AVATARQ_RETRY_BASE": "0.2",
     "AVATARQ_RETRY_CAP": "0.5",
@@ -170,14 +173,63 @@ def test_avatar_server_403_is_not_retried(stack: LocalStack, tmp_path: Path, fau
 
 
 def test_unreachable_avatar_server_retries_then_fails(stack: LocalStack, tmp_path: Path) -> None:
-    dead = f"http://127.0.0.1:{free_port()}"
     result = run_job(
-        stack, source=str(audio.tone(tmp_path / "t.wav", seconds=1.0)), avatar_server=dead
+        stack, source=str(audio.tone(tmp_path / "t.wav", seconds=1.0)), avatar_server="dead"
     )
     assert result["status"] == "failed" and result["reason"] == "avatar_unavailable", result
     assert result["attempt"] == 3  # 1 + AVATARQ_MAX_RETRIES
     retries = [e for e in events_of(stack, result["job_id"]) if e["event"] == "job.retrying"]
     assert [e["attempt"] for e in retries] == [1, 2]
+
+
+def test_unknown_avatar_server_name_fails_alone(stack: LocalStack, tmp_path: Path) -> None:
+    result = run_job(
+        stack, source=str(audio.tone(tmp_path / "t.wav", seconds=1.0)), avatar_server="nope"
+    )
+    assert result["status"] == "failed" and result["reason"] == "unknown_avatar_server", result
+    assert "'nope'" in result["error"] and "dead, default" in result["error"]
+
+
+def test_a_job_cannot_send_the_license_to_a_url_it_names(
+    stack: LocalStack, tmp_path: Path
+) -> None:
+    """Critical: a raw message (any producer, any language) naming its own avatar server
+    URL fails as invalid, and that URL never hears from the worker."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from producers.client import celery_app
+    from producers.jobs import new_job_id
+    from tests.httpserve import serving
+
+    heard: list[str] = []
+
+    class Spy(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            heard.append(self.headers.get("api-secret", ""))
+            self.send_response(200)
+            self.end_headers()
+
+    from avatarq.celeryconfig import RENDER_TASK
+
+    with serving(ThreadingHTTPServer(("127.0.0.1", 0), Spy)) as spy:
+        job_id = new_job_id()
+        payload = {
+            "job_id": job_id,
+            "room": f"e2e-{uuid.uuid4().hex[:8]}",
+            "avatar_id": "anna",
+            "source": str(audio.tone(tmp_path / "t.wav", seconds=1.0)),
+            "avatar_server": spy,
+        }
+        celery_app().send_task(RENDER_TASK, args=[payload], task_id=job_id)
+        from producers import get_status
+        from producers.client import is_terminal
+
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        while not is_terminal(status := get_status(job_id)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert status["status"] == "failed" and status["reason"] == "invalid_job", status
+    assert "never a URL" in status["error"]
+    assert heard == []
 
 
 def test_avatar_server_500_then_200_recovers(

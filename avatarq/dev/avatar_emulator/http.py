@@ -4,6 +4,7 @@ Avaluma endpoints (as the avaluma-livekit-plugin calls them, `api-secret` header
   POST /v1/livekit/start-avatar  {livekit_url, livekit_token, avaluma_key, avaluma_avatar_id}
   POST /v1/livekit/stop-avatar   {session_id}
 Emulator-only (no auth; tests and benchmarks):
+  GET  /v1/sessions[?room=R]      every session (of room R) so far
   GET  /v1/sessions/{session_id}  state, segments, underruns, recording paths
   GET|POST /_emulator/faults      fault injection, see `Faults`
   GET  /healthz (and /health)
@@ -29,6 +30,7 @@ logger = logging.getLogger(__name__)
 API_SECRET_HEADER = "api-secret"
 START_PATH = "/v1/livekit/start-avatar"
 STOP_PATH = "/v1/livekit/stop-avatar"
+SESSIONS_PATH = "/v1/sessions"
 SESSION_PATH = "/v1/sessions/{session_id}"
 FAULTS_PATH = "/_emulator/faults"
 _LIVEKIT_URL_SCHEMES = ("ws://", "wss://", "http://", "https://")
@@ -185,6 +187,12 @@ def create_app(emulator: Emulator) -> web.Application:
         # Waits for the session to leave, so its recording is complete when we answer.
         await session.stop("stop_request")
         return web.json_response({"status": "stopped"})
+
+    @routes.get(SESSIONS_PATH)
+    async def list_sessions(request: web.Request) -> web.Response:
+        room = request.query.get("room")
+        found = [s.snapshot() for s in emulator.sessions.values() if room in (None, s.info.room)]
+        return web.json_response(found)
 
     @routes.get(SESSION_PATH)
     async def get_session(request: web.Request) -> web.Response:
