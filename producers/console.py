@@ -1,12 +1,13 @@
 """The operator console: a page served at `/console/` and the JSON it reads.
 
-The page is the built front end (`console/`, `npm ci && npm run build` in `infra/bootstrap`,
-output in `producers/console_dist/`, package data of the wheel); without a build the API still serves everything else and
-`/console/` answers 503 saying how to build it. The page holds no data: what it shows comes
-from `/console/api/*` here and from the `/jobs` routes (enqueue, cancel, job events over SSE),
-all behind the same API keys. It reuses the producer functions rather than reading worker
-internals: `get_status` for each job in a room's order, `producers.deadletter` for the
-dead-letter list, the global events stream for recent outcomes.
+The page is the built front end (`console/`; `npm ci && npm run build`, run by
+`infra/bootstrap`, writes it to `producers/console_dist/`, package data of the wheel). Without
+a build the API still serves everything else and `/console/` answers 503 saying how to build
+it. The page holds no data: what it shows comes from `/console/api/*` here and from the `/jobs`
+routes (enqueue, cancel, job events over SSE), all behind the same API keys. It reuses the
+producer functions rather than reading worker internals: `get_status` for each job in a room's
+order, `producers.deadletter` for the dead-letter list, the global events stream for recent
+outcomes.
 """
 
 from __future__ import annotations
@@ -43,7 +44,15 @@ DEAD_SHOWN = 50
 #: A viewer token outlives a long announcement; the page asks for a new one per watch.
 VIEWER_TTL = timedelta(hours=2)
 #: What the console shows of an ended job's result (its terminal event's data).
-ENDED_FIELDS = ("status", "room", "avatar_id", "reason", "error", "audio_duration")
+ENDED_FIELDS = (
+    "status",
+    "room",
+    "avatar_id",
+    "reason",
+    "error",
+    "cancelled_while",
+    "audio_duration",
+)
 TERMINAL_EVENTS = {Event.COMPLETED.value, Event.FAILED.value, Event.CANCELLED.value}
 
 

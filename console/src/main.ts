@@ -22,6 +22,7 @@ interface Ended {
   room?: string;
   reason?: string | null;
   error?: string | null;
+  cancelled_while?: string | null;
   audio_duration?: number | null;
 }
 interface Dead {
@@ -87,9 +88,13 @@ async function guarded(action: () => Promise<void>, errorTarget?: HTMLElement): 
 
 // --- live progress ---------------------------------------------------------------------------
 
+/** Job rows by id, kept across refreshes: while a job's state stays the same its row (and its
+ * buttons) stay the same elements, so a click is never lost to a re-render. */
+const rows = new Map<string, HTMLElement>();
+
 function updateBar(jobId: string): void {
   const p = progress.get(jobId);
-  const row = document.querySelector<HTMLElement>(`.job[data-job-id="${CSS.escape(jobId)}"]`);
+  const row = rows.get(jobId);
   if (!p || !row) return;
   const bar = row.querySelector("progress");
   if (bar) {
@@ -111,8 +116,7 @@ function onJobEvent(e: JobEvent): void {
   }
   if (e.event === "job.progress" || e.event === "job.started" || TERMINAL.has(e.event)) {
     // A queued row that starts playing, or any row that ends, moves to another list.
-    const row = document.querySelector<HTMLElement>(`.job[data-job-id="${CSS.escape(e.job_id)}"]`);
-    if (TERMINAL.has(e.event) || row?.dataset.status !== "playing") void refresh();
+    if (TERMINAL.has(e.event) || rows.get(e.job_id)?.dataset.status !== "playing") void refresh();
   }
 }
 
@@ -153,14 +157,22 @@ function watchButton(room: string): HTMLElement {
 }
 
 function jobRow(job: JobStatus, room: string): HTMLElement {
-  if (job.status === "playing" && job.seconds_streamed !== undefined && !progress.has(job.job_id)) {
+  const known = progress.get(job.job_id);
+  if (job.status === "playing" && job.seconds_streamed !== undefined && (known?.streamed ?? -1) < job.seconds_streamed) {
+    // Ahead of the event stream (or the job has none: past MAX_FOLLOWED).
     progress.set(job.job_id, { streamed: job.seconds_streamed, total: job.total_seconds ?? null });
+  }
+  const state = `${job.status}|${job.cancel_requested ? "cancelling" : ""}`;
+  const kept = rows.get(job.job_id);
+  if (kept?.dataset.state === state) {
+    updateBar(job.job_id);
+    return kept;
   }
   const p = progress.get(job.job_id);
   const playing = job.status === "playing";
   const row = h(
     "div",
-    { class: "job", "data-job-id": job.job_id, "data-status": job.status },
+    { class: "job", "data-job-id": job.job_id, "data-status": job.status, "data-state": state },
     h("span", { class: "id" }, job.job_id),
     h(
       "span",
@@ -174,6 +186,7 @@ function jobRow(job: JobStatus, room: string): HTMLElement {
     playing ? h("span", { class: "meta played" }, p ? `${seconds(p.streamed)} of ${seconds(p.total)}` : "starting…") : null,
     h("div", { class: "actions" }, playing ? watchButton(room) : null, cancelButton(job.job_id)),
   );
+  rows.set(job.job_id, row);
   return row;
 }
 
@@ -195,6 +208,8 @@ function renderQueue(data: Overview): void {
       );
     }
   }
+  const shown = new Set(data.rooms.flatMap((r) => r.jobs.map((j) => j.job_id)));
+  [...rows.keys()].filter((id) => !shown.has(id)).forEach((id) => rows.delete(id));
   $("playing").replaceChildren(...(playing.length ? playing : [h("p", { class: "empty" }, "nothing playing")]));
   $("queue").replaceChildren(...(rooms.length ? rooms : [h("p", { class: "empty" }, "no jobs waiting")]));
 }
@@ -205,11 +220,11 @@ function renderRecent(recent: Ended[]): void {
     h(
       "tr",
       { "data-job-id": e.job_id, "data-status": e.status },
-      h("td", {}, clock(e.ts)),
-      h("td", { class: "id" }, e.job_id),
-      h("td", {}, e.room ?? ""),
+      h("td", { class: "time" }, clock(e.ts)),
+      h("td", { class: "id", title: e.job_id }, e.job_id),
+      h("td", { class: "room" }, e.room ?? ""),
       h("td", { class: `status-${e.status}` }, e.status),
-      h("td", {}, e.reason ?? ""),
+      h("td", {}, [e.reason, e.cancelled_while && `while ${e.cancelled_while}`].filter(Boolean).join(" ")),
       h("td", {}, e.error ?? ""),
     ),
   );
@@ -226,8 +241,8 @@ function renderDead(dead: Dead[]): void {
     h(
       "tr",
       { "data-job-id": d.job_id },
-      h("td", { class: "id" }, d.job_id),
-      h("td", {}, d.job?.room ?? ""),
+      h("td", { class: "id", title: d.job_id }, d.job_id),
+      h("td", { class: "room" }, d.job?.room ?? ""),
       h("td", {}, d.reason ?? ""),
       h("td", {}, d.error ?? ""),
       h("td", {}, d.attempts ?? ""),
