@@ -1,14 +1,15 @@
 """The operator console in a real headless Chromium (Debian's `chromium`, driven by selenium
 through `chromium-driver`) against the whole local stack and a real `avatarq api`: the page is
 refused without a key and opens with one; a job enqueued from the page shows up, its progress
-bar advances and it ends completed; cancel from the page stops a playing job; the room view
-receives the avatar's video. Each state is saved as a screenshot under `var/test-artefacts/`
-(or `$AVATARQ_TEST_ARTEFACTS`)."""
+bar advances and it ends completed; cancel from the page stops a playing job; a dead letter is
+replayed from the page; the room view receives the avatar's video. Each state is saved as a
+screenshot under `var/test-artefacts/` (or `$AVATARQ_TEST_ARTEFACTS`)."""
 
 from __future__ import annotations
 
 import functools
 import http.server
+import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -16,11 +17,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+import redis
 import requests
 
 from avatarq.dev import livekit_official
 from avatarq.dev.processes import ManagedProcess, free_port, tcp_ready
 from avatarq.dev.stack import LocalStack, local_stack
+from avatarq.events import DEAD_LETTER_KEY, job_enqueued_key, job_record_key
 from producers.console import CONSOLE_DIST
 from tests.audio import tone
 from tests.httpserve import serving
@@ -264,6 +267,32 @@ def test_cancel_from_the_page_stops_a_playing_job(
     assert status["seconds_streamed"] < 10
 
 
+@pytest.mark.timeout(120)
+def test_retry_a_dead_letter_from_the_page(
+    browser: Any, base: str, audio: str, stack: LocalStack, artefacts: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    # A job as a worker leaves it after its last retry (tasks/: record, marker, dead entry).
+    job = {"job_id": "console-dead-1", "room": "console-d", "avatar_id": "anna"}
+    job["source"] = f"{audio}/tone4.wav"
+    r = redis.Redis.from_url(stack.redis.url)
+    failed = {"job_id": job["job_id"], "status": "failed", "reason": "avatar_timeout"}
+    r.set(job_record_key(job["job_id"]), json.dumps(failed))
+    r.hset(job_enqueued_key(job["job_id"]), "ts", "1")
+    # tasks/render.py: {"job": payload, **result, "ts"}; the result has attempt, error, ...
+    entry = {"job": job, **failed, "error": "the avatar never joined", "attempt": 5}
+    r.lpush(DEAD_LETTER_KEY, json.dumps({**entry, "ts": time.time()}))
+
+    open_console(browser, base, KEY)
+    selector = f"#dead tr[data-job-id='{job['job_id']}'] button.retry"
+    wait_for(lambda: visible(browser, selector), "the dead letter")
+    browser.save_screenshot(str(artefacts / "06-dead-letter.png"))
+    browser.find_element(By.CSS_SELECTOR, selector).click()
+    assert wait_for(lambda: ended_as(browser, job["job_id"]), "the replay to end") == "completed"
+    assert not visible(browser, selector)
+
+
 #: Share of the emulator's level meter (avatarq/dev/avatar_emulator/video.py: a green bar under
 #: the face, lit in proportion to the audio level) lit in the frame the page shows now.
 METER_LIT = """
@@ -325,7 +354,7 @@ def test_room_view_shows_the_avatars_video_following_the_audio(
     assert after[0] > before[0] and after[1] > before[1], (before, after)  # counting up
     # The tone is loud: the meter lights up while it plays ...
     wait_for(lambda: meter(browser) > 0.3, "the meter to light up", 15)
-    browser.save_screenshot(str(artefacts / "06-room-view.png"))
+    browser.save_screenshot(str(artefacts / "07-room-view.png"))
     assert wait_for(lambda: ended_as(browser, job_id), "the job to end", 30) == "completed"
     # ... and goes dark when the audio ends (the avatar stays a while for the next job).
     wait_for(lambda: 0 <= meter(browser) < 0.05, "the meter to go dark", 10)

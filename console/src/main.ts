@@ -29,7 +29,7 @@ interface Dead {
   job_id: string;
   reason?: string;
   error?: string;
-  attempts?: number;
+  attempt?: number;
   ts?: number;
   job?: { room?: string };
 }
@@ -236,7 +236,7 @@ function renderDead(dead: Dead[]): void {
     $("dead").replaceChildren(h("tr", {}, h("td", { class: "empty" }, "no dead letters")));
     return;
   }
-  const head = h("tr", {}, ...["job", "room", "reason", "error", "attempts", ""].map((t) => h("th", {}, t)));
+  const head = h("tr", {}, ...["job", "room", "reason", "error", "attempt", ""].map((t) => h("th", {}, t)));
   const rows = dead.map((d) =>
     h(
       "tr",
@@ -245,7 +245,7 @@ function renderDead(dead: Dead[]): void {
       h("td", { class: "room" }, d.job?.room ?? ""),
       h("td", {}, d.reason ?? ""),
       h("td", {}, d.error ?? ""),
-      h("td", {}, d.attempts ?? ""),
+      h("td", {}, d.attempt ?? ""),
       h("td", {}, h("button", {
         type: "button",
         class: "retry",
