@@ -40,8 +40,9 @@ interface Overview {
 }
 
 const REFRESH_MS = 2000;
-/** Event streams open at once; jobs past this show the overview's progress (every 2 s). */
-const MAX_FOLLOWED = 20;
+/** Event streams open at once, for playing jobs; jobs past this show the overview's progress
+ * (every 2 s). Small: each stream holds one of the browser's ~6 connections to the API. */
+const MAX_FOLLOWED = 3;
 const TERMINAL = new Set(["job.completed", "job.failed", "job.cancelled"]);
 
 const progress = new Map<string, { streamed: number; total: number | null }>();
@@ -114,10 +115,8 @@ function onJobEvent(e: JobEvent): void {
     });
     updateBar(e.job_id);
   }
-  if (e.event === "job.progress" || e.event === "job.started" || TERMINAL.has(e.event)) {
-    // A queued row that starts playing, or any row that ends, moves to another list.
-    if (TERMINAL.has(e.event) || rows.get(e.job_id)?.dataset.status !== "playing") void refresh();
-  }
+  // An ended job moves from Playing to Recently ended.
+  if (TERMINAL.has(e.event)) void refresh();
 }
 
 function follow(jobId: string): void {
@@ -195,8 +194,10 @@ function renderQueue(data: Overview): void {
   const rooms: HTMLElement[] = [];
   for (const { room, jobs } of data.rooms) {
     const waiting = jobs.filter((j) => j.status !== "playing");
-    jobs.filter((j) => j.status === "playing").forEach((j) => playing.push(jobRow(j, room)));
-    jobs.forEach((j) => follow(j.job_id));
+    for (const job of jobs.filter((j) => j.status === "playing")) {
+      playing.push(jobRow(job, room));
+      follow(job.job_id);
+    }
     if (waiting.length) {
       rooms.push(
         h(
@@ -209,7 +210,10 @@ function renderQueue(data: Overview): void {
     }
   }
   const shown = new Set(data.rooms.flatMap((r) => r.jobs.map((j) => j.job_id)));
-  [...rows.keys()].filter((id) => !shown.has(id)).forEach((id) => rows.delete(id));
+  for (const id of [...rows.keys()].filter((id) => !shown.has(id))) {
+    rows.delete(id);
+    progress.delete(id);
+  }
   $("playing").replaceChildren(...(playing.length ? playing : [h("p", { class: "empty" }, "nothing playing")]));
   $("queue").replaceChildren(...(rooms.length ? rooms : [h("p", { class: "empty" }, "no jobs waiting")]));
 }
