@@ -103,7 +103,11 @@ function updateBar(jobId: string): void {
     bar.value = p.streamed;
   }
   const label = row.querySelector(".played");
-  if (label) label.textContent = `${seconds(p.streamed)} of ${seconds(p.total)}`;
+  if (label) label.textContent = played(p);
+}
+
+function played(p: { streamed: number; total: number | null }): string {
+  return `${seconds(p.streamed)} of ${seconds(p.total)}`;
 }
 
 function onJobEvent(e: JobEvent): void {
@@ -156,8 +160,8 @@ function watchButton(room: string): HTMLElement {
 }
 
 function jobRow(job: JobStatus, room: string): HTMLElement {
-  const known = progress.get(job.job_id);
-  if (job.status === "playing" && job.seconds_streamed !== undefined && (known?.streamed ?? -1) < job.seconds_streamed) {
+  const known = progress.get(job.job_id)?.streamed ?? -1;
+  if (job.status === "playing" && job.seconds_streamed !== undefined && known < job.seconds_streamed) {
     // Ahead of the event stream (or the job has none: past MAX_FOLLOWED).
     progress.set(job.job_id, { streamed: job.seconds_streamed, total: job.total_seconds ?? null });
   }
@@ -182,7 +186,7 @@ function jobRow(job: JobStatus, room: string): HTMLElement {
     ),
     // Indeterminate until the first progress event says how far and how long.
     playing ? h("progress", p?.total ? { max: p.total, value: p.streamed } : {}) : null,
-    playing ? h("span", { class: "meta played" }, p ? `${seconds(p.streamed)} of ${seconds(p.total)}` : "starting…") : null,
+    playing ? h("span", { class: "meta played" }, p ? played(p) : "starting…") : null,
     h("div", { class: "actions" }, playing ? watchButton(room) : null, cancelButton(job.job_id)),
   );
   rows.set(job.job_id, row);
@@ -214,13 +218,18 @@ function renderQueue(data: Overview): void {
     rows.delete(id);
     progress.delete(id);
   }
-  $("playing").replaceChildren(...(playing.length ? playing : [h("p", { class: "empty" }, "nothing playing")]));
-  $("queue").replaceChildren(...(rooms.length ? rooms : [h("p", { class: "empty" }, "no jobs waiting")]));
+  const empty = (text: string): HTMLElement[] => [h("p", { class: "empty" }, text)];
+  $("playing").replaceChildren(...(playing.length ? playing : empty("nothing playing")));
+  $("queue").replaceChildren(...(rooms.length ? rooms : empty("no jobs waiting")));
+}
+
+function headings(...names: string[]): HTMLElement {
+  return h("tr", {}, ...names.map((name) => h("th", {}, name)));
 }
 
 function renderRecent(recent: Ended[]): void {
-  const head = h("tr", {}, ...["ended", "job", "room", "status", "reason", "error"].map((t) => h("th", {}, t)));
-  const rows = recent.map((e) =>
+  const head = headings("ended", "job", "room", "status", "reason", "error");
+  const lines = recent.map((e) =>
     h(
       "tr",
       { "data-job-id": e.job_id, "data-status": e.status },
@@ -232,7 +241,7 @@ function renderRecent(recent: Ended[]): void {
       h("td", {}, e.error ?? ""),
     ),
   );
-  $("recent").replaceChildren(head, ...rows);
+  $("recent").replaceChildren(head, ...lines);
 }
 
 function renderDead(dead: Dead[]): void {
@@ -240,8 +249,8 @@ function renderDead(dead: Dead[]): void {
     $("dead").replaceChildren(h("tr", {}, h("td", { class: "empty" }, "no dead letters")));
     return;
   }
-  const head = h("tr", {}, ...["job", "room", "reason", "error", "attempt", ""].map((t) => h("th", {}, t)));
-  const rows = dead.map((d) =>
+  const head = headings("job", "room", "reason", "error", "attempt", "");
+  const lines = dead.map((d) =>
     h(
       "tr",
       { "data-job-id": d.job_id },
@@ -260,7 +269,7 @@ function renderDead(dead: Dead[]): void {
       }, "Retry")),
     ),
   );
-  $("dead").replaceChildren(head, ...rows);
+  $("dead").replaceChildren(head, ...lines);
 }
 
 async function refresh(): Promise<void> {
