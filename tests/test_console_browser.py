@@ -348,6 +348,10 @@ def test_room_view_shows_the_avatars_video_following_the_audio(
     wait_for(lambda: frames(browser)[1] > 10, "decoded video frames", 45)
     shown = js(browser, "return document.getElementById('video').dataset.participant")
     assert shown == "avatar-anna"
+    # The avatar's audio track plays in the page too, as viewers hear it.
+    playing_audio = "const a = document.querySelector(arguments[0]); return !!a && !a.paused"
+    selector = "#stage audio[data-participant='avatar-anna']"
+    wait_for(lambda: js(browser, playing_audio, selector), "the avatar's audio to play")
     before = frames(browser)
     time.sleep(1.0)
     after = frames(browser)
