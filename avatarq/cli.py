@@ -1,6 +1,7 @@
 """`avatarq`: enqueue and follow jobs, run workers, run the local stack.
 
-Exit codes: 0 done, 1 the job failed or was cancelled, 2 bad input, 3 timed out waiting.
+Exit codes: 0 done, 1 the job failed or was cancelled, 2 bad input, 3 timed out waiting,
+4 Redis or the broker is unreachable.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from avatarq.errors import InvalidJob
 from avatarq.settings import get_settings
 
-EXIT_FAILED, EXIT_INVALID, EXIT_TIMEOUT = 1, 2, 3
+EXIT_FAILED, EXIT_INVALID, EXIT_TIMEOUT, EXIT_UNAVAILABLE = 1, 2, 3, 4
 POLL_INTERVAL_S = 0.25
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
@@ -283,4 +284,20 @@ _register_commands()
 
 
 def main() -> None:
-    app()
+    # Imported here: `avatarq --help` stays as light as the commands that need neither.
+    from kombu.exceptions import OperationalError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    from avatarq.commands.ops import mask_url
+
+    try:
+        app()
+    except (RedisConnectionError, RedisTimeoutError) as e:
+        where = mask_url(get_settings().redis_url)
+        err.print(f"[red]error:[/] cannot reach Redis at {where} (REDIS_URL): {e}", soft_wrap=True)
+        raise SystemExit(EXIT_UNAVAILABLE) from None
+    except OperationalError as e:
+        where = mask_url(get_settings().broker_url)
+        err.print(f"[red]error:[/] cannot reach the broker at {where}: {e}", soft_wrap=True)
+        raise SystemExit(EXIT_UNAVAILABLE) from None

@@ -18,12 +18,15 @@ class Event(StrEnum):
     FAILED = "job.failed"
     CANCELLED = "job.cancelled"
     UNCONFIRMED = "job.unconfirmed"
+    #: No session slot of its avatar server is free: the job waits its turn (not an attempt).
+    WAITING_FOR_AVATAR = "job.waiting_for_avatar"
     RETRYING = "job.retrying"
 
 
 class Status(StrEnum):
     UNKNOWN = "unknown"  # never enqueued (or its record expired)
     QUEUED = "queued"
+    WAITING_FOR_AVATAR = "waiting_for_avatar"  # in line for a session of its avatar server
     PLAYING = "playing"
     COMPLETED = "completed"
     FAILED = "failed"
@@ -54,6 +57,11 @@ def job_enqueued_key(job_id: str) -> str:
 def job_lease_key(job_id: str) -> str:
     """The worker playing the job (expires unless renewed, so a dead worker lets go)."""
     return f"avatarq:lease:{job_id}"
+
+
+def job_waiting_key(job_id: str) -> str:
+    """JSON {server, place, sessions, quota} while the job waits for an avatar session."""
+    return f"avatarq:waiting:{job_id}"
 
 
 def job_cancel_key(job_id: str) -> str:

@@ -29,7 +29,7 @@ from avatarq.events import (
     room_order_key,
 )
 from avatarq.settings import Settings, get_settings
-from avatarq.sourcepolicy import check_source_url
+from avatarq.sourcepolicy import check_source_url, check_url, webhook_policy
 from producers.jobs import Job, parse_job
 from producers.tts.render import render_job
 
@@ -84,6 +84,8 @@ def enqueue(job: Job | Mapping[str, Any], *, settings: Settings | None = None) -
     parsed = render_job(parse_job(dict(job) if isinstance(job, Mapping) else job), s)
     if isinstance(parsed.source, str):
         check_source_url(parsed.source, s, resolve=False)
+    if parsed.webhook_url is not None:
+        check_url(str(parsed.webhook_url), webhook_policy(s), resolve=False)
     app = celery_app(s)
     payload = parsed.payload()
     keys = [job_enqueued_key(parsed.job_id), room_order_key(parsed.room)]

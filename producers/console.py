@@ -15,9 +15,10 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException
 from fastapi.responses import FileResponse, PlainTextResponse, RedirectResponse, Response
@@ -67,6 +68,17 @@ class ViewerToken(BaseModel):
     identity: str
 
 
+class TenantScope(Protocol):
+    """A tenant's view of job ids (producers/api.py's `TenantIds`): the console shows a key's
+    tenant only its own jobs, under their own ids, as the `/jobs` routes do."""
+
+    prefix: str
+
+    def internal(self, job_id: str) -> str: ...
+
+    def public(self, record: dict[str, Any]) -> dict[str, Any]: ...
+
+
 def _text(value: bytes | str | None) -> str:
     return value.decode() if isinstance(value, bytes) else (value or "")
 
@@ -86,8 +98,9 @@ def _queued_job(r: Any, job_id: str, settings: Settings) -> dict[str, Any]:
     return status
 
 
-def rooms(settings: Settings) -> list[dict[str, Any]]:
-    """Each room with unfinished jobs, its jobs in play order (the head plays first)."""
+def rooms(settings: Settings, scope: TenantScope) -> list[dict[str, Any]]:
+    """Each room with unfinished jobs of the tenant, those in play order (the head plays
+    first), and how many jobs of others the room holds (they take turns too)."""
     r = redis_client(settings.redis_url)
     prefix = room_order_key("")
     found = []
@@ -98,30 +111,38 @@ def rooms(settings: Settings) -> list[dict[str, Any]]:
     result = []
     for room in sorted(found):
         ids = [_text(i) for i in r.lrange(room_order_key(room), 0, MAX_JOBS_PER_ROOM - 1)]
-        jobs = [_queued_job(r, job_id, settings) for job_id in ids]
-        if jobs:
-            result.append({"room": room, "jobs": jobs})
+        own = [i for i in ids if i.startswith(scope.prefix)]
+        if own:
+            jobs = [scope.public(_queued_job(r, job_id, settings)) for job_id in own]
+            result.append({"room": room, "jobs": jobs, "others": len(ids) - len(own)})
     return result
 
 
-def recent_ended(settings: Settings) -> list[dict[str, Any]]:
-    """The latest completed, failed and cancelled jobs, newest first, with their reasons."""
+def recent_ended(settings: Settings, scope: TenantScope) -> list[dict[str, Any]]:
+    """The tenant's latest completed, failed and cancelled jobs, newest first, with reasons."""
     r: Any = redis_client(settings.redis_url)  # redis-py types bytes replies as bytes | str
     ended = []
     for _id, fields in r.xrevrange(settings.events_stream, count=EVENTS_SCANNED):
-        if _text(fields.get(b"event")) not in TERMINAL_EVENTS:
+        job_id = _text(fields.get(b"job_id"))
+        if _text(fields.get(b"event")) not in TERMINAL_EVENTS or not job_id.startswith(
+            scope.prefix
+        ):
             continue
         data = json.loads(fields.get(b"data") or b"{}")
-        ended.append(
-            {
-                "job_id": _text(fields.get(b"job_id")),
-                "ts": float(fields.get(b"ts") or 0),
-                **{k: data.get(k) for k in ENDED_FIELDS},
-            }
-        )
+        entry = {"job_id": job_id, "ts": float(fields.get(b"ts") or 0)}
+        ended.append(scope.public({**entry, **{k: data.get(k) for k in ENDED_FIELDS}}))
         if len(ended) == RECENT_ENDED:
             break
     return ended
+
+
+def dead_letters(settings: Settings, scope: TenantScope) -> list[dict[str, Any]]:
+    """The tenant's dead-lettered jobs, newest first."""
+    return [
+        scope.public({**entry, "job": scope.public(entry.get("job") or {})})
+        for entry in list_dead(settings=settings)
+        if str(entry.get("job_id", "")).startswith(scope.prefix)
+    ][:DEAD_SHOWN]
 
 
 def viewer_token(settings: Settings, room: str) -> ViewerToken:
@@ -174,33 +195,38 @@ def _page_routes(app: FastAPI) -> None:
         return FileResponse(index, headers={"Cache-Control": "no-cache"})
 
 
-def mount_console(app: FastAPI, require_key: Any, settings: Settings) -> None:
-    """Add the console's page and its key-protected JSON routes to the API app."""
+def mount_console(app: FastAPI, tenant: Callable[..., TenantScope], settings: Settings) -> None:
+    """Add the console's page and its JSON routes to the API app; `tenant` is the API's own
+    dependency that maps a request's key to its tenant (401 without a key, 403 for a wrong one)."""
     _page_routes(app)
-    data = APIRouter(prefix="/console/api", tags=["console"], dependencies=[Depends(require_key)])
+    data = APIRouter(prefix="/console/api", tags=["console"])
+
+    # As a default value: these annotations are strings, resolved at module level.
+    scoped = Depends(tenant)
 
     @data.get("/overview")
-    def overview() -> dict[str, Any]:
-        """Rooms with their unfinished jobs in play order (status and progress each), the
-        latest ended jobs with their reasons, and the dead-letter list."""
+    def overview(scope: TenantScope = scoped) -> dict[str, Any]:
+        """The tenant's rooms with their unfinished jobs in play order (status and progress
+        each), its latest ended jobs with their reasons, and its dead-lettered jobs."""
         return {
-            "rooms": rooms(settings),
-            "recent": recent_ended(settings),
-            "dead": list_dead(settings=settings, limit=DEAD_SHOWN),
+            "rooms": rooms(settings, scope),
+            "recent": recent_ended(settings, scope),
+            "dead": dead_letters(settings, scope),
         }
 
     @data.post("/dead/{job_id}/retry")
-    def retry(job_id: str) -> dict[str, Any]:
-        """Enqueue a dead-lettered job again under its own id."""
+    def retry(job_id: str, scope: TenantScope = scoped) -> dict[str, Any]:
+        """Enqueue one of the tenant's dead-lettered jobs again under its own id."""
         try:
-            handle = retry_dead(job_id, settings=settings)
-        except KeyError as e:
-            raise HTTPException(404, str(e.args[0])) from None
-        return {"job_id": handle.job_id, "created": handle.created}
+            handle = retry_dead(scope.internal(job_id), settings=settings)
+        except KeyError:
+            raise HTTPException(404, f"job {job_id} is not in the dead-letter list") from None
+        return {**scope.public({"job_id": handle.job_id}), "created": handle.created}
 
-    @data.post("/viewer-token")
+    @data.post("/viewer-token", dependencies=[scoped])
     def watch(request: WatchRequest) -> ViewerToken:
-        """A subscribe-only LiveKit token for the room, so the page can show its avatar."""
+        """A subscribe-only LiveKit token for the room, so the page can show its avatar. Any
+        room: rooms are not a tenant's own, and a key that may play into a room may see it."""
         return viewer_token(settings, request.room)
 
     app.include_router(data)

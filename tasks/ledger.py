@@ -145,10 +145,14 @@ class Ledger:
     async def cancel_requested(self, job_id: str) -> bool:
         return bool(await self.redis.exists(job_cancel_key(job_id)))
 
-    async def release(self, job_id: str, token: str) -> None:
-        """Give the job back without ending it (it will be played again from the start)."""
+    async def release(self, job_id: str, token: str, *, uncount: bool = False) -> None:
+        """Give the job back without ending it (it will be played again from the start).
+        `uncount`: this claim was no attempt at all (it only waited), so it does not count
+        against the job's retries."""
         if await self.redis.get(job_lease_key(job_id)) == token.encode():
             await self.redis.delete(job_lease_key(job_id))
+            if uncount:
+                await self.redis.decr(job_attempts_key(job_id))
 
     async def finish(self, job_id: str, room: str | None, result: dict[str, Any]) -> bool:
         """Record the terminal state once; False if the job had already ended."""

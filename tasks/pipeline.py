@@ -7,14 +7,17 @@ result dict or raises a JobError; the Celery task (tasks/render.py) decides abou
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import redis.asyncio as aioredis
 from livekit import rtc
 
 from avatarq.errors import (
+    AvatarOverLimit,
     AvatarTimeout,
     DecodeError,
     InvalidJob,
@@ -22,7 +25,7 @@ from avatarq.errors import (
     RoomError,
     TransientJobError,
 )
-from avatarq.events import Event, Status
+from avatarq.events import Event, Status, job_waiting_key
 from avatarq.settings import DEFAULT_AVATAR_SERVER, AvatarServer, Settings
 from producers.jobs import Job
 from tasks import metrics, tokens
@@ -31,6 +34,7 @@ from tasks.avatar import START_ANSWER_TIMEOUT_S, AvatarClient, HttpAvatarClient
 from tasks.control import Interrupted, JobControl, StopReason
 from tasks.decode import PcmDecoder, probe_duration
 from tasks.pacing import Pacer
+from tasks.quota import AvatarQuota, NoAvatarSlot, Waiting, wait_for_slot
 from tasks.report import JobReporter
 from tasks.source import aresolve
 from tasks.stream import AudioStreamSender
@@ -45,6 +49,11 @@ CHUNK_SECONDS = 0.1
 OVERHEAD_BUDGET_S = 60.0
 #: How long an interrupted job waits for the avatar to report where playback stopped.
 INTERRUPT_REPORT_TIMEOUT_S = 2.0
+#: How long a cold start waits in its worker slot for an avatar session slot before the job
+#: goes back to the queue (its place in the server's line is kept meanwhile).
+QUOTA_PATIENCE_S = 5.0
+#: A waiting job's status entry outlives the gaps between its polls and requeues.
+WAITING_TTL_S = 15
 #: Audio the avatar may report short of what was sent before the playback counts as cut off.
 PLAYBACK_SHORTFALL_S = 0.5
 
@@ -74,6 +83,19 @@ def avatar_server_for(job: Job, settings: Settings) -> AvatarServer:
         return settings.avatar_server(job.avatar_server)
     except KeyError as e:
         raise InvalidJob(str(e.args[0]), reason="unknown_avatar_server") from None
+
+
+_quotas: dict[str, AvatarQuota] = {}
+
+
+def avatar_quota(settings: Settings, name: str) -> AvatarQuota:
+    """This process's handle on the fleet-wide session quota of avatar server `name`."""
+    quota = _quotas.get(name)
+    if quota is None:
+        server = settings.avatar_server(name)
+        redis = aioredis.from_url(settings.redis_url)
+        quota = _quotas[name] = AvatarQuota(redis, name, server.max_sessions)
+    return quota
 
 
 def avatar_client_for(job: Job, settings: Settings) -> AvatarClient:
@@ -124,8 +146,7 @@ async def play(
             link = await pool.take(key) if settings.warm_idle_s > 0 else None
             warm = link is not None
             if link is None:
-                await pool.make_room(key)
-                link = await open_link(job, settings, key, duration, ts)
+                link = await start_link(job, settings, key, duration, ts, reporter)
             else:
                 ts.room_joined = ts.avatar_ready = time.time()
             link.attach(control)
@@ -228,6 +249,50 @@ def link_key(job: Job, settings: Settings) -> LinkKey:
         job.avatar_server or DEFAULT_AVATAR_SERVER,
         server.sample_rate,
     )
+
+
+async def start_link(
+    job: Job,
+    settings: Settings,
+    key: LinkKey,
+    duration: float | None,
+    ts: Timestamps,
+    reporter: JobReporter,
+) -> AvatarLink:
+    """A cold start within the avatar server's session quota: wait for a slot (briefly:
+    `NoAvatarSlot` sends the job back to the queue), then open the link, which holds the
+    slot until it closes."""
+    quota = avatar_quota(settings, key[2])
+    waited = False
+
+    async def on_wait(waiting: Waiting) -> None:
+        nonlocal waited
+        waited = True
+        info = {
+            "server": key[2],
+            "place": waiting.place + 1,
+            "sessions": waiting.sessions,
+            "quota": waiting.quota,
+        }
+        await reporter.emit(Event.WAITING_FOR_AVATAR, **info)
+        await quota.redis.set(job_waiting_key(job.job_id), json.dumps(info), ex=WAITING_TTL_S)
+
+    slot = await wait_for_slot(quota, job.job_id, patience_s=QUOTA_PATIENCE_S, on_wait=on_wait)
+    if waited:
+        await quota.redis.delete(job_waiting_key(job.job_id))
+    try:
+        await warm_pool(settings.redis_url).make_room(key)
+        link = await open_link(job, settings, key, duration, ts)
+    except AvatarOverLimit as e:
+        # Refused under our quota: the server's real limit is lower. Shrink, and wait again.
+        await quota.release(slot)
+        cap = await quota.shrink()
+        raise NoAvatarSlot(key[2], Waiting(place=0, sessions=cap, quota=cap)) from e
+    except BaseException:
+        await quota.release(slot)
+        raise
+    link.hold_slot(quota, slot)
+    return link
 
 
 async def open_link(

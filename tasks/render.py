@@ -29,6 +29,7 @@ from tasks.app import app
 from tasks.backoff import backoff_delay
 from tasks.control import HAND_BACK, Interrupted, JobControl, StopReason
 from tasks.ledger import LEASE_TTL_S, Claim, Ledger
+from tasks.quota import NoAvatarSlot
 from tasks.report import JobReporter, StateUpdater
 from tasks.runtime import get_loop_thread
 
@@ -39,6 +40,9 @@ log = logging.getLogger("avatarq.render")
 ROOM_WAIT_S = 5.0
 ROOM_POLL_S = 0.2
 ROOM_REQUEUE_S = 1.0
+#: A job waiting for an avatar session slot comes back this soon (well within the time its
+#: place in line is kept, tasks/quota.py WAITER_STALE_S).
+QUOTA_REQUEUE_S = 1.0
 #: How often a playing job checks for cancel and hand-back: stops within half a second.
 WATCH_INTERVAL_S = 0.25
 #: Tries to record a job's end, or to start one, while Redis is unreachable (about a minute
@@ -141,6 +145,11 @@ async def _claim_and_play(
     watcher = asyncio.create_task(_watch(ledger, job.job_id, token, control))
     try:
         result = await pipeline.play(job, settings, reporter, control, attempt=attempt)
+    except NoAvatarSlot as e:
+        # Waiting is not failing: back to the queue, this claim not counted as an attempt.
+        log.info("job %s: %s; requeued", job.job_id, e)
+        await ledger.release(job.job_id, token, uncount=True)
+        return Outcome(retry_in=QUOTA_REQUEUE_S)
     except Interrupted as e:
         if e.reason is StopReason.HANDED_BACK:
             await ledger.release(job.job_id, token)

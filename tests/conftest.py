@@ -13,35 +13,37 @@ class LiveKitServerInfo:
     api_key: str
     api_secret: str
     log_path: str
+    #: "embedded" or "official"
+    server: str = "embedded"
 
 
-@_lk_pytest.fixture(scope="module")
-def livekit_server() -> _LkIterator[LiveKitServerInfo]:
-    """`python -m avatarq.dev.livekit_server` as a subprocess on a free loopback port.
+@_lk_pytest.fixture(scope="module", params=["embedded", "official"])
+def livekit_server(
+    request: _lk_pytest.FixtureRequest, tmp_path_factory: _lk_pytest.TempPathFactory
+) -> _LkIterator[LiveKitServerInfo]:
+    """The embedded server and the official livekit-server, each as a subprocess on a free
+    loopback port: the conformance tests hold the embedded one to the official one.
 
-    Short empty-room timeout (2 s) so rooms left by one test do not linger.
+    Short empty-room timeout (2 s) so rooms left by one test do not linger. The official one
+    is skipped only where it cannot run (no binary, outside the namespace) and CI is unset.
     """
-    from avatarq.dev.processes import free_port, python_module, tcp_ready
+    import os
 
+    from avatarq.dev import livekit_official
+    from avatarq.dev.processes import free_port
+    from avatarq.dev.stack import livekit_process
+
+    if request.param == "official" and (missing := livekit_official.why_unavailable()):
+        if os.environ.get("CI") == "true":
+            _lk_pytest.fail(f"CI needs the official LiveKit server: {missing}")
+        _lk_pytest.skip(f"official LiveKit server: {missing}")
     port = free_port()
     key, secret = "devkey", "secret"
-    proc = python_module(
-        "livekit-server",
-        "avatarq.dev.livekit_server",
-        [
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--keys",
-            f"{key}: {secret}",
-            "--empty-timeout",
-            "2",
-        ],
-        ready=tcp_ready("127.0.0.1", port),
-    )
+    logs = tmp_path_factory.mktemp(f"livekit-{request.param}")
+    proc = livekit_process(request.param, port, {key: secret}, logs, room_timeouts=(2, 2))
     with proc:
-        yield LiveKitServerInfo(f"ws://127.0.0.1:{port}", key, secret, str(proc.log_path))
+        url = f"ws://127.0.0.1:{port}"
+        yield LiveKitServerInfo(url, key, secret, str(proc.log_path), request.param)
 
 
 # --- end livekit_server fixture ----------------------------------------------------------------

@@ -24,8 +24,10 @@ from producers import console, enqueue
 from producers.api import create_app
 from tests.producing import AVATARQ, own_db, queued_job_ids
 
-KEY = "console-key"
+KEY = "console-key"  # tenant acme
 AUTH = {"X-API-Key": KEY}
+OTHER = {"X-API-Key": "other-key"}  # tenant globex
+API_KEYS = f"acme:{KEY},globex:other-key"
 DB = 5
 LIVEKIT_SECRET = "console-test-secret-0123456789abcdef"
 
@@ -37,14 +39,20 @@ def redis_url(redis_server: str) -> str:
 
 @pytest.fixture(scope="module")
 def settings(redis_url: str) -> Settings:
-    return Settings(REDIS_URL=redis_url, LIVEKIT_API_SECRET=LIVEKIT_SECRET, AVATARQ_API_KEYS=KEY)
+    return Settings(
+        REDIS_URL=redis_url, LIVEKIT_API_SECRET=LIVEKIT_SECRET, AVATARQ_API_KEYS=API_KEYS
+    )
 
 
 @pytest.fixture(scope="module")
 def base(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`avatarq api` as users run it, on this module's Redis database."""
     port = free_port()
-    env = {"REDIS_URL": redis_url, "AVATARQ_API_KEYS": KEY, "LIVEKIT_API_SECRET": LIVEKIT_SECRET}
+    env = {
+        "REDIS_URL": redis_url,
+        "AVATARQ_API_KEYS": API_KEYS,
+        "LIVEKIT_API_SECRET": LIVEKIT_SECRET,
+    }
     proc = ManagedProcess(
         "api",
         [AVATARQ, "api", "--port", str(port)],
@@ -67,33 +75,44 @@ def test_console_data_needs_a_key(base: str) -> None:
     assert root.status_code == 307 and root.headers["Location"] == "/console/"
 
 
-def test_overview_lists_rooms_in_order_with_outcomes_and_dead_letters(
+def test_overview_shows_the_tenants_rooms_in_order_with_outcomes_and_dead_letters(
     base: str, settings: Settings
 ) -> None:
     r = redis.Redis.from_url(settings.redis_url)
-    # No worker runs here: enqueued jobs stay queued, in their rooms' order.
-    for job_id, room in (("ov-a1", "ov-a"), ("ov-b1", "ov-b"), ("ov-a2", "ov-a")):
+    # No worker runs here: enqueued jobs stay queued, in their rooms' order. Job ids as the API
+    # names them: `{tenant}:{id}`.
+    for job_id, room in (
+        ("acme:ov-a1", "ov-a"),
+        ("globex:ov-x1", "ov-a"),
+        ("acme:ov-b1", "ov-b"),
+        ("acme:ov-a2", "ov-a"),
+        ("globex:ov-x2", "ov-x"),
+    ):
         enqueue(
             {"job_id": job_id, "room": room, "avatar_id": "anna", "source": "s3://b/k.wav"},
             settings=settings,
         )
     # Terminal events as workers write them to the global stream (avatarq/events.py).
     for job_id, event, data in (
-        ("ov-done", Event.COMPLETED, {"status": "completed", "room": "ov-a"}),
-        ("ov-bad", Event.FAILED, {"status": "failed", "reason": "invalid_audio", "error": "no"}),
-        ("ov-p", Event.PROGRESS, {"seconds_streamed": 1.0}),
+        ("acme:ov-done", Event.COMPLETED, {"status": "completed", "room": "ov-a"}),
+        ("globex:ov-theirs", Event.FAILED, {"status": "failed", "reason": "invalid_audio"}),
+        ("acme:ov-bad", Event.FAILED, {"status": "failed", "reason": "invalid_audio"}),
+        ("acme:ov-p", Event.PROGRESS, {"seconds_streamed": 1.0}),
     ):
         fields = {"event": event.value, "job_id": job_id, "ts": str(time.time())}
         r.xadd(settings.events_stream, {**fields, "data": json.dumps(data)})
-    dead = {"job": {"job_id": "ov-dead", "room": "ov-a", "avatar_id": "anna", "source": "s3://b/x"}}
-    r.lpush(DEAD_LETTER_KEY, json.dumps({**dead, "job_id": "ov-dead", "reason": "avatar_timeout"}))
+    for job_id in ("acme:ov-dead", "globex:ov-their-dead"):
+        job = {"job_id": job_id, "room": "ov-a", "avatar_id": "anna", "source": "s3://b/x"}
+        r.lpush(DEAD_LETTER_KEY, json.dumps({"job": job, "job_id": job_id, "reason": "x"}))
 
     data = requests.get(f"{base}/console/api/overview", headers=AUTH, timeout=10).json()
 
-    rooms = {room["room"]: room["jobs"] for room in data["rooms"]}
-    assert [j["job_id"] for j in rooms["ov-a"]] == ["ov-a1", "ov-a2"]
-    assert [j["job_id"] for j in rooms["ov-b"]] == ["ov-b1"]
-    first = rooms["ov-a"][0]
+    rooms = {room["room"]: room for room in data["rooms"]}
+    assert set(rooms) == {"ov-a", "ov-b"}  # ov-x holds only another tenant's job
+    assert [j["job_id"] for j in rooms["ov-a"]["jobs"]] == ["ov-a1", "ov-a2"]
+    assert rooms["ov-a"]["others"] == 1  # globex's job takes its turn in between
+    assert [j["job_id"] for j in rooms["ov-b"]["jobs"]] == ["ov-b1"]
+    first = rooms["ov-a"]["jobs"][0]
     assert (first["status"], first["avatar_id"], first["source"]) == (
         "queued",
         "anna",
@@ -101,19 +120,28 @@ def test_overview_lists_rooms_in_order_with_outcomes_and_dead_letters(
     )
     recent = [(e["job_id"], e["status"], e["reason"]) for e in data["recent"]]
     assert recent == [("ov-bad", "failed", "invalid_audio"), ("ov-done", "completed", None)]
-    assert [d["job_id"] for d in data["dead"]] == ["ov-dead"]
+    assert [(d["job_id"], d["job"]["job_id"]) for d in data["dead"]] == [("ov-dead", "ov-dead")]
+
+    theirs = requests.get(f"{base}/console/api/overview", headers=OTHER, timeout=10).json()
+    assert {room["room"] for room in theirs["rooms"]} == {"ov-a", "ov-x"}
+    assert [e["job_id"] for e in theirs["recent"]] == ["ov-theirs"]
+    assert [d["job_id"] for d in theirs["dead"]] == ["ov-their-dead"]
 
 
 def test_retry_a_dead_letter(base: str, settings: Settings) -> None:
     r = redis.Redis.from_url(settings.redis_url)
-    job = {"job_id": "rt-dead", "room": "rt", "avatar_id": "anna", "source": "s3://b/k.wav"}
-    r.lpush(DEAD_LETTER_KEY, json.dumps({"job": job, "job_id": "rt-dead", "reason": "x"}))
-    missing = requests.post(f"{base}/console/api/dead/nope/retry", headers=AUTH, timeout=10)
-    assert missing.status_code == 404 and "nope" in missing.json()["detail"]
-    res = requests.post(f"{base}/console/api/dead/rt-dead/retry", headers=AUTH, timeout=10)
-    assert res.json() == {"job_id": "rt-dead", "created": True}
-    assert "rt-dead" in queued_job_ids(r)
-    assert all(json.loads(e)["job_id"] != "rt-dead" for e in r.lrange(DEAD_LETTER_KEY, 0, -1))
+    job = {"job_id": "acme:rt-dead", "room": "rt", "avatar_id": "anna", "source": "s3://b/k.wav"}
+    r.lpush(DEAD_LETTER_KEY, json.dumps({"job": job, "job_id": "acme:rt-dead", "reason": "x"}))
+    url = f"{base}/console/api/dead/rt-dead/retry"
+    # Another tenant's key cannot replay it: to them it does not exist.
+    other = requests.post(url, headers=OTHER, timeout=10)
+    assert other.status_code == 404 and "rt-dead" in other.json()["detail"]
+    assert requests.post(url, headers=AUTH, timeout=10).json() == {
+        "job_id": "rt-dead",
+        "created": True,
+    }
+    assert "acme:rt-dead" in queued_job_ids(r)
+    assert all(json.loads(e)["job_id"] != "acme:rt-dead" for e in r.lrange(DEAD_LETTER_KEY, 0, -1))
 
 
 def test_viewer_token_may_only_subscribe_to_its_room(base: str) -> None:

@@ -274,7 +274,8 @@ def test_retry_a_dead_letter_from_the_page(
     from selenium.webdriver.common.by import By
 
     # A job as a worker leaves it after its last retry (tasks/: record, marker, dead entry).
-    job = {"job_id": "console-dead-1", "room": "console-d", "avatar_id": "anna"}
+    # KEY has no tenant: it is tenant `default`'s, whose ids the API queues as `default:{id}`.
+    job = {"job_id": "default:console-dead-1", "room": "console-d", "avatar_id": "anna"}
     job["source"] = f"{audio}/tone4.wav"
     r = redis.Redis.from_url(stack.redis.url)
     failed = {"job_id": job["job_id"], "status": "failed", "reason": "avatar_timeout"}
@@ -285,11 +286,11 @@ def test_retry_a_dead_letter_from_the_page(
     r.lpush(DEAD_LETTER_KEY, json.dumps({**entry, "ts": time.time()}))
 
     open_console(browser, base, KEY)
-    selector = f"#dead tr[data-job-id='{job['job_id']}'] button.retry"
+    selector = "#dead tr[data-job-id='console-dead-1'] button.retry"
     wait_for(lambda: visible(browser, selector), "the dead letter")
     browser.save_screenshot(str(artefacts / "06-dead-letter.png"))
     browser.find_element(By.CSS_SELECTOR, selector).click()
-    assert wait_for(lambda: ended_as(browser, job["job_id"]), "the replay to end") == "completed"
+    assert wait_for(lambda: ended_as(browser, "console-dead-1"), "the replay") == "completed"
     assert not visible(browser, selector)
 
 

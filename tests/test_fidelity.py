@@ -9,7 +9,6 @@ the room's own lifetime would be cut off within seconds; the real defaults are 3
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import time
 import uuid

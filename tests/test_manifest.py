@@ -15,9 +15,9 @@ from producers.manifest import ManifestError, load_manifest
 from tests.producing import avatarq, own_db, queued_job_ids
 
 CSV = """\
-room,avatar_id,source,sample_rate,metadata,job_id
-lobby,anna,s3://clips/a.mp3,16000,"{""campaign"": ""spring""}",bulk-a
-lobby,,ftp://host/b.wav,7,,bulk-b
+room,avatar_id,source,lead,metadata,job_id
+lobby,anna,s3://clips/a.mp3,0.3,"{""campaign"": ""spring""}",bulk-a
+lobby,,ftp://host/b.wav,99,,bulk-b
 lobby,anna,"/clips/with
 newline.wav",,,bulk-c
 
@@ -50,7 +50,7 @@ def test_csv_rows_are_validated_with_line_numbers(tmp_path: Path) -> None:
     assert m.jobs[1][1].source == "/clips/with\nnewline.wav"  # a quoted cell spans two lines
     bad = {b.line: dict(b.errors) for b in m.invalid}
     assert set(bad) == {3, 7, 8, 9}
-    assert set(bad[3]) == {"avatar_id", "source", "sample_rate"}
+    assert set(bad[3]) == {"avatar_id", "source", "lead"}
     assert "not JSON" in bad[7]["metadata"]
     assert bad[8] == {"job_id": "duplicate of line 2"}
     assert "has 2 cells" in bad[9]["row"]

@@ -190,9 +190,7 @@ def test_unknown_avatar_server_name_fails_alone(stack: LocalStack, tmp_path: Pat
     assert "'nope'" in result["error"] and "dead, default" in result["error"]
 
 
-def test_a_job_cannot_send_the_license_to_a_url_it_names(
-    stack: LocalStack, tmp_path: Path
-) -> None:
+def test_a_job_cannot_send_the_license_to_a_url_it_names(stack: LocalStack, tmp_path: Path) -> None:
     """Critical: a raw message (any producer, any language) naming its own avatar server
     URL fails as invalid, and that URL never hears from the worker."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer

@@ -10,7 +10,9 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -64,9 +66,15 @@ def run_demo(
         os.environ.update(stack.env())
         get_settings.cache_clear()
         from producers import enqueue
+        from producers.jobs import new_job_id
 
+        access = ConsoleAccess.from_env() if keep else None
+        job: dict[str, Any] = {"room": "demo", "avatar_id": "demo", "source": source}
+        if access:
+            # In the key's tenant namespace (as the API would name it), so its console shows it.
+            job["job_id"] = f"{access.tenant}:{new_job_id()}"
         started = time.monotonic()
-        handle = enqueue({"room": "demo", "avatar_id": "demo", "source": source})
+        handle = enqueue(job)
         result = follow(handle.job_id, timeout=DEMO_TIMEOUT_S, show_progress=show_progress)
         wall = time.monotonic() - started
         summary = summarize(result, wall, stack.recordings)
@@ -75,29 +83,46 @@ def run_demo(
         if show_progress:
             for key, value in summary.items():
                 console.print(f"  {key}: {value}")
-        if keep:
-            serve_console(stack)
+        if access:
+            serve_console(stack, access)
         return summary
 
 
-def serve_console(stack: LocalStack) -> None:
+@dataclass(frozen=True)
+class ConsoleAccess:
+    """The API keys `--keep` serves with, and the first one's key and tenant (for the URL)."""
+
+    api_keys: str
+    key: str
+    tenant: str
+
+    @classmethod
+    def from_env(cls) -> ConsoleAccess:
+        """`AVATARQ_API_KEYS` when set, else a fresh key of tenant `demo`."""
+        from producers.api import parse_api_keys
+
+        keys = os.environ.get("AVATARQ_API_KEYS", "").strip(" ,")
+        keys = keys or f"demo:{secrets.token_urlsafe(16)}"
+        key, tenant = next(iter(parse_api_keys(keys).items()))
+        return cls(keys, key, tenant)
+
+
+def serve_console(stack: LocalStack, access: ConsoleAccess) -> None:
     """`avatarq api` on the stack, its console's URL (with a key) printed, until stopped."""
-    given = os.environ.get("AVATARQ_API_KEYS", "").strip(" ,")
-    keys = given or secrets.token_urlsafe(16)
     port = CONSOLE_PORT if _port_free(CONSOLE_PORT) else free_port()
     api = python_module(
         "api",
         "avatarq",
         ["api", "--host", HOST, "--port", str(port)],
         ready=tcp_ready(HOST, port),
-        env={**stack.env(), "AVATARQ_API_KEYS": keys},
+        env={**stack.env(), "AVATARQ_API_KEYS": access.api_keys},
         log_dir=stack.workdir / "logs",
     )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     with api:
-        url = f"http://{HOST}:{port}/console/#key={keys.split(',')[0].strip()}"
+        url = f"http://{HOST}:{port}/console/#key={urllib.parse.quote(access.key, safe='')}"
         console.print(f"console: {url}", soft_wrap=True, highlight=False)
         if stack.server != "official":
             console.print(

@@ -147,6 +147,10 @@ def local_stack(
             license_key,
             "--record-dir",
             str(workdir / "recordings"),
+            # The embedded server forwards no media, so no subscription would ever release
+            # an AvatarRunner's video there.
+            "--publish",
+            "runner" if server == "official" else "video_only",
         ],
         ready=tcp_ready(HOST, av_port),
         log_dir=logs,

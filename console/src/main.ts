@@ -34,7 +34,8 @@ interface Dead {
   job?: { room?: string };
 }
 interface Overview {
-  rooms: { room: string; jobs: JobStatus[] }[];
+  /** `others`: jobs of other tenants in the room's order (they take turns too). */
+  rooms: { room: string; jobs: JobStatus[]; others: number }[];
   recent: Ended[];
   dead: Dead[];
 }
@@ -196,7 +197,7 @@ function jobRow(job: JobStatus, room: string): HTMLElement {
 function renderQueue(data: Overview): void {
   const playing: HTMLElement[] = [];
   const rooms: HTMLElement[] = [];
-  for (const { room, jobs } of data.rooms) {
+  for (const { room, jobs, others } of data.rooms) {
     const waiting = jobs.filter((j) => j.status !== "playing");
     for (const job of jobs.filter((j) => j.status === "playing")) {
       playing.push(jobRow(job, room));
@@ -207,7 +208,13 @@ function renderQueue(data: Overview): void {
         h(
           "div",
           { class: "room", "data-room": room },
-          h("h3", {}, room, h("span", { class: "meta" }, `${waiting.length} waiting`)),
+          h(
+            "h3",
+            {},
+            room,
+            h("span", { class: "meta" }, `${waiting.length} waiting`),
+            others ? h("span", { class: "meta" }, `· ${others} of other producers in turn`) : null,
+          ),
           ...waiting.map((j) => jobRow(j, room)),
         ),
       );

@@ -14,7 +14,7 @@ class Faults(BaseModel):
     subscribed; receiver bound to the token's sender); the rest reproduces what real servers
     are known to do."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
 
     # -- the HTTP API ---------------------------------------------------------------------
     fail_next_starts: int = Field(0, ge=0)  # answer the next N valid starts with `fail_status`

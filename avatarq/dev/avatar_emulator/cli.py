@@ -33,6 +33,14 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="write {session_id}.wav and {session_id}.json here (default: record nothing)",
     )
+    p.add_argument(
+        "--publish",
+        choices=["runner", "video_only"],
+        default="runner",
+        help="runner: AvatarRunner's order, video once the audio is subscribed (real avatars); "
+        "video_only: video at once, for a LiveKit server that forwards no media (the "
+        "embedded one), where no subscription ever completes",
+    )
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -51,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.record_dir is not None:
         args.record_dir.mkdir(parents=True, exist_ok=True)
-    app = create_app(Emulator(license_key, args.record_dir))
+    emulator = Emulator(license_key, args.record_dir)
+    emulator.faults.publish = args.publish
+    app = create_app(emulator)
     logging.getLogger(__name__).info(
         "avatar emulator listening on http://%s:%d", args.host, args.port
     )
