@@ -108,7 +108,7 @@ def base(stack: LocalStack) -> Iterator[str]:
 def audio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Tones served over HTTP (the API refuses local file sources)."""
     root = tmp_path_factory.mktemp("console-audio")
-    for seconds in (4, 8, 30):
+    for seconds in (4, 6, 8, 30):
         tone(root / f"tone{seconds}.wav", seconds=seconds)
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
     with serving(http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)) as url:
@@ -227,7 +227,8 @@ def test_enqueued_job_shows_up_progresses_and_completes(
 ) -> None:
     open_console(browser, base, KEY)
     wait_for(lambda: visible(browser, "#console"), "the console")
-    first = enqueue_from_page(browser, f"{audio}/tone4.wav", "console-a")
+    # Long enough for several progress events (one a second) after the page shows it playing.
+    first = enqueue_from_page(browser, f"{audio}/tone6.wav", "console-a")
     second = enqueue_from_page(browser, f"{audio}/tone4.wav", "console-a")
     # The room plays one job at a time: the second waits behind the first.
     wait_for(lambda: row_status(browser, first) == "playing", "the first job to play")
@@ -239,7 +240,7 @@ def test_enqueued_job_shows_up_progresses_and_completes(
     while ended_as(browser, first) is None and time.monotonic() < deadline:
         if (b := bar(browser, first)) and (not seen or b[0] != seen[-1]):
             seen.append(b[0])
-            assert b[1] == pytest.approx(4.0, abs=0.1)  # the bar's length is the audio's
+            assert b[1] == pytest.approx(6.0, abs=0.1)  # the bar's length is the audio's
         time.sleep(0.2)
     assert len(seen) >= 3 and seen == sorted(seen) and seen[-1] > seen[0], seen
     assert wait_for(lambda: ended_as(browser, first), "the first job to end") == "completed"
