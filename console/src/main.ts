@@ -235,6 +235,10 @@ function headings(...names: string[]): HTMLElement {
 }
 
 function renderRecent(recent: Ended[]): void {
+  if (!recent.length) {
+    $("recent").replaceChildren(h("tr", {}, h("td", { class: "empty" }, "nothing ended yet")));
+    return;
+  }
   const head = headings("ended", "job", "room", "status", "reason", "error");
   const lines = recent.map((e) =>
     h(
