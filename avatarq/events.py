@@ -64,6 +64,12 @@ def job_waiting_key(job_id: str) -> str:
     return f"avatarq:waiting:{job_id}"
 
 
+def avatar_quota_key(server: str, part: str) -> str:
+    """The session quota of avatar server `server` (tasks/quota.py): `sessions` (zset holder →
+    lease expiry ms), `waiting` (zset job → first wait ms), `waiting-seen`, `cap`."""
+    return f"avatarq:avatar:{server}:{part}"
+
+
 def job_cancel_key(job_id: str) -> str:
     return f"avatarq:cancel:{job_id}"
 

@@ -26,6 +26,7 @@ from avatarq.events import (
     job_enqueued_key,
     job_lease_key,
     job_record_key,
+    job_waiting_key,
     room_order_key,
 )
 from avatarq.settings import Settings, get_settings
@@ -136,7 +137,11 @@ def get_status(job_id: str, *, settings: Settings | None = None) -> dict[str, An
     meta = celery_app(s).backend.get_task_meta(job_id)
     state, info = meta.get("status", "PENDING"), meta.get("result")
     status: dict[str, Any] = {"job_id": job_id, "celery_state": state}
-    if state == "PROGRESS" and isinstance(info, dict):
+    waiting = r.get(job_waiting_key(job_id))
+    if waiting is not None:
+        # In line for a session of its avatar server (server, place, sessions, quota).
+        status.update(status=Status.WAITING_FOR_AVATAR.value, **json.loads(waiting))
+    elif state == "PROGRESS" and isinstance(info, dict):
         status.update(status=Status.PLAYING.value, **info)
     elif state in ("STARTED", "RETRY"):
         status["status"] = Status.PLAYING.value if state == "STARTED" else Status.QUEUED.value

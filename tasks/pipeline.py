@@ -134,7 +134,16 @@ async def play(
     chunk_bytes = int(sample_rate * CHUNK_SECONDS) * 2
 
     async with asyncio.timeout(time_budget(job, duration, settings)):
-        async with PcmDecoder(resolved, sample_rate=sample_rate, settings=settings) as decoder:
+        # The limit holds while decoding too (many files do not declare their length), and a
+        # file that decodes clearly short of its declared length fails as truncated_audio.
+        decoder = PcmDecoder(
+            resolved,
+            sample_rate=sample_rate,
+            settings=settings,
+            max_seconds=limit,
+            expected_seconds=duration,
+        )
+        async with decoder:
             chunks = decoder.chunks(chunk_bytes)
             # Decode the first chunk before joining anything: a bad file fails here, cheaply.
             first = await anext(chunks, b"")
@@ -221,7 +230,7 @@ async def play(
         **({} if confirmed else {"reason": "playback_unconfirmed"}),
         "room": job.room,
         "avatar_id": job.avatar_id,
-        "audio_duration": duration if duration is not None else streamed,
+        "audio_duration": duration if duration is not None else decoder.decoded_seconds,
         "seconds_streamed": round(streamed, 6),
         "playback_position": finished.playback_position if finished else None,
         "interrupted": finished.interrupted if finished else None,
@@ -263,11 +272,8 @@ async def start_link(
     `NoAvatarSlot` sends the job back to the queue), then open the link, which holds the
     slot until it closes."""
     quota = avatar_quota(settings, key[2])
-    waited = False
 
     async def on_wait(waiting: Waiting) -> None:
-        nonlocal waited
-        waited = True
         info = {
             "server": key[2],
             "place": waiting.place + 1,
@@ -278,8 +284,8 @@ async def start_link(
         await quota.redis.set(job_waiting_key(job.job_id), json.dumps(info), ex=WAITING_TTL_S)
 
     slot = await wait_for_slot(quota, job.job_id, patience_s=QUOTA_PATIENCE_S, on_wait=on_wait)
-    if waited:
-        await quota.redis.delete(job_waiting_key(job.job_id))
+    # Also clears what an earlier, requeued try of this job left.
+    await quota.redis.delete(job_waiting_key(job.job_id))
     try:
         await warm_pool(settings.redis_url).make_room(key)
         link = await open_link(job, settings, key, duration, ts)

@@ -29,6 +29,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from avatarq.events import avatar_quota_key
+
 log = logging.getLogger("avatarq.quota")
 
 #: A slot outlives a few missed renewals; a dead worker's slot comes free this soon.
@@ -45,8 +47,7 @@ _ACQUIRE = files("tasks").joinpath("lua/slots_acquire.lua").read_text()
 _RENEW = files("tasks").joinpath("lua/slots_renew.lua").read_text()
 
 
-def _key(server: str, what: str) -> str:
-    return f"avatarq:avatar:{server}:{what}"
+_key = avatar_quota_key
 
 
 @dataclass(frozen=True)
