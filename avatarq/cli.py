@@ -9,65 +9,25 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from avatarq.commands.common import (
+    EXIT_FAILED,
+    EXIT_INVALID,
+    EXIT_UNAVAILABLE,
+    conclude,
+    err,
+    fail,
+)
 from avatarq.errors import InvalidJob
 from avatarq.settings import get_settings
-
-EXIT_FAILED, EXIT_INVALID, EXIT_TIMEOUT, EXIT_UNAVAILABLE = 1, 2, 3, 4
-POLL_INTERVAL_S = 0.25
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 dev = typer.Typer(no_args_is_help=True, help="The embedded local stack's services.")
 app.add_typer(dev, name="dev")
-err = Console(stderr=True)
-
-
-def _fail(message: str, code: int) -> typer.Exit:
-    err.print(f"[red]error:[/] {message}")
-    return typer.Exit(code)
-
-
-def follow(job_id: str, *, timeout: float, show_progress: bool) -> dict[str, Any]:
-    """Poll the job until it ends (or `timeout`), drawing a bar of seconds played."""
-    from producers import get_status
-    from producers.client import is_terminal
-
-    deadline = time.monotonic() + timeout
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[played]}"))
-    with Progress(*columns, TimeElapsedColumn(), console=err, disable=not show_progress) as bar:
-        task = bar.add_task(f"job {job_id}", total=None, played="queued")
-        while time.monotonic() < deadline:
-            status = get_status(job_id)
-            if is_terminal(status):
-                return status
-            streamed, total = status.get("seconds_streamed"), status.get("total_seconds")
-            if streamed is not None:
-                bar.update(task, completed=streamed, total=total, played=f"{streamed:.1f}s played")
-            else:
-                bar.update(task, played=status.get("status", "queued"))
-            time.sleep(POLL_INTERVAL_S)
-    raise _fail(f"job {job_id} did not finish within {timeout:g}s", EXIT_TIMEOUT)
-
-
-def report(result: dict[str, Any], *, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(result, default=str))
-    elif result.get("status") == "completed":
-        pos = result.get("playback_position")
-        where = f"{pos:.2f}s" if isinstance(pos, (int, float)) else "unconfirmed"
-        err.print(
-            f"[green]completed[/] job {result['job_id']}: "
-            f"{result.get('seconds_streamed', 0):.2f}s streamed, played to {where}"
-        )
-    else:
-        err.print(f"[red]{result.get('status')}[/] job {result['job_id']}: {result.get('error')}")
 
 
 @app.command()
@@ -100,26 +60,12 @@ def enqueue(
         try:
             job["metadata"] = json.loads(metadata)
         except ValueError as e:
-            raise _fail(f"--metadata is not JSON: {e}", EXIT_INVALID) from None
+            raise fail(f"--metadata is not JSON: {e}", EXIT_INVALID) from None
     try:
         handle = do_enqueue({k: v for k, v in job.items() if v is not None})
     except InvalidJob as e:
-        raise _fail(e.message, EXIT_INVALID) from None
+        raise fail(e.message, EXIT_INVALID) from None
     conclude(handle.job_id, wait=wait, timeout=timeout, as_json=as_json)
-
-
-def conclude(job_id: str, *, wait: bool, timeout: float, as_json: bool) -> None:
-    """After enqueueing: say it is queued, or with `wait` follow it and exit with its outcome."""
-    if not wait:
-        if as_json:
-            print(json.dumps({"job_id": job_id, "status": "queued"}))
-        else:
-            err.print(f"queued job {job_id}")
-        return
-    result = follow(job_id, timeout=timeout, show_progress=not as_json)
-    report(result, as_json=as_json)
-    if result.get("status") != "completed":
-        raise typer.Exit(EXIT_FAILED)
 
 
 @app.command()
@@ -157,7 +103,7 @@ def cancel(job_id: str) -> None:
 
     was = do_cancel(job_id)
     if was == "ended":
-        raise _fail(f"job {job_id} had already ended; nothing to cancel", EXIT_FAILED)
+        raise fail(f"job {job_id} had already ended; nothing to cancel", EXIT_FAILED)
     err.print(f"cancelling job {job_id} ({was})")
 
 

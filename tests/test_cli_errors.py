@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from avatarq.cli import EXIT_UNAVAILABLE
+from avatarq.commands.common import EXIT_UNAVAILABLE
 from avatarq.dev.processes import free_port
 from tests.producing import avatarq
 

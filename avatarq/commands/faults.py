@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from avatarq.cli import EXIT_FAILED, err
+from avatarq.commands.common import EXIT_FAILED, err
 
 COLUMNS = ("enqueued", "completed", "failed", "cancelled", "lost", "played_twice", "overlaps")
 

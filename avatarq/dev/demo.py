@@ -50,7 +50,7 @@ def run_demo(
 ) -> dict[str, Any]:
     """`source` is audio or a `tts` source (rendered by `producers.enqueue` before sending).
     `keep`: afterwards, serve the API and its console on the stack until Ctrl-C or SIGTERM."""
-    from avatarq.cli import follow
+    from avatarq.commands.common import follow
     from avatarq.settings import get_settings
 
     source = source or str(sample_path())
