@@ -160,6 +160,9 @@ def demo(
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON")] = False,
     workdir: Annotated[Path | None, typer.Option(help="Keep logs and recordings here")] = None,
     netns: Annotated[bool, typer.Option(help="Run inside a private network namespace")] = False,
+    keep: Annotated[
+        bool, typer.Option(help="Then keep the stack up and serve the console until Ctrl-C")
+    ] = False,
 ) -> None:
     """Bring up the local stack, play one job end to end, print a summary, shut down.
 
@@ -170,7 +173,9 @@ def demo(
     if netns and os.environ.get("AVATARQ_IN_NETNS") != "1":
         raise typer.Exit(run_in_netns(sys.argv[1:]))
     speech = {"type": "tts", "engine": "espeak", "text": say} if say else None
-    summary = run_demo(source=speech or source, workdir=workdir, show_progress=not as_json)
+    summary = run_demo(
+        source=speech or source, workdir=workdir, show_progress=not as_json, keep=keep
+    )
     if as_json:
         print(json.dumps(summary, default=str))
     if summary.get("status") != "completed":

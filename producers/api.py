@@ -46,6 +46,7 @@ from avatarq.settings import Settings, get_settings
 from avatarq.sourcepolicy import REASON as SOURCE_REFUSED
 from avatarq.sourcepolicy import WEBHOOK_REASON as WEBHOOK_REFUSED
 from producers.client import cancel, enqueue, get_status
+from producers.console import mount_console
 from producers.jobs import JOB_ID_PATTERN, Job, parse_job
 
 log = logging.getLogger("avatarq.api")
@@ -410,4 +411,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
 
     app.include_router(jobs)
+    mount_console(app, require_tenant, s)
     return app
