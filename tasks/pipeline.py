@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -108,8 +109,19 @@ def avatar_client_for(job: Job, settings: Settings) -> AvatarClient:
     )
 
 
+#: Records the avatar session a job started or took over (`Ledger.note_avatar_session`), so a
+#: dead worker's session is stopped by recovery: (job id, server name, session id).
+SessionNote = Callable[[str, str, str | None], Awaitable[None]]
+
+
 async def play(
-    job: Job, settings: Settings, reporter: JobReporter, control: JobControl, *, attempt: int = 1
+    job: Job,
+    settings: Settings,
+    reporter: JobReporter,
+    control: JobControl,
+    *,
+    attempt: int,
+    note_session: SessionNote,
 ) -> dict[str, Any]:
     """Play `job` once, start to finish. Raises JobError on failure and `Interrupted` when
     `control` asked it to stop (cancel, hand-back)."""
@@ -155,9 +167,11 @@ async def play(
             link = await pool.take(key) if settings.warm_idle_s > 0 else None
             warm = link is not None
             if link is None:
-                link = await start_link(job, settings, key, duration, ts, reporter)
+                link = await start_link(job, settings, key, duration, ts, reporter, note_session)
             else:
                 ts.room_joined = ts.avatar_ready = time.time()
+                session_id = link.session.session_id if link.session else None
+                await note_session(job.job_id, key[2], session_id)
             link.attach(control)
             session = link.session
             sender = link.sender
@@ -267,6 +281,7 @@ async def start_link(
     duration: float | None,
     ts: Timestamps,
     reporter: JobReporter,
+    note_session: SessionNote,
 ) -> AvatarLink:
     """A cold start within the avatar server's session quota: wait for a slot (briefly:
     `NoAvatarSlot` sends the job back to the queue), then open the link, which holds the
@@ -288,7 +303,7 @@ async def start_link(
     await quota.redis.delete(job_waiting_key(job.job_id))
     try:
         await warm_pool(settings.redis_url).make_room(key)
-        link = await open_link(job, settings, key, duration, ts)
+        link = await open_link(job, settings, key, duration, ts, note_session)
     except AvatarOverLimit as e:
         # Refused under our quota: the server's real limit is lower. Shrink, and wait again.
         await quota.release(slot)
@@ -302,7 +317,12 @@ async def start_link(
 
 
 async def open_link(
-    job: Job, settings: Settings, key: LinkKey, duration: float | None, ts: Timestamps
+    job: Job,
+    settings: Settings,
+    key: LinkKey,
+    duration: float | None,
+    ts: Timestamps,
+    note_session: SessionNote,
 ) -> AvatarLink:
     """Join the room (with its keeper), start the avatar and wait until it listens to us;
     ready to stream when it returns."""
@@ -341,6 +361,7 @@ async def open_link(
             avatar_id=job.avatar_id,
             avatar_identity=job.avatar_identity,
         )
+        await note_session(job.job_id, key[2], link.session.session_id)
         identity = link.session.participant_identity
         join_timeout = settings.avatar_join_timeout_s
         if not link.session.acknowledged:

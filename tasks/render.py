@@ -205,7 +205,14 @@ async def _claim_and_play(
     control = JobControl()
     watcher = asyncio.create_task(_watch(ledger, job, token, control))
     try:
-        result = await pipeline.play(job, settings, reporter, control, attempt=attempt)
+        result = await pipeline.play(
+            job,
+            settings,
+            reporter,
+            control,
+            attempt=attempt,
+            note_session=ledger.note_avatar_session,
+        )
     except NoAvatarSlot as e:
         # Waiting is not failing: back to the queue, this claim not counted as an attempt.
         log.info("job %s: %s; requeued", job.job_id, e)
