@@ -1,6 +1,7 @@
 """`avatarq`: enqueue and follow jobs, run workers, run the local stack.
 
-Exit codes: 0 done, 1 the job failed or was cancelled, 2 bad input, 3 timed out waiting.
+Exit codes: 0 done, 1 the job failed or was cancelled, 2 bad input, 3 timed out waiting,
+4 Redis or the broker is unreachable.
 """
 
 from __future__ import annotations
@@ -8,65 +9,25 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from avatarq.commands.common import (
+    EXIT_FAILED,
+    EXIT_INVALID,
+    EXIT_UNAVAILABLE,
+    conclude,
+    err,
+    fail,
+)
 from avatarq.errors import InvalidJob
 from avatarq.settings import get_settings
-
-EXIT_FAILED, EXIT_INVALID, EXIT_TIMEOUT = 1, 2, 3
-POLL_INTERVAL_S = 0.25
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 dev = typer.Typer(no_args_is_help=True, help="The embedded local stack's services.")
 app.add_typer(dev, name="dev")
-err = Console(stderr=True)
-
-
-def _fail(message: str, code: int) -> typer.Exit:
-    err.print(f"[red]error:[/] {message}")
-    return typer.Exit(code)
-
-
-def follow(job_id: str, *, timeout: float, show_progress: bool) -> dict[str, Any]:
-    """Poll the job until it ends (or `timeout`), drawing a bar of seconds played."""
-    from producers import get_status
-    from producers.client import is_terminal
-
-    deadline = time.monotonic() + timeout
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[played]}"))
-    with Progress(*columns, TimeElapsedColumn(), console=err, disable=not show_progress) as bar:
-        task = bar.add_task(f"job {job_id}", total=None, played="queued")
-        while time.monotonic() < deadline:
-            status = get_status(job_id)
-            if is_terminal(status):
-                return status
-            streamed, total = status.get("seconds_streamed"), status.get("total_seconds")
-            if streamed is not None:
-                bar.update(task, completed=streamed, total=total, played=f"{streamed:.1f}s played")
-            else:
-                bar.update(task, played=status.get("status", "queued"))
-            time.sleep(POLL_INTERVAL_S)
-    raise _fail(f"job {job_id} did not finish within {timeout:g}s", EXIT_TIMEOUT)
-
-
-def report(result: dict[str, Any], *, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(result, default=str))
-    elif result.get("status") == "completed":
-        pos = result.get("playback_position")
-        where = f"{pos:.2f}s" if isinstance(pos, (int, float)) else "unconfirmed"
-        err.print(
-            f"[green]completed[/] job {result['job_id']}: "
-            f"{result.get('seconds_streamed', 0):.2f}s streamed, played to {where}"
-        )
-    else:
-        err.print(f"[red]{result.get('status')}[/] job {result['job_id']}: {result.get('error')}")
 
 
 @app.command()
@@ -99,26 +60,12 @@ def enqueue(
         try:
             job["metadata"] = json.loads(metadata)
         except ValueError as e:
-            raise _fail(f"--metadata is not JSON: {e}", EXIT_INVALID) from None
+            raise fail(f"--metadata is not JSON: {e}", EXIT_INVALID) from None
     try:
         handle = do_enqueue({k: v for k, v in job.items() if v is not None})
     except InvalidJob as e:
-        raise _fail(e.message, EXIT_INVALID) from None
+        raise fail(e.message, EXIT_INVALID) from None
     conclude(handle.job_id, wait=wait, timeout=timeout, as_json=as_json)
-
-
-def conclude(job_id: str, *, wait: bool, timeout: float, as_json: bool) -> None:
-    """After enqueueing: say it is queued, or with `wait` follow it and exit with its outcome."""
-    if not wait:
-        if as_json:
-            print(json.dumps({"job_id": job_id, "status": "queued"}))
-        else:
-            err.print(f"queued job {job_id}")
-        return
-    result = follow(job_id, timeout=timeout, show_progress=not as_json)
-    report(result, as_json=as_json)
-    if result.get("status") != "completed":
-        raise typer.Exit(EXIT_FAILED)
 
 
 @app.command()
@@ -156,7 +103,7 @@ def cancel(job_id: str) -> None:
 
     was = do_cancel(job_id)
     if was == "ended":
-        raise _fail(f"job {job_id} had already ended; nothing to cancel", EXIT_FAILED)
+        raise fail(f"job {job_id} had already ended; nothing to cancel", EXIT_FAILED)
     err.print(f"cancelling job {job_id} ({was})")
 
 
@@ -213,6 +160,9 @@ def demo(
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON")] = False,
     workdir: Annotated[Path | None, typer.Option(help="Keep logs and recordings here")] = None,
     netns: Annotated[bool, typer.Option(help="Run inside a private network namespace")] = False,
+    keep: Annotated[
+        bool, typer.Option(help="Then keep the stack up and serve the console until Ctrl-C")
+    ] = False,
 ) -> None:
     """Bring up the local stack, play one job end to end, print a summary, shut down.
 
@@ -223,7 +173,9 @@ def demo(
     if netns and os.environ.get("AVATARQ_IN_NETNS") != "1":
         raise typer.Exit(run_in_netns(sys.argv[1:]))
     speech = {"type": "tts", "engine": "espeak", "text": say} if say else None
-    summary = run_demo(source=speech or source, workdir=workdir, show_progress=not as_json)
+    summary = run_demo(
+        source=speech or source, workdir=workdir, show_progress=not as_json, keep=keep
+    )
     if as_json:
         print(json.dumps(summary, default=str))
     if summary.get("status") != "completed":
@@ -278,4 +230,20 @@ _register_commands()
 
 
 def main() -> None:
-    app()
+    # Imported here: `avatarq --help` stays as light as the commands that need neither.
+    from kombu.exceptions import OperationalError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    from avatarq.commands.ops import mask_url
+
+    try:
+        app()
+    except (RedisConnectionError, RedisTimeoutError) as e:
+        where = mask_url(get_settings().redis_url)
+        err.print(f"[red]error:[/] cannot reach Redis at {where} (REDIS_URL): {e}", soft_wrap=True)
+        raise SystemExit(EXIT_UNAVAILABLE) from None
+    except OperationalError as e:
+        where = mask_url(get_settings().broker_url)
+        err.print(f"[red]error:[/] cannot reach the broker at {where}: {e}", soft_wrap=True)
+        raise SystemExit(EXIT_UNAVAILABLE) from None

@@ -73,3 +73,9 @@ class LiveKitRejected(PermanentJobError):
     """The LiveKit server refused our credentials: a settings problem no retry fixes."""
 
     reason = "livekit_rejected"
+
+
+class AvatarOverLimit(TransientJobError):
+    """The avatar server refused a session with 429: its license is at its limit."""
+
+    reason = "avatar_over_limit"

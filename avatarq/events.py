@@ -18,12 +18,15 @@ class Event(StrEnum):
     FAILED = "job.failed"
     CANCELLED = "job.cancelled"
     UNCONFIRMED = "job.unconfirmed"
+    #: No session slot of its avatar server is free: the job waits its turn (not an attempt).
+    WAITING_FOR_AVATAR = "job.waiting_for_avatar"
     RETRYING = "job.retrying"
 
 
 class Status(StrEnum):
     UNKNOWN = "unknown"  # never enqueued (or its record expired)
     QUEUED = "queued"
+    WAITING_FOR_AVATAR = "waiting_for_avatar"  # in line for a session of its avatar server
     PLAYING = "playing"
     COMPLETED = "completed"
     FAILED = "failed"
@@ -56,6 +59,17 @@ def job_lease_key(job_id: str) -> str:
     return f"avatarq:lease:{job_id}"
 
 
+def job_waiting_key(job_id: str) -> str:
+    """JSON {server, place, sessions, quota} while the job waits for an avatar session."""
+    return f"avatarq:waiting:{job_id}"
+
+
+def avatar_quota_key(server: str, part: str) -> str:
+    """The session quota of avatar server `server` (tasks/quota.py): `sessions` (zset holder →
+    lease expiry ms), `waiting` (zset job → first wait ms), `waiting-seen`, `cap`."""
+    return f"avatarq:avatar:{server}:{part}"
+
+
 def job_cancel_key(job_id: str) -> str:
     return f"avatarq:cancel:{job_id}"
 
@@ -67,6 +81,32 @@ def job_attempts_key(job_id: str) -> str:
 def room_order_key(room: str) -> str:
     """List of the room's unfinished job ids in enqueue order: only the head may play."""
     return f"avatarq:room:{room}"
+
+
+def room_holder_key(room: str) -> str:
+    """The job playing in the room right now (expires with its lease): no other job of the
+    room may start while it is live, even if the room's order was lost."""
+    return f"avatarq:room-holder:{room}"
+
+
+def job_avatar_key(job_id: str) -> str:
+    """Hash {server, session_id}: the avatar session a playing job started, so recovery can
+    stop it if the job's worker dies."""
+    return f"avatarq:avatar:{job_id}"
+
+
+#: Set of the ids of worker processes that announced themselves (tasks/recovery.py).
+WORKERS_KEY = "avatarq:workers"
+
+
+def worker_heartbeat_key(worker_id: str) -> str:
+    """Present while the worker process is alive (expires with the lease TTL)."""
+    return f"avatarq:worker:{worker_id}"
+
+
+def worker_held_key(worker_id: str) -> str:
+    """Hash job id -> payload JSON: the deliveries the worker process holds right now."""
+    return f"avatarq:held:{worker_id}"
 
 
 #: Jobs that exhausted their retries, newest first (JSON: job, reason, error, attempts, ts).

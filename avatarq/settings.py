@@ -64,6 +64,10 @@ class Settings(BaseSettings):
     avaluma_api_url: str = Field(
         "https://api.avaluma.ai", validation_alias=_env("AVALUMA_API_URL", "AVATAR_SERVER_URL")
     )
+    #: Concurrent sessions the `default` server (its license) allows across the fleet.
+    avaluma_max_sessions: int = Field(
+        AVALUMA_MAX_SESSIONS, ge=1, validation_alias=_env("AVATARQ_AVATAR_MAX_SESSIONS")
+    )
     #: Further avatar servers jobs may pick by name (`avatar_server`), as JSON:
     #: `{"eu": {"url": "https://eu.example", "sample_rate": 16000, "license_key": "..."}}`.
     #: The `AVALUMA_API_URL` server is always there as `default` unless this redefines it.
@@ -155,6 +159,13 @@ class Settings(BaseSettings):
         "eleven_multilingual_v2", validation_alias=_env("AVATARQ_ELEVENLABS_MODEL")
     )
 
+    # --- SSRF guard for webhooks (issue 10, item 4): like the source settings above ---
+    webhook_hosts: str = Field("", validation_alias=_env("AVATARQ_WEBHOOK_HOSTS"))
+    allow_private_webhooks: bool = Field(
+        False, validation_alias=_env("AVATARQ_ALLOW_PRIVATE_WEBHOOKS")
+    )
+    # --- end SSRF guard for webhooks ---
+
     @property
     def redelivery_after_s(self) -> float:
         """The broker's visibility timeout: an unacknowledged job (its worker died) is handed
@@ -174,7 +185,9 @@ class Settings(BaseSettings):
             ) from None
 
     def configured_avatar_servers(self) -> dict[str, AvatarServer]:
-        default = AvatarServer(url=HttpUrl(self.avaluma_api_url))
+        default = AvatarServer(
+            url=HttpUrl(self.avaluma_api_url), max_sessions=self.avaluma_max_sessions
+        )
         return {DEFAULT_AVATAR_SERVER: default, **self.avatar_servers}
 
     def avatar_license_key(self, server: AvatarServer) -> str:

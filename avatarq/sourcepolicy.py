@@ -1,17 +1,23 @@
-"""Which URLs a job may make a worker fetch (SSRF protection).
+"""Which URLs a job may make a worker open (SSRF protection): audio sources and webhooks.
 
-A job's `http(s)://` source makes a worker open a connection wherever the URL points, so
-it could reach services that are only meant to be internal. By default only public addresses
-are allowed; `AVATARQ_SOURCE_HOSTS` narrows sources to an allowlist of hosts and
-`AVATARQ_ALLOW_PRIVATE_SOURCES` admits private, loopback and link-local addresses (local
-development). Producers check what they can without DNS; workers check again, resolving the
-host.
+A job's `http(s)://` source or `webhook_url` makes a worker open a connection wherever the
+URL points, so it could reach services that are only meant to be internal. By default only
+public addresses are allowed. Each kind of URL has its own `UrlPolicy`:
+
+- sources: `AVATARQ_SOURCE_HOSTS` narrows them to an allowlist of hosts and
+  `AVATARQ_ALLOW_PRIVATE_SOURCES` admits private, loopback and link-local addresses;
+- webhooks: `AVATARQ_WEBHOOK_HOSTS` and `AVATARQ_ALLOW_PRIVATE_WEBHOOKS`, the same way.
+
+Producers check what they can without DNS; workers check again, resolving the host, and then
+check every address they actually connect to and every redirect hop (`tasks/safehttp.py`), so
+neither a redirect nor a DNS answer that changes after the check (rebinding) gets past.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import socket
+from dataclasses import dataclass
 from fnmatch import fnmatch
 from urllib.parse import urlsplit
 
@@ -19,35 +25,102 @@ from avatarq.errors import InvalidJob
 from avatarq.settings import Settings
 
 REASON = "source_not_allowed"
+WEBHOOK_REASON = "webhook_not_allowed"
+
+IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-def allowed_hosts(settings: Settings) -> list[str]:
-    return [h.strip().lower() for h in settings.source_hosts.split(",") if h.strip()]
+@dataclass(frozen=True)
+class UrlPolicy:
+    """Where URLs of one kind (`what`) may lead, and the settings that say so."""
+
+    what: str
+    hosts: tuple[str, ...]
+    allow_private: bool
+    hosts_setting: str
+    private_setting: str
+    reason: str
+
+    def check_host(self, host: str) -> None:
+        """Raise InvalidJob if `host` is outside the allowlist (when there is one)."""
+        host = host.lower().rstrip(".")
+        if self.hosts and not any(fnmatch(host, pattern) for pattern in self.hosts):
+            raise InvalidJob(
+                f"{self.what} host {host!r} is not in {self.hosts_setting}", reason=self.reason
+            )
+
+    def check_address(self, host: str, address: IpAddress) -> None:
+        """Raise InvalidJob if `host`'s `address` is private while private ones are refused."""
+        if self.allow_private or address.is_global:
+            return
+        raise InvalidJob(
+            f"{self.what} host {host!r} is a private address ({address}); set "
+            f"{self.private_setting}=true to allow it",
+            reason=self.reason,
+        )
 
 
-def check_source_url(url: str, settings: Settings, *, resolve: bool) -> None:
-    """Raise InvalidJob if the http(s) `url` may not be fetched. Other sources pass."""
+def _hosts(value: str) -> tuple[str, ...]:
+    return tuple(h.strip().lower() for h in value.split(",") if h.strip())
+
+
+def source_policy(settings: Settings) -> UrlPolicy:
+    return UrlPolicy(
+        what="source",
+        hosts=_hosts(settings.source_hosts),
+        allow_private=settings.allow_private_sources,
+        hosts_setting="AVATARQ_SOURCE_HOSTS",
+        private_setting="AVATARQ_ALLOW_PRIVATE_SOURCES",
+        reason=REASON,
+    )
+
+
+def webhook_policy(settings: Settings) -> UrlPolicy:
+    return UrlPolicy(
+        what="webhook",
+        hosts=_hosts(settings.webhook_hosts),
+        allow_private=settings.allow_private_webhooks,
+        hosts_setting="AVATARQ_WEBHOOK_HOSTS",
+        private_setting="AVATARQ_ALLOW_PRIVATE_WEBHOOKS",
+        reason=WEBHOOK_REASON,
+    )
+
+
+def check_url(url: str, policy: UrlPolicy, *, resolve: bool) -> None:
+    """Raise InvalidJob if the http(s) `url` may not be opened under `policy`. Other URLs
+    pass (they are not fetched over the network by the worker)."""
     parts = urlsplit(url)
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
         return
     host = parts.hostname.lower()
-    hosts = allowed_hosts(settings)
-    if hosts and not any(fnmatch(host, pattern) for pattern in hosts):
-        raise InvalidJob(f"source host {host!r} is not in AVATARQ_SOURCE_HOSTS", reason=REASON)
-    if settings.allow_private_sources:
+    policy.check_host(host)
+    if policy.allow_private:
         return
     for address in _addresses(host, parts.port, resolve=resolve):
-        if not address.is_global:
-            raise InvalidJob(
-                f"source host {host!r} is a private address ({address}); set "
-                "AVATARQ_ALLOW_PRIVATE_SOURCES=true to allow it",
-                reason=REASON,
-            )
+        policy.check_address(host, address)
 
 
-def _addresses(
-    host: str, port: int | None, *, resolve: bool
-) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+def check_source_url(url: str, settings: Settings, *, resolve: bool) -> None:
+    """Raise InvalidJob if the http(s) source `url` may not be fetched. Other sources pass."""
+    check_url(url, source_policy(settings), resolve=resolve)
+
+
+def safe_url(url: str) -> str:
+    """`url` without user:password and query string (where tokens and signatures live)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{host}:{parts.port}" if parts.port is not None else host
+    return f"{parts.scheme}://{netloc}{parts.path}"
+
+
+def parse_address(text: str) -> IpAddress:
+    """An address as sockets report it (an IPv6 scope id dropped)."""
+    return ipaddress.ip_address(text.split("%")[0])
+
+
+def _addresses(host: str, port: int | None, *, resolve: bool) -> list[IpAddress]:
     try:
         return [ipaddress.ip_address(host)]
     except ValueError:
@@ -60,4 +133,4 @@ def _addresses(
         infos = socket.getaddrinfo(host, port or 443, proto=socket.IPPROTO_TCP)
     except OSError:
         return []  # unresolvable: the fetch itself will fail and say so
-    return [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
+    return [parse_address(str(info[4][0])) for info in infos]

@@ -11,6 +11,7 @@ fired twice would be one job, played once.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 from celery import Celery
@@ -29,14 +30,13 @@ MAX_LOOP_INTERVAL_S = 5
 LOCK_TIMEOUT_S = 5 * MAX_LOOP_INTERVAL_S
 
 
-def _announcements() -> dict[str, Announcement]:
+@lru_cache(maxsize=1)
+def announcements() -> dict[str, Announcement]:
+    """The schedule file's announcements, read once, when beat starts (not at import)."""
     path = get_settings().schedule_file
     if not path:
         raise RuntimeError("set AVATARQ_SCHEDULE_FILE to the schedule file beat should run")
     return {a.name: a for a in load_schedule(path)}
-
-
-ANNOUNCEMENTS = _announcements()
 
 
 class AnnouncementEntry(RedBeatSchedulerEntry):  # type: ignore[misc]
@@ -44,7 +44,7 @@ class AnnouncementEntry(RedBeatSchedulerEntry):  # type: ignore[misc]
     cron entry as a plain crontab, which would lose the announcement's own timezone."""
 
     def __init__(self, name: str | None = None, *args: Any, **kwargs: Any) -> None:
-        announcement = ANNOUNCEMENTS.get(str(name))
+        announcement = announcements().get(str(name))
         if announcement is not None:
             kwargs["schedule"] = announcement.celery_schedule()
         super().__init__(name, *args, **kwargs)
@@ -53,10 +53,17 @@ class AnnouncementEntry(RedBeatSchedulerEntry):  # type: ignore[misc]
 class AnnouncementScheduler(RedBeatScheduler):  # type: ignore[misc]
     Entry = AnnouncementEntry
 
+    def setup_schedule(self) -> None:
+        self.app.conf.beat_schedule = {
+            a.name: {"task": RENDER_TASK, "schedule": a.celery_schedule()}
+            for a in announcements().values()
+        }
+        super().setup_schedule()
+
     def apply_async(
         self, entry: AnnouncementEntry, producer: Any = None, advance: bool = True, **kwargs: Any
     ) -> AsyncResult:
-        announcement = ANNOUNCEMENTS.get(entry.name)
+        announcement = announcements().get(entry.name)
         if announcement is None:  # an entry someone added to Redis by hand: plain beat rules
             return super().apply_async(entry, producer, advance, **kwargs)
         if advance:
@@ -71,10 +78,6 @@ app.conf.update(
     timezone="UTC",
     beat_scheduler=f"{__name__}:AnnouncementScheduler",
     beat_max_loop_interval=MAX_LOOP_INTERVAL_S,
-    beat_schedule={
-        a.name: {"task": RENDER_TASK, "schedule": a.celery_schedule()}
-        for a in ANNOUNCEMENTS.values()
-    },
     redbeat_redis_url=get_settings().redis_url,
     redbeat_key_prefix="avatarq:beat:",
     redbeat_lock_key="avatarq:beat:lock",

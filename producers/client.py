@@ -26,10 +26,11 @@ from avatarq.events import (
     job_enqueued_key,
     job_lease_key,
     job_record_key,
+    job_waiting_key,
     room_order_key,
 )
 from avatarq.settings import Settings, get_settings
-from avatarq.sourcepolicy import check_source_url
+from avatarq.sourcepolicy import check_source_url, check_url, webhook_policy
 from producers.jobs import Job, parse_job
 from producers.tts.render import render_job
 
@@ -84,6 +85,8 @@ def enqueue(job: Job | Mapping[str, Any], *, settings: Settings | None = None) -
     parsed = render_job(parse_job(dict(job) if isinstance(job, Mapping) else job), s)
     if isinstance(parsed.source, str):
         check_source_url(parsed.source, s, resolve=False)
+    if parsed.webhook_url is not None:
+        check_url(str(parsed.webhook_url), webhook_policy(s), resolve=False)
     app = celery_app(s)
     payload = parsed.payload()
     keys = [job_enqueued_key(parsed.job_id), room_order_key(parsed.room)]
@@ -134,11 +137,17 @@ def get_status(job_id: str, *, settings: Settings | None = None) -> dict[str, An
     meta = celery_app(s).backend.get_task_meta(job_id)
     state, info = meta.get("status", "PENDING"), meta.get("result")
     status: dict[str, Any] = {"job_id": job_id, "celery_state": state}
-    if state == "PROGRESS" and isinstance(info, dict):
+    waiting = r.get(job_waiting_key(job_id))
+    # Celery's state outlives a worker killed mid-job: only a live lease means playing.
+    leased = bool(r.exists(job_lease_key(job_id)))
+    if waiting is not None:
+        # In line for a session of its avatar server (server, place, sessions, quota).
+        status.update(status=Status.WAITING_FOR_AVATAR.value, **json.loads(waiting))
+    elif state == "PROGRESS" and isinstance(info, dict) and leased:
         status.update(status=Status.PLAYING.value, **info)
-    elif state in ("STARTED", "RETRY"):
-        status["status"] = Status.PLAYING.value if state == "STARTED" else Status.QUEUED.value
-    elif r.exists(job_enqueued_key(job_id)):
+    elif state in ("STARTED", "PROGRESS") and leased:
+        status["status"] = Status.PLAYING.value
+    elif state in ("STARTED", "PROGRESS", "RETRY") or r.exists(job_enqueued_key(job_id)):
         status["status"] = Status.QUEUED.value
     else:
         status["status"] = Status.UNKNOWN.value

@@ -83,7 +83,8 @@ Source = Annotated[
 class Job(BaseModel):
     """One render job: play `source` through avatar `avatar_id` in LiveKit room `room`."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and infinities are no lengths (and not JSON): refused in every float field.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     job_id: str = Field(default_factory=new_job_id, pattern=JOB_ID_PATTERN)
     """Idempotency key: a job id that completed is never played again."""
@@ -100,7 +101,8 @@ class Job(BaseModel):
     lead: float | None = Field(None, ge=0.0, le=30.0)
     """Seconds the sender may run ahead of real time; defaults to the `AVATARQ_DEFAULT_LEAD`."""
     max_duration: float | None = Field(None, gt=0.0)
-    """Refuse audio longer than this many seconds (and bound the job's time limit)."""
+    """Refuse audio longer than this many seconds (and bound the job's time limit); at most
+    `AVATARQ_MAX_JOB_DURATION`."""
     metadata: dict[str, Any] = Field(default_factory=dict)
     """Free data echoed in the result and events."""
     webhook_url: HttpUrl | None = None
@@ -143,12 +145,24 @@ class Job(BaseModel):
             raise ValueError("source path names no file")
         return v
 
+    @field_validator("max_duration")
+    @classmethod
+    def _within_cap(cls, v: float | None) -> float | None:
+        # Read at validation time: the producer checks its settings, the worker its own.
+        cap = get_settings().max_job_duration_s
+        if v is not None and v > cap:
+            raise ValueError(
+                f"max_duration {v:g}s is over the AVATARQ_MAX_JOB_DURATION limit of {cap:g}s"
+            )
+        return v
+
     @field_validator("metadata")
     @classmethod
     def _small_json(cls, v: dict[str, Any]) -> dict[str, Any]:
         try:
-            size = len(json.dumps(v))
+            size = len(json.dumps(v, allow_nan=False))
         except (TypeError, ValueError) as e:
+            # allow_nan=False: NaN and Infinity are not JSON; other languages cannot read them.
             raise ValueError(f"metadata must be JSON-serializable: {e}") from None
         if size > MAX_METADATA_BYTES:
             raise ValueError(f"metadata is {size} bytes, over the {MAX_METADATA_BYTES} limit")

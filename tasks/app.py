@@ -16,6 +16,8 @@ from celery.signals import (
     worker_process_init,
     worker_shutting_down,
 )
+from kombu.transport import redis as kombu_redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from avatarq import logs
 from avatarq.celeryconfig import celery_config
@@ -24,6 +26,38 @@ from tasks import lklogs, metrics
 from tasks.control import HAND_BACK
 from tasks.runtime import get_loop_thread
 from tasks.warm import close_idle
+
+
+def _guard_detached_redis_channels() -> None:
+    """Keep a Redis restart from killing every worker that holds jobs.
+
+    celery 5.7.0 (with kombu 5.7.0, redis-py 8.1.0) closes the broken broker connection after
+    `Connection.collect()` (the change made for celery/celery#10302, "worker stops consuming
+    after broker connection reset"). collect() has already detached the channels' transport,
+    so closing a channel that holds unacknowledged jobs tries to restore them through
+    `Channel._connparams`, which reads `transport.client.hostname` with `client` None: an
+    AttributeError that Celery treats as unrecoverable, and the worker exits. Jobs acked later
+    on such a channel hit the same path. No celery or kombu setting or release avoids it, so
+    such a channel raises a connection error instead, which kombu and Celery already handle:
+    the restore at close is skipped (the messages stay in Redis's unacked set, and
+    tasks/recovery.py or the visibility timeout hand them back; the ledger drops copies of
+    jobs that ended) and a late ack is logged as "Couldn't ack".
+    """
+    connparams = kombu_redis.Channel._connparams
+    if getattr(connparams, "avatarq_guard", False):
+        return
+
+    def guarded(self: kombu_redis.Channel, asynchronous: bool = False) -> dict[str, Any]:
+        transport = getattr(self, "connection", None)
+        if transport is None or transport.client is None:
+            raise RedisConnectionError("broker channel of a closed connection")
+        return connparams(self, asynchronous=asynchronous)  # type: ignore[no-any-return]
+
+    guarded.avatarq_guard = True  # type: ignore[attr-defined]
+    kombu_redis.Channel._connparams = guarded  # type: ignore[method-assign]
+
+
+_guard_detached_redis_channels()
 
 app = Celery("avatarq")
 app.conf.update(celery_config(get_settings()))

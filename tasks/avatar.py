@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from avatarq.errors import AvatarRejected, AvatarUnavailable
+from avatarq.errors import AvatarOverLimit, AvatarRejected, AvatarUnavailable
 from tasks.backoff import backoff_delay
 
 log = logging.getLogger("avatarq.avatar")
@@ -36,8 +36,10 @@ CONNECT_TIMEOUT_S = 10.0
 START_ANSWER_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 5.0
 #: Answers that mean "nothing was started, try again later" (Avaluma: 409 avatar already
-#: active, 429 over the license's limit, 503 no capacity), besides every 5xx.
-TRANSIENT_STATUSES = frozenset({408, 409, 425, 429})
+#: active, 503 no capacity), besides every 5xx. A 429 (over the license's session limit) is
+#: raised at once as AvatarOverLimit: the fleet's session quota (tasks/quota.py) handles it.
+TRANSIENT_STATUSES = frozenset({408, 409, 425})
+OVER_LIMIT = 429
 #: Longest `Retry-After` honoured; longer waits become a job retry instead.
 RETRY_AFTER_CAP_S = 30.0
 
@@ -123,6 +125,10 @@ class HttpAvatarClient:
                 if 200 <= status < 300:
                     return self._session_from(text, avatar_identity)
                 brief = _brief(text, secrets)
+                if status == OVER_LIMIT:
+                    raise AvatarOverLimit(
+                        f"{self.label} is at its session limit (HTTP 429 {brief})"
+                    )
                 if status < 500 and status not in TRANSIENT_STATUSES:
                     raise AvatarRejected(
                         f"{self.label} refused to start avatar {avatar_id!r}: HTTP {status} {brief}"

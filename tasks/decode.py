@@ -5,6 +5,12 @@ consumer (real-time playback) asks for them. Reading only on demand gives back-p
 playback is slow the pipe fills and ffmpeg simply waits, so memory stays a few chunks whatever
 the audio's length. stderr is drained concurrently into a small ring buffer so ffmpeg can never
 block on it, and its tail turns into the error message when decoding fails.
+
+http(s) sources are read through a loopback relay (`tasks/relay.py`) that checks every redirect
+hop and every address against the SSRF policy. Length limits are enforced on the decoded PCM
+itself (`max_seconds`), since many files never declare their length (FLAC or Matroska written
+to a pipe), and a file that decodes to far less than it declares (`expected_seconds`) is
+reported as truncated.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ import imageio_ffmpeg
 
 from avatarq.errors import DecodeError, JobError, SourceNotFound, SourceUnavailable
 from avatarq.settings import Settings, get_settings
+from avatarq.sourcepolicy import source_policy
+from tasks.relay import RELAY_PROTOCOLS, SourceRelay
 from tasks.source import ResolvedSource
 
 STDERR_TAIL_BYTES = 4096
@@ -30,6 +38,13 @@ STDERR_TAIL_BYTES = 4096
 _RW_TIMEOUT_US = 15_000_000
 _RECONNECT_DELAY_MAX_S = 10
 _PROBE_TIMEOUT_S = 15.0
+#: Decoded audio may run this much past `max_seconds`: codec priming and padding (a frame or
+#: two) make a clip of exactly the limit decode a few milliseconds longer.
+LIMIT_SLACK_S = 0.25
+#: A decode counts as truncated when it falls short of the declared length by more than this
+#: (or TRUNCATED_RATIO of it, if more): bitrate-based estimates of VBR files are a few % off.
+TRUNCATED_SLACK_S = 1.0
+TRUNCATED_RATIO = 0.05
 # Phrases in ffmpeg's errors that mean the network, not the file, failed: retrying may help.
 _NETWORK_FAULTS = (
     "connection refused",
@@ -152,13 +167,33 @@ def _classify(stderr: str, returncode: int | None, resolved: ResolvedSource) -> 
     return DecodeError(f"ffmpeg failed on {description}: {last}")
 
 
+@contextlib.asynccontextmanager
+async def ffmpeg_input(
+    resolved: ResolvedSource, settings: Settings
+) -> AsyncIterator[tuple[ResolvedSource, SourceRelay | None]]:
+    """What ffmpeg or ffprobe should open for `resolved`: an http(s) source becomes its relay's
+    loopback URL (with the same log-safe description) for the duration of the block."""
+    if resolved.kind != "http":
+        yield resolved, None
+        return
+    async with SourceRelay(resolved.url_or_path, source_policy(settings)) as relay:
+        yield ResolvedSource(relay.local_url, RELAY_PROTOCOLS, resolved.description, "http"), relay
+
+
 class PcmDecoder:
     """An ffmpeg child decoding one source to mono s16le PCM, read as fixed-size chunks.
 
     `async with PcmDecoder(resolved) as dec: async for chunk in dec.chunks(3200): ...`
     Leaving the block kills ffmpeg if it still runs and reaps it. When the stream ends with
     ffmpeg failing, or with no audio at all, `chunks()` raises DecodeError (or SourceNotFound /
-    SourceUnavailable for network sources) carrying the tail of ffmpeg's stderr.
+    SourceUnavailable for network sources) carrying the tail of ffmpeg's stderr; for an
+    http(s) source a refused redirect or address raises the policy's InvalidJob.
+
+    `max_seconds`: `chunks()` raises DecodeError(reason="too_long") as soon as the decoded
+    audio passes it (plus LIMIT_SLACK_S), whether or not the file declared its length.
+    `expected_seconds` (the declared length, e.g. from `probe_duration`): at the end,
+    `chunks()` raises DecodeError(reason="truncated_audio") when the audio decoded clearly
+    short of it (see `truncated`).
     """
 
     def __init__(
@@ -167,11 +202,18 @@ class PcmDecoder:
         *,
         sample_rate: int = 16000,
         settings: Settings | None = None,
+        max_seconds: float | None = None,
+        expected_seconds: float | None = None,
     ) -> None:
         self.resolved = resolved
         self.sample_rate = sample_rate
         self.settings = settings or get_settings()
+        self.max_seconds = max_seconds
+        self.expected_seconds = expected_seconds
         self.bytes_read = 0
+        self._input = resolved
+        self._relay: SourceRelay | None = None
+        self._exits = contextlib.AsyncExitStack()
         self._proc: asyncio.subprocess.Process | None = None
         self._stderr_task: asyncio.Task[None] | None = None
         self._stderr_tail = bytearray()
@@ -179,7 +221,7 @@ class PcmDecoder:
     @property
     def argv(self) -> list[str]:
         return decode_command(
-            self.resolved, sample_rate=self.sample_rate, binary=ffmpeg_binary(self.settings)
+            self._input, sample_rate=self.sample_rate, binary=ffmpeg_binary(self.settings)
         )
 
     @property
@@ -187,11 +229,27 @@ class PcmDecoder:
         return None if self._proc is None else self._proc.returncode
 
     @property
+    def decoded_seconds(self) -> float:
+        """Seconds of audio read so far (all of it once `chunks()` has ended)."""
+        return self.bytes_read / (2 * self.sample_rate)
+
+    @property
+    def truncated(self) -> bool:
+        """The audio decoded clearly short of `expected_seconds` (only meaningful at the end)."""
+        if self.expected_seconds is None:
+            return False
+        slack = max(TRUNCATED_SLACK_S, TRUNCATED_RATIO * self.expected_seconds)
+        return self.decoded_seconds < self.expected_seconds - slack
+
+    @property
     def stderr_tail(self) -> str:
         """The last few KB of ffmpeg's stderr, with URL secrets removed."""
-        return _scrub(self._stderr_tail.decode("utf-8", "replace"), self.resolved)
+        return _scrub(self._stderr_tail.decode("utf-8", "replace"), self._input)
 
     async def __aenter__(self) -> PcmDecoder:
+        self._input, self._relay = await self._exits.enter_async_context(
+            ffmpeg_input(self.resolved, self.settings)
+        )
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 *self.argv,
@@ -200,8 +258,12 @@ class PcmDecoder:
                 stderr=asyncio.subprocess.PIPE,
             )
         except OSError as exc:
+            await self._exits.aclose()
             # A missing/broken ffmpeg is the worker's fault: another worker may do better.
             raise SourceUnavailable(f"cannot start ffmpeg: {exc}", reason="ffmpeg_missing") from exc
+        except BaseException:
+            await self._exits.aclose()
+            raise
         self._stderr_task = asyncio.create_task(self._drain_stderr())
         return self
 
@@ -215,6 +277,12 @@ class PcmDecoder:
 
     async def close(self) -> None:
         """Kill ffmpeg if it still runs (the consumer stopped early), then reap it."""
+        try:
+            await self._reap()
+        finally:
+            await self._exits.aclose()
+
+    async def _reap(self) -> None:
         proc = self._proc
         if proc is None:
             return
@@ -245,18 +313,27 @@ class PcmDecoder:
         if self._proc is None or self._proc.stdout is None:
             raise RuntimeError("PcmDecoder.chunks() needs `async with PcmDecoder(...)` first")
         stdout = self._proc.stdout
+        limit = None
+        if self.max_seconds is not None:
+            limit = int((self.max_seconds + LIMIT_SLACK_S) * self.sample_rate) * 2
         while True:
             try:
                 chunk = await stdout.readexactly(chunk_bytes)
             except asyncio.IncompleteReadError as eof:
                 # A half sample only appears if ffmpeg died mid-write; it is not audio.
                 chunk = eof.partial[: len(eof.partial) & ~1]
-                if chunk:
-                    self.bytes_read += len(chunk)
-                    yield chunk
-                break
+                if not chunk:
+                    break
+            if limit is not None and self.bytes_read + len(chunk) > limit:
+                raise DecodeError(
+                    f"audio is longer than the {self.max_seconds:g}s maximum: "
+                    f"{self.resolved.description} was still playing at {self.max_seconds:g}s",
+                    reason="too_long",
+                )
             self.bytes_read += len(chunk)
             yield chunk
+            if len(chunk) < chunk_bytes:
+                break
         await self._finish()
 
     async def _finish(self) -> None:
@@ -264,14 +341,28 @@ class PcmDecoder:
         returncode = await self._proc.wait()
         await self._stderr_task
         stderr = self.stderr_tail
+        relay = self._relay
+        if relay is not None and relay.refusal is not None:
+            raise relay.refusal
         if returncode != 0:
-            raise _classify(stderr, returncode, self.resolved)
+            error = _classify(stderr, returncode, self._input)
+            if relay is not None and relay.failure and isinstance(error, SourceUnavailable):
+                raise SourceUnavailable(
+                    f"audio source unavailable ({self.resolved.description}): {relay.failure}"
+                )
+            raise error
         if self.bytes_read == 0:
             detail = stderr.strip()
             raise DecodeError(
                 f"no audio decoded from {self.resolved.description}"
                 + (f": {detail.splitlines()[-1]}" if detail else ""),
                 reason="no_audio",
+            )
+        if self.truncated:
+            raise DecodeError(
+                f"truncated audio: {self.resolved.description} declares "
+                f"{self.expected_seconds:.2f}s but decodes to {self.decoded_seconds:.2f}s",
+                reason="truncated_audio",
             )
 
 
@@ -282,9 +373,15 @@ async def probe_duration(
 
     Only an estimate for job time limits: failures here are left for the decoder to report.
     """
-    binary = ffprobe_binary(settings or get_settings())
+    settings = settings or get_settings()
+    binary = ffprobe_binary(settings)
     if binary is None:
         return None
+    async with ffmpeg_input(resolved, settings) as (target, _relay):
+        return await _ffprobe(binary, target, timeout)
+
+
+async def _ffprobe(binary: str, resolved: ResolvedSource, timeout: float) -> float | None:
     options = _input_options(resolved)
     argv = [binary, "-hide_banner", "-loglevel", "error"]  # ffprobe has no -nostdin
     for name, value in options.items():

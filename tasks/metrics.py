@@ -55,6 +55,22 @@ STREAMS_IN_FLIGHT = Gauge(
     "avatarq_streams_in_flight", "Jobs of this process with a joined room right now"
 )
 
+AVATAR_WAITS = Counter(
+    "avatarq_avatar_waits",
+    "Cold starts that found every session slot of their avatar server taken",
+    ["server"],
+)
+AVATAR_SESSIONS = Gauge(
+    "avatarq_avatar_sessions",
+    "Avatar sessions held across the fleet, as last seen by this process",
+    ["server"],
+)
+AVATAR_QUOTA = Gauge(
+    "avatarq_avatar_quota",
+    "Effective session quota of the avatar server, as last seen by this process",
+    ["server"],
+)
+
 _served_by: int | None = None
 
 
@@ -69,6 +85,11 @@ def observe(event: Event, data: dict[str, Any]) -> None:
     elif event is Event.COMPLETED:
         JOBS_COMPLETED.inc()
         _observe_completed(data)
+    elif event is Event.WAITING_FOR_AVATAR:
+        server = str(data.get("server", "unknown"))
+        AVATAR_WAITS.labels(server=server).inc()
+        AVATAR_SESSIONS.labels(server=server).set(float(data.get("sessions", 0)))
+        AVATAR_QUOTA.labels(server=server).set(float(data.get("quota", 0)))
 
 
 def _observe_completed(result: dict[str, Any]) -> None:

@@ -7,14 +7,18 @@ result dict or raises a JobError; the Celery task (tasks/render.py) decides abou
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import redis.asyncio as aioredis
 from livekit import rtc
 
 from avatarq.errors import (
+    AvatarOverLimit,
     AvatarTimeout,
     DecodeError,
     InvalidJob,
@@ -22,7 +26,7 @@ from avatarq.errors import (
     RoomError,
     TransientJobError,
 )
-from avatarq.events import Event, Status
+from avatarq.events import Event, Status, job_waiting_key
 from avatarq.settings import DEFAULT_AVATAR_SERVER, AvatarServer, Settings
 from producers.jobs import Job
 from tasks import metrics, tokens
@@ -31,6 +35,7 @@ from tasks.avatar import START_ANSWER_TIMEOUT_S, AvatarClient, HttpAvatarClient
 from tasks.control import Interrupted, JobControl, StopReason
 from tasks.decode import PcmDecoder, probe_duration
 from tasks.pacing import Pacer
+from tasks.quota import AvatarQuota, NoAvatarSlot, Waiting, wait_for_slot
 from tasks.report import JobReporter
 from tasks.source import aresolve
 from tasks.stream import AudioStreamSender
@@ -50,6 +55,11 @@ CHUNK_SECONDS = 0.4
 OVERHEAD_BUDGET_S = 60.0
 #: How long an interrupted job waits for the avatar to report where playback stopped.
 INTERRUPT_REPORT_TIMEOUT_S = 2.0
+#: How long a cold start waits in its worker slot for an avatar session slot before the job
+#: goes back to the queue (its place in the server's line is kept meanwhile).
+QUOTA_PATIENCE_S = 5.0
+#: A waiting job's status entry outlives the gaps between its polls and requeues.
+WAITING_TTL_S = 15
 #: Audio the avatar may report short of what was sent before the playback counts as cut off.
 PLAYBACK_SHORTFALL_S = 0.5
 
@@ -81,6 +91,19 @@ def avatar_server_for(job: Job, settings: Settings) -> AvatarServer:
         raise InvalidJob(str(e.args[0]), reason="unknown_avatar_server") from None
 
 
+_quotas: dict[str, AvatarQuota] = {}
+
+
+def avatar_quota(settings: Settings, name: str) -> AvatarQuota:
+    """This process's handle on the fleet-wide session quota of avatar server `name`."""
+    quota = _quotas.get(name)
+    if quota is None:
+        server = settings.avatar_server(name)
+        redis = aioredis.from_url(settings.redis_url)
+        quota = _quotas[name] = AvatarQuota(redis, name, server.max_sessions)
+    return quota
+
+
 def avatar_client_for(job: Job, settings: Settings) -> AvatarClient:
     server = avatar_server_for(job, settings)
     return HttpAvatarClient(
@@ -91,8 +114,19 @@ def avatar_client_for(job: Job, settings: Settings) -> AvatarClient:
     )
 
 
+#: Records the avatar session a job started or took over (`Ledger.note_avatar_session`), so a
+#: dead worker's session is stopped by recovery: (job id, server name, session id).
+SessionNote = Callable[[str, str, str | None], Awaitable[None]]
+
+
 async def play(
-    job: Job, settings: Settings, reporter: JobReporter, control: JobControl, *, attempt: int = 1
+    job: Job,
+    settings: Settings,
+    reporter: JobReporter,
+    control: JobControl,
+    *,
+    attempt: int,
+    note_session: SessionNote,
 ) -> dict[str, Any]:
     """Play `job` once, start to finish. Raises JobError on failure and `Interrupted` when
     `control` asked it to stop (cancel, hand-back)."""
@@ -117,7 +151,16 @@ async def play(
     chunk_bytes = int(sample_rate * CHUNK_SECONDS) * 2
 
     async with asyncio.timeout(time_budget(job, duration, settings)):
-        async with PcmDecoder(resolved, sample_rate=sample_rate, settings=settings) as decoder:
+        # The limit holds while decoding too (many files do not declare their length), and a
+        # file that decodes clearly short of its declared length fails as truncated_audio.
+        decoder = PcmDecoder(
+            resolved,
+            sample_rate=sample_rate,
+            settings=settings,
+            max_seconds=limit,
+            expected_seconds=duration,
+        )
+        async with decoder:
             chunks = decoder.chunks(chunk_bytes)
             # Decode the first chunk before joining anything: a bad file fails here, cheaply.
             first = await anext(chunks, b"")
@@ -129,10 +172,11 @@ async def play(
             link = await pool.take(key) if settings.warm_idle_s > 0 else None
             warm = link is not None
             if link is None:
-                await pool.make_room(key)
-                link = await open_link(job, settings, key, duration, ts)
+                link = await start_link(job, settings, key, duration, ts, reporter, note_session)
             else:
                 ts.room_joined = ts.avatar_ready = time.time()
+                session_id = link.session.session_id if link.session else None
+                await note_session(job.job_id, key[2], session_id)
             link.attach(control)
             session = link.session
             sender = link.sender
@@ -205,7 +249,7 @@ async def play(
         **({} if confirmed else {"reason": "playback_unconfirmed"}),
         "room": job.room,
         "avatar_id": job.avatar_id,
-        "audio_duration": duration if duration is not None else streamed,
+        "audio_duration": duration if duration is not None else decoder.decoded_seconds,
         "seconds_streamed": round(streamed, 6),
         "playback_position": finished.playback_position if finished else None,
         "interrupted": finished.interrupted if finished else None,
@@ -235,8 +279,55 @@ def link_key(job: Job, settings: Settings) -> LinkKey:
     )
 
 
+async def start_link(
+    job: Job,
+    settings: Settings,
+    key: LinkKey,
+    duration: float | None,
+    ts: Timestamps,
+    reporter: JobReporter,
+    note_session: SessionNote,
+) -> AvatarLink:
+    """A cold start within the avatar server's session quota: wait for a slot (briefly:
+    `NoAvatarSlot` sends the job back to the queue), then open the link, which holds the
+    slot until it closes."""
+    quota = avatar_quota(settings, key[2])
+
+    async def on_wait(waiting: Waiting) -> None:
+        info = {
+            "server": key[2],
+            "place": waiting.place + 1,
+            "sessions": waiting.sessions,
+            "quota": waiting.quota,
+        }
+        await reporter.emit(Event.WAITING_FOR_AVATAR, **info)
+        await quota.redis.set(job_waiting_key(job.job_id), json.dumps(info), ex=WAITING_TTL_S)
+
+    slot = await wait_for_slot(quota, job.job_id, patience_s=QUOTA_PATIENCE_S, on_wait=on_wait)
+    # Also clears what an earlier, requeued try of this job left.
+    await quota.redis.delete(job_waiting_key(job.job_id))
+    try:
+        await warm_pool(settings.redis_url).make_room(key)
+        link = await open_link(job, settings, key, duration, ts, note_session)
+    except AvatarOverLimit as e:
+        # Refused under our quota: the server's real limit is lower. Shrink, and wait again.
+        await quota.release(slot)
+        cap = await quota.shrink()
+        raise NoAvatarSlot(key[2], Waiting(place=0, sessions=cap, quota=cap)) from e
+    except BaseException:
+        await quota.release(slot)
+        raise
+    link.hold_slot(quota, slot)
+    return link
+
+
 async def open_link(
-    job: Job, settings: Settings, key: LinkKey, duration: float | None, ts: Timestamps
+    job: Job,
+    settings: Settings,
+    key: LinkKey,
+    duration: float | None,
+    ts: Timestamps,
+    note_session: SessionNote,
 ) -> AvatarLink:
     """Join the room (with its keeper), start the avatar and wait until it listens to us;
     ready to stream when it returns."""
@@ -275,6 +366,7 @@ async def open_link(
             avatar_id=job.avatar_id,
             avatar_identity=job.avatar_identity,
         )
+        await note_session(job.job_id, key[2], link.session.session_id)
         identity = link.session.participant_identity
         join_timeout = settings.avatar_join_timeout_s
         if not link.session.acknowledged:

@@ -17,18 +17,21 @@ from typing import Any
 import redis.asyncio as aioredis
 from celery import Task
 from celery.exceptions import Ignore
+from celery.signals import task_received, worker_ready
 from redis.exceptions import RedisError
 
-from avatarq.celeryconfig import RENDER_TASK
+from avatarq.celeryconfig import RENDER_QUEUE, RENDER_TASK
 from avatarq.errors import InvalidJob, JobError, TransientJobError
-from avatarq.events import DEAD_LETTER_KEY, Event, Status
+from avatarq.events import DEAD_LETTER_KEY, Event, Status, job_enqueued_key
 from avatarq.settings import Settings, get_settings
 from producers.jobs import Job, parse_job
 from tasks import pipeline
 from tasks.app import app
 from tasks.backoff import backoff_delay
 from tasks.control import HAND_BACK, Interrupted, JobControl, StopReason
-from tasks.ledger import LEASE_TTL_S, Claim, Ledger
+from tasks.ledger import Claim, Ledger
+from tasks.quota import NoAvatarSlot
+from tasks.recovery import get_presence
 from tasks.report import JobReporter, StateUpdater
 from tasks.runtime import get_loop_thread
 
@@ -39,6 +42,9 @@ log = logging.getLogger("avatarq.render")
 ROOM_WAIT_S = 5.0
 ROOM_POLL_S = 0.2
 ROOM_REQUEUE_S = 1.0
+#: A job waiting for an avatar session slot comes back this soon (well within the time its
+#: place in line is kept, tasks/quota.py WAITER_STALE_S).
+QUOTA_REQUEUE_S = 1.0
 #: How often a playing job checks for cancel and hand-back: stops within half a second.
 WATCH_INTERVAL_S = 0.25
 #: Tries to record a job's end, or to start one, while Redis is unreachable (about a minute
@@ -75,27 +81,32 @@ def render(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
     """
     settings = get_settings()
     task_id = self.request.id
+    presence = get_presence(settings, republish)
 
     def update_state(meta: dict[str, Any]) -> None:
         self.update_state(task_id=task_id, state="PROGRESS", meta=meta)
 
     # One lease token per delivery: a re-run after a Redis outage is the same holder.
-    token = Ledger.new_token()
-    for outage in range(REDIS_OUTAGE_ATTEMPTS):
-        try:
-            outcome = get_loop_thread().run(
-                run_job(payload, task_id, token, settings, update_state)
-            )
-            break
-        except (RedisError, OSError) as e:
-            # Redis (broker and ledger) is unreachable before the job could start: wait it out
-            # here rather than fail, since failing would acknowledge, and lose, the job.
-            log.warning("job %s: Redis unreachable (%s); trying again", task_id, e)
-            time.sleep(backoff_delay(outage, 0.5, 5.0))
-    else:
-        raise TransientJobError("Redis unreachable: the job could not start")
-    if outcome.retry_in is not None:
-        raise self.retry(countdown=outcome.retry_in)
+    token = presence.new_token()
+    try:
+        for outage in range(REDIS_OUTAGE_ATTEMPTS):
+            try:
+                outcome = get_loop_thread().run(
+                    run_job(payload, task_id, token, settings, update_state)
+                )
+                break
+            except (RedisError, OSError) as e:
+                # Redis (broker and ledger) is unreachable before the job could start: wait
+                # it out here rather than fail, since failing would acknowledge, and lose, it.
+                log.warning("job %s: Redis unreachable (%s); trying again", task_id, e)
+                time.sleep(backoff_delay(outage, 0.5, 5.0))
+        else:
+            raise TransientJobError("Redis unreachable: the job could not start")
+        if outcome.retry_in is not None:
+            # Published again (with its countdown) before this delivery lets go of it.
+            raise self.retry(countdown=outcome.retry_in)
+    finally:
+        presence.let_go(task_id)
     if outcome.result is None:
         raise Ignore()  # ended already, or a duplicate delivery of a job playing elsewhere
     if outcome.result["status"] == Status.FAILED:
@@ -103,21 +114,75 @@ def render(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
     return outcome.result
 
 
+@worker_ready.connect
+def _announce(**_: Any) -> None:
+    # Heartbeat and sweeper from the start: an idle worker recovers dead workers' jobs too.
+    get_presence(get_settings(), republish)
+
+
+@task_received.connect
+def _hold_on_receipt(sender: Any, request: Any, **_: Any) -> None:
+    # From receipt, not from the start of the run: a countdown retry waits unacknowledged in
+    # this process first, and must be recovered too if the process dies meanwhile. Keyed by
+    # task id: an invalid message naming another job's id must not stand in for that job.
+    # A prefork parent never learns when its children finish a job (see get_presence).
+    if request.name != RENDER_TASK or _is_prefork(sender):
+        return
+    payload = request.args[0] if request.args else None
+    if isinstance(payload, dict):
+        payload = {**payload, "job_id": job_id_of(payload, request.id)}
+    get_presence(get_settings(), republish).hold(request.id, payload)
+
+
+def _is_prefork(consumer: Any) -> bool:
+    return type(getattr(consumer, "pool", None)).__module__ == "celery.concurrency.prefork"
+
+
+def republish(task_id: str, payload: Any) -> None:
+    """Send a dead worker's delivery again (tasks/recovery.py), under its own task id."""
+    app.send_task(RENDER_TASK, args=[payload], task_id=task_id, queue=RENDER_QUEUE)
+
+
+def job_id_of(payload: Any, task_id: str) -> str:
+    """The job's id: its own, else the Celery task id, which every redelivery and retry of
+    the message keeps (a fresh random id per delivery would never reach its room's head)."""
+    if isinstance(payload, dict) and isinstance(payload.get("job_id"), str) and payload["job_id"]:
+        return str(payload["job_id"])
+    return task_id
+
+
 async def run_job(
-    payload: Any, task_id: str, token: str, settings: Settings, update_state: StateUpdater | None
+    payload: Any,
+    task_id: str,
+    token: str,
+    settings: Settings,
+    update_state: StateUpdater | None,
 ) -> Outcome:
     redis = aioredis.from_url(settings.redis_url)
     ledger = Ledger(redis, stale_after_s=settings.redelivery_after_s)
-    job_id = str(payload.get("job_id") or task_id) if isinstance(payload, dict) else task_id
+    job_id = job_id_of(payload, task_id)
     reporter = JobReporter(settings, job_id, update_state=update_state, redis=redis)
     try:
         try:
-            job = parse_job(payload)
+            job = parse_job({**payload, "job_id": job_id} if isinstance(payload, dict) else payload)
         except InvalidJob as e:
+            if await _owned_by_another(redis, job_id, payload):
+                log.warning("dropping an invalid message for job %s, which is another job's: %s",
+                            job_id, e)  # fmt: skip
+                return SKIP
             return await _end(ledger, reporter, None, _failure(job_id, None, e, attempt=1))
         return await _claim_and_play(job, token, settings, ledger, reporter)
     finally:
         await redis.aclose()
+
+
+async def _owned_by_another(redis: aioredis.Redis, job_id: str, payload: Any) -> bool:
+    """Whether a valid job owns this id (enqueued with another payload, or claimed by a valid
+    delivery): a message that fails validation must not end a job it does not own."""
+    registered = await redis.hget(job_enqueued_key(job_id), "job")  # type: ignore[misc]
+    if registered is not None:
+        return bool(json.loads(registered) != payload)
+    return bool(await redis.exists(job_enqueued_key(job_id)))
 
 
 async def _claim_and_play(
@@ -138,12 +203,26 @@ async def _claim_and_play(
         return await _end(ledger, reporter, job, result)
 
     control = JobControl()
-    watcher = asyncio.create_task(_watch(ledger, job.job_id, token, control))
+    watcher = asyncio.create_task(_watch(ledger, job, token, control))
     try:
-        result = await pipeline.play(job, settings, reporter, control, attempt=attempt)
+        result = await pipeline.play(
+            job,
+            settings,
+            reporter,
+            control,
+            attempt=attempt,
+            note_session=ledger.note_avatar_session,
+        )
+    except NoAvatarSlot as e:
+        # Waiting is not failing: back to the queue, this claim not counted as an attempt.
+        log.info("job %s: %s; requeued", job.job_id, e)
+        await ledger.release(job.job_id, job.room, token, uncount=True)
+        return Outcome(retry_in=QUOTA_REQUEUE_S)
     except Interrupted as e:
+        if e.reason is StopReason.HANDED_BACK and watcher.done() and watcher.result():
+            return SKIP  # another delivery plays it now
         if e.reason is StopReason.HANDED_BACK:
-            await ledger.release(job.job_id, token)
+            await ledger.release(job.job_id, job.room, token)
             await reporter.emit(Event.RETRYING, reason=e.reason.value, attempt=attempt, retry_in=0)
             return Outcome(retry_in=0.0)
         result = _cancelled(
@@ -171,25 +250,29 @@ async def _claim_and_play(
     return await _end(ledger, reporter, job, result)
 
 
-async def _watch(ledger: Ledger, job_id: str, token: str, control: JobControl) -> None:
-    """Renew the job's lease; stop the job on a cancel request or at the end of shutdown
-    grace."""
-    renew_every = max(1, int(LEASE_TTL_S / 3 / WATCH_INTERVAL_S))
-    tick = 0
+async def _watch(ledger: Ledger, job: Job, token: str, control: JobControl) -> bool:
+    """Every tick: renew (or restore) the job's lease and its hold on the room; stop the job
+    on a cancel request, at the end of shutdown grace, or when another delivery took it over
+    (this worker was taken for dead). Returns True in that last case."""
     while control.reason is None:
         await asyncio.sleep(WATCH_INTERVAL_S)
-        tick += 1
         if HAND_BACK.is_set():
             control.request_stop(StopReason.HANDED_BACK)
-            return
+            return False
         try:
-            if await ledger.cancel_requested(job_id):
-                control.request_stop(StopReason.CANCELLED)
-            if tick % renew_every == 0:
-                await ledger.renew(job_id, token)
-        except RedisError as e:
+            cancel, ours = await ledger.watch(job.job_id, job.room, token)
+        except (RedisError, OSError) as e:
             # Keep playing through a Redis outage; the lease outlives a short one.
-            log.warning("job %s: ledger unreachable: %s", job_id, e)
+            log.warning("job %s: ledger unreachable: %s", job.job_id, e)
+            continue
+        if cancel:
+            control.request_stop(StopReason.CANCELLED)
+        elif not ours:
+            log.warning("job %s: its lease was taken over by another delivery; stopping",
+                        job.job_id)  # fmt: skip
+            control.request_stop(StopReason.HANDED_BACK)
+            return True
+    return False
 
 
 async def _failed(
@@ -204,7 +287,7 @@ async def _failed(
     if not error.permanent and attempt <= settings.max_retries:
         countdown = backoff_delay(attempt - 1, settings.retry_base_s, settings.retry_cap_s)
         log.warning("job %s attempt %d: %s; retry in %.1fs", job.job_id, attempt, error, countdown)
-        await ledger.release(job.job_id, token)
+        await ledger.release(job.job_id, job.room, token)
         await reporter.emit(
             Event.RETRYING,
             reason=error.reason,

@@ -19,10 +19,13 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 from redis.typing import EncodableT, FieldT
 
+from avatarq.errors import InvalidJob
 from avatarq.events import Event, Status, job_events_key
 from avatarq.settings import Settings
+from avatarq.sourcepolicy import webhook_policy
 from tasks import metrics
 from tasks.backoff import backoff_delay
+from tasks.safehttp import SafeHttp
 
 log = logging.getLogger("avatarq.report")
 
@@ -125,8 +128,14 @@ class JobReporter:
             await self._deliver_webhook(webhook_url, body.encode())
 
     async def _deliver_webhook(self, url: str, body: bytes) -> None:
+        """POST the result to `url`, retrying 5xx and connection errors. The SSRF policy for
+        webhooks is checked on every address connected to, and redirects are not followed:
+        a 3xx would send the signed result somewhere the job's URL did not name."""
         secret = self.settings.webhook_secret.get_secret_value()
-        async with aiohttp.ClientSession() as http:
+        timeout = aiohttp.ClientTimeout(total=10)
+        async with SafeHttp(
+            webhook_policy(self.settings), timeout=timeout, follow_redirects=False
+        ) as http:
             for attempt in range(WEBHOOK_ATTEMPTS):
                 headers = {"Content-Type": "application/json"}
                 if secret:
@@ -134,11 +143,19 @@ class JobReporter:
                     headers[WEBHOOK_TIMESTAMP_HEADER] = ts
                     headers[WEBHOOK_SIGNATURE_HEADER] = sign_webhook(secret, ts, body)
                 try:
-                    async with http.post(
-                        url, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=10)
-                    ) as resp:
+                    async with await http.request("POST", url, data=body, headers=headers) as resp:
+                        if 300 <= resp.status < 400:
+                            log.warning(
+                                "webhook for job %s answered %d; redirects are not followed",
+                                self.job_id,
+                                resp.status,
+                            )
+                            return
                         if resp.status < 500:
                             return
+                except InvalidJob as e:
+                    log.warning("webhook for job %s not sent: %s", self.job_id, e.message)
+                    return
                 except (TimeoutError, aiohttp.ClientError):
                     pass
                 await asyncio.sleep(backoff_delay(attempt))

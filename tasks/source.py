@@ -3,7 +3,9 @@
 Every source ends up as a path or URL that ffmpeg reads itself, so playback starts after the
 first bytes arrive and memory never depends on the audio's length. S3 objects are checked with
 `HEAD` first (so a missing object fails fast and permanently, before any avatar is booked) and
-then handed to ffmpeg as a presigned GET URL, which it streams over HTTP.
+then handed to ffmpeg as a presigned GET URL, which it streams over HTTP. A job's own http(s)
+URL is checked against the SSRF policy here, then read by ffmpeg through the loopback relay
+(`tasks/relay.py`), which checks every redirect hop and every address it connects to.
 
 Each source also carries the ffmpeg `-protocol_whitelist` it may use: a local file can only open
 local files, so a playlist-like file (HLS, concat) cannot make the worker fetch internal URLs.
@@ -25,13 +27,15 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from avatarq.errors import InvalidJob, SourceNotFound, SourceUnavailable
 from avatarq.settings import Settings
-from avatarq.sourcepolicy import check_source_url
+from avatarq.sourcepolicy import check_source_url, safe_url
+from tasks.relay import RELAY_PROTOCOLS
 
 # boto3 clients are generated at runtime; without the (optional) stubs they are untyped.
 S3Client = Any
 
 FILE_PROTOCOLS: tuple[str, ...] = ("file",)
-# What an HTTP(S) stream needs inside ffmpeg: https is tls over tcp; crypto covers encrypted HLS.
+# What an S3 (presigned HTTP(S)) stream needs inside ffmpeg: https is tls over tcp; crypto
+# covers encrypted HLS. The S3 endpoint comes from settings, so ffmpeg may open it directly.
 HTTP_PROTOCOLS: tuple[str, ...] = ("http", "https", "tcp", "tls", "crypto")
 
 # S3 error codes that say "this object will not appear if you retry": permanent.
@@ -60,7 +64,10 @@ _PRESIGN_MAX_S = 7 * 24 * 3600  # SigV4 limit
 
 @dataclass(frozen=True)
 class ResolvedSource:
-    """What ffmpeg opens, which protocols it may use for that, and a log-safe name."""
+    """What ffmpeg opens, which protocols it may use for that, and a log-safe name.
+
+    For `kind="http"` ffmpeg opens the relay (`tasks/relay.py`) instead of `url_or_path`.
+    """
 
     url_or_path: str
     protocols: tuple[str, ...]
@@ -90,12 +97,9 @@ def resolve(source: str, settings: Settings) -> ResolvedSource:
     if scheme in ("http", "https"):
         if not parts.hostname:
             raise InvalidJob("http(s) source without a host", reason="invalid_source")
-        check_source_url(source, settings, resolve=True)
+        check_source_url(source, settings, resolve=True)  # fail fast; the relay checks again
         return ResolvedSource(
-            url_or_path=source,
-            protocols=HTTP_PROTOCOLS,
-            description=_safe_url(scheme, parts.hostname, parts.port, parts.path),
-            kind="http",
+            url_or_path=source, protocols=RELAY_PROTOCOLS, description=safe_url(source), kind="http"
         )
     if scheme == "s3":
         bucket, key = parts.netloc, unquote(parts.path.lstrip("/"))
@@ -111,12 +115,6 @@ def resolve(source: str, settings: Settings) -> ResolvedSource:
 async def aresolve(source: str, settings: Settings) -> ResolvedSource:
     """`resolve` off the event loop (boto3 is blocking)."""
     return await asyncio.to_thread(resolve, source, settings)
-
-
-def _safe_url(scheme: str, host: str, port: int | None, path: str) -> str:
-    # Drops user:password and the query string, which is where tokens and signatures live.
-    netloc = f"{host}:{port}" if port is not None else host
-    return f"{scheme}://{netloc}{path}"
 
 
 def _resolve_file(path_str: str) -> ResolvedSource:

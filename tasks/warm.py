@@ -27,6 +27,7 @@ from redis.exceptions import RedisError
 from tasks import room as rooms
 from tasks.avatar import AvatarClient, AvatarSession
 from tasks.control import JobControl, StopReason
+from tasks.quota import AvatarQuota, Slot
 from tasks.stream import AudioStreamSender
 
 log = logging.getLogger("avatarq.warm")
@@ -68,6 +69,9 @@ class AvatarLink:
     #: The hidden participant that keeps the room open while the link lives (tasks/room.py).
     keeper: rtc.Room | None = None
     session: AvatarSession | None = None
+    #: The session slot of the avatar server's quota that this link holds while it lives.
+    quota: AvatarQuota | None = None
+    slot: Slot | None = None
     control: JobControl | None = None
     #: Set once the room or the avatar is gone: the link must not be used again.
     broken: StopReason | None = None
@@ -77,6 +81,10 @@ class AvatarLink:
         self.control = control
         if self.broken is not None:
             control.request_stop(self.broken)
+
+    def hold_slot(self, quota: AvatarQuota, slot: Slot) -> None:
+        self.quota, self.slot = quota, slot
+        quota.hold(slot)
 
     def lost(self, reason: StopReason) -> None:
         """The room or avatar went away: stop the job using the link, and never reuse it."""
@@ -108,6 +116,8 @@ class AvatarLink:
         await self.sender.aclose()
         await rooms.disconnect(self.room)
         await rooms.disconnect(self.keeper)
+        if self.quota is not None and self.slot is not None:
+            await self.quota.release(self.slot)
 
 
 class WarmPool:
@@ -167,6 +177,8 @@ class WarmPool:
                     wanted = await self._redis.exists(_release_key(key))
                 except RedisError:
                     continue
+                if not wanted and (idle := self._idle.get(key)) is not None:
+                    wanted = await self._slot_wanted(idle[0])
                 entry = self._idle.pop(key, None) if wanted else None
                 if entry is not None:
                     entry[1].cancel()
@@ -174,6 +186,17 @@ class WarmPool:
                     await self._forget(key)
                     with contextlib.suppress(RedisError):
                         await self._redis.delete(_release_key(key))
+
+    @staticmethod
+    async def _slot_wanted(link: AvatarLink) -> bool:
+        """Another job waits for a session slot of this link's avatar server: an idle
+        session gives its slot up early."""
+        if link.quota is None:
+            return False
+        try:
+            return await link.quota.demand() > 0
+        except RedisError:
+            return False
 
     async def _forget(self, key: LinkKey) -> None:
         with contextlib.suppress(RedisError):

@@ -22,9 +22,12 @@ CODECS: dict[str, list[str]] = {
 }
 
 
+#: The ffmpeg command line every generator starts with.
+FFMPEG_ARGS = [ffmpeg_binary(Settings()), "-nostdin", "-hide_banner", "-loglevel", "error", "-y"]
+
+
 def _ffmpeg(*args: str) -> None:
-    argv = [ffmpeg_binary(Settings()), "-nostdin", "-hide_banner", "-loglevel", "error", "-y"]
-    subprocess.run([*argv, *args], check=True, timeout=120, capture_output=True)
+    subprocess.run([*FFMPEG_ARGS, *args], check=True, timeout=120, capture_output=True)
 
 
 def tone(

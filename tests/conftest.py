@@ -60,3 +60,18 @@ def redis_server() -> _LkIterator[str]:
 
 
 # --- end redis fixture -------------------------------------------------------------------------
+
+
+# --- rabbitmq fixture (owner: reliability) -------------------------------------------------------
+@_lk_pytest.fixture(scope="session")
+def rabbitmq_server(tmp_path_factory: _lk_pytest.TempPathFactory) -> _LkIterator[str]:
+    """A throwaway `rabbitmq-server` (own node name, ports, data and epmd); yields its URL.
+    Its `consumer_timeout` allows the default longest job (3600 s) plus 10 minutes."""
+    from avatarq.dev.processes import RabbitMQServer
+
+    data = tmp_path_factory.mktemp("rabbitmq")
+    with RabbitMQServer(data_dir=data, consumer_timeout_s=4200, log_dir=data) as server:
+        yield server.url
+
+
+# --- end rabbitmq fixture ------------------------------------------------------------------------

@@ -4,6 +4,7 @@ validation, body cap, idempotency, status, cancel, SSE and the OpenAPI document.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,11 +15,12 @@ import requests
 
 from avatarq.dev.processes import ManagedProcess, free_port, tcp_ready
 from avatarq.events import job_events_key, job_record_key
-from tests.producing import AVATARQ, own_db, queued_job_ids
+from tests.producing import AVATARQ, avatarq, own_db, queued_job_ids
 
-KEYS = ("key-one", "key-two")
+KEYS = ("acme:key-one", "globex:key-two")
 MAX_BODY = 4096
-AUTH = {"Authorization": f"Bearer {KEYS[0]}"}
+AUTH = {"Authorization": "Bearer key-one"}  # tenant acme
+OTHER = {"X-API-Key": "key-two"}  # tenant globex
 JOB = {"room": "lobby", "avatar_id": "anna", "source": "https://cdn.example/hello.wav"}
 
 
@@ -69,8 +71,7 @@ def test_api_keys(api: str) -> None:
     assert (
         requests.get(f"{api}/jobs/x1", headers=AUTH, timeout=10).status_code == 404
     )  # let in; no such job
-    other = {"X-API-Key": KEYS[1]}
-    assert requests.get(f"{api}/jobs/x1", headers=other, timeout=10).status_code == 404
+    assert requests.get(f"{api}/jobs/x1", headers=OTHER, timeout=10).status_code == 404
     # Auth comes before the body is even looked at.
     assert requests.post(f"{api}/jobs", json={}, timeout=10).status_code == 401
 
@@ -110,7 +111,7 @@ def test_post_is_idempotent_on_job_id(api: str, r: redis.Redis) -> None:
     assert first.json() == {"job_id": "api-idem-1", "celery_state": "PENDING", "status": "queued"}
     again = requests.post(f"{api}/jobs", json=job, headers=AUTH, timeout=10)
     assert again.status_code == 200 and again.json()["job_id"] == "api-idem-1"
-    assert queued_job_ids(r).count("api-idem-1") == 1
+    assert queued_job_ids(r).count("acme:api-idem-1") == 1  # namespaced per tenant
     # Without a job_id the server picks one: a new job each time.
     a = requests.post(f"{api}/jobs", json=JOB, headers=AUTH, timeout=10)
     b = requests.post(f"{api}/jobs", json=JOB, headers=AUTH, timeout=10)
@@ -126,22 +127,28 @@ def test_status_and_cancel(api: str, r: redis.Redis) -> None:
     res = requests.delete(f"{api}/jobs/api-cancel-1", headers=AUTH, timeout=10)
     assert res.status_code == 202 and res.json() == {"job_id": "api-cancel-1", "was": "queued"}
     # An ended job reports its record, and cancelling it changes nothing.
-    record = {"job_id": "api-done-1", "status": "completed", "seconds_streamed": 1.5}
-    r.set(job_record_key("api-done-1"), json.dumps(record))
-    assert requests.get(f"{api}/jobs/api-done-1", headers=AUTH, timeout=10).json() == record
+    record = {"job_id": "acme:api-done-1", "status": "completed", "seconds_streamed": 1.5}
+    r.set(job_record_key("acme:api-done-1"), json.dumps(record))
+    shown = requests.get(f"{api}/jobs/api-done-1", headers=AUTH, timeout=10).json()
+    assert shown == {**record, "job_id": "api-done-1"}
     res = requests.delete(f"{api}/jobs/api-done-1", headers=AUTH, timeout=10)
     assert res.json()["was"] == "ended"
     bad_id = requests.get(f"{api}/jobs/..%2Fx", headers=AUTH, timeout=10)
     assert bad_id.status_code in (404, 422)
     never = requests.get(f"{api}/jobs/never-enqueued-1", headers=AUTH, timeout=10)
     assert never.status_code == 404 and "never-enqueued-1" in never.text
+    gone = requests.delete(f"{api}/jobs/never-enqueued-1", headers=AUTH, timeout=10)
+    assert gone.status_code == 404
 
 
 def test_sse_stream_ends_after_the_terminal_event(api: str, r: redis.Redis) -> None:
-    key = job_events_key("api-sse-1")
+    key = job_events_key("acme:api-sse-1")
     for event, data in [("job.started", {}), ("job.progress", {"seconds_streamed": 1.0})]:
-        r.xadd(key, {"event": event, "job_id": "api-sse-1", "ts": "1", "data": json.dumps(data)})
-    last = r.xadd(key, {"event": "job.completed", "job_id": "api-sse-1", "ts": "2", "data": "{}"})
+        fields = {"event": event, "job_id": "acme:api-sse-1", "ts": "1", "data": json.dumps(data)}
+        r.xadd(key, fields)
+    result = json.dumps({"job_id": "acme:api-sse-1", "status": "completed"})
+    fields = {"event": "job.completed", "job_id": "acme:api-sse-1", "ts": "2", "data": result}
+    last = r.xadd(key, fields)
     url = f"{api}/jobs/api-sse-1/events"
     with requests.get(url, headers=AUTH, stream=True, timeout=30) as res:
         assert res.headers["content-type"].startswith("text/event-stream")
@@ -149,11 +156,16 @@ def test_sse_stream_ends_after_the_terminal_event(api: str, r: redis.Redis) -> N
     assert [f["event"] for f in frames] == ["job.started", "job.progress", "job.completed"]
     assert frames[1]["data"]["data"] == {"seconds_streamed": 1.0}
     assert frames[-1]["id"] == last.decode()
+    # The tenant sees its own job ids.
+    assert {f["data"]["job_id"] for f in frames} == {"api-sse-1"}
+    assert frames[-1]["data"]["data"]["job_id"] == "api-sse-1"
     # Resuming after the second event sends only the rest.
     resume = {**AUTH, "Last-Event-ID": frames[1]["id"]}
     with requests.get(url, headers=resume, stream=True, timeout=30) as res:
         assert [f["event"] for f in sse_frames(res)] == ["job.completed"]
     # Bounded: a job with no events closes after `timeout` seconds.
+    job = {**JOB, "job_id": "api-sse-none"}
+    assert requests.post(f"{api}/jobs", json=job, headers=AUTH, timeout=10).status_code == 201
     with requests.get(f"{api}/jobs/api-sse-none/events?timeout=1", headers=AUTH, timeout=30) as res:
         assert res.status_code == 200 and sse_frames(res) == []
 
@@ -164,3 +176,118 @@ def test_openapi_document(api: str) -> None:
     assert {"post"} <= set(doc["paths"]["/jobs"]) and "delete" in doc["paths"]["/jobs/{job_id}"]
     assert {"HTTPBearer", "APIKeyHeader"} <= set(doc["components"]["securitySchemes"])
     assert "room" in doc["components"]["schemas"]["Job"]["properties"]
+
+
+# --- tenants ---------------------------------------------------------------------------------
+
+
+def test_tenants_cannot_see_or_touch_each_others_jobs(api: str, r: redis.Redis) -> None:
+    job = {**JOB, "job_id": "api-tenant-1"}
+    assert requests.post(f"{api}/jobs", json=job, headers=AUTH, timeout=10).status_code == 201
+    url = f"{api}/jobs/api-tenant-1"
+    assert requests.get(url, headers=OTHER, timeout=10).status_code == 404
+    assert requests.delete(url, headers=OTHER, timeout=10).status_code == 404
+    assert requests.get(f"{url}/events?timeout=1", headers=OTHER, timeout=10).status_code == 404
+    # The same job_id from the other tenant is a job of its own; the first is untouched.
+    theirs = requests.post(f"{api}/jobs", json=job, headers=OTHER, timeout=10)
+    assert theirs.status_code == 201 and theirs.json()["job_id"] == "api-tenant-1"
+    mine = requests.get(url, headers=AUTH, timeout=10).json()
+    assert mine["status"] == "queued" and "cancel_requested" not in mine
+    ids = queued_job_ids(r)
+    assert ids.count("acme:api-tenant-1") == 1 and ids.count("globex:api-tenant-1") == 1
+
+
+def test_api_keys_setting() -> None:
+    from producers.api import parse_api_keys
+
+    assert parse_api_keys("acme:k1, acme:k2,globex:k3") == {
+        "k1": "acme",
+        "k2": "acme",
+        "k3": "globex",
+    }
+    assert parse_api_keys("only-key") == {"only-key": "default"}
+    with pytest.raises(ValueError, match="2 keys without a tenant") as info:
+        parse_api_keys("secret-one,secret-two")
+    assert "secret" not in str(info.value)
+    with pytest.raises(ValueError, match="entry 2: write it as tenant:key") as info:
+        parse_api_keys("acme:k1,bad tenant:secret-x")
+    assert "secret" not in str(info.value)
+
+
+def test_api_refuses_to_start_with_unscoped_keys() -> None:
+    proc = avatarq("api", env={"AVATARQ_API_KEYS": "secret-one,secret-two"}, timeout=60)
+    assert proc.returncode == 2
+    assert "without a tenant" in proc.stderr and "secret" not in proc.stderr + proc.stdout
+
+
+# --- clear errors: 422 for bad jobs, 503 when Redis is down ----------------------------------
+
+
+def test_private_source_and_webhook_are_422(api: str) -> None:
+    # Default settings in the API process: no private sources, no private webhooks.
+    for change, field in [
+        ({"source": "http://10.0.0.8/internal.wav"}, "source"),
+        ({"webhook_url": "http://127.0.0.1:9/hook"}, "webhook_url"),
+    ]:
+        res = requests.post(f"{api}/jobs", json={**JOB, **change}, headers=AUTH, timeout=10)
+        assert res.status_code == 422, res.text
+        [error] = res.json()["detail"]
+        assert error["loc"] == ["body", field] and "private address" in error["msg"]
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "words"),
+    [
+        ('"max_duration": NaN', "max_duration", "finite number"),
+        ('"max_duration": 1e999', "max_duration", "finite number"),
+        ('"max_duration": 3601', "max_duration", "AVATARQ_MAX_JOB_DURATION limit of 3600s"),
+        ('"lead": Infinity', "lead", "finite number"),
+        ('"metadata": {"x": NaN}', "metadata", "JSON"),
+    ],
+)
+def test_non_finite_and_oversized_numbers_are_422(
+    api: str, body: str, field: str, words: str
+) -> None:
+    raw = json.dumps(JOB)[:-1] + ", " + body + "}"
+    headers = {**AUTH, "Content-Type": "application/json"}
+    res = requests.post(f"{api}/jobs", data=raw, headers=headers, timeout=10)
+    assert res.status_code == 422, res.text
+    [error] = [e for e in res.json()["detail"] if e["loc"][:2] == ["body", field]]
+    assert words in error["msg"]
+
+
+def test_redis_down_is_503(tmp_path: Path) -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    proc, base = start_api({"REDIS_URL": dead}, tmp_path)
+    with proc:
+        for method, path in [("post", "/jobs"), ("get", "/jobs/x"), ("get", "/jobs/x/events")]:
+            res = requests.request(method, base + path, json=JOB, headers=AUTH, timeout=30)
+            assert res.status_code == 503, (path, res.text)
+            assert "unreachable" in res.json()["detail"] and res.headers["Retry-After"]
+
+
+# --- events stream -------------------------------------------------------------------------
+
+
+def test_sse_unknown_job_and_bad_last_event_id(api: str, r: redis.Redis) -> None:
+    res = requests.get(f"{api}/jobs/api-sse-unknown/events?timeout=1", headers=AUTH, timeout=10)
+    assert res.status_code == 404 and "api-sse-unknown" in res.json()["detail"]
+    key = job_events_key("acme:api-sse-2")
+    r.xadd(key, {"event": "job.completed", "job_id": "acme:api-sse-2", "ts": "1", "data": "{}"})
+    garbage = {**AUTH, "Last-Event-ID": "not-an-id"}
+    res = requests.get(f"{api}/jobs/api-sse-2/events", headers=garbage, timeout=10)
+    assert res.status_code == 400 and "Last-Event-ID" in res.json()["detail"]
+
+
+def test_sse_stream_outlives_silence_with_keep_alives(api: str) -> None:
+    """A queued job with no events for longer than redis-py's 5 s socket timeout: the stream
+    stays up, sends keep-alive comments, and closes cleanly at `timeout`."""
+    job = {**JOB, "job_id": "api-sse-quiet"}
+    assert requests.post(f"{api}/jobs", json=job, headers=AUTH, timeout=10).status_code == 201
+    url = f"{api}/jobs/api-sse-quiet/events?timeout=12"
+    started = time.monotonic()
+    with requests.get(url, headers=AUTH, stream=True, timeout=30) as res:
+        lines = list(res.iter_lines(decode_unicode=True))  # raises if the stream breaks
+    assert time.monotonic() - started >= 11.5
+    comments = [line for line in lines if line.startswith(":")]
+    assert len(comments) >= 2 and not [line for line in lines if line.startswith("data")]

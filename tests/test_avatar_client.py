@@ -10,7 +10,7 @@ import pytest
 from aiohttp import web
 
 from avatarq.dev.processes import free_port
-from avatarq.errors import AvatarRejected, AvatarUnavailable
+from avatarq.errors import AvatarOverLimit, AvatarRejected, AvatarUnavailable
 from tasks import backoff
 from tasks.avatar import LICENSE_HEADER, START_PATH, STOP_PATH, HttpAvatarClient
 
@@ -132,7 +132,7 @@ def test_unreachable_server_is_transient() -> None:
     assert not exc.value.permanent
 
 
-@pytest.mark.parametrize("status", [409, 429, 503])
+@pytest.mark.parametrize("status", [409, 503])
 def test_documented_busy_answers_are_transient_and_retried(status: int) -> None:
     seen: list = []
     session = run_against([status, 200], start, seen)
@@ -147,7 +147,7 @@ def test_retry_after_is_honoured() -> None:
         await start(client)
         return asyncio.get_running_loop().time() - t0
 
-    waited = run_against([429, 200], timed, seen, headers={"Retry-After": "0.4"})
+    waited = run_against([503, 200], timed, seen, headers={"Retry-After": "0.4"})
     assert waited >= 0.4 and len(seen) == 2
 
 
@@ -182,3 +182,11 @@ def test_error_text_never_echoes_the_license_or_token() -> None:
     message = str(exc.value)
     assert "HTTP 400" in message and "'test'" in message
     assert KEY not in message and '"tok"' not in message and "***" in message
+
+
+def test_429_is_the_session_limit_raised_at_once_for_the_quota() -> None:
+    """Over the license's session limit: no retry here; tasks/quota.py waits for a slot."""
+    seen: list = []
+    with pytest.raises(AvatarOverLimit, match="session limit") as exc:
+        run_against([429, 200], start, seen)
+    assert not exc.value.permanent and len(seen) == 1

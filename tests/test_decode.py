@@ -20,7 +20,13 @@ import pytest
 from avatarq.dev.processes import free_port
 from avatarq.errors import DecodeError, SourceNotFound, SourceUnavailable
 from avatarq.settings import Settings
-from tasks.decode import AUDIO_FORMATS, PcmDecoder, decode_command, probe_duration
+from tasks.decode import (
+    AUDIO_FORMATS,
+    LIMIT_SLACK_S,
+    PcmDecoder,
+    decode_command,
+    probe_duration,
+)
 from tasks.source import HTTP_PROTOCOLS, ResolvedSource, resolve
 from tests import audio
 from tests.httpserve import serving
@@ -245,6 +251,23 @@ def test_http_playback_starts_before_download_ends(http_files: HttpFiles) -> Non
     assert asyncio.run(run()) == audio.wav_samples(src)
 
 
+def test_stopping_early_on_a_stalled_download_is_prompt(http_files: HttpFiles) -> None:
+    """A job cancelled while its server holds back the rest: ffmpeg and the relay go at once."""
+    audio.chirp(http_files.root / "held.wav", seconds=30, rate=RATE)
+
+    async def first_chunk() -> float:
+        async with PcmDecoder(
+            resolve(f"{http_files.url}/slow/held.wav", SETTINGS), settings=SETTINGS
+        ) as dec:
+            async for _ in dec.chunks(CHUNK):
+                break
+            started = time.monotonic()
+        return time.monotonic() - started
+
+    assert asyncio.run(first_chunk()) < 3
+    assert not http_files.release.is_set()
+
+
 def test_http_404_is_source_not_found(http_files: HttpFiles) -> None:
     with pytest.raises(SourceNotFound, match="404") as info:
         decode(resolve(f"{http_files.url}/missing.wav?X-Amz-Signature=deadbeef", SETTINGS))
@@ -311,8 +334,9 @@ def test_decode_command_shape(tmp_path: Path) -> None:
         assert argv[argv.index(flag) + 1] == value
     assert argv[-1] == "pipe:"
 
+    # An http(s) source is read through the loopback relay: plain http only.
     http = decode_command(resolve("https://h.example/a.mp3", SETTINGS), binary="ffmpeg")
-    assert http[http.index("-protocol_whitelist") + 1] == ",".join(HTTP_PROTOCOLS)
+    assert http[http.index("-protocol_whitelist") + 1] == "http,tcp"
     assert http[http.index("-reconnect") + 1] == "1"
     assert http.index("-reconnect") < http.index("-i")
 
@@ -331,3 +355,77 @@ def test_probe_without_ffprobe_is_none(tmp_path: Path) -> None:
     settings = Settings(ffmpeg_binary=imageio_ffmpeg.get_ffmpeg_exe())
     src = audio.tone(tmp_path / "t.wav", seconds=1, rate=RATE)
     assert asyncio.run(probe_duration(local(src), settings)) is None
+
+
+# --- length limits and truncation --------------------------------------------------------
+
+
+def piped(path: Path, seconds: float, codec: list[str], fmt: str) -> Path:
+    """A tone encoded to a pipe, as a streaming encoder writes it: no length in the header."""
+    argv = [*audio.FFMPEG_ARGS, "-f", "lavfi", "-i", f"sine=frequency=440:duration={seconds}"]
+    out = subprocess.run(
+        [*argv, *codec, "-f", fmt, "pipe:1"], capture_output=True, check=True, timeout=60
+    ).stdout
+    path.write_bytes(out)
+    return path
+
+
+UNDECLARED = [("flac", ["-c:a", "flac"], "flac"), ("mka", ["-c:a", "libopus"], "matroska")]
+
+
+@pytest.mark.parametrize(("suffix", "codec", "fmt"), UNDECLARED)
+def test_limit_is_enforced_while_decoding(
+    tmp_path: Path, suffix: str, codec: list[str], fmt: str
+) -> None:
+    src = piped(tmp_path / f"long.{suffix}", 12, codec, fmt)
+    if shutil.which("ffprobe"):  # the premise: nothing to check before decoding
+        assert asyncio.run(probe_duration(local(src), SETTINGS)) is None
+    got: list[bytes] = []
+
+    async def run() -> None:
+        async with PcmDecoder(local(src), settings=SETTINGS, max_seconds=5) as dec:
+            async for chunk in dec.chunks(CHUNK):
+                got.append(chunk)
+
+    with pytest.raises(DecodeError, match="longer than the 5s maximum") as info:
+        asyncio.run(run())
+    assert info.value.reason == "too_long" and info.value.permanent
+    # Stopped at the limit (plus the codec slack), not at the end of the file.
+    assert 5 * RATE * 2 <= len(b"".join(got)) <= (5 + LIMIT_SLACK_S) * RATE * 2
+
+
+def test_audio_within_the_limit_plays_in_full(tmp_path: Path) -> None:
+    src = piped(tmp_path / "short.flac", 3, ["-c:a", "flac"], "flac")
+
+    async def run() -> tuple[int, float]:
+        # Exactly at the limit: a clip of max_duration seconds is allowed.
+        async with PcmDecoder(local(src), settings=SETTINGS, max_seconds=3) as dec:
+            pcm = b"".join([c async for c in dec.chunks(CHUNK)])
+        return len(pcm), dec.decoded_seconds
+
+    size, seconds = asyncio.run(run())
+    assert size == 3 * RATE * 2 and seconds == pytest.approx(3.0)
+
+
+@pytest.mark.skipif(shutil.which("ffprobe") is None, reason="no ffprobe on this machine")
+def test_truncated_file_is_reported(tmp_path: Path) -> None:
+    """An mp3 cut to 30 %: its header still declares 10 s, ffmpeg decodes 3 s and exits 0."""
+    whole = audio.tone(tmp_path / "whole.mp3", seconds=10, rate=RATE)
+    cut = tmp_path / "cut.mp3"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size * 3 // 10])
+    declared = asyncio.run(probe_duration(local(cut), SETTINGS))
+    assert declared is not None and declared > 9.5
+
+    async def run(path: Path, expected: float | None) -> PcmDecoder:
+        async with PcmDecoder(local(path), settings=SETTINGS, expected_seconds=expected) as dec:
+            async for _ in dec.chunks(CHUNK):
+                pass
+        return dec
+
+    with pytest.raises(DecodeError, match=r"truncated audio: .*cut.mp3 declares 10\.\d\ds") as info:
+        asyncio.run(run(cut, declared))
+    assert info.value.reason == "truncated_audio"
+    # Without a declared length there is nothing to compare; the whole file is fine.
+    assert asyncio.run(run(cut, None)).decoded_seconds == pytest.approx(3.0, abs=0.2)
+    intact = asyncio.run(run(whole, asyncio.run(probe_duration(local(whole), SETTINGS))))
+    assert not intact.truncated and intact.decoded_seconds == pytest.approx(10.0, abs=0.1)

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from avatarq.celeryconfig import RENDER_QUEUE
+from avatarq.dev import livekit_official
 from avatarq.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,6 +166,16 @@ def test_dockerfile_is_slim_nonroot_with_ffmpeg_and_no_secrets() -> None:
             assert ".env" not in line, line
 
 
+def test_dockerfile_builds_the_console_where_the_api_serves_it_from() -> None:
+    from producers.console import CONSOLE_DIST
+
+    text = (ROOT / "infra" / "Dockerfile").read_text()
+    assert re.search(r"^FROM node:\d+[\w.-]* AS console$", text, re.M)
+    assert "RUN npm ci" in text and "RUN npm run build" in text
+    built = CONSOLE_DIST.relative_to(ROOT).as_posix()
+    assert f"COPY --from=console /src/{built} ./{built}" in text
+
+
 # --- infra/k8s -----------------------------------------------------------------------------
 
 
@@ -215,3 +226,122 @@ def test_services_select_existing_pods() -> None:
     for name, svc in by_kind("Service").items():
         selector = svc["spec"]["selector"].items()
         assert any(selector <= labels.items() for labels in pod_labels), name
+
+
+def test_compose_pins_the_livekit_server_the_tests_run(compose: dict[str, Any]) -> None:
+    image = compose["services"]["livekit"]["image"]
+    assert image == f"livekit/livekit-server:{livekit_official.VERSION}"
+
+
+# --- infra/monitoring: Grafana dashboard and Prometheus alert rules ------------------------
+
+MONITORING = ROOT / "infra" / "monitoring"
+#: Metrics that are not avatarq's, each with the exporter that provides it.
+EXTERNAL_METRICS = {
+    "redis_key_size": "redis_exporter, REDIS_EXPORTER_CHECK_SINGLE_KEYS=db0=avatarq"
+}
+PROMQL_KEYWORDS = {"and", "or", "unless", "bool", "offset", "inf", "nan"}
+#: Series names prometheus_client exports for each metric type.
+TYPE_SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+
+
+@pytest.fixture(scope="module")
+def dashboard() -> dict[str, Any]:
+    return json.loads((MONITORING / "grafana-dashboard.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def alert_rules() -> list[dict[str, Any]]:
+    groups = yaml.safe_load((MONITORING / "alerts.yaml").read_text())["groups"]
+    return [rule for group in groups for rule in group["rules"]]
+
+
+def exported_series() -> dict[str, str]:
+    """Series name -> metric family, for every avatarq metric the workers export."""
+    from prometheus_client import REGISTRY
+
+    import tasks.metrics  # noqa: F401  (registers the worker's metrics)
+
+    return {
+        metric.name + suffix: metric.name
+        for metric in REGISTRY.collect()
+        if metric.name.startswith("avatarq_")
+        for suffix in TYPE_SUFFIXES[metric.type]
+    }
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression reads (after checking its brackets balance)."""
+    depth: list[str] = []
+    for char in re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr):
+        if char in "([{":
+            depth.append(")]}"["([{".index(char)])
+        elif char in ")]}":
+            assert depth and depth.pop() == char, f"unbalanced {char!r} in {expr}"
+    assert not depth, f"unclosed {depth} in {expr}"
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', "", expr)  # label values
+    text = re.sub(r"\{[^}]*\}", "", text)  # label matchers
+    text = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", text)
+    text = re.sub(r"\[[^\]]*\]", "", text)  # range windows
+    text = re.sub(r"\b\d+(\.\d+)?(e[-+]?\d+)?\b", "", text)  # numbers
+    names = set()
+    for match in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", text):
+        if text[match.end() :].lstrip().startswith("(") or match.group() in PROMQL_KEYWORDS:
+            continue  # a function or an operator
+        names.add(match.group())
+    return names
+
+
+def test_metric_names_parser_sees_what_an_expression_reads() -> None:
+    expr = 'sum by (le) (rate(a_bucket{le="0.5"}[5m])) / clamp_min(b_total + c, 1e-9) > 0.1'
+    assert metric_names(expr) == {"a_bucket", "b_total", "c"}
+    with pytest.raises(AssertionError, match="unbalanced"):
+        metric_names("sum(rate(a[5m)))")
+
+
+def test_dashboard_is_a_grafana_dashboard(dashboard: dict[str, Any]) -> None:
+    assert dashboard["uid"] and dashboard["title"] and dashboard["schemaVersion"] >= 36
+    (variable,) = dashboard["templating"]["list"]
+    assert (variable["type"], variable["query"]) == ("datasource", "prometheus")
+    source = {"type": "prometheus", "uid": "${" + variable["name"] + "}"}
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    for panel in dashboard["panels"]:
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24 and grid["h"] > 0, panel["title"]
+        assert panel["type"] == "timeseries" and panel["datasource"] == source, panel["title"]
+        refs = [target["refId"] for target in panel["targets"]]
+        assert refs and len(refs) == len(set(refs)), panel["title"]
+        assert all(target["expr"].strip() for target in panel["targets"]), panel["title"]
+
+
+def test_alert_rules_cover_queue_failures_underruns_and_workers(
+    alert_rules: list[dict[str, Any]],
+) -> None:
+    names = [rule["alert"] for rule in alert_rules]
+    assert len(names) == len(set(names))
+    for rule in alert_rules:
+        assert re.fullmatch(r"Avatarq[A-Z]\w+", rule["alert"])
+        assert re.fullmatch(r"\d+[smh]", rule["for"]), rule["alert"]
+        assert rule["labels"]["severity"] in ("warning", "critical"), rule["alert"]
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"]
+    reads = {rule["alert"]: metric_names(rule["expr"]) for rule in alert_rules}
+    assert reads["AvatarqQueueBacklog"] == {"redis_key_size"}
+    assert "avatarq_jobs_failed_total" in reads["AvatarqHighFailureRate"]
+    assert "avatarq_pacing_error_seconds_bucket" in reads["AvatarqAudioUnderruns"]
+    assert (
+        "absent(avatarq_streams_in_flight)" in alert_rules[names.index("AvatarqNoWorkers")]["expr"]
+    )
+
+
+def test_dashboard_and_alerts_read_only_metrics_that_exist(
+    dashboard: dict[str, Any], alert_rules: list[dict[str, Any]]
+) -> None:
+    exported = exported_series()
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    on_dashboard = set().union(*(metric_names(e) for e in exprs))
+    in_alerts = set().union(*(metric_names(rule["expr"]) for rule in alert_rules))
+    unknown = (on_dashboard | in_alerts) - set(exported) - set(EXTERNAL_METRICS)
+    assert not unknown, f"not exported by tasks/metrics.py: {unknown}"
+    # And the dashboard shows every metric the workers export.
+    assert {exported[n] for n in on_dashboard if n in exported} == set(exported.values())

@@ -1,5 +1,7 @@
-"""The fault suite (avatarq/dev/faults.py) against the real stack: every job ends once, none
-is lost, none is played twice, no room hears two jobs at once, and no secret leaks."""
+"""The fault suite (avatarq/dev/faults.py) against the real stack, with default settings, on
+both supported brokers (Redis, and RabbitMQ with Redis for results and the ledger): every
+job ends once, none is lost, none is played twice, no room hears two jobs at once, and no
+secret leaks."""
 
 from __future__ import annotations
 
@@ -14,9 +16,11 @@ from tests.netns import NETNS
 pytestmark = NETNS
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultLab]:
-    with fault_lab(tmp_path_factory.mktemp("faults")) as lab:
+@pytest.fixture(scope="module", params=["redis", "rabbitmq"])
+def lab(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[FaultLab]:
+    with fault_lab(tmp_path_factory.mktemp(f"faults-{request.param}"), broker=request.param) as lab:
         yield lab
 
 

@@ -36,6 +36,11 @@ def test_defaults_and_payload_roundtrip() -> None:
         ({"lead": -1}, "lead", "greater than or equal"),
         ({"metadata": {"x": "y" * 20000}}, "metadata", "over the 16384 limit"),
         ({"webhook_url": "not a url"}, "webhook_url", "URL"),
+        ({"max_duration": float("inf")}, "max_duration", "finite number"),
+        ({"max_duration": float("nan")}, "max_duration", "finite number"),
+        ({"lead": float("nan")}, "lead", "finite number"),
+        ({"max_duration": 3601}, "max_duration", "AVATARQ_MAX_JOB_DURATION limit of 3600s"),
+        ({"metadata": {"x": float("nan")}}, "metadata", "Out of range float values"),
     ],
 )
 def test_bad_fields_are_named(change: dict, field: str, words: str) -> None:

@@ -13,10 +13,19 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
-from avatarq.events import job_enqueued_key, job_lease_key, job_record_key, room_order_key
+from avatarq.events import (
+    WORKERS_KEY,
+    job_enqueued_key,
+    job_lease_key,
+    job_record_key,
+    room_holder_key,
+    room_order_key,
+    worker_heartbeat_key,
+    worker_held_key,
+)
 from avatarq.settings import Settings
 from producers.client import cancel, enqueue
-from tasks.ledger import Claim, Ledger
+from tasks.ledger import REJOIN_GRACE_S, Claim, Ledger, Orphan
 
 
 def run(redis_url: str, body: Callable[[Ledger], Awaitable[Any]], stale: float = 3600) -> Any:
@@ -30,8 +39,13 @@ def run(redis_url: str, body: Callable[[Ledger], Awaitable[Any]], stale: float =
     return asyncio.run(go())
 
 
-def room() -> str:
-    return f"room-{uuid.uuid4().hex[:8]}"
+def room(*queued: str, redis_url: str | None = None) -> str:
+    """A fresh room; `queued` job ids take their places in its order, as `enqueue` does."""
+    name = f"room-{uuid.uuid4().hex[:8]}"
+    if queued:
+        assert redis_url
+        redis.Redis.from_url(redis_url).rpush(room_order_key(name), *queued)
+    return name
 
 
 def test_room_plays_in_enqueue_order_one_at_a_time(redis_server: str) -> None:
@@ -63,7 +77,7 @@ def test_room_plays_in_enqueue_order_one_at_a_time(redis_server: str) -> None:
 
 
 def test_ended_job_is_never_played_again(redis_server: str) -> None:
-    r = room()
+    r = room("once", redis_url=redis_server)
 
     async def body(ledger: Ledger) -> None:
         assert (await ledger.claim("once", r, "t1"))[0] is Claim.OK
@@ -78,13 +92,14 @@ def test_ended_job_is_never_played_again(redis_server: str) -> None:
 
 
 def test_duplicate_delivery_meets_the_lease(redis_server: str) -> None:
-    r = room()
+    r = room("dup", redis_url=redis_server)
 
     async def body(ledger: Ledger) -> None:
         assert (await ledger.claim("dup", r, "worker-1"))[0] is Claim.OK
         assert (await ledger.claim("dup", r, "worker-2"))[0] is Claim.BUSY
-        assert await ledger.renew("dup", "worker-1")
-        assert not await ledger.renew("dup", "worker-2")
+        assert await ledger.watch("dup", r, "worker-1") == (False, True)
+        # The duplicate's watch learns that the job is not its own (and takes nothing).
+        assert await ledger.watch("dup", r, "worker-2") == (False, False)
         # The first worker dies: once its lease lapses the job plays again, as attempt 2.
         await ledger.redis.pexpire(job_lease_key("dup"), 1)
         await asyncio.sleep(0.05)
@@ -108,7 +123,7 @@ def test_cancel_before_start(redis_server: str) -> None:
 
 
 def test_cancel_reports_playing_and_ended(redis_server: str) -> None:
-    r = room()
+    r = room("p1", redis_url=redis_server)
     settings = Settings(REDIS_URL=redis_server, CELERY_BROKER_URL=redis_server)
 
     async def start(ledger: Ledger) -> None:
@@ -118,7 +133,7 @@ def test_cancel_reports_playing_and_ended(redis_server: str) -> None:
     assert cancel("p1", settings=settings) == "playing"
 
     async def check_and_end(ledger: Ledger) -> None:
-        assert await ledger.cancel_requested("p1")
+        assert (await ledger.watch("p1", r, "t"))[0]  # the cancel request
         await ledger.finish("p1", r, {"job_id": "p1", "status": "cancelled"})
 
     run(redis_server, check_and_end)
@@ -143,6 +158,7 @@ def test_lost_head_stops_blocking_its_room(redis_server: str) -> None:
     # A job whose message vanished (e.g. a broker that lost its data): queued, never touched.
     client.rpush(room_order_key(r), "lost")
     client.hset(job_enqueued_key("lost"), mapping={"ts": time.time() - 10, "room": r})
+    client.rpush(room_order_key(r), "next")
 
     async def body(ledger: Ledger) -> None:
         assert (await ledger.claim("next", r, "t"))[0] is Claim.OK
@@ -151,8 +167,88 @@ def test_lost_head_stops_blocking_its_room(redis_server: str) -> None:
     assert client.lrange(room_order_key(r), 0, -1) == [b"next"]
 
     async def young(ledger: Ledger) -> None:
-        client.rpush(room_order_key(r + "y"), "queued-recently")
+        client.rpush(room_order_key(r + "y"), "queued-recently", "behind")
         client.hset(job_enqueued_key("queued-recently"), mapping={"ts": time.time(), "room": r})
         assert (await ledger.claim("behind", r + "y", "t"))[0] is Claim.WAIT
 
     run(redis_server, young, stale=5)
+
+
+def test_playing_job_reasserts_its_room_after_redis_lost_its_data(redis_server: str) -> None:
+    # A Redis crash with default persistence forgets the room's order and the lease while a
+    # job plays and the next one waits: the next one must not start on top of it.
+    r = room()
+    client = redis.Redis.from_url(redis_server)
+    head, nxt = f"head-{r}", f"next-{r}"
+    client.rpush(room_order_key(r), head, nxt)
+
+    async def body(ledger: Ledger) -> None:
+        assert (await ledger.claim(head, r, "w1/a"))[0] is Claim.OK
+        client.delete(room_order_key(r), job_lease_key(head), room_holder_key(r))
+        client.delete(job_enqueued_key(nxt))
+        # The waiting job finds no order: it puts itself in, but may not start at once...
+        assert (await ledger.claim(nxt, r, "w2/b"))[0] is Claim.WAIT
+        # ...and the playing job's next watch tick restores its lease and its place first.
+        assert await ledger.watch(head, r, "w1/a") == (False, True)
+        assert client.lrange(room_order_key(r), 0, -1) == [head.encode(), nxt.encode()]
+        await asyncio.sleep(REJOIN_GRACE_S + 0.1)
+        assert (await ledger.claim(nxt, r, "w2/b"))[0] is Claim.WAIT
+        assert await ledger.finish(head, r, {"job_id": head, "status": "completed"})
+        assert (await ledger.claim(nxt, r, "w2/b"))[0] is Claim.OK
+
+    run(redis_server, body)
+
+
+def test_no_job_starts_while_another_holds_the_room(redis_server: str) -> None:
+    r = room()
+    client = redis.Redis.from_url(redis_server)
+
+    async def body(ledger: Ledger) -> None:
+        client.rpush(room_order_key(r), f"a-{r}")
+        assert (await ledger.claim(f"a-{r}", r, "w1/a"))[0] is Claim.OK
+        # The order alone says f"b-{r}" is next (e.g. rebuilt wrongly): the room holder says no.
+        client.delete(room_order_key(r))
+        client.rpush(room_order_key(r), f"b-{r}")
+        assert (await ledger.claim(f"b-{r}", r, "w2/b"))[0] is Claim.WAIT
+        assert client.get(room_holder_key(r)) == f"a-{r}".encode()
+
+    run(redis_server, body)
+
+
+def test_orphans_of_a_dead_worker_are_taken_once(redis_server: str) -> None:
+    r = room()
+    client = redis.Redis.from_url(redis_server)
+    dead, alive = f"dead-{r}", f"alive-{r}"
+    payload = json.dumps({"job_id": f"o1-{r}", "room": r})
+    client.sadd(WORKERS_KEY, dead, alive)
+    client.set(worker_heartbeat_key(alive), "1", px=15_000)
+    client.hset(worker_held_key(alive), f"o3-{r}", "{}")
+    client.hset(worker_held_key(dead), mapping={f"o1-{r}": payload, f"o2-{r}": "{}"})
+    client.set(job_record_key(f"o2-{r}"), "{}")  # ended: nothing to recover
+
+    async def body(ledger: Ledger) -> None:
+        client.rpush(room_order_key(r), f"o1-{r}")
+        assert (await ledger.claim(f"o1-{r}", r, Ledger.new_token(dead)))[0] is Claim.OK
+        assert await ledger.take_orphans() == [Orphan(f"o1-{r}", payload, playing=True)]
+        assert await ledger.take_orphans() == []
+        # The dead worker's lease went with it: the published copy plays at once.
+        assert await ledger.claim(f"o1-{r}", r, Ledger.new_token(alive)) == (Claim.OK, 2)
+
+    run(redis_server, body)
+    assert not client.sismember(WORKERS_KEY, dead)
+    assert client.hgetall(worker_held_key(alive)) == {f"o3-{r}".encode(): b"{}"}
+
+
+def test_avatar_session_note_lives_until_the_job_ends(redis_server: str) -> None:
+    r = room()
+
+    async def body(ledger: Ledger) -> None:
+        assert await ledger.avatar_session("av1") is None
+        await ledger.note_avatar_session("av1", "http://avatar.test", "sess-1")
+        assert await ledger.avatar_session("av1") == ("http://avatar.test", "sess-1")
+        await ledger.note_avatar_session("av1", "http://avatar.test", None)
+        assert await ledger.avatar_session("av1") == ("http://avatar.test", None)
+        await ledger.finish("av1", r, {"job_id": "av1", "status": "completed"})
+        assert await ledger.avatar_session("av1") is None
+
+    run(redis_server, body)

@@ -274,3 +274,27 @@ def test_back_to_back_jobs_reuse_the_warm_avatar(stack: LocalStack, tmp_path: Pa
     assert state["state"] == "stopped" and state["stop_reason"] == "stop_request"
     later = run_job(stack, room=room, source=str(clips[0]), lead=0.2)
     assert later["warm"] is False and later["avatar_session_id"] != cold["avatar_session_id"]
+
+
+def test_length_limit_holds_for_audio_that_does_not_declare_its_length(
+    stack: LocalStack, tmp_path: Path
+) -> None:
+    """FLAC written to a pipe carries no length: the limit is enforced while decoding."""
+    wav = audio.tone(tmp_path / "long.wav", seconds=12.0)
+    piped = tmp_path / "long.flac"
+    with piped.open("wb") as out:
+        argv = [ffmpeg_binary(Settings()), "-nostdin", "-loglevel", "error", "-i", str(wav)]
+        subprocess.run([*argv, "-f", "flac", "pipe:1"], stdout=out, check=True, timeout=60)
+    result = run_job(stack, source=str(piped), max_duration=3)
+    assert result["status"] == "failed" and result["reason"] == "too_long", result
+    assert result["attempt"] == 1
+
+
+def test_truncated_file_fails_as_truncated(stack: LocalStack, tmp_path: Path) -> None:
+    # Its header still declares 10 s; ffmpeg decodes 3 s and exits 0.
+    whole = audio.tone(tmp_path / "whole.mp3", seconds=10.0, rate=16000)
+    cut = tmp_path / "cut.mp3"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size * 3 // 10])
+    result = run_job(stack, source=str(cut))
+    assert result["status"] == "failed" and result["reason"] == "truncated_audio", result
+    assert "declares" in result["error"] and result["attempt"] == 1

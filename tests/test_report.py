@@ -61,9 +61,31 @@ def test_events_and_progress(redis_server: str) -> None:
     assert client.ttl(job_events_key("job-r1")) > 0
 
 
+async def deliver(
+    settings: Settings, job_id: str, handler: Any, path: str = "/hook", host: str = "127.0.0.1"
+) -> None:
+    """Announce a failed job whose webhook is `path` on a loopback aiohttp server."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    reporter = JobReporter(settings, job_id)
+    try:
+        result = {"job_id": job_id, "status": "failed", "reason": "decode_error"}
+        await reporter.announce(result, f"http://{host}:{port}{path}")
+    finally:
+        await reporter.aclose()
+        await runner.cleanup()
+
+
 def test_webhook_signed_and_retried(redis_server: str) -> None:
     secret = "whsec-test"
-    settings = settings_for(redis_server, AVATARQ_WEBHOOK_SECRET=secret)
+    # The test's receiver is on loopback, which the webhook SSRF guard refuses by default.
+    settings = settings_for(
+        redis_server, AVATARQ_WEBHOOK_SECRET=secret, AVATARQ_ALLOW_PRIVATE_WEBHOOKS=True
+    )
     received: list[tuple[dict[str, str], bytes]] = []
 
     async def hook(request: web.Request) -> web.Response:
@@ -71,22 +93,7 @@ def test_webhook_signed_and_retried(redis_server: str) -> None:
         # The first delivery meets a server error and must be retried.
         return web.Response(status=503 if len(received) == 1 else 204)
 
-    async def go() -> None:
-        app = web.Application()
-        app.router.add_post("/hook", hook)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        reporter = JobReporter(settings, "job-w1")
-        try:
-            result = {"job_id": "job-w1", "status": "failed", "reason": "decode_error"}
-            await reporter.announce(result, f"http://127.0.0.1:{port}/hook")
-        finally:
-            await reporter.aclose()
-            await runner.cleanup()
-
-    asyncio.run(go())
+    asyncio.run(deliver(settings, "job-w1", hook))
     assert len(received) == 2
     headers, body = received[-1]
     ts = headers[WEBHOOK_TIMESTAMP_HEADER]
@@ -131,3 +138,36 @@ def test_progress_nowait_never_holds_up_the_caller(redis_server: str) -> None:
         e["event"] for e in entries(redis.Redis.from_url(redis_server), job_events_key("job-r3"))
     ]
     assert names == ["job.progress"]
+
+
+def test_webhook_to_a_private_address_is_not_sent(redis_server: str, caplog: Any) -> None:
+    settings = settings_for(redis_server, AVATARQ_WEBHOOK_SECRET="whsec-test")  # defaults
+    received: list[str] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        received.append(request.path)
+        return web.Response(status=204)
+
+    for host in ("127.0.0.1", "localhost"):
+        asyncio.run(deliver(settings, "job-w2", hook, host=host))
+    assert received == []
+    assert "AVATARQ_ALLOW_PRIVATE_WEBHOOKS" in caplog.text
+    # The job's own events are still written.
+    events = entries(redis.Redis.from_url(redis_server), job_events_key("job-w2"))
+    assert [e["event"] for e in events] == ["job.failed", "job.failed"]
+
+
+def test_webhook_redirect_is_not_followed(redis_server: str, caplog: Any) -> None:
+    # Loopback receiver: private webhooks allowed; the redirect is what is tested.
+    settings = settings_for(redis_server, AVATARQ_ALLOW_PRIVATE_WEBHOOKS=True)
+    received: list[str] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        received.append(request.path)
+        if request.path == "/hook":
+            raise web.HTTPTemporaryRedirect("/elsewhere")
+        return web.Response(status=204)
+
+    asyncio.run(deliver(settings, "job-w3", hook))
+    assert received == ["/hook"]
+    assert "redirects are not followed" in caplog.text

@@ -11,6 +11,7 @@ import pytest
 from avatarq.dev.processes import free_port
 from avatarq.errors import InvalidJob, SourceNotFound, SourceUnavailable
 from avatarq.settings import Settings
+from tasks.relay import RELAY_PROTOCOLS
 from tasks.source import FILE_PROTOCOLS, HTTP_PROTOCOLS, aresolve, resolve
 from tests.s3 import aws_env, s3_client, s3_server
 
@@ -71,7 +72,7 @@ def test_http_description_hides_credentials_and_query() -> None:
     resolved = resolve(url, Settings())
     assert resolved.kind == "http"
     assert resolved.url_or_path == url
-    assert resolved.protocols == HTTP_PROTOCOLS
+    assert resolved.protocols == RELAY_PROTOCOLS  # ffmpeg reads it through the relay
     assert resolved.description == "https://cdn.example.com:8443/a/b.mp3"
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from avatarq.errors import InvalidJob
 from avatarq.settings import Settings
-from avatarq.sourcepolicy import check_source_url
+from avatarq.sourcepolicy import check_source_url, check_url, webhook_policy
 from producers.client import enqueue
 from tasks.source import resolve
 
@@ -56,3 +56,16 @@ def test_producer_refuses_at_enqueue(redis_server: str) -> None:
     job = {"room": "r", "avatar_id": "a", "source": "http://10.0.0.8/internal.wav"}
     with pytest.raises(InvalidJob, match="private address"):
         enqueue(job, settings=settings)
+
+
+def test_producer_refuses_a_private_webhook_at_enqueue(redis_server: str) -> None:
+    settings = Settings(REDIS_URL=redis_server, CELERY_BROKER_URL=redis_server)
+    job = {"room": "r", "avatar_id": "a", "source": "s3://b/k.wav"}
+    for hook in ("http://127.0.0.1:9000/hook", "http://169.254.169.254/x"):
+        with pytest.raises(InvalidJob, match="AVATARQ_ALLOW_PRIVATE_WEBHOOKS") as info:
+            enqueue({**job, "webhook_url": hook}, settings=settings)
+        assert info.value.reason == "webhook_not_allowed"
+    narrow = Settings(webhook_hosts="hooks.example.com")
+    with pytest.raises(InvalidJob, match="'evil.example.net' is not in AVATARQ_WEBHOOK_HOSTS"):
+        check_url("https://evil.example.net/h", webhook_policy(narrow), resolve=False)
+    check_url("https://hooks.example.com/h", webhook_policy(narrow), resolve=False)

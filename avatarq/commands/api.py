@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from avatarq.cli import EXIT_INVALID, err
+from avatarq.commands.common import EXIT_INVALID, err
 
 
 def api(
@@ -16,15 +16,18 @@ def api(
 ) -> None:
     """Serve the HTTP API (POST/GET/DELETE /jobs, SSE events, /openapi.json).
 
-    Example: AVATARQ_API_KEYS=k1,k2 avatarq api --host 0.0.0.0 --port 8000
+    Example: AVATARQ_API_KEYS=acme:k1,globex:k2 avatarq api --host 0.0.0.0 --port 8000
     """
     import uvicorn
 
     from avatarq.settings import get_settings
+    from producers.api import parse_api_keys
 
-    if not get_settings().api_keys.get_secret_value().strip(" ,"):
-        err.print("[red]error:[/] set AVATARQ_API_KEYS (comma-separated keys) first")
-        raise typer.Exit(EXIT_INVALID)
+    try:
+        parse_api_keys(get_settings().api_keys.get_secret_value())
+    except ValueError as e:
+        err.print(f"[red]error:[/] {e}")
+        raise typer.Exit(EXIT_INVALID) from None
     uvicorn.run("producers.api:create_app", factory=True, host=host, port=port, log_level=log_level)
 
 

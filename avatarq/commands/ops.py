@@ -4,6 +4,7 @@ checks first. Reads Redis and asks workers over Celery's broadcast; never prints
 from __future__ import annotations
 
 import json
+import time
 from typing import Annotated, Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -13,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from avatarq.celeryconfig import RENDER_QUEUE
-from avatarq.events import Event
+from avatarq.events import Event, avatar_quota_key
 from avatarq.settings import Settings, get_settings
 
 MASK = "********"
@@ -117,6 +118,24 @@ def recent_failures(redis: Any, stream: str) -> list[dict[str, Any]]:
     return failures
 
 
+def avatar_quotas(redis: Any, settings: Settings) -> list[dict[str, Any]]:
+    """Per configured avatar server: sessions held across the fleet, the effective quota
+    (shrunk for a while after a 429) and the jobs waiting for a session."""
+    now_ms = int(time.time() * 1000)
+    rows = []
+    for name, server in sorted(settings.configured_avatar_servers().items()):
+        cap = redis.get(avatar_quota_key(name, "cap"))
+        rows.append(
+            {
+                "server": name,
+                "sessions": int(redis.zcount(avatar_quota_key(name, "sessions"), now_ms, "+inf")),
+                "quota": min(server.max_sessions, int(cap)) if cap else server.max_sessions,
+                "waiting": int(redis.zcard(avatar_quota_key(name, "waiting"))),
+            }
+        )
+    return rows
+
+
 def overview(settings: Settings) -> dict[str, Any]:
     import redis
 
@@ -130,6 +149,7 @@ def overview(settings: Settings) -> dict[str, Any]:
             "queue_depth": queue_depth(client),
             "workers": workers,
             "jobs_in_flight": jobs,
+            "avatar_servers": avatar_quotas(client, settings),
             "recent_failures": recent_failures(client, settings.events_stream),
         }
     finally:
@@ -146,6 +166,7 @@ def show_overview(*, as_json: bool) -> None:
     sections = (
         ("workers", ("worker", "concurrency", "active")),
         ("jobs_in_flight", ("job_id", "room", "avatar_id", "worker")),
+        ("avatar_servers", ("server", "sessions", "quota", "waiting")),
         ("recent_failures", ("job_id", "reason", "error")),
     )
     for key, columns in sections:

@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
-from avatarq.cli import EXIT_FAILED, EXIT_INVALID, _fail, conclude
+from avatarq.commands.common import EXIT_FAILED, EXIT_INVALID, conclude, fail
 from avatarq.errors import InvalidJob, JobError
 
 
@@ -37,10 +37,10 @@ def say(
     try:
         handle = enqueue(job)
     except InvalidJob as e:
-        raise _fail(e.message, EXIT_INVALID) from None
+        raise fail(e.message, EXIT_INVALID) from None
     except JobError as e:
         # The engine refused or stayed unavailable: nothing was enqueued.
-        raise _fail(f"{e.reason}: {e.message}", EXIT_FAILED) from None
+        raise fail(f"{e.reason}: {e.message}", EXIT_FAILED) from None
     conclude(handle.job_id, wait=wait, timeout=timeout, as_json=as_json)
 
 

@@ -3,20 +3,31 @@
 from __future__ import annotations
 
 import os
+import secrets
+import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
-from avatarq.dev.stack import HOST, local_stack
+from avatarq.dev.processes import free_port, python_module, tcp_ready
+from avatarq.dev.stack import HOST, LocalStack, local_stack
 
 NETNS_RUN = Path(__file__).resolve().parents[2] / "infra" / "netns-run"
 DEMO_TIMEOUT_S = 300.0
+#: `--keep` serves the API and console here (on a free port when this one is taken).
+CONSOLE_PORT = 8000
+#: `--keep` stops by itself after this long, in case nobody is there to press Ctrl-C.
+KEEP_MAX_S = 24 * 3600.0
 console = Console(stderr=True)
 
 
@@ -35,9 +46,11 @@ def run_demo(
     source: str | dict[str, Any] | None = None,
     workdir: Path | None = None,
     show_progress: bool = True,
+    keep: bool = False,
 ) -> dict[str, Any]:
-    """`source` is audio or a `tts` source (rendered by `producers.enqueue` before sending)."""
-    from avatarq.cli import follow
+    """`source` is audio or a `tts` source (rendered by `producers.enqueue` before sending).
+    `keep`: afterwards, serve the API and its console on the stack until Ctrl-C or SIGTERM."""
+    from avatarq.commands.common import follow
     from avatarq.settings import get_settings
 
     source = source or str(sample_path())
@@ -53,9 +66,15 @@ def run_demo(
         os.environ.update(stack.env())
         get_settings.cache_clear()
         from producers import enqueue
+        from producers.jobs import new_job_id
 
+        access = ConsoleAccess.from_env() if keep else None
+        job: dict[str, Any] = {"room": "demo", "avatar_id": "demo", "source": source}
+        if access:
+            # In the key's tenant namespace (as the API would name it), so its console shows it.
+            job["job_id"] = f"{access.tenant}:{new_job_id()}"
         started = time.monotonic()
-        handle = enqueue({"room": "demo", "avatar_id": "demo", "source": source})
+        handle = enqueue(job)
         result = follow(handle.job_id, timeout=DEMO_TIMEOUT_S, show_progress=show_progress)
         wall = time.monotonic() - started
         summary = summarize(result, wall, stack.recordings)
@@ -64,7 +83,64 @@ def run_demo(
         if show_progress:
             for key, value in summary.items():
                 console.print(f"  {key}: {value}")
+        if access:
+            serve_console(stack, access)
         return summary
+
+
+@dataclass(frozen=True)
+class ConsoleAccess:
+    """The API keys `--keep` serves with, and the first one's key and tenant (for the URL)."""
+
+    api_keys: str
+    key: str
+    tenant: str
+
+    @classmethod
+    def from_env(cls) -> ConsoleAccess:
+        """`AVATARQ_API_KEYS` when set, else a fresh key of tenant `demo`."""
+        from producers.api import parse_api_keys
+
+        keys = os.environ.get("AVATARQ_API_KEYS", "").strip(" ,")
+        keys = keys or f"demo:{secrets.token_urlsafe(16)}"
+        key, tenant = next(iter(parse_api_keys(keys).items()))
+        return cls(keys, key, tenant)
+
+
+def serve_console(stack: LocalStack, access: ConsoleAccess) -> None:
+    """`avatarq api` on the stack, its console's URL (with a key) printed, until stopped."""
+    port = CONSOLE_PORT if _port_free(CONSOLE_PORT) else free_port()
+    api = python_module(
+        "api",
+        "avatarq",
+        ["api", "--host", HOST, "--port", str(port)],
+        ready=tcp_ready(HOST, port),
+        env={**stack.env(), "AVATARQ_API_KEYS": access.api_keys},
+        log_dir=stack.workdir / "logs",
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with api:
+        url = f"http://{HOST}:{port}/console/#key={urllib.parse.quote(access.key, safe='')}"
+        console.print(f"console: {url}", soft_wrap=True, highlight=False)
+        if stack.server != "official":
+            console.print(
+                "  (room view without video: the embedded LiveKit server forwards no media; "
+                "the official livekit-server runs inside infra/netns-run)",
+                soft_wrap=True,
+            )
+        console.print("the stack stays up: Ctrl-C stops it")
+        stop.wait(KEEP_MAX_S)
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return False
+    return True
 
 
 def scrape(url: str, metric: str) -> float | None:

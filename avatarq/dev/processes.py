@@ -118,22 +118,28 @@ class ManagedProcess:
 
 
 class RedisServer(ManagedProcess):
-    """A throwaway `redis-server` on a free loopback port, keeping nothing on disk."""
+    """A `redis-server` on a free loopback port. Without `data_dir` it keeps nothing on disk;
+    with one it keeps redis-server's own default persistence there (RDB snapshots, written
+    at shutdown, none on a crash), plus an append-only file when `aof`."""
 
     def __init__(
-        self, port: int | None = None, *, log_dir: Path | None = None, data_dir: Path | None = None
+        self,
+        port: int | None = None,
+        *,
+        log_dir: Path | None = None,
+        data_dir: Path | None = None,
+        aof: bool = False,
     ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise ServiceError("redis-server not found on PATH; run infra/bootstrap to install it")
         self.port = port or free_port()
-        argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1"]
         if data_dir is None:
-            argv += ["--appendonly", "no"]
+            argv += ["--save", "", "--appendonly", "no"]
         else:
-            # Append-only file: queued jobs survive a restart, as in production.
             data_dir.mkdir(parents=True, exist_ok=True)
-            argv += ["--appendonly", "yes", "--dir", str(data_dir)]
+            argv += ["--dir", str(data_dir), *(["--appendonly", "yes"] if aof else [])]
         super().__init__(
             "redis",
             argv,
@@ -144,6 +150,89 @@ class RedisServer(ManagedProcess):
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+
+#: Where Debian's rabbitmq-server package keeps the server script itself (/usr/sbin's wrapper
+#: would switch to the `rabbitmq` user and the system's data directory).
+RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
+
+
+class RabbitMQServer(ManagedProcess):
+    """A throwaway `rabbitmq-server` (Debian's package) on free loopback ports, with its own
+    node name, data, logs and epmd, so it never meets a system instance.
+
+    `consumer_timeout_s` must allow the longest job: RabbitMQ closes the channel of a consumer
+    that holds a message unacknowledged for longer (30 minutes by default), and jobs are
+    acknowledged only when they end."""
+
+    def __init__(
+        self, *, data_dir: Path, consumer_timeout_s: float, log_dir: Path | None = None
+    ) -> None:
+        if not os.path.exists(RABBITMQ_SERVER):
+            raise ServiceError(
+                "rabbitmq-server is not installed: run infra/bootstrap (it apt-installs it)"
+            )
+        self.port = free_port()
+        data_dir.mkdir(parents=True, exist_ok=True)
+        conf = data_dir / "rabbitmq.conf"
+        conf.write_text(
+            f"listeners.tcp.default = 127.0.0.1:{self.port}\n"
+            f"consumer_timeout = {int(consumer_timeout_s * 1000)}\n"
+            "management_agent.disable_metrics_collector = true\n"
+        )
+        (data_dir / "enabled_plugins").write_text("[].\n")
+        env = {
+            "HOME": str(data_dir),  # the Erlang cookie lives here
+            "RABBITMQ_NODENAME": f"avatarq-{self.port}@localhost",
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(free_port()),
+            "ERL_EPMD_ADDRESS": "127.0.0.1",
+            "ERL_EPMD_PORT": str(free_port()),
+            "RABBITMQ_CONFIG_FILE": str(conf),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(data_dir / "enabled_plugins"),
+            "RABBITMQ_MNESIA_BASE": str(data_dir / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(data_dir / "log"),
+            "RABBITMQ_PID_FILE": str(data_dir / "rabbitmq.pid"),
+            "RABBITMQ_LOGS": "-",  # to stdout, that is our log file
+        }
+        super().__init__(
+            "rabbitmq",
+            [RABBITMQ_SERVER],
+            ready=self._accepts_amqp,
+            env=env,
+            log_dir=log_dir,
+            start_timeout=90.0,
+        )
+
+    def _accepts_amqp(self) -> bool:
+        # The port opens before the broker accepts logins; ask for a real AMQP connection.
+        if not tcp_ready("127.0.0.1", self.port)():
+            return False
+        from kombu import Connection
+
+        try:
+            with Connection(self.url, connect_timeout=1) as conn:
+                conn.ensure_connection(max_retries=1)
+            return True
+        except Exception:
+            return False
+
+    def stop(self, timeout: float = 30.0) -> None:
+        super().stop(timeout)
+        self._stop_epmd()
+
+    def _stop_epmd(self) -> None:
+        # Erlang starts an epmd for the node, which outlives the broker; ours has its own port.
+        epmd = shutil.which("epmd")
+        if epmd:
+            subprocess.run(
+                [epmd, "-kill"], env=self.env, capture_output=True, timeout=10, check=False
+            )
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}//"
 
 
 def python_module(

@@ -11,9 +11,17 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from avatarq.dev import livekit_official
-from avatarq.dev.processes import ManagedProcess, RedisServer, free_port, python_module, tcp_ready
+from avatarq.dev.processes import (
+    ManagedProcess,
+    RabbitMQServer,
+    RedisServer,
+    free_port,
+    python_module,
+    tcp_ready,
+)
 
 DEV_API_KEY = "devkey"
 DEV_API_SECRET = "secret"
@@ -35,6 +43,8 @@ class LocalStack:
     server: str = "embedded"
     workers: list[ManagedProcess] = field(default_factory=list)
     metrics_ports: dict[str, int] = field(default_factory=dict)
+    #: The broker when it is not Redis (Redis then keeps results, events and the ledger).
+    rabbitmq: RabbitMQServer | None = None
 
     @property
     def livekit_url(self) -> str:
@@ -57,6 +67,7 @@ class LocalStack:
             "AVALUMA_API_URL": self.avatar_url,
             "AVALUMA_LICENSE_KEY": self.license_key,
             "REDIS_URL": self.redis.url,
+            **({"CELERY_BROKER_URL": self.rabbitmq.url} if self.rabbitmq else {}),
             # Local development serves audio from this machine.
             "AVATARQ_ALLOW_PRIVATE_SOURCES": "true",
         }
@@ -106,8 +117,9 @@ class LocalStack:
         return proc
 
     def stop(self) -> None:
-        for proc in [*self.workers, self.avatar, self.livekit, self.redis]:
-            proc.stop()
+        for proc in [*self.workers, self.avatar, self.livekit, self.redis, self.rabbitmq]:
+            if proc is not None:
+                proc.stop()
 
 
 @contextlib.contextmanager
@@ -120,11 +132,16 @@ def local_stack(
     api_secret: str | None = None,
     license_key: str | None = None,
     room_timeouts: tuple[int, int] | None = None,
+    broker: Literal["redis", "rabbitmq"] = "redis",
+    consumer_timeout_s: float = 4200.0,
 ) -> Iterator[LocalStack]:
     """Start the whole stack (and `workers` Celery workers); stop everything on exit.
-    `persistent` gives Redis an append-only file, so it can be restarted without loss.
+    `persistent` gives Redis a data directory with redis-server's own default persistence
+    (RDB snapshots, saved at shutdown), so it can be restarted as a user's would.
     The LiveKit server is the official one where it can run (`livekit_official.choice`);
-    `room_timeouts` (empty, departure seconds) replaces its room defaults (300 s / 20 s)."""
+    `room_timeouts` (empty, departure seconds) replaces its room defaults (300 s / 20 s).
+    `broker="rabbitmq"` adds a RabbitMQ server as the broker, with `consumer_timeout_s`
+    (default: the default longest job plus 10 minutes)."""
     server = livekit_official.choice()
     api_secret = api_secret or DEV_API_SECRET
     license_key = license_key or DEV_LICENSE_KEY
@@ -158,9 +175,14 @@ def local_stack(
     stack = LocalStack(
         workdir, redis, livekit, avatar, lk_port, av_port, api_secret, license_key, server
     )
+    if broker == "rabbitmq":
+        stack.rabbitmq = RabbitMQServer(
+            data_dir=workdir / "rabbitmq", consumer_timeout_s=consumer_timeout_s, log_dir=logs
+        )
     try:
-        for proc in (redis, livekit, avatar):
-            proc.start()
+        for proc in (redis, livekit, avatar, stack.rabbitmq):
+            if proc is not None:
+                proc.start()
         for i in range(workers):
             stack.start_worker(f"w{i + 1}", concurrency=concurrency)
         yield stack

@@ -1,7 +1,8 @@
-"""A cheap generated avatar face whose mouth opens with the audio level being played.
+"""A cheap generated avatar face whose mouth opens with the audio level being played, over a
+level meter, so whoever watches the room (the operator console) sees the video follow the audio.
 
 Built for ~100 sessions in one process: the face is drawn once into a numpy RGBA buffer and
-each frame only repaints the small mouth box from a few precomputed masks.
+each frame only repaints the small mouth box from a few precomputed masks and the meter's row.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ _MOUTH_LEVELS = 8  # distinct mouth openings; more would not be visible at this 
 _MOUTH_HALF_W = 18
 _MOUTH_HALF_H = 12
 _MOUTH_CENTER = (84, 80)  # (y, x), under the eyes
+_METER = (slice(113, 118), slice(8, WIDTH - 8))  # a bar under the chin, full width at level 1
+_METER_ON = (90, 200, 120, 255)
+_METER_OFF = (44, 50, 66, 255)
 
 
 def audio_level(pcm: np.ndarray) -> float:
@@ -69,5 +73,9 @@ class MouthVideo:
         mouth = self._buf[self._box]
         mouth[:] = _FACE
         mouth[self._masks[index]] = _FEATURE
+        meter = self._buf[_METER]
+        lit = round(index / (_MOUTH_LEVELS - 1) * meter.shape[1])
+        meter[:, :lit] = _METER_ON
+        meter[:, lit:] = _METER_OFF
         # tobytes: the frame must not alias the buffer we repaint for the next frame.
         return rtc.VideoFrame(WIDTH, HEIGHT, rtc.VideoBufferType.RGBA, self._buf.tobytes())

@@ -1,0 +1,76 @@
+"""What the `avatarq` commands share: exit codes, the error console, following a job.
+
+Exit codes: 0 done, 1 the job failed, was cancelled or is unconfirmed, 2 bad input, 3 timed
+out waiting, 4 Redis or the broker is unreachable.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+EXIT_FAILED, EXIT_INVALID, EXIT_TIMEOUT, EXIT_UNAVAILABLE = 1, 2, 3, 4
+POLL_INTERVAL_S = 0.25
+
+
+err = Console(stderr=True)
+
+
+def fail(message: str, code: int) -> typer.Exit:
+    err.print(f"[red]error:[/] {message}")
+    return typer.Exit(code)
+
+
+def follow(job_id: str, *, timeout: float, show_progress: bool) -> dict[str, Any]:
+    """Poll the job until it ends (or `timeout`), drawing a bar of seconds played."""
+    from producers import get_status
+    from producers.client import is_terminal
+
+    deadline = time.monotonic() + timeout
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[played]}"))
+    with Progress(*columns, TimeElapsedColumn(), console=err, disable=not show_progress) as bar:
+        task = bar.add_task(f"job {job_id}", total=None, played="queued")
+        while time.monotonic() < deadline:
+            status = get_status(job_id)
+            if is_terminal(status):
+                return status
+            streamed, total = status.get("seconds_streamed"), status.get("total_seconds")
+            if streamed is not None:
+                bar.update(task, completed=streamed, total=total, played=f"{streamed:.1f}s played")
+            else:
+                bar.update(task, played=status.get("status", "queued"))
+            time.sleep(POLL_INTERVAL_S)
+    raise fail(f"job {job_id} did not finish within {timeout:g}s", EXIT_TIMEOUT)
+
+
+def report(result: dict[str, Any], *, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result, default=str))
+    elif result.get("status") == "completed":
+        pos = result.get("playback_position")
+        where = f"{pos:.2f}s" if isinstance(pos, (int, float)) else "unconfirmed"
+        err.print(
+            f"[green]completed[/] job {result['job_id']}: "
+            f"{result.get('seconds_streamed', 0):.2f}s streamed, played to {where}"
+        )
+    else:
+        err.print(f"[red]{result.get('status')}[/] job {result['job_id']}: {result.get('error')}")
+
+
+def conclude(job_id: str, *, wait: bool, timeout: float, as_json: bool) -> None:
+    """After enqueueing: say it is queued, or with `wait` follow it and exit with its outcome."""
+    if not wait:
+        if as_json:
+            print(json.dumps({"job_id": job_id, "status": "queued"}))
+        else:
+            err.print(f"queued job {job_id}")
+        return
+    result = follow(job_id, timeout=timeout, show_progress=not as_json)
+    report(result, as_json=as_json)
+    if result.get("status") != "completed":
+        raise typer.Exit(EXIT_FAILED)

@@ -1,0 +1,183 @@
+"""A fleet-wide quota of concurrent sessions per avatar server.
+
+An avatar session is a GPU renderer, limited per license (Avaluma recommends about 10 per
+key and answers 429 beyond its limit). Every worker process of the fleet takes a slot in
+Redis before start-avatar and gives it back when the session ends; warm sessions keep theirs.
+A slot is a lease like a job's: renewed while its session lives, so a dead worker's slots
+come free within `SLOT_LEASE_S`.
+
+Slots go first come, first served (a queue of waiting jobs per server, whose place a job can
+report). A 429 while under the quota means the server's real limit is lower: the effective
+quota shrinks to what is held for `BACKOFF_WINDOW_S`, then grows back.
+
+Keys (all under `avatarq:avatar:{server}:`): `sessions` (zset holder → lease expiry ms),
+`waiting` (zset job → first wait ms), `waiting-seen` (zset job → last poll ms) and `cap` (the
+shrunk quota, with a TTL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from importlib.resources import files
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from avatarq.events import avatar_quota_key
+
+log = logging.getLogger("avatarq.quota")
+
+#: A slot outlives a few missed renewals; a dead worker's slot comes free this soon.
+SLOT_LEASE_S = 15.0
+RENEW_EVERY_S = SLOT_LEASE_S / 3
+#: How often a waiting job asks again.
+WAIT_POLL_S = 0.25
+#: A waiter that stopped asking this long ago lost its place (its worker died or gave up).
+WAITER_STALE_S = 10.0
+#: How long a 429 keeps the quota shrunk.
+BACKOFF_WINDOW_S = 60.0
+
+_ACQUIRE = files("tasks").joinpath("lua/slots_acquire.lua").read_text()
+_RENEW = files("tasks").joinpath("lua/slots_renew.lua").read_text()
+
+
+_key = avatar_quota_key
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """No slot yet: the job is `place` (0-based) in its server's line."""
+
+    place: int
+    sessions: int
+    quota: int
+
+
+@dataclass
+class Slot:
+    """One session slot, held until released (or until its lease runs out)."""
+
+    server: str
+    holder: str = field(default_factory=lambda: uuid.uuid4().hex)
+    _renewer: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+class NoAvatarSlot(Exception):  # noqa: N818 - "come back later", not an error
+    """Every slot of the job's avatar server is taken: requeue it, without counting an attempt."""
+
+    def __init__(self, server: str, waiting: Waiting) -> None:
+        super().__init__(
+            f"avatar server {server!r}: {waiting.sessions} of {waiting.quota} sessions in use, "
+            f"place {waiting.place + 1} in line"
+        )
+        self.server = server
+        self.waiting = waiting
+
+
+class AvatarQuota:
+    """The quota of one avatar server (`quota` sessions), shared through Redis."""
+
+    def __init__(self, redis: aioredis.Redis, server: str, quota: int) -> None:
+        self.redis = redis
+        self.server = server
+        self.quota = max(1, quota)
+        self._acquire = redis.register_script(_ACQUIRE)
+        self._renew = redis.register_script(_RENEW)
+
+    def _keys(self) -> list[str]:
+        return [_key(self.server, k) for k in ("sessions", "waiting", "waiting-seen", "cap")]
+
+    async def try_acquire(self, job_id: str) -> Slot | Waiting:
+        """A slot if one is free and no earlier job waits for it, else the job's place."""
+        slot = Slot(self.server)
+        now = int(time.time() * 1000)
+        lease_ms, stale_ms = int(SLOT_LEASE_S * 1000), int(WAITER_STALE_S * 1000)
+        args: list[str | int] = [slot.holder, job_id, now, lease_ms, self.quota, stale_ms]
+        reply = await self._acquire(keys=self._keys(), args=args)
+        if int(reply[0]) == 1:
+            return slot
+        return Waiting(place=int(reply[1]), sessions=int(reply[2]), quota=int(reply[3]))
+
+    def hold(self, slot: Slot) -> None:
+        """Keep renewing `slot` in the background until it is released."""
+        slot._renewer = asyncio.get_running_loop().create_task(self._keep(slot))
+
+    async def _keep(self, slot: Slot) -> None:
+        while True:
+            await asyncio.sleep(RENEW_EVERY_S)
+            try:
+                now = int(time.time() * 1000)
+                renew: list[str | int] = [slot.holder, now, int(SLOT_LEASE_S * 1000)]
+                if not await self._renew(keys=[_key(self.server, "sessions")], args=renew):
+                    log.warning("avatar server %r: a session slot expired while held", self.server)
+            except RedisError as e:
+                log.warning("avatar server %r: slot not renewed: %s", self.server, e)
+
+    async def release(self, slot: Slot) -> None:
+        if slot._renewer is not None:
+            slot._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await slot._renewer
+            slot._renewer = None
+        try:
+            await self.redis.zrem(_key(self.server, "sessions"), slot.holder)
+        except RedisError as e:  # the lease runs out by itself
+            log.warning("avatar server %r: slot not released: %s", self.server, e)
+
+    async def leave_line(self, job_id: str) -> None:
+        """The job stopped waiting (it was cancelled or will be requeued later)."""
+        with contextlib.suppress(RedisError):
+            await self.redis.zrem(_key(self.server, "waiting"), job_id)
+
+    async def shrink(self) -> int:
+        """The server refused a session under the quota: cap the quota at what is held now
+        (one less than that, counting the refused one, never below one) for a while."""
+        now = int(time.time() * 1000)
+        sessions = _key(self.server, "sessions")
+        await self.redis.zremrangebyscore(sessions, "-inf", now)
+        cap = max(1, int(await self.redis.zcard(sessions)))
+        await self.redis.set(_key(self.server, "cap"), cap, ex=int(BACKOFF_WINDOW_S))
+        log.warning("avatar server %r refused a session: quota %d for a while", self.server, cap)
+        return cap
+
+    async def demand(self) -> int:
+        """Jobs waiting for a slot of this server now."""
+        return int(await self.redis.zcard(_key(self.server, "waiting")))
+
+    async def snapshot(self) -> dict[str, Any]:
+        """Sessions held, effective quota and waiting jobs (for status and metrics)."""
+        now = int(time.time() * 1000)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zcount(_key(self.server, "sessions"), now, "+inf")
+        pipe.get(_key(self.server, "cap"))
+        pipe.zcard(_key(self.server, "waiting"))
+        sessions, cap, waiting = await pipe.execute()
+        quota = min(self.quota, int(cap)) if cap is not None else self.quota
+        return {"server": self.server, "sessions": sessions, "quota": quota, "waiting": waiting}
+
+
+async def wait_for_slot(
+    quota: AvatarQuota, job_id: str, *, patience_s: float, on_wait: Any = None
+) -> Slot:
+    """A slot within `patience_s`, else `NoAvatarSlot` (the job goes back to the queue
+    rather than hold a worker slot). `on_wait(Waiting)` is awaited when the wait starts and
+    whenever the job's place changes."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + patience_s
+    seen: Waiting | None = None
+    while True:
+        got = await quota.try_acquire(job_id)
+        if isinstance(got, Slot):
+            return got
+        if on_wait is not None and (seen is None or got.place != seen.place):
+            await on_wait(got)
+        seen = got
+        if loop.time() + WAIT_POLL_S > deadline:
+            raise NoAvatarSlot(quota.server, got)
+        await asyncio.sleep(WAIT_POLL_S)

@@ -1,0 +1,220 @@
+"""Recovery from a dead worker within seconds, without waiting for the broker.
+
+A worker killed with SIGKILL leaves its messages unacknowledged: Redis hands them back only
+after the visibility timeout (the longest job + 10 minutes), and RabbitMQ hands them back at
+once, but to a worker that finds the job's lease still live and drops the copy. So, as
+Sidekiq's super_fetch and Dramatiq's heartbeats do, each worker process keeps in Redis a
+heartbeat (`worker_heartbeat_key`, renewed every second, gone `HEARTBEAT_TTL_S` after the
+process dies) and the deliveries it holds with their payloads (`worker_held_key`). Every live
+process sweeps every few seconds: the deliveries of a process whose heartbeat is gone are
+taken atomically by one sweeper (`Ledger.take_orphans`), which frees their leases, stops the
+avatars of the ones that were playing, and publishes them again. Exactly-once playback still
+comes from the ledger: the copy plays under a new lease as the next attempt, and the late
+original redelivery meets the terminal record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Callable
+from contextlib import suppress
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from avatarq.errors import InvalidJob
+from avatarq.events import WORKERS_KEY, worker_heartbeat_key, worker_held_key
+from avatarq.settings import Settings
+from producers.jobs import parse_job
+from tasks import room as rooms
+from tasks.avatar import AvatarSession, HttpAvatarClient
+from tasks.ledger import Ledger, Orphan
+from tasks.runtime import get_loop_thread
+
+log = logging.getLogger("avatarq.recovery")
+
+#: The heartbeat is renewed this often, and expires this long after the last renewal: before
+#: the dead worker's leases (`LEASE_TTL_S`), which still say which of its jobs were playing
+#: (their avatars must leave the room first) when the sweep takes them.
+HEARTBEAT_S = 1.0
+HEARTBEAT_TTL_S = 10.0
+#: Every live worker process looks for dead ones this often.
+SWEEP_S = 2.0
+
+#: Publishes a payload again as the render task under the given task id.
+Publish = Callable[[str, Any], None]
+
+
+class Presence:
+    """This worker process in Redis: its heartbeat and the deliveries it holds."""
+
+    def __init__(self, settings: Settings, publish: Publish) -> None:
+        self.settings = settings
+        self.publish = publish
+        self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        #: task id -> payload JSON of every delivery this process holds (Redis mirrors it).
+        self.held: dict[str, str] = {}
+        self._counts: dict[str, int] = {}
+        self._held_lock = threading.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._redis: aioredis.Redis | None = None
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        if self._redis is None:
+            self._redis = aioredis.from_url(self.settings.redis_url)
+        return self._redis
+
+    def start(self) -> None:
+        """Start the heartbeat and the sweeper on this process's event loop."""
+        loop = get_loop_thread()
+        loop.submit(self._spawn())
+
+    async def _spawn(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        for body in (self._beat, self._sweep):
+            task = asyncio.create_task(body())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def new_token(self) -> str:
+        return Ledger.new_token(self.worker_id)
+
+    def hold(self, task_id: str, payload: Any) -> None:
+        """This process received a delivery (a countdown retry too: Celery holds it
+        unacknowledged until it is due). Counted: one process may hold two copies of it."""
+        with self._held_lock:
+            self._counts[task_id] = self._counts.get(task_id, 0) + 1
+            self.held[task_id] = body = json.dumps(payload)
+        if self._loop is not None:  # started: write it now, not only at the next heartbeat
+            asyncio.run_coroutine_threadsafe(self._write_held(task_id, body), self._loop)
+
+    def let_go(self, task_id: str) -> None:
+        """A delivery is over (ended, retried or dropped); the next heartbeat syncs Redis."""
+        with self._held_lock:
+            count = self._counts.pop(task_id, 0) - 1
+            if count > 0:
+                self._counts[task_id] = count
+            else:
+                self.held.pop(task_id, None)
+
+    async def _write_held(self, task_id: str, payload: str) -> None:
+        with suppress(RedisError, OSError):  # the next heartbeat writes it anyway
+            await self.redis.hset(worker_held_key(self.worker_id), task_id, payload)  # type: ignore[misc]
+
+    async def _beat(self) -> None:
+        while True:
+            try:
+                await self.beat_once()
+            except (RedisError, OSError) as e:
+                log.warning("heartbeat: Redis unreachable: %s", e)
+            await asyncio.sleep(HEARTBEAT_S)
+
+    async def beat_once(self) -> None:
+        # One transaction, so a Redis that lost its data never sees this process without its
+        # held deliveries, nor held deliveries without a heartbeat.
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(worker_heartbeat_key(self.worker_id), "1", px=int(HEARTBEAT_TTL_S * 1000))
+            pipe.sadd(WORKERS_KEY, self.worker_id)
+            pipe.delete(worker_held_key(self.worker_id))
+            with self._held_lock:
+                held = dict(self.held)
+            if held:
+                pipe.hset(worker_held_key(self.worker_id), mapping=held)  # type: ignore[arg-type]
+            await pipe.execute()
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_S)
+            try:
+                await self.sweep_once()
+            except (RedisError, OSError) as e:
+                log.warning("recovery sweep: Redis unreachable: %s", e)
+
+    async def sweep_once(self) -> list[str]:
+        """Recover the deliveries of every dead worker process; returns their job ids."""
+        ledger = Ledger(self.redis, stale_after_s=self.settings.redelivery_after_s)
+        orphans = await ledger.take_orphans()
+        for orphan in orphans:
+            await self._recover(ledger, orphan)
+        return [orphan.task_id for orphan in orphans]
+
+    async def _recover(self, ledger: Ledger, orphan: Orphan) -> None:
+        task_id = orphan.task_id
+        log.warning("delivery %s: its worker died; publishing it again", task_id)
+        body = json.loads(orphan.payload)
+        if orphan.playing:
+            with suppress(RedisError, OSError):
+                note = await ledger.avatar_session(task_id)
+                if note is not None:
+                    await stop_avatar_session(self.settings, *note)
+                    await ledger.forget_avatar_session(task_id)
+            await self._evict_avatar(body)
+        try:
+            await asyncio.to_thread(self.publish, task_id, body)
+        except Exception:
+            # The broker still holds the original message; it comes back by its own rules.
+            log.exception("delivery %s: could not publish it again", task_id)
+
+    async def _evict_avatar(self, payload: Any) -> None:
+        """Make the dead worker's avatar leave the room before the job plays again: a new
+        avatar joining under the same identity would knock it out, and that reads as the new
+        one leaving. The dead job held the room, so no other job's avatar is there."""
+        try:
+            job = parse_job(payload)
+        except InvalidJob:
+            return
+        s = self.settings
+        await rooms.remove_participant(
+            s.livekit_url,
+            s.livekit_api_key,
+            s.livekit_api_secret.get_secret_value(),
+            room=job.room,
+            identity=job.avatar_identity,
+        )
+
+
+async def stop_avatar_session(settings: Settings, server: str, session_id: str | None) -> None:
+    """Stop an orphaned avatar session on the server of that name. Names resolve through the
+    settings only, so the license key never goes to a URL read back from Redis."""
+    try:
+        configured = settings.avatar_server(server)
+    except KeyError:
+        log.warning("orphaned avatar session %s: no avatar server named %r", session_id, server)
+        return
+    if session_id is None:
+        return
+    client = HttpAvatarClient(
+        server, configured.base_url, settings.avatar_license_key(configured), attempts=1
+    )
+    try:
+        await client.stop(AvatarSession(session_id, participant_identity=""))
+    finally:
+        await client.aclose()
+
+
+_lock = threading.Lock()
+_presence: tuple[int, Presence] | None = None
+
+
+def get_presence(settings: Settings, publish: Publish) -> Presence:
+    """This process's presence, started on first use (and again in a forked child).
+
+    It lives in the process that consumes from the broker: with the threads pool (the
+    default) or solo, that is where jobs play. A prefork parent never learns when its
+    children finish a job, so with `-P prefork` nothing is held, and a dead worker's jobs
+    come back by the broker's own rules (RabbitMQ: at once; Redis: the visibility timeout)."""
+    global _presence
+    with _lock:
+        if _presence is None or _presence[0] != os.getpid():
+            _presence = (os.getpid(), Presence(settings, publish))
+            _presence[1].start()
+        return _presence[1]

@@ -1,0 +1,197 @@
+"""The console's server side, over HTTP against a real Redis: its data needs a key, the overview
+lists each room's jobs in play order with recent outcomes and dead letters, dead letters can be
+retried, the viewer token may only subscribe, and without a build the API still serves with the
+console disabled. The page itself is tested in a real browser in test_console_browser.py."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import requests
+import uvicorn
+from livekit import api as lkapi
+
+from avatarq.dev.processes import ManagedProcess, free_port, tcp_ready
+from avatarq.events import DEAD_LETTER_KEY, Event
+from avatarq.settings import Settings
+from producers import console, enqueue
+from producers.api import create_app
+from tests.producing import AVATARQ, own_db, queued_job_ids
+
+KEY = "console-key"  # tenant acme
+AUTH = {"X-API-Key": KEY}
+OTHER = {"X-API-Key": "other-key"}  # tenant globex
+API_KEYS = f"acme:{KEY},globex:other-key"
+DB = 5
+LIVEKIT_SECRET = "console-test-secret-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def redis_url(redis_server: str) -> str:
+    return own_db(redis_server, DB)
+
+
+@pytest.fixture(scope="module")
+def settings(redis_url: str) -> Settings:
+    return Settings(
+        REDIS_URL=redis_url, LIVEKIT_API_SECRET=LIVEKIT_SECRET, AVATARQ_API_KEYS=API_KEYS
+    )
+
+
+@pytest.fixture(scope="module")
+def base(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`avatarq api` as users run it, on this module's Redis database."""
+    port = free_port()
+    env = {
+        "REDIS_URL": redis_url,
+        "AVATARQ_API_KEYS": API_KEYS,
+        "LIVEKIT_API_SECRET": LIVEKIT_SECRET,
+    }
+    proc = ManagedProcess(
+        "api",
+        [AVATARQ, "api", "--port", str(port)],
+        ready=tcp_ready("127.0.0.1", port),
+        env=env,
+        log_dir=tmp_path_factory.mktemp("console-api"),
+    )
+    with proc.start():
+        yield f"http://127.0.0.1:{port}"
+
+
+def test_console_data_needs_a_key(base: str) -> None:
+    for method, path in (("GET", "/console/api/overview"), ("POST", "/console/api/viewer-token")):
+        assert requests.request(method, base + path, timeout=10).status_code == 401
+        wrong = requests.request(method, base + path, headers={"X-API-Key": "nope"}, timeout=10)
+        assert wrong.status_code == 403
+    assert requests.get(f"{base}/console/api/overview", headers=AUTH, timeout=10).ok
+    # The root leads to the page.
+    root = requests.get(base, allow_redirects=False, timeout=10)
+    assert root.status_code == 307 and root.headers["Location"] == "/console/"
+
+
+def test_overview_shows_the_tenants_rooms_in_order_with_outcomes_and_dead_letters(
+    base: str, settings: Settings
+) -> None:
+    r = redis.Redis.from_url(settings.redis_url)
+    # No worker runs here: enqueued jobs stay queued, in their rooms' order. Job ids as the API
+    # names them: `{tenant}:{id}`.
+    for job_id, room in (
+        ("acme:ov-a1", "ov-a"),
+        ("globex:ov-x1", "ov-a"),
+        ("acme:ov-b1", "ov-b"),
+        ("acme:ov-a2", "ov-a"),
+        ("globex:ov-x2", "ov-x"),
+    ):
+        enqueue(
+            {"job_id": job_id, "room": room, "avatar_id": "anna", "source": "s3://b/k.wav"},
+            settings=settings,
+        )
+    # Terminal events as workers write them to the global stream (avatarq/events.py).
+    for job_id, event, data in (
+        ("acme:ov-done", Event.COMPLETED, {"status": "completed", "room": "ov-a"}),
+        ("globex:ov-theirs", Event.FAILED, {"status": "failed", "reason": "invalid_audio"}),
+        ("acme:ov-bad", Event.FAILED, {"status": "failed", "reason": "invalid_audio"}),
+        ("acme:ov-p", Event.PROGRESS, {"seconds_streamed": 1.0}),
+    ):
+        fields = {"event": event.value, "job_id": job_id, "ts": str(time.time())}
+        r.xadd(settings.events_stream, {**fields, "data": json.dumps(data)})
+    for job_id in ("acme:ov-dead", "globex:ov-their-dead"):
+        job = {"job_id": job_id, "room": "ov-a", "avatar_id": "anna", "source": "s3://b/x"}
+        r.lpush(DEAD_LETTER_KEY, json.dumps({"job": job, "job_id": job_id, "reason": "x"}))
+
+    data = requests.get(f"{base}/console/api/overview", headers=AUTH, timeout=10).json()
+
+    rooms = {room["room"]: room for room in data["rooms"]}
+    assert set(rooms) == {"ov-a", "ov-b"}  # ov-x holds only another tenant's job
+    assert [j["job_id"] for j in rooms["ov-a"]["jobs"]] == ["ov-a1", "ov-a2"]
+    assert rooms["ov-a"]["others"] == 1  # globex's job takes its turn in between
+    assert [j["job_id"] for j in rooms["ov-b"]["jobs"]] == ["ov-b1"]
+    first = rooms["ov-a"]["jobs"][0]
+    assert (first["status"], first["avatar_id"], first["source"]) == (
+        "queued",
+        "anna",
+        "s3://b/k.wav",
+    )
+    recent = [(e["job_id"], e["status"], e["reason"]) for e in data["recent"]]
+    assert recent == [("ov-bad", "failed", "invalid_audio"), ("ov-done", "completed", None)]
+    assert [(d["job_id"], d["job"]["job_id"]) for d in data["dead"]] == [("ov-dead", "ov-dead")]
+
+    theirs = requests.get(f"{base}/console/api/overview", headers=OTHER, timeout=10).json()
+    assert {room["room"] for room in theirs["rooms"]} == {"ov-a", "ov-x"}
+    assert [e["job_id"] for e in theirs["recent"]] == ["ov-theirs"]
+    assert [d["job_id"] for d in theirs["dead"]] == ["ov-their-dead"]
+
+
+def test_retry_a_dead_letter(base: str, settings: Settings) -> None:
+    r = redis.Redis.from_url(settings.redis_url)
+    job = {"job_id": "acme:rt-dead", "room": "rt", "avatar_id": "anna", "source": "s3://b/k.wav"}
+    r.lpush(DEAD_LETTER_KEY, json.dumps({"job": job, "job_id": "acme:rt-dead", "reason": "x"}))
+    url = f"{base}/console/api/dead/rt-dead/retry"
+    # Another tenant's key cannot replay it: to them it does not exist.
+    other = requests.post(url, headers=OTHER, timeout=10)
+    assert other.status_code == 404 and "rt-dead" in other.json()["detail"]
+    assert requests.post(url, headers=AUTH, timeout=10).json() == {
+        "job_id": "rt-dead",
+        "created": True,
+    }
+    assert "acme:rt-dead" in queued_job_ids(r)
+    assert all(json.loads(e)["job_id"] != "acme:rt-dead" for e in r.lrange(DEAD_LETTER_KEY, 0, -1))
+
+
+def test_viewer_token_may_only_subscribe_to_its_room(base: str) -> None:
+    res = requests.post(
+        f"{base}/console/api/viewer-token", json={"room": "lobby"}, headers=AUTH, timeout=10
+    )
+    assert res.status_code == 200, res.text
+    body = res.json()
+    assert LIVEKIT_SECRET not in res.text
+    assert body["room"] == "lobby" and body["identity"].startswith("console-")
+    claims = lkapi.TokenVerifier("devkey", LIVEKIT_SECRET).verify(body["token"])
+    grants = claims.video
+    assert grants is not None and claims.identity == body["identity"]
+    assert (grants.room_join, grants.room, grants.can_subscribe) == (True, "lobby", True)
+    assert grants.can_publish is False and grants.can_publish_data is False
+    assert not grants.room_admin and not grants.room_create and grants.hidden
+    bad = requests.post(
+        f"{base}/console/api/viewer-token", json={"room": "no spaces"}, headers=AUTH, timeout=10
+    )
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "room"]
+
+
+@pytest.fixture
+def served_without_build(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[str]:
+    """The app in-process (uvicorn on a thread) with the console's build missing."""
+    monkeypatch.setattr(console, "CONSOLE_DIST", tmp_path / "dist")
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_api_serves_with_the_console_disabled_without_a_build(
+    served_without_build: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    page = requests.get(f"{served_without_build}/console/", timeout=10)
+    assert page.status_code == 503
+    assert "console disabled" in page.text and "npm ci && npm run build" in page.text
+    warnings = [r.getMessage() for r in caplog.get_records("setup") if r.name == "avatarq.console"]
+    assert any("console disabled" in w for w in warnings), warnings
+    # Everything else still works.
+    other = requests.get(f"{served_without_build}/jobs/x", headers=AUTH, timeout=10)
+    assert other.status_code == 404

@@ -1,0 +1,230 @@
+"""The avatar session quota: the Redis semaphore on its own (real Redis, fast), then the whole
+fleet (several real worker processes, the emulator enforcing the limit with 429)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+import requests
+
+from avatarq.dev.stack import LocalStack, local_stack
+from avatarq.events import job_events_key
+from avatarq.settings import get_settings
+from tasks import quota as quota_mod
+from tasks.quota import AvatarQuota, NoAvatarSlot, Slot, Waiting, wait_for_slot
+from tests import audio
+from tests.netns import needs_netns
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def test_slots_are_taken_first_come_first_served(redis_server: str) -> None:
+    async def go() -> None:
+        r = aioredis.from_url(redis_server)
+        q = AvatarQuota(r, f"s-{uuid.uuid4().hex[:6]}", 2)
+        a, b = await q.try_acquire("a"), await q.try_acquire("b")
+        assert isinstance(a, Slot) and isinstance(b, Slot)
+        c, d = await q.try_acquire("c"), await q.try_acquire("d")
+        assert c == Waiting(place=0, sessions=2, quota=2) and isinstance(d, Waiting)
+        assert d.place == 1
+        await q.release(a)
+        # The freed slot is c's: d, asking first, cannot jump the line.
+        assert isinstance(await q.try_acquire("d"), Waiting)
+        assert isinstance(await q.try_acquire("c"), Slot)
+        assert (await q.snapshot())["sessions"] == 2 and await q.demand() == 1
+        await r.aclose()
+
+    run(go())
+
+
+def test_a_dead_holders_slot_and_a_silent_waiters_place_expire(
+    redis_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Shortened so the test takes a second, not the 15 s lease / 10 s place of the defaults.
+    monkeypatch.setattr(quota_mod, "SLOT_LEASE_S", 0.5)
+    monkeypatch.setattr(quota_mod, "WAITER_STALE_S", 0.5)
+
+    async def go() -> None:
+        r = aioredis.from_url(redis_server)
+        q = AvatarQuota(r, f"s-{uuid.uuid4().hex[:6]}", 1)
+        assert isinstance(await q.try_acquire("holder"), Slot)  # never renewed: a dead worker
+        assert isinstance(await q.try_acquire("gone"), Waiting)  # then stops asking
+        assert isinstance(await q.try_acquire("patient"), Waiting)
+        await asyncio.sleep(0.7)
+        assert isinstance(await q.try_acquire("patient"), Slot)
+        await r.aclose()
+
+    run(go())
+
+
+def test_a_held_slot_is_renewed(redis_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(quota_mod, "SLOT_LEASE_S", 0.6)
+    monkeypatch.setattr(quota_mod, "RENEW_EVERY_S", 0.2)
+
+    async def go() -> None:
+        r = aioredis.from_url(redis_server)
+        q = AvatarQuota(r, f"s-{uuid.uuid4().hex[:6]}", 1)
+        slot = await q.try_acquire("a")
+        assert isinstance(slot, Slot)
+        q.hold(slot)
+        await asyncio.sleep(1.5)
+        assert isinstance(await q.try_acquire("b"), Waiting)
+        await q.release(slot)
+        assert isinstance(await q.try_acquire("b"), Slot)
+        await r.aclose()
+
+    run(go())
+
+
+def test_a_429_shrinks_the_quota_and_waiting_gives_up_in_time(redis_server: str) -> None:
+    async def go() -> None:
+        r = aioredis.from_url(redis_server)
+        q = AvatarQuota(r, f"s-{uuid.uuid4().hex[:6]}", 5)
+        first = await q.try_acquire("a")
+        assert isinstance(first, Slot)
+        assert await q.shrink() == 1
+        assert (await q.snapshot())["quota"] == 1
+        t0 = time.monotonic()
+        seen: list[Waiting] = []
+
+        async def on_wait(w: Waiting) -> None:
+            seen.append(w)
+
+        with pytest.raises(NoAvatarSlot, match="1 of 1 sessions in use, place 1"):
+            await wait_for_slot(q, "b", patience_s=0.6, on_wait=on_wait)
+        assert 0.5 < time.monotonic() - t0 < 2.0 and seen == [Waiting(0, 1, 1)]
+        await r.aclose()
+
+    run(go())
+
+
+# -- the fleet --------------------------------------------------------------------------------
+
+QUOTA = 3
+JOB_TIMEOUT_S = 240.0
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    with local_stack(tmp_path_factory.mktemp("quota")) as s:
+        # The quota under test (the default is Avaluma's 10); everything else is default.
+        env = {"AVATARQ_AVATAR_MAX_SESSIONS": str(QUOTA)}
+        for name in ("q1", "q2"):
+            s.start_worker(name, concurrency=4, extra_env=env)
+        saved = dict(os.environ)
+        os.environ.update({**s.env(), **env})
+        get_settings.cache_clear()
+        try:
+            yield s
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+            get_settings.cache_clear()
+
+
+def emulator(stack: LocalStack, **faults: Any) -> dict[str, Any]:
+    if faults:
+        requests.post(f"{stack.avatar_url}/_emulator/faults", json=faults, timeout=5)
+    return dict(requests.get(f"{stack.avatar_url}/healthz", timeout=5).json())
+
+
+def wait_all(job_ids: list[str], timeout: float) -> dict[str, dict[str, Any]]:
+    from producers import get_status
+    from producers.client import is_terminal
+
+    ended: dict[str, dict[str, Any]] = {}
+    deadline = time.monotonic() + timeout
+    while len(ended) < len(job_ids) and time.monotonic() < deadline:
+        for job_id in job_ids:
+            if job_id not in ended and is_terminal(status := get_status(job_id)):
+                ended[job_id] = status
+        time.sleep(0.2)
+    missing = set(job_ids) - set(ended)
+    assert not missing, f"{len(missing)} jobs did not end in {timeout}s"
+    return ended
+
+
+def events(stack: LocalStack, job_id: str) -> list[str]:
+    r = redis.Redis.from_url(stack.redis.url)
+    return [f[b"event"].decode() for _id, f in r.xrange(job_events_key(job_id))]
+
+
+@needs_netns
+def test_many_jobs_share_a_quota_of_sessions(fleet: LocalStack, tmp_path: Path) -> None:
+    from producers import enqueue
+
+    emulator(fleet, max_sessions=QUOTA)  # like Avaluma: a 4th concurrent session gets 429
+    clip = str(audio.tone(tmp_path / "t.wav", seconds=2.0))
+    rooms = [f"q-{uuid.uuid4().hex[:6]}" for _ in range(6)]
+    order = [
+        (room, enqueue({"room": room, "avatar_id": "anna", "source": clip}).job_id)
+        for _ in range(2)
+        for room in rooms
+    ]
+    ended = wait_all([job_id for _room, job_id in order], JOB_TIMEOUT_S)
+
+    assert {s["status"] for s in ended.values()} == {"completed"}, ended
+    assert {s["attempt"] for s in ended.values()} == {1}  # waiting spent no attempt
+    assert all("job.retrying" not in events(fleet, j) for j in ended)
+    assert emulator(fleet)["peak_sessions"] <= QUOTA
+    assert any("job.waiting_for_avatar" in events(fleet, j) for j in ended)
+    for room in rooms:
+        first, second = (ended[j] for r, j in order if r == room)
+        assert first["timestamps"]["last_byte"] <= second["timestamps"]["first_byte"]
+    # Visible to operators: the fleet status and each worker's metrics.
+    from avatarq.commands.ops import overview
+
+    (row,) = overview(get_settings())["avatar_servers"]
+    assert row["server"] == "default" and row["quota"] == QUOTA and row["sessions"] <= QUOTA
+    waits = 0.0
+    for port in fleet.metrics_ports.values():
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        for line in text.splitlines():
+            if line.startswith('avatarq_avatar_waits_total{server="default"}'):
+                waits += float(line.split()[-1])
+    assert waits >= 1
+
+
+@needs_netns
+def test_a_killed_workers_slots_come_back(fleet: LocalStack, tmp_path: Path) -> None:
+    from producers import enqueue, get_status
+
+    emulator(fleet, max_sessions=QUOTA)
+    long_clip = str(audio.tone(tmp_path / "long.wav", seconds=40.0))
+    holders = [
+        enqueue({"room": f"k-{uuid.uuid4().hex[:6]}", "avatar_id": "anna", "source": long_clip})
+        for _ in range(QUOTA)
+    ]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if all(get_status(h.job_id).get("status") == "playing" for h in holders):
+            break
+        time.sleep(0.2)
+    r = redis.Redis.from_url(fleet.redis.url)
+    sessions = r.zcard("avatarq:avatar:default:sessions")
+    assert sessions == QUOTA
+    short = str(audio.tone(tmp_path / "short.wav", seconds=1.0))
+    waiter = enqueue({"room": f"k-{uuid.uuid4().hex[:6]}", "avatar_id": "anna", "source": short})
+    time.sleep(3.0)
+    assert get_status(waiter.job_id)["status"] == "waiting_for_avatar"
+    # Kill every worker holding those sessions, then bring up a fresh one.
+    killed = time.monotonic()
+    for worker in list(fleet.workers):
+        worker.signal(signal.SIGKILL)
+    fleet.start_worker("q3", concurrency=4, extra_env={"AVATARQ_AVATAR_MAX_SESSIONS": str(QUOTA)})
+    status = wait_all([waiter.job_id], 120.0)[waiter.job_id]
+    assert status["status"] == "completed", status
+    # The dead workers' slots expired (tasks/quota.py SLOT_LEASE_S) instead of staying taken.
+    assert time.monotonic() - killed < 90

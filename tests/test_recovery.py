@@ -1,0 +1,205 @@
+"""Recovery from dead workers (tasks/recovery.py) and messages that must not end other jobs
+(tasks/render.py), against a real Redis. The SIGKILL end to end runs in the fault suite."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from avatarq.dev.processes import ManagedProcess
+from avatarq.events import (
+    job_lease_key,
+    job_record_key,
+    room_holder_key,
+    room_order_key,
+    worker_heartbeat_key,
+)
+from avatarq.settings import Settings
+from producers.client import enqueue
+from tasks.ledger import Claim, Ledger
+from tasks.recovery import Presence
+from tasks.render import SKIP, job_id_of, run_job
+from tests.httpserve import serving
+
+
+class _AvatarStops(BaseHTTPRequestHandler):
+    calls: list[tuple[str, dict[str, Any], str | None]] = []
+
+    def do_POST(self) -> None:  # noqa: N802 - stdlib's name
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.calls.append((self.path, body, self.headers.get("api-secret")))
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+def test_dead_workers_deliveries_are_published_again_and_its_avatar_stopped(
+    redis_server: str,
+) -> None:
+    job_id = f"rec-{uuid.uuid4().hex[:8]}"
+    payload = {"job_id": job_id, "room": job_id, "avatar_id": "a", "source": "a.wav"}
+    # Evicting the dead job's avatar from its room meets no LiveKit server here: best effort.
+    nowhere = "ws://127.0.0.1:9"
+    published: list[tuple[str, dict[str, object]]] = []
+    _AvatarStops.calls = []
+    with serving(ThreadingHTTPServer(("127.0.0.1", 0), _AvatarStops)) as avatar_url:
+        settings = Settings(
+            REDIS_URL=redis_server,
+            AVALUMA_API_URL=avatar_url,
+            AVALUMA_LICENSE_KEY="lic-1",
+            LIVEKIT_URL=nowhere,
+        )
+
+        async def go() -> list[str]:
+            dead = Presence(settings, lambda *a: published.append(a))
+            live = Presence(settings, lambda *a: published.append(a))
+            try:
+                dead.hold(job_id, payload)
+                await dead.beat_once()
+                await live.beat_once()
+                ledger = Ledger(dead.redis, stale_after_s=3600)
+                await dead.redis.rpush(room_order_key(job_id), job_id)
+                assert (await ledger.claim(job_id, job_id, dead.new_token()))[0] is Claim.OK
+                await ledger.note_avatar_session(job_id, "default", "sess-9")
+                # Alive: nothing to recover.
+                assert await live.sweep_once() == []
+                await dead.redis.delete(worker_heartbeat_key(dead.worker_id))  # SIGKILL
+                recovered = await live.sweep_once()
+                assert await live.sweep_once() == []  # taken once
+                assert await ledger.avatar_session(job_id) is None
+                return recovered
+            finally:
+                await dead.redis.aclose()
+                await live.redis.aclose()
+
+        assert asyncio.run(go()) == [job_id]
+    assert published == [(job_id, payload)]
+    assert _AvatarStops.calls == [("/v1/livekit/stop-avatar", {"session_id": "sess-9"}, "lic-1")]
+
+
+def test_orphaned_session_on_an_unknown_server_gets_no_license(redis_server: str) -> None:
+    # A name the settings lack (a URL written into Redis, a server since removed): no call.
+    job_id = f"rec-{uuid.uuid4().hex[:8]}"
+    _AvatarStops.calls = []
+    with serving(ThreadingHTTPServer(("127.0.0.1", 0), _AvatarStops)) as avatar_url:
+        settings = Settings(
+            REDIS_URL=redis_server,
+            AVALUMA_API_URL=avatar_url,
+            AVALUMA_LICENSE_KEY="lic-1",
+            LIVEKIT_URL="ws://127.0.0.1:9",
+        )
+
+        async def go() -> None:
+            dead = Presence(settings, lambda *a: None)
+            live = Presence(settings, lambda *a: None)
+            try:
+                dead.hold(job_id, {"job_id": job_id})
+                await dead.beat_once()
+                ledger = Ledger(dead.redis, stale_after_s=3600)
+                await dead.redis.rpush(room_order_key(job_id), job_id)
+                assert (await ledger.claim(job_id, job_id, dead.new_token()))[0] is Claim.OK
+                await ledger.note_avatar_session(job_id, avatar_url, "sess-1")  # not a name
+                await dead.redis.delete(worker_heartbeat_key(dead.worker_id))
+                assert await live.sweep_once() == [job_id]
+            finally:
+                await dead.redis.aclose()
+                await live.redis.aclose()
+
+        asyncio.run(go())
+    assert _AvatarStops.calls == []
+
+
+def test_invalid_message_never_ends_a_job_it_does_not_own(redis_server: str) -> None:
+    settings = Settings(REDIS_URL=redis_server, CELERY_BROKER_URL=redis_server)
+    owner = f"own-{uuid.uuid4().hex[:8]}"
+    enqueue({"job_id": owner, "room": "r", "avatar_id": "a", "source": "a.wav"}, settings=settings)
+    garbage = {"job_id": owner, "room": 5, "bogus": True}
+    orphan_id = f"bad-{uuid.uuid4().hex[:8]}"
+
+    async def go() -> tuple[Any, Any]:
+        a = await run_job(garbage, "task-1", "w/t", settings, None)
+        b = await run_job({"job_id": orphan_id, "room": 5}, "task-2", "w/t", settings, None)
+        return a, b
+
+    hijack, own = asyncio.run(go())
+    client = redis.Redis.from_url(redis_server)
+    assert hijack is SKIP
+    assert client.get(job_record_key(owner)) is None
+    # An invalid message that is its own job still fails at once, for good.
+    assert own.result["status"] == "failed" and own.result["reason"] == "invalid_job"
+    assert json.loads(client.get(job_record_key(orphan_id)))["status"] == "failed"
+
+
+def test_raw_payload_without_job_id_takes_its_task_id() -> None:
+    assert job_id_of({"room": "r"}, "celery-task-1") == "celery-task-1"
+    assert job_id_of({"room": "r", "job_id": ""}, "celery-task-1") == "celery-task-1"
+    assert job_id_of({"job_id": "mine"}, "celery-task-1") == "mine"
+
+
+def _worker(name: str, env: dict[str, str], log_dir: Path) -> ManagedProcess:
+    proc = ManagedProcess(
+        f"worker-{name}",
+        [sys.executable, "-m", "celery", "-A", "tasks", "worker", "--loglevel", "INFO",
+         "--concurrency", "2", "--hostname", f"{name}@%h", "--without-gossip",
+         "--without-mingle"],
+        ready=lambda: " ready." in proc.tail(200),
+        env=env,
+        log_dir=log_dir,
+        start_timeout=60,
+    )  # fmt: skip
+    return proc
+
+
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
+def test_sigkilled_workers_waiting_job_plays_on_another_worker_within_seconds(
+    broker: str, redis_server: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    # Default settings: the Redis broker's visibility timeout (4200 s) would hold the job
+    # for 70 minutes; RabbitMQ hands it back at once, to a worker that must not drop it.
+    broker_url = (
+        request.getfixturevalue("rabbitmq_server") if broker == "rabbitmq" else redis_server
+    )
+    env = {"REDIS_URL": redis_server, "CELERY_BROKER_URL": broker_url, "AVATARQ_METRICS_PORT": "0"}
+    settings = Settings(**env)  # type: ignore[arg-type]
+    client = redis.Redis.from_url(redis_server)
+    room = f"rec-{uuid.uuid4().hex[:8]}"
+    blocker, job_id = f"blocker-{room}", f"job-{room}"
+    # Another job plays in the room (a live lease held elsewhere), so ours waits its turn.
+    client.rpush(room_order_key(room), blocker)
+    client.set(room_holder_key(room), blocker, px=120_000)
+    client.set(job_lease_key(blocker), "elsewhere/x", px=120_000)
+    enqueue({"job_id": job_id, "room": room, "avatar_id": "a", "source": str(tmp_path / "no.wav")},
+            settings=settings)  # fmt: skip
+    with _worker("victim", env, tmp_path) as victim:
+        deadline = time.monotonic() + 30
+        while not any(client.hexists(k, job_id) for k in client.scan_iter("avatarq:held:*")):
+            assert time.monotonic() < deadline, victim.tail()
+            time.sleep(0.2)
+        victim.signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        assert victim.proc is not None
+        victim.proc.wait(10)
+    with _worker("rescuer", env, tmp_path) as rescuer:
+        # The room frees up: the blocker ends.
+        client.set(job_record_key(blocker), "{}")
+        client.delete(room_holder_key(room), job_lease_key(blocker))
+        client.lrem(room_order_key(room), 0, blocker)
+        while (record := client.get(job_record_key(job_id))) is None:
+            assert time.monotonic() - killed_at < 45, rescuer.tail()
+            time.sleep(0.2)
+    # It ran to its (here: permanent) end on the rescuer: its source does not exist.
+    assert json.loads(record)["reason"] == "source_not_found"
