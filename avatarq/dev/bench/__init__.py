@@ -5,8 +5,12 @@ a baseline measured in the same run on the same machine.
     infra/netns-run .venv/bin/python -m avatarq.dev.bench [--quick] [--json]
 
 Sections (`--sections`): `decode` and `queue` need no LiveKit; `jobs` (overhead, drift,
-concurrency, prefork baseline) and `sender` (versus livekit-agents, SDK log filtering, chunk
-size) join rooms and so run inside infra/netns-run. Every loop is bounded in count and time.
+concurrency, prefork baseline) and `sender` (versus its unpaced floor and livekit-agents,
+keepers, SDK log filtering, chunk size) join rooms and so run inside infra/netns-run, on the
+local stack's LiveKit server (the official one where it runs; `server` in the results).
+Overhead and drift play to the avatar emulator; the ramp, the prefork baseline and the
+sender to the light receivers (light_avatar.py), so the receivers are not what saturates.
+Every loop is bounded in count and time.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
     python -m avatarq.dev.bench.sender --mode ours --streams 10 --seconds 20 [--chunk 0.2] ...
 
-Joins `--streams` rooms of the local stack, starts an emulated avatar in each, then streams the
+Joins `--streams` rooms of the local stack, starts an avatar in each (from the avatar server
+of the settings: the bench points them at its light receivers), then streams the
 same synthetic PCM to all of them at once, either with the worker's AudioStreamSender
 (`ours`) or with livekit-agents' DataStreamAudioOutput (`agents`), both paced by the same
 Pacer (`--lead` large = as fast as the avatar accepts). It prints one JSON object: CPU seconds
