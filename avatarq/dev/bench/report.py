@@ -295,13 +295,14 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
-    trace = lookup(results, "pacing.schedule_error_ms_max_per_second") or []
+    trace = lookup(results, "pacing.schedule_error_ms_max_per_window") or []
+    window = lookup(results, "pacing.trace_window_s") or 1.0
     if trace:
         fig, ax = plt.subplots(figsize=(8, 3.5))
-        ax.plot([i / 60 for i in range(len(trace))], trace, lw=0.6)
+        ax.plot([i * window / 60 for i in range(len(trace))], trace, lw=0.6)
         ax.set_xlabel("audio time (min)")
         ax.set_ylabel("schedule error (ms)")
-        ax.set_title("Sender schedule error of the long job (worst chunk of each second)")
+        ax.set_title(f"Sender schedule error of the long job (worst write of each {window:g} s)")
         fig.tight_layout()
         written.append(out_dir / "bench-pacing.png")
         fig.savefig(written[-1], dpi=110)

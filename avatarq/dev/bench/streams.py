@@ -23,6 +23,8 @@ POLL_S = 0.5
 SIDECAR_WAIT_S = 5.0
 #: Seconds at each end of the long job whose median `ahead_s` is compared.
 DRIFT_WINDOW_S = 30
+#: The drift plot's resolution: the worst write of each such span of audio.
+TRACE_WINDOW_S = 2.0
 #: A ramp step's CPU window: while this share of its streams play at once.
 PLAYING_SHARE = 0.9
 #: Jobs of a ramp step arrive at this rate, as a busy queue feeds a worker: a hundred
@@ -188,7 +190,8 @@ def drift(run: Played) -> dict[str, Any]:
     errors = run.result.get("pacing_errors_ms") or []
     value = drift_ms(run.segment) if run.segment else float("nan")
     summed = sum(errors)
-    per_second = round(1 / CHUNK_SECONDS)
+    # Whole chunks per point of the trace, about TRACE_WINDOW_S of audio each.
+    per_point = max(1, round(TRACE_WINDOW_S / CHUNK_SECONDS))
     return {
         "pacing_drift_ms": round(value, 2),
         "pacing": {
@@ -200,8 +203,9 @@ def drift(run: Played) -> dict[str, Any]:
             "underruns": len((run.segment or {}).get("underruns", [])),
             "schedule_error_ms": spread(errors, 2),
             # The plot's trace, small enough for the JSON: the worst chunk of each second.
-            "schedule_error_ms_max_per_second": [
-                max(errors[i : i + per_second]) for i in range(0, len(errors), per_second)
+            "trace_window_s": round(per_point * CHUNK_SECONDS, 3),
+            "schedule_error_ms_max_per_window": [
+                max(errors[i : i + per_point]) for i in range(0, len(errors), per_point)
             ],
             "goal_drift_below_ms": 5.0,
         },
