@@ -146,10 +146,15 @@ async def wait_until_listening(room: rtc.Room, identity: str, *, timeout: float)
 
 
 def on_leave(room: rtc.Room, identity: str, callback: Callable[[T], None], arg: T) -> None:
-    """Call `callback(arg)` when participant `identity` leaves the room."""
+    """Call `callback(arg)` when participant `identity`, as it is in the room now, leaves.
+
+    Matched by session id too: an earlier session under the same identity (a handed-back
+    job's avatar, knocked out by ours) may be reported gone only after ours is in."""
+    present = room.remote_participants.get(identity)
+    sid = present.sid if present is not None else None
 
     def check(participant: rtc.RemoteParticipant) -> None:
-        if participant.identity == identity:
+        if participant.identity == identity and sid in (None, participant.sid):
             callback(arg)
 
     room.on("participant_disconnected", check)
