@@ -354,6 +354,8 @@ async def open_link(
     link = AvatarLink(key, room, sender, avatar_client_for(job, settings), admin, keeper=keeper)
     # Fired only once the SDK gave up reconnecting: the room is lost for good.
     room.on("disconnected", lambda *_: link.lost(StopReason.ROOM_LOST))
+    # An earlier session of this avatar still leaving the room is not ours.
+    stale = rooms.session_of(room, job.avatar_identity)
     try:
         link.session = await link.avatar.start(
             livekit_url=settings.livekit_url,
@@ -367,7 +369,7 @@ async def open_link(
         if not link.session.acknowledged:
             # The start answer was lost: a cold start may take the whole answer timeout.
             join_timeout += START_ANSWER_TIMEOUT_S
-        await rooms.wait_for_avatar(room, identity, timeout=join_timeout)
+        await rooms.wait_for_avatar(room, identity, timeout=join_timeout, not_sid=stale)
         await rooms.wait_until_listening(room, identity, timeout=settings.avatar_join_timeout_s)
     except BaseException:
         await link.close()

@@ -70,8 +70,18 @@ def _has_video(participant: rtc.RemoteParticipant) -> bool:
     return any(p.kind == rtc.TrackKind.KIND_VIDEO for p in participant.track_publications.values())
 
 
-async def wait_for_avatar(room: rtc.Room, identity: str, *, timeout: float) -> None:
+def session_of(room: rtc.Room, identity: str) -> str | None:
+    """The session id (sid) under which `identity` is in the room now, if it is."""
+    present = room.remote_participants.get(identity)
+    return present.sid if present is not None else None
+
+
+async def wait_for_avatar(
+    room: rtc.Room, identity: str, *, timeout: float, not_sid: str | None = None
+) -> None:
     """Until participant `identity` is in the room and publishes video (it is rendering).
+    `not_sid`: a session of that identity that was there before ours was asked for (one that
+    is still leaving) does not count.
 
     Subscribes to its audio meanwhile, which is what releases an AvatarRunner's video; once
     the video is there the audio is let go again (the worker never plays it)."""
@@ -79,7 +89,7 @@ async def wait_for_avatar(room: rtc.Room, identity: str, *, timeout: float) -> N
 
     def check(*_: object) -> None:
         p = room.remote_participants.get(identity)
-        if p is None:
+        if p is None or (not_sid is not None and p.sid == not_sid):
             return
         if _has_video(p):
             ready.set()
@@ -150,8 +160,7 @@ def on_leave(room: rtc.Room, identity: str, callback: Callable[[T], None], arg: 
 
     Matched by session id too: an earlier session under the same identity (a handed-back
     job's avatar, knocked out by ours) may be reported gone only after ours is in."""
-    present = room.remote_participants.get(identity)
-    sid = present.sid if present is not None else None
+    sid = session_of(room, identity)
 
     def check(participant: rtc.RemoteParticipant) -> None:
         if participant.identity == identity and sid in (None, participant.sid):
