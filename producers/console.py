@@ -28,7 +28,13 @@ from fastapi.responses import FileResponse, PlainTextResponse, RedirectResponse,
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
-from avatarq.events import Event, Status, job_enqueued_key, job_lease_key, room_order_key
+from avatarq.events import (
+    TERMINAL_EVENTS,
+    Status,
+    job_enqueued_key,
+    job_lease_key,
+    room_order_key,
+)
 from avatarq.settings import Settings
 from producers.client import get_status, redis_client
 from producers.deadletter import list_dead, retry_dead
@@ -57,7 +63,6 @@ ENDED_FIELDS = (
     "cancelled_while",
     "audio_duration",
 )
-TERMINAL_EVENTS = {Event.COMPLETED.value, Event.FAILED.value, Event.CANCELLED.value}
 
 
 class WatchRequest(BaseModel):

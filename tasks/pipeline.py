@@ -157,10 +157,9 @@ async def play(
         )
         async with decoder:
             chunks = decoder.chunks(chunk_bytes)
-            # Decode the first chunk before joining anything: a bad file fails here, cheaply.
-            first = await anext(chunks, b"")
-            if not first:
-                raise DecodeError("the audio decodes to zero samples", reason="empty_audio")
+            # Decode the first chunk before joining anything: a bad file fails here, cheaply
+            # (audio that decodes to nothing ends the decoder with DecodeError `no_audio`).
+            first = await anext(chunks)
 
             key = link_key(job, settings)
             pool = warm_pool(settings.redis_url)
