@@ -23,6 +23,7 @@ from avatarq.errors import (
     DecodeError,
     InvalidJob,
     PermanentJobError,
+    Reason,
     RoomError,
     TransientJobError,
 )
@@ -83,7 +84,7 @@ def avatar_server_for(job: Job, settings: Settings) -> AvatarServer:
     try:
         return settings.avatar_server(job.avatar_server)
     except KeyError as e:
-        raise InvalidJob(str(e.args[0]), reason="unknown_avatar_server") from None
+        raise InvalidJob(str(e.args[0]), reason=Reason.UNKNOWN_AVATAR_SERVER) from None
 
 
 _quotas: dict[str, AvatarQuota] = {}
@@ -137,7 +138,7 @@ async def play(
     limit = job.max_duration or settings.max_job_duration_s
     if duration is not None and duration > limit:
         raise DecodeError(
-            f"audio is {duration:.1f}s long, over the {limit:g}s maximum", reason="too_long"
+            f"audio is {duration:.1f}s long, over the {limit:g}s maximum", reason=Reason.TOO_LONG
         )
 
     lead = settings.default_lead_s if job.lead is None else job.lead
@@ -240,7 +241,7 @@ async def play(
     result: dict[str, Any] = {
         "job_id": job.job_id,
         "status": Status.COMPLETED.value if confirmed else Status.UNCONFIRMED.value,
-        **({} if confirmed else {"reason": "playback_unconfirmed"}),
+        **({} if confirmed else {"reason": Reason.PLAYBACK_UNCONFIRMED.value}),
         "room": job.room,
         "avatar_id": job.avatar_id,
         "audio_duration": duration if duration is not None else decoder.decoded_seconds,
@@ -392,7 +393,8 @@ async def _interrupt(
         raise RoomError(f"lost the LiveKit room after {streamed:.1f}s{total} streamed")
     if reason is StopReason.AVATAR_LEFT:
         raise AvatarTimeout(
-            f"the avatar left the room after {streamed:.1f}s{total} streamed", reason="avatar_left"
+            f"the avatar left the room after {streamed:.1f}s{total} streamed",
+            reason=Reason.AVATAR_LEFT,
         )
     # The sender cleared the avatar's buffer before closing the stream.
     finished = await sender.wait_playback_finished(INTERRUPT_REPORT_TIMEOUT_S)
@@ -413,8 +415,8 @@ def _check_complete(position: float, streamed: float, *, attempt: int) -> None:
         return
     message = f"the avatar played {position:.1f}s of the {streamed:.1f}s sent"
     if attempt <= 1:
-        raise TransientJobError(message, reason="incomplete_playback")
+        raise TransientJobError(message, reason=Reason.INCOMPLETE_PLAYBACK)
     raise PermanentJobError(
         f"{message}, again after a replay: not replayed a second time",
-        reason="incomplete_playback",
+        reason=Reason.INCOMPLETE_PLAYBACK,
     )

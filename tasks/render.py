@@ -21,7 +21,7 @@ from celery.signals import task_received, worker_ready
 from redis.exceptions import RedisError
 
 from avatarq.celeryconfig import RENDER_QUEUE, RENDER_TASK
-from avatarq.errors import InvalidJob, JobError, TransientJobError
+from avatarq.errors import InvalidJob, JobError, Reason, TransientJobError
 from avatarq.events import DEAD_LETTER_KEY, Event, Status, job_enqueued_key
 from avatarq.settings import Settings, get_settings
 from producers.jobs import Job, parse_job
@@ -235,7 +235,8 @@ async def _claim_and_play(
         result["stopped_at"] = e.stopped_at
     except TimeoutError:
         error = TransientJobError(
-            "job overran its time limit (audio length plus start-up budget)", reason="job_timeout"
+            "job overran its time limit (audio length plus start-up budget)",
+            reason=Reason.JOB_TIMEOUT,
         )
         return await _failed(job, settings, ledger, reporter, token, error, attempt)
     except JobError as e:
@@ -243,7 +244,7 @@ async def _claim_and_play(
     except Exception as e:
         # Unclassified: keep the trace in the log, retry like any fault we cannot rule out.
         log.exception("job %s: unexpected error", job.job_id)
-        error = TransientJobError(f"{type(e).__name__}: {e}", reason="internal_error")
+        error = TransientJobError(f"{type(e).__name__}: {e}", reason=Reason.INTERNAL_ERROR)
         return await _failed(job, settings, ledger, reporter, token, error, attempt)
     finally:
         watcher.cancel()
@@ -345,7 +346,7 @@ def _cancelled(
     return {
         "job_id": job.job_id,
         "status": Status.CANCELLED.value,
-        "reason": "cancelled",
+        "reason": Reason.CANCELLED.value,
         "cancelled_while": while_,
         "room": job.room,
         "avatar_id": job.avatar_id,

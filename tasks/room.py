@@ -25,7 +25,7 @@ from typing import TypeVar
 
 from livekit import api, rtc
 
-from avatarq.errors import AvatarTimeout, LiveKitRejected, RoomError
+from avatarq.errors import AvatarTimeout, LiveKitRejected, Reason, RoomError
 
 log = logging.getLogger("avatarq.room")
 
@@ -144,13 +144,13 @@ async def wait_until_listening(room: rtc.Room, identity: str, *, timeout: float)
             raise AvatarTimeout(
                 f"avatar {identity!r} is in the room but its receiver listens to another "
                 "participant (an agent that joined before this worker)",
-                reason="avatar_not_listening",
+                reason=Reason.AVATAR_NOT_LISTENING,
             )
         if loop.time() + PROBE_INTERVAL_S >= deadline:
             raise AvatarTimeout(
                 f"avatar {identity!r} is in the room but not listening to this worker "
                 f"within {timeout:g}s: {last}",
-                reason="avatar_not_listening",
+                reason=Reason.AVATAR_NOT_LISTENING,
             )
         await asyncio.sleep(PROBE_INTERVAL_S)
 
