@@ -47,7 +47,8 @@ async def connect(url: str, token: str, *, timeout: float = CONNECT_TIMEOUT_S) -
         await asyncio.wait_for(room.connect(url, token, options), timeout)
     except (TimeoutError, rtc.ConnectError) as e:
         await room.disconnect()
-        text = str(e) or "timed out"
+        # The server's answer may echo the token: never let it into results or logs.
+        text = (str(e) or "timed out").replace(token, "***")
         if _unauthorized(text):
             raise LiveKitRejected(
                 f"the LiveKit server at {url} refused our token ({text}): check "

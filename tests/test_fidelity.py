@@ -318,3 +318,20 @@ def test_avatar_bound_to_another_agent_never_swallows_the_job(
         assert "listens to another participant" in result["error"]
         assert all(s["bound_sender_identity"] == "voice-agent" for s in played)
     assert len(played) == result["attempt"]
+
+
+def test_wrong_livekit_secret_is_a_clear_permanent_error(stack: LocalStack) -> None:
+    """A 401 from the server is a settings problem: failing at once beats retrying."""
+    from avatarq.errors import LiveKitRejected
+    from tasks import room as rooms
+
+    bad = (
+        api.AccessToken(DEV_API_KEY, "not-the-secret-at-all-0123456789abcdef")
+        .with_identity("w")
+        .with_grants(api.VideoGrants(room_join=True, room=new_room()))
+        .to_jwt()
+    )
+    with pytest.raises(LiveKitRejected, match="LIVEKIT_API_SECRET") as info:
+        asyncio.run(rooms.connect(stack.livekit_url, bad))
+    assert info.value.permanent and info.value.reason == "livekit_rejected"
+    assert bad not in str(info.value)
