@@ -36,7 +36,7 @@ from avatarq.events import (
     room_order_key,
 )
 from avatarq.settings import Settings
-from producers.client import get_status, redis_client
+from producers.client import avatar_capacity, get_status, redis_client
 from producers.deadletter import list_dead, retry_dead
 from producers.jobs import NAME_PATTERN
 
@@ -227,11 +227,13 @@ def mount_console(app: FastAPI, tenant: Callable[..., TenantScope], settings: Se
     @data.get("/overview")
     def overview(scope: TenantScope = scoped) -> dict[str, Any]:
         """The tenant's rooms with their unfinished jobs in play order (status and progress
-        each), its latest ended jobs with their reasons, and its dead-lettered jobs."""
+        each), its latest ended jobs with their reasons, its dead-lettered jobs, and the
+        session quota of each avatar server (sessions, quota, waiting jobs)."""
         return {
             "rooms": rooms(settings, scope),
             "recent": recent_ended(settings, scope),
             "dead": dead_letters(settings, scope),
+            "avatar_servers": avatar_capacity(settings),
         }
 
     @data.post("/dead/{job_id}/retry")

@@ -48,7 +48,8 @@ async def _measure(url: str, rounds: int, time_limit: float) -> dict[str, Any]:
 
 def bench_quota(workdir: Path, rounds: int = 2000, time_limit: float = 20.0) -> dict[str, Any]:
     """Slot-taking latency (goal: p50 < 10 ms) on a free quota."""
-    with RedisServer(log_dir=workdir / "logs") as server:
+    server = RedisServer(log_dir=workdir / "logs")
+    with server:
         return asyncio.run(_measure(server.url, rounds, time_limit))
 
 
