@@ -25,7 +25,6 @@ from avatarq.dev import livekit_official
 from avatarq.dev.avatar_emulator.behaviour import Faults
 from avatarq.dev.stack import DEV_API_KEY, LocalStack, local_stack
 from avatarq.events import job_events_key
-from avatarq.settings import get_settings
 from tests import audio
 from tests.netns import NETNS
 
@@ -49,15 +48,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     ) as s:
         assert s.server == "official"
         s.start_worker("fid", concurrency=4)
-        saved = dict(os.environ)
-        os.environ.update(s.env())
-        get_settings.cache_clear()
-        try:
+        with s.current():
             yield s
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
-            get_settings.cache_clear()
 
 
 @pytest.fixture

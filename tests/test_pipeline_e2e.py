@@ -4,7 +4,6 @@ avatar emulator, with real ffmpeg. Runs inside the private network namespace."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 import uuid
@@ -20,7 +19,7 @@ import requests
 from avatarq.dev.processes import free_port
 from avatarq.dev.stack import LocalStack, local_stack
 from avatarq.events import job_events_key
-from avatarq.settings import Settings, get_settings
+from avatarq.settings import Settings
 from tasks.decode import ffmpeg_binary
 from tests import audio
 from tests.netns import NETNS
@@ -47,15 +46,8 @@ FAST_FAULTS = {
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     with local_stack(tmp_path_factory.mktemp("stack")) as s:
         s.start_worker("e2e", concurrency=4, extra_env=FAST_FAULTS)
-        saved = dict(os.environ)
-        os.environ.update(s.env())
-        get_settings.cache_clear()
-        try:
+        with s.current():
             yield s
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
-            get_settings.cache_clear()
 
 
 @pytest.fixture
