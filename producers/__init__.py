@@ -2,5 +2,15 @@
 
 from producers.client import JobHandle, cancel, enqueue, enqueue_many, get_status
 from producers.jobs import Job, parse_job
+from producers.session import Client
 
-__all__ = ["Job", "JobHandle", "cancel", "enqueue", "enqueue_many", "get_status", "parse_job"]
+__all__ = [
+    "Client",
+    "Job",
+    "JobHandle",
+    "cancel",
+    "enqueue",
+    "enqueue_many",
+    "get_status",
+    "parse_job",
+]
