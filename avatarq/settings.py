@@ -66,6 +66,8 @@ class Settings(BaseSettings):
     # --- LiveKit ----------------------------------------------------------------------------
     #: The LiveKit server workers join (Cloud or self-hosted).
     livekit_url: str = Field("ws://localhost:7880", validation_alias=_env("LIVEKIT_URL"))
+    #: Where browsers (the console's room view) reach LiveKit, when not at `livekit_url`.
+    livekit_public_url: str | None = Field(None, validation_alias=_env("LIVEKIT_PUBLIC_URL"))
     #: Signs every token a job uses; the secret never leaves settings.
     livekit_api_key: str = Field("devkey", validation_alias=_env("LIVEKIT_API_KEY"))
     livekit_api_secret: SecretStr = Field(

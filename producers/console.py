@@ -174,7 +174,8 @@ def viewer_token(settings: Settings, room: str) -> ViewerToken:
         },
     }
     token = _hs256_jwt(claims, settings.livekit_api_secret.get_secret_value())
-    return ViewerToken(url=settings.livekit_url, token=token, room=room, identity=identity)
+    url = settings.livekit_public_url or settings.livekit_url
+    return ViewerToken(url=url, token=token, room=room, identity=identity)
 
 
 def _hs256_jwt(claims: dict[str, Any], secret: str) -> str:

@@ -52,6 +52,8 @@ def base(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[s
         "REDIS_URL": redis_url,
         "AVATARQ_API_KEYS": API_KEYS,
         "LIVEKIT_API_SECRET": LIVEKIT_SECRET,
+        # Browsers reach LiveKit elsewhere than workers do (viewer tokens carry this URL).
+        "LIVEKIT_PUBLIC_URL": "wss://livekit.public.example",
     }
     proc = ManagedProcess(
         "api",
@@ -152,6 +154,7 @@ def test_viewer_token_may_only_subscribe_to_its_room(base: str) -> None:
     body = res.json()
     assert LIVEKIT_SECRET not in res.text
     assert body["room"] == "lobby" and body["identity"].startswith("console-")
+    assert body["url"] == "wss://livekit.public.example"
     claims = lkapi.TokenVerifier("devkey", LIVEKIT_SECRET).verify(body["token"])
     grants = claims.video
     assert grants is not None and claims.identity == body["identity"]
