@@ -28,6 +28,7 @@ from avatarq.errors import (
     TransientJobError,
 )
 from avatarq.events import Event, Status, job_waiting_key
+from avatarq.results import Played, Timestamps
 from avatarq.settings import DEFAULT_AVATAR_SERVER, AvatarServer, Settings
 from producers.jobs import Job
 from tasks import metrics, tokens
@@ -61,8 +62,8 @@ PLAYBACK_SHORTFALL_S = 0.5
 
 
 @dataclass
-class Timestamps:
-    """Wall-clock (epoch seconds) milestones of a job, for results and overhead figures."""
+class Milestones:
+    """Wall-clock (epoch seconds) milestones of a job as it goes (results.Timestamps)."""
 
     picked: float = field(default_factory=time.time)
     room_joined: float | None = None
@@ -126,7 +127,7 @@ async def play(
 ) -> dict[str, Any]:
     """Play `job` once, start to finish. Raises JobError on failure and `Interrupted` when
     `control` asked it to stop (cancel, hand-back)."""
-    ts = Timestamps()
+    ts = Milestones()
     await reporter.emit(Event.STARTED, room=job.room, avatar_id=job.avatar_id, attempt=attempt)
 
     if not isinstance(job.source, str):
@@ -238,30 +239,31 @@ async def play(
     # A listening avatar got every byte but never said it played them (livekit-agents has
     # known cases of a lost report): not a plain success, and not replayed either.
     confirmed = finished is not None
-    result: dict[str, Any] = {
-        "job_id": job.job_id,
-        "status": Status.COMPLETED.value if confirmed else Status.UNCONFIRMED.value,
-        **({} if confirmed else {"reason": Reason.PLAYBACK_UNCONFIRMED.value}),
-        "room": job.room,
-        "avatar_id": job.avatar_id,
-        "audio_duration": duration if duration is not None else decoder.decoded_seconds,
-        "seconds_streamed": round(streamed, 6),
-        "playback_position": finished.playback_position if finished else None,
-        "interrupted": finished.interrupted if finished else None,
-        "playback_confirmed": confirmed,
-        "avatar_server": job.avatar_server or DEFAULT_AVATAR_SERVER,
-        "avatar_session_id": session.session_id if session else None,
-        "warm": warm,
-        "attempt": attempt,
-        "lead": lead,
-        "sample_rate": sample_rate,
-        "metadata": job.metadata,
-        "timestamps": asdict(ts),
-    }
-    if pacer.record_errors:
+    played = Played(
+        job_id=job.job_id,
+        status=Status.COMPLETED.value if confirmed else Status.UNCONFIRMED.value,
+        reason=None if confirmed else Reason.PLAYBACK_UNCONFIRMED,
+        room=job.room,
+        avatar_id=job.avatar_id,
+        audio_duration=duration if duration is not None else decoder.decoded_seconds,
+        seconds_streamed=round(streamed, 6),
+        playback_position=finished.playback_position if finished else None,
+        interrupted=finished.interrupted if finished else None,
+        playback_confirmed=confirmed,
+        avatar_server=job.avatar_server or DEFAULT_AVATAR_SERVER,
+        avatar_session_id=session.session_id if session else None,
+        warm=warm,
+        attempt=attempt,
+        lead=lead,
+        sample_rate=sample_rate,
+        metadata=job.metadata,
+        timestamps=Timestamps(**asdict(ts)),
         # Benchmarks only (AVATARQ_PACING_TRACE): the sender's schedule error of every chunk.
-        result["pacing_errors_ms"] = [round(e * 1000, 2) for e in pacer.errors]
-    return result
+        pacing_errors_ms=[round(e * 1000, 2) for e in pacer.errors]
+        if pacer.record_errors
+        else None,
+    )
+    return played.as_record()
 
 
 def link_key(job: Job, settings: Settings) -> LinkKey:
@@ -279,7 +281,7 @@ async def start_link(
     settings: Settings,
     key: LinkKey,
     duration: float | None,
-    ts: Timestamps,
+    ts: Milestones,
     reporter: JobReporter,
     note_session: SessionNote,
 ) -> AvatarLink:
@@ -321,7 +323,7 @@ async def open_link(
     settings: Settings,
     key: LinkKey,
     duration: float | None,
-    ts: Timestamps,
+    ts: Milestones,
     note_session: SessionNote,
 ) -> AvatarLink:
     """Join the room (with its keeper), start the avatar and wait until it listens to us;

@@ -19,6 +19,7 @@ import requests
 from avatarq.dev.processes import free_port
 from avatarq.dev.stack import LocalStack, local_stack
 from avatarq.events import job_events_key
+from avatarq.results import parse_result
 from avatarq.settings import Settings
 from tasks.decode import ffmpeg_binary
 from tests import audio
@@ -71,6 +72,7 @@ def run_job(stack: LocalStack, **job: Any) -> dict[str, Any]:
     while time.monotonic() < deadline:
         status = get_status(handle.job_id)
         if is_terminal(status):
+            parse_result(status)  # every recorded result is a typed JobResult
             return status
         time.sleep(0.1)
     worker_log = "\n".join(w.tail(60) for w in stack.workers)
