@@ -6,12 +6,91 @@ for humans and never carries a secret or a stack trace.
 
 from __future__ import annotations
 
+from enum import StrEnum
+
+
+class Reason(StrEnum):
+    """The stable reason codes of results, events and the dead-letter list."""
+
+    #: the payload is not a valid job (each bad field named)
+    INVALID_JOB = "invalid_job"
+    #: the source is empty or malformed
+    INVALID_SOURCE = "invalid_source"
+    #: the source's URL scheme is not file, http(s) or s3
+    UNSUPPORTED_SCHEME = "unsupported_scheme"
+    #: the source's host or address is refused by the SSRF policy
+    SOURCE_NOT_ALLOWED = "source_not_allowed"
+    #: the webhook's host or address is refused by the SSRF policy
+    WEBHOOK_NOT_ALLOWED = "webhook_not_allowed"
+    #: the source does not exist (404, missing file or key)
+    SOURCE_NOT_FOUND = "source_not_found"
+    #: the job names an avatar server the worker's settings lack
+    UNKNOWN_AVATAR_SERVER = "unknown_avatar_server"
+    #: ffmpeg could not decode the source
+    DECODE_ERROR = "decode_error"
+    #: not an audio file, or corrupt data
+    INVALID_AUDIO = "invalid_audio"
+    #: a container without an audio stream
+    NO_AUDIO_STREAM = "no_audio_stream"
+    #: the audio decodes to zero samples
+    NO_AUDIO = "no_audio"
+    #: a container ffmpeg may not open (playlists and other indirections)
+    FORMAT_NOT_ALLOWED = "format_not_allowed"
+    #: a protocol ffmpeg may not follow
+    PROTOCOL_NOT_ALLOWED = "protocol_not_allowed"
+    #: the audio is longer than max_duration (declared or while decoding)
+    TOO_LONG = "too_long"
+    #: the file decodes clearly short of the length it declares
+    TRUNCATED_AUDIO = "truncated_audio"
+    #: the avatar server refused the start (a 4xx other than 408/409/425/429)
+    AVATAR_REJECTED = "avatar_rejected"
+    #: the LiveKit server refused the worker's credentials
+    LIVEKIT_REJECTED = "livekit_rejected"
+    #: the TTS engine refused the request
+    TTS_REJECTED = "tts_rejected"
+    #: the source could not be fetched now
+    SOURCE_UNAVAILABLE = "source_unavailable"
+    #: ffmpeg could not be started
+    FFMPEG_MISSING = "ffmpeg_missing"
+    #: the avatar server did not start a session (5xx, 409, network)
+    AVATAR_UNAVAILABLE = "avatar_unavailable"
+    #: the avatar server is at its session limit (429): the job waits its turn
+    AVATAR_OVER_LIMIT = "avatar_over_limit"
+    #: the avatar never joined or never published video in time
+    AVATAR_TIMEOUT = "avatar_timeout"
+    #: the avatar's receiver never answered for this worker
+    AVATAR_NOT_LISTENING = "avatar_not_listening"
+    #: the avatar left the room mid-job
+    AVATAR_LEFT = "avatar_left"
+    #: the worker could not join, or lost, the LiveKit room
+    ROOM_ERROR = "room_error"
+    #: the avatar played clearly less than it was sent (replayed once)
+    INCOMPLETE_PLAYBACK = "incomplete_playback"
+    #: the job overran its time limit (audio length plus start-up budget)
+    JOB_TIMEOUT = "job_timeout"
+    #: an unexpected error (logged with its trace)
+    INTERNAL_ERROR = "internal_error"
+    #: the TTS engine failed repeatedly (5xx, 429, timeouts)
+    TTS_UNAVAILABLE = "tts_unavailable"
+    #: rendered speech could not be stored
+    TTS_STORAGE = "tts_storage"
+    #: cancelled on request
+    CANCELLED = "cancelled"
+    #: streamed in full to a listening avatar that never reported playing it
+    PLAYBACK_UNCONFIRMED = "playback_unconfirmed"
+    #: a permanent error without a more precise code
+    PERMANENT = "permanent"
+    #: a transient error without a more precise code
+    TRANSIENT = "transient"
+    #: a job error without a more precise code
+    JOB_ERROR = "job_error"
+
 
 class JobError(Exception):
     """A job failed. Subclasses decide whether retrying may help."""
 
     permanent: bool = True
-    reason: str = "job_error"
+    reason: str = Reason.JOB_ERROR
 
     def __init__(self, message: str, *, reason: str | None = None) -> None:
         super().__init__(message)
@@ -27,55 +106,55 @@ class PermanentJobError(JobError):
     """Bad input or a refusal: retrying the same job cannot succeed."""
 
     permanent = True
-    reason = "permanent"
+    reason = Reason.PERMANENT
 
 
 class TransientJobError(JobError):
     """A passing fault (network, 5xx, timeout): the job is retried with backoff."""
 
     permanent = False
-    reason = "transient"
+    reason = Reason.TRANSIENT
 
 
 class InvalidJob(PermanentJobError):
-    reason = "invalid_job"
+    reason = Reason.INVALID_JOB
 
 
 class SourceNotFound(PermanentJobError):
-    reason = "source_not_found"
+    reason = Reason.SOURCE_NOT_FOUND
 
 
 class SourceUnavailable(TransientJobError):
-    reason = "source_unavailable"
+    reason = Reason.SOURCE_UNAVAILABLE
 
 
 class DecodeError(PermanentJobError):
-    reason = "decode_error"
+    reason = Reason.DECODE_ERROR
 
 
 class AvatarRejected(PermanentJobError):
-    reason = "avatar_rejected"
+    reason = Reason.AVATAR_REJECTED
 
 
 class AvatarUnavailable(TransientJobError):
-    reason = "avatar_unavailable"
+    reason = Reason.AVATAR_UNAVAILABLE
 
 
 class AvatarTimeout(TransientJobError):
-    reason = "avatar_timeout"
+    reason = Reason.AVATAR_TIMEOUT
 
 
 class RoomError(TransientJobError):
-    reason = "room_error"
+    reason = Reason.ROOM_ERROR
 
 
 class LiveKitRejected(PermanentJobError):
     """The LiveKit server refused our credentials: a settings problem no retry fixes."""
 
-    reason = "livekit_rejected"
+    reason = Reason.LIVEKIT_REJECTED
 
 
 class AvatarOverLimit(TransientJobError):
     """The avatar server refused a session with 429: its license is at its limit."""
 
-    reason = "avatar_over_limit"
+    reason = Reason.AVATAR_OVER_LIMIT

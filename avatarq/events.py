@@ -41,6 +41,16 @@ TERMINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED, Status.
 RECORD_TTL_S = 30 * 24 * 3600
 
 
+#: The event that announces each terminal state; the last event of a job's stream.
+TERMINAL_EVENT = {
+    Status.COMPLETED: Event.COMPLETED,
+    Status.FAILED: Event.FAILED,
+    Status.CANCELLED: Event.CANCELLED,
+    Status.UNCONFIRMED: Event.UNCONFIRMED,
+}
+TERMINAL_EVENTS = frozenset(TERMINAL_EVENT.values())
+
+
 def job_events_key(job_id: str) -> str:
     return f"avatarq:events:{job_id}"
 

@@ -7,13 +7,26 @@ Secrets are `SecretStr` so they never print by accident.
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, HttpUrl, SecretStr
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    HttpUrl,
+    SecretStr,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+#: Room names, avatar ids and avatar server names: what LiveKit accepts in identities and room
+#: names, conservatively (jobs are validated against it, producers/jobs.py).
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:@=-]{0,127}$"
+_SERVER_NAME = re.compile(NAME_PATTERN)
 #: The name jobs use (or omit) for the avatar server of `AVALUMA_API_URL`.
 DEFAULT_AVATAR_SERVER = "default"
 #: Avaluma's plugin and server work at 16 kHz.
@@ -50,17 +63,23 @@ class Settings(BaseSettings):
         env_file=".env.local", env_file_encoding="utf-8", extra="ignore", populate_by_name=True
     )
 
-    # LiveKit
+    # --- LiveKit ----------------------------------------------------------------------------
+    #: The LiveKit server workers join (Cloud or self-hosted).
     livekit_url: str = Field("ws://localhost:7880", validation_alias=_env("LIVEKIT_URL"))
+    #: Where browsers (the console's room view) reach LiveKit, when not at `livekit_url`.
+    livekit_public_url: str | None = Field(None, validation_alias=_env("LIVEKIT_PUBLIC_URL"))
+    #: Signs every token a job uses; the secret never leaves settings.
     livekit_api_key: str = Field("devkey", validation_alias=_env("LIVEKIT_API_KEY"))
     livekit_api_secret: SecretStr = Field(
         SecretStr("secret"), validation_alias=_env("LIVEKIT_API_SECRET")
     )
 
-    # Avaluma avatar server
+    # --- Avatar servers -----------------------------------------------------------------------
+    #: Sent as `api-secret` to the configured avatar servers only (see `avatar_servers`).
     avaluma_license_key: SecretStr = Field(
         SecretStr(""), validation_alias=_env("AVALUMA_LICENSE_KEY", "AVALUMA_API_KEY")
     )
+    #: The `default` avatar server.
     avaluma_api_url: str = Field(
         "https://api.avaluma.ai", validation_alias=_env("AVALUMA_API_URL", "AVATAR_SERVER_URL")
     )
@@ -74,71 +93,102 @@ class Settings(BaseSettings):
     avatar_servers: dict[str, AvatarServer] = Field(
         default_factory=dict, validation_alias=_env("AVATARQ_AVATAR_SERVERS")
     )
+    #: Wait for the avatar to join, publish video and listen (s).
+    avatar_join_timeout_s: float = Field(30.0, validation_alias=_env("AVATARQ_AVATAR_JOIN_TIMEOUT"))
+    #: start-avatar calls per job attempt (5xx, 409, 503, connection errors).
+    avatar_start_attempts: int = Field(4, validation_alias=_env("AVATARQ_AVATAR_START_ATTEMPTS"))
+    #: Wait for `lk.playback_finished` after the buffered audio (s).
+    playback_finished_timeout_s: float = Field(
+        10.0, validation_alias=_env("AVATARQ_PLAYBACK_FINISHED_TIMEOUT")
+    )
+    #: Keep a room and its avatar session this long for the next job of the same room (0: off).
+    warm_idle_s: float = Field(10.0, ge=0, validation_alias=_env("AVATARQ_WARM_IDLE"))
 
-    # Celery / Redis
+    # --- Broker and Redis ----------------------------------------------------------------------
+    #: Results, events, the ledger; also the broker unless `CELERY_BROKER_URL` says otherwise.
     redis_url: str = Field("redis://localhost:6379/0", validation_alias=_env("REDIS_URL"))
     celery_broker_url: str | None = Field(None, validation_alias=_env("CELERY_BROKER_URL"))
     celery_result_backend: str | None = Field(None, validation_alias=_env("CELERY_RESULT_BACKEND"))
+    #: After this long a Redis broker hands an unacknowledged job to another worker (s);
+    #: default the longest job + 600 s (`redelivery_after_s`).
+    visibility_timeout_s: float | None = Field(
+        None, gt=0, validation_alias=_env("AVATARQ_VISIBILITY_TIMEOUT")
+    )
 
-    # S3 (credentials are read by boto3 itself from the standard AWS variables/files)
+    # --- Sources -------------------------------------------------------------------------------
+    #: S3-compatible store (credentials: boto3's own variables and files).
     s3_endpoint_url: str | None = Field(
         None, validation_alias=_env("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
     )
     aws_region: str | None = Field(None, validation_alias=_env("AWS_REGION", "AWS_DEFAULT_REGION"))
-
-    # avatarq's own knobs
+    #: Comma-separated hosts (`*.cdn.example.com` wildcards) http(s) sources may use; empty: any.
     source_hosts: str = Field("", validation_alias=_env("AVATARQ_SOURCE_HOSTS"))
+    #: Allow http(s) sources on private, loopback and link-local addresses (SSRF guard).
     allow_private_sources: bool = Field(
         False, validation_alias=_env("AVATARQ_ALLOW_PRIVATE_SOURCES")
     )
+    #: ffmpeg binary; default `ffmpeg` on PATH, else imageio-ffmpeg's.
     ffmpeg_binary: str | None = Field(None, validation_alias=_env("AVATARQ_FFMPEG"))
-    default_lead_s: float = Field(0.5, validation_alias=_env("AVATARQ_DEFAULT_LEAD"))
-    max_job_duration_s: float = Field(3600.0, validation_alias=_env("AVATARQ_MAX_JOB_DURATION"))
-    avatar_join_timeout_s: float = Field(30.0, validation_alias=_env("AVATARQ_AVATAR_JOIN_TIMEOUT"))
-    avatar_start_attempts: int = Field(4, validation_alias=_env("AVATARQ_AVATAR_START_ATTEMPTS"))
-    playback_finished_timeout_s: float = Field(
-        10.0, validation_alias=_env("AVATARQ_PLAYBACK_FINISHED_TIMEOUT")
+    #: Longest audio accepted (s); also bounds a job's time budget.
+    max_job_duration_s: float = Field(
+        3600.0, gt=0, validation_alias=_env("AVATARQ_MAX_JOB_DURATION")
     )
+
+    # --- Worker --------------------------------------------------------------------------------
+    #: Seconds the sender may run ahead of real time.
+    default_lead_s: float = Field(0.5, validation_alias=_env("AVATARQ_DEFAULT_LEAD"))
+    #: Jobs one worker process plays at once.
+    worker_concurrency: int = Field(16, validation_alias=_env("AVATARQ_WORKER_CONCURRENCY"))
+    #: Transient-fault retries, exponential backoff with full jitter (base, cap in s).
     max_retries: int = Field(4, ge=0, validation_alias=_env("AVATARQ_MAX_RETRIES"))
     retry_base_s: float = Field(2.0, gt=0, validation_alias=_env("AVATARQ_RETRY_BASE"))
     retry_cap_s: float = Field(60.0, gt=0, validation_alias=_env("AVATARQ_RETRY_CAP"))
-    warm_idle_s: float = Field(10.0, ge=0, validation_alias=_env("AVATARQ_WARM_IDLE"))
+    #: On SIGTERM, seconds playing jobs may finish before they are handed back.
     shutdown_grace_s: float = Field(30.0, ge=0, validation_alias=_env("AVATARQ_SHUTDOWN_GRACE"))
-    visibility_timeout_s: float | None = Field(
-        None, gt=0, validation_alias=_env("AVATARQ_VISIBILITY_TIMEOUT")
-    )
+    #: Let the LiveKit SDK forward its native logs into Python (costly; tasks/lklogs.py).
+    livekit_log_capture: bool = Field(False, validation_alias=_env("AVATARQ_LIVEKIT_LOG_CAPTURE"))
+    #: Benchmarks (avatarq bench): results carry every audio chunk's schedule error.
+    pacing_trace: bool = Field(False, validation_alias=_env("AVATARQ_PACING_TRACE"))
+
+    # --- Reporting and operations --------------------------------------------------------------
+    #: Redis stream of every job's events, its cap, and how long a job's own stream lives (s).
     events_stream: str = Field("avatarq:events", validation_alias=_env("AVATARQ_EVENTS_STREAM"))
     events_maxlen: int = Field(100_000, validation_alias=_env("AVATARQ_EVENTS_MAXLEN"))
     events_ttl_s: int = Field(7 * 24 * 3600, gt=0, validation_alias=_env("AVATARQ_EVENTS_TTL"))
-    worker_concurrency: int = Field(16, validation_alias=_env("AVATARQ_WORKER_CONCURRENCY"))
+    #: Signs webhooks; empty: unsigned.
     webhook_secret: SecretStr = Field(
         SecretStr(""), validation_alias=_env("AVATARQ_WEBHOOK_SECRET")
     )
+    #: The webhooks' SSRF guard, like the sources' (hosts allowlist, private addresses).
+    webhook_hosts: str = Field("", validation_alias=_env("AVATARQ_WEBHOOK_HOSTS"))
+    allow_private_webhooks: bool = Field(
+        False, validation_alias=_env("AVATARQ_ALLOW_PRIVATE_WEBHOOKS")
+    )
+    #: Prometheus /metrics port of each worker process (0 disables).
+    metrics_port: int = Field(9808, ge=0, le=65535, validation_alias=_env("AVATARQ_METRICS_PORT"))
+    #: "auto": JSON lines unless the log stream is a terminal.
+    log_format: Literal["auto", "json", "text"] = Field(
+        "auto", validation_alias=_env("AVATARQ_LOG_FORMAT")
+    )
 
-    # schedules and the HTTP API (producer side)
+    # --- Producers: schedules and the HTTP API ---------------------------------------------------
+    #: The schedule file `celery -A producers.beat beat` runs.
     schedule_file: str | None = Field(None, validation_alias=_env("AVATARQ_SCHEDULE_FILE"))
+    #: Comma-separated `tenant:key` entries of the HTTP API.
     api_keys: SecretStr = Field(SecretStr(""), validation_alias=_env("AVATARQ_API_KEYS"))
     api_max_body_bytes: int = Field(
         64 * 1024, gt=0, validation_alias=_env("AVATARQ_API_MAX_BODY_BYTES")
     )
-    # Operations: Prometheus /metrics port of each worker process (0 disables), and the log
-    # format ("auto": JSON lines unless the log stream is a terminal).
-    metrics_port: int = Field(9808, ge=0, le=65535, validation_alias=_env("AVATARQ_METRICS_PORT"))
-    log_format: Literal["auto", "json", "text"] = Field(
-        "auto", validation_alias=_env("AVATARQ_LOG_FORMAT")
-    )
-    # Benchmarks (avatarq bench): results carry every audio chunk's schedule error.
-    pacing_trace: bool = Field(False, validation_alias=_env("AVATARQ_PACING_TRACE"))
-    # Workers: let the LiveKit SDK forward its native logs into Python (costly; tasks/lklogs.py).
-    livekit_log_capture: bool = Field(False, validation_alias=_env("AVATARQ_LIVEKIT_LOG_CAPTURE"))
 
-    # TTS pre-generation (producer side: rendered once, stored, then enqueued as plain audio)
+    # --- TTS pre-generation (producer side: rendered once, stored, enqueued as plain audio) ---
     tts_max_chars: int = Field(5000, gt=0, validation_alias=_env("AVATARQ_TTS_MAX_CHARS"))
+    #: Store rendered speech in S3 (`s3://bucket/prefix<sha256>.ext`), else in `tts_cache_dir`.
     tts_bucket: str | None = Field(None, validation_alias=_env("AVATARQ_TTS_BUCKET"))
     tts_prefix: str = Field("tts/", validation_alias=_env("AVATARQ_TTS_PREFIX"))
     tts_cache_dir: Path = Field(
         Path("~/.cache/avatarq/tts"), validation_alias=_env("AVATARQ_TTS_CACHE_DIR")
     )
+    #: Seconds per engine call, and calls per render (5xx, 429, timeouts).
     tts_timeout_s: float = Field(60.0, gt=0, validation_alias=_env("AVATARQ_TTS_TIMEOUT"))
     tts_attempts: int = Field(3, ge=1, validation_alias=_env("AVATARQ_TTS_ATTEMPTS"))
     espeak_binary: str = Field("espeak-ng", validation_alias=_env("AVATARQ_ESPEAK"))
@@ -159,12 +209,29 @@ class Settings(BaseSettings):
         "eleven_multilingual_v2", validation_alias=_env("AVATARQ_ELEVENLABS_MODEL")
     )
 
-    # --- SSRF guard for webhooks (issue 10, item 4): like the source settings above ---
-    webhook_hosts: str = Field("", validation_alias=_env("AVATARQ_WEBHOOK_HOSTS"))
-    allow_private_webhooks: bool = Field(
-        False, validation_alias=_env("AVATARQ_ALLOW_PRIVATE_WEBHOOKS")
-    )
-    # --- end SSRF guard for webhooks ---
+    @model_validator(mode="after")
+    def _relations(self) -> Settings:
+        """Settings that are each valid but contradict one another fail at start, by name."""
+        if self.visibility_timeout_s is not None and (
+            self.visibility_timeout_s <= self.max_job_duration_s
+        ):
+            raise ValueError(
+                f"AVATARQ_VISIBILITY_TIMEOUT ({self.visibility_timeout_s:g}s) must exceed "
+                f"AVATARQ_MAX_JOB_DURATION ({self.max_job_duration_s:g}s): a broker would hand a "
+                "playing job to a second worker"
+            )
+        if self.retry_base_s > self.retry_cap_s:
+            raise ValueError(
+                f"AVATARQ_RETRY_BASE ({self.retry_base_s:g}s) is above AVATARQ_RETRY_CAP "
+                f"({self.retry_cap_s:g}s)"
+            )
+        bad = [name for name in self.avatar_servers if not _SERVER_NAME.match(name)]
+        if bad:
+            raise ValueError(
+                f"AVATARQ_AVATAR_SERVERS: {', '.join(map(repr, bad))} cannot be named by a job "
+                "(letters, digits and _.:@=- only)"
+            )
+        return self
 
     @property
     def redelivery_after_s(self) -> float:

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from fnmatch import fnmatch
 from urllib.parse import urlsplit
 
-from avatarq.errors import InvalidJob
+from avatarq.errors import InvalidJob, Reason
 from avatarq.settings import Settings
 
-REASON = "source_not_allowed"
-WEBHOOK_REASON = "webhook_not_allowed"
+REASON = Reason.SOURCE_NOT_ALLOWED
+WEBHOOK_REASON = Reason.WEBHOOK_NOT_ALLOWED
 
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 

@@ -36,7 +36,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from avatarq.errors import InvalidJob
 from avatarq.events import (
-    Event,
+    TERMINAL_EVENTS,
     Status,
     job_enqueued_key,
     job_events_key,
@@ -52,7 +52,6 @@ from producers.jobs import JOB_ID_PATTERN, Job, parse_job
 log = logging.getLogger("avatarq.api")
 
 #: Events after which a job's stream has nothing more to say.
-TERMINAL_EVENTS = frozenset({Event.COMPLETED, Event.FAILED, Event.CANCELLED, Event.UNCONFIRMED})
 #: An SSE comment is sent this often while no event comes, so proxies keep the connection.
 HEARTBEAT_S = 10.0
 #: The events stream's Redis socket timeout: longer than a blocking XREAD of HEARTBEAT_S

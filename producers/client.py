@@ -22,6 +22,7 @@ from avatarq.events import (
     RECORD_TTL_S,
     TERMINAL,
     Status,
+    avatar_quota_key,
     job_cancel_key,
     job_enqueued_key,
     job_lease_key,
@@ -154,6 +155,26 @@ def get_status(job_id: str, *, settings: Settings | None = None) -> dict[str, An
     if r.exists(job_cancel_key(job_id)):
         status["cancel_requested"] = True
     return status
+
+
+def avatar_capacity(settings: Settings | None = None) -> list[dict[str, Any]]:
+    """Per configured avatar server: sessions held across the fleet, the effective quota
+    (shrunk for a while after a 429) and the jobs waiting for a session (tasks/quota.py)."""
+    s = settings or get_settings()
+    r = redis_client(s.redis_url)
+    now_ms = int(time.time() * 1000)
+    rows = []
+    for name, server in sorted(s.configured_avatar_servers().items()):
+        cap = r.get(avatar_quota_key(name, "cap"))
+        rows.append(
+            {
+                "server": name,
+                "sessions": int(r.zcount(avatar_quota_key(name, "sessions"), now_ms, "+inf")),
+                "quota": min(server.max_sessions, int(cap)) if cap else server.max_sessions,
+                "waiting": int(r.zcard(avatar_quota_key(name, "waiting"))),
+            }
+        )
+    return rows
 
 
 def is_terminal(status: Mapping[str, Any]) -> bool:

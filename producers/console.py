@@ -28,9 +28,15 @@ from fastapi.responses import FileResponse, PlainTextResponse, RedirectResponse,
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
-from avatarq.events import Event, Status, job_enqueued_key, job_lease_key, room_order_key
+from avatarq.events import (
+    TERMINAL_EVENTS,
+    Status,
+    job_enqueued_key,
+    job_lease_key,
+    room_order_key,
+)
 from avatarq.settings import Settings
-from producers.client import get_status, redis_client
+from producers.client import avatar_capacity, get_status, redis_client
 from producers.deadletter import list_dead, retry_dead
 from producers.jobs import NAME_PATTERN
 
@@ -57,7 +63,6 @@ ENDED_FIELDS = (
     "cancelled_while",
     "audio_duration",
 )
-TERMINAL_EVENTS = {Event.COMPLETED.value, Event.FAILED.value, Event.CANCELLED.value}
 
 
 class WatchRequest(BaseModel):
@@ -169,7 +174,8 @@ def viewer_token(settings: Settings, room: str) -> ViewerToken:
         },
     }
     token = _hs256_jwt(claims, settings.livekit_api_secret.get_secret_value())
-    return ViewerToken(url=settings.livekit_url, token=token, room=room, identity=identity)
+    url = settings.livekit_public_url or settings.livekit_url
+    return ViewerToken(url=url, token=token, room=room, identity=identity)
 
 
 def _hs256_jwt(claims: dict[str, Any], secret: str) -> str:
@@ -222,11 +228,13 @@ def mount_console(app: FastAPI, tenant: Callable[..., TenantScope], settings: Se
     @data.get("/overview")
     def overview(scope: TenantScope = scoped) -> dict[str, Any]:
         """The tenant's rooms with their unfinished jobs in play order (status and progress
-        each), its latest ended jobs with their reasons, and its dead-lettered jobs."""
+        each), its latest ended jobs with their reasons, its dead-lettered jobs, and the
+        session quota of each avatar server (sessions, quota, waiting jobs)."""
         return {
             "rooms": rooms(settings, scope),
             "recent": recent_ended(settings, scope),
             "dead": dead_letters(settings, scope),
+            "avatar_servers": avatar_capacity(settings),
         }
 
     @data.post("/dead/{job_id}/retry")

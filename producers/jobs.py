@@ -25,12 +25,10 @@ from pydantic import (
 )
 
 from avatarq.errors import InvalidJob
-from avatarq.settings import get_settings
+from avatarq.settings import NAME_PATTERN, get_settings
 
 #: Source URL schemes the worker can open.
 SOURCE_SCHEMES = ("file", "http", "https", "s3")
-#: Room names and avatar ids: what LiveKit accepts in identities and room names, conservatively.
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:@=-]{0,127}$"
 JOB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
 MAX_METADATA_BYTES = 16 * 1024
 #: TTS engines a `tts` source may name (implemented in producers/tts/).

@@ -26,7 +26,7 @@ from types import TracebackType
 import ffmpeg
 import imageio_ffmpeg
 
-from avatarq.errors import DecodeError, JobError, SourceNotFound, SourceUnavailable
+from avatarq.errors import DecodeError, JobError, Reason, SourceNotFound, SourceUnavailable
 from avatarq.settings import Settings, get_settings
 from avatarq.sourcepolicy import source_policy
 from tasks.relay import RELAY_PROTOCOLS, SourceRelay
@@ -143,12 +143,12 @@ def _classify(stderr: str, returncode: int | None, resolved: ResolvedSource) -> 
         return DecodeError(
             f"not an audio file: {description} is in a format that is not allowed (audio "
             f"containers only; playlists and other indirections are refused)",
-            reason="format_not_allowed",
+            reason=Reason.FORMAT_NOT_ALLOWED,
         )
     if "not on whitelist" in low:
         return DecodeError(
             f"{description} tries to open a disallowed protocol: {last}",
-            reason="protocol_not_allowed",
+            reason=Reason.PROTOCOL_NOT_ALLOWED,
         )
     if network and any(s in low for s in ("404 not found", "410 gone", "403 forbidden")):
         return SourceNotFound(f"audio source not found at {description}: {last}")
@@ -156,11 +156,11 @@ def _classify(stderr: str, returncode: int | None, resolved: ResolvedSource) -> 
         return SourceUnavailable(f"audio source unavailable ({description}): {last}")
     if "matches no streams" in low or "does not contain any stream" in low:
         return DecodeError(
-            f"not an audio file (no audio stream): {description}", reason="no_audio_stream"
+            f"not an audio file (no audio stream): {description}", reason=Reason.NO_AUDIO_STREAM
         )
     if any(s in low for s in _CORRUPT_SIGNS):
         return DecodeError(
-            f"not an audio file or corrupt data: {description}: {last}", reason="invalid_audio"
+            f"not an audio file or corrupt data: {description}: {last}", reason=Reason.INVALID_AUDIO
         )
     if "no such file" in low:
         return SourceNotFound(f"audio file not found: {description}")
@@ -260,7 +260,9 @@ class PcmDecoder:
         except OSError as exc:
             await self._exits.aclose()
             # A missing/broken ffmpeg is the worker's fault: another worker may do better.
-            raise SourceUnavailable(f"cannot start ffmpeg: {exc}", reason="ffmpeg_missing") from exc
+            raise SourceUnavailable(
+                f"cannot start ffmpeg: {exc}", reason=Reason.FFMPEG_MISSING
+            ) from exc
         except BaseException:
             await self._exits.aclose()
             raise
@@ -328,7 +330,7 @@ class PcmDecoder:
                 raise DecodeError(
                     f"audio is longer than the {self.max_seconds:g}s maximum: "
                     f"{self.resolved.description} was still playing at {self.max_seconds:g}s",
-                    reason="too_long",
+                    reason=Reason.TOO_LONG,
                 )
             self.bytes_read += len(chunk)
             yield chunk
@@ -356,13 +358,13 @@ class PcmDecoder:
             raise DecodeError(
                 f"no audio decoded from {self.resolved.description}"
                 + (f": {detail.splitlines()[-1]}" if detail else ""),
-                reason="no_audio",
+                reason=Reason.NO_AUDIO,
             )
         if self.truncated:
             raise DecodeError(
                 f"truncated audio: {self.resolved.description} declares "
                 f"{self.expected_seconds:.2f}s but decodes to {self.decoded_seconds:.2f}s",
-                reason="truncated_audio",
+                reason=Reason.TRUNCATED_AUDIO,
             )
 
 

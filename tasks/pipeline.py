@@ -23,10 +23,12 @@ from avatarq.errors import (
     DecodeError,
     InvalidJob,
     PermanentJobError,
+    Reason,
     RoomError,
     TransientJobError,
 )
 from avatarq.events import Event, Status, job_waiting_key
+from avatarq.results import Played, Timestamps
 from avatarq.settings import DEFAULT_AVATAR_SERVER, AvatarServer, Settings
 from producers.jobs import Job
 from tasks import metrics, tokens
@@ -65,8 +67,8 @@ PLAYBACK_SHORTFALL_S = 0.5
 
 
 @dataclass
-class Timestamps:
-    """Wall-clock (epoch seconds) milestones of a job, for results and overhead figures."""
+class Milestones:
+    """Wall-clock (epoch seconds) milestones of a job as it goes (results.Timestamps)."""
 
     picked: float = field(default_factory=time.time)
     room_joined: float | None = None
@@ -88,7 +90,7 @@ def avatar_server_for(job: Job, settings: Settings) -> AvatarServer:
     try:
         return settings.avatar_server(job.avatar_server)
     except KeyError as e:
-        raise InvalidJob(str(e.args[0]), reason="unknown_avatar_server") from None
+        raise InvalidJob(str(e.args[0]), reason=Reason.UNKNOWN_AVATAR_SERVER) from None
 
 
 _quotas: dict[str, AvatarQuota] = {}
@@ -130,7 +132,7 @@ async def play(
 ) -> dict[str, Any]:
     """Play `job` once, start to finish. Raises JobError on failure and `Interrupted` when
     `control` asked it to stop (cancel, hand-back)."""
-    ts = Timestamps()
+    ts = Milestones()
     await reporter.emit(Event.STARTED, room=job.room, avatar_id=job.avatar_id, attempt=attempt)
 
     if not isinstance(job.source, str):
@@ -142,7 +144,7 @@ async def play(
     limit = job.max_duration or settings.max_job_duration_s
     if duration is not None and duration > limit:
         raise DecodeError(
-            f"audio is {duration:.1f}s long, over the {limit:g}s maximum", reason="too_long"
+            f"audio is {duration:.1f}s long, over the {limit:g}s maximum", reason=Reason.TOO_LONG
         )
 
     lead = settings.default_lead_s if job.lead is None else job.lead
@@ -162,10 +164,9 @@ async def play(
         )
         async with decoder:
             chunks = decoder.chunks(chunk_bytes)
-            # Decode the first chunk before joining anything: a bad file fails here, cheaply.
-            first = await anext(chunks, b"")
-            if not first:
-                raise DecodeError("the audio decodes to zero samples", reason="empty_audio")
+            # Decode the first chunk before joining anything: a bad file fails here, cheaply
+            # (audio that decodes to nothing ends the decoder with DecodeError `no_audio`).
+            first = await anext(chunks)
 
             key = link_key(job, settings)
             pool = warm_pool(settings.redis_url)
@@ -243,30 +244,31 @@ async def play(
     # A listening avatar got every byte but never said it played them (livekit-agents has
     # known cases of a lost report): not a plain success, and not replayed either.
     confirmed = finished is not None
-    result: dict[str, Any] = {
-        "job_id": job.job_id,
-        "status": Status.COMPLETED.value if confirmed else Status.UNCONFIRMED.value,
-        **({} if confirmed else {"reason": "playback_unconfirmed"}),
-        "room": job.room,
-        "avatar_id": job.avatar_id,
-        "audio_duration": duration if duration is not None else decoder.decoded_seconds,
-        "seconds_streamed": round(streamed, 6),
-        "playback_position": finished.playback_position if finished else None,
-        "interrupted": finished.interrupted if finished else None,
-        "playback_confirmed": confirmed,
-        "avatar_server": job.avatar_server or DEFAULT_AVATAR_SERVER,
-        "avatar_session_id": session.session_id if session else None,
-        "warm": warm,
-        "attempt": attempt,
-        "lead": lead,
-        "sample_rate": sample_rate,
-        "metadata": job.metadata,
-        "timestamps": asdict(ts),
-    }
-    if pacer.record_errors:
+    played = Played(
+        job_id=job.job_id,
+        status=Status.COMPLETED.value if confirmed else Status.UNCONFIRMED.value,
+        reason=None if confirmed else Reason.PLAYBACK_UNCONFIRMED,
+        room=job.room,
+        avatar_id=job.avatar_id,
+        audio_duration=duration if duration is not None else decoder.decoded_seconds,
+        seconds_streamed=round(streamed, 6),
+        playback_position=finished.playback_position if finished else None,
+        interrupted=finished.interrupted if finished else None,
+        playback_confirmed=confirmed,
+        avatar_server=job.avatar_server or DEFAULT_AVATAR_SERVER,
+        avatar_session_id=session.session_id if session else None,
+        warm=warm,
+        attempt=attempt,
+        lead=lead,
+        sample_rate=sample_rate,
+        metadata=job.metadata,
+        timestamps=Timestamps(**asdict(ts)),
         # Benchmarks only (AVATARQ_PACING_TRACE): the sender's schedule error of every chunk.
-        result["pacing_errors_ms"] = [round(e * 1000, 2) for e in pacer.errors]
-    return result
+        pacing_errors_ms=[round(e * 1000, 2) for e in pacer.errors]
+        if pacer.record_errors
+        else None,
+    )
+    return played.as_record()
 
 
 def link_key(job: Job, settings: Settings) -> LinkKey:
@@ -284,7 +286,7 @@ async def start_link(
     settings: Settings,
     key: LinkKey,
     duration: float | None,
-    ts: Timestamps,
+    ts: Milestones,
     reporter: JobReporter,
     note_session: SessionNote,
 ) -> AvatarLink:
@@ -326,7 +328,7 @@ async def open_link(
     settings: Settings,
     key: LinkKey,
     duration: float | None,
-    ts: Timestamps,
+    ts: Milestones,
     note_session: SessionNote,
 ) -> AvatarLink:
     """Join the room (with its keeper), start the avatar and wait until it listens to us;
@@ -359,6 +361,8 @@ async def open_link(
     link = AvatarLink(key, room, sender, avatar_client_for(job, settings), admin, keeper=keeper)
     # Fired only once the SDK gave up reconnecting: the room is lost for good.
     room.on("disconnected", lambda *_: link.lost(StopReason.ROOM_LOST))
+    # An earlier session of this avatar still leaving the room is not ours.
+    stale = rooms.session_of(room, job.avatar_identity)
     try:
         link.session = await link.avatar.start(
             livekit_url=settings.livekit_url,
@@ -372,7 +376,7 @@ async def open_link(
         if not link.session.acknowledged:
             # The start answer was lost: a cold start may take the whole answer timeout.
             join_timeout += START_ANSWER_TIMEOUT_S
-        await rooms.wait_for_avatar(room, identity, timeout=join_timeout)
+        await rooms.wait_for_avatar(room, identity, timeout=join_timeout, not_sid=stale)
         await rooms.wait_until_listening(room, identity, timeout=settings.avatar_join_timeout_s)
     except BaseException:
         await link.close()
@@ -396,7 +400,8 @@ async def _interrupt(
         raise RoomError(f"lost the LiveKit room after {streamed:.1f}s{total} streamed")
     if reason is StopReason.AVATAR_LEFT:
         raise AvatarTimeout(
-            f"the avatar left the room after {streamed:.1f}s{total} streamed", reason="avatar_left"
+            f"the avatar left the room after {streamed:.1f}s{total} streamed",
+            reason=Reason.AVATAR_LEFT,
         )
     # The sender cleared the avatar's buffer before closing the stream.
     finished = await sender.wait_playback_finished(INTERRUPT_REPORT_TIMEOUT_S)
@@ -417,8 +422,8 @@ def _check_complete(position: float, streamed: float, *, attempt: int) -> None:
         return
     message = f"the avatar played {position:.1f}s of the {streamed:.1f}s sent"
     if attempt <= 1:
-        raise TransientJobError(message, reason="incomplete_playback")
+        raise TransientJobError(message, reason=Reason.INCOMPLETE_PLAYBACK)
     raise PermanentJobError(
         f"{message}, again after a replay: not replayed a second time",
-        reason="incomplete_playback",
+        reason=Reason.INCOMPLETE_PLAYBACK,
     )

@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import redis.asyncio as aioredis
 from celery import Task
@@ -21,8 +21,9 @@ from celery.signals import task_received, worker_ready
 from redis.exceptions import RedisError
 
 from avatarq.celeryconfig import RENDER_QUEUE, RENDER_TASK
-from avatarq.errors import InvalidJob, JobError, TransientJobError
+from avatarq.errors import InvalidJob, JobError, Reason, TransientJobError
 from avatarq.events import DEAD_LETTER_KEY, Event, Status, job_enqueued_key
+from avatarq.results import Cancelled, Failed
 from avatarq.settings import Settings, get_settings
 from producers.jobs import Job, parse_job
 from tasks import pipeline
@@ -231,11 +232,12 @@ async def _claim_and_play(
             while_="playing",
             position=e.playback_position,
             streamed=e.seconds_streamed,
+            stopped_at=e.stopped_at,
         )
-        result["stopped_at"] = e.stopped_at
     except TimeoutError:
         error = TransientJobError(
-            "job overran its time limit (audio length plus start-up budget)", reason="job_timeout"
+            "job overran its time limit (audio length plus start-up budget)",
+            reason=Reason.JOB_TIMEOUT,
         )
         return await _failed(job, settings, ledger, reporter, token, error, attempt)
     except JobError as e:
@@ -243,7 +245,7 @@ async def _claim_and_play(
     except Exception as e:
         # Unclassified: keep the trace in the log, retry like any fault we cannot rule out.
         log.exception("job %s: unexpected error", job.job_id)
-        error = TransientJobError(f"{type(e).__name__}: {e}", reason="internal_error")
+        error = TransientJobError(f"{type(e).__name__}: {e}", reason=Reason.INTERNAL_ERROR)
         return await _failed(job, settings, ledger, reporter, token, error, attempt)
     finally:
         watcher.cancel()
@@ -327,30 +329,30 @@ async def _end(
 
 
 def _failure(job_id: str, job: Job | None, error: JobError, *, attempt: int) -> dict[str, Any]:
-    result: dict[str, Any] = {
-        "job_id": job_id,
-        "status": Status.FAILED.value,
-        "reason": error.reason,
-        "error": error.message,
-        "attempt": attempt,
-    }
-    if job is not None:
-        result.update(room=job.room, avatar_id=job.avatar_id, metadata=job.metadata)
-    return result
+    where = {"room": job.room, "avatar_id": job.avatar_id, "metadata": job.metadata} if job else {}
+    failed = Failed(
+        job_id=job_id, attempt=attempt, reason=error.reason, error=error.message, **where
+    )
+    return failed.as_record()
 
 
 def _cancelled(
-    job: Job, *, attempt: int, while_: str, position: float | None, streamed: float
+    job: Job,
+    *,
+    attempt: int,
+    while_: Literal["queued", "playing"],
+    position: float | None,
+    streamed: float,
+    stopped_at: float | None = None,
 ) -> dict[str, Any]:
-    return {
-        "job_id": job.job_id,
-        "status": Status.CANCELLED.value,
-        "reason": "cancelled",
-        "cancelled_while": while_,
-        "room": job.room,
-        "avatar_id": job.avatar_id,
-        "seconds_streamed": round(streamed, 6),
-        "playback_position": position,
-        "attempt": attempt,
-        "metadata": job.metadata,
-    }
+    return Cancelled(
+        job_id=job.job_id,
+        attempt=attempt,
+        room=job.room,
+        avatar_id=job.avatar_id,
+        metadata=job.metadata,
+        cancelled_while=while_,
+        seconds_streamed=round(streamed, 6),
+        playback_position=position,
+        stopped_at=stopped_at,
+    ).as_record()

@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 from redis.typing import EncodableT, FieldT
 
 from avatarq.errors import InvalidJob
-from avatarq.events import Event, Status, job_events_key
+from avatarq.events import TERMINAL_EVENT, Event, Status, job_events_key
 from avatarq.settings import Settings
 from avatarq.sourcepolicy import webhook_policy
 from tasks import metrics
@@ -37,12 +37,6 @@ WEBHOOK_ATTEMPTS = 4
 WEBHOOK_SIGNATURE_HEADER = "X-Avatarq-Signature"
 WEBHOOK_TIMESTAMP_HEADER = "X-Avatarq-Timestamp"
 
-TERMINAL_EVENTS = {
-    Status.COMPLETED: Event.COMPLETED,
-    Status.FAILED: Event.FAILED,
-    Status.CANCELLED: Event.CANCELLED,
-    Status.UNCONFIRMED: Event.UNCONFIRMED,
-}
 
 StateUpdater = Callable[[dict[str, Any]], None]
 
@@ -123,7 +117,7 @@ class JobReporter:
     async def announce(self, result: dict[str, Any], webhook_url: str | None) -> None:
         """Announce the terminal state (already recorded by the ledger); deliver the webhook."""
         body = json.dumps(result, default=str)
-        await self.emit(TERMINAL_EVENTS[Status(result["status"])], **result)
+        await self.emit(TERMINAL_EVENT[Status(result["status"])], **result)
         if webhook_url:
             await self._deliver_webhook(webhook_url, body.encode())
 

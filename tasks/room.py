@@ -25,7 +25,7 @@ from typing import TypeVar
 
 from livekit import api, rtc
 
-from avatarq.errors import AvatarTimeout, LiveKitRejected, RoomError
+from avatarq.errors import AvatarTimeout, LiveKitRejected, Reason, RoomError
 
 log = logging.getLogger("avatarq.room")
 
@@ -47,7 +47,8 @@ async def connect(url: str, token: str, *, timeout: float = CONNECT_TIMEOUT_S) -
         await asyncio.wait_for(room.connect(url, token, options), timeout)
     except (TimeoutError, rtc.ConnectError) as e:
         await room.disconnect()
-        text = str(e) or "timed out"
+        # The server's answer may echo the token: never let it into results or logs.
+        text = (str(e) or "timed out").replace(token, "***")
         if _unauthorized(text):
             raise LiveKitRejected(
                 f"the LiveKit server at {url} refused our token ({text}): check "
@@ -70,8 +71,18 @@ def _has_video(participant: rtc.RemoteParticipant) -> bool:
     return any(p.kind == rtc.TrackKind.KIND_VIDEO for p in participant.track_publications.values())
 
 
-async def wait_for_avatar(room: rtc.Room, identity: str, *, timeout: float) -> None:
+def session_of(room: rtc.Room, identity: str) -> str | None:
+    """The session id (sid) under which `identity` is in the room now, if it is."""
+    present = room.remote_participants.get(identity)
+    return present.sid if present is not None else None
+
+
+async def wait_for_avatar(
+    room: rtc.Room, identity: str, *, timeout: float, not_sid: str | None = None
+) -> None:
     """Until participant `identity` is in the room and publishes video (it is rendering).
+    `not_sid`: a session of that identity that was there before ours was asked for (one that
+    is still leaving) does not count.
 
     Subscribes to its audio meanwhile, which is what releases an AvatarRunner's video; once
     the video is there the audio is let go again (the worker never plays it)."""
@@ -79,7 +90,7 @@ async def wait_for_avatar(room: rtc.Room, identity: str, *, timeout: float) -> N
 
     def check(*_: object) -> None:
         p = room.remote_participants.get(identity)
-        if p is None:
+        if p is None or (not_sid is not None and p.sid == not_sid):
             return
         if _has_video(p):
             ready.set()
@@ -134,22 +145,26 @@ async def wait_until_listening(room: rtc.Room, identity: str, *, timeout: float)
             raise AvatarTimeout(
                 f"avatar {identity!r} is in the room but its receiver listens to another "
                 "participant (an agent that joined before this worker)",
-                reason="avatar_not_listening",
+                reason=Reason.AVATAR_NOT_LISTENING,
             )
         if loop.time() + PROBE_INTERVAL_S >= deadline:
             raise AvatarTimeout(
                 f"avatar {identity!r} is in the room but not listening to this worker "
                 f"within {timeout:g}s: {last}",
-                reason="avatar_not_listening",
+                reason=Reason.AVATAR_NOT_LISTENING,
             )
         await asyncio.sleep(PROBE_INTERVAL_S)
 
 
 def on_leave(room: rtc.Room, identity: str, callback: Callable[[T], None], arg: T) -> None:
-    """Call `callback(arg)` when participant `identity` leaves the room."""
+    """Call `callback(arg)` when participant `identity`, as it is in the room now, leaves.
+
+    Matched by session id too: an earlier session under the same identity (a handed-back
+    job's avatar, knocked out by ours) may be reported gone only after ours is in."""
+    sid = session_of(room, identity)
 
     def check(participant: rtc.RemoteParticipant) -> None:
-        if participant.identity == identity:
+        if participant.identity == identity and sid in (None, participant.sid):
             callback(arg)
 
     room.on("participant_disconnected", check)

@@ -25,7 +25,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
-from avatarq.errors import InvalidJob, SourceNotFound, SourceUnavailable
+from avatarq.errors import InvalidJob, Reason, SourceNotFound, SourceUnavailable
 from avatarq.settings import Settings
 from avatarq.sourcepolicy import check_source_url, safe_url
 from tasks.relay import RELAY_PROTOCOLS
@@ -84,7 +84,7 @@ def resolve(source: str, settings: Settings) -> ResolvedSource:
     """
     source = source.strip()
     if not source:
-        raise InvalidJob("empty audio source", reason="invalid_source")
+        raise InvalidJob("empty audio source", reason=Reason.INVALID_SOURCE)
     parts = urlsplit(source)
     scheme = parts.scheme.lower()
     # A one-letter "scheme" is a Windows drive (C:\...), not a URL.
@@ -96,7 +96,7 @@ def resolve(source: str, settings: Settings) -> ResolvedSource:
         return _resolve_file(unquote(parts.path))
     if scheme in ("http", "https"):
         if not parts.hostname:
-            raise InvalidJob("http(s) source without a host", reason="invalid_source")
+            raise InvalidJob("http(s) source without a host", reason=Reason.INVALID_SOURCE)
         check_source_url(source, settings, resolve=True)  # fail fast; the relay checks again
         return ResolvedSource(
             url_or_path=source, protocols=RELAY_PROTOCOLS, description=safe_url(source), kind="http"
@@ -106,10 +106,12 @@ def resolve(source: str, settings: Settings) -> ResolvedSource:
         if not bucket or not key:
             raise InvalidJob(
                 f"S3 source needs s3://bucket/key, got bucket={bucket!r} key={key!r}",
-                reason="invalid_source",
+                reason=Reason.INVALID_SOURCE,
             )
         return _resolve_s3(bucket, key, settings)
-    raise InvalidJob(f"unsupported audio source scheme: {scheme}://", reason="unsupported_scheme")
+    raise InvalidJob(
+        f"unsupported audio source scheme: {scheme}://", reason=Reason.UNSUPPORTED_SCHEME
+    )
 
 
 async def aresolve(source: str, settings: Settings) -> ResolvedSource:

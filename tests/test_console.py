@@ -52,6 +52,8 @@ def base(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[s
         "REDIS_URL": redis_url,
         "AVATARQ_API_KEYS": API_KEYS,
         "LIVEKIT_API_SECRET": LIVEKIT_SECRET,
+        # Browsers reach LiveKit elsewhere than workers do (viewer tokens carry this URL).
+        "LIVEKIT_PUBLIC_URL": "wss://livekit.public.example",
     }
     proc = ManagedProcess(
         "api",
@@ -152,6 +154,7 @@ def test_viewer_token_may_only_subscribe_to_its_room(base: str) -> None:
     body = res.json()
     assert LIVEKIT_SECRET not in res.text
     assert body["room"] == "lobby" and body["identity"].startswith("console-")
+    assert body["url"] == "wss://livekit.public.example"
     claims = lkapi.TokenVerifier("devkey", LIVEKIT_SECRET).verify(body["token"])
     grants = claims.video
     assert grants is not None and claims.identity == body["identity"]
@@ -195,3 +198,20 @@ def test_api_serves_with_the_console_disabled_without_a_build(
     # Everything else still works.
     other = requests.get(f"{served_without_build}/jobs/x", headers=AUTH, timeout=10)
     assert other.status_code == 404
+
+
+def test_overview_shows_each_avatar_servers_session_quota(base: str, settings: Settings) -> None:
+    """What tasks/quota.py keeps in Redis: two live sessions, one expired, one waiting job."""
+    from avatarq.events import avatar_quota_key
+
+    r = redis.Redis.from_url(settings.redis_url)
+    now_ms = int(time.time() * 1000)
+    sessions = avatar_quota_key("default", "sessions")
+    r.zadd(sessions, {"live-1": now_ms + 60_000, "live-2": now_ms + 60_000, "dead": now_ms - 1})
+    r.zadd(avatar_quota_key("default", "waiting"), {"acme:waits": now_ms})
+    try:
+        data = requests.get(f"{base}/console/api/overview", headers=AUTH, timeout=10).json()
+        (row,) = [c for c in data["avatar_servers"] if c["server"] == "default"]
+        assert row == {"server": "default", "sessions": 2, "quota": 10, "waiting": 1}
+    finally:
+        r.delete(sessions, avatar_quota_key("default", "waiting"))

@@ -25,7 +25,6 @@ from avatarq.dev import livekit_official
 from avatarq.dev.avatar_emulator.behaviour import Faults
 from avatarq.dev.stack import DEV_API_KEY, LocalStack, local_stack
 from avatarq.events import job_events_key
-from avatarq.settings import get_settings
 from tests import audio
 from tests.netns import NETNS
 
@@ -49,15 +48,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     ) as s:
         assert s.server == "official"
         s.start_worker("fid", concurrency=4)
-        saved = dict(os.environ)
-        os.environ.update(s.env())
-        get_settings.cache_clear()
-        try:
+        with s.current():
             yield s
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
-            get_settings.cache_clear()
 
 
 @pytest.fixture
@@ -318,3 +310,20 @@ def test_avatar_bound_to_another_agent_never_swallows_the_job(
         assert "listens to another participant" in result["error"]
         assert all(s["bound_sender_identity"] == "voice-agent" for s in played)
     assert len(played) == result["attempt"]
+
+
+def test_wrong_livekit_secret_is_a_clear_permanent_error(stack: LocalStack) -> None:
+    """A 401 from the server is a settings problem: failing at once beats retrying."""
+    from avatarq.errors import LiveKitRejected
+    from tasks import room as rooms
+
+    bad = (
+        api.AccessToken(DEV_API_KEY, "not-the-secret-at-all-0123456789abcdef")
+        .with_identity("w")
+        .with_grants(api.VideoGrants(room_join=True, room=new_room()))
+        .to_jwt()
+    )
+    with pytest.raises(LiveKitRejected, match="LIVEKIT_API_SECRET") as info:
+        asyncio.run(rooms.connect(stack.livekit_url, bad))
+    assert info.value.permanent and info.value.reason == "livekit_rejected"
+    assert bad not in str(info.value)

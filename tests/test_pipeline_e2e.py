@@ -4,7 +4,6 @@ avatar emulator, with real ffmpeg. Runs inside the private network namespace."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 import uuid
@@ -20,7 +19,8 @@ import requests
 from avatarq.dev.processes import free_port
 from avatarq.dev.stack import LocalStack, local_stack
 from avatarq.events import job_events_key
-from avatarq.settings import Settings, get_settings
+from avatarq.results import parse_result
+from avatarq.settings import Settings
 from tasks.decode import ffmpeg_binary
 from tests import audio
 from tests.netns import NETNS
@@ -47,15 +47,8 @@ FAST_FAULTS = {
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     with local_stack(tmp_path_factory.mktemp("stack")) as s:
         s.start_worker("e2e", concurrency=4, extra_env=FAST_FAULTS)
-        saved = dict(os.environ)
-        os.environ.update(s.env())
-        get_settings.cache_clear()
-        try:
+        with s.current():
             yield s
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
-            get_settings.cache_clear()
 
 
 @pytest.fixture
@@ -79,6 +72,7 @@ def run_job(stack: LocalStack, **job: Any) -> dict[str, Any]:
     while time.monotonic() < deadline:
         status = get_status(handle.job_id)
         if is_terminal(status):
+            parse_result(status)  # every recorded result is a typed JobResult
             return status
         time.sleep(0.1)
     worker_log = "\n".join(w.tail(60) for w in stack.workers)
@@ -162,7 +156,7 @@ def test_zero_length_audio_fails_permanently(stack: LocalStack, tmp_path: Path) 
         w.setframerate(16000)
     result = run_job(stack, source=str(empty))
     assert result["status"] == "failed" and result["attempt"] == 1, result
-    assert result["reason"] in ("no_audio", "empty_audio") and "audio" in result["error"]
+    assert result["reason"] == "no_audio" and "no audio decoded" in result["error"]
 
 
 def test_avatar_server_403_is_not_retried(stack: LocalStack, tmp_path: Path, faults: Any) -> None:

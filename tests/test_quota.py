@@ -4,7 +4,6 @@ fleet (several real worker processes, the emulator enforcing the limit with 429)
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import time
 import uuid
@@ -123,15 +122,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
         env = {"AVATARQ_AVATAR_MAX_SESSIONS": str(QUOTA)}
         for name in ("q1", "q2"):
             s.start_worker(name, concurrency=4, extra_env=env)
-        saved = dict(os.environ)
-        os.environ.update({**s.env(), **env})
-        get_settings.cache_clear()
-        try:
+        with s.current(env):
             yield s
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
-            get_settings.cache_clear()
 
 
 def emulator(stack: LocalStack, **faults: Any) -> dict[str, Any]:

@@ -57,8 +57,11 @@ def test_dead_workers_deliveries_are_published_again_and_its_avatar_stopped(
     published: list[tuple[str, dict[str, object]]] = []
     _AvatarStops.calls = []
     with serving(ThreadingHTTPServer(("127.0.0.1", 0), _AvatarStops)) as avatar_url:
+        # A database of its own: other tests leave workers (and their held deliveries) in
+        # the session's Redis, whose heartbeats expire; the sweep would rightly take them.
+        own_db = redis_server.rsplit("/", 1)[0] + "/7"
         settings = Settings(
-            REDIS_URL=redis_server,
+            REDIS_URL=own_db,
             AVALUMA_API_URL=avatar_url,
             AVALUMA_LICENSE_KEY="lic-1",
             LIVEKIT_URL=nowhere,

@@ -4,7 +4,6 @@ checks first. Reads Redis and asks workers over Celery's broadcast; never prints
 from __future__ import annotations
 
 import json
-import time
 from typing import Annotated, Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -14,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from avatarq.celeryconfig import RENDER_QUEUE
-from avatarq.events import Event, avatar_quota_key
+from avatarq.events import Event
 from avatarq.settings import Settings, get_settings
 
 MASK = "********"
@@ -118,28 +117,10 @@ def recent_failures(redis: Any, stream: str) -> list[dict[str, Any]]:
     return failures
 
 
-def avatar_quotas(redis: Any, settings: Settings) -> list[dict[str, Any]]:
-    """Per configured avatar server: sessions held across the fleet, the effective quota
-    (shrunk for a while after a 429) and the jobs waiting for a session."""
-    now_ms = int(time.time() * 1000)
-    rows = []
-    for name, server in sorted(settings.configured_avatar_servers().items()):
-        cap = redis.get(avatar_quota_key(name, "cap"))
-        rows.append(
-            {
-                "server": name,
-                "sessions": int(redis.zcount(avatar_quota_key(name, "sessions"), now_ms, "+inf")),
-                "quota": min(server.max_sessions, int(cap)) if cap else server.max_sessions,
-                "waiting": int(redis.zcard(avatar_quota_key(name, "waiting"))),
-            }
-        )
-    return rows
-
-
 def overview(settings: Settings) -> dict[str, Any]:
     import redis
 
-    from producers.client import celery_app
+    from producers.client import avatar_capacity, celery_app
 
     client = redis.Redis.from_url(settings.redis_url)
     try:
@@ -149,7 +130,7 @@ def overview(settings: Settings) -> dict[str, Any]:
             "queue_depth": queue_depth(client),
             "workers": workers,
             "jobs_in_flight": jobs,
-            "avatar_servers": avatar_quotas(client, settings),
+            "avatar_servers": avatar_capacity(settings),
             "recent_failures": recent_failures(client, settings.events_stream),
         }
     finally:

@@ -6,6 +6,7 @@ the benchmarks.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -71,6 +72,22 @@ class LocalStack:
             # Local development serves audio from this machine.
             "AVATARQ_ALLOW_PRIVATE_SOURCES": "true",
         }
+
+    @contextlib.contextmanager
+    def current(self, extra: dict[str, str] | None = None) -> Iterator[LocalStack]:
+        """Point this process's settings (producers, `get_settings()`) at the stack for the
+        block, with `extra` settings on top; restores the environment after."""
+        from avatarq.settings import get_settings
+
+        saved = dict(os.environ)
+        os.environ.update({**self.env(), **(extra or {})})
+        get_settings.cache_clear()
+        try:
+            yield self
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+            get_settings.cache_clear()
 
     def start_worker(
         self,

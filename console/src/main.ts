@@ -33,11 +33,19 @@ interface Dead {
   ts?: number;
   job?: { room?: string };
 }
+interface Capacity {
+  server: string;
+  sessions: number;
+  quota: number;
+  waiting: number;
+}
 interface Overview {
   /** `others`: jobs of other tenants in the room's order (they take turns too). */
   rooms: { room: string; jobs: JobStatus[]; others: number }[];
   recent: Ended[];
   dead: Dead[];
+  /** The fleet-wide session quota of each avatar server. */
+  avatar_servers: Capacity[];
 }
 
 const REFRESH_MS = 2000;
@@ -283,6 +291,21 @@ function renderDead(dead: Dead[]): void {
   $("dead").replaceChildren(head, ...lines);
 }
 
+function renderCapacity(servers: Capacity[]): void {
+  const head = headings("avatar server", "sessions", "quota", "waiting");
+  const lines = servers.map((c) =>
+    h(
+      "tr",
+      { "data-server": c.server },
+      h("td", {}, c.server),
+      h("td", { class: "sessions" }, String(c.sessions)),
+      h("td", { class: "quota" }, String(c.quota)),
+      h("td", { class: "waiting" }, String(c.waiting)),
+    ),
+  );
+  $("capacity").replaceChildren(head, ...lines);
+}
+
 async function refresh(): Promise<void> {
   await guarded(async () => {
     const data = await request<Overview>("GET", "/console/api/overview");
@@ -290,6 +313,7 @@ async function refresh(): Promise<void> {
     renderQueue(data);
     renderRecent(data.recent);
     renderDead(data.dead);
+    renderCapacity(data.avatar_servers);
     $("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
     timer ??= window.setInterval(() => void refresh(), REFRESH_MS);
   });

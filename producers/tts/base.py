@@ -5,19 +5,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from avatarq.errors import PermanentJobError, TransientJobError
+from avatarq.errors import PermanentJobError, Reason, TransientJobError
 
 
 class TtsRejected(PermanentJobError):
     """The engine refused the request (bad voice, auth, quota, 4xx): retrying cannot help."""
 
-    reason = "tts_rejected"
+    reason = Reason.TTS_REJECTED
 
 
 class TtsUnavailable(TransientJobError):
     """The engine could not answer (5xx, rate limit, timeout, connection): retried."""
 
-    reason = "tts_unavailable"
+    reason = Reason.TTS_UNAVAILABLE
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import boto3
 from botocore.exceptions import BotoCoreError, ClientError
 
-from avatarq.errors import PermanentJobError, TransientJobError
+from avatarq.errors import PermanentJobError, Reason, TransientJobError
 from avatarq.settings import Settings
 from producers.tts.base import Speech
 
@@ -98,10 +98,12 @@ class S3Store:
             code = str(e.response.get("Error", {}).get("Code", ""))
             cls = PermanentJobError if code in _S3_PERMANENT_CODES else TransientJobError
             raise cls(
-                f"tts storage {where}: {operation} failed: {code}", reason="tts_storage"
+                f"tts storage {where}: {operation} failed: {code}", reason=Reason.TTS_STORAGE
             ) from None
         except BotoCoreError as e:
-            raise TransientJobError(f"tts storage {where}: {e}", reason="tts_storage") from None
+            raise TransientJobError(
+                f"tts storage {where}: {e}", reason=Reason.TTS_STORAGE
+            ) from None
 
 
 def store_for(settings: Settings) -> AudioStore:

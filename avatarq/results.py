@@ -1,0 +1,99 @@
+"""A job's result, typed: what workers record as its terminal state and producers read back.
+
+`JobResult` is a union discriminated by `status`:
+
+    JobResult
+     ├── Played     status "completed" (the avatar confirmed it) or "unconfirmed"
+     ├── Failed     status "failed", with a `Reason` code and a sentence
+     └── Cancelled  status "cancelled", while queued or while playing
+
+Results travel as JSON (the ledger's record, Celery's result backend, webhooks, events):
+`as_record()` gives that dict, `parse_result()` reads one back. Optional fields that are
+empty are left out of the record (a failure before the job was readable has no room).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from avatarq.errors import Reason
+
+
+class _Result(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    job_id: str
+    attempt: int
+    room: str | None = None
+    avatar_id: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    #: Left out of the record when None.
+    _OPTIONAL: ClassVar[frozenset[str]] = frozenset(
+        {"room", "avatar_id", "reason", "pacing_errors_ms", "stopped_at"}
+    )
+
+    def as_record(self) -> dict[str, Any]:
+        """The JSON-safe dict that is stored and announced."""
+        record = self.model_dump(mode="json")
+        return {k: v for k, v in record.items() if not (v is None and k in self._OPTIONAL)}
+
+
+class Timestamps(BaseModel):
+    """Wall-clock (epoch seconds) milestones of a played job."""
+
+    picked: float
+    room_joined: float | None = None
+    avatar_ready: float | None = None
+    first_byte: float | None = None
+    last_byte: float | None = None
+    playback_finished: float | None = None
+
+
+class Played(_Result):
+    """Streamed to the avatar: `completed` once it reported playing it, else `unconfirmed`
+    (reason `playback_unconfirmed`), which is terminal too and never replayed."""
+
+    status: Literal["completed", "unconfirmed"]
+    reason: Reason | None = None
+    audio_duration: float
+    seconds_streamed: float
+    playback_position: float | None
+    interrupted: bool | None
+    playback_confirmed: bool
+    avatar_server: str
+    avatar_session_id: str | None
+    warm: bool
+    lead: float
+    sample_rate: int
+    timestamps: Timestamps
+    #: Benchmarks only (AVATARQ_PACING_TRACE): the schedule error of every chunk.
+    pacing_errors_ms: list[float] | None = None
+
+
+class Failed(_Result):
+    status: Literal["failed"] = "failed"
+    reason: str
+    error: str
+
+
+class Cancelled(_Result):
+    status: Literal["cancelled"] = "cancelled"
+    reason: Literal[Reason.CANCELLED] = Reason.CANCELLED
+    cancelled_while: Literal["queued", "playing"]
+    seconds_streamed: float
+    playback_position: float | None
+    #: When a playing job stopped (epoch seconds).
+    stopped_at: float | None = None
+
+
+JobResult = Annotated[Played | Failed | Cancelled, Field(discriminator="status")]
+_ADAPTER: TypeAdapter[Played | Failed | Cancelled] = TypeAdapter(JobResult)
+
+
+def parse_result(record: dict[str, Any]) -> Played | Failed | Cancelled:
+    """A stored result read back as its type; raises pydantic's ValidationError when a record
+    is not a result."""
+    return _ADAPTER.validate_python(record)

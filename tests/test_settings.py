@@ -1,0 +1,52 @@
+"""Settings: avatar servers by name, and relations between settings checked at start."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from avatarq.settings import Settings
+
+
+def test_default_avatar_server_comes_from_avaluma_settings() -> None:
+    s = Settings(AVALUMA_API_URL="https://avatars.example", AVATARQ_AVATAR_MAX_SESSIONS=3)
+    server = s.avatar_server(None)
+    assert server.base_url == "https://avatars.example" and server.max_sessions == 3
+    assert server.sample_rate == 16000
+
+
+def test_named_servers_carry_their_own_rate_and_license(monkeypatch: pytest.MonkeyPatch) -> None:
+    servers = {"eu": {"url": "https://eu.example", "sample_rate": 24000, "license_key": "k-eu"}}
+    monkeypatch.setenv("AVATARQ_AVATAR_SERVERS", json.dumps(servers))  # as operators set it
+    monkeypatch.setenv("AVALUMA_LICENSE_KEY", "k-main")
+    s = Settings()
+    eu = s.avatar_server("eu")
+    assert eu.sample_rate == 24000 and s.avatar_license_key(eu) == "k-eu"
+    assert s.avatar_license_key(s.avatar_server("default")) == "k-main"
+    with pytest.raises(KeyError, match=r"no avatar server named 'us' .*known: default, eu"):
+        s.avatar_server("us")
+
+
+@pytest.mark.parametrize(
+    ("env", "words"),
+    [
+        (
+            {"AVATARQ_VISIBILITY_TIMEOUT": "600", "AVATARQ_MAX_JOB_DURATION": "3600"},
+            "must exceed AVATARQ_MAX_JOB_DURATION",
+        ),
+        ({"AVATARQ_RETRY_BASE": "90", "AVATARQ_RETRY_CAP": "60"}, "above AVATARQ_RETRY_CAP"),
+        (
+            {"AVATARQ_AVATAR_SERVERS": json.dumps({"eu west": {"url": "https://eu.example"}})},
+            "cannot be named by a job",
+        ),
+    ],
+)
+def test_contradicting_settings_fail_by_name(
+    env: dict[str, str], words: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError, match=words):
+        Settings()
