@@ -36,6 +36,10 @@ def test_decode_and_queue_sections_return_numbers(tmp_path: Path) -> None:
     assert set(results["decode"]["formats"]) == {"wav", "mp3", "m4a", "ogg"}
     for key in ("enqueue_single_jobs_per_s", "enqueue_bulk_jobs_per_s"):
         assert results["queue"][key] > 0
+    # Taking a free avatar session slot: one Lua round trip, compared with a PING.
+    quota = results["quota"]
+    assert quota["rounds"] == 20 and 0 < quota["slot_take_p50_ms"] <= quota["slot_take_p99_ms"]
+    assert results["slot_take_p50_ms"] == quota["slot_take_p50_ms"]
     assert results["machine"]["cores"] >= 1
     table = report.text_table(results)
     assert "decode+resample, slowest format" in table and "enqueue, bulk" in table

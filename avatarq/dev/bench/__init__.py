@@ -32,6 +32,7 @@ import psutil
 from avatarq.dev import livekit_official
 from avatarq.dev.bench import codec, queue, report, scale, streams
 from avatarq.dev.bench.load import LightAvatars, light_avatars
+from avatarq.dev.bench.quota import bench_quota
 from avatarq.dev.bench.stats import make_clip, ratio
 from avatarq.dev.processes import ManagedProcess
 from avatarq.dev.stack import LocalStack, local_stack
@@ -404,6 +405,7 @@ def run(
     if "queue" in sections:
         clip = make_clip(workdir / "queue.wav", 1.0, rate=16000)
         results.update(queue.bench_queue(workdir, clip, plan.queue_jobs, time_limit=30))
+        results.update(bench_quota(workdir, rounds=plan.queue_jobs, time_limit=20))
     if NETNS_SECTIONS & set(sections):
         if os.environ.get("AVATARQ_IN_NETNS") != "1":
             raise SystemExit("sections jobs/sender join LiveKit rooms: run inside infra/netns-run")

@@ -111,6 +111,13 @@ ROWS: list[Row] = [
         "",
     ),
     (
+        "avatar session slot taken when free (quota) vs a Redis PING",
+        "quota.slot_take_p50_ms",
+        "quota.redis_ping_p50_ms",
+        "ms",
+        "< 10 ms",
+    ),
+    (
         "sender CPU per paced stream vs unpaced floor",
         "cpu_per_stream_pct",
         "cpu_per_stream_unpaced_pct",
