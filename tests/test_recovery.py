@@ -47,8 +47,18 @@ class _AvatarStops(BaseHTTPRequestHandler):
         pass
 
 
+@pytest.fixture
+def own_db(redis_server: str) -> str:
+    """A Redis database of the test's own, empty: other tests leave workers (and their held
+    deliveries) in the session's Redis whose heartbeats expire, and a sweep would rightly
+    take them."""
+    url = redis_server.rsplit("/", 1)[0] + "/7"
+    redis.Redis.from_url(url).flushdb()
+    return url
+
+
 def test_dead_workers_deliveries_are_published_again_and_its_avatar_stopped(
-    redis_server: str,
+    own_db: str,
 ) -> None:
     job_id = f"rec-{uuid.uuid4().hex[:8]}"
     payload = {"job_id": job_id, "room": job_id, "avatar_id": "a", "source": "a.wav"}
@@ -57,9 +67,6 @@ def test_dead_workers_deliveries_are_published_again_and_its_avatar_stopped(
     published: list[tuple[str, dict[str, object]]] = []
     _AvatarStops.calls = []
     with serving(ThreadingHTTPServer(("127.0.0.1", 0), _AvatarStops)) as avatar_url:
-        # A database of its own: other tests leave workers (and their held deliveries) in
-        # the session's Redis, whose heartbeats expire; the sweep would rightly take them.
-        own_db = redis_server.rsplit("/", 1)[0] + "/7"
         settings = Settings(
             REDIS_URL=own_db,
             AVALUMA_API_URL=avatar_url,
@@ -94,13 +101,13 @@ def test_dead_workers_deliveries_are_published_again_and_its_avatar_stopped(
     assert _AvatarStops.calls == [("/v1/livekit/stop-avatar", {"session_id": "sess-9"}, "lic-1")]
 
 
-def test_orphaned_session_on_an_unknown_server_gets_no_license(redis_server: str) -> None:
+def test_orphaned_session_on_an_unknown_server_gets_no_license(own_db: str) -> None:
     # A name the settings lack (a URL written into Redis, a server since removed): no call.
     job_id = f"rec-{uuid.uuid4().hex[:8]}"
     _AvatarStops.calls = []
     with serving(ThreadingHTTPServer(("127.0.0.1", 0), _AvatarStops)) as avatar_url:
         settings = Settings(
-            REDIS_URL=redis_server,
+            REDIS_URL=own_db,
             AVALUMA_API_URL=avatar_url,
             AVALUMA_LICENSE_KEY="lic-1",
             LIVEKIT_URL="ws://127.0.0.1:9",
