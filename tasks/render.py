@@ -189,6 +189,10 @@ async def _owned_by_another(redis: aioredis.Redis, job_id: str, payload: Any) ->
 async def _claim_and_play(
     job: Job, token: str, settings: Settings, ledger: Ledger, reporter: JobReporter
 ) -> Outcome:
+    if HAND_BACK.is_set():
+        # This worker is shutting down, and a broker (RabbitMQ) may still deliver to it: the
+        # job goes straight back, unclaimed, so no attempt is spent on a worker that leaves.
+        return Outcome(retry_in=ROOM_REQUEUE_S)
     deadline = time.monotonic() + ROOM_WAIT_S
     verdict, attempt = await ledger.claim(job.job_id, job.room, token)
     while verdict is Claim.WAIT and time.monotonic() < deadline:

@@ -433,7 +433,7 @@ def sigterm_mid_stream(lab: FaultLab) -> FaultReport:
             records = lab.wait([job])
             exited = victim.proc is not None and _exits(victim, 20.0)
     rec = records.get(job, {})
-    return lab.judge(
+    report = lab.judge(
         "SIGTERM worker mid-stream (grace 1 s)",
         [job],
         records,
@@ -443,6 +443,13 @@ def sigterm_mid_stream(lab: FaultLab) -> FaultReport:
             "stopping worker exited": exited,
         },
     )
+    report.notes.append(f"ended {rec.get('status')} on attempt {rec.get('attempt')}")
+    report.notes += [
+        f"{e['event']} attempt {e.get('attempt')}: {e.get('reason')} {e.get('error', '')}"
+        for e in lab.events(job)
+        if e["event"] in ("job.retrying", "job.started")
+    ]
+    return report
 
 
 def sigterm_within_grace(lab: FaultLab) -> FaultReport:
