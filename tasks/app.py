@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Any
 
 from billiard.process import current_process
@@ -14,7 +13,6 @@ from celery.signals import (
     task_prerun,
     worker_init,
     worker_process_init,
-    worker_shutting_down,
 )
 from kombu.transport import redis as kombu_redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -23,9 +21,6 @@ from avatarq import logs
 from avatarq.celeryconfig import celery_config
 from avatarq.settings import get_settings
 from tasks import lklogs, metrics
-from tasks.control import HAND_BACK
-from tasks.runtime import get_loop_thread
-from tasks.warm import close_idle
 
 
 def _guard_detached_redis_channels() -> None:
@@ -110,17 +105,6 @@ def _bind_job_logs(task_id: str, args: tuple[Any, ...] = (), **_: Any) -> None:
 @task_postrun.connect
 def _clear_job_logs(**_: Any) -> None:
     logs.clear_job()
-
-
-@worker_shutting_down.connect
-def _hand_back_after_grace(**_: Any) -> None:
-    # Warm shutdown: Celery stops taking jobs and waits for the playing ones. Let them finish
-    # within the grace period; then hand the rest back so another worker plays them.
-    timer = threading.Timer(get_settings().shutdown_grace_s, HAND_BACK.set)
-    timer.daemon = True
-    timer.start()
-    # No new job will come to reuse them: let idle avatars go now.
-    get_loop_thread().submit(close_idle())
 
 
 quiet_livekit_logs()

@@ -1,8 +1,8 @@
 """Stopping a job that is playing: cancellation, hand-back at shutdown, a lost room.
 
-A `JobControl` is the one place a playing job looks to know whether to stop and why. A
-watcher task sets it from Redis (cancel requests) and from the process's shutdown state; the
-room sets it when its connection is lost for good.
+A `JobControl` is the one place a playing job looks to know whether to stop and why. The
+lease watch (tasks/hooks.py) sets it from Redis (cancel requests, take-over) and from the
+process's shutdown state; the link sets it when the room or the avatar is lost for good.
 """
 
 from __future__ import annotations
@@ -28,10 +28,13 @@ HAND_BACK = threading.Event()
 class JobControl:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     reason: StopReason | None = None
+    #: The stop came because another delivery of the job holds its lease now: it plays there.
+    taken_over: bool = False
 
-    def request_stop(self, reason: StopReason) -> None:
+    def request_stop(self, reason: StopReason, *, taken_over: bool = False) -> None:
         if self.reason is None:
             self.reason = reason
+            self.taken_over = taken_over
         self.stop.set()
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from avatarq.events import (
+    DEAD_LETTER_KEY,
     RECORD_TTL_S,
     WORKERS_KEY,
     job_attempts_key,
@@ -292,6 +293,19 @@ class Ledger:
             Orphan(flat[i].decode(), flat[i + 1].decode(), bool(flat[i + 2]))
             for i in range(0, len(flat), 3)
         ]
+
+    async def owned_by_another(self, job_id: str, payload: Any) -> bool:
+        """Whether a valid job owns this id (enqueued with another payload, or claimed by a
+        valid delivery): a message that fails validation must not end a job it does not own."""
+        registered = await self.redis.hget(job_enqueued_key(job_id), "job")  # type: ignore[misc]
+        if registered is not None:
+            return bool(json.loads(registered) != payload)
+        return bool(await self.redis.exists(job_enqueued_key(job_id)))
+
+    async def dead_letter(self, job: dict[str, Any], result: dict[str, Any]) -> None:
+        """Keep a job whose retries ran out where an operator can see and replay it."""
+        entry = {"job": job, **result, "ts": time.time()}
+        await self.redis.lpush(DEAD_LETTER_KEY, json.dumps(entry))
 
     async def finish(self, job_id: str, room: str | None, result: dict[str, Any]) -> bool:
         """Record the terminal state once; False if the job had already ended."""

@@ -1,72 +1,48 @@
-"""The render task: Celery's side of a job. The job itself runs in tasks/pipeline.py.
+"""The render task: Celery's side of a job, and the parts a worker process gives its runs.
 
-Delivery is at-least-once (acks_late, reject_on_worker_lost); tasks/ledger.py turns that into
-exactly-once playback and one voice per room. Every job ends in exactly one terminal state,
-`completed`, `failed` or `cancelled`, recorded once and announced once.
+Delivery is at-least-once (acks_late, reject_on_worker_lost). The job itself is a `JobRun`
+(tasks/jobrun.py): it ends in exactly one terminal state, recorded once and announced once,
+or goes back to the queue; this module turns its `Outcome` into Celery's terms.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
+import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import redis.asyncio as aioredis
 from celery import Task
 from celery.exceptions import Ignore
-from celery.signals import task_received, worker_ready
+from celery.signals import task_received, worker_ready, worker_shutting_down
 from redis.exceptions import RedisError
 
 from avatarq.celeryconfig import RENDER_QUEUE, RENDER_TASK
-from avatarq.errors import InvalidJob, JobError, Reason, TransientJobError
-from avatarq.events import DEAD_LETTER_KEY, Event, Status, job_enqueued_key
-from avatarq.results import Cancelled, Failed
+from avatarq.errors import TransientJobError
+from avatarq.results import Failed
 from avatarq.settings import Settings, get_settings
-from producers.jobs import Job, parse_job
-from tasks import pipeline
 from tasks.app import app
+from tasks.avatar_link import resolve_server
 from tasks.backoff import backoff_delay
-from tasks.control import HAND_BACK, Interrupted, JobControl, StopReason
-from tasks.ledger import Claim, Ledger
-from tasks.quota import NoAvatarSlot
+from tasks.control import HAND_BACK
+from tasks.hooks import worker_hooks
+from tasks.jobrun import Ending, JobParts, JobRun, Outcome, job_id_of
+from tasks.ledger import Ledger
+from tasks.links import Links
+from tasks.playback import FfmpegAudio, Playback
 from tasks.recovery import get_presence
 from tasks.report import JobReporter, StateUpdater
 from tasks.runtime import get_loop_thread
 
 log = logging.getLogger("avatarq.render")
 
-#: A job whose room is busy waits this long in its worker slot before going back to the
-#: queue, so waiting jobs can never fill every slot while the room's head job is queued.
-ROOM_WAIT_S = 5.0
-ROOM_POLL_S = 0.2
-ROOM_REQUEUE_S = 1.0
-#: A job waiting for an avatar session slot comes back this soon (well within the time its
-#: place in line is kept, tasks/quota.py WAITER_STALE_S).
-QUOTA_REQUEUE_S = 1.0
-#: How often a playing job checks for cancel and hand-back: stops within half a second.
-WATCH_INTERVAL_S = 0.25
-#: Tries to record a job's end, or to start one, while Redis is unreachable (about a minute
-#: with backoff).
-FINISH_ATTEMPTS = 20
+#: Tries to start a job while Redis is unreachable (about a minute with backoff).
 REDIS_OUTAGE_ATTEMPTS = 20
 
 
 class JobFailed(Exception):
     """Raised to Celery after a job failed for good; its record holds the details."""
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What the task does once the job's coroutine returns: finish, retry later, or drop."""
-
-    result: dict[str, Any] | None = None
-    retry_in: float | None = None
-
-
-SKIP = Outcome()
 
 
 # max_retries=None: Celery must never give up on its own (its default is 3): requeues while a
@@ -108,11 +84,11 @@ def render(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
             raise self.retry(countdown=outcome.retry_in)
     finally:
         presence.let_go(task_id)
-    if outcome.result is None:
+    if outcome.ending is Ending.DROPPED or outcome.result is None:
         raise Ignore()  # ended already, or a duplicate delivery of a job playing elsewhere
-    if outcome.result["status"] == Status.FAILED:
-        raise JobFailed(f"{outcome.result['reason']}: {outcome.result['error']}")
-    return outcome.result
+    if isinstance(outcome.result, Failed):
+        raise JobFailed(f"{outcome.result.reason}: {outcome.result.error}")
+    return outcome.result.as_record()
 
 
 @worker_ready.connect
@@ -144,12 +120,46 @@ def republish(task_id: str, payload: Any) -> None:
     app.send_task(RENDER_TASK, args=[payload], task_id=task_id, queue=RENDER_QUEUE)
 
 
-def job_id_of(payload: Any, task_id: str) -> str:
-    """The job's id: its own, else the Celery task id, which every redelivery and retry of
-    the message keeps (a fresh random id per delivery would never reach its room's head)."""
-    if isinstance(payload, dict) and isinstance(payload.get("job_id"), str) and payload["job_id"]:
-        return str(payload["job_id"])
-    return task_id
+class WorkerParts:
+    """The parts every job of this worker process shares: one Redis client, the ledger, the
+    warm pool and quotas (tasks/links.py), the playback steps. Built on the process's event
+    loop (tasks/runtime.py), on first use."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.redis = aioredis.from_url(settings.redis_url)
+        self.ledger = Ledger(self.redis, stale_after_s=settings.redelivery_after_s)
+        self.links = Links(settings, self.redis)
+        self.playback = Playback(
+            settings,
+            audio=FfmpegAudio(settings),
+            links=self.links,
+            resolve_server=lambda job: resolve_server(job, settings),
+        )
+
+    def for_delivery(self, update_state: StateUpdater | None) -> JobParts:
+        def reporter(job_id: str) -> JobReporter:
+            return JobReporter(self.settings, job_id, update_state=update_state, redis=self.redis)
+
+        return JobParts(
+            settings=self.settings,
+            ledger=self.ledger,
+            reporter=reporter,
+            player=self.playback,
+            shutting_down=HAND_BACK.is_set,
+            hooks=worker_hooks(HAND_BACK.is_set),
+        )
+
+
+_worker: WorkerParts | None = None
+
+
+def worker_parts(settings: Settings) -> WorkerParts:
+    """This process's parts (one event loop per worker process, see tasks/runtime.py)."""
+    global _worker
+    if _worker is None:
+        _worker = WorkerParts(settings)
+    return _worker
 
 
 async def run_job(
@@ -159,204 +169,17 @@ async def run_job(
     settings: Settings,
     update_state: StateUpdater | None,
 ) -> Outcome:
-    redis = aioredis.from_url(settings.redis_url)
-    ledger = Ledger(redis, stale_after_s=settings.redelivery_after_s)
-    job_id = job_id_of(payload, task_id)
-    reporter = JobReporter(settings, job_id, update_state=update_state, redis=redis)
-    try:
-        try:
-            job = parse_job({**payload, "job_id": job_id} if isinstance(payload, dict) else payload)
-        except InvalidJob as e:
-            if await _owned_by_another(redis, job_id, payload):
-                log.warning("dropping an invalid message for job %s, which is another job's: %s",
-                            job_id, e)  # fmt: skip
-                return SKIP
-            return await _end(ledger, reporter, None, _failure(job_id, None, e, attempt=1))
-        return await _claim_and_play(job, token, settings, ledger, reporter)
-    finally:
-        await redis.aclose()
+    parts = worker_parts(settings).for_delivery(update_state)
+    return await JobRun(parts, payload, task_id, token).run()
 
 
-async def _owned_by_another(redis: aioredis.Redis, job_id: str, payload: Any) -> bool:
-    """Whether a valid job owns this id (enqueued with another payload, or claimed by a valid
-    delivery): a message that fails validation must not end a job it does not own."""
-    registered = await redis.hget(job_enqueued_key(job_id), "job")  # type: ignore[misc]
-    if registered is not None:
-        return bool(json.loads(registered) != payload)
-    return bool(await redis.exists(job_enqueued_key(job_id)))
-
-
-async def _claim_and_play(
-    job: Job, token: str, settings: Settings, ledger: Ledger, reporter: JobReporter
-) -> Outcome:
-    if HAND_BACK.is_set():
-        # This worker is shutting down, and a broker (RabbitMQ) may still deliver to it: the
-        # job goes straight back, unclaimed, so no attempt is spent on a worker that leaves.
-        return Outcome(retry_in=ROOM_REQUEUE_S)
-    deadline = time.monotonic() + ROOM_WAIT_S
-    verdict, attempt = await ledger.claim(job.job_id, job.room, token)
-    while verdict is Claim.WAIT and time.monotonic() < deadline:
-        await asyncio.sleep(ROOM_POLL_S)
-        verdict, attempt = await ledger.claim(job.job_id, job.room, token)
-    if verdict is Claim.WAIT:
-        return Outcome(retry_in=ROOM_REQUEUE_S)
-    if verdict in (Claim.DONE, Claim.BUSY):
-        log.info("job %s: %s, not playing it", job.job_id, verdict.value)
-        return SKIP
-    if verdict is Claim.CANCELLED:
-        result = _cancelled(job, attempt=0, while_="queued", position=None, streamed=0.0)
-        return await _end(ledger, reporter, job, result)
-
-    control = JobControl()
-    watcher = asyncio.create_task(_watch(ledger, job, token, control))
-    try:
-        result = await pipeline.play(
-            job,
-            settings,
-            reporter,
-            control,
-            attempt=attempt,
-            note_session=ledger.note_avatar_session,
-        )
-    except NoAvatarSlot as e:
-        # Waiting is not failing: back to the queue, this claim not counted as an attempt.
-        log.info("job %s: %s; requeued", job.job_id, e)
-        await ledger.release(job.job_id, job.room, token, uncount=True)
-        return Outcome(retry_in=QUOTA_REQUEUE_S)
-    except Interrupted as e:
-        if e.reason is StopReason.HANDED_BACK and watcher.done() and watcher.result():
-            return SKIP  # another delivery plays it now
-        if e.reason is StopReason.HANDED_BACK:
-            await ledger.release(job.job_id, job.room, token)
-            await reporter.emit(Event.RETRYING, reason=e.reason.value, attempt=attempt, retry_in=0)
-            return Outcome(retry_in=0.0)
-        result = _cancelled(
-            job,
-            attempt=attempt,
-            while_="playing",
-            position=e.playback_position,
-            streamed=e.seconds_streamed,
-            stopped_at=e.stopped_at,
-        )
-    except TimeoutError:
-        error = TransientJobError(
-            "job overran its time limit (audio length plus start-up budget)",
-            reason=Reason.JOB_TIMEOUT,
-        )
-        return await _failed(job, settings, ledger, reporter, token, error, attempt)
-    except JobError as e:
-        return await _failed(job, settings, ledger, reporter, token, e, attempt)
-    except Exception as e:
-        # Unclassified: keep the trace in the log, retry like any fault we cannot rule out.
-        log.exception("job %s: unexpected error", job.job_id)
-        error = TransientJobError(f"{type(e).__name__}: {e}", reason=Reason.INTERNAL_ERROR)
-        return await _failed(job, settings, ledger, reporter, token, error, attempt)
-    finally:
-        watcher.cancel()
-    return await _end(ledger, reporter, job, result)
-
-
-async def _watch(ledger: Ledger, job: Job, token: str, control: JobControl) -> bool:
-    """Every tick: renew (or restore) the job's lease and its hold on the room; stop the job
-    on a cancel request, at the end of shutdown grace, or when another delivery took it over
-    (this worker was taken for dead). Returns True in that last case."""
-    while control.reason is None:
-        await asyncio.sleep(WATCH_INTERVAL_S)
-        if HAND_BACK.is_set():
-            control.request_stop(StopReason.HANDED_BACK)
-            return False
-        try:
-            cancel, ours = await ledger.watch(job.job_id, job.room, token)
-        except (RedisError, OSError) as e:
-            # Keep playing through a Redis outage; the lease outlives a short one.
-            log.warning("job %s: ledger unreachable: %s", job.job_id, e)
-            continue
-        if cancel:
-            control.request_stop(StopReason.CANCELLED)
-        elif not ours:
-            log.warning("job %s: its lease was taken over by another delivery; stopping",
-                        job.job_id)  # fmt: skip
-            control.request_stop(StopReason.HANDED_BACK)
-            return True
-    return False
-
-
-async def _failed(
-    job: Job,
-    settings: Settings,
-    ledger: Ledger,
-    reporter: JobReporter,
-    token: str,
-    error: JobError,
-    attempt: int,
-) -> Outcome:
-    if not error.permanent and attempt <= settings.max_retries:
-        countdown = backoff_delay(attempt - 1, settings.retry_base_s, settings.retry_cap_s)
-        log.warning("job %s attempt %d: %s; retry in %.1fs", job.job_id, attempt, error, countdown)
-        await ledger.release(job.job_id, job.room, token)
-        await reporter.emit(
-            Event.RETRYING,
-            reason=error.reason,
-            error=error.message,
-            attempt=attempt,
-            retry_in=round(countdown, 3),
-        )
-        return Outcome(retry_in=countdown)
-    result = _failure(job.job_id, job, error, attempt=attempt)
-    if not error.permanent:
-        # Retries exhausted: keep the job where an operator can see and replay it.
-        entry = {"job": job.payload(), **result, "ts": time.time()}
-        await ledger.redis.lpush(DEAD_LETTER_KEY, json.dumps(entry))
-    return await _end(ledger, reporter, job, result)
-
-
-async def _end(
-    ledger: Ledger, reporter: JobReporter, job: Job | None, result: dict[str, Any]
-) -> Outcome:
-    """Record the terminal state once; only the first recorder announces it."""
-    room = job.room if job else None
-    for attempt in range(FINISH_ATTEMPTS):
-        try:
-            recorded = await ledger.finish(result["job_id"], room, result)
-            break
-        except RedisError as e:
-            # The job has ended; losing its record would let it play again. Wait Redis out.
-            log.warning("job %s: cannot record its end yet: %s", result["job_id"], e)
-            await asyncio.sleep(backoff_delay(attempt, 0.5, 5.0))
-    else:
-        raise TransientJobError("could not record the job's end: Redis unreachable")
-    if not recorded:
-        return SKIP
-    webhook = str(job.webhook_url) if job is not None and job.webhook_url else None
-    await reporter.announce(result, webhook)
-    return Outcome(result=result)
-
-
-def _failure(job_id: str, job: Job | None, error: JobError, *, attempt: int) -> dict[str, Any]:
-    where = {"room": job.room, "avatar_id": job.avatar_id, "metadata": job.metadata} if job else {}
-    failed = Failed(
-        job_id=job_id, attempt=attempt, reason=error.reason, error=error.message, **where
-    )
-    return failed.as_record()
-
-
-def _cancelled(
-    job: Job,
-    *,
-    attempt: int,
-    while_: Literal["queued", "playing"],
-    position: float | None,
-    streamed: float,
-    stopped_at: float | None = None,
-) -> dict[str, Any]:
-    return Cancelled(
-        job_id=job.job_id,
-        attempt=attempt,
-        room=job.room,
-        avatar_id=job.avatar_id,
-        metadata=job.metadata,
-        cancelled_while=while_,
-        seconds_streamed=round(streamed, 6),
-        playback_position=position,
-        stopped_at=stopped_at,
-    ).as_record()
+@worker_shutting_down.connect
+def _hand_back_after_grace(**_: Any) -> None:
+    # Warm shutdown: Celery stops taking jobs and waits for the playing ones. Let them finish
+    # within the grace period; then hand the rest back so another worker plays them.
+    timer = threading.Timer(get_settings().shutdown_grace_s, HAND_BACK.set)
+    timer.daemon = True
+    timer.start()
+    # No new job will come to reuse them: let idle avatars go now.
+    if _worker is not None:
+        get_loop_thread().submit(_worker.links.aclose())

@@ -37,6 +37,14 @@ RPC_AGENT_STATE_CHANGED = "agent_state_changed"
 STATE_SPEAKING = "speaking"
 STATE_LISTENING = "listening"
 CLEAR_BUFFER_TIMEOUT_S = 2.0
+#: Audio per write. Each write is an FFI round trip whose completion the SDK hands to every
+#: room of the process, so the write rate times the rooms is the cost that grows fastest with
+#: streams: in `avatarq bench`, 25 streams of 400 ms chunks cost 14 % less CPU than 200 ms and
+#: kept the schedule error p99 at 3 ms instead of 90–150 ms (docs/performance.md). The avatar
+#: never holds less than the lead (a chunk is due when the buffer is down to it), and the
+#: sender cuts the last chunk into 100 ms pieces (tasks/pacing.py TAIL_SECONDS), so the end
+#: overhead does not grow with it; a stop waits at most one chunk.
+CHUNK_SECONDS = 0.4
 BYTES_PER_SAMPLE = 2  # s16le
 NUM_CHANNELS = 1
 

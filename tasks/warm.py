@@ -18,22 +18,14 @@ import contextlib
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
-from livekit import rtc
 from redis.exceptions import RedisError
 
-from tasks import room as rooms
-from tasks.avatar import AvatarClient, AvatarSession
-from tasks.control import JobControl, StopReason
-from tasks.quota import AvatarQuota, Slot
-from tasks.stream import AudioStreamSender
+from tasks.avatar_link import AvatarLink, LinkKey
 
 log = logging.getLogger("avatarq.warm")
 
-#: (room, avatar identity, avatar server name, sample rate): what a next job must match.
-LinkKey = tuple[str, str, str, int]
 #: How often a process holding idle sessions checks for release requests.
 RELEASE_POLL_S = 0.2
 #: How long a cold start waits for another process to let its idle session go.
@@ -48,83 +40,11 @@ def _release_key(key: LinkKey) -> str:
     return f"avatarq:warm-release:{key[0]}:{key[1]}"
 
 
-@dataclass(frozen=True)
-class RoomAdmin:
-    """What it takes to make a participant leave a room (RoomService credentials)."""
-
-    url: str
-    api_key: str
-    api_secret: str = field(repr=False)
-
-
-@dataclass
-class AvatarLink:
-    """A joined room with a ready avatar, used by one job at a time."""
-
-    key: LinkKey
-    room: rtc.Room
-    sender: AudioStreamSender
-    avatar: AvatarClient
-    admin: RoomAdmin
-    #: The hidden participant that keeps the room open while the link lives (tasks/room.py).
-    keeper: rtc.Room | None = None
-    session: AvatarSession | None = None
-    #: The session slot of the avatar server's quota that this link holds while it lives.
-    quota: AvatarQuota | None = None
-    slot: Slot | None = None
-    control: JobControl | None = None
-    #: Set once the room or the avatar is gone: the link must not be used again.
-    broken: StopReason | None = None
-    _closed: bool = field(default=False, repr=False)
-
-    def attach(self, control: JobControl) -> None:
-        self.control = control
-        if self.broken is not None:
-            control.request_stop(self.broken)
-
-    def hold_slot(self, quota: AvatarQuota, slot: Slot) -> None:
-        self.quota, self.slot = quota, slot
-        quota.hold(slot)
-
-    def lost(self, reason: StopReason) -> None:
-        """The room or avatar went away: stop the job using the link, and never reuse it."""
-        if self.broken is None:
-            self.broken = reason
-        if self.control is not None:
-            self.control.request_stop(reason)
-
-    @property
-    def reusable(self) -> bool:
-        return self.broken is None and not self._closed and self.room.isconnected()
-
-    async def close(self) -> None:
-        """Stop the avatar session and leave the room (idempotent, best effort). An avatar
-        whose server could not confirm the stop (no session id, no stop endpoint, an error) is
-        removed from the room, so it never goes on rendering after its job."""
-        if self._closed:
-            return
-        self._closed = True
-        if self.session is not None and not await self.avatar.stop(self.session):
-            await rooms.remove_participant(
-                self.admin.url,
-                self.admin.api_key,
-                self.admin.api_secret,
-                room=self.key[0],
-                identity=self.sender.avatar_identity,
-            )
-        await self.avatar.aclose()
-        await self.sender.aclose()
-        await rooms.disconnect(self.room)
-        await rooms.disconnect(self.keeper)
-        if self.quota is not None and self.slot is not None:
-            await self.quota.release(self.slot)
-
-
 class WarmPool:
     """Idle links of this worker process, each closed after its idle window or on request."""
 
-    def __init__(self, redis_url: str) -> None:
-        self._redis = aioredis.from_url(redis_url)
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self._redis = redis
         self._token = uuid.uuid4().hex
         self._idle: dict[LinkKey, tuple[AvatarLink, asyncio.TimerHandle]] = {}
         self._watcher: asyncio.Task[None] | None = None
@@ -220,20 +140,3 @@ class WarmPool:
             timer.cancel()
             await link.close()
             await self._forget(key)
-
-
-_pool: WarmPool | None = None
-
-
-def warm_pool(redis_url: str) -> WarmPool:
-    """This process's pool (one event loop per worker process, see tasks/runtime.py)."""
-    global _pool
-    if _pool is None:
-        _pool = WarmPool(redis_url)
-    return _pool
-
-
-async def close_idle() -> None:
-    """Let every idle avatar of this process go (worker shutdown: no job will reuse them)."""
-    if _pool is not None:
-        await _pool.aclose()

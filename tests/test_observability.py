@@ -24,7 +24,7 @@ from avatarq.dev import stack as stack_module
 from avatarq.events import Event
 from avatarq.settings import Settings, get_settings
 from tasks import metrics
-from tasks.pipeline import CHUNK_SECONDS
+from tasks.stream import CHUNK_SECONDS
 from tests import audio
 from tests.netns import needs_netns
 from tests.test_pipeline_e2e import run_job

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import redis
+import redis.asyncio as aioredis
 
 from avatarq.dev.processes import ManagedProcess
 from avatarq.events import (
@@ -24,11 +25,13 @@ from avatarq.events import (
     room_order_key,
     worker_heartbeat_key,
 )
+from avatarq.results import Failed
 from avatarq.settings import Settings
 from producers.client import enqueue
+from tasks.jobrun import Ending, JobParts, JobRun, Outcome, job_id_of
 from tasks.ledger import Claim, Ledger
 from tasks.recovery import Presence
-from tasks.render import SKIP, job_id_of, run_job
+from tests.fakes import FakeReporter
 from tests.httpserve import serving
 
 
@@ -140,18 +143,35 @@ def test_invalid_message_never_ends_a_job_it_does_not_own(redis_server: str) -> 
     garbage = {"job_id": owner, "room": 5, "bogus": True}
     orphan_id = f"bad-{uuid.uuid4().hex[:8]}"
 
-    async def go() -> tuple[Any, Any]:
-        a = await run_job(garbage, "task-1", "w/t", settings, None)
-        b = await run_job({"job_id": orphan_id, "room": 5}, "task-2", "w/t", settings, None)
-        return a, b
+    async def go() -> tuple[Outcome, Outcome]:
+        r = aioredis.from_url(redis_server)
+        try:
+            # The real ledger on a real Redis; nothing may get as far as playing.
+            parts = JobParts(
+                settings=settings,
+                ledger=Ledger(r, stale_after_s=3600),
+                reporter=lambda _job_id: FakeReporter(),
+                player=_NeverPlays(),
+                shutting_down=lambda: False,
+            )
+            a = await JobRun(parts, garbage, "task-1", "w/t").run()
+            b = await JobRun(parts, {"job_id": orphan_id, "room": 5}, "task-2", "w/t").run()
+            return a, b
+        finally:
+            await r.aclose()
 
     hijack, own = asyncio.run(go())
     client = redis.Redis.from_url(redis_server)
-    assert hijack is SKIP
+    assert hijack.ending is Ending.DROPPED
     assert client.get(job_record_key(owner)) is None
     # An invalid message that is its own job still fails at once, for good.
-    assert own.result["status"] == "failed" and own.result["reason"] == "invalid_job"
+    assert isinstance(own.result, Failed) and own.result.reason == "invalid_job"
     assert json.loads(client.get(job_record_key(orphan_id)))["status"] == "failed"
+
+
+class _NeverPlays:
+    async def play(self, job: Any, **_: Any) -> Any:
+        raise AssertionError("an invalid message must not play")
 
 
 def test_raw_payload_without_job_id_takes_its_task_id() -> None:

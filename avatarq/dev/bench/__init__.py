@@ -36,7 +36,7 @@ from avatarq.dev.bench.quota import bench_quota
 from avatarq.dev.bench.stats import make_clip, ratio
 from avatarq.dev.processes import ManagedProcess
 from avatarq.dev.stack import LocalStack, local_stack
-from tasks.pipeline import CHUNK_SECONDS
+from tasks.stream import CHUNK_SECONDS
 
 SECTIONS = ("decode", "queue", "jobs", "sender")
 NETNS_SECTIONS = {"jobs", "sender"}

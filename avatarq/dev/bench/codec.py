@@ -16,8 +16,8 @@ from typing import Any
 from avatarq.dev.bench.stats import CODECS, make_clip, ratio
 from avatarq.settings import Settings
 from tasks.decode import PcmDecoder, ffmpeg_binary, probe_duration
-from tasks.pipeline import CHUNK_SECONDS
 from tasks.source import aresolve
+from tasks.stream import CHUNK_SECONDS
 
 #: The worker's default rate and chunk: what a job really reads.
 RATE = 16000

@@ -38,8 +38,7 @@ from tasks import room as rooms
 from tasks import tokens
 from tasks.avatar import HttpAvatarClient
 from tasks.pacing import Pacer
-from tasks.pipeline import CHUNK_SECONDS
-from tasks.stream import AudioStreamSender
+from tasks.stream import CHUNK_SECONDS, AudioStreamSender
 
 RATE = 16000
 BYTES_PER_SECOND = RATE * 2

@@ -16,7 +16,7 @@ import psutil
 
 from avatarq.dev.bench.stats import ProcessSampler, pct, ratio, spread
 from avatarq.dev.stack import LocalStack
-from tasks.pipeline import CHUNK_SECONDS
+from tasks.stream import CHUNK_SECONDS
 
 POLL_S = 0.5
 #: Results and sidecars of a job that ended are read for this long before giving up.

@@ -1,0 +1,219 @@
+"""The room and the avatar session a job plays through: an `AvatarLink`.
+
+A link is a joined LiveKit room (with its keeper) plus an avatar session that listens to this
+worker; `open_link` makes one. Where a job's link comes from (warm or cold) is tasks/links.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from livekit import rtc
+
+from avatarq.errors import InvalidJob, Reason
+from avatarq.settings import DEFAULT_AVATAR_SERVER, AvatarServer, Settings
+from producers.jobs import Job
+from tasks import room as rooms
+from tasks import tokens
+from tasks.avatar import START_ANSWER_TIMEOUT_S, AvatarClient, AvatarSession, HttpAvatarClient
+from tasks.control import JobControl, StopReason
+from tasks.quota import AvatarQuota, Slot
+from tasks.stream import AudioStreamSender
+
+#: (room, avatar identity, avatar server name, sample rate): what a next job must match.
+LinkKey = tuple[str, str, str, int]
+
+#: Records the avatar session a job started or took over (`Ledger.note_avatar_session`), so a
+#: dead worker's session is stopped by recovery: (job id, server name, session id).
+SessionNote = Callable[[str, str, str | None], Awaitable[None]]
+
+
+@dataclass
+class Milestones:
+    """Wall-clock (epoch seconds) milestones of a job as it goes (results.Timestamps)."""
+
+    picked: float = field(default_factory=time.time)
+    room_joined: float | None = None
+    avatar_ready: float | None = None
+    first_byte: float | None = None
+    last_byte: float | None = None
+    playback_finished: float | None = None
+
+
+@dataclass(frozen=True)
+class RoomAdmin:
+    """What it takes to make a participant leave a room (RoomService credentials)."""
+
+    url: str
+    api_key: str
+    api_secret: str = field(repr=False)
+
+    @classmethod
+    def of(cls, settings: Settings) -> RoomAdmin:
+        secret = settings.livekit_api_secret.get_secret_value()
+        return cls(settings.livekit_url, settings.livekit_api_key, secret)
+
+
+@dataclass(frozen=True)
+class NamedServer:
+    """The avatar server a job plays on: its configured name and its settings."""
+
+    name: str
+    config: AvatarServer
+
+    @property
+    def sample_rate(self) -> int:
+        return self.config.sample_rate
+
+
+def resolve_server(job: Job, settings: Settings) -> NamedServer:
+    """The configured server the job names; a name the settings lack fails the job alone."""
+    try:
+        config = settings.avatar_server(job.avatar_server)
+    except KeyError as e:
+        raise InvalidJob(str(e.args[0]), reason=Reason.UNKNOWN_AVATAR_SERVER) from None
+    return NamedServer(job.avatar_server or DEFAULT_AVATAR_SERVER, config)
+
+
+def link_key(job: Job, server: NamedServer) -> LinkKey:
+    return (job.room, job.avatar_identity, server.name, server.sample_rate)
+
+
+@dataclass
+class AvatarLink:
+    """A joined room with a ready avatar, used by one job at a time."""
+
+    key: LinkKey
+    room: rtc.Room
+    sender: AudioStreamSender
+    avatar: AvatarClient
+    admin: RoomAdmin
+    #: The hidden participant that keeps the room open while the link lives (tasks/room.py).
+    keeper: rtc.Room | None = None
+    session: AvatarSession | None = None
+    #: The session slot of the avatar server's quota that this link holds while it lives.
+    quota: AvatarQuota | None = None
+    slot: Slot | None = None
+    control: JobControl | None = None
+    #: Set once the room or the avatar is gone: the link must not be used again.
+    broken: StopReason | None = None
+    _closed: bool = field(default=False, repr=False)
+
+    @property
+    def session_id(self) -> str | None:
+        return self.session.session_id if self.session else None
+
+    def attach(self, control: JobControl) -> None:
+        self.control = control
+        if self.broken is not None:
+            control.request_stop(self.broken)
+
+    def hold_slot(self, quota: AvatarQuota, slot: Slot) -> None:
+        self.quota, self.slot = quota, slot
+        quota.hold(slot)
+
+    def lost(self, reason: StopReason) -> None:
+        """The room or avatar went away: stop the job using the link, and never reuse it."""
+        if self.broken is None:
+            self.broken = reason
+        if self.control is not None:
+            self.control.request_stop(reason)
+
+    @property
+    def reusable(self) -> bool:
+        return self.broken is None and not self._closed and self.room.isconnected()
+
+    async def close(self) -> None:
+        """Stop the avatar session and leave the room (idempotent, best effort). An avatar
+        whose server could not confirm the stop (no session id, no stop endpoint, an error) is
+        removed from the room, so it never goes on rendering after its job."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.session is not None and not await self.avatar.stop(self.session):
+            await rooms.remove_participant(
+                self.admin.url,
+                self.admin.api_key,
+                self.admin.api_secret,
+                room=self.key[0],
+                identity=self.sender.avatar_identity,
+            )
+        await self.avatar.aclose()
+        await self.sender.aclose()
+        await rooms.disconnect(self.room)
+        await rooms.disconnect(self.keeper)
+        if self.quota is not None and self.slot is not None:
+            await self.quota.release(self.slot)
+
+
+def avatar_client(server: NamedServer, settings: Settings) -> AvatarClient:
+    return HttpAvatarClient(
+        server.name,
+        server.config.base_url,
+        settings.avatar_license_key(server.config),
+        attempts=settings.avatar_start_attempts,
+    )
+
+
+async def open_link(
+    job: Job,
+    server: NamedServer,
+    settings: Settings,
+    key: LinkKey,
+    duration: float | None,
+    ts: Milestones,
+    note_session: SessionNote,
+) -> AvatarLink:
+    """Join the room (with its keeper), start the avatar and wait until it listens to us;
+    ready to stream when it returns."""
+    job_tokens = tokens.mint(
+        settings,
+        room=job.room,
+        worker_identity=job.worker_identity,
+        avatar_identity=job.avatar_identity,
+        ttl=tokens.ttl_for(duration, settings),
+    )
+    joined = await asyncio.gather(
+        rooms.connect(settings.livekit_url, job_tokens.worker),
+        rooms.connect(settings.livekit_url, job_tokens.keeper),
+        return_exceptions=True,
+    )
+    room, keeper = joined
+    if isinstance(room, BaseException) or isinstance(keeper, BaseException):
+        for joined_room in joined:
+            if isinstance(joined_room, rtc.Room):
+                await rooms.disconnect(joined_room)
+        raise room if isinstance(room, BaseException) else keeper  # type: ignore[misc]
+    ts.room_joined = time.time()
+    sender = AudioStreamSender(room, job.avatar_identity, server.sample_rate)
+    link = AvatarLink(
+        key, room, sender, avatar_client(server, settings), RoomAdmin.of(settings), keeper=keeper
+    )
+    # Fired only once the SDK gave up reconnecting: the room is lost for good.
+    room.on("disconnected", lambda *_: link.lost(StopReason.ROOM_LOST))
+    # An earlier session of this avatar still leaving the room is not ours.
+    stale = rooms.session_of(room, job.avatar_identity)
+    try:
+        link.session = await link.avatar.start(
+            livekit_url=settings.livekit_url,
+            livekit_token=job_tokens.avatar,
+            avatar_id=job.avatar_id,
+            avatar_identity=job.avatar_identity,
+        )
+        await note_session(job.job_id, server.name, link.session.session_id)
+        identity = link.session.participant_identity
+        join_timeout = settings.avatar_join_timeout_s
+        if not link.session.acknowledged:
+            # The start answer was lost: a cold start may take the whole answer timeout.
+            join_timeout += START_ANSWER_TIMEOUT_S
+        await rooms.wait_for_avatar(room, identity, timeout=join_timeout, not_sid=stale)
+        await rooms.wait_until_listening(room, identity, timeout=settings.avatar_join_timeout_s)
+    except BaseException:
+        await link.close()
+        raise
+    ts.avatar_ready = time.time()
+    rooms.on_leave(room, identity, link.lost, StopReason.AVATAR_LEFT)
+    return link

@@ -1,0 +1,172 @@
+"""Cross-cutting concerns of a job's run, as hooks (in the manner of dramatiq's middleware).
+
+A `JobRun` (tasks/jobrun.py) makes one instance of each hook for its job and calls it at
+fixed points; none of them decides how the job ends, they watch and record:
+
+    on_claimed        the job holds its lease and its room's head: it is about to play
+    on_stream_start   the first byte is about to go out
+    on_chunk_sent     after every write (keep it cheap: it runs in the send loop)
+    on_stream_end     the last byte went out, or the stream stopped
+    on_released       the run is over, whatever its outcome (always called after on_claimed)
+
+The worker's hooks: `LeaseWatch` (renews the lease, stops the job on cancel, hand-back or
+take-over), `StreamMetrics` (Prometheus), `ProgressReports` (progress events and state).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from redis.exceptions import RedisError
+
+from producers.jobs import Job
+from tasks import metrics
+from tasks.control import JobControl, StopReason
+from tasks.pacing import Pacer
+from tasks.seams import JobLedger, Reporter
+
+log = logging.getLogger("avatarq.hooks")
+
+#: How often a playing job renews its lease and checks for cancel and hand-back: a stop
+#: comes within half a second.
+WATCH_INTERVAL_S = 0.25
+
+
+@dataclass
+class RunContext:
+    """What a hook may know of the run it belongs to."""
+
+    job: Job
+    token: str
+    control: JobControl
+    ledger: JobLedger
+    reporter: Reporter
+
+
+@dataclass
+class Segment:
+    """The stream a hook sees: whose it is, how fast it goes, how long it is."""
+
+    job: Job
+    bytes_per_second: int
+    duration: float | None
+    pacer: Pacer
+
+
+class JobHook:
+    """Every method is optional: a hook overrides the points it cares about."""
+
+    async def on_claimed(self) -> None:
+        return None
+
+    def on_stream_start(self, segment: Segment) -> None:
+        return None
+
+    def on_chunk_sent(self, segment: Segment, sent: int) -> None:
+        return None
+
+    def on_stream_end(self, segment: Segment) -> None:
+        return None
+
+    async def on_released(self) -> None:
+        return None
+
+
+#: Makes a hook for one run.
+HookFactory = Callable[[RunContext], JobHook]
+
+
+class LeaseWatch(JobHook):
+    """Every tick while the job plays: renew (or restore) its lease and its hold on the room;
+    stop it on a cancel request, once the worker's shutdown grace is over, or when another
+    delivery took it over (this worker was taken for dead)."""
+
+    def __init__(
+        self,
+        ledger: JobLedger,
+        job: Job,
+        token: str,
+        control: JobControl,
+        shutting_down: Callable[[], bool],
+        interval_s: float = WATCH_INTERVAL_S,
+    ) -> None:
+        self.ledger, self.job, self.token, self.control = ledger, job, token, control
+        self.shutting_down = shutting_down
+        self.interval_s = interval_s
+        self._task: asyncio.Task[None] | None = None
+
+    @classmethod
+    def factory(
+        cls, shutting_down: Callable[[], bool], interval_s: float = WATCH_INTERVAL_S
+    ) -> HookFactory:
+        def make(run: RunContext) -> JobHook:
+            return cls(run.ledger, run.job, run.token, run.control, shutting_down, interval_s)
+
+        return make
+
+    async def on_claimed(self) -> None:
+        self._task = asyncio.create_task(self._watch())
+
+    async def on_released(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _watch(self) -> None:
+        while self.control.reason is None:
+            await asyncio.sleep(self.interval_s)
+            if self.shutting_down():
+                self.control.request_stop(StopReason.HANDED_BACK)
+                return
+            try:
+                cancel, ours = await self.ledger.watch(self.job.job_id, self.job.room, self.token)
+            except (RedisError, OSError) as e:
+                # Keep playing through a Redis outage; the lease outlives a short one.
+                log.warning("job %s: ledger unreachable: %s", self.job.job_id, e)
+                continue
+            if cancel:
+                self.control.request_stop(StopReason.CANCELLED)
+            elif not ours:
+                log.warning("job %s: its lease was taken over by another delivery; stopping",
+                            self.job.job_id)  # fmt: skip
+                self.control.request_stop(StopReason.HANDED_BACK, taken_over=True)
+                return
+
+
+class StreamMetrics(JobHook):
+    """Streams in flight and the sender's schedule error, for Prometheus (tasks/metrics.py)."""
+
+    def __init__(self) -> None:
+        self._probe: metrics.PacingProbe | None = None
+
+    def on_stream_start(self, segment: Segment) -> None:
+        metrics.STREAMS_IN_FLIGHT.inc()
+        self._probe = metrics.PacingProbe(segment.pacer)
+
+    def on_chunk_sent(self, segment: Segment, sent: int) -> None:
+        if self._probe is not None:
+            self._probe.observe(sent)
+
+    def on_stream_end(self, segment: Segment) -> None:
+        metrics.STREAMS_IN_FLIGHT.dec()
+
+
+class ProgressReports(JobHook):
+    """`job.progress` events and the Celery PROGRESS state while the audio goes out."""
+
+    def __init__(self, reporter: Reporter) -> None:
+        self.reporter = reporter
+
+    def on_chunk_sent(self, segment: Segment, sent: int) -> None:
+        self.reporter.progress_nowait(sent / segment.bytes_per_second, segment.duration)
+
+
+def worker_hooks(shutting_down: Callable[[], bool]) -> list[HookFactory]:
+    """The hooks every job of a worker runs with."""
+    return [
+        LeaseWatch.factory(shutting_down),
+        lambda _run: StreamMetrics(),
+        lambda run: ProgressReports(run.reporter),
+    ]

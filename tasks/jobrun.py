@@ -1,0 +1,360 @@
+"""One delivery of a job, from the message to its outcome: the `JobRun` state machine.
+
+    RECEIVED ──invalid──────────────────────────────────────────▶ FAILED
+       │ └────invalid, another job's id─────────────────────────▶ DROPPED
+       ▼
+    CLAIMING ──room busy, or this worker is leaving─────────────▶ REQUEUED
+       │ ├────done already, or playing elsewhere────────────────▶ DROPPED
+       │ └────cancelled while queued────────────────────────────▶ CANCELLED
+       ▼
+    PLAYING ──played (confirmed or not)─────────────────────────▶ PLAYED
+             ├─no avatar session free (not an attempt)──────────▶ REQUEUED
+             ├─cancel request───────────────────────────────────▶ CANCELLED
+             ├─worker shutting down─────────────────────────────▶ HANDED_BACK
+             ├─taken over by another delivery───────────────────▶ DROPPED
+             ├─transient error, attempts left───────────────────▶ RETRY
+             ├─transient error, attempts used up────────────────▶ DEAD_LETTERED
+             └─permanent error──────────────────────────────────▶ FAILED
+
+Each ending has one handler (`_played`, `_requeued`, …). A run is given its parts
+(`JobParts`: ledger, reporter, playback, hooks, shutdown signal) and reaches for nothing
+global, so every branch is tested fast with fakes (tests/fakes.py). Delivery is at-least-once;
+the ledger makes playback exactly-once and one voice per room, and records each job's one
+terminal state (only its first recorder announces it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Literal, Protocol
+
+from redis.exceptions import RedisError
+
+from avatarq.errors import InvalidJob, JobError, Reason, TransientJobError
+from avatarq.events import Event
+from avatarq.results import Cancelled, Failed, Played
+from avatarq.settings import Settings
+from producers.jobs import Job, parse_job
+from tasks.avatar_link import SessionNote
+from tasks.backoff import backoff_delay
+from tasks.control import Interrupted, JobControl, StopReason
+from tasks.hooks import HookFactory, JobHook, RunContext
+from tasks.ledger import Claim
+from tasks.quota import NoAvatarSlot
+from tasks.seams import JobLedger, Reporter, ReporterFactory
+
+log = logging.getLogger("avatarq.jobrun")
+
+
+class State(StrEnum):
+    RECEIVED = "received"
+    CLAIMING = "claiming"
+    PLAYING = "playing"
+    ENDED = "ended"
+
+
+class Ending(StrEnum):
+    """How a delivery ended; the Celery task (tasks/render.py) acts on it."""
+
+    PLAYED = "played"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+    DEAD_LETTERED = "dead_lettered"
+    #: Published again with a countdown, the attempt counted.
+    RETRY = "retry"
+    #: Published again, not counted as an attempt (room busy, no avatar slot, worker leaving).
+    REQUEUED = "requeued"
+    #: The worker is shutting down: published again at once for another worker.
+    HANDED_BACK = "handed_back"
+    #: Nothing to do: ended already, playing elsewhere, or a stray message for another job.
+    DROPPED = "dropped"
+
+
+JobResult = Played | Failed | Cancelled
+
+
+@dataclass(frozen=True)
+class Outcome:
+    ending: Ending
+    result: JobResult | None = None
+    #: For RETRY, REQUEUED and HANDED_BACK: when the message comes back.
+    retry_in: float | None = None
+
+
+@dataclass(frozen=True)
+class Timing:
+    """The run's waits, in seconds (the defaults are the product's; tests shorten them)."""
+
+    #: A job whose room is busy waits this long in its worker slot before going back to the
+    #: queue, so waiting jobs can never fill every slot while the room's head job is queued.
+    room_wait_s: float = 5.0
+    room_poll_s: float = 0.2
+    room_requeue_s: float = 1.0
+    #: A job waiting for an avatar session slot comes back this soon (well within the time its
+    #: place in line is kept, tasks/quota.py WAITER_STALE_S).
+    quota_requeue_s: float = 1.0
+    #: Tries to record a job's end while Redis is unreachable (about a minute with backoff).
+    finish_attempts: int = 20
+    finish_backoff_base_s: float = 0.5
+
+
+class Player(Protocol):
+    async def play(
+        self,
+        job: Job,
+        *,
+        reporter: Reporter,
+        control: JobControl,
+        hooks: Sequence[JobHook],
+        attempt: int,
+        note_session: SessionNote,
+    ) -> Played: ...
+
+
+@dataclass
+class JobParts:
+    """What a run is given. A worker process builds one (tasks/render.py); tests build theirs."""
+
+    settings: Settings
+    ledger: JobLedger
+    reporter: ReporterFactory
+    player: Player
+    #: True once the worker's shutdown grace is over: playing jobs are handed back.
+    shutting_down: Callable[[], bool]
+    hooks: Sequence[HookFactory] = ()
+    timing: Timing = field(default_factory=Timing)
+
+
+def job_id_of(payload: Any, task_id: str) -> str:
+    """The job's id: its own, else the Celery task id, which every redelivery and retry of
+    the message keeps (a fresh random id per delivery would never reach its room's head)."""
+    if isinstance(payload, dict) and isinstance(payload.get("job_id"), str) and payload["job_id"]:
+        return str(payload["job_id"])
+    return task_id
+
+
+class JobRun:
+    """One delivery of one job. `await JobRun(parts, payload, task_id, token).run()`."""
+
+    def __init__(self, parts: JobParts, payload: Any, task_id: str, token: str) -> None:
+        self.parts = parts
+        self.payload = payload
+        self.job_id = job_id_of(payload, task_id)
+        #: The delivery's lease token: a re-run after a Redis outage is the same holder.
+        self.token = token
+        self.reporter = parts.reporter(self.job_id)
+        self.state = State.RECEIVED
+        self.attempt = 0
+        self.control = JobControl()
+        self.job: Job | None = None
+
+    @property
+    def ledger(self) -> JobLedger:
+        return self.parts.ledger
+
+    async def run(self) -> Outcome:
+        payload = self.payload
+        try:
+            self.job = parse_job(
+                {**payload, "job_id": self.job_id} if isinstance(payload, dict) else payload
+            )
+        except InvalidJob as e:
+            if await self.ledger.owned_by_another(self.job_id, payload):
+                log.warning("dropping an invalid message for job %s, which is another job's: %s",
+                            self.job_id, e)  # fmt: skip
+                return self._dropped()
+            self.attempt = 1
+            return await self._failed(e)
+        return await self._claim(self.job)
+
+    async def _claim(self, job: Job) -> Outcome:
+        self.state = State.CLAIMING
+        timing = self.parts.timing
+        if self.parts.shutting_down():
+            # This worker is shutting down, and a broker (RabbitMQ) may still deliver to it: the
+            # job goes straight back, unclaimed, so no attempt is spent on a worker that leaves.
+            return self._requeued(timing.room_requeue_s)
+        deadline = time.monotonic() + timing.room_wait_s
+        verdict, attempt = await self.ledger.claim(job.job_id, job.room, self.token)
+        while verdict is Claim.WAIT and time.monotonic() < deadline:
+            await asyncio.sleep(timing.room_poll_s)
+            verdict, attempt = await self.ledger.claim(job.job_id, job.room, self.token)
+        if verdict is Claim.WAIT:
+            return self._requeued(timing.room_requeue_s)
+        if verdict in (Claim.DONE, Claim.BUSY):
+            log.info("job %s: %s, not playing it", job.job_id, verdict.value)
+            return self._dropped()
+        if verdict is Claim.CANCELLED:
+            return await self._cancelled(while_="queued", position=None, streamed=0.0)
+        self.attempt = attempt
+        return await self._play(job)
+
+    async def _play(self, job: Job) -> Outcome:
+        self.state = State.PLAYING
+        context = RunContext(job, self.token, self.control, self.ledger, self.reporter)
+        hooks = [make(context) for make in self.parts.hooks]
+        for hook in hooks:
+            await hook.on_claimed()
+        try:
+            played = await self.parts.player.play(
+                job,
+                reporter=self.reporter,
+                control=self.control,
+                hooks=hooks,
+                attempt=self.attempt,
+                note_session=self.ledger.note_avatar_session,
+            )
+        except NoAvatarSlot as e:
+            log.info("job %s: %s; requeued", job.job_id, e)
+            return await self._waiting_for_avatar()
+        except Interrupted as e:
+            if e.reason is StopReason.HANDED_BACK:
+                return self._dropped() if self.control.taken_over else await self._handed_back()
+            return await self._cancelled(
+                while_="playing",
+                position=e.playback_position,
+                streamed=e.seconds_streamed,
+                stopped_at=e.stopped_at,
+            )
+        except TimeoutError:
+            return await self._error(
+                TransientJobError(
+                    "job overran its time limit (audio length plus start-up budget)",
+                    reason=Reason.JOB_TIMEOUT,
+                )
+            )
+        except JobError as e:
+            return await self._error(e)
+        except Exception as e:
+            # Unclassified: keep the trace in the log, retry like any fault we cannot rule out.
+            log.exception("job %s: unexpected error", job.job_id)
+            error = TransientJobError(f"{type(e).__name__}: {e}", reason=Reason.INTERNAL_ERROR)
+            return await self._error(error)
+        finally:
+            for hook in hooks:
+                await hook.on_released()
+        return await self._played(played)
+
+    # -- one handler per ending -------------------------------------------------------------
+
+    async def _played(self, played: Played) -> Outcome:
+        return await self._end(Ending.PLAYED, played)
+
+    def _dropped(self) -> Outcome:
+        self.state = State.ENDED
+        return Outcome(Ending.DROPPED)
+
+    def _requeued(self, retry_in: float) -> Outcome:
+        self.state = State.ENDED
+        return Outcome(Ending.REQUEUED, retry_in=retry_in)
+
+    async def _waiting_for_avatar(self) -> Outcome:
+        # Waiting is not failing: back to the queue, this claim not counted as an attempt.
+        job = self._job
+        await self.ledger.release(job.job_id, job.room, self.token, uncount=True)
+        return self._requeued(self.parts.timing.quota_requeue_s)
+
+    async def _handed_back(self) -> Outcome:
+        job = self._job
+        await self.ledger.release(job.job_id, job.room, self.token)
+        reason = StopReason.HANDED_BACK.value
+        await self.reporter.emit(Event.RETRYING, reason=reason, attempt=self.attempt, retry_in=0)
+        self.state = State.ENDED
+        return Outcome(Ending.HANDED_BACK, retry_in=0.0)
+
+    async def _cancelled(
+        self,
+        *,
+        while_: Literal["queued", "playing"],
+        position: float | None,
+        streamed: float,
+        stopped_at: float | None = None,
+    ) -> Outcome:
+        job = self._job
+        cancelled = Cancelled(
+            job_id=job.job_id,
+            attempt=self.attempt,
+            room=job.room,
+            avatar_id=job.avatar_id,
+            metadata=job.metadata,
+            cancelled_while=while_,
+            seconds_streamed=round(streamed, 6),
+            playback_position=position,
+            stopped_at=stopped_at,
+        )
+        return await self._end(Ending.CANCELLED, cancelled)
+
+    async def _error(self, error: JobError) -> Outcome:
+        """A play that failed: retry a transient fault while attempts are left."""
+        settings = self.parts.settings
+        if not error.permanent and self.attempt <= settings.max_retries:
+            return await self._retry(error)
+        return await self._failed(error)
+
+    async def _retry(self, error: JobError) -> Outcome:
+        job, settings = self._job, self.parts.settings
+        countdown = backoff_delay(self.attempt - 1, settings.retry_base_s, settings.retry_cap_s)
+        log.warning("job %s attempt %d: %s; retry in %.1fs",
+                    job.job_id, self.attempt, error, countdown)  # fmt: skip
+        await self.ledger.release(job.job_id, job.room, self.token)
+        await self.reporter.emit(
+            Event.RETRYING,
+            reason=error.reason,
+            error=error.message,
+            attempt=self.attempt,
+            retry_in=round(countdown, 3),
+        )
+        self.state = State.ENDED
+        return Outcome(Ending.RETRY, retry_in=countdown)
+
+    async def _failed(self, error: JobError) -> Outcome:
+        job = self.job
+        where: dict[str, Any] = {}
+        if job is not None:
+            where = {"room": job.room, "avatar_id": job.avatar_id, "metadata": job.metadata}
+        failed = Failed(
+            job_id=self.job_id,
+            attempt=self.attempt,
+            reason=error.reason,
+            error=error.message,
+            **where,
+        )
+        if job is not None and not error.permanent:
+            # Retries used up: keep the job where an operator can see and replay it.
+            await self.ledger.dead_letter(job.payload(), failed.as_record())
+            return await self._end(Ending.DEAD_LETTERED, failed)
+        return await self._end(Ending.FAILED, failed)
+
+    # -- the one way a job ends -------------------------------------------------------------
+
+    async def _end(self, ending: Ending, result: JobResult) -> Outcome:
+        """Record the terminal state once; only the first recorder announces it."""
+        self.state = State.ENDED
+        record = result.as_record()
+        room = self.job.room if self.job else None
+        timing = self.parts.timing
+        for attempt in range(timing.finish_attempts):
+            try:
+                recorded = await self.ledger.finish(self.job_id, room, record)
+                break
+            except RedisError as e:
+                # The job has ended; losing its record would let it play again. Wait Redis out.
+                log.warning("job %s: cannot record its end yet: %s", self.job_id, e)
+                await asyncio.sleep(backoff_delay(attempt, timing.finish_backoff_base_s, 5.0))
+        else:
+            raise TransientJobError("could not record the job's end: Redis unreachable")
+        if not recorded:
+            return self._dropped()
+        webhook = self.job.webhook_url if self.job is not None else None
+        await self.reporter.announce(record, str(webhook) if webhook else None)
+        return Outcome(ending, result)
+
+    @property
+    def _job(self) -> Job:
+        assert self.job is not None, "only a parsed job gets this far"
+        return self.job

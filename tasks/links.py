@@ -1,0 +1,111 @@
+"""Where a job's link comes from, and where it goes after the job.
+
+A job gets an idle link of the same room and avatar kept by this process (tasks/warm.py), else
+a cold start within the avatar server's session quota (tasks/quota.py). Afterwards the link
+goes back to the warm pool when it is fit for the next job, and is closed otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+
+import redis.asyncio as aioredis
+
+from avatarq.errors import AvatarOverLimit
+from avatarq.events import Event, job_waiting_key
+from avatarq.settings import Settings
+from producers.jobs import Job
+from tasks.avatar_link import (
+    AvatarLink,
+    Milestones,
+    NamedServer,
+    SessionNote,
+    link_key,
+    open_link,
+)
+from tasks.quota import AvatarQuota, NoAvatarSlot, Waiting, wait_for_slot
+from tasks.seams import Link, Reporter
+from tasks.warm import WarmPool
+
+#: How long a cold start waits in its worker slot for an avatar session slot before the job
+#: goes back to the queue (its place in the server's line is kept meanwhile).
+QUOTA_PATIENCE_S = 5.0
+#: A waiting job's status entry outlives the gaps between its polls and requeues.
+WAITING_TTL_S = 15
+
+
+class Links:
+    """Hands links to jobs: warm from this process's pool, else cold within the quota."""
+
+    def __init__(self, settings: Settings, redis: aioredis.Redis) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.pool = WarmPool(redis)
+        self._quotas: dict[str, AvatarQuota] = {}
+
+    def quota(self, server: NamedServer) -> AvatarQuota:
+        """This process's handle on the fleet-wide session quota of `server`."""
+        quota = self._quotas.get(server.name)
+        if quota is None:
+            limit = server.config.max_sessions
+            quota = self._quotas[server.name] = AvatarQuota(self.redis, server.name, limit)
+        return quota
+
+    async def take_warm(self, job: Job, server: NamedServer) -> AvatarLink | None:
+        if self.settings.warm_idle_s <= 0:
+            return None
+        return await self.pool.take(link_key(job, server))
+
+    async def start_cold(
+        self,
+        job: Job,
+        server: NamedServer,
+        *,
+        duration: float | None,
+        ts: Milestones,
+        reporter: Reporter,
+        note_session: SessionNote,
+    ) -> AvatarLink:
+        """A cold start within the avatar server's session quota: wait for a slot (briefly:
+        `NoAvatarSlot` sends the job back to the queue), then open the link, which holds the
+        slot until it closes."""
+        quota = self.quota(server)
+
+        async def on_wait(waiting: Waiting) -> None:
+            info = {
+                "server": server.name,
+                "place": waiting.place + 1,
+                "sessions": waiting.sessions,
+                "quota": waiting.quota,
+            }
+            await reporter.emit(Event.WAITING_FOR_AVATAR, **info)
+            await self.redis.set(job_waiting_key(job.job_id), json.dumps(info), ex=WAITING_TTL_S)
+
+        slot = await wait_for_slot(quota, job.job_id, patience_s=QUOTA_PATIENCE_S, on_wait=on_wait)
+        # Also clears what an earlier, requeued try of this job left.
+        await self.redis.delete(job_waiting_key(job.job_id))
+        key = link_key(job, server)
+        try:
+            await self.pool.make_room(key)
+            link = await open_link(job, server, self.settings, key, duration, ts, note_session)
+        except AvatarOverLimit as e:
+            # Refused under our quota: the server's real limit is lower. Shrink, wait again.
+            await quota.release(slot)
+            cap = await quota.shrink()
+            raise NoAvatarSlot(server.name, Waiting(place=0, sessions=cap, quota=cap)) from e
+        except BaseException:
+            await quota.release(slot)
+            raise
+        link.hold_slot(quota, slot)
+        return link
+
+    async def give_back(self, link: Link, *, keep: bool) -> None:
+        """After the job: park a link fit for the next one, close any other."""
+        assert isinstance(link, AvatarLink), "Links only takes back the links it gave"
+        if keep and self.settings.warm_idle_s > 0 and link.reusable:
+            await self.pool.park(link, self.settings.warm_idle_s)
+        else:
+            await link.close()
+
+    async def aclose(self) -> None:
+        await self.pool.aclose()

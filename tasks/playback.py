@@ -1,0 +1,332 @@
+"""Playing a claimed job once: source → decode → link (room + avatar) → stream → confirm.
+
+`Playback.play()` returns the `Played` result or raises: a `JobError` (the run decides about
+retries), `Interrupted` when the job's control asked it to stop (cancel, hand-back), or
+`NoAvatarSlot` when the avatar server has no free session for it now. Each step is a method
+named for what it does; the parts it uses (audio, links, hooks) are given to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import asdict
+
+from avatarq.errors import (
+    AvatarTimeout,
+    DecodeError,
+    InvalidJob,
+    PermanentJobError,
+    Reason,
+    RoomError,
+    TransientJobError,
+)
+from avatarq.events import Event, Status
+from avatarq.results import Played, Timestamps
+from avatarq.settings import Settings
+from producers.jobs import Job
+from tasks.avatar_link import Milestones, NamedServer, SessionNote
+from tasks.control import Interrupted, JobControl, StopReason
+from tasks.decode import PcmDecoder, probe_duration
+from tasks.hooks import JobHook, Segment
+from tasks.pacing import Pacer
+from tasks.seams import Audio, AudioOpener, Link, LinkSource, Reporter, Sender, ServerResolver
+from tasks.source import aresolve
+from tasks.stream import CHUNK_SECONDS, PlaybackFinished
+
+log = logging.getLogger("avatarq.playback")
+
+#: Time allowed on top of the audio itself for joining, avatar start and the final report.
+OVERHEAD_BUDGET_S = 60.0
+#: How long an interrupted job waits for the avatar to report where playback stopped.
+INTERRUPT_REPORT_TIMEOUT_S = 2.0
+#: Audio the avatar may report short of what was sent before the playback counts as cut off.
+PLAYBACK_SHORTFALL_S = 0.5
+
+
+def length_limit(job: Job, settings: Settings) -> float:
+    return job.max_duration or settings.max_job_duration_s
+
+
+def time_budget(job: Job, audio_seconds: float | None, settings: Settings) -> float:
+    """The job's whole time limit: its audio plus joining, avatar start and reporting."""
+    length = audio_seconds or length_limit(job, settings)
+    waits = settings.avatar_join_timeout_s + settings.playback_finished_timeout_s
+    return length + waits + OVERHEAD_BUDGET_S
+
+
+class FfmpegAudio:
+    """Opens a job's source with ffmpeg (tasks/decode.py), resampled to the avatar's rate.
+
+    ffprobe (the declared length) runs beside the decoder's start rather than before it: a
+    warm job's start is bounded by the slower of the two, not their sum. The length limit
+    holds while decoding too (many files declare no length), and a file that decodes clearly
+    short of its declared length fails as truncated_audio."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    @contextlib.asynccontextmanager
+    async def open(self, job: Job, *, sample_rate: int, chunk_bytes: int) -> AsyncIterator[Audio]:
+        if not isinstance(job.source, str):
+            # Speech is rendered once by the producer (producers.tts), never by a worker.
+            raise InvalidJob("tts sources must be rendered by the producer before they are queued")
+        resolved = await aresolve(job.source, self.settings)
+        limit = length_limit(job, self.settings)
+        probe = asyncio.create_task(probe_duration(resolved, self.settings))
+        decoder = PcmDecoder(
+            resolved, sample_rate=sample_rate, settings=self.settings, max_seconds=limit
+        )
+        try:
+            async with decoder:
+                chunks = decoder.chunks(chunk_bytes)
+                # Audio that decodes to nothing ends the decoder with DecodeError `no_audio`.
+                first = await anext(chunks)
+                duration = decoder.expected_seconds = await probe
+                yield Audio(duration, first, chunks, lambda: decoder.decoded_seconds)
+        finally:
+            probe.cancel()
+
+
+class Playback:
+    """The steps of one play of a job, on the parts it is given."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        audio: AudioOpener,
+        links: LinkSource,
+        resolve_server: ServerResolver,
+    ) -> None:
+        self.settings = settings
+        self.audio = audio
+        self.links = links
+        self.resolve_server = resolve_server
+
+    async def play(
+        self,
+        job: Job,
+        *,
+        reporter: Reporter,
+        control: JobControl,
+        hooks: Sequence[JobHook],
+        attempt: int,
+        note_session: SessionNote,
+    ) -> Played:
+        ts = Milestones()
+        await reporter.emit(Event.STARTED, room=job.room, avatar_id=job.avatar_id, attempt=attempt)
+        server = self.resolve_server(job)
+        lead = self.settings.default_lead_s if job.lead is None else job.lead
+        chunk_bytes = int(server.sample_rate * CHUNK_SECONDS) * 2
+        # Bounded from the start by the longest the job may be; tightened once its length is
+        # known.
+        async with asyncio.timeout(time_budget(job, None, self.settings)) as budget:
+            opened = self.audio.open(job, sample_rate=server.sample_rate, chunk_bytes=chunk_bytes)
+            async with opened as audio:
+                _check_length(job, audio, self.settings)
+                loop = asyncio.get_running_loop()
+                budget.reschedule(loop.time() + time_budget(job, audio.duration, self.settings))
+                link, warm = await self._get_link(job, server, audio, ts, reporter, note_session)
+                link.attach(control)
+                await reporter.emit(Event.AVATAR_READY, session_id=link.session_id, warm=warm)
+                segment = Segment(job, link.sender.bytes_per_second, audio.duration, Pacer(
+                    bytes_per_second=link.sender.bytes_per_second,
+                    lead=lead,
+                    record_errors=self.settings.pacing_trace,
+                ))  # fmt: skip
+                for hook in hooks:
+                    hook.on_stream_start(segment)
+                keep = False
+                try:
+                    try:
+                        streamed = await self._stream(
+                            link.sender, audio, segment, control, ts, hooks
+                        )
+                    finally:
+                        # No progress report may land after the job's end.
+                        await reporter.settle_progress()
+                    await reporter.progress(streamed, audio.duration, force=True)
+                    if control.reason is not None:
+                        await _interrupt(link.sender, control.reason, ts, streamed, audio.duration)
+                    finished = await self._confirm(link.sender, lead, streamed, attempt, ts)
+                    # Only a segment that ended cleanly leaves the session fit for the next job.
+                    keep = finished is not None
+                finally:
+                    for hook in hooks:
+                        hook.on_stream_end(segment)
+                    await self.links.give_back(link, keep=keep)
+        return _result(job, server, audio, link, warm, segment, streamed, finished, ts,
+                       lead=lead, attempt=attempt)  # fmt: skip
+
+    async def _get_link(
+        self,
+        job: Job,
+        server: NamedServer,
+        audio: Audio,
+        ts: Milestones,
+        reporter: Reporter,
+        note_session: SessionNote,
+    ) -> tuple[Link, bool]:
+        """The room with a listening avatar: this process's idle one, else a cold start."""
+        link = await self.links.take_warm(job, server)
+        if link is not None:
+            ts.room_joined = ts.avatar_ready = time.time()
+            await note_session(job.job_id, server.name, link.session_id)
+            return link, True
+        link = await self.links.start_cold(
+            job,
+            server,
+            duration=audio.duration,
+            ts=ts,
+            reporter=reporter,
+            note_session=note_session,
+        )
+        return link, False
+
+    async def _stream(
+        self,
+        sender: Sender,
+        audio: Audio,
+        segment: Segment,
+        control: JobControl,
+        ts: Milestones,
+        hooks: Sequence[JobHook],
+    ) -> float:
+        """Send the audio, paced; returns the seconds sent (all, or up to a stop)."""
+
+        async def pcm() -> AsyncIterator[bytes]:
+            yield audio.first
+            ts.first_byte = time.time()
+            async for chunk in audio.rest:
+                yield chunk
+
+        async def on_progress(sent: int) -> None:
+            for hook in hooks:
+                hook.on_chunk_sent(segment, sent)
+
+        try:
+            sent = await sender.send_segment(
+                pcm(), segment.pacer, on_progress=on_progress, stop=control.stop,
+                name=segment.job.job_id,
+            )  # fmt: skip
+        except Exception as e:
+            if control.reason is not StopReason.ROOM_LOST:
+                raise
+            raise RoomError(f"lost the LiveKit room while streaming: {e}") from None
+        ts.last_byte = time.time()
+        return sent / segment.bytes_per_second
+
+    async def _confirm(
+        self, sender: Sender, lead: float, streamed: float, attempt: int, ts: Milestones
+    ) -> PlaybackFinished | None:
+        """The avatar's report that it played the segment, checked against what was sent."""
+        # The avatar still has up to `lead` seconds buffered when the last byte leaves.
+        timeout = lead + self.settings.playback_finished_timeout_s
+        finished = await sender.wait_playback_finished(timeout)
+        if finished is None:
+            log.warning("no lk.playback_finished from the avatar within %.1fs", timeout)
+            return None
+        ts.playback_finished = time.time()
+        _check_complete(finished.playback_position, streamed, attempt=attempt)
+        return finished
+
+
+def _check_length(job: Job, audio: Audio, settings: Settings) -> None:
+    """A source that declares a length over the limit fails before any room is joined (one
+    that does not is cut off by the decoder when it passes the limit)."""
+    limit = length_limit(job, settings)
+    if audio.duration is not None and audio.duration > limit:
+        raise DecodeError(
+            f"audio is {audio.duration:.1f}s long, over the {limit:g}s maximum",
+            reason=Reason.TOO_LONG,
+        )
+
+
+async def _interrupt(
+    sender: Sender,
+    reason: StopReason,
+    ts: Milestones,
+    streamed: float,
+    duration: float | None,
+) -> None:
+    """Stop the avatar mid-segment and raise how far it got."""
+    total = f" of {duration:.1f}s" if duration else ""
+    if reason is StopReason.ROOM_LOST:
+        raise RoomError(f"lost the LiveKit room after {streamed:.1f}s{total} streamed")
+    if reason is StopReason.AVATAR_LEFT:
+        raise AvatarTimeout(
+            f"the avatar left the room after {streamed:.1f}s{total} streamed",
+            reason=Reason.AVATAR_LEFT,
+        )
+    # The sender cleared the avatar's buffer before closing the stream.
+    finished = await sender.wait_playback_finished(INTERRUPT_REPORT_TIMEOUT_S)
+    raise Interrupted(
+        reason,
+        stopped_at=ts.last_byte or time.time(),
+        seconds_streamed=streamed,
+        playback_position=finished.playback_position if finished else None,
+    )
+
+
+def _check_complete(position: float, streamed: float, *, attempt: int) -> None:
+    """An avatar that played clearly less than it was sent lost audio on the way (a LiveKit
+    reconnect that did not resume the stream): play the job again rather than report it
+    done, but only once: an avatar that under-reports would otherwise make viewers hear the
+    same clip again and again."""
+    if position >= streamed - PLAYBACK_SHORTFALL_S:
+        return
+    message = f"the avatar played {position:.1f}s of the {streamed:.1f}s sent"
+    if attempt <= 1:
+        raise TransientJobError(message, reason=Reason.INCOMPLETE_PLAYBACK)
+    raise PermanentJobError(
+        f"{message}, again after a replay: not replayed a second time",
+        reason=Reason.INCOMPLETE_PLAYBACK,
+    )
+
+
+def _result(
+    job: Job,
+    server: NamedServer,
+    audio: Audio,
+    link: Link,
+    warm: bool,
+    segment: Segment,
+    streamed: float,
+    finished: PlaybackFinished | None,
+    ts: Milestones,
+    *,
+    lead: float,
+    attempt: int,
+) -> Played:
+    # A listening avatar got every byte but never said it played them (livekit-agents has
+    # known cases of a lost report): not a plain success, and not replayed either.
+    confirmed = finished is not None
+    pacer = segment.pacer
+    return Played(
+        job_id=job.job_id,
+        status=Status.COMPLETED.value if confirmed else Status.UNCONFIRMED.value,
+        reason=None if confirmed else Reason.PLAYBACK_UNCONFIRMED,
+        room=job.room,
+        avatar_id=job.avatar_id,
+        audio_duration=audio.duration if audio.duration is not None else audio.decoded_seconds(),
+        seconds_streamed=round(streamed, 6),
+        playback_position=finished.playback_position if finished else None,
+        interrupted=finished.interrupted if finished else None,
+        playback_confirmed=confirmed,
+        avatar_server=server.name,
+        avatar_session_id=link.session_id,
+        warm=warm,
+        attempt=attempt,
+        lead=lead,
+        sample_rate=server.sample_rate,
+        metadata=job.metadata,
+        timestamps=Timestamps(**asdict(ts)),
+        # Benchmarks only (AVATARQ_PACING_TRACE): the sender's schedule error of every chunk.
+        pacing_errors_ms=[round(e * 1000, 2) for e in pacer.errors]
+        if pacer.record_errors
+        else None,
+    )

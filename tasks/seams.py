@@ -1,0 +1,126 @@
+"""The interfaces a job's run is given, so each part can be replaced: by the real one in a
+worker (tasks/render.py wires them), by a fake in the fast tests (tests/fakes.py).
+
+    JobLedger    who may play a job, its lease, its one terminal record (tasks/ledger.py)
+    Reporter     events, progress, the announcement and webhook (tasks/report.py)
+    AudioOpener  source → decoded PCM chunks (tasks/playback.py FfmpegAudio)
+    LinkSource   a room with a listening avatar, warm or cold (tasks/links.py Links)
+    Link         what a job uses of an AvatarLink (tasks/avatar_link.py)
+    Sender       what a job uses of the audio stream sender (tasks/stream.py)
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from avatarq.events import Event
+from producers.jobs import Job
+from tasks.avatar_link import Milestones, NamedServer, SessionNote
+from tasks.control import JobControl
+from tasks.ledger import Claim
+from tasks.pacing import Pacer
+from tasks.stream import PlaybackFinished, ProgressCallback
+
+
+class JobLedger(Protocol):
+    async def claim(self, job_id: str, room: str, token: str) -> tuple[Claim, int]: ...
+
+    async def watch(self, job_id: str, room: str, token: str) -> tuple[bool, bool]: ...
+
+    async def release(
+        self, job_id: str, room: str, token: str, *, uncount: bool = False
+    ) -> None: ...
+
+    async def finish(self, job_id: str, room: str | None, result: dict[str, Any]) -> bool: ...
+
+    async def dead_letter(self, job: dict[str, Any], result: dict[str, Any]) -> None: ...
+
+    async def owned_by_another(self, job_id: str, payload: Any) -> bool: ...
+
+    async def note_avatar_session(
+        self, job_id: str, server: str, session_id: str | None
+    ) -> None: ...
+
+
+class Reporter(Protocol):
+    async def emit(self, event: Event, **data: Any) -> None: ...
+
+    async def progress(
+        self, streamed_s: float, total_s: float | None, *, force: bool = False
+    ) -> None: ...
+
+    def progress_nowait(self, streamed_s: float, total_s: float | None) -> None: ...
+
+    async def settle_progress(self) -> None: ...
+
+    async def announce(self, result: dict[str, Any], webhook_url: str | None) -> None: ...
+
+
+@dataclass
+class Audio:
+    """A source being decoded: its declared length, the first chunk (decoded before anything
+    is joined, so a bad file fails cheaply), and the rest."""
+
+    duration: float | None
+    first: bytes
+    rest: AsyncIterator[bytes]
+    #: Seconds decoded so far (all of it once `rest` is exhausted).
+    decoded_seconds: Callable[[], float]
+
+
+class AudioOpener(Protocol):
+    def open(
+        self, job: Job, *, sample_rate: int, chunk_bytes: int
+    ) -> AbstractAsyncContextManager[Audio]: ...
+
+
+class Sender(Protocol):
+    bytes_per_second: int
+
+    async def send_segment(
+        self,
+        chunks: AsyncIterator[bytes],
+        pacer: Pacer,
+        *,
+        on_progress: ProgressCallback | None = None,
+        stop: Any = None,
+        name: str = ...,
+    ) -> int: ...
+
+    async def wait_playback_finished(self, timeout: float) -> PlaybackFinished | None: ...
+
+
+class Link(Protocol):
+    @property
+    def sender(self) -> Sender: ...
+
+    @property
+    def session_id(self) -> str | None: ...
+
+    def attach(self, control: JobControl) -> None: ...
+
+
+class LinkSource(Protocol):
+    async def take_warm(self, job: Job, server: NamedServer) -> Link | None: ...
+
+    async def start_cold(
+        self,
+        job: Job,
+        server: NamedServer,
+        *,
+        duration: float | None,
+        ts: Milestones,
+        reporter: Reporter,
+        note_session: SessionNote,
+    ) -> Link: ...
+
+    async def give_back(self, link: Link, *, keep: bool) -> None: ...
+
+
+#: Resolves a job's avatar server from settings (tasks/avatar_link.py resolve_server).
+ServerResolver = Callable[[Job], NamedServer]
+#: Builds the reporter of one job id.
+ReporterFactory = Callable[[str], Reporter]

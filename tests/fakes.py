@@ -1,0 +1,272 @@
+"""Fakes at the seams of a job's run (tasks/seams.py), like dramatiq's StubBroker: an in-memory
+ledger, a recording reporter, audio that needs no ffmpeg, and links whose sender "plays" at
+once. With them every branch of `JobRun` and `Playback` runs in milliseconds, no namespace.
+The real parts are tested on the real stack (tests/test_pipeline_e2e.py and the fault suite).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from avatarq.events import Event
+from avatarq.settings import Settings
+from producers.jobs import Job
+from tasks.avatar_link import Milestones, NamedServer, SessionNote
+from tasks.control import JobControl, StopReason
+from tasks.hooks import HookFactory, LeaseWatch
+from tasks.jobrun import JobParts, JobRun, Outcome, Timing
+from tasks.ledger import Claim
+from tasks.pacing import Pacer
+from tasks.playback import Playback
+from tasks.seams import Audio, Link, Reporter
+from tasks.stream import PlaybackFinished, ProgressCallback
+
+RATE = 16000
+BPS = RATE * 2
+#: Fast waits: what the defaults make seconds, the fakes make milliseconds.
+FAST = Timing(room_wait_s=0.05, room_poll_s=0.01, finish_backoff_base_s=0.001)
+WATCH_S = 0.005
+
+
+class FakeLedger:
+    """The ledger's decisions, scripted: `claims` are answered in turn (the last one repeats),
+    `cancel`/`ours` are what every watch tick sees."""
+
+    def __init__(self, claims: Sequence[tuple[Claim, int]] = ((Claim.OK, 1),)) -> None:
+        self.claims = list(claims)
+        self.claim_calls = 0
+        self.cancel = False
+        self.ours = True
+        self.watch_calls = 0
+        self.releases: list[bool] = []  # uncount flag of each release
+        self.records: dict[str, dict[str, Any]] = {}
+        self.dead_letters: list[tuple[dict[str, Any], dict[str, Any]]] = []
+        self.sessions: list[tuple[str, str, str | None]] = []
+        self.owners: dict[str, Any] = {}
+        #: `finish` raises RedisError this many times first.
+        self.finish_outages = 0
+
+    async def claim(self, job_id: str, room: str, token: str) -> tuple[Claim, int]:
+        self.claim_calls += 1
+        return self.claims.pop(0) if len(self.claims) > 1 else self.claims[0]
+
+    async def watch(self, job_id: str, room: str, token: str) -> tuple[bool, bool]:
+        self.watch_calls += 1
+        return self.cancel, self.ours
+
+    async def release(self, job_id: str, room: str, token: str, *, uncount: bool = False) -> None:
+        self.releases.append(uncount)
+
+    async def finish(self, job_id: str, room: str | None, result: dict[str, Any]) -> bool:
+        if self.finish_outages > 0:
+            self.finish_outages -= 1
+            raise RedisError("connection refused")
+        if job_id in self.records:
+            return False
+        self.records[job_id] = result
+        return True
+
+    async def dead_letter(self, job: dict[str, Any], result: dict[str, Any]) -> None:
+        self.dead_letters.append((job, result))
+
+    async def owned_by_another(self, job_id: str, payload: Any) -> bool:
+        return job_id in self.owners and self.owners[job_id] != payload
+
+    async def note_avatar_session(self, job_id: str, server: str, session_id: str | None) -> None:
+        self.sessions.append((job_id, server, session_id))
+
+
+class FakeReporter:
+    def __init__(self) -> None:
+        self.events: list[tuple[Event, dict[str, Any]]] = []
+        self.announced: list[dict[str, Any]] = []
+        self.progress_calls: list[float] = []
+
+    async def emit(self, event: Event, **data: Any) -> None:
+        self.events.append((event, data))
+
+    async def progress(
+        self, streamed_s: float, total_s: float | None, *, force: bool = False
+    ) -> None:
+        self.progress_calls.append(streamed_s)
+
+    def progress_nowait(self, streamed_s: float, total_s: float | None) -> None:
+        self.progress_calls.append(streamed_s)
+
+    async def settle_progress(self) -> None:
+        return None
+
+    async def announce(self, result: dict[str, Any], webhook_url: str | None) -> None:
+        self.announced.append(result)
+
+    def names(self) -> list[str]:
+        return [event.value for event, _ in self.events]
+
+
+@dataclass
+class FakeAudio:
+    """`seconds` of silence in chunks of `chunk_s`; `error` is raised on open instead."""
+
+    seconds: float = 2.0
+    declared: float | None = 2.0
+    error: Exception | None = None
+    opened: int = 0
+
+    @contextlib.asynccontextmanager
+    async def open(self, job: Job, *, sample_rate: int, chunk_bytes: int) -> AsyncIterator[Audio]:
+        self.opened += 1
+        if self.error is not None:
+            raise self.error
+        total = int(self.seconds * sample_rate) * 2
+        sizes = [min(chunk_bytes, total - at) for at in range(0, total, chunk_bytes)]
+        decoded = [0]
+
+        async def rest() -> AsyncIterator[bytes]:
+            for size in sizes[1:]:
+                decoded[0] += size
+                yield bytes(size)
+
+        decoded[0] = sizes[0]
+        yield Audio(self.declared, bytes(sizes[0]), rest(), lambda: decoded[0] / (2 * sample_rate))
+
+
+@dataclass
+class FakeSender:
+    """Takes the chunks as fast as they come (no pacing: the pacer is the real stack's
+    business), yielding to the loop between them so hooks and watches run. `on_chunk(n)` is
+    called after chunk n, to act mid-stream; `report` answers lk.playback_finished (a
+    callable of the seconds sent, or None for an avatar that never reports)."""
+
+    bytes_per_second: int = BPS
+    on_chunk: Callable[[int], None] | None = None
+    fail_after: int | None = None
+    report: Callable[[float], PlaybackFinished | None] | None = lambda s: PlaybackFinished(s, False)
+    segments: int = 0
+    sent_total: int = 0
+    _last: float = 0.0
+
+    async def send_segment(
+        self,
+        chunks: AsyncIterator[bytes],
+        pacer: Pacer,
+        *,
+        on_progress: ProgressCallback | None = None,
+        stop: Any = None,
+        name: str = "avatarq",
+    ) -> int:
+        self.segments += 1
+        sent = 0
+        n = 0
+        async for chunk in chunks:
+            if stop is not None and stop.is_set():
+                break
+            if self.fail_after is not None and n >= self.fail_after:
+                raise RuntimeError("engine is closed")
+            sent += len(chunk)
+            n += 1
+            if on_progress is not None:
+                await on_progress(sent)
+            if self.on_chunk is not None:
+                self.on_chunk(n)
+            await asyncio.sleep(0.002)
+        self.sent_total += sent
+        self._last = sent / self.bytes_per_second
+        return sent
+
+    async def wait_playback_finished(self, timeout: float) -> PlaybackFinished | None:
+        return self.report(self._last) if self.report is not None else None
+
+
+@dataclass
+class FakeLink:
+    sender: FakeSender = field(default_factory=FakeSender)
+    session_id: str | None = "sess-1"
+    control: JobControl | None = None
+
+    def attach(self, control: JobControl) -> None:
+        self.control = control
+
+    def lost(self, reason: StopReason) -> None:
+        if self.control is not None:
+            self.control.request_stop(reason)
+
+
+class FakeLinks:
+    """Cold starts make `FakeLink`s (or raise `start_error`); a link given back with
+    keep=True is the next job's warm link, as in the real pool."""
+
+    def __init__(self, sender: FakeSender | None = None) -> None:
+        self.sender = sender or FakeSender()
+        self.start_error: BaseException | None = None
+        self.cold_starts = 0
+        self.parked: FakeLink | None = None
+        self.given_back: list[bool] = []
+        self.current: FakeLink | None = None
+
+    async def take_warm(self, job: Job, server: NamedServer) -> Link | None:
+        link, self.parked = self.parked, None
+        if link is not None:
+            self.current = link
+        return link
+
+    async def start_cold(
+        self,
+        job: Job,
+        server: NamedServer,
+        *,
+        duration: float | None,
+        ts: Milestones,
+        reporter: Reporter,
+        note_session: SessionNote,
+    ) -> Link:
+        self.cold_starts += 1
+        if self.start_error is not None:
+            raise self.start_error
+        link = self.current = FakeLink(self.sender)
+        await note_session(job.job_id, server.name, link.session_id)
+        return link
+
+    async def give_back(self, link: Link, *, keep: bool) -> None:
+        self.given_back.append(keep)
+        if keep:
+            assert isinstance(link, FakeLink)
+            self.parked = link
+
+
+@dataclass
+class Stand:
+    """Everything one fast test needs around a run."""
+
+    settings: Settings
+    ledger: FakeLedger = field(default_factory=FakeLedger)
+    reporter: FakeReporter = field(default_factory=FakeReporter)
+    audio: FakeAudio = field(default_factory=FakeAudio)
+    links: FakeLinks = field(default_factory=FakeLinks)
+    leaving: bool = False
+    hooks: list[HookFactory] = field(default_factory=list)
+
+    def parts(self) -> JobParts:
+        playback = Playback(
+            self.settings,
+            audio=self.audio,
+            links=self.links,
+            resolve_server=lambda job: NamedServer("default", self.settings.avatar_server(None)),
+        )
+        return JobParts(
+            settings=self.settings,
+            ledger=self.ledger,
+            reporter=lambda _job_id: self.reporter,
+            player=playback,
+            shutting_down=lambda: self.leaving,
+            hooks=[LeaseWatch.factory(lambda: self.leaving, WATCH_S), *self.hooks],
+            timing=FAST,
+        )
+
+    async def run(self, payload: Any, task_id: str = "task-1") -> Outcome:
+        return await JobRun(self.parts(), payload, task_id, "worker/token").run()

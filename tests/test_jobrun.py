@@ -1,0 +1,347 @@
+"""Every branch of a job's run, fast: `JobRun` and `Playback` on the fakes of tests/fakes.py.
+
+The same decisions are exercised on the real stack (official LiveKit server, emulator, Celery
+worker) by tests/test_pipeline_e2e.py, test_fidelity.py and the fault suite; these tests pin
+each branch down one by one in milliseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from avatarq.errors import (
+    AvatarTimeout,
+    DecodeError,
+    PermanentJobError,
+    Reason,
+    RoomError,
+    TransientJobError,
+)
+from avatarq.events import Event
+from avatarq.results import Cancelled, Failed, Played
+from avatarq.settings import Settings
+from tasks.control import StopReason
+from tasks.hooks import JobHook, RunContext, Segment
+from tasks.jobrun import Ending, JobRun, Outcome
+from tasks.ledger import Claim
+from tasks.quota import NoAvatarSlot, Waiting
+from tasks.stream import PlaybackFinished
+from tests.fakes import Stand
+
+JOB = {"job_id": "job-1", "room": "room-1", "avatar_id": "ava", "source": "file:///clip.wav"}
+
+
+@pytest.fixture
+def stand() -> Stand:
+    return Stand(Settings(AVATARQ_MAX_RETRIES=2, AVATARQ_RETRY_BASE=1.0, AVATARQ_WARM_IDLE=10))
+
+
+def run(stand: Stand, payload: Any = JOB, task_id: str = "task-1") -> Outcome:
+    return asyncio.run(stand.run(payload, task_id))
+
+
+def test_a_played_job_is_recorded_announced_and_its_link_kept(stand: Stand) -> None:
+    outcome = run(stand)
+    assert outcome.ending is Ending.PLAYED
+    played = outcome.result
+    assert isinstance(played, Played) and played.status == "completed"
+    assert played.seconds_streamed == pytest.approx(2.0)
+    assert played.playback_position == pytest.approx(2.0)
+    assert stand.ledger.records["job-1"]["status"] == "completed"
+    assert stand.reporter.announced == [stand.ledger.records["job-1"]]
+    assert stand.reporter.names()[:2] == ["job.started", "job.avatar_ready"]
+    assert stand.ledger.sessions == [("job-1", "default", "sess-1")]
+    assert stand.links.given_back == [True]
+    assert stand.ledger.watch_calls >= 1  # the lease watch ran while it played
+
+
+def test_the_next_job_of_the_room_plays_on_the_kept_link(stand: Stand) -> None:
+    run(stand)
+    second = run(stand, {**JOB, "job_id": "job-2"})
+    assert isinstance(second.result, Played) and second.result.warm
+    assert stand.links.cold_starts == 1
+    assert stand.ledger.sessions[-1] == ("job-2", "default", "sess-1")
+
+
+def test_an_avatar_that_never_reports_ends_unconfirmed_and_its_link_is_closed(
+    stand: Stand,
+) -> None:
+    stand.links.sender.report = None
+    outcome = run(stand)
+    assert isinstance(outcome.result, Played)
+    assert outcome.result.status == "unconfirmed"
+    assert outcome.result.reason == Reason.PLAYBACK_UNCONFIRMED
+    assert stand.links.given_back == [False]
+
+
+def test_an_invalid_message_fails_alone_for_good(stand: Stand) -> None:
+    outcome = run(stand, {"job_id": "bad-1", "room": 5})
+    assert outcome.ending is Ending.FAILED
+    assert isinstance(outcome.result, Failed) and outcome.result.reason == Reason.INVALID_JOB
+    assert stand.ledger.records["bad-1"]["attempt"] == 1
+    assert stand.ledger.claim_calls == 0 and not stand.ledger.dead_letters
+
+
+def test_an_invalid_message_naming_another_jobs_id_is_dropped(stand: Stand) -> None:
+    stand.ledger.owners["job-1"] = JOB
+    outcome = run(stand, {"job_id": "job-1", "room": 5})
+    assert outcome.ending is Ending.DROPPED
+    assert stand.ledger.records == {}
+
+
+def test_a_worker_that_is_leaving_hands_a_new_delivery_back_unclaimed(stand: Stand) -> None:
+    stand.leaving = True
+    outcome = run(stand)
+    assert outcome.ending is Ending.REQUEUED and outcome.retry_in == 1.0
+    assert stand.ledger.claim_calls == 0
+
+
+def test_a_job_whose_room_stays_busy_goes_back_to_the_queue(stand: Stand) -> None:
+    stand.ledger.claims = [(Claim.WAIT, 0)]
+    outcome = run(stand)
+    assert outcome.ending is Ending.REQUEUED
+    assert stand.ledger.claim_calls > 1  # it polled the room before giving up
+    assert stand.links.cold_starts == 0
+
+
+def test_a_job_plays_once_its_room_frees_up_within_the_wait(stand: Stand) -> None:
+    stand.ledger.claims = [(Claim.WAIT, 0), (Claim.WAIT, 0), (Claim.OK, 1)]
+    assert run(stand).ending is Ending.PLAYED
+
+
+@pytest.mark.parametrize("verdict", [Claim.DONE, Claim.BUSY])
+def test_a_job_ended_or_playing_elsewhere_is_dropped(stand: Stand, verdict: Claim) -> None:
+    stand.ledger.claims = [(verdict, 0)]
+    outcome = run(stand)
+    assert outcome.ending is Ending.DROPPED
+    assert stand.ledger.records == {} and stand.links.cold_starts == 0
+
+
+def test_a_job_cancelled_while_queued_ends_cancelled_without_playing(stand: Stand) -> None:
+    stand.ledger.claims = [(Claim.CANCELLED, 0)]
+    outcome = run(stand)
+    assert isinstance(outcome.result, Cancelled) and outcome.result.cancelled_while == "queued"
+    assert stand.audio.opened == 0
+
+
+def test_a_cancel_request_stops_a_playing_job_where_the_avatar_stopped(stand: Stand) -> None:
+    stand.audio.seconds = stand.audio.declared = 60.0
+
+    def cancel_at(n: int) -> None:
+        stand.ledger.cancel = n >= 3
+
+    stand.links.sender.on_chunk = cancel_at
+    stand.links.sender.report = lambda s: PlaybackFinished(s - 0.3, True)
+    outcome = run(stand)
+    cancelled = outcome.result
+    assert outcome.ending is Ending.CANCELLED and isinstance(cancelled, Cancelled)
+    assert cancelled.cancelled_while == "playing"
+    assert 1.2 <= cancelled.seconds_streamed < 60.0
+    assert cancelled.playback_position == pytest.approx(cancelled.seconds_streamed - 0.3)
+    assert stand.links.given_back == [False]
+
+
+def test_shutdown_hands_a_playing_job_back_for_another_worker(stand: Stand) -> None:
+    stand.audio.seconds = stand.audio.declared = 60.0
+
+    def leave_at(n: int) -> None:
+        stand.leaving = n >= 2
+
+    stand.links.sender.on_chunk = leave_at
+    outcome = run(stand)
+    assert outcome.ending is Ending.HANDED_BACK and outcome.retry_in == 0.0
+    assert stand.ledger.releases == [False] and stand.ledger.records == {}
+    assert ("job.retrying", {"reason": "handed_back", "attempt": 1, "retry_in": 0}) in [
+        (e.value, d) for e, d in stand.reporter.events
+    ]
+
+
+def test_a_job_taken_over_by_another_delivery_is_dropped_without_release(stand: Stand) -> None:
+    stand.audio.seconds = stand.audio.declared = 60.0
+
+    def lose_lease(n: int) -> None:
+        stand.ledger.ours = n < 2
+
+    stand.links.sender.on_chunk = lose_lease
+    outcome = run(stand)
+    assert outcome.ending is Ending.DROPPED
+    assert stand.ledger.releases == [] and stand.ledger.records == {}
+
+
+def test_no_free_avatar_session_requeues_without_counting_an_attempt(stand: Stand) -> None:
+    stand.links.start_error = NoAvatarSlot("default", Waiting(place=0, sessions=3, quota=3))
+    outcome = run(stand)
+    assert outcome.ending is Ending.REQUEUED
+    assert stand.ledger.releases == [True]  # uncounted
+    assert not any(e is Event.RETRYING for e, _ in stand.reporter.events)
+
+
+def test_a_transient_fault_retries_with_backoff(stand: Stand) -> None:
+    stand.links.start_error = AvatarTimeout("avatar did not join")
+    outcome = run(stand)
+    assert outcome.ending is Ending.RETRY
+    assert outcome.retry_in is not None and 0 < outcome.retry_in <= 1.0
+    assert stand.ledger.releases == [False] and stand.ledger.records == {}
+    (data,) = [d for e, d in stand.reporter.events if e is Event.RETRYING]
+    assert data["attempt"] == 1 and data["error"] == "avatar did not join"
+
+
+def test_a_transient_fault_past_the_retries_is_dead_lettered(stand: Stand) -> None:
+    stand.ledger.claims = [(Claim.OK, 3)]  # max_retries is 2
+    stand.links.start_error = RoomError("LiveKit unreachable")
+    outcome = run(stand)
+    assert outcome.ending is Ending.DEAD_LETTERED
+    assert isinstance(outcome.result, Failed) and outcome.result.attempt == 3
+    ((job, record),) = stand.ledger.dead_letters
+    assert job["job_id"] == "job-1" and record == stand.ledger.records["job-1"]
+
+
+def test_a_permanent_fault_fails_at_once_without_dead_letter(stand: Stand) -> None:
+    stand.audio.error = DecodeError("not audio", reason=Reason.INVALID_AUDIO)
+    outcome = run(stand)
+    assert outcome.ending is Ending.FAILED
+    assert isinstance(outcome.result, Failed) and outcome.result.reason == "invalid_audio"
+    assert stand.links.cold_starts == 0 and not stand.ledger.dead_letters
+
+
+def test_audio_longer_than_its_limit_fails_before_any_room_is_joined(stand: Stand) -> None:
+    stand.audio.declared = 4000.0
+    outcome = run(stand, {**JOB, "max_duration": 10})
+    assert isinstance(outcome.result, Failed) and outcome.result.reason == Reason.TOO_LONG
+    assert stand.links.cold_starts == 0
+
+
+def test_an_avatar_that_played_short_is_replayed_once_then_fails(stand: Stand) -> None:
+    stand.links.sender.report = lambda s: PlaybackFinished(s / 2, False)
+    first = run(stand)
+    assert first.ending is Ending.RETRY
+    stand.ledger.claims = [(Claim.OK, 2)]
+    second = run(stand)
+    assert second.ending is Ending.FAILED
+    assert isinstance(second.result, Failed)
+    assert second.result.reason == Reason.INCOMPLETE_PLAYBACK
+
+
+@pytest.mark.parametrize(
+    ("reason", "code"),
+    [(StopReason.ROOM_LOST, "room_error"), (StopReason.AVATAR_LEFT, "avatar_left")],
+)
+def test_losing_the_room_or_the_avatar_mid_stream_retries(
+    stand: Stand, reason: StopReason, code: str
+) -> None:
+    stand.audio.seconds = stand.audio.declared = 60.0
+
+    def lose(n: int) -> None:
+        if n == 2 and stand.links.current is not None:
+            stand.links.current.lost(reason)
+
+    stand.links.sender.on_chunk = lose
+    outcome = run(stand)
+    assert outcome.ending is Ending.RETRY
+    (data,) = [d for e, d in stand.reporter.events if e is Event.RETRYING]
+    assert data["reason"] == code
+
+
+def test_a_sender_that_breaks_after_the_room_was_lost_is_a_room_error(stand: Stand) -> None:
+    stand.audio.seconds = stand.audio.declared = 60.0
+    sender = stand.links.sender
+    sender.fail_after = 2
+
+    def lose(n: int) -> None:
+        if n == 2 and stand.links.current is not None:
+            stand.links.current.lost(StopReason.ROOM_LOST)
+
+    sender.on_chunk = lose
+    outcome = run(stand)
+    (data,) = [d for e, d in stand.reporter.events if e is Event.RETRYING]
+    assert outcome.ending is Ending.RETRY and data["reason"] == "room_error"
+
+
+class _Raises:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    async def play(self, job: Any, **_: Any) -> Played:
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [(TimeoutError(), Reason.JOB_TIMEOUT), (KeyError("surprise"), Reason.INTERNAL_ERROR)],
+)
+def test_an_overrun_or_an_unexpected_error_is_retried_with_its_reason(
+    stand: Stand, error: BaseException, reason: Reason
+) -> None:
+    parts = stand.parts()
+    parts.player = _Raises(error)
+    outcome = asyncio.run(JobRun(parts, JOB, "task-1", "w/t").run())
+    assert outcome.ending is Ending.RETRY
+    (data,) = [d for e, d in stand.reporter.events if e is Event.RETRYING]
+    assert data["reason"] == reason
+
+
+def test_a_permanent_error_from_the_player_is_not_retried(stand: Stand) -> None:
+    parts = stand.parts()
+    parts.player = _Raises(PermanentJobError("refused", reason=Reason.LIVEKIT_REJECTED))
+    outcome = asyncio.run(JobRun(parts, JOB, "task-1", "w/t").run())
+    assert outcome.ending is Ending.FAILED and not stand.ledger.dead_letters
+
+
+def test_an_end_recorded_by_another_delivery_is_not_announced_twice(stand: Stand) -> None:
+    stand.ledger.records["job-1"] = {"status": "completed"}
+    outcome = run(stand)
+    assert outcome.ending is Ending.DROPPED and stand.reporter.announced == []
+
+
+def test_the_end_is_recorded_through_a_short_redis_outage(stand: Stand) -> None:
+    stand.ledger.finish_outages = 3
+    outcome = run(stand)
+    assert outcome.ending is Ending.PLAYED and "job-1" in stand.ledger.records
+
+
+def test_a_retry_releases_the_claim_so_the_next_delivery_can_take_it(stand: Stand) -> None:
+    stand.links.start_error = TransientJobError("flaky", reason=Reason.AVATAR_UNAVAILABLE)
+    assert run(stand).ending is Ending.RETRY
+    stand.links.start_error = None
+    stand.ledger.claims = [(Claim.OK, 2)]
+    outcome = run(stand)
+    assert isinstance(outcome.result, Played) and outcome.result.attempt == 2
+
+
+class _Trace(JobHook):
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+
+    async def on_claimed(self) -> None:
+        self.log.append("claimed")
+
+    def on_stream_start(self, segment: Segment) -> None:
+        self.log.append("start")
+
+    def on_chunk_sent(self, segment: Segment, sent: int) -> None:
+        self.log.append("chunk")
+
+    def on_stream_end(self, segment: Segment) -> None:
+        self.log.append("end")
+
+    async def on_released(self) -> None:
+        self.log.append("released")
+
+
+def test_hooks_see_the_run_in_order_and_are_released_on_failure_too(stand: Stand) -> None:
+    trace: list[str] = []
+
+    def make(_run: RunContext) -> JobHook:
+        return _Trace(trace)
+
+    stand.hooks.append(make)
+    run(stand)
+    assert trace == ["claimed", "start", *["chunk"] * 5, "end", "released"]
+    trace.clear()
+    stand.links.parked = None
+    stand.links.start_error = AvatarTimeout("no avatar")
+    run(stand, {**JOB, "job_id": "job-2"})
+    assert trace == ["claimed", "released"]
