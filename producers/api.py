@@ -350,7 +350,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     }
                 ]
             )
-        handle = enqueue(parse_job({**job.payload(), "job_id": internal}), settings=s)
+        handle = enqueue(parse_job({**job.payload(), "job_id": internal}, s), settings=s)
         if not handle.created:
             response.status_code = 200
         response.headers["Location"] = f"/jobs/{job.job_id}"

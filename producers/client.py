@@ -83,7 +83,7 @@ def enqueue(job: Job | Mapping[str, Any], *, settings: Settings | None = None) -
     they were enqueued.
     """
     s = settings or get_settings()
-    parsed = render_job(parse_job(dict(job) if isinstance(job, Mapping) else job), s)
+    parsed = render_job(parse_job(dict(job) if isinstance(job, Mapping) else job, s), s)
     if isinstance(parsed.source, str):
         check_source_url(parsed.source, s, resolve=False)
     if parsed.webhook_url is not None:
@@ -123,8 +123,9 @@ def enqueue_many(
     jobs: Iterable[Job | Mapping[str, Any]], *, settings: Settings | None = None
 ) -> list[JobHandle]:
     """Validate every job first, then enqueue them all (none if any is invalid)."""
-    parsed = [parse_job(dict(j) if isinstance(j, Mapping) else j) for j in jobs]
-    return [enqueue(j, settings=settings) for j in parsed]
+    s = settings or get_settings()
+    parsed = [parse_job(dict(j) if isinstance(j, Mapping) else j, s) for j in jobs]
+    return [enqueue(j, settings=s) for j in parsed]
 
 
 def get_status(job_id: str, *, settings: Settings | None = None) -> dict[str, Any]:

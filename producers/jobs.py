@@ -21,11 +21,12 @@ from pydantic import (
     HttpUrl,
     Tag,
     ValidationError,
+    ValidationInfo,
     field_validator,
 )
 
 from avatarq.errors import InvalidJob
-from avatarq.settings import NAME_PATTERN, get_settings
+from avatarq.settings import NAME_PATTERN, Settings, get_settings
 
 #: Source URL schemes the worker can open.
 SOURCE_SCHEMES = ("file", "http", "https", "s3")
@@ -56,14 +57,21 @@ class TtsSource(BaseModel):
 
     @field_validator("text")
     @classmethod
-    def _within_limit(cls, v: str) -> str:
-        # Read at validation time so a producer's environment sets its own limit.
-        limit = get_settings().tts_max_chars
+    def _within_limit(cls, v: str, info: ValidationInfo) -> str:
+        limit = _settings(info).tts_max_chars
         if len(v) > limit:
             raise ValueError(
                 f"text is {len(v)} characters, over the AVATARQ_TTS_MAX_CHARS limit of {limit}"
             )
         return v
+
+
+def _settings(info: ValidationInfo) -> Settings:
+    """The settings a job's limits come from: those of the process validating it, passed by
+    `parse_job(…, settings=…)`; the process-wide ones where a framework validates the model
+    itself (FastAPI's request body), and the API parses the job again with its own."""
+    given = (info.context or {}).get("settings")
+    return given if isinstance(given, Settings) else get_settings()
 
 
 def _source_kind(v: Any) -> str:
@@ -145,9 +153,8 @@ class Job(BaseModel):
 
     @field_validator("max_duration")
     @classmethod
-    def _within_cap(cls, v: float | None) -> float | None:
-        # Read at validation time: the producer checks its settings, the worker its own.
-        cap = get_settings().max_job_duration_s
+    def _within_cap(cls, v: float | None, info: ValidationInfo) -> float | None:
+        cap = _settings(info).max_job_duration_s
         if v is not None and v > cap:
             raise ValueError(
                 f"max_duration {v:g}s is over the AVATARQ_MAX_JOB_DURATION limit of {cap:g}s"
@@ -193,26 +200,27 @@ def describe_validation_error(err: ValidationError) -> str:
     return "; ".join(f"{where}: {msg}" for where, msg in field_errors(err))
 
 
-def job_errors(payload: dict[str, Any]) -> list[tuple[str, str]]:
+def job_errors(payload: dict[str, Any], settings: Settings | None = None) -> list[tuple[str, str]]:
     """Every problem with a job payload as (field, message); empty when it is a valid job.
 
     For producers that report each bad field with its own position (manifest lines, schedule
     file lines) rather than parse_job's one-sentence error.
     """
     try:
-        Job.model_validate(payload)
+        Job.model_validate(payload, context={"settings": settings})
     except ValidationError as e:
         return field_errors(e)
     return []
 
 
-def parse_job(payload: Any) -> Job:
-    """Validate a job payload from any producer; raises InvalidJob naming each bad field."""
+def parse_job(payload: Any, settings: Settings | None = None) -> Job:
+    """Validate a job payload from any producer against `settings`' limits; raises InvalidJob
+    naming each bad field."""
     if isinstance(payload, Job):
         return payload
     if not isinstance(payload, dict):
         raise InvalidJob(f"job payload must be a JSON object, not {type(payload).__name__}")
     try:
-        return Job.model_validate(payload)
+        return Job.model_validate(payload, context={"settings": settings})
     except ValidationError as e:
         raise InvalidJob(f"invalid job: {describe_validation_error(e)}") from None

@@ -161,7 +161,8 @@ class JobRun:
         payload = self.payload
         try:
             self.job = parse_job(
-                {**payload, "job_id": self.job_id} if isinstance(payload, dict) else payload
+                {**payload, "job_id": self.job_id} if isinstance(payload, dict) else payload,
+                self.parts.settings,
             )
         except InvalidJob as e:
             if await self.ledger.owned_by_another(self.job_id, payload):

@@ -169,7 +169,7 @@ class Presence:
         avatar joining under the same identity would knock it out, and that reads as the new
         one leaving. The dead job held the room, so no other job's avatar is there."""
         try:
-            job = parse_job(payload)
+            job = parse_job(payload, self.settings)
         except InvalidJob:
             return
         s = self.settings

@@ -263,11 +263,12 @@ def env(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
     get_settings.cache_clear()
 
 
-def test_text_over_the_limit_names_it(env: pytest.MonkeyPatch) -> None:
-    env.setenv("AVATARQ_TTS_MAX_CHARS", "20")
-    get_settings.cache_clear()
+def test_text_over_the_limit_names_it() -> None:
+    # The limit is the validating process's setting, passed in, not read from the environment.
+    settings = Settings(AVATARQ_TTS_MAX_CHARS=20)
+    parse_job({**JOB, "source": {"type": "tts", "text": "x" * 20}}, settings)
     with pytest.raises(InvalidJob) as info:
-        parse_job({**JOB, "source": {"type": "tts", "text": "x" * 21}})
+        parse_job({**JOB, "source": {"type": "tts", "text": "x" * 21}}, settings)
     assert "source.tts.text: text is 21 characters, over the AVATARQ_TTS_MAX_CHARS limit of 20" in (
         info.value.message
     )

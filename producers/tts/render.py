@@ -76,4 +76,4 @@ def render_job(job: Job, settings: Settings | None = None) -> Job:
     request = tts.model_dump(exclude={"type", "text"}, exclude_none=True)
     request.update(chars=len(tts.text), preview=preview, sha256=rendered.key)
     metadata = {**job.metadata, "tts": request}
-    return parse_job({**job.payload(), "source": rendered.source, "metadata": metadata})
+    return parse_job({**job.payload(), "source": rendered.source, "metadata": metadata}, settings)
