@@ -27,7 +27,8 @@ from avatarq.errors import (
     RoomError,
     TransientJobError,
 )
-from avatarq.events import Event, Status, job_waiting_key
+from avatarq.events import Event, Status
+from avatarq.ledger.keys import job_waiting_key
 from avatarq.results import Played, Timestamps
 from avatarq.settings import DEFAULT_AVATAR_SERVER, AvatarServer, Settings
 from producers.jobs import Job

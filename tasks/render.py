@@ -22,7 +22,9 @@ from redis.exceptions import RedisError
 
 from avatarq.celeryconfig import RENDER_QUEUE, RENDER_TASK
 from avatarq.errors import InvalidJob, JobError, Reason, TransientJobError
-from avatarq.events import DEAD_LETTER_KEY, Event, Status, job_enqueued_key
+from avatarq.events import Event, Status
+from avatarq.ledger.keys import job_enqueued_key
+from avatarq.ledger.worker import Claim, Ledger
 from avatarq.results import Cancelled, Failed
 from avatarq.settings import Settings, get_settings
 from producers.jobs import Job, parse_job
@@ -30,7 +32,6 @@ from tasks import pipeline
 from tasks.app import app
 from tasks.backoff import backoff_delay
 from tasks.control import HAND_BACK, Interrupted, JobControl, StopReason
-from tasks.ledger import Claim, Ledger
 from tasks.quota import NoAvatarSlot
 from tasks.recovery import get_presence
 from tasks.report import JobReporter, StateUpdater
@@ -305,8 +306,7 @@ async def _failed(
     result = _failure(job.job_id, job, error, attempt=attempt)
     if not error.permanent:
         # Retries exhausted: keep the job where an operator can see and replay it.
-        entry = {"job": job.payload(), **result, "ts": time.time()}
-        await ledger.redis.lpush(DEAD_LETTER_KEY, json.dumps(entry))
+        await ledger.dead_letter(job.payload(), result)
     return await _end(ledger, reporter, job, result)
 
 

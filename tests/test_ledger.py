@@ -13,7 +13,7 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
-from avatarq.events import (
+from avatarq.ledger.keys import (
     WORKERS_KEY,
     job_enqueued_key,
     job_lease_key,
@@ -23,9 +23,9 @@ from avatarq.events import (
     worker_heartbeat_key,
     worker_held_key,
 )
+from avatarq.ledger.worker import REJOIN_GRACE_S, Claim, Ledger, Orphan
 from avatarq.settings import Settings
 from producers.client import cancel, enqueue
-from tasks.ledger import REJOIN_GRACE_S, Claim, Ledger, Orphan
 
 
 def run(redis_url: str, body: Callable[[Ledger], Awaitable[Any]], stale: float = 3600) -> Any:
