@@ -38,7 +38,7 @@ def _text(node: ast.AST) -> str | None:
     if isinstance(node, ast.Constant) and isinstance(node.value, str):
         return node.value
     if isinstance(node, ast.JoinedStr):
-        return "".join(v.value if isinstance(v, ast.Constant) else "{}" for v in node.values)
+        return "".join(str(v.value) if isinstance(v, ast.Constant) else "{}" for v in node.values)
     return None
 
 
@@ -51,6 +51,8 @@ def offences(source: str) -> list[str]:
     }
     found = []
     for node in ast.walk(tree):
+        if not isinstance(node, ast.expr):
+            continue
         text = None if id(node) in skipped else _text(node)
         if text is not None and LUA.search(text):
             found.append(f"{node.lineno}: a Lua body")

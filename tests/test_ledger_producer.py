@@ -123,7 +123,12 @@ def test_dead_letters_replay_and_purge(r: redis.Redis, ledger: ProducerLedger) -
     assert ledger.dead_letters(1) == [entries[2]]
 
     sent: list[dict[str, Any]] = []
-    assert ledger.replay_dead("d1", lambda job: sent.append(job) or "handle") == "handle"
+
+    def send(job: dict[str, Any]) -> str:
+        sent.append(job)
+        return "handle"
+
+    assert ledger.replay_dead("d1", send) == "handle"
     assert sent == [entries[1]["job"]]
     keys = (job_record_key, job_enqueued_key, job_attempts_key, job_cancel_key)
     assert not r.exists(*(k("d1") for k in keys))  # workers would skip it, or stop it
