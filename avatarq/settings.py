@@ -23,6 +23,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from avatarq.ledger.keys import EVENTS_STREAM
+
 #: Room names, avatar ids and avatar server names: what LiveKit accepts in identities and room
 #: names, conservatively (jobs are validated against it, producers/jobs.py).
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:@=-]{0,127}$"
@@ -152,7 +154,7 @@ class Settings(BaseSettings):
 
     # --- Reporting and operations --------------------------------------------------------------
     #: Redis stream of every job's events, its cap, and how long a job's own stream lives (s).
-    events_stream: str = Field("avatarq:events", validation_alias=_env("AVATARQ_EVENTS_STREAM"))
+    events_stream: str = Field(EVENTS_STREAM, validation_alias=_env("AVATARQ_EVENTS_STREAM"))
     events_maxlen: int = Field(100_000, validation_alias=_env("AVATARQ_EVENTS_MAXLEN"))
     events_ttl_s: int = Field(7 * 24 * 3600, gt=0, validation_alias=_env("AVATARQ_EVENTS_TTL"))
     #: Signs webhooks; empty: unsigned.

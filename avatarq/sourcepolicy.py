@@ -19,6 +19,8 @@ import ipaddress
 import socket
 from dataclasses import dataclass
 from fnmatch import fnmatch
+from functools import partial
+from typing import Literal
 from urllib.parse import urlsplit
 
 from avatarq.errors import InvalidJob, Reason
@@ -64,26 +66,29 @@ def _hosts(value: str) -> tuple[str, ...]:
     return tuple(h.strip().lower() for h in value.split(",") if h.strip())
 
 
-def source_policy(settings: Settings) -> UrlPolicy:
-    return UrlPolicy(
-        what="source",
-        hosts=_hosts(settings.source_hosts),
-        allow_private=settings.allow_private_sources,
-        hosts_setting="AVATARQ_SOURCE_HOSTS",
-        private_setting="AVATARQ_ALLOW_PRIVATE_SOURCES",
-        reason=REASON,
-    )
+UrlKind = Literal["source", "webhook"]
+
+#: Each kind of URL's pair of settings (its host allowlist, its switch that admits private
+#: addresses), and the reason a refused URL of that kind fails with.
+_KINDS: dict[UrlKind, tuple[str, str, str]] = {
+    "source": ("AVATARQ_SOURCE_HOSTS", "AVATARQ_ALLOW_PRIVATE_SOURCES", REASON),
+    "webhook": ("AVATARQ_WEBHOOK_HOSTS", "AVATARQ_ALLOW_PRIVATE_WEBHOOKS", WEBHOOK_REASON),
+}
 
 
-def webhook_policy(settings: Settings) -> UrlPolicy:
-    return UrlPolicy(
-        what="webhook",
-        hosts=_hosts(settings.webhook_hosts),
-        allow_private=settings.allow_private_webhooks,
-        hosts_setting="AVATARQ_WEBHOOK_HOSTS",
-        private_setting="AVATARQ_ALLOW_PRIVATE_WEBHOOKS",
-        reason=WEBHOOK_REASON,
+def url_policy(settings: Settings, what: UrlKind) -> UrlPolicy:
+    """Where URLs of kind `what` may lead, by that kind's pair of settings."""
+    hosts_setting, private_setting, reason = _KINDS[what]
+    hosts, allow_private = (
+        (settings.source_hosts, settings.allow_private_sources)
+        if what == "source"
+        else (settings.webhook_hosts, settings.allow_private_webhooks)
     )
+    return UrlPolicy(what, _hosts(hosts), allow_private, hosts_setting, private_setting, reason)
+
+
+source_policy = partial(url_policy, what="source")
+webhook_policy = partial(url_policy, what="webhook")
 
 
 def check_url(url: str, policy: UrlPolicy, *, resolve: bool) -> None:

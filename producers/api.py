@@ -35,13 +35,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from avatarq.errors import InvalidJob
-from avatarq.events import (
-    TERMINAL_EVENTS,
-    Status,
-    job_enqueued_key,
-    job_events_key,
-    job_record_key,
-)
+from avatarq.events import TERMINAL_EVENTS, Status
+from avatarq.ledger.keys import job_enqueued_key, job_events_key, job_record_key
 from avatarq.settings import Settings, get_settings
 from avatarq.sourcepolicy import REASON as SOURCE_REFUSED
 from avatarq.sourcepolicy import WEBHOOK_REASON as WEBHOOK_REFUSED

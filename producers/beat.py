@@ -20,6 +20,7 @@ from redbeat import RedBeatScheduler
 from redbeat.schedulers import RedBeatSchedulerEntry
 
 from avatarq.celeryconfig import RENDER_TASK, celery_config
+from avatarq.ledger.keys import BEAT_KEY_PREFIX, BEAT_LOCK_KEY
 from avatarq.settings import get_settings
 from producers.client import enqueue
 from producers.schedules import Announcement, load_schedule
@@ -79,7 +80,7 @@ app.conf.update(
     beat_scheduler=f"{__name__}:AnnouncementScheduler",
     beat_max_loop_interval=MAX_LOOP_INTERVAL_S,
     redbeat_redis_url=get_settings().redis_url,
-    redbeat_key_prefix="avatarq:beat:",
-    redbeat_lock_key="avatarq:beat:lock",
+    redbeat_key_prefix=BEAT_KEY_PREFIX,
+    redbeat_lock_key=BEAT_LOCK_KEY,
     redbeat_lock_timeout=LOCK_TIMEOUT_S,
 )

@@ -6,8 +6,6 @@ ffmpeg here).
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -18,18 +16,8 @@ from celery import Celery
 from celery.result import AsyncResult
 
 from avatarq.celeryconfig import RENDER_QUEUE, RENDER_TASK, celery_config
-from avatarq.events import (
-    RECORD_TTL_S,
-    TERMINAL,
-    Status,
-    avatar_quota_key,
-    job_cancel_key,
-    job_enqueued_key,
-    job_lease_key,
-    job_record_key,
-    job_waiting_key,
-    room_order_key,
-)
+from avatarq.events import TERMINAL, Status
+from avatarq.ledger.producer import ProducerLedger
 from avatarq.settings import Settings, get_settings
 from avatarq.sourcepolicy import check_source_url, check_url, webhook_policy
 from producers.jobs import Job, parse_job
@@ -51,16 +39,6 @@ def _celery(broker: str, backend: str) -> Celery:
 def celery_app(settings: Settings | None = None) -> Celery:
     s = settings or get_settings()
     return _celery(s.broker_url, s.result_backend)
-
-
-# KEYS: enqueued, room order; ARGV: now, room, payload json, ttl s
-_REGISTER = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'ts', ARGV[1], 'room', ARGV[2], 'job', ARGV[3])
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('RPUSH', KEYS[2], ARGV[5])
-return 1
-"""
 
 
 @dataclass(frozen=True)
@@ -90,16 +68,8 @@ def enqueue(job: Job | Mapping[str, Any], *, settings: Settings | None = None) -
         check_url(str(parsed.webhook_url), webhook_policy(s), resolve=False)
     app = celery_app(s)
     payload = parsed.payload()
-    keys = [job_enqueued_key(parsed.job_id), room_order_key(parsed.room)]
-    args: list[str | int] = [
-        f"{time.time():.3f}",
-        parsed.room,
-        json.dumps(payload),
-        RECORD_TTL_S,
-        parsed.job_id,
-    ]
-    r = redis_client(s.redis_url)
-    if not r.register_script(_REGISTER)(keys=keys, args=args):
+    ledger = ledger_for(s)
+    if not ledger.register(parsed.job_id, parsed.room, payload):
         return JobHandle(parsed.job_id, AsyncResult(parsed.job_id, app=app), created=False)
     limit = (parsed.max_duration or s.max_job_duration_s) + TIME_LIMIT_SLACK_S
     try:
@@ -113,8 +83,7 @@ def enqueue(job: Job | Mapping[str, Any], *, settings: Settings | None = None) -
         )
     except Exception:
         # Not sent: free the id and the room's place so a retry of this call can succeed.
-        r.lrem(room_order_key(parsed.room), 0, parsed.job_id)
-        r.delete(job_enqueued_key(parsed.job_id))
+        ledger.unregister(parsed.job_id, parsed.room)
         raise
     return JobHandle(parsed.job_id, res)
 
@@ -131,29 +100,27 @@ def enqueue_many(
 def get_status(job_id: str, *, settings: Settings | None = None) -> dict[str, Any]:
     """The job's terminal record if it ended, else its live Celery state and progress."""
     s = settings or get_settings()
-    r = redis_client(s.redis_url)
-    record = r.get(job_record_key(job_id))
+    ledger = ledger_for(s)
+    record = ledger.record(job_id)
     if record is not None:
-        return json.loads(record)  # type: ignore[no-any-return]
+        return record
     # One read of the task's meta: state and info read apart can disagree mid-update.
     meta = celery_app(s).backend.get_task_meta(job_id)
     state, info = meta.get("status", "PENDING"), meta.get("result")
     status: dict[str, Any] = {"job_id": job_id, "celery_state": state}
-    waiting = r.get(job_waiting_key(job_id))
-    # Celery's state outlives a worker killed mid-job: only a live lease means playing.
-    leased = bool(r.exists(job_lease_key(job_id)))
-    if waiting is not None:
+    marks = ledger.marks(job_id)
+    if marks.waiting is not None:
         # In line for a session of its avatar server (server, place, sessions, quota).
-        status.update(status=Status.WAITING_FOR_AVATAR.value, **json.loads(waiting))
-    elif state == "PROGRESS" and isinstance(info, dict) and leased:
+        status.update(status=Status.WAITING_FOR_AVATAR.value, **marks.waiting)
+    elif state == "PROGRESS" and isinstance(info, dict) and marks.leased:
         status.update(status=Status.PLAYING.value, **info)
-    elif state in ("STARTED", "PROGRESS") and leased:
+    elif state in ("STARTED", "PROGRESS") and marks.leased:
         status["status"] = Status.PLAYING.value
-    elif state in ("STARTED", "PROGRESS", "RETRY") or r.exists(job_enqueued_key(job_id)):
+    elif state in ("STARTED", "PROGRESS", "RETRY") or marks.enqueued:
         status["status"] = Status.QUEUED.value
     else:
         status["status"] = Status.UNKNOWN.value
-    if r.exists(job_cancel_key(job_id)):
+    if marks.cancel_requested:
         status["cancel_requested"] = True
     return status
 
@@ -162,20 +129,8 @@ def avatar_capacity(settings: Settings | None = None) -> list[dict[str, Any]]:
     """Per configured avatar server: sessions held across the fleet, the effective quota
     (shrunk for a while after a 429) and the jobs waiting for a session (tasks/quota.py)."""
     s = settings or get_settings()
-    r = redis_client(s.redis_url)
-    now_ms = int(time.time() * 1000)
-    rows = []
-    for name, server in sorted(s.configured_avatar_servers().items()):
-        cap = r.get(avatar_quota_key(name, "cap"))
-        rows.append(
-            {
-                "server": name,
-                "sessions": int(r.zcount(avatar_quota_key(name, "sessions"), now_ms, "+inf")),
-                "quota": min(server.max_sessions, int(cap)) if cap else server.max_sessions,
-                "waiting": int(r.zcard(avatar_quota_key(name, "waiting"))),
-            }
-        )
-    return rows
+    servers = s.configured_avatar_servers()
+    return ledger_for(s).capacity({name: server.max_sessions for name, server in servers.items()})
 
 
 def is_terminal(status: Mapping[str, Any]) -> bool:
@@ -186,14 +141,14 @@ def cancel(job_id: str, *, settings: Settings | None = None) -> str:
     """Cancel a job: a queued job is dropped when a worker reaches it, a playing one stops
     within half a second (the avatar's buffer is cleared). Returns what the job was doing:
     "queued", "playing" or "ended" (too late: nothing changes)."""
-    s = settings or get_settings()
-    r = redis_client(s.redis_url)
-    if r.exists(job_record_key(job_id)):
-        return "ended"
-    r.set(job_cancel_key(job_id), "1", ex=RECORD_TTL_S)
-    return "playing" if r.exists(job_lease_key(job_id)) else "queued"
+    return ledger_for(settings or get_settings()).request_cancel(job_id)
 
 
 @lru_cache(maxsize=4)
 def redis_client(url: str) -> redis.Redis:
     return redis.Redis.from_url(url)
+
+
+def ledger_for(settings: Settings) -> ProducerLedger:
+    """The ledger of the deployment `settings` name (its scripts registered once per client)."""
+    return ProducerLedger(redis_client(settings.redis_url))

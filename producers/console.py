@@ -28,15 +28,10 @@ from fastapi.responses import FileResponse, PlainTextResponse, RedirectResponse,
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
-from avatarq.events import (
-    TERMINAL_EVENTS,
-    Status,
-    job_enqueued_key,
-    job_lease_key,
-    room_order_key,
-)
+from avatarq.events import TERMINAL_EVENTS, Status
+from avatarq.ledger.producer import ProducerLedger
 from avatarq.settings import Settings
-from producers.client import avatar_capacity, get_status, redis_client
+from producers.client import avatar_capacity, get_status, ledger_for, redis_client
 from producers.deadletter import list_dead, retry_dead
 from producers.jobs import NAME_PATTERN
 
@@ -91,14 +86,13 @@ def _text(value: bytes | str | None) -> str:
     return value.decode() if isinstance(value, bytes) else (value or "")
 
 
-def _queued_job(r: Any, job_id: str, settings: Settings) -> dict[str, Any]:
+def _queued_job(ledger: ProducerLedger, job_id: str, settings: Settings) -> dict[str, Any]:
     """A job in a room's order: its live status plus what was asked (avatar, source)."""
     status = get_status(job_id, settings=settings)
-    if status["status"] == Status.PLAYING and not r.exists(job_lease_key(job_id)):
+    if status["status"] == Status.PLAYING and not ledger.leased(job_id):
         # A worker holds it but waits for its turn in the room (only the head has a lease).
         status["status"] = Status.QUEUED.value
-    raw = r.hget(job_enqueued_key(job_id), "job")
-    job = json.loads(raw) if raw else {}
+    job = ledger.enqueued_job(job_id) or {}
     source = job.get("source")
     tts = (job.get("metadata") or {}).get("tts")
     status.setdefault("avatar_id", job.get("avatar_id"))
@@ -109,19 +103,13 @@ def _queued_job(r: Any, job_id: str, settings: Settings) -> dict[str, Any]:
 def rooms(settings: Settings, scope: TenantScope) -> list[dict[str, Any]]:
     """Each room with unfinished jobs of the tenant, those in play order (the head plays
     first), and how many jobs of others the room holds (they take turns too)."""
-    r = redis_client(settings.redis_url)
-    prefix = room_order_key("")
-    found = []
-    for key in r.scan_iter(match=room_order_key("*"), count=500):
-        found.append(_text(key)[len(prefix) :])
-        if len(found) == MAX_ROOMS:
-            break
+    ledger = ledger_for(settings)
     result = []
-    for room in sorted(found):
-        ids = [_text(i) for i in r.lrange(room_order_key(room), 0, MAX_JOBS_PER_ROOM - 1)]
+    for room in sorted(ledger.rooms(MAX_ROOMS)):
+        ids = ledger.room_order(room, MAX_JOBS_PER_ROOM)
         own = [i for i in ids if i.startswith(scope.prefix)]
         if own:
-            jobs = [scope.public(_queued_job(r, job_id, settings)) for job_id in own]
+            jobs = [scope.public(_queued_job(ledger, job_id, settings)) for job_id in own]
             result.append({"room": room, "jobs": jobs, "others": len(ids) - len(own)})
     return result
 

@@ -37,6 +37,7 @@ from redis.exceptions import RedisError
 
 from avatarq.errors import InvalidJob, JobError, Reason, TransientJobError
 from avatarq.events import Event
+from avatarq.ledger.worker import Claim
 from avatarq.results import Cancelled, Failed, Played
 from avatarq.settings import Settings
 from producers.jobs import Job, parse_job
@@ -44,7 +45,6 @@ from tasks.avatar_link import SessionNote
 from tasks.backoff import backoff_delay
 from tasks.control import Interrupted, JobControl, StopReason
 from tasks.hooks import HookFactory, JobHook, RunContext
-from tasks.ledger import Claim
 from tasks.quota import NoAvatarSlot
 from tasks.seams import JobLedger, Reporter, ReporterFactory
 

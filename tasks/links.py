@@ -12,7 +12,8 @@ import json
 import redis.asyncio as aioredis
 
 from avatarq.errors import AvatarOverLimit
-from avatarq.events import Event, job_waiting_key
+from avatarq.events import Event
+from avatarq.ledger.keys import job_waiting_key
 from avatarq.settings import Settings
 from producers.jobs import Job
 from tasks.avatar_link import (

@@ -10,9 +10,8 @@ Slots go first come, first served (a queue of waiting jobs per server, whose pla
 report). A 429 while under the quota means the server's real limit is lower: the effective
 quota shrinks to what is held for `BACKOFF_WINDOW_S`, then grows back.
 
-Keys (all under `avatarq:avatar:{server}:`): `sessions` (zset holder → lease expiry ms),
-`waiting` (zset job → first wait ms), `waiting-seen` (zset job → last poll ms) and `cap` (the
-shrunk quota, with a TTL).
+Its keys are `avatar_quota_key(server, …)` (avatarq/ledger/keys.py), its scripts
+`slots_*.lua` (avatarq/ledger/lua/).
 """
 
 from __future__ import annotations
@@ -23,13 +22,13 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from importlib.resources import files
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from avatarq.events import avatar_quota_key
+from avatarq.ledger.keys import avatar_quota_key
+from avatarq.ledger.scripts import Lua, script
 
 log = logging.getLogger("avatarq.quota")
 
@@ -42,10 +41,6 @@ WAIT_POLL_S = 0.25
 WAITER_STALE_S = 10.0
 #: How long a 429 keeps the quota shrunk.
 BACKOFF_WINDOW_S = 60.0
-
-_ACQUIRE = files("tasks").joinpath("lua/slots_acquire.lua").read_text()
-_RENEW = files("tasks").joinpath("lua/slots_renew.lua").read_text()
-
 
 _key = avatar_quota_key
 
@@ -87,8 +82,8 @@ class AvatarQuota:
         self.redis = redis
         self.server = server
         self.quota = max(1, quota)
-        self._acquire = redis.register_script(_ACQUIRE)
-        self._renew = redis.register_script(_RENEW)
+        self._acquire = script(redis, Lua.SLOTS_ACQUIRE)
+        self._renew = script(redis, Lua.SLOTS_RENEW)
 
     def _keys(self) -> list[str]:
         return [_key(self.server, k) for k in ("sessions", "waiting", "waiting-seen", "cap")]

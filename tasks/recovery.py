@@ -4,8 +4,8 @@ A worker killed with SIGKILL leaves its messages unacknowledged: Redis hands the
 after the visibility timeout (the longest job + 10 minutes), and RabbitMQ hands them back at
 once, but to a worker that finds the job's lease still live and drops the copy. So, as
 Sidekiq's super_fetch and Dramatiq's heartbeats do, each worker process keeps in Redis a
-heartbeat (`worker_heartbeat_key`, renewed every second, gone `HEARTBEAT_TTL_S` after the
-process dies) and the deliveries it holds with their payloads (`worker_held_key`). Every live
+heartbeat (renewed every second, gone `HEARTBEAT_TTL_S` after the process dies) and the
+deliveries it holds with their payloads (`Ledger.announce`, `Ledger.hold`). Every live
 process sweeps every few seconds: the deliveries of a process whose heartbeat is gone are
 taken atomically by one sweeper (`Ledger.take_orphans`), which frees their leases, stops the
 avatars of the ones that were playing, and publishes them again. Exactly-once playback still
@@ -24,27 +24,24 @@ import threading
 import uuid
 from collections.abc import Callable
 from contextlib import suppress
+from functools import cached_property
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from avatarq.errors import InvalidJob
-from avatarq.events import WORKERS_KEY, worker_heartbeat_key, worker_held_key
+from avatarq.ledger.worker import Ledger, Orphan
 from avatarq.settings import Settings
 from producers.jobs import parse_job
 from tasks import room as rooms
 from tasks.avatar import AvatarSession, HttpAvatarClient
-from tasks.ledger import Ledger, Orphan
 from tasks.runtime import get_loop_thread
 
 log = logging.getLogger("avatarq.recovery")
 
-#: The heartbeat is renewed this often, and expires this long after the last renewal: before
-#: the dead worker's leases (`LEASE_TTL_S`), which still say which of its jobs were playing
-#: (their avatars must leave the room first) when the sweep takes them.
+#: The heartbeat is renewed this often (it expires after avatarq.ledger.keys.HEARTBEAT_TTL_S).
 HEARTBEAT_S = 1.0
-HEARTBEAT_TTL_S = 10.0
 #: Every live worker process looks for dead ones this often.
 SWEEP_S = 2.0
 
@@ -72,6 +69,10 @@ class Presence:
         if self._redis is None:
             self._redis = aioredis.from_url(self.settings.redis_url)
         return self._redis
+
+    @cached_property
+    def ledger(self) -> Ledger:
+        return Ledger(self.redis, stale_after_s=self.settings.redelivery_after_s)
 
     def start(self) -> None:
         """Start the heartbeat and the sweeper on this process's event loop."""
@@ -108,7 +109,7 @@ class Presence:
 
     async def _write_held(self, task_id: str, payload: str) -> None:
         with suppress(RedisError, OSError):  # the next heartbeat writes it anyway
-            await self.redis.hset(worker_held_key(self.worker_id), task_id, payload)  # type: ignore[misc]
+            await self.ledger.hold(self.worker_id, task_id, payload)
 
     async def _beat(self) -> None:
         while True:
@@ -119,17 +120,9 @@ class Presence:
             await asyncio.sleep(HEARTBEAT_S)
 
     async def beat_once(self) -> None:
-        # One transaction, so a Redis that lost its data never sees this process without its
-        # held deliveries, nor held deliveries without a heartbeat.
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(worker_heartbeat_key(self.worker_id), "1", px=int(HEARTBEAT_TTL_S * 1000))
-            pipe.sadd(WORKERS_KEY, self.worker_id)
-            pipe.delete(worker_held_key(self.worker_id))
-            with self._held_lock:
-                held = dict(self.held)
-            if held:
-                pipe.hset(worker_held_key(self.worker_id), mapping=held)  # type: ignore[arg-type]
-            await pipe.execute()
+        with self._held_lock:
+            held = dict(self.held)
+        await self.ledger.announce(self.worker_id, held)
 
     async def _sweep(self) -> None:
         while True:
@@ -141,7 +134,7 @@ class Presence:
 
     async def sweep_once(self) -> list[str]:
         """Recover the deliveries of every dead worker process; returns their job ids."""
-        ledger = Ledger(self.redis, stale_after_s=self.settings.redelivery_after_s)
+        ledger = self.ledger
         orphans = await ledger.take_orphans()
         for orphan in orphans:
             await self._recover(ledger, orphan)

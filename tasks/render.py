@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 
 from avatarq.celeryconfig import RENDER_QUEUE, RENDER_TASK
 from avatarq.errors import TransientJobError
+from avatarq.ledger.worker import Ledger
 from avatarq.results import Failed
 from avatarq.settings import Settings, get_settings
 from tasks.app import app
@@ -28,7 +29,6 @@ from tasks.backoff import backoff_delay
 from tasks.control import HAND_BACK
 from tasks.hooks import worker_hooks
 from tasks.jobrun import Ending, JobParts, JobRun, Outcome, job_id_of
-from tasks.ledger import Ledger
 from tasks.links import Links
 from tasks.playback import FfmpegAudio, Playback
 from tasks.recovery import get_presence

@@ -20,7 +20,8 @@ from redis.exceptions import RedisError
 from redis.typing import EncodableT, FieldT
 
 from avatarq.errors import InvalidJob
-from avatarq.events import TERMINAL_EVENT, Event, Status, job_events_key
+from avatarq.events import TERMINAL_EVENT, Event, Status
+from avatarq.ledger.keys import job_events_key
 from avatarq.settings import Settings
 from avatarq.sourcepolicy import webhook_policy
 from tasks import metrics

@@ -1,7 +1,7 @@
 """The interfaces a job's run is given, so each part can be replaced: by the real one in a
 worker (tasks/render.py wires them), by a fake in the fast tests (tests/fakes.py).
 
-    JobLedger    who may play a job, its lease, its one terminal record (tasks/ledger.py)
+    JobLedger    who may play a job, its lease, its one terminal record (avatarq/ledger/worker.py)
     Reporter     events, progress, the announcement and webhook (tasks/report.py)
     AudioOpener  source → decoded PCM chunks (tasks/playback.py FfmpegAudio)
     LinkSource   a room with a listening avatar, warm or cold (tasks/links.py Links)
@@ -11,16 +11,16 @@ worker (tasks/render.py wires them), by a fake in the fast tests (tests/fakes.py
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from avatarq.events import Event
+from avatarq.ledger.worker import Claim
 from producers.jobs import Job
 from tasks.avatar_link import Milestones, NamedServer, SessionNote
 from tasks.control import JobControl
-from tasks.ledger import Claim
 from tasks.pacing import Pacer
 from tasks.stream import PlaybackFinished, ProgressCallback
 
@@ -36,7 +36,9 @@ class JobLedger(Protocol):
 
     async def finish(self, job_id: str, room: str | None, result: dict[str, Any]) -> bool: ...
 
-    async def dead_letter(self, job: dict[str, Any], result: dict[str, Any]) -> None: ...
+    async def dead_letter(
+        self, job_payload: Mapping[str, Any], result: Mapping[str, Any]
+    ) -> None: ...
 
     async def owned_by_another(self, job_id: str, payload: Any) -> bool: ...
 

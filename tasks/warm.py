@@ -3,7 +3,7 @@
 Starting an avatar costs the avatar server seconds (a GPU session); joining a room costs the
 worker a few hundred milliseconds. When the next job of the same room and avatar comes to the
 same worker process within `AVATARQ_WARM_IDLE` seconds, it plays as a new segment on the same
-session. Per-room ordering (tasks/ledger.py) already makes such jobs sequential.
+session. Per-room ordering (avatarq/ledger/) already makes such jobs sequential.
 
 The avatar's identity is fixed (`avatar-{id}`), so a second session for the same room and
 avatar would knock the idle one out of the room. A process that must start a session cold
@@ -22,6 +22,7 @@ import uuid
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from avatarq.ledger.keys import WARM_RELEASE_TTL_S, warm_holder_key, warm_release_key
 from tasks.avatar_link import AvatarLink, LinkKey
 
 log = logging.getLogger("avatarq.warm")
@@ -33,11 +34,11 @@ RELEASE_WAIT_S = 3.0
 
 
 def _holder_key(key: LinkKey) -> str:
-    return f"avatarq:warm:{key[0]}:{key[1]}"
+    return warm_holder_key(key[0], key[1])
 
 
 def _release_key(key: LinkKey) -> str:
-    return f"avatarq:warm-release:{key[0]}:{key[1]}"
+    return warm_release_key(key[0], key[1])
 
 
 class WarmPool:
@@ -82,7 +83,7 @@ class WarmPool:
             holder = await self._redis.get(_holder_key(key))
             if holder is None or holder == self._token.encode():
                 return
-            await self._redis.set(_release_key(key), "1", ex=30)
+            await self._redis.set(_release_key(key), "1", ex=WARM_RELEASE_TTL_S)
             deadline = time.monotonic() + RELEASE_WAIT_S
             while time.monotonic() < deadline and await self._redis.exists(_holder_key(key)):
                 await asyncio.sleep(RELEASE_POLL_S / 2)

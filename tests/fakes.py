@@ -8,20 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from redis.exceptions import RedisError
 
 from avatarq.events import Event
+from avatarq.ledger.worker import Claim
 from avatarq.settings import Settings
 from producers.jobs import Job
 from tasks.avatar_link import Milestones, NamedServer, SessionNote
 from tasks.control import JobControl, StopReason
 from tasks.hooks import HookFactory, LeaseWatch
 from tasks.jobrun import JobParts, JobRun, Outcome, Timing
-from tasks.ledger import Claim
 from tasks.pacing import Pacer
 from tasks.playback import Playback
 from tasks.seams import Audio, Link, Reporter
@@ -72,8 +72,8 @@ class FakeLedger:
         self.records[job_id] = result
         return True
 
-    async def dead_letter(self, job: dict[str, Any], result: dict[str, Any]) -> None:
-        self.dead_letters.append((job, result))
+    async def dead_letter(self, job_payload: Mapping[str, Any], result: Mapping[str, Any]) -> None:
+        self.dead_letters.append((dict(job_payload), dict(result)))
 
     async def owned_by_another(self, job_id: str, payload: Any) -> bool:
         return job_id in self.owners and self.owners[job_id] != payload

@@ -14,7 +14,7 @@ import redis
 import requests
 
 from avatarq.dev.processes import ManagedProcess, free_port, tcp_ready
-from avatarq.events import job_events_key, job_record_key
+from avatarq.ledger.keys import job_events_key, job_record_key
 from tests.producing import AVATARQ, avatarq, own_db, queued_job_ids
 
 KEYS = ("acme:key-one", "globex:key-two")

@@ -18,7 +18,8 @@ import uvicorn
 from livekit import api as lkapi
 
 from avatarq.dev.processes import ManagedProcess, free_port, tcp_ready
-from avatarq.events import DEAD_LETTER_KEY, Event
+from avatarq.events import Event
+from avatarq.ledger.keys import DEAD_LETTER_KEY
 from avatarq.settings import Settings
 from producers import console, enqueue
 from producers.api import create_app
@@ -202,7 +203,7 @@ def test_api_serves_with_the_console_disabled_without_a_build(
 
 def test_overview_shows_each_avatar_servers_session_quota(base: str, settings: Settings) -> None:
     """What tasks/quota.py keeps in Redis: two live sessions, one expired, one waiting job."""
-    from avatarq.events import avatar_quota_key
+    from avatarq.ledger.keys import avatar_quota_key
 
     r = redis.Redis.from_url(settings.redis_url)
     now_ms = int(time.time() * 1000)

@@ -23,7 +23,7 @@ import requests
 from avatarq.dev import livekit_official
 from avatarq.dev.processes import ManagedProcess, free_port, tcp_ready
 from avatarq.dev.stack import LocalStack, local_stack
-from avatarq.events import DEAD_LETTER_KEY, job_enqueued_key, job_record_key
+from avatarq.ledger.keys import DEAD_LETTER_KEY, job_enqueued_key, job_record_key
 from producers.console import CONSOLE_DIST
 from tests.audio import tone
 from tests.httpserve import serving

@@ -8,7 +8,7 @@ import time
 import pytest
 import redis
 
-from avatarq.events import DEAD_LETTER_KEY, job_enqueued_key, job_record_key
+from avatarq.ledger.keys import DEAD_LETTER_KEY, job_enqueued_key, job_record_key
 from avatarq.settings import Settings
 from producers.deadletter import list_dead, purge_dead, retry_dead
 

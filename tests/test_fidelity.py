@@ -24,7 +24,7 @@ from livekit import api, rtc
 from avatarq.dev import livekit_official
 from avatarq.dev.avatar_emulator.behaviour import Faults
 from avatarq.dev.stack import DEV_API_KEY, LocalStack, local_stack
-from avatarq.events import job_events_key
+from avatarq.ledger.keys import job_events_key
 from tests import audio
 from tests.netns import NETNS
 

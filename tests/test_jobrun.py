@@ -21,12 +21,12 @@ from avatarq.errors import (
     TransientJobError,
 )
 from avatarq.events import Event
+from avatarq.ledger.worker import Claim
 from avatarq.results import Cancelled, Failed, Played
 from avatarq.settings import Settings
 from tasks.control import StopReason
 from tasks.hooks import JobHook, RunContext, Segment
 from tasks.jobrun import Ending, JobRun, Outcome
-from tasks.ledger import Claim
 from tasks.quota import NoAvatarSlot, Waiting
 from tasks.stream import PlaybackFinished
 from tests.fakes import Stand

@@ -13,7 +13,7 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
-from avatarq.events import (
+from avatarq.ledger.keys import (
     WORKERS_KEY,
     job_enqueued_key,
     job_lease_key,
@@ -23,9 +23,10 @@ from avatarq.events import (
     worker_heartbeat_key,
     worker_held_key,
 )
+from avatarq.ledger.worker import REJOIN_GRACE_S, Claim, Ledger, Orphan
 from avatarq.settings import Settings
 from producers.client import cancel, enqueue
-from tasks.ledger import REJOIN_GRACE_S, Claim, Ledger, Orphan
+from producers.deadletter import list_dead
 
 
 def run(redis_url: str, body: Callable[[Ledger], Awaitable[Any]], stale: float = 3600) -> Any:
@@ -252,3 +253,18 @@ def test_avatar_session_note_lives_until_the_job_ends(redis_server: str) -> None
         assert await ledger.avatar_session("av1") is None
 
     run(redis_server, body)
+
+
+def test_dead_letter_keeps_the_job_for_the_operator(redis_server: str) -> None:
+    settings = Settings(REDIS_URL=redis_server, CELERY_BROKER_URL=redis_server)
+    job = {"job_id": "dead-1", "room": room(), "avatar_id": "a", "source": "a.wav"}
+    failed = {"job_id": "dead-1", "status": "failed", "reason": "avatar_timeout", "attempt": 5}
+    before = time.time()
+
+    async def body(ledger: Ledger) -> None:
+        await ledger.dead_letter(job, failed)
+
+    run(redis_server, body)
+    (entry, *_) = list_dead(settings=settings)
+    assert entry.pop("ts") >= before
+    assert entry == {"job": job, **failed}

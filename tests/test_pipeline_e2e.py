@@ -18,7 +18,7 @@ import requests
 
 from avatarq.dev.processes import free_port
 from avatarq.dev.stack import LocalStack, local_stack
-from avatarq.events import job_events_key
+from avatarq.ledger.keys import job_events_key
 from avatarq.results import parse_result
 from avatarq.settings import Settings
 from tasks.decode import ffmpeg_binary

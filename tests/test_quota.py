@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 import requests
 
 from avatarq.dev.stack import LocalStack, local_stack
-from avatarq.events import job_events_key
+from avatarq.ledger.keys import avatar_quota_key, job_events_key
 from avatarq.settings import get_settings
 from tasks import quota as quota_mod
 from tasks.quota import AvatarQuota, NoAvatarSlot, Slot, Waiting, wait_for_slot
@@ -205,7 +205,7 @@ def test_a_killed_workers_slots_come_back(fleet: LocalStack, tmp_path: Path) -> 
             break
         time.sleep(0.2)
     r = redis.Redis.from_url(fleet.redis.url)
-    sessions = r.zcard("avatarq:avatar:default:sessions")
+    sessions = r.zcard(avatar_quota_key("default", "sessions"))
     assert sessions == QUOTA
     short = str(audio.tone(tmp_path / "short.wav", seconds=1.0))
     waiter = enqueue({"room": f"k-{uuid.uuid4().hex[:6]}", "avatar_id": "anna", "source": short})

@@ -18,18 +18,19 @@ import redis
 import redis.asyncio as aioredis
 
 from avatarq.dev.processes import ManagedProcess
-from avatarq.events import (
+from avatarq.ledger.keys import (
     job_lease_key,
     job_record_key,
     room_holder_key,
     room_order_key,
     worker_heartbeat_key,
+    worker_held_key,
 )
+from avatarq.ledger.worker import Claim, Ledger
 from avatarq.results import Failed
 from avatarq.settings import Settings
 from producers.client import enqueue
 from tasks.jobrun import Ending, JobParts, JobRun, Outcome, job_id_of
-from tasks.ledger import Claim, Ledger
 from tasks.recovery import Presence
 from tests.fakes import FakeReporter
 from tests.httpserve import serving
@@ -216,7 +217,7 @@ def test_sigkilled_workers_waiting_job_plays_on_another_worker_within_seconds(
             settings=settings)  # fmt: skip
     with _worker("victim", env, tmp_path) as victim:
         deadline = time.monotonic() + 30
-        while not any(client.hexists(k, job_id) for k in client.scan_iter("avatarq:held:*")):
+        while not any(client.hexists(k, job_id) for k in client.scan_iter(worker_held_key("*"))):
             assert time.monotonic() < deadline, victim.tail()
             time.sleep(0.2)
         victim.signal(signal.SIGKILL)

@@ -15,7 +15,7 @@ from pathlib import Path
 import redis
 
 from avatarq.dev.processes import ManagedProcess, RedisServer
-from avatarq.events import job_lease_key, job_record_key, room_holder_key, room_order_key
+from avatarq.ledger.keys import job_lease_key, job_record_key, room_holder_key, room_order_key
 from avatarq.settings import Settings
 from producers.client import enqueue
 

@@ -12,7 +12,8 @@ import redis
 from aiohttp import web
 
 from avatarq.dev.processes import free_port
-from avatarq.events import Event, job_events_key
+from avatarq.events import Event
+from avatarq.ledger.keys import job_events_key
 from avatarq.settings import Settings
 from tasks.report import WEBHOOK_SIGNATURE_HEADER, WEBHOOK_TIMESTAMP_HEADER, JobReporter
 

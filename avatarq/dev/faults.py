@@ -32,7 +32,7 @@ import requests
 
 from avatarq.dev.processes import ManagedProcess, free_port, python_module, tcp_ready
 from avatarq.dev.stack import LocalStack, local_stack
-from avatarq.events import DEAD_LETTER_KEY, job_events_key, room_order_key
+from avatarq.ledger.keys import DEAD_LETTER_KEY, job_events_key, room_order_key
 from avatarq.settings import get_settings
 
 #: What every worker of the suite gets: moto's S3 credentials. No avatarq setting.

@@ -1,4 +1,4 @@
-"""Who may play a job, and when: the Redis records behind the delivery guarantees.
+"""The worker's side of the ledger: who may play a job, and when.
 
 - A job id with a terminal record is never played again (exactly-once playback on top of
   Celery's at-least-once delivery).
@@ -12,6 +12,8 @@
 - Each worker process announces itself and the deliveries it holds (tasks/recovery.py); once
   its heartbeat is gone, `take_orphans` hands those deliveries to one live worker, which
   publishes them again: recovery within seconds instead of the broker's visibility timeout.
+- A job whose retries ran out goes to the dead-letter list, where an operator sees and
+  replays it (avatarq/ledger/producer.py).
 """
 
 from __future__ import annotations
@@ -20,14 +22,18 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
 import redis.asyncio as aioredis
 
-from avatarq.events import (
+from avatarq.ledger.keys import (
+    AVATAR_NOTE_TTL_S,
     DEAD_LETTER_KEY,
+    HEARTBEAT_TTL_S,
+    LEASE_TTL_S,
     RECORD_TTL_S,
     WORKERS_KEY,
     job_attempts_key,
@@ -41,119 +47,14 @@ from avatarq.events import (
     worker_heartbeat_key,
     worker_held_key,
 )
+from avatarq.ledger.scripts import Lua, script
 
 log = logging.getLogger("avatarq.ledger")
 
-#: A lease outlives a few missed renewals, yet a dead worker's job is free again soon.
-LEASE_TTL_S = 15.0
 #: A job that had to put itself into its room's order (its place was lost with Redis's data,
 #: or it was sent without `enqueue`) waits this long before it may start: the room's playing
 #: job re-asserts its place on its next watch tick (every 0.25 s), well within it.
 REJOIN_GRACE_S = 1.5
-#: How long an avatar session's note is kept if its job never ends (the job's record keeps
-#: nothing of it; a finished job drops the note).
-AVATAR_NOTE_TTL_S = 24 * 3600
-
-# KEYS: record, cancel, lease, room order, attempts, enqueued, room holder
-# ARGV: lease token, lease ttl ms, job id, now, record ttl s, rejoin grace s
-_CLAIM = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return {'done', 0} end
-if redis.call('EXISTS', KEYS[2]) == 1 then return {'cancelled', 0} end
-local holder = redis.call('GET', KEYS[3])
-if holder and holder ~= ARGV[1] then return {'busy', 0} end
-redis.call('HSETNX', KEYS[6], 'ts', ARGV[4])
-redis.call('HSET', KEYS[6], 'seen', ARGV[4])
-redis.call('EXPIRE', KEYS[6], ARGV[5])
-if not redis.call('LPOS', KEYS[4], ARGV[3]) then
-  redis.call('RPUSH', KEYS[4], ARGV[3])
-  redis.call('HSET', KEYS[6], 'rejoined', ARGV[4])
-  return {'wait', 0}
-end
-if redis.call('LINDEX', KEYS[4], 0) ~= ARGV[3] then return {'wait', 0} end
-local rejoined = redis.call('HGET', KEYS[6], 'rejoined')
-if rejoined and tonumber(ARGV[4]) - tonumber(rejoined) < tonumber(ARGV[6]) then
-  return {'wait', 0}
-end
-local playing = redis.call('GET', KEYS[7])
-if playing and playing ~= ARGV[3] then return {'wait', 0} end
-redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
-redis.call('SET', KEYS[7], ARGV[3], 'PX', ARGV[2])
-local n = redis.call('INCR', KEYS[5])
-redis.call('EXPIRE', KEYS[5], ARGV[5])
-return {'ok', n}
-"""
-
-# One watch tick of a playing job: is a cancel requested, and is the job still ours? Renews
-# the lease and the room, and puts them back if Redis lost them.
-# KEYS: lease, cancel, record, room order, room holder; ARGV: token, ttl ms, job id
-_WATCH = """
-local cancel = redis.call('EXISTS', KEYS[2])
-local holder = redis.call('GET', KEYS[1])
-if (holder and holder ~= ARGV[1]) or redis.call('EXISTS', KEYS[3]) == 1 then
-  return {cancel, 0}
-end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-local playing = redis.call('GET', KEYS[5])
-if not playing or playing == ARGV[3] then
-  redis.call('SET', KEYS[5], ARGV[3], 'PX', ARGV[2])
-end
-if redis.call('LINDEX', KEYS[4], 0) ~= ARGV[3] then
-  redis.call('LREM', KEYS[4], 0, ARGV[3])
-  redis.call('LPUSH', KEYS[4], ARGV[3])
-end
-return {cancel, 1}
-"""
-
-# KEYS: lease, room holder, attempts; ARGV: token, job id, 1 to take the attempt back
-_RELEASE = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1])
-if redis.call('GET', KEYS[2]) == ARGV[2] then redis.call('DEL', KEYS[2]) end
-if ARGV[3] == '1' then redis.call('DECR', KEYS[3]) end
-return 1
-"""
-
-# KEYS: record, room order, lease, room holder, avatar note; ARGV: record json, job id, ttl s
-_FINISH = """
-redis.call('LREM', KEYS[2], 0, ARGV[2])
-if redis.call('GET', KEYS[4]) == ARGV[2] then redis.call('DEL', KEYS[4]) end
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[3]) then
-  redis.call('DEL', KEYS[3], KEYS[5])
-  return 1
-end
-return 0
-"""
-
-# Deliveries held by worker processes whose heartbeat is gone, taken (and so recovered) by
-# exactly one caller, each with whether it was playing (held the lease). A dead worker's
-# leases go with it; jobs that ended are left out.
-# KEYS: workers set; ARGV: heartbeat, held, lease and record key prefixes
-_TAKE_ORPHANS = """
-local out = {}
-for _, w in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  if redis.call('EXISTS', ARGV[1] .. w) == 0 then
-    local items = redis.call('HGETALL', ARGV[2] .. w)
-    for i = 1, #items, 2 do
-      local job = items[i]
-      local lease = ARGV[3] .. job
-      local holder = redis.call('GET', lease)
-      local playing = 0
-      if holder and string.sub(holder, 1, #w + 1) == w .. '/' then
-        redis.call('DEL', lease)
-        playing = 1
-      end
-      if redis.call('EXISTS', ARGV[4] .. job) == 0 then
-        table.insert(out, job)
-        table.insert(out, items[i + 1])
-        table.insert(out, playing)
-      end
-    end
-    redis.call('DEL', ARGV[2] .. w)
-    redis.call('SREM', KEYS[1], w)
-  end
-end
-return out
-"""
 
 
 @dataclass(frozen=True)
@@ -179,11 +80,11 @@ class Ledger:
     def __init__(self, redis: aioredis.Redis, *, stale_after_s: float) -> None:
         self.redis = redis
         self.stale_after_s = stale_after_s
-        self._claim = redis.register_script(_CLAIM)
-        self._watch = redis.register_script(_WATCH)
-        self._release = redis.register_script(_RELEASE)
-        self._finish = redis.register_script(_FINISH)
-        self._take_orphans = redis.register_script(_TAKE_ORPHANS)
+        self._claim = script(redis, Lua.CLAIM)
+        self._watch = script(redis, Lua.WATCH)
+        self._release = script(redis, Lua.RELEASE)
+        self._finish = script(redis, Lua.FINISH)
+        self._take_orphans = script(redis, Lua.TAKE_ORPHANS)
 
     @staticmethod
     def new_token(worker_id: str) -> str:
@@ -302,11 +203,6 @@ class Ledger:
             return bool(json.loads(registered) != payload)
         return bool(await self.redis.exists(job_enqueued_key(job_id)))
 
-    async def dead_letter(self, job: dict[str, Any], result: dict[str, Any]) -> None:
-        """Keep a job whose retries ran out where an operator can see and replay it."""
-        entry = {"job": job, **result, "ts": time.time()}
-        await self.redis.lpush(DEAD_LETTER_KEY, json.dumps(entry))
-
     async def finish(self, job_id: str, room: str | None, result: dict[str, Any]) -> bool:
         """Record the terminal state once; False if the job had already ended."""
         keys = [
@@ -320,3 +216,25 @@ class Ledger:
             keys=keys, args=[json.dumps(result, default=str), job_id, RECORD_TTL_S]
         )
         return bool(done)
+
+    async def dead_letter(self, job_payload: Mapping[str, Any], result: Mapping[str, Any]) -> None:
+        """Keep a job whose retries ran out where an operator can see and replay it: its
+        payload, its failed result and the time, newest first."""
+        entry = {"job": job_payload, **result, "ts": time.time()}
+        await self.redis.lpush(DEAD_LETTER_KEY, json.dumps(entry))
+
+    async def announce(self, worker_id: str, held: Mapping[str, str]) -> None:
+        """The worker process's heartbeat, with every delivery it holds (task id → payload
+        JSON). One transaction, so a Redis that lost its data never sees the process without
+        its held deliveries, nor held deliveries without a heartbeat."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(worker_heartbeat_key(worker_id), "1", px=int(HEARTBEAT_TTL_S * 1000))
+            pipe.sadd(WORKERS_KEY, worker_id)
+            pipe.delete(worker_held_key(worker_id))
+            if held:
+                pipe.hset(worker_held_key(worker_id), mapping=dict(held))  # type: ignore[arg-type]
+            await pipe.execute()
+
+    async def hold(self, worker_id: str, task_id: str, payload: str) -> None:
+        """One more delivery the worker process holds (before its next heartbeat)."""
+        await self.redis.hset(worker_held_key(worker_id), task_id, payload)  # type: ignore[misc]

@@ -1,0 +1,112 @@
+"""Every Redis key avatarq uses, and how long each lives. Only the ledger package spells them.
+
+Per job: its terminal record, enqueue marker, lease, cancel request, attempt counter, event
+stream, waiting note and avatar session note. Per room: its order and holder. Per worker
+process: its heartbeat and held deliveries. Per avatar server: its session quota. Then the
+warm sessions' markers, the dead-letter list and celery-redbeat's keys.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+#: How long records and per-job event streams are kept (they must outlive redelivery).
+RECORD_TTL_S = 30 * 24 * 3600
+#: A lease outlives a few missed renewals, yet a dead worker's job is free again soon.
+LEASE_TTL_S = 15.0
+#: How long an avatar session's note is kept if its job never ends (the job's record keeps
+#: nothing of it; a finished job drops the note).
+AVATAR_NOTE_TTL_S = 24 * 3600
+#: A worker process's heartbeat expires this long after its last renewal: before its leases
+#: (`LEASE_TTL_S`), which still say which of its jobs were playing when a sweep takes them.
+HEARTBEAT_TTL_S = 10.0
+#: A request that an idle warm session let go lives this long if nobody acts on it.
+WARM_RELEASE_TTL_S = 30
+
+#: The default stream of every job's events (`AVATARQ_EVENTS_STREAM`).
+EVENTS_STREAM = "avatarq:events"
+#: Set of the ids of worker processes that announced themselves (tasks/recovery.py).
+WORKERS_KEY = "avatarq:workers"
+#: Jobs that exhausted their retries, newest first (JSON: job, reason, error, attempts, ts).
+DEAD_LETTER_KEY = "avatarq:dead"
+#: celery-redbeat's keys (each announcement's last fire) and the lock a running beat holds.
+BEAT_KEY_PREFIX = "avatarq:beat:"
+BEAT_LOCK_KEY = "avatarq:beat:lock"
+
+
+def job_events_key(job_id: str) -> str:
+    return f"avatarq:events:{job_id}"
+
+
+def job_record_key(job_id: str) -> str:
+    return f"avatarq:job:{job_id}"
+
+
+def job_enqueued_key(job_id: str) -> str:
+    """Hash {ts, room, job}: set once at enqueue, so the same job id is never sent twice."""
+    return f"avatarq:enqueued:{job_id}"
+
+
+def job_lease_key(job_id: str) -> str:
+    """The worker playing the job (expires unless renewed, so a dead worker lets go)."""
+    return f"avatarq:lease:{job_id}"
+
+
+def job_waiting_key(job_id: str) -> str:
+    """JSON {server, place, sessions, quota} while the job waits for an avatar session."""
+    return f"avatarq:waiting:{job_id}"
+
+
+def job_cancel_key(job_id: str) -> str:
+    return f"avatarq:cancel:{job_id}"
+
+
+def job_attempts_key(job_id: str) -> str:
+    return f"avatarq:attempts:{job_id}"
+
+
+def job_avatar_key(job_id: str) -> str:
+    """Hash {server, session_id}: the avatar session a playing job started, so recovery can
+    stop it if the job's worker dies."""
+    return f"avatarq:avatar:{job_id}"
+
+
+def room_order_key(room: str) -> str:
+    """List of the room's unfinished job ids in enqueue order: only the head may play."""
+    return f"avatarq:room:{room}"
+
+
+def room_holder_key(room: str) -> str:
+    """The job playing in the room right now (expires with its lease): no other job of the
+    room may start while it is live, even if the room's order was lost."""
+    return f"avatarq:room-holder:{room}"
+
+
+QuotaPart = Literal["sessions", "waiting", "waiting-seen", "cap"]
+
+
+def avatar_quota_key(server: str, part: QuotaPart) -> str:
+    """The session quota of avatar server `server` (tasks/quota.py): `sessions` (zset holder →
+    lease expiry ms), `waiting` (zset job → first wait ms), `waiting-seen` (zset job → last
+    poll ms), `cap` (the quota shrunk after a 429, with a TTL)."""
+    return f"avatarq:avatar:{server}:{part}"
+
+
+def worker_heartbeat_key(worker_id: str) -> str:
+    """Present while the worker process is alive (expires after `HEARTBEAT_TTL_S`)."""
+    return f"avatarq:worker:{worker_id}"
+
+
+def worker_held_key(worker_id: str) -> str:
+    """Hash job id -> payload JSON: the deliveries the worker process holds right now."""
+    return f"avatarq:held:{worker_id}"
+
+
+def warm_holder_key(room: str, avatar: str) -> str:
+    """The worker process holding an idle warm session of `avatar` in `room` (tasks/warm.py)."""
+    return f"avatarq:warm:{room}:{avatar}"
+
+
+def warm_release_key(room: str, avatar: str) -> str:
+    """A request that the holder of that idle session let it go (a cold start needs it)."""
+    return f"avatarq:warm-release:{room}:{avatar}"

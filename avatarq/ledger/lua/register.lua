@@ -1,0 +1,8 @@
+-- Register a job at enqueue, once per job id: 1 when new (then send it), 0 when known.
+-- The job takes its place at the end of its room's order here.
+-- KEYS: enqueued, room order   ARGV: now, room, payload json, ttl s, job id
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'ts', ARGV[1], 'room', ARGV[2], 'job', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('RPUSH', KEYS[2], ARGV[5])
+return 1

@@ -1,0 +1,28 @@
+-- Deliveries held by worker processes whose heartbeat is gone, taken (and so recovered) by
+-- exactly one caller: a flat list of {task id, payload, 1 if it was playing (held the lease)}.
+-- A dead worker's leases go with it; jobs that ended are left out.
+-- KEYS: workers set   ARGV: heartbeat, held, lease and record key prefixes
+local out = {}
+for _, w in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if redis.call('EXISTS', ARGV[1] .. w) == 0 then
+    local items = redis.call('HGETALL', ARGV[2] .. w)
+    for i = 1, #items, 2 do
+      local job = items[i]
+      local lease = ARGV[3] .. job
+      local holder = redis.call('GET', lease)
+      local playing = 0
+      if holder and string.sub(holder, 1, #w + 1) == w .. '/' then
+        redis.call('DEL', lease)
+        playing = 1
+      end
+      if redis.call('EXISTS', ARGV[4] .. job) == 0 then
+        table.insert(out, job)
+        table.insert(out, items[i + 1])
+        table.insert(out, playing)
+      end
+    end
+    redis.call('DEL', ARGV[2] .. w)
+    redis.call('SREM', KEYS[1], w)
+  end
+end
+return out

@@ -1,0 +1,19 @@
+-- One watch tick of a playing job: {cancel requested, the job is still ours}. Renews the
+-- lease and the room, and puts them back (with the job's place at the head of its room's
+-- order) if Redis lost them.
+-- KEYS: lease, cancel, record, room order, room holder   ARGV: token, ttl ms, job id
+local cancel = redis.call('EXISTS', KEYS[2])
+local holder = redis.call('GET', KEYS[1])
+if (holder and holder ~= ARGV[1]) or redis.call('EXISTS', KEYS[3]) == 1 then
+  return {cancel, 0}
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+local playing = redis.call('GET', KEYS[5])
+if not playing or playing == ARGV[3] then
+  redis.call('SET', KEYS[5], ARGV[3], 'PX', ARGV[2])
+end
+if redis.call('LINDEX', KEYS[4], 0) ~= ARGV[3] then
+  redis.call('LREM', KEYS[4], 0, ARGV[3])
+  redis.call('LPUSH', KEYS[4], ARGV[3])
+end
+return {cancel, 1}
