@@ -133,22 +133,18 @@ class Playback:
                 link, warm = await self._get_link(job, server, audio, ts, reporter, note_session)
                 link.attach(control)
                 await reporter.emit(Event.AVATAR_READY, session_id=link.session_id, warm=warm)
-                segment = Segment(job, link.sender.bytes_per_second, audio.duration, Pacer(
-                    bytes_per_second=link.sender.bytes_per_second,
-                    lead=lead,
-                    record_errors=self.settings.pacing_trace,
-                ))  # fmt: skip
+                bps = link.sender.bytes_per_second
+                pacer = Pacer(
+                    bytes_per_second=bps, lead=lead, record_errors=self.settings.pacing_trace
+                )
+                segment = Segment(job, bps, audio.duration, pacer)
                 for hook in hooks:
                     hook.on_stream_start(segment)
                 keep = False
                 try:
-                    try:
-                        streamed = await self._stream(
-                            link.sender, audio, segment, control, ts, hooks
-                        )
-                    finally:
-                        # No progress report may land after the job's end.
-                        await reporter.settle_progress()
+                    streamed = await self._stream(link.sender, audio, segment, control, ts, hooks)
+                    # No progress report may land after this last one.
+                    await reporter.settle_progress()
                     await reporter.progress(streamed, audio.duration, force=True)
                     if control.reason is not None:
                         await _interrupt(link.sender, control.reason, ts, streamed, audio.duration)
@@ -156,6 +152,7 @@ class Playback:
                     # Only a segment that ended cleanly leaves the session fit for the next job.
                     keep = finished is not None
                 finally:
+                    await reporter.settle_progress()  # nor after the job's end
                     for hook in hooks:
                         hook.on_stream_end(segment)
                     await self.links.give_back(link, keep=keep)
