@@ -1,7 +1,26 @@
 """Job errors: every failure names its reason and says whether a retry can help.
 
 `reason` is a stable machine-readable code (it lands in results and events); the message is
-for humans and never carries a secret or a stack trace.
+for humans and never carries a secret or a stack trace. The tree (a job's run retries a
+`TransientJobError` with backoff while attempts are left, and fails a `PermanentJobError`
+at once, tasks/jobrun.py):
+
+    JobError
+     ├── PermanentJobError      retrying the same job cannot succeed
+     │    ├── InvalidJob            invalid_job, unknown_avatar_server, source_not_allowed, …
+     │    ├── SourceNotFound        source_not_found
+     │    ├── DecodeError           invalid_audio, no_audio, too_long, truncated_audio, …
+     │    ├── AvatarRejected        avatar_rejected (401/403/404/422 from the avatar server)
+     │    └── LiveKitRejected       livekit_rejected (the LiveKit credentials were refused)
+     └── TransientJobError      the same job may succeed later
+          ├── SourceUnavailable     source_unavailable
+          ├── AvatarUnavailable     avatar_unavailable (5xx, connection errors)
+          ├── AvatarTimeout         avatar_timeout, avatar_not_listening, avatar_left
+          ├── RoomError             room_error
+          └── AvatarOverLimit       avatar_over_limit (429: handed to the session quota)
+
+Not errors but control flow: `tasks.control.Interrupted` (a stop on request) and
+`tasks.quota.NoAvatarSlot` (come back later, not counted as an attempt).
 """
 
 from __future__ import annotations
