@@ -3,7 +3,7 @@
 #   make test   runs the test suite
 # Both install what is missing first (infra/bootstrap). Anything that joins a LiveKit room runs
 # in a private network namespace (infra/netns-run): libwebrtc ignores loopback.
-.PHONY: demo test bootstrap lint bench
+.PHONY: demo test test-fast bootstrap lint bench
 
 bootstrap:
 	@bash infra/bootstrap
@@ -13,6 +13,11 @@ demo: bootstrap
 
 test: bootstrap
 	infra/netns-run .venv/bin/python -m pytest -q -rs $(PYTEST_ARGS)
+
+# The inner loop: everything that needs neither the network namespace nor real waiting time
+# (the state machine on fakes, the ledger on a real Redis, producers, API, settings).
+test-fast: bootstrap
+	.venv/bin/python -m pytest -q -m "not netns and not slow" $(PYTEST_ARGS)
 
 lint: bootstrap
 	.venv/bin/ruff check avatarq producers tasks tests bench

@@ -279,6 +279,7 @@ def test_sse_unknown_job_and_bad_last_event_id(api: str, r: redis.Redis) -> None
     assert res.status_code == 400 and "Last-Event-ID" in res.json()["detail"]
 
 
+@pytest.mark.slow
 def test_sse_stream_outlives_silence_with_keep_alives(api: str) -> None:
     """A queued job with no events for longer than redis-py's 5 s socket timeout: the stream
     stays up, sends keep-alive comments, and closes cleanly at `timeout`."""

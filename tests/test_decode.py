@@ -274,6 +274,7 @@ def test_http_404_is_source_not_found(http_files: HttpFiles) -> None:
     assert "deadbeef" not in info.value.message
 
 
+@pytest.mark.slow
 def test_http_connection_refused_is_transient() -> None:
     url = f"http://127.0.0.1:{free_port()}/a.wav"
     with pytest.raises(SourceUnavailable, match="Connection refused") as info:

@@ -195,6 +195,7 @@ def _worker(name: str, env: dict[str, str], log_dir: Path) -> ManagedProcess:
     return proc
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
 def test_sigkilled_workers_waiting_job_plays_on_another_worker_within_seconds(
     broker: str, redis_server: str, request: pytest.FixtureRequest, tmp_path: Path

@@ -12,6 +12,7 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
 import redis
 
 from avatarq.dev.processes import ManagedProcess, RedisServer
@@ -20,6 +21,7 @@ from avatarq.settings import Settings
 from producers.client import enqueue
 
 
+@pytest.mark.slow
 def test_worker_holding_a_job_survives_a_redis_crash(tmp_path: Path) -> None:
     with RedisServer(data_dir=tmp_path / "redis", log_dir=tmp_path) as server:
         env = {"REDIS_URL": server.url, "AVATARQ_METRICS_PORT": "0"}

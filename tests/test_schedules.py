@@ -156,6 +156,7 @@ def start_beat(name: str, env: dict[str, str], log_dir: Path) -> ManagedProcess:
     return proc.start()
 
 
+@pytest.mark.slow
 def test_two_beats_fire_every_slot_once(tmp_path: Path, redis_server: str) -> None:
     url = own_db(redis_server, 1)
     client = redis.Redis.from_url(url)
