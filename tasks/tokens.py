@@ -92,9 +92,7 @@ def mint(
     avatar_identity: str,
     ttl: timedelta,
 ) -> JobTokens:
-    signer = _Signer(
-        settings.livekit_api_key, settings.livekit_api_secret.get_secret_value(), ttl
-    )
+    signer = _Signer(settings.livekit_api_key, settings.livekit_api_secret.get_secret_value(), ttl)
     # The worker only sends data (the audio stream and RPCs); it publishes no media.
     worker_grants = api.VideoGrants(
         room_join=True,
