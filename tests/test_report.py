@@ -62,6 +62,32 @@ def test_events_and_progress(redis_server: str) -> None:
     assert client.ttl(job_events_key("job-r1")) > 0
 
 
+def test_the_progress_state_is_rarer_than_the_events(redis_server: str) -> None:
+    """Chunks every 0.4 s for 6 s: an event about every second, the Celery state about every
+    two (STATE_INTERVAL_S), and the final report writes both."""
+    settings = settings_for(redis_server)
+    states: list[float] = []
+    now = [0.0]
+
+    async def go() -> None:
+        reporter = JobReporter(
+            settings,
+            "job-r2",
+            update_state=lambda meta: states.append(meta["seconds_streamed"]),
+            clock=lambda: now[0],
+        )
+        for i in range(15):
+            now[0] = i * 0.4
+            await reporter.progress(now[0], 6.0)
+        await reporter.progress(6.0, 6.0, force=True)
+        await reporter.aclose()
+
+    asyncio.run(go())
+    events = entries(redis.Redis.from_url(redis_server), job_events_key("job-r2"))
+    assert [e["data"]["seconds_streamed"] for e in events] == [0.0, 1.2, 2.4, 3.6, 4.8, 6.0]
+    assert states == [0.0, 2.4, 4.8, 6.0]
+
+
 async def deliver(
     settings: Settings, job_id: str, handler: Any, path: str = "/hook", host: str = "127.0.0.1"
 ) -> None:
