@@ -28,6 +28,7 @@ from typing import TypeVar
 from livekit import api, rtc
 
 from avatarq.errors import AvatarTimeout, LiveKitRejected, Reason, RoomError
+from tasks import ffiroute
 
 log = logging.getLogger("avatarq.room")
 
@@ -41,7 +42,10 @@ PROBE_RPC_TIMEOUT_S = 2.0
 T = TypeVar("T")
 
 
-async def connect(url: str, token: str, *, timeout: float = CONNECT_TIMEOUT_S) -> rtc.Room:
+async def connect(
+    url: str, token: str, *, timeout: float = CONNECT_TIMEOUT_S, route_events: bool = True
+) -> rtc.Room:
+    """Join; `route_events`: give the room only its own FFI events (tasks/ffiroute.py)."""
     room = rtc.Room()
     try:
         # Subscriptions are chosen by hand (the avatar's audio only, see wait_for_avatar).
@@ -57,6 +61,8 @@ async def connect(url: str, token: str, *, timeout: float = CONNECT_TIMEOUT_S) -
                 "LIVEKIT_API_KEY / LIVEKIT_API_SECRET"
             ) from None
         raise RoomError(f"could not join the LiveKit room at {url}: {text}") from None
+    if route_events:
+        ffiroute.route_own_events(room)
     return room
 
 
