@@ -16,7 +16,8 @@ answer's timeouts and creation time say until when the room stays open with agen
 A room that existed before, with timeouts too short for the job, still needs the keeper
 (tasks/room.py), whose cost is a full second copy of the job's audio into this process:
 the server forwards the byte stream to it although it is hidden and may not subscribe
-(docs/performance.md).
+(docs/performance.md). The price of long timeouts: a room that a viewer visited stays open
+up to the hold after the last one leaves (an empty room costs the server next to nothing).
 """
 
 from __future__ import annotations
@@ -50,7 +51,6 @@ MAX_TIMEOUT_S = 2**32 - 1
 class RoomHold:
     """How long a room stays open with only agents in it, as CreateRoom reported it."""
 
-    room: str
     #: Epoch seconds (this worker's clock, less the tolerated skew) until which the server
     #: keeps the room open with only agents in it, whoever joins and leaves meanwhile.
     open_until: float
@@ -81,7 +81,6 @@ def hold_of(room: api.Room, hold_s: float, *, now: float) -> RoomHold:
     shortest = min(room.empty_timeout, room.departure_timeout)
     open_until = created_s + shortest - CLOCK_SKEW_S if created_s and shortest else 0.0
     return RoomHold(
-        room=room.name,
         open_until=open_until,
         empty_timeout_s=room.empty_timeout,
         departure_timeout_s=room.departure_timeout,
