@@ -112,6 +112,8 @@ def get_status(job_id: str, *, settings: Settings | None = None) -> dict[str, An
     if marks.waiting is not None:
         # In line for a session of its avatar server (server, place, sessions, quota).
         status.update(status=Status.WAITING_FOR_AVATAR.value, **marks.waiting)
+    elif marks.leased and marks.progress is not None:
+        status.update(status=Status.PLAYING.value, **marks.progress)
     elif state == "PROGRESS" and isinstance(info, dict) and marks.leased:
         status.update(status=Status.PLAYING.value, **info)
     elif state in ("STARTED", "PROGRESS") and marks.leased:

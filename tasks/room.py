@@ -4,9 +4,11 @@ Three facts of the real livekit-server and of livekit-agents' avatars shape this
 
 - Agent participants are "dependent": a room holding only agents (the worker and the avatar)
   is closed after its empty or departure timeout (300 s / 20 s by default), and a room's
-  timeouts cannot be changed once it exists. So each link also joins a *keeper*: a hidden
-  standard participant with no rights, which keeps the room open exactly as long as the job
-  (or its warm session) needs it, whoever created the room and with whatever timeouts.
+  timeouts cannot be changed once it exists. A room the worker creates gets timeouts as long
+  as the job needs (tasks/roomhold.py); a link to a room that existed with shorter ones also
+  joins a *keeper*: a hidden standard participant with no rights, which keeps the room open
+  as long as the link lives. It is the fallback because the server forwards it a copy of
+  the job's audio all the same.
 - `AvatarRunner` publishes its audio track, waits until someone subscribes to it, and only
   then publishes video. The worker subscribes to the avatar's audio (never its video, which
   it would have to decode) until the video is there.
@@ -26,6 +28,7 @@ from typing import TypeVar
 from livekit import api, rtc
 
 from avatarq.errors import AvatarTimeout, LiveKitRejected, Reason, RoomError
+from tasks import ffiroute
 
 log = logging.getLogger("avatarq.room")
 
@@ -39,7 +42,10 @@ PROBE_RPC_TIMEOUT_S = 2.0
 T = TypeVar("T")
 
 
-async def connect(url: str, token: str, *, timeout: float = CONNECT_TIMEOUT_S) -> rtc.Room:
+async def connect(
+    url: str, token: str, *, timeout: float = CONNECT_TIMEOUT_S, route_events: bool = True
+) -> rtc.Room:
+    """Join; `route_events`: give the room only its own FFI events (tasks/ffiroute.py)."""
     room = rtc.Room()
     try:
         # Subscriptions are chosen by hand (the avatar's audio only, see wait_for_avatar).
@@ -55,6 +61,8 @@ async def connect(url: str, token: str, *, timeout: float = CONNECT_TIMEOUT_S) -
                 "LIVEKIT_API_KEY / LIVEKIT_API_SECRET"
             ) from None
         raise RoomError(f"could not join the LiveKit room at {url}: {text}") from None
+    if route_events:
+        ffiroute.route_own_events(room)
     return room
 
 

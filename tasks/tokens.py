@@ -5,7 +5,7 @@ The secret comes from settings (the environment), never from the job payload.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 from livekit import api
@@ -20,11 +20,58 @@ MIN_TTL_S = 300.0
 
 
 @dataclass(frozen=True)
+class _Signer:
+    """What every token of one job shares: the key pair and the lifetime."""
+
+    key: str
+    secret: str = field(repr=False)
+    ttl: timedelta
+
+    def token(
+        self,
+        identity: str,
+        kind: api.AccessToken.ParticipantKind,
+        grants: api.VideoGrants,
+        attributes: dict[str, str] | None = None,
+        *,
+        name: str | None = None,
+    ) -> str:
+        token = (
+            api.AccessToken(self.key, self.secret)
+            .with_identity(identity)
+            .with_kind(kind)
+            .with_ttl(self.ttl)
+            .with_grants(grants)
+        )
+        if name is not None:
+            token = token.with_name(name)
+        if attributes:
+            token = token.with_attributes(attributes)
+        return token.to_jwt()
+
+
+@dataclass(frozen=True)
 class JobTokens:
     worker: str
     avatar: str
-    #: The room keeper (tasks/room.py): hidden, and allowed nothing but being there.
-    keeper: str
+    room: str
+    worker_identity: str
+    _signer: _Signer = field(repr=False)
+
+    @property
+    def keeper(self) -> str:
+        """The room keeper's token (tasks/room.py): hidden, and allowed nothing but being
+        there. Signed only when asked for: a room held open by its own timeouts
+        (tasks/roomhold.py) needs no keeper."""
+        grants = api.VideoGrants(
+            room_join=True,
+            room=self.room,
+            hidden=True,
+            can_publish=False,
+            can_publish_data=False,
+            can_subscribe=False,
+        )
+        return self._signer.token(keeper_identity(self.worker_identity), "standard", grants)
 
 
 def keeper_identity(worker_identity: str) -> str:
@@ -45,50 +92,21 @@ def mint(
     avatar_identity: str,
     ttl: timedelta,
 ) -> JobTokens:
-    key, secret = settings.livekit_api_key, settings.livekit_api_secret.get_secret_value()
-    worker = (
-        api.AccessToken(key, secret)
-        .with_identity(worker_identity)
-        .with_name("avatarq")
-        .with_kind("agent")
-        .with_ttl(ttl)
-        # The worker only sends data (the audio stream and RPCs); it publishes no media.
-        .with_grants(
-            api.VideoGrants(
-                room_join=True,
-                room=room,
-                can_publish=False,
-                can_publish_data=True,
-                can_subscribe=True,
-            )
-        )
-        .to_jwt()
+    signer = _Signer(settings.livekit_api_key, settings.livekit_api_secret.get_secret_value(), ttl)
+    # The worker only sends data (the audio stream and RPCs); it publishes no media.
+    worker_grants = api.VideoGrants(
+        room_join=True,
+        room=room,
+        can_publish=False,
+        can_publish_data=True,
+        can_subscribe=True,
     )
-    avatar = (
-        api.AccessToken(key, secret)
-        .with_identity(avatar_identity)
-        .with_name(avatar_identity)
-        .with_kind("agent")
-        .with_ttl(ttl)
-        .with_grants(api.VideoGrants(room_join=True, room=room))
-        .with_attributes({ATTRIBUTE_PUBLISH_ON_BEHALF: worker_identity})
-        .to_jwt()
+    worker = signer.token(worker_identity, "agent", worker_grants, name="avatarq")
+    avatar = signer.token(
+        avatar_identity,
+        "agent",
+        api.VideoGrants(room_join=True, room=room),
+        {ATTRIBUTE_PUBLISH_ON_BEHALF: worker_identity},
+        name=avatar_identity,
     )
-    keeper = (
-        api.AccessToken(key, secret)
-        .with_identity(keeper_identity(worker_identity))
-        .with_kind("standard")
-        .with_ttl(ttl)
-        .with_grants(
-            api.VideoGrants(
-                room_join=True,
-                room=room,
-                hidden=True,
-                can_publish=False,
-                can_publish_data=False,
-                can_subscribe=False,
-            )
-        )
-        .to_jwt()
-    )
-    return JobTokens(worker=worker, avatar=avatar, keeper=keeper)
+    return JobTokens(worker, avatar, room, worker_identity, signer)

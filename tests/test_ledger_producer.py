@@ -18,6 +18,7 @@ from avatarq.ledger.keys import (
     job_attempts_key,
     job_cancel_key,
     job_enqueued_key,
+    job_events_key,
     job_lease_key,
     job_record_key,
     job_waiting_key,
@@ -79,6 +80,20 @@ def test_record_and_marks(r: redis.Redis, ledger: ProducerLedger) -> None:
     assert ledger.leased("m1")
     r.set(job_record_key("m1"), json.dumps({"job_id": "m1", "status": "completed"}))
     assert ledger.record("m1") == {"job_id": "m1", "status": "completed"}
+
+
+def test_marks_carry_the_progress_of_the_latest_event(
+    r: redis.Redis, ledger: ProducerLedger
+) -> None:
+    def event(name: str, **data: Any) -> None:
+        r.xadd(job_events_key("p1"), {"event": name, "job_id": "p1", "data": json.dumps(data)})
+
+    assert ledger.marks("p1").progress is None
+    event("job.progress", seconds_streamed=1.2, total_seconds=6.0)
+    event("job.progress", seconds_streamed=2.4, total_seconds=6.0)
+    assert ledger.marks("p1").progress == {"seconds_streamed": 2.4, "total_seconds": 6.0}
+    event("job.retrying", attempt=2)  # a new attempt has not streamed yet
+    assert ledger.marks("p1").progress is None
 
 
 def test_capacity_counts_live_sessions_the_cap_and_waiters(

@@ -11,6 +11,7 @@ veth address no ICE candidate pair exists.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import hashlib
 import os
@@ -396,6 +397,63 @@ def test_room_service_twirp(livekit_server: Any) -> None:
                 await wait(svc.delete_room(api.DeleteRoomRequest(room="room-api")))
             assert err.value.code == "not_found"
         finally:
+            await lkapi.aclose()
+
+    run(body)
+
+
+def test_create_room_answers_an_existing_room_as_it_is(livekit_server: Any) -> None:
+    """CreateRoom of a room that is open returns it unchanged, ignoring what the second call
+    asks for (livekit-server: RoomManager.getOrCreateRoom); tasks/roomhold.py reads the
+    timeouts of that answer to decide whether a job needs a keeper."""
+    from avatarq.settings import Settings
+    from tasks import roomhold
+
+    settings = Settings(
+        livekit_url=livekit_server.url,
+        livekit_api_key=livekit_server.api_key,
+        livekit_api_secret=livekit_server.api_secret,
+    )
+
+    async def body() -> None:
+        lkapi = api.LiveKitAPI(
+            livekit_server.url, livekit_server.api_key, livekit_server.api_secret
+        )
+        try:
+            svc = lkapi.room
+            first = await wait(
+                svc.create_room(
+                    api.CreateRoomRequest(
+                        name="room-exists", empty_timeout=30, departure_timeout=25, metadata="m1"
+                    )
+                )
+            )
+            assert (first.empty_timeout, first.departure_timeout) == (30, 25)
+            again = await wait(
+                svc.create_room(
+                    api.CreateRoomRequest(
+                        name="room-exists", empty_timeout=600, departure_timeout=600, metadata="m2"
+                    )
+                )
+            )
+            assert (again.sid, again.creation_time, again.metadata) == (
+                first.sid,
+                first.creation_time,
+                "m1",
+            )
+            assert (again.empty_timeout, again.departure_timeout) == (30, 25)
+
+            existing = await wait(roomhold.hold_room_open(settings, "room-exists", 120.0))
+            assert existing.needs_keeper
+            assert (existing.empty_timeout_s, existing.departure_timeout_s) == (30, 25)
+            fresh = await wait(roomhold.hold_room_open(settings, "room-held", 120.0))
+            timeout = roomhold.room_timeout_for(120.0)
+            assert (fresh.empty_timeout_s, fresh.departure_timeout_s) == (timeout, timeout)
+            assert not fresh.needs_keeper and fresh.covers(120.0)
+        finally:
+            for name in ("room-exists", "room-held"):
+                with contextlib.suppress(api.TwirpError):
+                    await svc.delete_room(api.DeleteRoomRequest(room=name))
             await lkapi.aclose()
 
     run(body)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import itertools
 import json
 from typing import Any
 
@@ -13,9 +14,16 @@ from aiohttp import web
 
 from avatarq.dev.processes import free_port
 from avatarq.events import Event
-from avatarq.ledger.keys import job_events_key
+from avatarq.ledger.keys import job_events_key, job_lease_key
 from avatarq.settings import Settings
-from tasks.report import WEBHOOK_SIGNATURE_HEADER, WEBHOOK_TIMESTAMP_HEADER, JobReporter
+from producers.client import celery_app, get_status
+from tasks.report import (
+    PROGRESS_INTERVAL_S,
+    STATE_INTERVAL_S,
+    WEBHOOK_SIGNATURE_HEADER,
+    WEBHOOK_TIMESTAMP_HEADER,
+    JobReporter,
+)
 
 
 def settings_for(redis_url: str, **kw: Any) -> Settings:
@@ -60,6 +68,64 @@ def test_events_and_progress(redis_server: str) -> None:
     ]
     assert events[-1]["data"]["x"] == 1
     assert client.ttl(job_events_key("job-r1")) > 0
+
+
+def test_the_progress_state_is_rarer_than_the_events(redis_server: str) -> None:
+    """Chunks every 0.4 s for 12 s: an event at most every PROGRESS_INTERVAL_S, the Celery
+    state at most every STATE_INTERVAL_S, each state with an event; the final report writes
+    both."""
+    settings = settings_for(redis_server)
+    states: list[float] = []
+    now = [0.0]
+
+    async def go() -> None:
+        reporter = JobReporter(
+            settings,
+            "job-r2",
+            update_state=lambda meta: states.append(meta["seconds_streamed"]),
+            clock=lambda: now[0],
+        )
+        for i in range(30):
+            now[0] = round(i * 0.4, 1)
+            await reporter.progress(now[0], 12.0)
+        await reporter.progress(12.0, 12.0, force=True)
+        await reporter.aclose()
+
+    asyncio.run(go())
+    events = entries(redis.Redis.from_url(redis_server), job_events_key("job-r2"))
+    sent = [e["data"]["seconds_streamed"] for e in events]
+    assert sent[-1] == states[-1] == 12.0
+    assert all(b - a >= PROGRESS_INTERVAL_S for a, b in itertools.pairwise(sent))
+    assert all(b - a >= STATE_INTERVAL_S for a, b in itertools.pairwise(states[:-1]))
+    assert set(states) <= set(sent) and 2 < len(states) < len(sent) / 2
+
+
+def test_status_shows_the_latest_progress_event(redis_server: str) -> None:
+    """A reader between two states sees the seconds of the latest event, not the state's."""
+    settings = settings_for(redis_server)
+    backend = celery_app(settings).backend
+    now = [0.0]
+
+    async def go() -> None:
+        reporter = JobReporter(
+            settings,
+            "job-r4",
+            update_state=lambda meta: backend.store_result("job-r4", meta, "PROGRESS"),
+            clock=lambda: now[0],
+        )
+        for now[0] in (0.0, 1.2, 2.4):
+            await reporter.progress(now[0], 6.0)
+        await reporter.aclose()
+
+    redis.Redis.from_url(redis_server).set(job_lease_key("job-r4"), "w/t", ex=60)
+    asyncio.run(go())
+    status = get_status("job-r4", settings=settings)
+    assert (status["status"], status["seconds_streamed"], status["total_seconds"]) == (
+        "playing",
+        2.4,
+        6.0,
+    )
+    assert backend.get_task_meta("job-r4")["result"]["seconds_streamed"] == 0.0
 
 
 async def deliver(

@@ -12,6 +12,7 @@ from typing import Any, Literal, TypeVar
 
 import redis
 
+from avatarq.events import Event
 from avatarq.ledger.keys import (
     DEAD_LETTER_KEY,
     RECORD_TTL_S,
@@ -19,6 +20,7 @@ from avatarq.ledger.keys import (
     job_attempts_key,
     job_cancel_key,
     job_enqueued_key,
+    job_events_key,
     job_lease_key,
     job_record_key,
     job_waiting_key,
@@ -44,6 +46,9 @@ class JobMarks:
     #: Registered by `enqueue` (and not yet expired).
     enqueued: bool
     cancel_requested: bool
+    #: The data of its `job.progress` event when that is its latest event: fresher than
+    #: Celery's PROGRESS state, which the worker writes less often (tasks/report.py).
+    progress: dict[str, Any] | None = None
 
 
 class ProducerLedger:
@@ -83,12 +88,17 @@ class ProducerLedger:
         pipe.exists(job_lease_key(job_id))
         pipe.exists(job_enqueued_key(job_id))
         pipe.exists(job_cancel_key(job_id))
-        waiting, leased, enqueued, cancel = pipe.execute()
+        pipe.xrevrange(job_events_key(job_id), count=1)
+        waiting, leased, enqueued, cancel, latest = pipe.execute()
+        fields = latest[0][1] if latest else {}
         return JobMarks(
             waiting=json.loads(waiting) if waiting is not None else None,
             leased=bool(leased),
             enqueued=bool(enqueued),
             cancel_requested=bool(cancel),
+            progress=json.loads(fields[b"data"])
+            if fields.get(b"event") == Event.PROGRESS.value.encode()
+            else None,
         )
 
     def leased(self, job_id: str) -> bool:

@@ -31,7 +31,6 @@ from livekit import rtc
 # Imported for its side effect: the worker's SDK log settings (tasks/lklogs.py), applied
 # before the SDK starts, so each configuration costs what it costs in a worker.
 import tasks.app  # noqa: F401
-from avatarq.dev.bench.ffi_routing import route_room_events
 from avatarq.dev.bench.stats import spread, thread_cpu_seconds
 from avatarq.settings import get_settings
 from tasks import room as rooms
@@ -111,14 +110,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 avatar_identity=avatar,
                 ttl=tokens.ttl_for(args.seconds, settings),
             )
-            room = await rooms.connect(settings.livekit_url, t.worker)
+            route = args.route_events
+            room = await rooms.connect(settings.livekit_url, t.worker, route_events=route)
             joined.append((room, avatar))
             if args.keepers:
                 # As the worker does (tasks/room.py): a hidden participant per room.
-                keepers.append(await rooms.connect(settings.livekit_url, t.keeper))
-            if args.route_events:
-                for r in [room, *keepers[-1:]] if args.keepers else [room]:
-                    route_room_events(r)
+                keeper = await rooms.connect(settings.livekit_url, t.keeper, route_events=route)
+                keepers.append(keeper)
             sessions.append(
                 await avatar_client.start(
                     livekit_url=settings.livekit_url,

@@ -31,7 +31,7 @@ async def _close_rooms(app: web.Application) -> None:
 
 
 def create_app(config: ServerConfig) -> web.Application:
-    registry = RoomRegistry(config.empty_timeout)
+    registry = RoomRegistry(config.empty_timeout, config.departure_timeout)
     app = web.Application()
     app[REGISTRY_KEY] = registry
     app.add_routes([web.get("/", _health)])

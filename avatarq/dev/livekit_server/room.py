@@ -157,6 +157,9 @@ class Participant:
 class Room:
     name: str
     empty_timeout: int
+    #: Reported as livekit-server does; this server closes a room by empty_timeout alone,
+    #: counting agents as participants (the official one does not).
+    departure_timeout: int = 0
     max_participants: int = 0
     metadata: str = ""
     sid: str = field(default_factory=lambda: new_id(ROOM_PREFIX))
@@ -169,6 +172,7 @@ class Room:
             sid=self.sid,
             name=self.name,
             empty_timeout=self.empty_timeout,
+            departure_timeout=self.departure_timeout,
             max_participants=self.max_participants,
             creation_time=self.created_at_ms // 1000,
             creation_time_ms=self.created_at_ms,
@@ -193,19 +197,29 @@ class Room:
 class RoomRegistry:
     """All rooms of the server: created on first join or by CreateRoom, closed when empty."""
 
-    def __init__(self, default_empty_timeout: int) -> None:
+    def __init__(self, default_empty_timeout: int, default_departure_timeout: int) -> None:
         self.default_empty_timeout = default_empty_timeout
+        self.default_departure_timeout = default_departure_timeout
         self.rooms: dict[str, Room] = {}
         self.on_room_closed: Callable[[Room], None] | None = None
 
     def get_or_create(
-        self, name: str, *, empty_timeout: int = 0, max_participants: int = 0, metadata: str = ""
+        self,
+        name: str,
+        *,
+        empty_timeout: int = 0,
+        departure_timeout: int = 0,
+        max_participants: int = 0,
+        metadata: str = "",
     ) -> Room:
+        """The open room `name` as it is (what is asked for is ignored then, as by
+        livekit-server's CreateRoom), else a new one."""
         room = self.rooms.get(name)
         if room is None:
             room = Room(
                 name=name,
                 empty_timeout=empty_timeout or self.default_empty_timeout,
+                departure_timeout=departure_timeout or self.default_departure_timeout,
                 max_participants=max_participants,
                 metadata=metadata,
             )

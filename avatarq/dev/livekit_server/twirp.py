@@ -155,6 +155,7 @@ class RoomService:
         room = self.registry.get_or_create(
             req.name,
             empty_timeout=req.empty_timeout,
+            departure_timeout=req.departure_timeout,
             max_participants=req.max_participants,
             metadata=req.metadata,
         )

@@ -1,0 +1,135 @@
+"""Hold a job's room open by its own timeouts, so that no keeper participant is needed.
+
+How livekit-server (v1.13.5) closes a room, and what CreateRoom does, decides this module:
+
+- Agent participants are "dependent" (`ParticipantImpl.IsDependent`, pkg/rtc/participant.go):
+  while only agents are in a room, `Room.CloseIfEmpty` (pkg/rtc/room.go, run every second)
+  closes it once `departure_timeout` has passed since the last leave, if a non-agent ever
+  joined, else once `empty_timeout` has passed since the room's *creation*, not since the
+  agents joined. Defaults 300 s / 20 s (pkg/config/config.go).
+- CreateRoom of a room that is open on the node returns it as it is
+  (`RoomManager.getOrCreateRoom`, pkg/service/roommanager.go): the timeouts asked for are
+  ignored, and an open room's timeouts cannot be changed at all.
+
+So where the worker creates the room it asks for both timeouts as long as the job needs; the
+answer's timeouts and creation time say until when the room stays open with agents alone.
+A room that existed before, with timeouts too short for the job, still needs the keeper
+(tasks/room.py), whose cost is a full second copy of the job's audio into this process:
+the server forwards the byte stream to it although it is hidden and may not subscribe
+(docs/performance.md). The price of long timeouts: a room that a viewer visited stays open
+up to the hold after the last one leaves (an empty room costs the server next to nothing).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import aiohttp
+from livekit import api
+
+from avatarq.errors import LiveKitRejected, RoomError
+from avatarq.settings import Settings
+
+log = logging.getLogger("avatarq.roomhold")
+
+#: Asked for on top of the hold, so that a room created now covers the hold even when the
+#: server's clock is up to `CLOCK_SKEW_S` behind ours.
+TIMEOUT_MARGIN_S = 60
+#: Tolerated difference between this worker's clock and the server's: the server counts a
+#: room's age from its own clock, we read the creation time against ours.
+CLOCK_SKEW_S = 30.0
+#: One short request; a server that takes longer is better treated as down.
+REQUEST_TIMEOUT_S = 10.0
+#: The protocol's timeouts are uint32 seconds.
+MAX_TIMEOUT_S = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class RoomHold:
+    """How long a room stays open with only agents in it, as CreateRoom reported it."""
+
+    #: Epoch seconds (this worker's clock, less the tolerated skew) until which the server
+    #: keeps the room open with only agents in it, whoever joins and leaves meanwhile.
+    open_until: float
+    empty_timeout_s: int
+    departure_timeout_s: int
+    #: The room closes before the hold asked for ends: join a keeper (tasks/room.py).
+    needs_keeper: bool
+
+    def covers(self, hold_s: float, *, now: float | None = None) -> bool:
+        """Whether the room stays open for `hold_s` more seconds from `now` (a warm link
+        taken by a next job asks this before it plays without a keeper)."""
+        return self.open_until >= (time.time() if now is None else now) + hold_s
+
+
+def room_timeout_for(hold_s: float) -> int:
+    """The empty and departure timeout (s) to ask for a room that must stay open `hold_s`."""
+    return min(MAX_TIMEOUT_S, math.ceil(max(0.0, hold_s)) + TIMEOUT_MARGIN_S)
+
+
+def hold_of(room: api.Room, hold_s: float, *, now: float) -> RoomHold:
+    """What a CreateRoom answer means for a hold of `hold_s` seconds from `now`.
+
+    Both timeouts count: empty_timeout runs from the room's creation while no non-agent ever
+    joined, departure_timeout from the last leave once one did (the last leave is never
+    before the creation). A timeout of 0 (a server that does not report it) or a missing
+    creation time leaves the room needing a keeper."""
+    created_s = room.creation_time_ms / 1000 if room.creation_time_ms else room.creation_time
+    shortest = min(room.empty_timeout, room.departure_timeout)
+    open_until = created_s + shortest - CLOCK_SKEW_S if created_s and shortest else 0.0
+    return RoomHold(
+        open_until=open_until,
+        empty_timeout_s=room.empty_timeout,
+        departure_timeout_s=room.departure_timeout,
+        needs_keeper=open_until < now + hold_s,
+    )
+
+
+async def hold_room_open(settings: Settings, room: str, hold_s: float) -> RoomHold:
+    """Create `room` with empty and departure timeouts that keep it open with only agents in
+    it for `hold_s` seconds from now, or learn why it will not stay open that long (it
+    existed already, with shorter timeouts): then `needs_keeper` is true.
+
+    `hold_s`: the whole time the worker means to stay in the room (the job's time budget
+    plus the warm idle window). Raises LiveKitRejected for refused credentials, RoomError
+    for anything a retry may mend."""
+    timeout = room_timeout_for(hold_s)
+    request = api.CreateRoomRequest(name=room, empty_timeout=timeout, departure_timeout=timeout)
+    lkapi = api.LiveKitAPI(
+        settings.livekit_url,
+        settings.livekit_api_key,
+        settings.livekit_api_secret.get_secret_value(),
+        timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S),
+    )
+    try:
+        answer = await lkapi.room.create_room(request)
+    except api.TwirpError as e:
+        if e.status == 401 or e.code == api.TwirpErrorCode.UNAUTHENTICATED:
+            raise LiveKitRejected(
+                f"the LiveKit server at {settings.livekit_url} refused to create room "
+                f"{room!r} ({e.message or e.code}): check LIVEKIT_API_KEY / LIVEKIT_API_SECRET"
+            ) from None
+        raise RoomError(
+            f"could not create the LiveKit room {room!r}: {e.message or e.code} ({e.status})"
+        ) from None
+    except (TimeoutError, aiohttp.ClientError) as e:
+        raise RoomError(
+            f"could not create the LiveKit room {room!r} at {settings.livekit_url}: "
+            f"{str(e) or type(e).__name__}"
+        ) from None
+    finally:
+        await lkapi.aclose()
+    hold = hold_of(answer, hold_s, now=time.time())
+    if hold.needs_keeper:
+        log.info(
+            "room %s existed with timeouts %ds empty / %ds departure: too short for %.0fs, "
+            "joining a keeper",
+            room,
+            hold.empty_timeout_s,
+            hold.departure_timeout_s,
+            hold_s,
+        )
+    return hold

@@ -1,0 +1,287 @@
+"""Rooms held open by their own timeouts (tasks/roomhold.py): the decision from CreateRoom's
+answer, its errors, and on the official livekit-server the rooms themselves.
+
+The server tests use the `livekit_server` fixture's official server, whose room defaults are
+2 s empty / 2 s departure (the real ones are 300 s / 20 s): a room left to them closes within
+seconds once only agents are in it, so a hold that does not work fails here in seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import pytest
+from aiohttp import web
+from livekit import api, rtc
+
+from avatarq.dev.processes import free_port
+from avatarq.errors import LiveKitRejected, RoomError
+from avatarq.settings import Settings
+from tasks import room as rooms
+from tasks import roomhold, tokens
+from tests.netns import NETNS
+
+# The test key pair is livekit-server's short dev secret on purpose.
+pytestmark = pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarning")
+
+T = TypeVar("T")
+NOW = 1_800_000_000.0
+#: The fixture's room defaults (tests/conftest.py).
+SERVER_TIMEOUT_S = 2
+#: Past the server's own timeout, with its once-a-second idle check and whole-second clock.
+PAST_SERVER_TIMEOUT_S = SERVER_TIMEOUT_S + 3.0
+
+F = TypeVar("F", bound=Callable[..., None])
+
+
+def on_official_server(test: F) -> F:
+    """Run `test` inside the namespace against the fixture's official server only."""
+    marks = [
+        *NETNS,
+        pytest.mark.parametrize("livekit_server", ["official"], indirect=True),
+    ]
+    for mark in marks:
+        test = mark(test)
+    return test
+
+
+def answer(empty: int, departure: int, *, age_s: float = 0.0) -> api.Room:
+    created_ms = int((NOW - age_s) * 1000)
+    return api.Room(
+        name="r",
+        empty_timeout=empty,
+        departure_timeout=departure,
+        creation_time=created_ms // 1000,
+        creation_time_ms=created_ms,
+    )
+
+
+# -- the decision ----------------------------------------------------------------------------
+
+
+def test_a_room_created_for_the_hold_needs_no_keeper() -> None:
+    timeout = roomhold.room_timeout_for(100.0)
+    hold = roomhold.hold_of(answer(timeout, timeout), 100.0, now=NOW)
+    assert not hold.needs_keeper
+    assert hold.covers(100.0, now=NOW) and not hold.covers(timeout, now=NOW)
+
+
+def test_the_shorter_timeout_decides() -> None:
+    """empty_timeout holds while no one but agents ever joined, departure_timeout once a
+    viewer came and left: either may be the one that applies during the job."""
+    assert roomhold.hold_of(answer(3600, 20), 100.0, now=NOW).needs_keeper
+    assert roomhold.hold_of(answer(20, 3600), 100.0, now=NOW).needs_keeper
+
+
+def test_the_rooms_age_counts() -> None:
+    """livekit-server counts an agent-only room's empty timeout from its creation."""
+    assert not roomhold.hold_of(answer(600, 600), 300.0, now=NOW).needs_keeper
+    assert roomhold.hold_of(answer(600, 600, age_s=400.0), 300.0, now=NOW).needs_keeper
+
+
+def test_a_server_clock_a_little_behind_still_covers_a_new_room() -> None:
+    timeout = roomhold.room_timeout_for(100.0)
+    behind = answer(timeout, timeout, age_s=roomhold.CLOCK_SKEW_S - 1)
+    assert not roomhold.hold_of(behind, 100.0, now=NOW).needs_keeper
+
+
+def test_unreported_timeouts_or_creation_time_need_a_keeper() -> None:
+    assert roomhold.hold_of(answer(600, 0), 10.0, now=NOW).needs_keeper
+    assert roomhold.hold_of(
+        api.Room(name="r", empty_timeout=600, departure_timeout=600), 10.0, now=NOW
+    ).needs_keeper
+
+
+def test_timeouts_fit_the_protocol() -> None:
+    assert roomhold.room_timeout_for(0.4) == 1 + roomhold.TIMEOUT_MARGIN_S
+    assert roomhold.room_timeout_for(1e12) == roomhold.MAX_TIMEOUT_S
+
+
+# -- errors ----------------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def twirp_answering(status: int, code: str) -> AsyncIterator[str]:
+    """A RoomService that answers every call with one Twirp error; yields its URL."""
+
+    async def handle(_request: web.Request) -> web.Response:
+        return web.json_response({"code": code, "msg": "no"}, status=status)
+
+    app = web.Application()
+    app.router.add_post("/twirp/livekit.RoomService/{method}", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+def settings_for(url: str, secret: str = "secret") -> Settings:
+    return Settings(livekit_url=url, livekit_api_key="devkey", livekit_api_secret=secret)
+
+
+def test_refused_credentials_are_livekit_rejected() -> None:
+    async def body() -> None:
+        async with twirp_answering(401, "unauthenticated") as url:
+            with pytest.raises(LiveKitRejected, match="LIVEKIT_API_SECRET") as info:
+                await roomhold.hold_room_open(settings_for(url), "r", 10.0)
+        assert info.value.permanent and info.value.reason == "livekit_rejected"
+
+    asyncio.run(body())
+
+
+@pytest.mark.parametrize("status", [500, 503])
+def test_a_failing_server_is_a_room_error(status: int) -> None:
+    async def body() -> None:
+        async with twirp_answering(status, "unavailable") as url:
+            with pytest.raises(RoomError) as info:
+                await roomhold.hold_room_open(settings_for(url), "r", 10.0)
+        assert not info.value.permanent and info.value.reason == "room_error"
+
+    asyncio.run(body())
+
+
+def test_an_unreachable_server_is_a_room_error() -> None:
+    url = f"ws://127.0.0.1:{free_port()}"
+    with pytest.raises(RoomError, match="could not create"):
+        asyncio.run(roomhold.hold_room_open(settings_for(url), "r", 10.0))
+
+
+# -- on the official server ------------------------------------------------------------------
+
+
+def run(aw: Awaitable[T], timeout: float = 60.0) -> T:
+    async def bounded() -> T:
+        return await asyncio.wait_for(aw, timeout)
+
+    return asyncio.run(bounded())
+
+
+def server_settings(server: Any) -> Settings:
+    return settings_for(server.url, server.api_secret)
+
+
+def job_tokens(settings: Settings, room: str) -> tokens.JobTokens:
+    job = uuid.uuid4().hex[:8]
+    return tokens.mint(
+        settings,
+        room=room,
+        worker_identity=f"avatarq-{job}",
+        avatar_identity=f"avatar-{job}",
+        ttl=timedelta(minutes=5),
+    )
+
+
+async def join_agents(settings: Settings, room: str) -> list[rtc.Room]:
+    """The job's worker and, standing in for the avatar, a participant with its token (kind
+    agent): the two agents a room holds while a job plays."""
+    t = job_tokens(settings, room)
+    return list(
+        await asyncio.gather(
+            *(rooms.connect(settings.livekit_url, jwt) for jwt in (t.worker, t.avatar))
+        )
+    )
+
+
+def viewer_token(settings: Settings, room: str) -> str:
+    """A standard participant's: one that keeps the room open while it is there."""
+    return (
+        api.AccessToken(settings.livekit_api_key, settings.livekit_api_secret.get_secret_value())
+        .with_identity("viewer")
+        .with_grants(api.VideoGrants(room_join=True, room=room))
+        .to_jwt()
+    )
+
+
+async def listed(settings: Settings, room: str) -> bool:
+    lkapi = api.LiveKitAPI(
+        settings.livekit_url,
+        settings.livekit_api_key,
+        settings.livekit_api_secret.get_secret_value(),
+    )
+    try:
+        found = await lkapi.room.list_rooms(api.ListRoomsRequest(names=[room]))
+    finally:
+        await lkapi.aclose()
+    return bool(found.rooms)
+
+
+@on_official_server
+def test_a_held_room_keeps_its_agents_past_the_servers_timeouts(livekit_server: Any) -> None:
+    """Two agents in a room the server created on their join (the control) are put out
+    within seconds. In rooms created by hold_room_open they stay: with agents alone (the
+    empty timeout applies) and after a viewer came and left (the departure timeout does)."""
+    settings = server_settings(livekit_server)
+    suffix = uuid.uuid4().hex[:6]
+    alone, visited, control = f"alone-{suffix}", f"visited-{suffix}", f"control-{suffix}"
+
+    async def body() -> None:
+        for name in (alone, visited):
+            assert not (await roomhold.hold_room_open(settings, name, 30.0)).needs_keeper
+        joined = {name: await join_agents(settings, name) for name in (alone, visited, control)}
+        try:
+            viewer = await rooms.connect(settings.livekit_url, viewer_token(settings, visited))
+            await rooms.disconnect(viewer)
+            await asyncio.sleep(PAST_SERVER_TIMEOUT_S)
+            connected = {name: [r.isconnected() for r in rs] for name, rs in joined.items()}
+            assert connected == {alone: [True, True], visited: [True, True], control: [False] * 2}
+            assert await listed(settings, alone) and await listed(settings, visited)
+        finally:
+            for rs in joined.values():
+                for r in rs:
+                    await rooms.disconnect(r)
+
+    run(body())
+
+
+@on_official_server
+def test_an_existing_room_with_short_timeouts_needs_the_keeper(livekit_server: Any) -> None:
+    """A viewer's join created the room with the server's 2 s defaults: too short for the
+    job, and CreateRoom cannot lengthen them. With the keeper the agents stay after the
+    viewer leaves."""
+    settings = server_settings(livekit_server)
+    name = f"viewed-{uuid.uuid4().hex[:6]}"
+
+    async def body() -> None:
+        viewer = await rooms.connect(settings.livekit_url, viewer_token(settings, name))
+        hold = await roomhold.hold_room_open(settings, name, 30.0)
+        assert hold.needs_keeper
+        assert (hold.empty_timeout_s, hold.departure_timeout_s) == (SERVER_TIMEOUT_S,) * 2
+        agents = await join_agents(settings, name)
+        keeper = await rooms.connect(settings.livekit_url, job_tokens(settings, name).keeper)
+        try:
+            await rooms.disconnect(viewer)
+            await asyncio.sleep(PAST_SERVER_TIMEOUT_S)
+            assert [r.isconnected() for r in agents] == [True, True]
+        finally:
+            for r in (*agents, keeper):
+                await rooms.disconnect(r)
+
+    run(body())
+
+
+@on_official_server
+def test_a_room_held_before_covers_a_next_hold_only_within_its_timeouts(
+    livekit_server: Any,
+) -> None:
+    """A second call (a next job of the same room) gets the room as the first made it."""
+    settings = server_settings(livekit_server)
+    name = f"again-{uuid.uuid4().hex[:6]}"
+
+    async def body() -> None:
+        first = await roomhold.hold_room_open(settings, name, 30.0)
+        within = await roomhold.hold_room_open(settings, name, 30.0)
+        beyond = await roomhold.hold_room_open(settings, name, 600.0)
+        timeout = roomhold.room_timeout_for(30.0)
+        assert not first.needs_keeper and not within.needs_keeper and beyond.needs_keeper
+        assert (beyond.empty_timeout_s, beyond.departure_timeout_s) == (timeout, timeout)
+
+    run(body())
