@@ -1,7 +1,8 @@
 """The room and the avatar session a job plays through: an `AvatarLink`.
 
-A link is a joined LiveKit room (with its keeper) plus an avatar session that listens to this
-worker; `open_link` makes one. Where a job's link comes from (warm or cold) is tasks/links.py.
+A link is a joined LiveKit room (held open, tasks/roomhold.py) plus an avatar session that
+listens to this worker; `open_link` makes one. Where a job's link comes from (warm or cold)
+is tasks/links.py.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ from avatarq.errors import InvalidJob, Reason
 from avatarq.settings import DEFAULT_AVATAR_SERVER, AvatarServer, Settings
 from producers.jobs import Job
 from tasks import room as rooms
-from tasks import tokens
+from tasks import roomhold, tokens
 from tasks.avatar import START_ANSWER_TIMEOUT_S, AvatarClient, AvatarSession, HttpAvatarClient
+from tasks.budget import room_hold
 from tasks.control import JobControl, StopReason
 from tasks.quota import AvatarQuota, Slot
+from tasks.roomhold import RoomHold
 from tasks.stream import AudioStreamSender
 
 #: (room, avatar identity, avatar server name, sample rate): what a next job must match.
@@ -91,8 +94,10 @@ class AvatarLink:
     sender: AudioStreamSender
     avatar: AvatarClient
     admin: RoomAdmin
-    #: The hidden participant that keeps the room open while the link lives (tasks/room.py).
+    #: The hidden participant that keeps the room open while the link lives (tasks/room.py),
+    #: where the room's own timeouts (`hold`, tasks/roomhold.py) do not.
     keeper: rtc.Room | None = None
+    hold: RoomHold | None = None
     session: AvatarSession | None = None
     #: The session slot of the avatar server's quota that this link holds while it lives.
     quota: AvatarQuota | None = None
@@ -122,6 +127,15 @@ class AvatarLink:
         if self.control is not None:
             self.control.request_stop(reason)
 
+    async def cover(self, job: Job, duration: float | None, settings: Settings) -> None:
+        """Before a next job on this link: a room whose own timeouts end before that job
+        could (they count from its creation) gets its keeper now."""
+        if self.keeper is not None or self.hold is None:
+            return
+        if not self.hold.covers(room_hold(job, duration, settings)):
+            token = _tokens(job, duration, settings).keeper
+            self.keeper = await rooms.connect(settings.livekit_url, token)
+
     @property
     def reusable(self) -> bool:
         return self.broken is None and not self._closed and self.room.isconnected()
@@ -149,6 +163,16 @@ class AvatarLink:
             await self.quota.release(self.slot)
 
 
+def _tokens(job: Job, duration: float | None, settings: Settings) -> tokens.JobTokens:
+    return tokens.mint(
+        settings,
+        room=job.room,
+        worker_identity=job.worker_identity,
+        avatar_identity=job.avatar_identity,
+        ttl=tokens.ttl_for(duration, settings),
+    )
+
+
 def avatar_client(server: NamedServer, settings: Settings) -> AvatarClient:
     return HttpAvatarClient(
         server.name,
@@ -167,30 +191,34 @@ async def open_link(
     ts: Milestones,
     note_session: SessionNote,
 ) -> AvatarLink:
-    """Join the room (with its keeper), start the avatar and wait until it listens to us;
-    ready to stream when it returns."""
-    job_tokens = tokens.mint(
-        settings,
-        room=job.room,
-        worker_identity=job.worker_identity,
-        avatar_identity=job.avatar_identity,
-        ttl=tokens.ttl_for(duration, settings),
-    )
-    joined = await asyncio.gather(
-        rooms.connect(settings.livekit_url, job_tokens.worker),
-        rooms.connect(settings.livekit_url, job_tokens.keeper),
-        return_exceptions=True,
-    )
-    room, keeper = joined
-    if isinstance(room, BaseException) or isinstance(keeper, BaseException):
+    """Hold the room open, join it, start the avatar and wait until it listens to us; ready
+    to stream when it returns."""
+    job_tokens = _tokens(job, duration, settings)
+    # The room stays open by its own timeouts where this worker creates it; the keeper, which
+    # receives a copy of all the audio, only joins a room that existed with shorter ones.
+    hold = await roomhold.hold_room_open(settings, job.room, room_hold(job, duration, settings))
+    joins = [rooms.connect(settings.livekit_url, job_tokens.worker)]
+    if hold.needs_keeper:
+        joins.append(rooms.connect(settings.livekit_url, job_tokens.keeper))
+    joined = await asyncio.gather(*joins, return_exceptions=True)
+    failed = [e for e in joined if isinstance(e, BaseException)]
+    if failed:
         for joined_room in joined:
             if isinstance(joined_room, rtc.Room):
                 await rooms.disconnect(joined_room)
-        raise room if isinstance(room, BaseException) else keeper  # type: ignore[misc]
+        raise failed[0]
+    room, keeper = joined[0], (joined[1] if len(joined) > 1 else None)
+    assert isinstance(room, rtc.Room) and (keeper is None or isinstance(keeper, rtc.Room))
     ts.room_joined = time.time()
     sender = AudioStreamSender(room, job.avatar_identity, server.sample_rate)
     link = AvatarLink(
-        key, room, sender, avatar_client(server, settings), RoomAdmin.of(settings), keeper=keeper
+        key,
+        room,
+        sender,
+        avatar_client(server, settings),
+        RoomAdmin.of(settings),
+        keeper=keeper,
+        hold=hold,
     )
     # Fired only once the SDK gave up reconnecting: the room is lost for good.
     room.on("disconnected", lambda *_: link.lost(StopReason.ROOM_LOST))

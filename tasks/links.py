@@ -52,10 +52,15 @@ class Links:
             quota = self._quotas[server.name] = AvatarQuota(self.redis, server.name, limit)
         return quota
 
-    async def take_warm(self, job: Job, server: NamedServer) -> AvatarLink | None:
+    async def take_warm(
+        self, job: Job, server: NamedServer, *, duration: float | None
+    ) -> AvatarLink | None:
         if self.settings.warm_idle_s <= 0:
             return None
-        return await self.pool.take(link_key(job, server))
+        link = await self.pool.take(link_key(job, server))
+        if link is not None:
+            await link.cover(job, duration, self.settings)
+        return link
 
     async def start_cold(
         self,

@@ -29,6 +29,7 @@ from avatarq.results import Played, Timestamps
 from avatarq.settings import Settings
 from producers.jobs import Job
 from tasks.avatar_link import Milestones, NamedServer, SessionNote
+from tasks.budget import length_limit, time_budget
 from tasks.control import Interrupted, JobControl, StopReason
 from tasks.decode import PcmDecoder, probe_duration
 from tasks.hooks import JobHook, Segment
@@ -39,23 +40,10 @@ from tasks.stream import CHUNK_SECONDS, PlaybackFinished
 
 log = logging.getLogger("avatarq.playback")
 
-#: Time allowed on top of the audio itself for joining, avatar start and the final report.
-OVERHEAD_BUDGET_S = 60.0
 #: How long an interrupted job waits for the avatar to report where playback stopped.
 INTERRUPT_REPORT_TIMEOUT_S = 2.0
 #: Audio the avatar may report short of what was sent before the playback counts as cut off.
 PLAYBACK_SHORTFALL_S = 0.5
-
-
-def length_limit(job: Job, settings: Settings) -> float:
-    return job.max_duration or settings.max_job_duration_s
-
-
-def time_budget(job: Job, audio_seconds: float | None, settings: Settings) -> float:
-    """The job's whole time limit: its audio plus joining, avatar start and reporting."""
-    length = audio_seconds or length_limit(job, settings)
-    waits = settings.avatar_join_timeout_s + settings.playback_finished_timeout_s
-    return length + waits + OVERHEAD_BUDGET_S
 
 
 class FfmpegAudio:
@@ -169,7 +157,7 @@ class Playback:
         note_session: SessionNote,
     ) -> tuple[Link, bool]:
         """The room with a listening avatar: this process's idle one, else a cold start."""
-        link = await self.links.take_warm(job, server)
+        link = await self.links.take_warm(job, server, duration=audio.duration)
         if link is not None:
             ts.room_joined = ts.avatar_ready = time.time()
             await note_session(job.job_id, server.name, link.session_id)

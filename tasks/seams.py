@@ -106,7 +106,9 @@ class Link(Protocol):
 
 
 class LinkSource(Protocol):
-    async def take_warm(self, job: Job, server: NamedServer) -> Link | None: ...
+    async def take_warm(
+        self, job: Job, server: NamedServer, *, duration: float | None
+    ) -> Link | None: ...
 
     async def start_cold(
         self,

@@ -209,7 +209,9 @@ class FakeLinks:
         self.given_back: list[bool] = []
         self.current: FakeLink | None = None
 
-    async def take_warm(self, job: Job, server: NamedServer) -> Link | None:
+    async def take_warm(
+        self, job: Job, server: NamedServer, *, duration: float | None
+    ) -> Link | None:
         link, self.parked = self.parked, None
         if link is not None:
             self.current = link

@@ -106,6 +106,30 @@ def token(stack: LocalStack, room: str, identity: str, *, kind: str = "standard"
     )
 
 
+def wait_watching(stack: LocalStack, job_id: str, room: str) -> tuple[dict[str, Any], set[str]]:
+    """The job's end, and every participant identity the server listed in its room meanwhile
+    (hidden ones included: RoomService lists them)."""
+
+    async def watch() -> set[str]:
+        from producers import get_status
+        from producers.client import is_terminal
+
+        seen: set[str] = set()
+        lkapi = api.LiveKitAPI(stack.livekit_url, DEV_API_KEY, stack.api_secret)
+        try:
+            deadline = time.monotonic() + JOB_TIMEOUT_S
+            while time.monotonic() < deadline and not is_terminal(get_status(job_id)):
+                listed = await lkapi.room.list_participants(api.ListParticipantsRequest(room=room))
+                seen.update(p.identity for p in listed.participants)
+                await asyncio.sleep(0.2)
+        finally:
+            await lkapi.aclose()
+        return seen
+
+    seen = asyncio.run(watch())
+    return wait(job_id), seen
+
+
 def wait_ended(stack: LocalStack, room: str, timeout: float = 20.0) -> list[dict[str, Any]]:
     deadline = time.monotonic() + timeout
     found = sessions(stack, room)
@@ -121,13 +145,17 @@ def wait_ended(stack: LocalStack, room: str, timeout: float = 20.0) -> list[dict
 def test_job_longer_than_the_empty_timeout_plays_to_the_end(
     stack: LocalStack, tmp_path: Path
 ) -> None:
+    # The worker creates the room with timeouts as long as the job (tasks/roomhold.py): the
+    # server's 3 s default would close it, and no keeper joins (it would get all the audio).
     seconds = EMPTY_TIMEOUT_S + 4.0
     room = new_room()
-    result = wait(enqueue(room=room, source=str(audio.tone(tmp_path / "t.wav", seconds=seconds))))
+    job_id = enqueue(room=room, source=str(audio.tone(tmp_path / "t.wav", seconds=seconds)))
+    result, seen = wait_watching(stack, job_id, room)
     assert result["status"] == "completed" and result["attempt"] == 1, result
     assert result["playback_position"] == pytest.approx(seconds, abs=0.05)
     (session,) = sessions(stack, room)
     assert session["received_audio_s"] == pytest.approx(seconds, abs=1e-3)
+    assert f"avatarq-{job_id}" in seen and f"avatarq-{job_id}-keeper" not in seen, seen
 
 
 def test_warm_room_outlives_its_empty_timeout(stack: LocalStack, tmp_path: Path) -> None:
@@ -141,20 +169,25 @@ def test_warm_room_outlives_its_empty_timeout(stack: LocalStack, tmp_path: Path)
 
 
 def test_a_viewer_who_leaves_mid_job_does_not_cut_it(stack: LocalStack, tmp_path: Path) -> None:
+    # The viewer made the room (the server's 3 s / 2 s timeouts, which a job cannot change):
+    # the worker joins a keeper, and the room outlives the viewer's leaving by far.
     room = new_room()
+    seconds = DEPARTURE_TIMEOUT_S + 6.0
+    clip = str(audio.tone(tmp_path / "t.wav", seconds=seconds))
 
-    async def visit() -> None:
+    async def visit() -> str:
         viewer = rtc.Room()
         await viewer.connect(stack.livekit_url, token(stack, room, "viewer"))
+        job_id = await asyncio.to_thread(enqueue, room=room, source=clip)
         await asyncio.sleep(2.0)
         await viewer.disconnect()
+        return job_id
 
-    seconds = DEPARTURE_TIMEOUT_S + 6.0
-    job_id = enqueue(room=room, source=str(audio.tone(tmp_path / "t.wav", seconds=seconds)))
-    asyncio.run(visit())
-    result = wait(job_id)
+    job_id = asyncio.run(visit())
+    result, seen = wait_watching(stack, job_id, room)
     assert result["status"] == "completed" and result["attempt"] == 1, result
     assert result["playback_position"] == pytest.approx(seconds, abs=0.05)
+    assert f"avatarq-{job_id}-keeper" in seen, seen
 
 
 # -- avatar behaviours ---------------------------------------------------------------------

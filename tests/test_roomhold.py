@@ -9,6 +9,7 @@ seconds once only agents are in it, so a hold that does not work fails here in s
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -285,3 +286,35 @@ def test_a_room_held_before_covers_a_next_hold_only_within_its_timeouts(
         assert (beyond.empty_timeout_s, beyond.departure_timeout_s) == (timeout, timeout)
 
     run(body())
+
+
+def test_a_warm_link_whose_room_closes_too_soon_gets_its_keeper(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A link kept warm holds the room by its creation-time timeouts; before a next job that
+    # could outlast them, the keeper joins (tasks/avatar_link.py AvatarLink.cover).
+    from producers.jobs import parse_job
+    from tasks.avatar_link import AvatarLink
+
+    joined: list[str] = []
+
+    async def connect(url: str, token: str, **_: Any) -> Any:
+        joined.append(token)
+        return object()
+
+    monkeypatch.setattr(rooms, "connect", connect)
+    settings = Settings(AVATARQ_WARM_IDLE=10)
+    job = parse_job({"room": "r1", "avatar_id": "a", "source": "a.wav"}, settings)
+    now = time.time()
+
+    def link(open_for_s: float) -> AvatarLink:
+        hold = roomhold.RoomHold(now + open_for_s, 600, 600, needs_keeper=False)
+        return AvatarLink(("r1", "avatar-a", "default", 16000), None, None, None, None, hold=hold)  # type: ignore[arg-type]
+
+    covered, short = link(3600.0), link(5.0)
+    asyncio.run(covered.cover(job, 10.0, settings))
+    assert covered.keeper is None and joined == []
+    asyncio.run(short.cover(job, 10.0, settings))
+    assert short.keeper is not None and len(joined) == 1
+    asyncio.run(short.cover(job, 10.0, settings))  # a keeper is there already
+    assert len(joined) == 1
