@@ -110,11 +110,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 avatar_identity=avatar,
                 ttl=tokens.ttl_for(args.seconds, settings),
             )
-            route = args.route_events
+            # As the worker joins (tasks/ffiroute.py); DataStreamAudioOutput on the room as
+            # the SDK makes it, as livekit-agents uses it.
+            route = args.route_events and args.mode == "ours"
             room = await rooms.connect(settings.livekit_url, t.worker, route_events=route)
             joined.append((room, avatar))
             if args.keepers:
-                # As the worker does (tasks/room.py): a hidden participant per room.
+                # As a worker does in a room that existed with short timeouts.
                 keeper = await rooms.connect(settings.livekit_url, t.keeper, route_events=route)
                 keepers.append(keeper)
             sessions.append(
@@ -214,7 +216,10 @@ def main(argv: list[str] | None = None) -> int:
         "--aligned", action="store_true", help="all streams write at the same instants"
     )
     parser.add_argument(
-        "--route-events", action="store_true", help="each room gets only its own FFI events"
+        "--sdk-event-delivery",
+        dest="route_events",
+        action="store_false",
+        help="every room gets every FFI event, as the SDK does (the worker routes them)",
     )
     parser.add_argument(
         "--verbose-logs", action="store_true", help="DEBUG logging like `--loglevel DEBUG`"
