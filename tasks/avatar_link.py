@@ -8,6 +8,7 @@ is tasks/links.py.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -26,6 +27,10 @@ from tasks.quota import AvatarQuota, Slot
 from tasks.roomhold import RoomHold
 from tasks.stream import AudioStreamSender
 
+log = logging.getLogger("avatarq.link")
+
+#: A warm link's keeper joins beside its next job when the room stays open this long yet.
+KEEPER_JOIN_S = 30.0
 #: (room, avatar identity, avatar server name, sample rate): what a next job must match.
 LinkKey = tuple[str, str, str, int]
 
@@ -106,6 +111,7 @@ class AvatarLink:
     #: Set once the room or the avatar is gone: the link must not be used again.
     broken: StopReason | None = None
     _closed: bool = field(default=False, repr=False)
+    _keeper_join: asyncio.Future[rtc.Room] | None = field(default=None, repr=False)
 
     @property
     def session_id(self) -> str | None:
@@ -129,12 +135,29 @@ class AvatarLink:
 
     async def cover(self, job: Job, duration: float | None, settings: Settings) -> None:
         """Before a next job on this link: a room whose own timeouts end before that job
-        could (they count from its creation) gets its keeper now."""
-        if self.keeper is not None or self.hold is None:
+        could (they count from its creation) gets its keeper. It joins beside the job when
+        the room stays open long enough for that, so a warm start does not wait for it."""
+        if self.keeper is not None or self._keeper_join is not None or self.hold is None:
             return
-        if not self.hold.covers(room_hold(job, duration, settings)):
-            token = _tokens(job, duration, settings).keeper
-            self.keeper = await rooms.connect(settings.livekit_url, token)
+        if self.hold.covers(room_hold(job, duration, settings)):
+            return
+        token = _tokens(job, duration, settings).keeper
+        join = asyncio.ensure_future(rooms.connect(settings.livekit_url, token))
+        if not self.hold.covers(KEEPER_JOIN_S):
+            self.keeper = await join
+            return
+        self._keeper_join = join
+        join.add_done_callback(self._keeper_joined)
+
+    def _keeper_joined(self, join: asyncio.Future[rtc.Room]) -> None:
+        if join.cancelled():
+            return
+        if join.exception() is not None:
+            # The room's own timeouts still hold it a while; a close there cuts the job off
+            # as a lost room, which is retried.
+            log.warning("room %s: the keeper could not join: %s", self.key[0], join.exception())
+            return
+        self.keeper = join.result()
 
     @property
     def reusable(self) -> bool:
@@ -147,6 +170,8 @@ class AvatarLink:
         if self._closed:
             return
         self._closed = True
+        if self._keeper_join is not None and not self._keeper_join.done():
+            self._keeper_join.cancel()
         if self.session is not None and not await self.avatar.stop(self.session):
             await rooms.remove_participant(
                 self.admin.url,
@@ -196,7 +221,9 @@ async def open_link(
     job_tokens = _tokens(job, duration, settings)
     # The room stays open by its own timeouts where this worker creates it; the keeper, which
     # receives a copy of all the audio, only joins a room that existed with shorter ones.
-    hold = await roomhold.hold_room_open(settings, job.room, room_hold(job, duration, settings))
+    # As long as the longest job it may play: back-to-back warm jobs keep the room for an
+    # hour by default before a keeper is needed (the timeouts count from its creation).
+    hold = await roomhold.hold_room_open(settings, job.room, room_hold(job, None, settings))
     joins = [rooms.connect(settings.livekit_url, job_tokens.worker)]
     if hold.needs_keeper:
         joins.append(rooms.connect(settings.livekit_url, job_tokens.keeper))

@@ -311,10 +311,21 @@ def test_a_warm_link_whose_room_closes_too_soon_gets_its_keeper(
         hold = roomhold.RoomHold(now + open_for_s, 600, 600, needs_keeper=False)
         return AvatarLink(("r1", "avatar-a", "default", 16000), None, None, None, None, hold=hold)  # type: ignore[arg-type]
 
-    covered, short = link(3600.0), link(5.0)
+    covered, closing, ending = link(3600.0), link(5.0), link(100.0)
     asyncio.run(covered.cover(job, 10.0, settings))
     assert covered.keeper is None and joined == []
-    asyncio.run(short.cover(job, 10.0, settings))
-    assert short.keeper is not None and len(joined) == 1
-    asyncio.run(short.cover(job, 10.0, settings))  # a keeper is there already
+    # Closing within seconds: the job waits for its keeper.
+    asyncio.run(closing.cover(job, 10.0, settings))
+    assert closing.keeper is not None and len(joined) == 1
+    asyncio.run(closing.cover(job, 10.0, settings))  # a keeper is there already
     assert len(joined) == 1
+
+    async def beside() -> tuple[Any, Any]:
+        # Open for a while yet, but not for the whole job: the keeper joins beside it.
+        await ending.cover(job, 10.0, settings)
+        before = ending.keeper
+        await asyncio.sleep(0.05)
+        return before, ending.keeper
+
+    before, after = asyncio.run(beside())
+    assert before is None and after is not None and len(joined) == 2
