@@ -19,8 +19,10 @@ from avatarq.commands.common import (
     EXIT_INVALID,
     EXIT_UNAVAILABLE,
     conclude,
+    dev_stack,
     err,
     fail,
+    follow,
 )
 from avatarq.errors import InvalidJob
 from avatarq.settings import get_settings
@@ -168,13 +170,15 @@ def demo(
 
     Example: avatarq demo --netns --say "Hello from the avatar queue"
     """
-    from avatarq.dev.demo import run_demo, run_in_netns
+    with dev_stack("avatarq demo"):
+        from avatarq_dev import netns as namespace
+        from avatarq_dev.demo import run_demo
 
-    if netns and os.environ.get("AVATARQ_IN_NETNS") != "1":
-        raise typer.Exit(run_in_netns(sys.argv[1:]))
+    if netns and not namespace.inside():
+        raise typer.Exit(namespace.rerun_avatarq(sys.argv[1:]))
     speech = {"type": "tts", "engine": "espeak", "text": say} if say else None
     summary = run_demo(
-        source=speech or source, workdir=workdir, show_progress=not as_json, keep=keep
+        follow, source=speech or source, workdir=workdir, show_progress=not as_json, keep=keep
     )
     if as_json:
         print(json.dumps(summary, default=str))
@@ -188,7 +192,8 @@ def livekit(ctx: typer.Context) -> None:
 
     Example: avatarq dev livekit --port 7880
     """
-    from avatarq.dev.livekit_server import main as server_main
+    with dev_stack("avatarq dev livekit"):
+        from avatarq_dev.livekit_server import main as server_main
 
     raise typer.Exit(server_main(ctx.args))
 
@@ -201,7 +206,8 @@ def avatar_emulator(ctx: typer.Context) -> None:
 
     Example: avatarq dev avatar --port 8089 --license-key dev
     """
-    from avatarq.dev.avatar_emulator import main as emulator_main
+    with dev_stack("avatarq dev avatar"):
+        from avatarq_dev.avatar_emulator import main as emulator_main
 
     raise typer.Exit(emulator_main(ctx.args))
 

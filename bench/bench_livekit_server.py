@@ -26,8 +26,8 @@ import psutil
 from jwt.warnings import InsecureKeyLengthWarning
 from livekit import api, rtc
 
-from avatarq.dev.bench.stats import pct
-from avatarq.dev.processes import free_port, python_module, tcp_ready
+from avatarq_dev.bench.stats import pct
+from avatarq_dev.processes import free_port, python_module, tcp_ready
 
 API_KEY, API_SECRET = "devkey", "secret"
 STREAM_TOPIC = "lk.audio_stream"
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     port = free_port()
     proc = python_module(
         "livekit-server",
-        "avatarq.dev.livekit_server",
+        "avatarq_dev.livekit_server",
         ["--port", str(port), "--keys", f"{API_KEY}: {API_SECRET}", "--log-level", "WARNING"],
         ready=tcp_ready("127.0.0.1", port),
     )

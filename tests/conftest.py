@@ -1,4 +1,4 @@
-# --- livekit_server fixture (owner: avatarq/dev/livekit_server) -------------------------------
+# --- livekit_server fixture (owner: devstack/avatarq_dev/livekit_server) ---------------------
 import dataclasses as _lk_dataclasses
 from collections.abc import Iterator as _LkIterator
 
@@ -29,9 +29,9 @@ def livekit_server(
     """
     import os
 
-    from avatarq.dev import livekit_official
-    from avatarq.dev.processes import free_port
-    from avatarq.dev.stack import livekit_process
+    from avatarq_dev import livekit_official
+    from avatarq_dev.processes import free_port
+    from avatarq_dev.stack import livekit_process
 
     if request.param == "official" and (missing := livekit_official.why_unavailable()):
         if os.environ.get("CI") == "true":
@@ -53,7 +53,7 @@ def livekit_server(
 @_lk_pytest.fixture(scope="session")
 def redis_server() -> _LkIterator[str]:
     """A throwaway `redis-server` on a free loopback port; yields its URL."""
-    from avatarq.dev.processes import RedisServer
+    from avatarq_dev.processes import RedisServer
 
     with RedisServer() as server:
         yield server.url
@@ -67,7 +67,7 @@ def redis_server() -> _LkIterator[str]:
 def rabbitmq_server(tmp_path_factory: _lk_pytest.TempPathFactory) -> _LkIterator[str]:
     """A throwaway `rabbitmq-server` (own node name, ports, data and epmd); yields its URL.
     Its `consumer_timeout` allows the default longest job (3600 s) plus 10 minutes."""
-    from avatarq.dev.processes import RabbitMQServer
+    from avatarq_dev.processes import RabbitMQServer
 
     data = tmp_path_factory.mktemp("rabbitmq")
     with RabbitMQServer(data_dir=data, consumer_timeout_s=4200, log_dir=data) as server:

@@ -16,7 +16,7 @@ from typing import Any
 import boto3
 import pytest
 
-from avatarq.dev.processes import ManagedProcess, free_port, tcp_ready
+from avatarq_dev.processes import ManagedProcess, free_port, tcp_ready
 
 DUMMY_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",

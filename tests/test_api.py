@@ -13,8 +13,8 @@ import pytest
 import redis
 import requests
 
-from avatarq.dev.processes import ManagedProcess, free_port, tcp_ready
 from avatarq.ledger.keys import job_events_key, job_record_key
+from avatarq_dev.processes import ManagedProcess, free_port, tcp_ready
 from tests.producing import AVATARQ, avatarq, own_db, queued_job_ids
 
 KEYS = ("acme:key-one", "globex:key-two")

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from avatarq.dev.processes import free_port
 from avatarq.errors import AvatarOverLimit, AvatarRejected, AvatarUnavailable
+from avatarq_dev.processes import free_port
 from tasks import backoff
 from tasks.avatar import LICENSE_HEADER, START_PATH, STOP_PATH, HttpAvatarClient
 

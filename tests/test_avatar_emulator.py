@@ -27,12 +27,12 @@ from livekit.agents.voice.avatar._datastream_io import (
     RPC_PLAYBACK_FINISHED,
 )
 
-from avatarq.dev.avatar_emulator.http import API_SECRET_HEADER, Emulator, create_app
-from avatarq.dev.avatar_emulator.playout import UNDERRUN_TOLERANCE_S, SegmentPlayout
-from avatarq.dev.avatar_emulator.recorder import SessionRecorder
-from avatarq.dev.avatar_emulator.session import TokenError, TokenInfo
-from avatarq.dev.avatar_emulator.video import HEIGHT, WIDTH, MouthVideo, audio_level
-from avatarq.dev.processes import free_port, python_module, tcp_ready
+from avatarq_dev.avatar_emulator.http import API_SECRET_HEADER, Emulator, create_app
+from avatarq_dev.avatar_emulator.playout import UNDERRUN_TOLERANCE_S, SegmentPlayout
+from avatarq_dev.avatar_emulator.recorder import SessionRecorder
+from avatarq_dev.avatar_emulator.session import TokenError, TokenInfo
+from avatarq_dev.avatar_emulator.video import HEIGHT, WIDTH, MouthVideo, audio_level
+from avatarq_dev.processes import free_port, python_module, tcp_ready
 from tests.netns import needs_netns
 
 T = TypeVar("T")
@@ -211,7 +211,7 @@ def test_cli_never_echoes_or_logs_the_license_key(tmp_path: Path) -> None:
     port = free_port()
     proc = python_module(
         "avatar-emulator",
-        "avatarq.dev.avatar_emulator",
+        "avatarq_dev.avatar_emulator",
         ["--host", "127.0.0.1", "--port", str(port), "--record-dir", str(tmp_path / "rec")],
         ready=tcp_ready("127.0.0.1", port),
         env={"AVALUMA_LICENSE_KEY": LICENSE_KEY},
@@ -248,7 +248,7 @@ def test_cli_never_echoes_or_logs_the_license_key(tmp_path: Path) -> None:
 
 
 def test_cli_requires_a_license_key(monkeypatch: pytest.MonkeyPatch) -> None:
-    from avatarq.dev.avatar_emulator import main
+    from avatarq_dev.avatar_emulator import main
 
     monkeypatch.delenv("AVALUMA_LICENSE_KEY", raising=False)
     assert main(["--port", "0"]) == 2
@@ -356,7 +356,7 @@ def emulator_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emula
     port = free_port()
     proc = python_module(
         "avatar-emulator",
-        "avatarq.dev.avatar_emulator",
+        "avatarq_dev.avatar_emulator",
         [
             "--host",
             "127.0.0.1",

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from avatarq.dev.bench import PACING_GOAL_STREAMS, QUICK, queue, report, run, scale, sender_keys
-from avatarq.dev.bench.load import light_avatars
-from avatarq.dev.bench.streams import Played, drift_ms, warm_start
-from avatarq.dev.stack import LocalStack, local_stack
 from avatarq.settings import get_settings
+from avatarq_dev.bench import PACING_GOAL_STREAMS, QUICK, queue, report, run, scale, sender_keys
+from avatarq_dev.bench.load import light_avatars
+from avatarq_dev.bench.streams import Played, drift_ms, warm_start
+from avatarq_dev.stack import LocalStack, local_stack
 from tasks import room as rooms
 from tasks import tokens
 from tasks.avatar import HttpAvatarClient

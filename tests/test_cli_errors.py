@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from avatarq.commands.common import EXIT_UNAVAILABLE
-from avatarq.dev.processes import free_port
+from avatarq_dev.processes import free_port
 from tests.producing import avatarq
 
 pytestmark = pytest.mark.timeout(120)

@@ -17,10 +17,10 @@ import requests
 import uvicorn
 from livekit import api as lkapi
 
-from avatarq.dev.processes import ManagedProcess, free_port, tcp_ready
 from avatarq.events import Event
 from avatarq.ledger.keys import DEAD_LETTER_KEY
 from avatarq.settings import Settings
+from avatarq_dev.processes import ManagedProcess, free_port, tcp_ready
 from producers import console, enqueue
 from producers.api import create_app
 from tests.producing import AVATARQ, own_db, queued_job_ids

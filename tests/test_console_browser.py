@@ -20,10 +20,10 @@ import pytest
 import redis
 import requests
 
-from avatarq.dev import livekit_official
-from avatarq.dev.processes import ManagedProcess, free_port, tcp_ready
-from avatarq.dev.stack import LocalStack, local_stack
 from avatarq.ledger.keys import DEAD_LETTER_KEY, job_enqueued_key, job_record_key
+from avatarq_dev import livekit_official
+from avatarq_dev.processes import ManagedProcess, free_port, tcp_ready
+from avatarq_dev.stack import LocalStack, local_stack
 from producers.console import CONSOLE_DIST
 from tests.audio import tone
 from tests.httpserve import serving
@@ -302,8 +302,8 @@ def test_retry_a_dead_letter_from_the_page(
     assert not visible(browser, selector)
 
 
-#: Share of the emulator's level meter (avatarq/dev/avatar_emulator/video.py: a green bar under
-#: the face, lit in proportion to the audio level) lit in the frame the page shows now.
+#: Share of the emulator's level meter (devstack/avatarq_dev/avatar_emulator/video.py: a green
+#: bar under the face, lit in proportion to the audio level) lit in the frame the page shows now.
 METER_LIT = """
 const v = document.getElementById('video');
 if (!v.videoWidth) return -1;

@@ -17,9 +17,9 @@ from pathlib import Path
 import imageio_ffmpeg
 import pytest
 
-from avatarq.dev.processes import free_port
 from avatarq.errors import DecodeError, SourceNotFound, SourceUnavailable
 from avatarq.settings import Settings
+from avatarq_dev.processes import free_port
 from tasks.decode import (
     AUDIO_FORMATS,
     LIMIT_SLACK_S,

@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from avatarq.celeryconfig import RENDER_QUEUE
-from avatarq.dev import livekit_official
 from avatarq.settings import Settings
+from avatarq_dev import livekit_official
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yaml"

@@ -1,4 +1,4 @@
-"""The fault suite (avatarq/dev/faults.py) against the real stack, with default settings, on
+"""The fault suite (devstack/avatarq_dev/faults.py) against the real stack, with default settings, on
 both supported brokers (Redis, and RabbitMQ with Redis for results and the ledger): every
 job ends once, none is lost, none is played twice, no room hears two jobs at once, and no
 secret leaks."""
@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from avatarq.dev.faults import SCENARIOS, FaultLab, fault_lab, leaked_secrets
+from avatarq_dev.faults import SCENARIOS, FaultLab, fault_lab, leaked_secrets
 from tests.netns import NETNS
 
 pytestmark = NETNS

@@ -21,10 +21,10 @@ import redis
 import requests
 from livekit import api, rtc
 
-from avatarq.dev import livekit_official
-from avatarq.dev.avatar_emulator.behaviour import Faults
-from avatarq.dev.stack import DEV_API_KEY, LocalStack, local_stack
 from avatarq.ledger.keys import job_events_key
+from avatarq_dev import livekit_official
+from avatarq_dev.avatar_emulator.behaviour import Faults
+from avatarq_dev.stack import DEV_API_KEY, LocalStack, local_stack
 from tests import audio
 from tests.netns import NETNS
 

@@ -527,7 +527,7 @@ def test_resume_after_server_restart_falls_back_to_full_rejoin(tmp_path: Any) ->
     like livekit-server (LeaveRequest, action RECONNECT) and the SDK rejoins from scratch."""
     import signal
 
-    from avatarq.dev.processes import free_port, python_module, tcp_ready
+    from avatarq_dev.processes import free_port, python_module, tcp_ready
 
     port = free_port()
     url = f"ws://127.0.0.1:{port}"
@@ -536,7 +536,7 @@ def test_resume_after_server_restart_falls_back_to_full_rejoin(tmp_path: Any) ->
     def start() -> Any:
         return python_module(
             "livekit-server",
-            "avatarq.dev.livekit_server",
+            "avatarq_dev.livekit_server",
             ["--port", str(port), "--keys", "devkey: secret"],
             ready=tcp_ready("127.0.0.1", port),
             log_dir=tmp_path,

@@ -20,9 +20,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from avatarq import logs
 from avatarq.commands.ops import MASK, effective_config, mask_url
-from avatarq.dev import stack as stack_module
 from avatarq.events import Event
 from avatarq.settings import Settings, get_settings
+from avatarq_dev import stack as stack_module
 from tasks import metrics
 from tasks.stream import CHUNK_SECONDS
 from tests import audio

@@ -16,11 +16,11 @@ import pytest
 import redis
 import requests
 
-from avatarq.dev.processes import free_port
-from avatarq.dev.stack import LocalStack, local_stack
 from avatarq.ledger.keys import job_events_key
 from avatarq.results import parse_result
 from avatarq.settings import Settings
+from avatarq_dev.processes import free_port
+from avatarq_dev.stack import LocalStack, local_stack
 from tasks.decode import ffmpeg_binary
 from tests import audio
 from tests.netns import NETNS

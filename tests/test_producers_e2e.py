@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from avatarq.dev.processes import ManagedProcess, free_port, tcp_ready
-from avatarq.dev.stack import LocalStack, local_stack
+from avatarq_dev.processes import ManagedProcess, free_port, tcp_ready
+from avatarq_dev.stack import LocalStack, local_stack
 from tests import audio
 from tests.netns import NETNS
 from tests.producing import avatarq

@@ -16,9 +16,9 @@ import redis
 import redis.asyncio as aioredis
 import requests
 
-from avatarq.dev.stack import LocalStack, local_stack
 from avatarq.ledger.keys import avatar_quota_key, job_events_key
 from avatarq.settings import get_settings
+from avatarq_dev.stack import LocalStack, local_stack
 from tasks import quota as quota_mod
 from tasks.quota import AvatarQuota, NoAvatarSlot, Slot, Waiting, wait_for_slot
 from tests import audio

@@ -17,7 +17,6 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from avatarq.dev.processes import ManagedProcess
 from avatarq.ledger.keys import (
     job_lease_key,
     job_record_key,
@@ -29,6 +28,7 @@ from avatarq.ledger.keys import (
 from avatarq.ledger.worker import Claim, Ledger
 from avatarq.results import Failed
 from avatarq.settings import Settings
+from avatarq_dev.processes import ManagedProcess
 from producers.client import enqueue
 from tasks.jobrun import Ending, JobParts, JobRun, Outcome, job_id_of
 from tasks.recovery import Presence

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from avatarq.dev.processes import ManagedProcess, RedisServer
 from avatarq.ledger.keys import job_lease_key, job_record_key, room_holder_key, room_order_key
 from avatarq.settings import Settings
+from avatarq_dev.processes import ManagedProcess, RedisServer
 from producers.client import enqueue
 
 

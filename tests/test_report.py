@@ -12,7 +12,7 @@ from typing import Any
 import redis
 from aiohttp import web
 
-from avatarq.dev.processes import free_port
+from avatarq_dev.processes import free_port
 from avatarq.events import Event
 from avatarq.ledger.keys import job_events_key, job_lease_key
 from avatarq.settings import Settings

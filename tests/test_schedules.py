@@ -16,7 +16,7 @@ from croniter import croniter
 from redbeat.decoder import RedBeatJSONEncoder
 
 from avatarq.celeryconfig import RENDER_QUEUE
-from avatarq.dev.processes import ManagedProcess
+from avatarq_dev.processes import ManagedProcess
 from producers.schedules import ScheduleError, ZonedCron, load_schedule
 from tests.producing import avatarq, own_db, queued_job_ids
 

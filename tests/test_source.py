@@ -8,9 +8,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from avatarq.dev.processes import free_port
 from avatarq.errors import InvalidJob, SourceNotFound, SourceUnavailable
 from avatarq.settings import Settings
+from avatarq_dev.processes import free_port
 from tasks.relay import RELAY_PROTOCOLS
 from tasks.source import FILE_PROTOCOLS, HTTP_PROTOCOLS, aresolve, resolve
 from tests.s3 import aws_env, s3_client, s3_server

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from avatarq.dev.stack import LocalStack
 from avatarq.settings import get_settings
+from avatarq_dev.stack import LocalStack
 from tests.netns import NETNS
 from tests.test_pipeline_e2e import reference_pcm, run_job, stack
 

@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from avatarq.commands.common import dev_stack
+
 
 def bench(
     quick: Annotated[bool, typer.Option("--quick", help="Small counts, under 5 minutes")] = False,
@@ -22,7 +24,8 @@ def bench(
 
     Example: infra/netns-run avatarq bench --quick --json
     """
-    from avatarq.dev.bench import FULL, QUICK, emit
+    with dev_stack("avatarq bench"):
+        from avatarq_dev.bench import FULL, QUICK, emit
 
     code = emit(QUICK if quick else FULL, tuple(sections.split(",")), as_json, docs)
     if code:

@@ -6,8 +6,10 @@ out waiting, 4 Redis or the broker is unreachable.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import typer
@@ -24,6 +26,31 @@ err = Console(stderr=True)
 def fail(message: str, code: int) -> typer.Exit:
     err.print(f"[red]error:[/] {message}")
     return typer.Exit(code)
+
+
+#: The distribution of `avatarq_dev` (devstack/ in the repository), and how to get it.
+DEV_STACK = "avatarq-dev"
+DEV_STACK_INSTALL = "pip install ./devstack (from a checkout), or make bootstrap"
+
+
+@contextlib.contextmanager
+def dev_stack(command: str) -> Iterator[None]:
+    """Around the lazy imports of `avatarq_dev` by `command`: when the dev stack, or one of
+    its own dependencies, is not installed, one line saying what is missing and how to install
+    it, and exit 1 (a lean worker/producer install has neither)."""
+    try:
+        yield
+    except ModuleNotFoundError as e:
+        name = (e.name or "").partition(".")[0]
+        if name in ("avatarq", "producers", "tasks"):
+            raise  # ours: a bug, not a missing install
+        what = (
+            f"the dev stack ({DEV_STACK}), which is not installed"
+            if name == "avatarq_dev"
+            else f"{e.name}, a dependency of the dev stack ({DEV_STACK}), which is not installed"
+        )
+        err.print(f"[red]error:[/] {command} needs {what}: {DEV_STACK_INSTALL}", soft_wrap=True)
+        raise typer.Exit(EXIT_FAILED) from None
 
 
 def follow(job_id: str, *, timeout: float, show_progress: bool) -> dict[str, Any]:

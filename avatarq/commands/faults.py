@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from avatarq.commands.common import EXIT_FAILED, err
+from avatarq.commands.common import EXIT_FAILED, dev_stack, err
 
 BROKERS = ("redis", "rabbitmq")
 COLUMNS = (
@@ -42,11 +42,12 @@ def faults(
 
     Example: avatarq faults --netns --markdown docs/faults.md
     """
-    from avatarq.dev.demo import run_in_netns
+    with dev_stack("avatarq faults"):
+        from avatarq_dev import netns as namespace
+        from avatarq_dev.faults import SCENARIOS, fault_lab, judge, leaked_secrets
 
-    if netns and os.environ.get("AVATARQ_IN_NETNS") != "1":
-        raise typer.Exit(run_in_netns(sys.argv[1:]))
-    from avatarq.dev.faults import SCENARIOS, fault_lab, leaked_secrets
+    if netns and not namespace.inside():
+        raise typer.Exit(namespace.rerun_avatarq(sys.argv[1:]))
 
     names = only or list(SCENARIOS)
     unknown = sorted(set(names) - set(SCENARIOS))
@@ -62,8 +63,10 @@ def faults(
         with fault_lab(workdir, broker=name_of_broker) as lab:  # type: ignore[arg-type]
             for name in names:
                 err.print(f"fault ({name_of_broker}): {name} …")
-                reports.append({"broker": name_of_broker, **SCENARIOS[name](lab).as_dict()})
-            leaks += leaked_secrets(lab)
+                report = judge(name, SCENARIOS[name](lab))
+                reports.append({"broker": name_of_broker, **report.as_dict()})
+            secrets = [lab.stack.api_secret, lab.stack.license_key]
+            leaks += leaked_secrets(lab.exposed(), secrets)
     if as_json:
         print(json.dumps({"scenarios": reports, "leaked_secrets": leaks}, default=str))
     else:

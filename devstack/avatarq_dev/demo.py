@@ -6,8 +6,6 @@ import os
 import secrets
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.parse
@@ -15,14 +13,13 @@ import urllib.request
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from rich.console import Console
 
-from avatarq.dev.processes import free_port, python_module, tcp_ready
-from avatarq.dev.stack import HOST, LocalStack, local_stack
+from avatarq_dev.processes import free_port, python_module, tcp_ready
+from avatarq_dev.stack import HOST, LocalStack, local_stack
 
-NETNS_RUN = Path(__file__).resolve().parents[2] / "infra" / "netns-run"
 DEMO_TIMEOUT_S = 300.0
 #: `--keep` serves the API and console here (on a free port when this one is taken).
 CONSOLE_PORT = 8000
@@ -35,13 +32,14 @@ def sample_path() -> Path:
     return Path(str(resources.files("avatarq") / "assets" / "sample.ogg"))
 
 
-def run_in_netns(argv: list[str]) -> int:
-    """Re-run this command inside a private network namespace (see infra/netns-run)."""
-    cmd = [str(NETNS_RUN), sys.executable, "-m", "avatarq", *argv]
-    return subprocess.call(cmd)
+class Follow(Protocol):
+    """Waits for a job to end and returns its record (the CLI's draws a progress bar)."""
+
+    def __call__(self, job_id: str, *, timeout: float, show_progress: bool) -> dict[str, Any]: ...
 
 
 def run_demo(
+    follow: Follow,
     *,
     source: str | dict[str, Any] | None = None,
     workdir: Path | None = None,
@@ -50,7 +48,6 @@ def run_demo(
 ) -> dict[str, Any]:
     """`source` is audio or a `tts` source (rendered by `producers.enqueue` before sending).
     `keep`: afterwards, serve the API and its console on the stack until Ctrl-C or SIGTERM."""
-    from avatarq.commands.common import follow
     from avatarq.settings import get_settings
 
     source = source or str(sample_path())

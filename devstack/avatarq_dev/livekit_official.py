@@ -18,7 +18,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from avatarq.dev.processes import ManagedProcess, ServiceError, free_port, tcp_ready
+from avatarq_dev.processes import ManagedProcess, ServiceError, free_port, tcp_ready
 
 #: The version infra/bootstrap builds; the compose file pins the same image.
 VERSION = "v1.13.5"

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from avatarq.dev import livekit_official
-from avatarq.dev.processes import (
+from avatarq_dev import livekit_official
+from avatarq_dev.processes import (
     ManagedProcess,
     RabbitMQServer,
     RedisServer,
@@ -171,7 +171,7 @@ def local_stack(
     )
     avatar = python_module(
         "avatar",
-        "avatarq.dev.avatar_emulator",
+        "avatarq_dev.avatar_emulator",
         [
             "--host",
             HOST,
@@ -231,7 +231,7 @@ def livekit_process(
         args += ["--empty-timeout", str(empty)]
     return python_module(
         "livekit",
-        "avatarq.dev.livekit_server",
+        "avatarq_dev.livekit_server",
         args,
         ready=tcp_ready(HOST, port),
         log_dir=log_dir,

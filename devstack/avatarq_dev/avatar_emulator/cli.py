@@ -1,4 +1,4 @@
-"""Command line of the avatar emulator: `python -m avatarq.dev.avatar_emulator`."""
+"""Command line of the avatar emulator: `python -m avatarq_dev.avatar_emulator`."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ LICENSE_KEY_ENV = "AVALUMA_LICENSE_KEY"
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m avatarq.dev.avatar_emulator",
+        prog="python -m avatarq_dev.avatar_emulator",
         description="GPU-free stand-in for the Avaluma avatar server.",
     )
     p.add_argument("--host", default="127.0.0.1")

@@ -2,7 +2,7 @@
 a baseline measured in the same run on the same machine.
 
     infra/netns-run .venv/bin/avatarq bench [--quick] [--json] [--docs docs]
-    infra/netns-run .venv/bin/python -m avatarq.dev.bench [--quick] [--json]
+    infra/netns-run .venv/bin/python -m avatarq_dev.bench [--quick] [--json]
 
 Sections (`--sections`): `decode` and `queue` need no LiveKit; `jobs` (overhead, drift,
 concurrency, prefork baseline) and `sender` (versus its unpaced floor and livekit-agents,
@@ -29,14 +29,14 @@ from typing import Any
 
 import psutil
 
-from avatarq.dev import livekit_official
-from avatarq.dev.bench import codec, queue, report, scale, streams
-from avatarq.dev.bench.load import LightAvatars, light_avatars
-from avatarq.dev.bench.quota import bench_quota
-from avatarq.dev.bench.stats import make_clip, ratio
-from avatarq.dev.processes import ManagedProcess
-from avatarq.dev.stack import LocalStack, local_stack
-from tasks.stream import CHUNK_SECONDS
+from avatarq_dev import livekit_official
+from avatarq_dev.bench import codec, queue, report, scale, streams
+from avatarq_dev.bench.load import LightAvatars, light_avatars
+from avatarq_dev.bench.quota import bench_quota
+from avatarq_dev.bench.stats import make_clip, ratio
+from avatarq_dev.processes import ManagedProcess
+from avatarq_dev.stack import LocalStack, local_stack
+from tasks.toolkit import CHUNK_SECONDS
 
 SECTIONS = ("decode", "queue", "jobs", "sender")
 NETNS_SECTIONS = {"jobs", "sender"}
@@ -295,7 +295,7 @@ class JobsBench:
 def bench_sender(
     stack: LocalStack, light: LightAvatars, plan: Plan, *, full: bool = True
 ) -> dict[str, Any]:
-    """Sections 6–8, each configuration in a fresh process (see avatarq/dev/bench/sender.py),
+    """Sections 6–8, each configuration in a fresh process (see sender.py),
     against the light receivers. `full=False`: only our paced sender (a comparison row)."""
     base_env = {k: v for k, v in os.environ.items() if k not in ("RUST_LOG", "LIVEKIT_RTC_DEBUG")}
 
@@ -305,7 +305,7 @@ def bench_sender(
         argv = [
             sys.executable,
             "-m",
-            "avatarq.dev.bench.sender",
+            "avatarq_dev.bench.sender",
             "--streams",
             str(streams_ or plan.sender_streams),
         ]

@@ -1,5 +1,5 @@
-"""`python -m avatarq.dev.bench`: the benchmark as a script (same options as `avatarq bench`)."""
+"""`python -m avatarq_dev.bench`: the benchmark as a script (same options as `avatarq bench`)."""
 
-from avatarq.dev.bench import main
+from avatarq_dev.bench import main
 
 raise SystemExit(main())

@@ -13,11 +13,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from avatarq.dev.bench.stats import CODECS, make_clip, ratio
 from avatarq.settings import Settings
-from tasks.decode import PcmDecoder, ffmpeg_binary, probe_duration
-from tasks.source import aresolve
-from tasks.stream import CHUNK_SECONDS
+from avatarq_dev.bench.stats import CODECS, make_clip, ratio
+from tasks.toolkit import CHUNK_SECONDS, PcmDecoder, aresolve, ffmpeg_binary, probe_duration
 
 #: The worker's default rate and chunk: what a job really reads.
 RATE = 16000

@@ -1,7 +1,7 @@
 """A light avatar server for the benchmark's load: the emulator's HTTP start/stop API and the
 worker-facing protocol, without livekit-agents' receiver, video rendering or WAV recording.
 
-    python -m avatarq.dev.bench.light_avatar --port 8090 --license-key K --record-dir D \
+    python -m avatarq_dev.bench.light_avatar --port 8090 --license-key K --record-dir D \
         --processes 4
 
 What the worker sees is what a livekit-agents avatar does: the session joins with its token,
@@ -40,9 +40,9 @@ import aiohttp
 from aiohttp import web
 from livekit import rtc
 
-from avatarq.dev.avatar_emulator.playout import SegmentPlayout
-from avatarq.dev.avatar_emulator.recorder import SegmentRecord
-from avatarq.dev.processes import free_port
+from avatarq_dev.avatar_emulator.playout import SegmentPlayout
+from avatarq_dev.avatar_emulator.recorder import SegmentRecord
+from avatarq_dev.processes import free_port
 
 log = logging.getLogger("avatarq.bench.light_avatar")
 
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         web.run_app(app, host=args.host, port=args.port, access_log=None, print=None)
         return 0
     ports = [free_port() for _ in range(args.processes)]
-    base = [sys.executable, "-m", "avatarq.dev.bench.light_avatar", "--host", args.host]
+    base = [sys.executable, "-m", "avatarq_dev.bench.light_avatar", "--host", args.host]
     base += ["--license-key", args.license_key]
     if args.record_dir:
         base += ["--record-dir", str(args.record_dir)]

@@ -1,5 +1,5 @@
 """The benchmark's load receiver on a local stack: the light avatar server
-(avatarq/dev/bench/light_avatar.py) over several processes, and the processes to sample."""
+(devstack/avatarq_dev/bench/light_avatar.py) over several processes, and the processes to sample."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import psutil
 
-from avatarq.dev.processes import ManagedProcess, free_port, python_module, tcp_ready
-from avatarq.dev.stack import HOST, LocalStack
+from avatarq_dev.processes import ManagedProcess, free_port, python_module, tcp_ready
+from avatarq_dev.stack import HOST, LocalStack
 
 #: Receiver processes: on this 2-core machine, enough that no single one saturates first.
 RECEIVER_PROCESSES = 4
@@ -38,7 +38,7 @@ def light_avatars(stack: LocalStack, processes: int = RECEIVER_PROCESSES) -> Ite
     port = free_port()
     proc = python_module(
         "light-avatar",
-        "avatarq.dev.bench.light_avatar",
+        "avatarq_dev.bench.light_avatar",
         [
             "--host",
             HOST,

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from avatarq.celeryconfig import RENDER_QUEUE, RENDER_TASK
-from avatarq.dev.bench.stats import ratio
-from avatarq.dev.processes import RedisServer
 from avatarq.settings import get_settings
+from avatarq_dev.bench.stats import ratio
+from avatarq_dev.processes import RedisServer
 
 
 @contextmanager

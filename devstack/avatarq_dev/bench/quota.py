@@ -11,9 +11,9 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from avatarq.dev.bench.stats import pct, ratio
-from avatarq.dev.processes import RedisServer
-from tasks.quota import AvatarQuota, Slot
+from avatarq_dev.bench.stats import pct, ratio
+from avatarq_dev.processes import RedisServer
+from tasks.toolkit import AvatarQuota, Slot
 
 
 async def _measure(url: str, rounds: int, time_limit: float) -> dict[str, Any]:

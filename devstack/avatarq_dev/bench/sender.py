@@ -1,6 +1,6 @@
 """Sections 6–8: the cost of sending alone, in a fresh process per configuration.
 
-    python -m avatarq.dev.bench.sender --mode ours --streams 10 --seconds 20 [--chunk 0.2] ...
+    python -m avatarq_dev.bench.sender --mode ours --streams 10 --seconds 20 [--chunk 0.2] ...
 
 Joins `--streams` rooms of the local stack, starts an avatar in each (from the avatar server
 of the settings: the bench points them at its light receivers), then streams the
@@ -28,16 +28,19 @@ from typing import Any
 import psutil
 from livekit import rtc
 
-# Imported for its side effect: the worker's SDK log settings (tasks/lklogs.py), applied
-# before the SDK starts, so each configuration costs what it costs in a worker.
-import tasks.app  # noqa: F401
-from avatarq.dev.bench.stats import spread, thread_cpu_seconds
 from avatarq.settings import get_settings
-from tasks import room as rooms
-from tasks import tokens
-from tasks.avatar import HttpAvatarClient
-from tasks.pacing import Pacer
-from tasks.stream import CHUNK_SECONDS, AudioStreamSender
+from avatarq_dev.bench.stats import spread, thread_cpu_seconds
+from tasks.toolkit import (
+    CHUNK_SECONDS,
+    AudioStreamSender,
+    HttpAvatarClient,
+    Pacer,
+    connect_room,
+    mint_tokens,
+    quiet_livekit_logs,
+    token_ttl_for,
+    wait_for_avatar,
+)
 
 RATE = 16000
 BYTES_PER_SECOND = RATE * 2
@@ -103,21 +106,21 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
         async def join(i: int) -> None:
             name, worker, avatar = f"send-{args.mode}-{i}", f"w-{i}", f"avatar-{i}"
-            t = tokens.mint(
+            t = mint_tokens(
                 settings,
                 room=name,
                 worker_identity=worker,
                 avatar_identity=avatar,
-                ttl=tokens.ttl_for(args.seconds, settings),
+                ttl=token_ttl_for(args.seconds, settings),
             )
             # As the worker joins (tasks/ffiroute.py); DataStreamAudioOutput on the room as
             # the SDK makes it, as livekit-agents uses it.
             route = args.route_events and args.mode == "ours"
-            room = await rooms.connect(settings.livekit_url, t.worker, route_events=route)
+            room = await connect_room(settings.livekit_url, t.worker, route_events=route)
             joined.append((room, avatar))
             if args.keepers:
                 # As a worker does in a room that existed with short timeouts.
-                keeper = await rooms.connect(settings.livekit_url, t.keeper, route_events=route)
+                keeper = await connect_room(settings.livekit_url, t.keeper, route_events=route)
                 keepers.append(keeper)
             sessions.append(
                 await avatar_client.start(
@@ -127,7 +130,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     avatar_identity=avatar,
                 )
             )
-            await rooms.wait_for_avatar(room, avatar, timeout=JOIN_TIMEOUT_S)
+            await wait_for_avatar(room, avatar, timeout=JOIN_TIMEOUT_S)
 
         await asyncio.gather(*(join(i) for i in range(args.streams)))
         pacers = [Pacer(BYTES_PER_SECOND, lead=args.lead, record_errors=True) for _ in joined]
@@ -225,12 +228,15 @@ def main(argv: list[str] | None = None) -> int:
         "--verbose-logs", action="store_true", help="DEBUG logging like `--loglevel DEBUG`"
     )
     args = parser.parse_args(argv)
+    # The worker's SDK log settings (tasks/lklogs.py), applied before the SDK starts, so each
+    # configuration costs what it costs in a worker.
+    quiet_livekit_logs()
     # Log to a file, as a worker does, so formatting costs what it costs in production.
     logging.basicConfig(
         filename=os.devnull, level=logging.DEBUG if args.verbose_logs else logging.INFO
     )
     if args.verbose_logs:
-        # Importing tasks.app applied the worker's log settings; undo the Python half.
+        # Undo the Python half of the worker's log settings.
         for name in ("livekit", "livekit.rtc"):
             logging.getLogger(name).setLevel(logging.DEBUG)
     result = asyncio.run(asyncio.wait_for(run(args), args.seconds * 3 + 120))

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 
 from avatarq.settings import Settings
-from tasks.decode import ffmpeg_binary
+from tasks.toolkit import ffmpeg_binary
 
 #: Encoder options per format the benchmark decodes (the formats jobs usually arrive in).
 CODECS: dict[str, list[str]] = {

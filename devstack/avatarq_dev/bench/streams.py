@@ -14,9 +14,9 @@ from typing import Any
 
 import psutil
 
-from avatarq.dev.bench.stats import ProcessSampler, pct, ratio, spread
-from avatarq.dev.stack import LocalStack
-from tasks.stream import CHUNK_SECONDS
+from avatarq_dev.bench.stats import ProcessSampler, pct, ratio, spread
+from avatarq_dev.stack import LocalStack
+from tasks.toolkit import CHUNK_SECONDS
 
 POLL_S = 0.5
 #: Results and sidecars of a job that ended are read for this long before giving up.

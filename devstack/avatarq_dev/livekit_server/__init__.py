@@ -4,7 +4,7 @@ No livekit-server binary or Docker is available here, so this package speaks eno
 LiveKit protocol for the unmodified `livekit` Python SDK (`livekit.rtc.Room`) and
 `livekit-api` (`LiveKitAPI`, `AccessToken`) to work against it::
 
-    python -m avatarq.dev.livekit_server --host 127.0.0.1 --port 7880 \\
+    python -m avatarq_dev.livekit_server --host 127.0.0.1 --port 7880 \\
         --keys "devkey: secret" [--empty-timeout 300]
 
 What it does:

@@ -1,4 +1,4 @@
-"""`python -m avatarq.dev.livekit_server`: run the dev LiveKit-protocol server."""
+"""`python -m avatarq_dev.livekit_server`: run the dev LiveKit-protocol server."""
 
 from .cli import main
 

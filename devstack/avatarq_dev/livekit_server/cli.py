@@ -1,4 +1,4 @@
-"""Command line of the dev LiveKit-protocol server (`python -m avatarq.dev.livekit_server`)."""
+"""Command line of the dev LiveKit-protocol server (`python -m avatarq_dev.livekit_server`)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ DEFAULT_PORT = 7880
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m avatarq.dev.livekit_server",
+        prog="python -m avatarq_dev.livekit_server",
         description="Local LiveKit-protocol server for development and tests.",
     )
     parser.add_argument("--host", default=DEFAULT_HOST)

@@ -1,0 +1,46 @@
+"""The worker's public surface for tooling: what the dev stack (`avatarq_dev`: bench, fault
+lab) may use of the worker, and nothing else of `tasks` (an import contract in pyproject.toml,
+checked by tests/test_layers.py).
+
+The bench measures the worker's own parts (decoder, sender, pacer, quota, room and avatar
+calls), so it gets them here under stable names; the worker may move or rename its modules
+behind this one. Everything listed in `__all__` is kept working for the dev stack; a change to
+a name or signature here is a change to the dev stack too.
+"""
+
+from __future__ import annotations
+
+from tasks.app import quiet_livekit_logs
+from tasks.avatar import HttpAvatarClient
+from tasks.decode import PcmDecoder, ffmpeg_binary, probe_duration
+from tasks.pacing import Pacer
+from tasks.quota import AvatarQuota, Slot
+from tasks.room import connect as connect_room
+from tasks.room import wait_for_avatar
+from tasks.source import aresolve
+from tasks.stream import CHUNK_SECONDS, AudioStreamSender
+from tasks.tokens import mint as mint_tokens
+from tasks.tokens import ttl_for as token_ttl_for
+
+__all__ = [
+    # audio in: where a source is, its declared length, ffmpeg decoding it to PCM
+    "aresolve",
+    "ffmpeg_binary",
+    "probe_duration",
+    "PcmDecoder",
+    # audio out: the chunk size, the real-time pacer and the DataStream sender
+    "CHUNK_SECONDS",
+    "Pacer",
+    "AudioStreamSender",
+    # LiveKit and the avatar server, as a job meets them
+    "connect_room",
+    "wait_for_avatar",
+    "mint_tokens",
+    "token_ttl_for",
+    "HttpAvatarClient",
+    # the fleet-wide avatar session quota
+    "AvatarQuota",
+    "Slot",
+    # the worker's LiveKit SDK log settings, for a process that streams as a worker does
+    "quiet_livekit_logs",
+]
