@@ -20,6 +20,6 @@ test-fast: bootstrap
 	.venv/bin/python -m pytest -q -m "not netns and not slow" $(PYTEST_ARGS)
 
 lint: bootstrap
-	.venv/bin/ruff check avatarq producers tasks tests bench
-	.venv/bin/ruff format --check avatarq producers tasks tests bench
-	.venv/bin/mypy avatarq producers tasks
+	.venv/bin/ruff check avatarq producers tasks devstack tests bench
+	.venv/bin/ruff format --check avatarq producers tasks devstack tests bench
+	.venv/bin/mypy avatarq producers tasks devstack/avatarq_dev

@@ -27,6 +27,7 @@ from avatarq_dev.avatar_emulator.behaviour import Faults
 from avatarq_dev.stack import DEV_API_KEY, LocalStack, local_stack
 from tests import audio
 from tests.netns import NETNS
+from tests.waiting import wait_terminal
 
 pytestmark = NETNS
 
@@ -74,15 +75,7 @@ def enqueue(**job: Any) -> str:
 
 
 def wait(job_id: str, timeout: float = JOB_TIMEOUT_S) -> dict[str, Any]:
-    from producers import get_status
-    from producers.client import is_terminal
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if is_terminal(status := get_status(job_id)):
-            return status
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} did not end within {timeout}s")
+    return wait_terminal(job_id, timeout=timeout)[job_id]
 
 
 def sessions(stack: LocalStack, room: str) -> list[dict[str, Any]]:

@@ -27,6 +27,10 @@ def test_import_contracts_hold() -> None:
         "avatarq.commands.api",
         "producers.beat",  # once raised at import without AVATARQ_SCHEDULE_FILE
         "tasks",
+        "tasks.toolkit",
+        "avatarq_dev.demo",
+        "avatarq_dev.faults",
+        "avatarq_dev.bench",
     ],
 )
 def test_module_imports_on_its_own(module: str) -> None:

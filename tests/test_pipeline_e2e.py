@@ -24,6 +24,7 @@ from avatarq_dev.stack import LocalStack, local_stack
 from tasks.decode import ffmpeg_binary
 from tests import audio
 from tests.netns import NETNS
+from tests.waiting import wait_terminal
 
 pytestmark = NETNS
 
@@ -62,21 +63,18 @@ def faults(stack: LocalStack) -> Iterator[Any]:
 
 
 def run_job(stack: LocalStack, **job: Any) -> dict[str, Any]:
-    from producers import enqueue, get_status
-    from producers.client import is_terminal
+    from producers import enqueue
 
     # A room of its own per job unless asked: no warm avatar carries over between tests.
     job.setdefault("room", f"e2e-{uuid.uuid4().hex[:8]}")
     handle = enqueue({"avatar_id": "anna", **job})
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    while time.monotonic() < deadline:
-        status = get_status(handle.job_id)
-        if is_terminal(status):
-            parse_result(status)  # every recorded result is a typed JobResult
-            return status
-        time.sleep(0.1)
-    worker_log = "\n".join(w.tail(60) for w in stack.workers)
-    raise AssertionError(f"job {handle.job_id} did not end in {JOB_TIMEOUT_S}s\n{worker_log}")
+    status = wait_terminal(
+        handle.job_id,
+        timeout=JOB_TIMEOUT_S,
+        context=lambda: "\n".join(w.tail(60) for w in stack.workers),
+    )[handle.job_id]
+    parse_result(status)  # every recorded result is a typed JobResult
+    return status
 
 
 def events_of(stack: LocalStack, job_id: str) -> list[dict[str, Any]]:
@@ -213,12 +211,7 @@ def test_a_job_cannot_send_the_license_to_a_url_it_names(stack: LocalStack, tmp_
             "avatar_server": spy,
         }
         celery_app().send_task(RENDER_TASK, args=[payload], task_id=job_id)
-        from producers import get_status
-        from producers.client import is_terminal
-
-        deadline = time.monotonic() + JOB_TIMEOUT_S
-        while not is_terminal(status := get_status(job_id)) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        status = wait_terminal(job_id, timeout=JOB_TIMEOUT_S)[job_id]
     assert status["status"] == "failed" and status["reason"] == "invalid_job", status
     assert "never a URL" in status["error"]
     assert heard == []

@@ -23,6 +23,7 @@ from tasks import quota as quota_mod
 from tasks.quota import AvatarQuota, NoAvatarSlot, Slot, Waiting, wait_for_slot
 from tests import audio
 from tests.netns import needs_netns
+from tests.waiting import wait_terminal
 
 
 def run(coro: Any) -> Any:
@@ -133,19 +134,7 @@ def emulator(stack: LocalStack, **faults: Any) -> dict[str, Any]:
 
 
 def wait_all(job_ids: list[str], timeout: float) -> dict[str, dict[str, Any]]:
-    from producers import get_status
-    from producers.client import is_terminal
-
-    ended: dict[str, dict[str, Any]] = {}
-    deadline = time.monotonic() + timeout
-    while len(ended) < len(job_ids) and time.monotonic() < deadline:
-        for job_id in job_ids:
-            if job_id not in ended and is_terminal(status := get_status(job_id)):
-                ended[job_id] = status
-        time.sleep(0.2)
-    missing = set(job_ids) - set(ended)
-    assert not missing, f"{len(missing)} jobs did not end in {timeout}s"
-    return ended
+    return wait_terminal(*job_ids, timeout=timeout)
 
 
 def events(stack: LocalStack, job_id: str) -> list[str]:
