@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from avatarq.ledger.keys import job_events_key
 from avatarq_dev.faults import SCENARIOS, FaultLab, Run, Segment, fault_lab, judge
 from tests.netns import NETNS
 
@@ -257,5 +258,5 @@ def test_no_secret_in_logs_results_or_events(lab: FaultLab) -> None:
     exposed = lab.exposed()
     # Something to search: the scenarios' worker logs and what they left in Redis.
     assert any(place.startswith("worker-") for place in exposed)
-    assert any(place.startswith("avatarq:events") for place in exposed)
+    assert any(place.startswith(job_events_key("")) for place in exposed)
     assert [place for place, text in exposed.items() if any(s in text for s in secrets)] == []

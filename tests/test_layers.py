@@ -34,7 +34,8 @@ def test_import_contracts_hold() -> None:
     ],
 )
 def test_module_imports_on_its_own(module: str) -> None:
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(ROOT)}
+    # The dev stack from this checkout, installed or not (cwd gives the other packages).
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(ROOT), "PYTHONPATH": str(ROOT / "devstack")}
     proc = subprocess.run(
         [sys.executable, "-c", f"import {module}"],
         cwd=ROOT,
