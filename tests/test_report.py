@@ -12,10 +12,10 @@ from typing import Any
 import redis
 from aiohttp import web
 
-from avatarq_dev.processes import free_port
 from avatarq.events import Event
 from avatarq.ledger.keys import job_events_key, job_lease_key
 from avatarq.settings import Settings
+from avatarq_dev.processes import free_port
 from producers.client import celery_app, get_status
 from tasks.report import (
     PROGRESS_INTERVAL_S,

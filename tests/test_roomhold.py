@@ -20,9 +20,9 @@ import pytest
 from aiohttp import web
 from livekit import api, rtc
 
-from avatarq.dev.processes import free_port
 from avatarq.errors import LiveKitRejected, RoomError
 from avatarq.settings import Settings
+from avatarq_dev.processes import free_port
 from tasks import room as rooms
 from tasks import roomhold, tokens
 from tests.netns import NETNS
