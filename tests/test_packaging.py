@@ -1,0 +1,56 @@
+"""`pip install .` is the lean worker/producer install: the built wheel holds the shipped
+packages and their data, not the dev stack (devstack/, its own distribution), and declares
+none of the dev stack's dependencies."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from email.parser import Parser
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+#: What only the dev stack needs (devstack/pyproject.toml).
+DEV_ONLY = {"aiortc", "livekit-agents", "livekit-protocol", "matplotlib", "py-spy", "psutil"}
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> zipfile.ZipFile:
+    out = tmp_path_factory.mktemp("wheel")
+    build = tmp_path_factory.mktemp("build")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(out), str(ROOT)],
+        check=True,
+        cwd=build,
+        timeout=180,
+    )  # fmt: skip
+    (path,) = out.glob("avatarq-*.whl")
+    return zipfile.ZipFile(path)
+
+
+def test_the_wheel_ships_the_worker_and_producers_without_the_dev_stack(
+    wheel: zipfile.ZipFile,
+) -> None:
+    names = wheel.namelist()
+    tops = {n.split("/")[0] for n in names if not n.startswith("avatarq-")}
+    assert tops == {"avatarq", "producers", "tasks"}, tops
+    assert not [n for n in names if "avatarq_dev" in n or n.startswith("avatarq/dev/")]
+    # The package data a worker needs at run time.
+    assert "avatarq/ledger/lua/claim.lua" in names
+    assert "avatarq/assets/sample.ogg" in names
+
+
+def test_the_wheel_declares_no_dev_stack_dependency(wheel: zipfile.ZipFile) -> None:
+    (meta,) = [n for n in wheel.namelist() if n.endswith(".dist-info/METADATA")]
+    headers = Parser().parsestr(wheel.read(meta).decode())
+    required = {
+        r.split(";")[0].split("[")[0].split(">")[0].split("<")[0].split("=")[0].strip().lower()
+        for r in headers.get_all("Requires-Dist") or []
+        if "extra ==" not in r
+    }
+    assert "livekit" in required and "celery" in required
+    assert not required & DEV_ONLY, required & DEV_ONLY
