@@ -1,13 +1,29 @@
-"""Names shared by the worker (which writes) and producers (which read): events and statuses.
+"""Names and payloads shared by the worker (which writes) and producers (which read): events
+and statuses.
 
 Backend services read job events from the Redis stream `AVATARQ_EVENTS_STREAM` (all jobs) or
 a job's own (`job_events_key`, avatarq/ledger/keys.py); each entry has fields `event`,
-`job_id`, `ts` and `data` (a JSON object).
+`job_id`, `ts` and `data` (a JSON object). Each event's `data` has one type:
+
+    job.started             JobStarted        room, avatar_id, attempt
+    job.waiting_for_avatar  WaitingForAvatar  server, place (1 = next), sessions, quota
+    job.avatar_ready        AvatarReady       session_id, warm
+    job.progress            Progress          seconds_streamed, total_seconds
+    job.retrying            Retrying          reason, attempt, retry_in, error (when one)
+    job.completed, job.unconfirmed, job.failed, job.cancelled
+                            the job's result (avatarq/results.py JobResult)
+
+`parse_event(event, data)` reads one back as its type.
 """
 
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from avatarq.results import Cancelled, Failed, Played, parse_result
 
 
 class Event(StrEnum):
@@ -45,3 +61,75 @@ TERMINAL_EVENT = {
     Status.UNCONFIRMED: Event.UNCONFIRMED,
 }
 TERMINAL_EVENTS = frozenset(TERMINAL_EVENT.values())
+
+
+class _Payload(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: The event this payload is the `data` of.
+    event: ClassVar[Event]
+    #: Left out of `data` when None.
+    _OPTIONAL: ClassVar[frozenset[str]] = frozenset()
+
+    def data(self) -> dict[str, Any]:
+        """The JSON-safe dict written as the event's `data`."""
+        dumped = self.model_dump(mode="json")
+        return {k: v for k, v in dumped.items() if not (v is None and k in self._OPTIONAL)}
+
+
+class JobStarted(_Payload):
+    event = Event.STARTED
+    room: str
+    avatar_id: str
+    attempt: int
+
+
+class WaitingForAvatar(_Payload):
+    """No session slot of the avatar server is free; `place` 1 is next in line."""
+
+    event = Event.WAITING_FOR_AVATAR
+    server: str
+    place: int
+    sessions: int
+    quota: int
+
+
+class AvatarReady(_Payload):
+    event = Event.AVATAR_READY
+    session_id: str | None
+    warm: bool
+
+
+class Progress(_Payload):
+    event = Event.PROGRESS
+    seconds_streamed: float
+    total_seconds: float | None
+
+
+class Retrying(_Payload):
+    """The job goes back to the queue and plays again from the start in `retry_in` seconds."""
+
+    event = Event.RETRYING
+    _OPTIONAL: ClassVar[frozenset[str]] = frozenset({"error"})
+    reason: str
+    attempt: int
+    retry_in: float
+    error: str | None = None
+
+
+EventPayload = JobStarted | WaitingForAvatar | AvatarReady | Progress | Retrying
+_PAYLOADS: dict[str, type[EventPayload]] = {
+    cls.event.value: cls for cls in (JobStarted, WaitingForAvatar, AvatarReady, Progress, Retrying)
+}
+
+
+def parse_event(event: str, data: dict[str, Any]) -> EventPayload | Played | Failed | Cancelled:
+    """An event's `data` read back as its type; pydantic's ValidationError when it is not
+    one, ValueError for an event name this version does not know."""
+    if event in TERMINAL_EVENTS:
+        return parse_result(data)
+    try:
+        payload = _PAYLOADS[event]
+    except KeyError:
+        raise ValueError(f"unknown event {event!r}") from None
+    return payload.model_validate(data)

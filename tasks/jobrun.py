@@ -36,9 +36,9 @@ from typing import Any, Literal, Protocol
 from redis.exceptions import RedisError
 
 from avatarq.errors import InvalidJob, JobError, Reason, TransientJobError
-from avatarq.events import Event
+from avatarq.events import Retrying
 from avatarq.ledger.worker import Claim
-from avatarq.results import Cancelled, Failed, Played
+from avatarq.results import Cancelled, Failed, JobResult, Played
 from avatarq.settings import Settings
 from producers.jobs import Job, parse_job
 from tasks.avatar_link import SessionNote
@@ -73,9 +73,6 @@ class Ending(StrEnum):
     HANDED_BACK = "handed_back"
     #: Nothing to do: ended already, playing elsewhere, or a stray message for another job.
     DROPPED = "dropped"
-
-
-JobResult = Played | Failed | Cancelled
 
 
 @dataclass(frozen=True)
@@ -264,7 +261,7 @@ class JobRun:
         job = self._job
         await self.ledger.release(job.job_id, job.room, self.token)
         reason = StopReason.HANDED_BACK.value
-        await self.reporter.emit(Event.RETRYING, reason=reason, attempt=self.attempt, retry_in=0)
+        await self.reporter.emit(Retrying(reason=reason, attempt=self.attempt, retry_in=0))
         self.state = State.ENDED
         return Outcome(Ending.HANDED_BACK, retry_in=0.0)
 
@@ -304,11 +301,12 @@ class JobRun:
                     job.job_id, self.attempt, error, countdown)  # fmt: skip
         await self.ledger.release(job.job_id, job.room, self.token)
         await self.reporter.emit(
-            Event.RETRYING,
-            reason=error.reason,
-            error=error.message,
-            attempt=self.attempt,
-            retry_in=round(countdown, 3),
+            Retrying(
+                reason=error.reason,
+                error=error.message,
+                attempt=self.attempt,
+                retry_in=round(countdown, 3),
+            )
         )
         self.state = State.ENDED
         return Outcome(Ending.RETRY, retry_in=countdown)
@@ -352,7 +350,7 @@ class JobRun:
         if not recorded:
             return self._dropped()
         webhook = self.job.webhook_url if self.job is not None else None
-        await self.reporter.announce(record, str(webhook) if webhook else None)
+        await self.reporter.announce(result, str(webhook) if webhook else None)
         return Outcome(ending, result)
 
     @property

@@ -12,7 +12,7 @@ import json
 import redis.asyncio as aioredis
 
 from avatarq.errors import AvatarOverLimit
-from avatarq.events import Event
+from avatarq.events import WaitingForAvatar
 from avatarq.ledger.keys import job_waiting_key
 from avatarq.settings import Settings
 from producers.jobs import Job
@@ -78,14 +78,15 @@ class Links:
         quota = self.quota(server)
 
         async def on_wait(waiting: Waiting) -> None:
-            info = {
-                "server": server.name,
-                "place": waiting.place + 1,
-                "sessions": waiting.sessions,
-                "quota": waiting.quota,
-            }
-            await reporter.emit(Event.WAITING_FOR_AVATAR, **info)
-            await self.redis.set(job_waiting_key(job.job_id), json.dumps(info), ex=WAITING_TTL_S)
+            event = WaitingForAvatar(
+                server=server.name,
+                place=waiting.place + 1,
+                sessions=waiting.sessions,
+                quota=waiting.quota,
+            )
+            await reporter.emit(event)
+            info = json.dumps(event.data())
+            await self.redis.set(job_waiting_key(job.job_id), info, ex=WAITING_TTL_S)
 
         slot = await wait_for_slot(quota, job.job_id, patience_s=QUOTA_PATIENCE_S, on_wait=on_wait)
         # Also clears what an earlier, requeued try of this job left.

@@ -10,11 +10,11 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-from avatarq.events import Event
+from avatarq.events import EventPayload, JobStarted, Retrying, Status, WaitingForAvatar
+from avatarq.results import Failed, JobResult, Played
 from tasks.pacing import Pacer
 
 log = logging.getLogger("avatarq.metrics")
@@ -74,32 +74,30 @@ AVATAR_QUOTA = Gauge(
 _served_by: int | None = None
 
 
-def observe(event: Event, data: dict[str, Any]) -> None:
-    """Count one job event (`data` is the event's payload, as written to the Redis stream)."""
-    if event is Event.STARTED:
+def observe(payload: EventPayload | JobResult) -> None:
+    """Count one job event, as written to the Redis stream."""
+    if isinstance(payload, JobStarted):
         JOBS_STARTED.inc()
-    elif event is Event.RETRYING:
-        JOB_RETRIES.labels(reason=data.get("reason", "unknown")).inc()
-    elif event is Event.FAILED:
-        JOBS_FAILED.labels(reason=data.get("reason", "unknown")).inc()
-    elif event is Event.COMPLETED:
+    elif isinstance(payload, Retrying):
+        JOB_RETRIES.labels(reason=payload.reason).inc()
+    elif isinstance(payload, Failed):
+        JOBS_FAILED.labels(reason=payload.reason).inc()
+    elif isinstance(payload, Played) and payload.status == Status.COMPLETED:
         JOBS_COMPLETED.inc()
-        _observe_completed(data)
-    elif event is Event.WAITING_FOR_AVATAR:
-        server = str(data.get("server", "unknown"))
-        AVATAR_WAITS.labels(server=server).inc()
-        AVATAR_SESSIONS.labels(server=server).set(float(data.get("sessions", 0)))
-        AVATAR_QUOTA.labels(server=server).set(float(data.get("quota", 0)))
+        _observe_completed(payload)
+    elif isinstance(payload, WaitingForAvatar):
+        AVATAR_WAITS.labels(server=payload.server).inc()
+        AVATAR_SESSIONS.labels(server=payload.server).set(payload.sessions)
+        AVATAR_QUOTA.labels(server=payload.server).set(payload.quota)
 
 
-def _observe_completed(result: dict[str, Any]) -> None:
-    ts = result.get("timestamps") or {}
-    if ts.get("picked"):
-        wall = time.time() - ts["picked"]
-        JOB_DURATION.observe(wall)
-        JOB_OVERHEAD.observe(max(0.0, wall - float(result.get("seconds_streamed") or 0.0)))
-    if ts.get("room_joined") and ts.get("avatar_ready"):
-        AVATAR_START.observe(ts["avatar_ready"] - ts["room_joined"])
+def _observe_completed(played: Played) -> None:
+    ts = played.timestamps
+    wall = time.time() - ts.picked
+    JOB_DURATION.observe(wall)
+    JOB_OVERHEAD.observe(max(0.0, wall - played.seconds_streamed))
+    if ts.room_joined and ts.avatar_ready:
+        AVATAR_START.observe(ts.avatar_ready - ts.room_joined)
 
 
 class PacingProbe:

@@ -24,7 +24,7 @@ from avatarq.errors import (
     RoomError,
     TransientJobError,
 )
-from avatarq.events import Event, Status
+from avatarq.events import AvatarReady, JobStarted, Status
 from avatarq.results import Played, Timestamps
 from avatarq.settings import Settings
 from producers.jobs import Job
@@ -106,7 +106,7 @@ class Playback:
         note_session: SessionNote,
     ) -> Played:
         ts = Milestones()
-        await reporter.emit(Event.STARTED, room=job.room, avatar_id=job.avatar_id, attempt=attempt)
+        await reporter.emit(JobStarted(room=job.room, avatar_id=job.avatar_id, attempt=attempt))
         server = self.resolve_server(job)
         lead = self.settings.default_lead_s if job.lead is None else job.lead
         chunk_bytes = int(server.sample_rate * CHUNK_SECONDS) * 2
@@ -120,7 +120,7 @@ class Playback:
                 budget.reschedule(loop.time() + time_budget(job, audio.duration, self.settings))
                 link, warm = await self._get_link(job, server, audio, ts, reporter, note_session)
                 link.attach(control)
-                await reporter.emit(Event.AVATAR_READY, session_id=link.session_id, warm=warm)
+                await reporter.emit(AvatarReady(session_id=link.session_id, warm=warm))
                 bps = link.sender.bytes_per_second
                 pacer = Pacer(
                     bytes_per_second=bps, lead=lead, record_errors=self.settings.pacing_trace

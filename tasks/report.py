@@ -21,8 +21,9 @@ from redis.exceptions import RedisError
 from redis.typing import EncodableT, FieldT
 
 from avatarq.errors import InvalidJob
-from avatarq.events import TERMINAL_EVENT, Event, Status
+from avatarq.events import TERMINAL_EVENT, Event, EventPayload, Progress, Status
 from avatarq.ledger.keys import job_events_key
+from avatarq.results import JobResult
 from avatarq.settings import Settings
 from avatarq.sourcepolicy import webhook_policy
 from tasks import metrics
@@ -75,7 +76,12 @@ class JobReporter:
         self._last_progress = self._last_state = -math.inf
         self._progress_task: asyncio.Task[None] | None = None
 
-    async def emit(self, event: Event, **data: Any) -> None:
+    async def emit(self, payload: EventPayload) -> None:
+        """One event of the job, to the global stream and the job's own."""
+        metrics.observe(payload)
+        await self._write(payload.event, payload.data())
+
+    async def _write(self, event: Event, data: dict[str, Any]) -> None:
         fields: dict[FieldT, EncodableT] = {
             "event": event.value,
             "job_id": self.job_id,
@@ -86,7 +92,6 @@ class JobReporter:
         pipe.xadd(self.settings.events_stream, fields, maxlen=self.settings.events_maxlen)
         pipe.xadd(job_events_key(self.job_id), fields, maxlen=JOB_EVENTS_MAXLEN)
         pipe.expire(job_events_key(self.job_id), self.settings.events_ttl_s)
-        metrics.observe(event, data)
         try:
             await pipe.execute()
         except RedisError as e:
@@ -102,8 +107,9 @@ class JobReporter:
         if not force and now - self._last_progress < PROGRESS_INTERVAL_S:
             return
         self._last_progress = now
-        meta = {"seconds_streamed": round(streamed_s, 3), "total_seconds": total_s}
-        await self.emit(Event.PROGRESS, **meta)
+        progress = Progress(seconds_streamed=round(streamed_s, 3), total_seconds=total_s)
+        await self.emit(progress)
+        meta = progress.data()
         if self._update_state is None or (not force and now - self._last_state < STATE_INTERVAL_S):
             return
         self._last_state = now
@@ -128,10 +134,12 @@ class JobReporter:
             await self._progress_task
             self._progress_task = None
 
-    async def announce(self, result: dict[str, Any], webhook_url: str | None) -> None:
+    async def announce(self, result: JobResult, webhook_url: str | None) -> None:
         """Announce the terminal state (already recorded by the ledger); deliver the webhook."""
-        body = json.dumps(result, default=str)
-        await self.emit(TERMINAL_EVENT[Status(result["status"])], **result)
+        record = result.as_record()
+        body = json.dumps(record, default=str)
+        metrics.observe(result)
+        await self._write(TERMINAL_EVENT[Status(result.status)], record)
         if webhook_url:
             await self._deliver_webhook(webhook_url, body.encode())
 

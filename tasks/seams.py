@@ -16,8 +16,9 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from avatarq.events import Event
+from avatarq.events import EventPayload
 from avatarq.ledger.worker import Claim
+from avatarq.results import JobResult
 from producers.jobs import Job
 from tasks.avatar_link import Milestones, NamedServer, SessionNote
 from tasks.control import JobControl
@@ -48,7 +49,7 @@ class JobLedger(Protocol):
 
 
 class Reporter(Protocol):
-    async def emit(self, event: Event, **data: Any) -> None: ...
+    async def emit(self, payload: EventPayload) -> None: ...
 
     async def progress(
         self, streamed_s: float, total_s: float | None, *, force: bool = False
@@ -58,7 +59,7 @@ class Reporter(Protocol):
 
     async def settle_progress(self) -> None: ...
 
-    async def announce(self, result: dict[str, Any], webhook_url: str | None) -> None: ...
+    async def announce(self, result: JobResult, webhook_url: str | None) -> None: ...
 
 
 @dataclass

@@ -14,8 +14,9 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from avatarq.events import Event
+from avatarq.events import Event, EventPayload
 from avatarq.ledger.worker import Claim
+from avatarq.results import JobResult
 from avatarq.settings import Settings
 from producers.jobs import Job
 from tasks.avatar_link import Milestones, NamedServer, SessionNote
@@ -88,8 +89,8 @@ class FakeReporter:
         self.announced: list[dict[str, Any]] = []
         self.progress_calls: list[float] = []
 
-    async def emit(self, event: Event, **data: Any) -> None:
-        self.events.append((event, data))
+    async def emit(self, payload: EventPayload) -> None:
+        self.events.append((payload.event, payload.data()))
 
     async def progress(
         self, streamed_s: float, total_s: float | None, *, force: bool = False
@@ -102,8 +103,8 @@ class FakeReporter:
     async def settle_progress(self) -> None:
         return None
 
-    async def announce(self, result: dict[str, Any], webhook_url: str | None) -> None:
-        self.announced.append(result)
+    async def announce(self, result: JobResult, webhook_url: str | None) -> None:
+        self.announced.append(result.as_record())
 
     def names(self) -> list[str]:
         return [event.value for event, _ in self.events]

@@ -97,3 +97,20 @@ def test_the_check_finds_keys_lua_and_lua_calls(source: str, expected: str) -> N
 def test_the_check_leaves_prose_alone() -> None:
     source = '"""Keys live under `avatarq:job:{id}`."""\nX = "avatarq: light, no worker"\n'
     assert offences(source) == []
+
+
+def test_no_job_id_names_another_records_key() -> None:
+    # Job ids may hold ':' (JOB_ID_PATTERN): a job's keys must not share a prefix with the
+    # keys of avatar servers, rooms or workers, or a crafted id would write into them.
+    from avatarq.ledger import keys
+
+    crafted = "default:sessions"
+    job_keys = {
+        keys.job_avatar_key(crafted),
+        keys.job_record_key(crafted),
+        keys.job_lease_key(crafted),
+        keys.job_events_key(crafted),
+        keys.job_waiting_key(crafted),
+    }
+    others = {keys.avatar_quota_key("default", part) for part in ("sessions", "waiting", "cap")}
+    assert not job_keys & others

@@ -20,7 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from avatarq import logs
 from avatarq.commands.ops import MASK, effective_config, mask_url
-from avatarq.events import Event
+from avatarq.events import JobStarted, Progress, Retrying
+from avatarq.results import Failed, Played, Timestamps
 from avatarq.settings import Settings, get_settings
 from avatarq_dev import stack as stack_module
 from tasks import metrics
@@ -42,6 +43,15 @@ def sample(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
+def played(timestamps: Timestamps, *, seconds_streamed: float) -> Played:
+    return Played(
+        job_id="j", attempt=1, status="completed", audio_duration=seconds_streamed,
+        seconds_streamed=seconds_streamed, playback_position=seconds_streamed,
+        interrupted=False, playback_confirmed=True, avatar_server="default",
+        avatar_session_id="s", warm=False, lead=0.5, sample_rate=16000, timestamps=timestamps,
+    )  # fmt: skip
+
+
 def test_events_feed_the_counters_and_histograms() -> None:
     before = {
         "started": sample("avatarq_jobs_started_total"),
@@ -52,12 +62,12 @@ def test_events_feed_the_counters_and_histograms() -> None:
         "avatar": sample("avatarq_avatar_start_seconds_sum"),
     }
     now = time.time()
-    metrics.observe(Event.STARTED, {"attempt": 1})
-    metrics.observe(Event.RETRYING, {"reason": "room_error"})
-    metrics.observe(Event.FAILED, {"reason": "avatar_timeout"})
-    timestamps = {"picked": now - 12, "room_joined": now - 11, "avatar_ready": now - 9}
-    metrics.observe(Event.COMPLETED, {"seconds_streamed": 8.0, "timestamps": timestamps})
-    metrics.observe(Event.PROGRESS, {"seconds_streamed": 1.0})  # not counted anywhere
+    metrics.observe(JobStarted(room="r", avatar_id="a", attempt=1))
+    metrics.observe(Retrying(reason="room_error", attempt=1, retry_in=2.0))
+    metrics.observe(Failed(job_id="j", attempt=1, reason="avatar_timeout", error="no avatar"))
+    timestamps = Timestamps(picked=now - 12, room_joined=now - 11, avatar_ready=now - 9)
+    metrics.observe(played(timestamps, seconds_streamed=8.0))
+    metrics.observe(Progress(seconds_streamed=1.0, total_seconds=None))  # counted nowhere
     assert sample("avatarq_jobs_started_total") == before["started"] + 1
     assert sample("avatarq_jobs_completed_total") == before["done"] + 1
     assert sample("avatarq_jobs_failed_total", reason="avatar_timeout") == before["failed"] + 1

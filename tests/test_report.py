@@ -12,8 +12,9 @@ from typing import Any
 import redis
 from aiohttp import web
 
-from avatarq.events import Event
+from avatarq.events import Event, JobStarted
 from avatarq.ledger.keys import job_events_key, job_lease_key
+from avatarq.results import Cancelled, Failed
 from avatarq.settings import Settings
 from avatarq_dev.processes import free_port
 from producers.client import celery_app, get_status
@@ -44,11 +45,15 @@ def test_events_and_progress(redis_server: str) -> None:
 
     async def go() -> None:
         reporter = JobReporter(settings, "job-r1", update_state=states.append)
-        await reporter.emit(Event.STARTED, room="r")
+        await reporter.emit(JobStarted(room="r", avatar_id="a", attempt=1))
         for i in range(5):  # within one second: only the first passes the throttle
             await reporter.progress(i * 0.1, 2.0)
         await reporter.progress(2.0, 2.0, force=True)
-        await reporter.announce({"job_id": "job-r1", "status": "completed", "x": 1}, None)
+        cancelled = Cancelled(
+            job_id="job-r1", attempt=1, cancelled_while="queued", seconds_streamed=0.0,
+            playback_position=None, metadata={"x": 1},
+        )  # fmt: skip
+        await reporter.announce(cancelled, None)
         await reporter.aclose()
 
     asyncio.run(go())
@@ -58,7 +63,7 @@ def test_events_and_progress(redis_server: str) -> None:
         "job.started",
         "job.progress",
         "job.progress",
-        "job.completed",
+        "job.cancelled",
     ]
     assert [e["data"].get("seconds_streamed") for e in events[1:3]] == [0.0, 2.0]
     assert events == [e for e in entries(client, "test:events") if e["job_id"] == "job-r1"]
@@ -66,7 +71,7 @@ def test_events_and_progress(redis_server: str) -> None:
         {"seconds_streamed": 0.0, "total_seconds": 2.0},
         {"seconds_streamed": 2.0, "total_seconds": 2.0},
     ]
-    assert events[-1]["data"]["x"] == 1
+    assert events[-1]["data"]["metadata"] == {"x": 1}
     assert client.ttl(job_events_key("job-r1")) > 0
 
 
@@ -140,7 +145,7 @@ async def deliver(
     await web.TCPSite(runner, "127.0.0.1", port).start()
     reporter = JobReporter(settings, job_id)
     try:
-        result = {"job_id": job_id, "status": "failed", "reason": "decode_error"}
+        result = Failed(job_id=job_id, attempt=1, reason="decode_error", error="not audio")
         await reporter.announce(result, f"http://{host}:{port}{path}")
     finally:
         await reporter.aclose()

@@ -89,7 +89,9 @@ def avatar_quota_key(server: str, part: QuotaPart) -> str:
     """The session quota of avatar server `server` (tasks/quota.py): `sessions` (zset holder →
     lease expiry ms), `waiting` (zset job → first wait ms), `waiting-seen` (zset job → last
     poll ms), `cap` (the quota shrunk after a 429, with a TTL)."""
-    return f"avatarq:avatar:{server}:{part}"
+    # Its own prefix: under `avatarq:avatar:` a job id such as `default:sessions` (a valid id)
+    # would name this key.
+    return f"avatarq:avatar-quota:{server}:{part}"
 
 
 def worker_heartbeat_key(worker_id: str) -> str:
