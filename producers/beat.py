@@ -73,14 +73,20 @@ class AnnouncementScheduler(RedBeatScheduler):  # type: ignore[misc]
         return enqueue(announcement.job_at(datetime.now(UTC))).result
 
 
+def _beat_config() -> dict[str, Any]:
+    settings = get_settings()
+    return {
+        **celery_config(settings),
+        "timezone": "UTC",
+        "beat_scheduler": f"{__name__}:AnnouncementScheduler",
+        "beat_max_loop_interval": MAX_LOOP_INTERVAL_S,
+        "redbeat_redis_url": settings.redis_url,
+        "redbeat_key_prefix": BEAT_KEY_PREFIX,
+        "redbeat_lock_key": BEAT_LOCK_KEY,
+        "redbeat_lock_timeout": LOCK_TIMEOUT_S,
+    }
+
+
+# Configured when `celery beat` first reads its configuration, not at import.
 app = Celery("avatarq-beat")
-app.conf.update(celery_config(get_settings()))
-app.conf.update(
-    timezone="UTC",
-    beat_scheduler=f"{__name__}:AnnouncementScheduler",
-    beat_max_loop_interval=MAX_LOOP_INTERVAL_S,
-    redbeat_redis_url=get_settings().redis_url,
-    redbeat_key_prefix=BEAT_KEY_PREFIX,
-    redbeat_lock_key=BEAT_LOCK_KEY,
-    redbeat_lock_timeout=LOCK_TIMEOUT_S,
-)
+app.add_defaults(_beat_config)

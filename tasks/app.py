@@ -54,9 +54,10 @@ def _guard_detached_redis_channels() -> None:
 
 _guard_detached_redis_channels()
 
-app = Celery("avatarq")
-app.conf.update(celery_config(get_settings()))
-app.conf.imports = ["tasks.render"]
+# Configured from the settings when Celery first reads its configuration (the worker's
+# start), not when this module is imported.
+app = Celery("avatarq", include=["tasks.render"])
+app.add_defaults(lambda: celery_config(get_settings()))
 
 
 def quiet_livekit_logs() -> None:
@@ -105,6 +106,3 @@ def _bind_job_logs(task_id: str, args: tuple[Any, ...] = (), **_: Any) -> None:
 @task_postrun.connect
 def _clear_job_logs(**_: Any) -> None:
     logs.clear_job()
-
-
-quiet_livekit_logs()

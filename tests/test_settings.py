@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from pydantic import ValidationError
@@ -50,3 +53,19 @@ def test_contradicting_settings_fail_by_name(
         monkeypatch.setenv(name, value)
     with pytest.raises(ValidationError, match=words):
         Settings()
+
+
+@pytest.mark.parametrize("module", ["tasks.app", "producers.beat"])
+def test_importing_an_app_reads_no_settings(module: str) -> None:
+    # Settings that cannot validate: importing the Celery app must not read them; the first
+    # read of its configuration (the worker's or beat's start) must, and fail by name.
+    env = {**os.environ, "AVATARQ_RETRY_BASE": "100", "AVATARQ_RETRY_CAP": "1"}
+    imported = subprocess.run(
+        [sys.executable, "-c", f"import {module}"], env=env, capture_output=True, text=True
+    )
+    assert imported.returncode == 0, imported.stderr
+    configured = subprocess.run(
+        [sys.executable, "-c", f"from {module} import app; app.conf.broker_url"],
+        env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert configured.returncode != 0 and "AVATARQ_RETRY_BASE" in configured.stderr
