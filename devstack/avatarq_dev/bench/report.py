@@ -34,7 +34,7 @@ ROWS: list[Row] = [
     ("… of it: ffprobe of the source", "decode.job_start_p50.probe_s", None, "s", ""),
     ("… of it: ffmpeg start to first chunk", "decode.job_start_p50.first_chunk_s", None, "s", ""),
     (
-        "avatar start p50 (emulator, AvatarRunner order, incl. keeper and probe)",
+        "avatar start p50 (emulator, AvatarRunner order, incl. room creation and probe)",
         "overhead.avatar_start_s.p50",
         None,
         "s",
