@@ -4,6 +4,7 @@ checks first. Reads Redis and asks workers over Celery's broadcast; never prints
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -74,8 +75,10 @@ def queue_depth(redis: Any) -> int:
 def workers_and_jobs(app: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The workers answering `inspect` (name, concurrency, active jobs) and their jobs."""
     inspect = app.control.inspect(timeout=INSPECT_TIMEOUT_S)
-    active = inspect.active() or {}
-    stats = inspect.stats() or {}
+    # Each broadcast waits out its whole timeout for replies: ask both at once.
+    with ThreadPoolExecutor(2) as asking:
+        asked_active, asked_stats = asking.submit(inspect.active), asking.submit(inspect.stats)
+        active, stats = asked_active.result() or {}, asked_stats.result() or {}
     workers, jobs = [], []
     for name in sorted(set(active) | set(stats)):
         running = active.get(name) or []
