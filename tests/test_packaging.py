@@ -4,6 +4,7 @@ none of the dev stack's dependencies."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -14,18 +15,25 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 #: What only the dev stack needs (devstack/pyproject.toml).
+_CACHES = shutil.ignore_patterns("__pycache__", "*.pyc")
 DEV_ONLY = {"aiortc", "livekit-agents", "livekit-protocol", "matplotlib", "py-spy", "psutil"}
 
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> zipfile.ZipFile:
     out = tmp_path_factory.mktemp("wheel")
-    build = tmp_path_factory.mktemp("build")
+    # Built from a copy of what the project's pyproject.toml packages: setuptools reuses a
+    # checkout's build/ directory, where files deleted since would still be picked up.
+    source = tmp_path_factory.mktemp("source")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for package in ("avatarq", "producers", "tasks"):
+        shutil.copytree(ROOT / package, source / package, ignore=_CACHES)
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(out), str(ROOT)],
+         "-w", str(out), str(source)],
         check=True,
-        cwd=build,
+        cwd=source,
         timeout=180,
     )  # fmt: skip
     (path,) = out.glob("avatarq-*.whl")
