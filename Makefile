@@ -17,7 +17,7 @@ test: bootstrap
 # The inner loop: everything that needs neither the network namespace nor real waiting time
 # (the state machine on fakes, the ledger on a real Redis, producers, API, settings).
 test-fast: bootstrap
-	.venv/bin/python -m pytest -q -m "not netns and not slow" $(PYTEST_ARGS)
+	.venv/bin/python -m pytest -q -n auto -m "not netns and not slow" $(PYTEST_ARGS)
 
 lint: bootstrap
 	.venv/bin/ruff check avatarq producers tasks devstack tests bench
