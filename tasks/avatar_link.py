@@ -198,7 +198,14 @@ def _tokens(job: Job, duration: float | None, settings: Settings) -> tokens.JobT
     )
 
 
-def avatar_client(server: NamedServer, settings: Settings) -> AvatarClient:
+#: Makes the client of one avatar server: the seam for another implementation of the
+#: protocol (the Avaluma plugin's, where it installs).
+AvatarClientFactory = Callable[[NamedServer, Settings], AvatarClient]
+
+
+def http_avatar_client(server: NamedServer, settings: Settings) -> AvatarClient:
+    """The Avaluma HTTP protocol spoken directly (tasks/avatar.py), the license key from
+    the server's settings."""
     return HttpAvatarClient(
         server.name,
         server.config.base_url,
@@ -215,6 +222,7 @@ async def open_link(
     duration: float | None,
     ts: Milestones,
     note_session: SessionNote,
+    avatar_client: AvatarClientFactory = http_avatar_client,
 ) -> AvatarLink:
     """Hold the room open, join it, start the avatar and wait until it listens to us; ready
     to stream when it returns."""

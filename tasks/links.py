@@ -17,10 +17,12 @@ from avatarq.ledger.keys import job_waiting_key
 from avatarq.settings import Settings
 from producers.jobs import Job
 from tasks.avatar_link import (
+    AvatarClientFactory,
     AvatarLink,
     Milestones,
     NamedServer,
     SessionNote,
+    http_avatar_client,
     link_key,
     open_link,
 )
@@ -38,9 +40,16 @@ WAITING_TTL_S = 15
 class Links:
     """Hands links to jobs: warm from this process's pool, else cold within the quota."""
 
-    def __init__(self, settings: Settings, redis: aioredis.Redis) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        redis: aioredis.Redis,
+        *,
+        avatar_client: AvatarClientFactory = http_avatar_client,
+    ) -> None:
         self.settings = settings
         self.redis = redis
+        self.avatar_client = avatar_client
         self.pool = WarmPool(redis)
         self._quotas: dict[str, AvatarQuota] = {}
 
@@ -94,7 +103,9 @@ class Links:
         key = link_key(job, server)
         try:
             await self.pool.make_room(key)
-            link = await open_link(job, server, self.settings, key, duration, ts, note_session)
+            link = await open_link(
+                job, server, self.settings, key, duration, ts, note_session, self.avatar_client
+            )
         except AvatarOverLimit as e:
             # Refused under our quota: the server's real limit is lower. Shrink, wait again.
             await quota.release(slot)
