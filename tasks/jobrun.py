@@ -1,13 +1,13 @@
 """One delivery of a job, from the message to its outcome: the `JobRun` state machine.
 
-    RECEIVED ──invalid──────────────────────────────────────────▶ FAILED
+    run()    ──invalid──────────────────────────────────────────▶ FAILED
        │ └────invalid, another job's id─────────────────────────▶ DROPPED
        ▼
-    CLAIMING ──room busy, or this worker is leaving─────────────▶ REQUEUED
+    _claim() ──room busy, or this worker is leaving─────────────▶ REQUEUED
        │ ├────done already, or playing elsewhere────────────────▶ DROPPED
        │ └────cancelled while queued────────────────────────────▶ CANCELLED
        ▼
-    PLAYING ──played (confirmed or not)─────────────────────────▶ PLAYED
+    _play()  ──played (confirmed or not)────────────────────────▶ PLAYED
              ├─no avatar session free (not an attempt)──────────▶ REQUEUED
              ├─cancel request───────────────────────────────────▶ CANCELLED
              ├─worker shutting down─────────────────────────────▶ HANDED_BACK
@@ -16,11 +16,11 @@
              ├─transient error, attempts used up────────────────▶ DEAD_LETTERED
              └─permanent error──────────────────────────────────▶ FAILED
 
-Each ending has one handler (`_played`, `_requeued`, …). A run is given its parts
-(`JobParts`: ledger, reporter, playback, hooks, shutdown signal) and reaches for nothing
-global, so every branch is tested fast with fakes (tests/fakes.py). Delivery is at-least-once;
-the ledger makes playback exactly-once and one voice per room, and records each job's one
-terminal state (only its first recorder announces it).
+Each state is a step method, each ending has one handler (`_played`, `_requeued`, …). A run
+is given its parts (`JobParts`: ledger, reporter, playback, hooks, shutdown signal) and
+reaches for nothing global, so every branch is tested fast with fakes (tests/fakes.py).
+Delivery is at-least-once; the ledger makes playback exactly-once and one voice per room, and
+records each job's one terminal state (only its first recorder announces it).
 """
 
 from __future__ import annotations
@@ -49,13 +49,6 @@ from tasks.quota import NoAvatarSlot
 from tasks.seams import JobLedger, Reporter, ReporterFactory
 
 log = logging.getLogger("avatarq.jobrun")
-
-
-class State(StrEnum):
-    RECEIVED = "received"
-    CLAIMING = "claiming"
-    PLAYING = "playing"
-    ENDED = "ended"
 
 
 class Ending(StrEnum):
@@ -145,7 +138,6 @@ class JobRun:
         #: The delivery's lease token: a re-run after a Redis outage is the same holder.
         self.token = token
         self.reporter = parts.reporter(self.job_id)
-        self.state = State.RECEIVED
         self.attempt = 0
         self.control = JobControl()
         self.job: Job | None = None
@@ -171,7 +163,6 @@ class JobRun:
         return await self._claim(self.job)
 
     async def _claim(self, job: Job) -> Outcome:
-        self.state = State.CLAIMING
         timing = self.parts.timing
         if self.parts.shutting_down():
             # This worker is shutting down, and a broker (RabbitMQ) may still deliver to it: the
@@ -193,7 +184,6 @@ class JobRun:
         return await self._play(job)
 
     async def _play(self, job: Job) -> Outcome:
-        self.state = State.PLAYING
         context = RunContext(job, self.token, self.control, self.ledger, self.reporter)
         hooks = [make(context) for make in self.parts.hooks]
         for hook in hooks:
@@ -244,11 +234,9 @@ class JobRun:
         return await self._end(Ending.PLAYED, played)
 
     def _dropped(self) -> Outcome:
-        self.state = State.ENDED
         return Outcome(Ending.DROPPED)
 
     def _requeued(self, retry_in: float) -> Outcome:
-        self.state = State.ENDED
         return Outcome(Ending.REQUEUED, retry_in=retry_in)
 
     async def _waiting_for_avatar(self) -> Outcome:
@@ -262,7 +250,6 @@ class JobRun:
         await self.ledger.release(job.job_id, job.room, self.token)
         reason = StopReason.HANDED_BACK.value
         await self.reporter.emit(Retrying(reason=reason, attempt=self.attempt, retry_in=0))
-        self.state = State.ENDED
         return Outcome(Ending.HANDED_BACK, retry_in=0.0)
 
     async def _cancelled(
@@ -308,7 +295,6 @@ class JobRun:
                 retry_in=round(countdown, 3),
             )
         )
-        self.state = State.ENDED
         return Outcome(Ending.RETRY, retry_in=countdown)
 
     async def _failed(self, error: JobError) -> Outcome:
@@ -333,7 +319,6 @@ class JobRun:
 
     async def _end(self, ending: Ending, result: JobResult) -> Outcome:
         """Record the terminal state once; only the first recorder announces it."""
-        self.state = State.ENDED
         record = result.as_record()
         room = self.job.room if self.job else None
         timing = self.parts.timing
