@@ -150,8 +150,8 @@ class AvatarLink:
         join.add_done_callback(self._keeper_joined)
 
     def _keeper_joined(self, join: asyncio.Future[rtc.Room]) -> None:
-        if join.cancelled():
-            return
+        if self._closed or join.cancelled():
+            return  # close() took the keeper, or stopped its join
         if join.exception() is not None:
             # The room's own timeouts still hold it a while; a close there cuts the job off
             # as a lost room, which is retried.
@@ -170,8 +170,12 @@ class AvatarLink:
         if self._closed:
             return
         self._closed = True
-        if self._keeper_join is not None and not self._keeper_join.done():
-            self._keeper_join.cancel()
+        join = self._keeper_join
+        if join is not None and not join.done():
+            join.cancel()
+        elif join is not None and not join.cancelled() and join.exception() is None:
+            # Joined, and its callback may not have run yet: leave with it all the same.
+            self.keeper = join.result()
         if self.session is not None and not await self.avatar.stop(self.session):
             await rooms.remove_participant(
                 self.admin.url,

@@ -329,3 +329,36 @@ def test_a_warm_link_whose_room_closes_too_soon_gets_its_keeper(
 
     before, after = asyncio.run(beside())
     assert before is None and after is not None and len(joined) == 2
+
+
+def test_a_keeper_that_joined_just_before_the_close_leaves_with_the_link(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The keeper's join finished, its done-callback not run yet, when the link closes: the
+    # close must still take it out of the room rather than leave it connected.
+    from tasks.avatar_link import AvatarLink
+
+    left: list[Any] = []
+
+    async def disconnect(room: Any) -> None:
+        left.append(room)
+
+    monkeypatch.setattr(rooms, "disconnect", disconnect)
+
+    class _Quiet:
+        async def aclose(self) -> None:
+            return None
+
+    async def go() -> Any:
+        link = AvatarLink(("r1", "avatar-a", "default", 16000), "room", _Quiet(), _Quiet(), None)  # type: ignore[arg-type]
+        keeper = object()
+        join = asyncio.get_running_loop().create_future()
+        join.set_result(keeper)
+        link._keeper_join = join  # done, callback not yet run
+        join.add_done_callback(link._keeper_joined)
+        await link.close()
+        await asyncio.sleep(0)  # the callback runs now, after the close
+        return keeper
+
+    keeper = asyncio.run(go())
+    assert keeper in left
