@@ -231,10 +231,10 @@ async def open_link(
     """Hold the room open, join it, start the avatar and wait until it listens to us; ready
     to stream when it returns."""
     job_tokens = _tokens(job, duration, settings)
-    # The room stays open by its own timeouts where this worker creates it; the keeper, which
-    # receives a copy of all the audio, only joins a room that existed with shorter ones.
-    # As long as the longest job it may play: back-to-back warm jobs keep the room for an
-    # hour by default before a keeper is needed (the timeouts count from its creation).
+    # The room stays open by its own timeouts where this worker creates it, asked for as long
+    # as the longest job it may play (they count from its creation: back-to-back warm jobs
+    # keep it an hour by default); the keeper, which receives a copy of all the audio, only
+    # joins a room that existed with shorter ones.
     hold = await roomhold.hold_room_open(settings, job.room, room_hold(job, None, settings))
     joins = [rooms.connect(settings.livekit_url, job_tokens.worker)]
     if hold.needs_keeper:

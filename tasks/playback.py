@@ -49,8 +49,9 @@ PLAYBACK_SHORTFALL_S = 0.5
 class FfmpegAudio:
     """Opens a job's source with ffmpeg (tasks/decode.py), resampled to the avatar's rate.
 
-    ffprobe (the declared length) runs beside the decoder's start rather than before it: a
-    warm job's start is bounded by the slower of the two, not their sum. The length limit
+    ffprobe (the declared length) runs beside the decoder's start rather than before it: on
+    free cores a warm job's start waits for the slower of the two, not their sum (on busy
+    ones the two spawns compete for the CPU, docs/performance.md). The length limit
     holds while decoding too (many files declare no length), and a file that decodes clearly
     short of its declared length fails as truncated_audio."""
 
