@@ -68,6 +68,11 @@ class ManagedProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> ManagedProcess:
+        """Start it and wait until it is ready; a process already running is left as it is
+        (`with proc.start():` enters it once more, and a second start would orphan the
+        first)."""
+        if self.proc is not None and self.proc.poll() is None:
+            return self
         log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(
             self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd
