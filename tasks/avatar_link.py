@@ -122,9 +122,9 @@ class AvatarLink:
         if self.broken is not None:
             control.request_stop(self.broken)
 
-    def hold_slot(self, quota: AvatarQuota, slot: Slot) -> None:
+    def own_slot(self, quota: AvatarQuota, slot: Slot) -> None:
+        """The link releases `slot` (renewed since it was taken) once its session ended."""
         self.quota, self.slot = quota, slot
-        quota.hold(slot)
 
     def lost(self, reason: StopReason) -> None:
         """The room or avatar went away: stop the job using the link, and never reuse it."""

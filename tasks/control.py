@@ -22,6 +22,9 @@ class StopReason(StrEnum):
 
 #: Set once the worker's shutdown grace period is over: playing jobs are handed back.
 HAND_BACK = threading.Event()
+#: Set as soon as the worker starts shutting down: a room's next job is handed back, not
+#: played (tasks/render.py).
+LEAVING = threading.Event()
 
 
 @dataclass

@@ -16,6 +16,7 @@ take-over), `StreamMetrics` (Prometheus), `ProgressReports` (progress events and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -111,8 +112,11 @@ class LeaseWatch(JobHook):
         self._task = asyncio.create_task(self._watch())
 
     async def on_released(self) -> None:
+        # Awaited: a tick still running after the run let go of its lease must not renew it.
         if self._task is not None:
             self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
 
     async def _watch(self) -> None:
         while self.control.reason is None:

@@ -3,7 +3,8 @@
     run()    ──invalid──────────────────────────────────────────▶ FAILED
        │ └────invalid, another job's id─────────────────────────▶ DROPPED
        ▼
-    _claim() ──room busy, or this worker is leaving─────────────▶ REQUEUED
+    _claim() ──its room plays another job───────────────────────▶ PARKED
+       │ ├────not in its room's order yet, or worker leaving────▶ REQUEUED
        │ ├────done already, or playing elsewhere────────────────▶ DROPPED
        │ └────cancelled while queued────────────────────────────▶ CANCELLED
        ▼
@@ -15,6 +16,10 @@
              ├─transient error, attempts left───────────────────▶ RETRY
              ├─transient error, attempts used up────────────────▶ DEAD_LETTERED
              └─permanent error──────────────────────────────────▶ FAILED
+
+A parked job's message is acknowledged: the room's playing job hands it on when it ends, to be
+played next in the same worker slot (`Outcome.next`), so a room's jobs run back to back.
+An attempt taken over by another delivery ends silently, whatever it was doing.
 
 Each state is a step method, each ending has one handler (`_played`, `_requeued`, …). A run
 is given its parts (`JobParts`: ledger, reporter, playback, hooks, shutdown signal) and
@@ -37,7 +42,7 @@ from redis.exceptions import RedisError
 
 from avatarq.errors import InvalidJob, JobError, Reason, TransientJobError
 from avatarq.events import Retrying
-from avatarq.ledger.worker import Claim
+from avatarq.ledger.worker import Claim, Handoff
 from avatarq.results import Cancelled, Failed, JobResult, Played
 from avatarq.settings import Settings
 from producers.jobs import Job, parse_job
@@ -60,8 +65,10 @@ class Ending(StrEnum):
     DEAD_LETTERED = "dead_lettered"
     #: Published again with a countdown, the attempt counted.
     RETRY = "retry"
-    #: Published again, not counted as an attempt (room busy, no avatar slot, worker leaving).
+    #: Published again, not counted as an attempt (no avatar slot, worker leaving).
     REQUEUED = "requeued"
+    #: Kept in its room's lane, the message acknowledged: the room's job hands it on.
+    PARKED = "parked"
     #: The worker is shutting down: published again at once for another worker.
     HANDED_BACK = "handed_back"
     #: Nothing to do: ended already, playing elsewhere, or a stray message for another job.
@@ -74,14 +81,16 @@ class Outcome:
     result: JobResult | None = None
     #: For RETRY, REQUEUED and HANDED_BACK: when the message comes back.
     retry_in: float | None = None
+    #: The room's next job, handed to this worker to play next (tasks/render.py).
+    next: Handoff | None = None
 
 
 @dataclass(frozen=True)
 class Timing:
     """The run's waits, in seconds (the defaults are the product's; tests shorten them)."""
 
-    #: A job whose room is busy waits this long in its worker slot before going back to the
-    #: queue, so waiting jobs can never fill every slot while the room's head job is queued.
+    #: A job that just took its place in its room's order (its place was lost, or it was sent
+    #: without `enqueue`) waits this long in its worker slot before going back to the queue.
     room_wait_s: float = 5.0
     room_poll_s: float = 0.2
     room_requeue_s: float = 1.0
@@ -118,6 +127,9 @@ class JobParts:
     shutting_down: Callable[[], bool]
     hooks: Sequence[HookFactory] = ()
     timing: Timing = field(default_factory=Timing)
+    #: Called at once with a job handed to this worker (before any other await), so that the
+    #: worker's heartbeat keeps holding it (tasks/recovery.py).
+    hold: Callable[[Handoff], None] = lambda _handoff: None
 
 
 def job_id_of(payload: Any, task_id: str) -> str:
@@ -134,6 +146,7 @@ class JobRun:
     def __init__(self, parts: JobParts, payload: Any, task_id: str, token: str) -> None:
         self.parts = parts
         self.payload = payload
+        self.task_id = task_id
         self.job_id = job_id_of(payload, task_id)
         #: The delivery's lease token: a re-run after a Redis outage is the same holder.
         self.token = token
@@ -169,12 +182,16 @@ class JobRun:
             # job goes straight back, unclaimed, so no attempt is spent on a worker that leaves.
             return self._requeued(timing.room_requeue_s)
         deadline = time.monotonic() + timing.room_wait_s
-        verdict, attempt = await self.ledger.claim(job.job_id, job.room, self.token)
+        park = Handoff(self.task_id, self.payload)
+        verdict, attempt = await self.ledger.claim(job.job_id, job.room, self.token, park=park)
         while verdict is Claim.WAIT and time.monotonic() < deadline:
             await asyncio.sleep(timing.room_poll_s)
-            verdict, attempt = await self.ledger.claim(job.job_id, job.room, self.token)
+            verdict, attempt = await self.ledger.claim(job.job_id, job.room, self.token, park=park)
         if verdict is Claim.WAIT:
             return self._requeued(timing.room_requeue_s)
+        if verdict is Claim.PARKED:
+            log.info("job %s: parked behind its room's playing job", job.job_id)
+            return Outcome(Ending.PARKED)
         if verdict in (Claim.DONE, Claim.BUSY):
             log.info("job %s: %s, not playing it", job.job_id, verdict.value)
             return self._dropped()
@@ -239,15 +256,24 @@ class JobRun:
     def _requeued(self, retry_in: float) -> Outcome:
         return Outcome(Ending.REQUEUED, retry_in=retry_in)
 
+    async def _release(self, *, uncount: bool = False) -> bool:
+        """Give the job back; False when another delivery took it over meanwhile."""
+        job = self._job
+        if await self.ledger.release(job.job_id, job.room, self.token, uncount=uncount):
+            return True
+        log.warning("job %s: taken over by another delivery; this attempt ends silently",
+                    job.job_id)  # fmt: skip
+        return False
+
     async def _waiting_for_avatar(self) -> Outcome:
         # Waiting is not failing: back to the queue, this claim not counted as an attempt.
-        job = self._job
-        await self.ledger.release(job.job_id, job.room, self.token, uncount=True)
+        if not await self._release(uncount=True):
+            return self._dropped()
         return self._requeued(self.parts.timing.quota_requeue_s)
 
     async def _handed_back(self) -> Outcome:
-        job = self._job
-        await self.ledger.release(job.job_id, job.room, self.token)
+        if not await self._release():
+            return self._dropped()
         reason = StopReason.HANDED_BACK.value
         await self.reporter.emit(Retrying(reason=reason, attempt=self.attempt, retry_in=0))
         return Outcome(Ending.HANDED_BACK, retry_in=0.0)
@@ -284,9 +310,10 @@ class JobRun:
     async def _retry(self, error: JobError) -> Outcome:
         job, settings = self._job, self.parts.settings
         countdown = backoff_delay(self.attempt - 1, settings.retry_base_s, settings.retry_cap_s)
+        if not await self._release():
+            return self._dropped()
         log.warning("job %s attempt %d: %s; retry in %.1fs",
                     job.job_id, self.attempt, error, countdown)  # fmt: skip
-        await self.ledger.release(job.job_id, job.room, self.token)
         await self.reporter.emit(
             Retrying(
                 reason=error.reason,
@@ -311,20 +338,22 @@ class JobRun:
         )
         if job is not None and not error.permanent:
             # Retries used up: keep the job where an operator can see and replay it.
-            await self.ledger.dead_letter(job.payload(), failed.as_record())
-            return await self._end(Ending.DEAD_LETTERED, failed)
+            return await self._end(Ending.DEAD_LETTERED, failed, dead_letter=job.payload())
         return await self._end(Ending.FAILED, failed)
 
     # -- the one way a job ends -------------------------------------------------------------
 
-    async def _end(self, ending: Ending, result: JobResult) -> Outcome:
-        """Record the terminal state once; only the first recorder announces it."""
+    async def _end(
+        self, ending: Ending, result: JobResult, *, dead_letter: dict[str, Any] | None = None
+    ) -> Outcome:
+        """Record the terminal state once; only the first recorder announces it, and an
+        attempt that was taken over records nothing."""
         record = result.as_record()
         room = self.job.room if self.job else None
         timing = self.parts.timing
         for attempt in range(timing.finish_attempts):
             try:
-                recorded = await self.ledger.finish(self.job_id, room, record)
+                finish = await self.ledger.finish(self.job_id, room, record, token=self.token)
                 break
             except RedisError as e:
                 # The job has ended; losing its record would let it play again. Wait Redis out.
@@ -332,11 +361,15 @@ class JobRun:
                 await asyncio.sleep(backoff_delay(attempt, timing.finish_backoff_base_s, 5.0))
         else:
             raise TransientJobError("could not record the job's end: Redis unreachable")
-        if not recorded:
-            return self._dropped()
+        if finish.next is not None:
+            self.parts.hold(finish.next)
+        if not finish.recorded:
+            return Outcome(Ending.DROPPED, next=finish.next)
+        if dead_letter is not None:
+            await self.ledger.dead_letter(dead_letter, record)
         webhook = self.job.webhook_url if self.job is not None else None
         await self.reporter.announce(result, str(webhook) if webhook else None)
-        return Outcome(ending, result)
+        return Outcome(ending, result, next=finish.next)
 
     @property
     def _job(self) -> Job:

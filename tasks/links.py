@@ -98,6 +98,9 @@ class Links:
             await self.redis.set(job_waiting_key(job.job_id), info, ex=WAITING_TTL_S)
 
         slot = await wait_for_slot(quota, job.job_id, patience_s=QUOTA_PATIENCE_S, on_wait=on_wait)
+        # Renewed from now on, not once the avatar is ready: a start slower than the slot's
+        # lease would otherwise free the slot of a session that is about to render.
+        quota.hold(slot)
         # Also clears what an earlier, requeued try of this job left.
         await self.redis.delete(job_waiting_key(job.job_id))
         key = link_key(job, server)
@@ -114,7 +117,7 @@ class Links:
         except BaseException:
             await quota.release(slot)
             raise
-        link.hold_slot(quota, slot)
+        link.own_slot(quota, slot)
         return link
 
     async def give_back(self, link: Link, *, keep: bool) -> None:

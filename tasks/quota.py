@@ -110,7 +110,8 @@ class AvatarQuota:
                 now = int(time.time() * 1000)
                 renew: list[str | int] = [slot.holder, now, int(SLOT_LEASE_S * 1000)]
                 if not await self._renew(keys=[_key(self.server, "sessions")], args=renew):
-                    log.warning("avatar server %r: a session slot expired while held", self.server)
+                    log.warning("avatar server %r: a held session slot had lapsed; counted again",
+                                self.server)  # fmt: skip
             except RedisError as e:
                 log.warning("avatar server %r: slot not renewed: %s", self.server, e)
 

@@ -58,6 +58,8 @@ class Presence:
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         #: task id -> payload JSON of every delivery this process holds (Redis mirrors it).
         self.held: dict[str, str] = {}
+        #: Task ids let go since the last heartbeat (removed from Redis by name).
+        self._gone: set[str] = set()
         self._counts: dict[str, int] = {}
         self._held_lock = threading.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -95,6 +97,7 @@ class Presence:
         with self._held_lock:
             self._counts[task_id] = self._counts.get(task_id, 0) + 1
             self.held[task_id] = body = json.dumps(payload)
+            self._gone.discard(task_id)
         if self._loop is not None:  # started: write it now, not only at the next heartbeat
             asyncio.run_coroutine_threadsafe(self._write_held(task_id, body), self._loop)
 
@@ -106,6 +109,7 @@ class Presence:
                 self._counts[task_id] = count
             else:
                 self.held.pop(task_id, None)
+                self._gone.add(task_id)
 
     async def _write_held(self, task_id: str, payload: str) -> None:
         with suppress(RedisError, OSError):  # the next heartbeat writes it anyway
@@ -121,8 +125,10 @@ class Presence:
 
     async def beat_once(self) -> None:
         with self._held_lock:
-            held = dict(self.held)
-        await self.ledger.announce(self.worker_id, held)
+            held, gone = dict(self.held), set(self._gone)
+        await self.ledger.announce(self.worker_id, held, gone)
+        with self._held_lock:
+            self._gone -= gone - set(self.held)
 
     async def _sweep(self) -> None:
         while True:
@@ -133,12 +139,18 @@ class Presence:
                 log.warning("recovery sweep: Redis unreachable: %s", e)
 
     async def sweep_once(self) -> list[str]:
-        """Recover the deliveries of every dead worker process; returns their job ids."""
+        """Recover the deliveries of every dead worker process, and the parked jobs that no
+        room's job will hand on; returns their task ids."""
         ledger = self.ledger
         orphans = await ledger.take_orphans()
         for orphan in orphans:
             await self._recover(ledger, orphan)
-        return [orphan.task_id for orphan in orphans]
+        stranded = await ledger.take_stranded()
+        for handoff in stranded:
+            log.warning("job %s: parked with nobody to hand it on; publishing it", handoff.task_id)
+            if not await self._publish(handoff.task_id, handoff.payload):
+                await ledger.park(str(handoff.payload.get("room", "")), handoff)
+        return [orphan.task_id for orphan in orphans] + [h.task_id for h in stranded]
 
     async def _recover(self, ledger: Ledger, orphan: Orphan) -> None:
         task_id = orphan.task_id
@@ -151,11 +163,17 @@ class Presence:
                     await stop_avatar_session(self.settings, *note)
                     await ledger.forget_avatar_session(task_id)
             await self._evict_avatar(body)
+        await self._publish(task_id, body)
+
+    async def _publish(self, task_id: str, body: Any) -> bool:
         try:
             await asyncio.to_thread(self.publish, task_id, body)
+            return True
         except Exception:
-            # The broker still holds the original message; it comes back by its own rules.
+            # An orphan's original message is still in the broker and comes back by its own
+            # rules; a parked job has none and goes back to its lane for the next sweep.
             log.exception("delivery %s: could not publish it again", task_id)
+            return False
 
     async def _evict_avatar(self, payload: Any) -> None:
         """Make the dead worker's avatar leave the room before the job plays again: a new

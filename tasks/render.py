@@ -20,13 +20,13 @@ from redis.exceptions import RedisError
 
 from avatarq.celeryconfig import RENDER_QUEUE, RENDER_TASK
 from avatarq.errors import TransientJobError
-from avatarq.ledger.worker import Ledger
+from avatarq.ledger.worker import Handoff, Ledger
 from avatarq.results import Failed
 from avatarq.settings import Settings, get_settings
 from tasks.app import app
 from tasks.avatar_link import resolve_server
 from tasks.backoff import backoff_delay
-from tasks.control import HAND_BACK
+from tasks.control import HAND_BACK, LEAVING
 from tasks.hooks import worker_hooks
 from tasks.jobrun import Ending, JobParts, JobRun, Outcome, job_id_of
 from tasks.links import Links
@@ -39,6 +39,9 @@ log = logging.getLogger("avatarq.render")
 
 #: Tries to start a job while Redis is unreachable (about a minute with backoff).
 REDIS_OUTAGE_ATTEMPTS = 20
+#: A room's lane plays at most this many jobs in one worker slot before handing the rest
+#: back to the broker, so one busy room cannot hold a slot for ever.
+LANE_MAX_JOBS = 100
 
 
 class JobFailed(Exception):
@@ -49,46 +52,102 @@ class JobFailed(Exception):
 # room is busy are not attempts, and real attempts are bounded by the ledger's counter.
 @app.task(name=RENDER_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
 def render(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
-    """Play one job through its avatar in its LiveKit room and return the result.
+    """Play one job through its avatar in its LiveKit room and return the result; then the
+    room's next jobs, as the ledger hands them on (the room's lane).
 
     ``payload`` is a `producers.jobs.Job` as JSON; it is validated again here because any
     producer, in any language, may have sent it. Bad input fails at once and for good;
     transient faults (network, 5xx, timeouts) are retried up to `AVATARQ_MAX_RETRIES` times
-    with exponential backoff and jitter, each attempt playing the job from the start.
+    with exponential backoff and jitter.
     """
     settings = get_settings()
     task_id = self.request.id
     presence = get_presence(settings, republish)
-
-    def update_state(meta: dict[str, Any]) -> None:
-        self.update_state(task_id=task_id, state="PROGRESS", meta=meta)
-
-    # One lease token per delivery: a re-run after a Redis outage is the same holder.
-    token = presence.new_token()
     try:
-        for outage in range(REDIS_OUTAGE_ATTEMPTS):
-            try:
-                outcome = get_loop_thread().run(
-                    run_job(payload, task_id, token, settings, update_state)
-                )
-                break
-            except (RedisError, OSError) as e:
-                # Redis (broker and ledger) is unreachable before the job could start: wait
-                # it out here rather than fail, since failing would acknowledge, and lose, it.
-                log.warning("job %s: Redis unreachable (%s); trying again", task_id, e)
-                time.sleep(backoff_delay(outage, 0.5, 5.0))
-        else:
-            raise TransientJobError("Redis unreachable: the job could not start")
+        outcome = _deliver(self, payload, task_id, settings)
         if outcome.retry_in is not None:
             # Published again (with its countdown) before this delivery lets go of it.
             raise self.retry(countdown=outcome.retry_in)
     finally:
         presence.let_go(task_id)
-    if outcome.ending is Ending.DROPPED or outcome.result is None:
-        raise Ignore()  # ended already, or a duplicate delivery of a job playing elsewhere
+    if outcome.result is not None:
+        # Stored now, not when the lane below is over: its caller may be waiting for it.
+        _store(self, task_id, outcome)
+    handoff = outcome.next
+    for _ in range(LANE_MAX_JOBS):
+        if handoff is None:
+            break
+        handoff = _play_handed(self, handoff, settings)
+    else:
+        if handoff is not None:  # a long lane: the rest goes through the broker again
+            _hand_on(handoff)
+    if outcome.ending in (Ending.DROPPED, Ending.PARKED) or outcome.result is None:
+        raise Ignore()  # ended already, a duplicate, or kept in its room's lane
     if isinstance(outcome.result, Failed):
         raise JobFailed(f"{outcome.result.reason}: {outcome.result.error}")
     return outcome.result.as_record()
+
+
+def _deliver(task: Task, payload: Any, task_id: str, settings: Settings) -> Outcome:
+    """One delivery of one job, waiting out a Redis outage before it could start."""
+
+    def update_state(meta: dict[str, Any]) -> None:
+        task.update_state(task_id=task_id, state="PROGRESS", meta=meta)
+
+    # One lease token per delivery: a re-run after a Redis outage is the same holder.
+    token = get_presence(settings, republish).new_token()
+    for outage in range(REDIS_OUTAGE_ATTEMPTS):
+        try:
+            return get_loop_thread().run(run_job(payload, task_id, token, settings, update_state))
+        except (RedisError, OSError) as e:
+            # Redis (broker and ledger) is unreachable before the job could start: wait
+            # it out here rather than fail, since failing would acknowledge, and lose, it.
+            log.warning("job %s: Redis unreachable (%s); trying again", task_id, e)
+            time.sleep(backoff_delay(outage, 0.5, 5.0))
+    raise TransientJobError("Redis unreachable: the job could not start")
+
+
+def _play_handed(task: Task, handoff: Handoff, settings: Settings) -> Handoff | None:
+    """Play a job its room's previous job handed to this process (its message was
+    acknowledged when it parked: this process holds it, tasks/recovery.py); returns the
+    room's next one."""
+    presence = get_presence(settings, republish)
+    if LEAVING.is_set():
+        _hand_on(handoff)
+        presence.let_go(handoff.task_id)
+        return None
+    try:
+        outcome = _deliver(task, handoff.payload, handoff.task_id, settings)
+    except BaseException:
+        _hand_on(handoff)
+        raise
+    finally:
+        presence.let_go(handoff.task_id)
+    if outcome.retry_in is not None:
+        _hand_on(handoff, countdown=outcome.retry_in)
+    elif outcome.result is not None:
+        _store(task, handoff.task_id, outcome)
+    return outcome.next
+
+
+def _store(task: Task, task_id: str, outcome: Outcome) -> None:
+    """The job's Celery result, for a caller waiting on its task id."""
+    assert outcome.result is not None
+    if isinstance(outcome.result, Failed):
+        error = JobFailed(f"{outcome.result.reason}: {outcome.result.error}")
+        task.backend.mark_as_failure(task_id, error)
+    else:
+        task.backend.mark_as_done(task_id, outcome.result.as_record())
+
+
+def _hand_on(handoff: Handoff, countdown: float | None = None) -> None:
+    app.send_task(
+        RENDER_TASK,
+        args=[handoff.payload],
+        task_id=handoff.task_id,
+        queue=RENDER_QUEUE,
+        countdown=countdown,
+    )
 
 
 @worker_ready.connect
@@ -148,6 +207,9 @@ class WorkerParts:
             player=self.playback,
             shutting_down=HAND_BACK.is_set,
             hooks=worker_hooks(HAND_BACK.is_set),
+            hold=lambda handoff: get_presence(self.settings, republish).hold(
+                handoff.task_id, handoff.payload
+            ),
         )
 
 
@@ -177,6 +239,7 @@ async def run_job(
 def _hand_back_after_grace(**_: Any) -> None:
     # Warm shutdown: Celery stops taking jobs and waits for the playing ones. Let them finish
     # within the grace period; then hand the rest back so another worker plays them.
+    LEAVING.set()
     timer = threading.Timer(get_settings().shutdown_grace_s, HAND_BACK.set)
     timer.daemon = True
     timer.start()

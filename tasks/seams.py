@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from avatarq.events import EventPayload
-from avatarq.ledger.worker import Claim
+from avatarq.ledger.worker import Claim, Finish, Handoff
 from avatarq.results import JobResult
 from producers.jobs import Job
 from tasks.avatar_link import Milestones, NamedServer, SessionNote
@@ -27,15 +27,19 @@ from tasks.stream import PlaybackFinished, ProgressCallback
 
 
 class JobLedger(Protocol):
-    async def claim(self, job_id: str, room: str, token: str) -> tuple[Claim, int]: ...
+    async def claim(
+        self, job_id: str, room: str, token: str, *, park: Handoff | None = None
+    ) -> tuple[Claim, int]: ...
 
     async def watch(self, job_id: str, room: str, token: str) -> tuple[bool, bool]: ...
 
     async def release(
         self, job_id: str, room: str, token: str, *, uncount: bool = False
-    ) -> None: ...
+    ) -> bool: ...
 
-    async def finish(self, job_id: str, room: str | None, result: dict[str, Any]) -> bool: ...
+    async def finish(
+        self, job_id: str, room: str | None, result: dict[str, Any], *, token: str
+    ) -> Finish: ...
 
     async def dead_letter(
         self, job_payload: Mapping[str, Any], result: Mapping[str, Any]

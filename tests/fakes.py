@@ -15,7 +15,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from avatarq.events import Event, EventPayload
-from avatarq.ledger.worker import Claim
+from avatarq.ledger.worker import Claim, Finish, Handoff
 from avatarq.results import JobResult
 from avatarq.settings import Settings
 from producers.jobs import Job
@@ -52,8 +52,12 @@ class FakeLedger:
         self.owners: dict[str, Any] = {}
         #: `finish` raises RedisError this many times first.
         self.finish_outages = 0
+        #: What a recorded `finish` hands on (the room's next parked job).
+        self.next_in_lane: Handoff | None = None
 
-    async def claim(self, job_id: str, room: str, token: str) -> tuple[Claim, int]:
+    async def claim(
+        self, job_id: str, room: str, token: str, *, park: Handoff | None = None
+    ) -> tuple[Claim, int]:
         self.claim_calls += 1
         return self.claims.pop(0) if len(self.claims) > 1 else self.claims[0]
 
@@ -61,17 +65,22 @@ class FakeLedger:
         self.watch_calls += 1
         return self.cancel, self.ours
 
-    async def release(self, job_id: str, room: str, token: str, *, uncount: bool = False) -> None:
+    async def release(self, job_id: str, room: str, token: str, *, uncount: bool = False) -> bool:
         self.releases.append(uncount)
+        return self.ours
 
-    async def finish(self, job_id: str, room: str | None, result: dict[str, Any]) -> bool:
+    async def finish(
+        self, job_id: str, room: str | None, result: dict[str, Any], *, token: str
+    ) -> Finish:
         if self.finish_outages > 0:
             self.finish_outages -= 1
             raise RedisError("connection refused")
+        if not self.ours:
+            return Finish(recorded=False, ours=False)
         if job_id in self.records:
-            return False
+            return Finish(recorded=False)
         self.records[job_id] = result
-        return True
+        return Finish(recorded=True, next=self.next_in_lane)
 
     async def dead_letter(self, job_payload: Mapping[str, Any], result: Mapping[str, Any]) -> None:
         self.dead_letters.append((dict(job_payload), dict(result)))

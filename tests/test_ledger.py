@@ -70,7 +70,11 @@ def test_room_plays_in_enqueue_order_one_at_a_time(redis_server: str) -> None:
             for other in later:
                 assert (await ledger.claim(other, r, f"x-{other}"))[0] is Claim.WAIT
             order.append(job_id)
-            assert await ledger.finish(job_id, r, {"job_id": job_id, "status": "completed"})
+            assert (
+                await ledger.finish(
+                    job_id, r, {"job_id": job_id, "status": "completed"}, token=f"t-{job_id}"
+                )
+            ).recorded
         return order
 
     assert run(redis_server, body) == ids
@@ -82,10 +86,14 @@ def test_ended_job_is_never_played_again(redis_server: str) -> None:
 
     async def body(ledger: Ledger) -> None:
         assert (await ledger.claim("once", r, "t1"))[0] is Claim.OK
-        assert await ledger.finish("once", r, {"job_id": "once", "status": "completed"})
+        assert (
+            await ledger.finish("once", r, {"job_id": "once", "status": "completed"}, token="t1")
+        ).recorded
         assert (await ledger.claim("once", r, "t2"))[0] is Claim.DONE
         # A second terminal record never replaces the first.
-        assert not await ledger.finish("once", r, {"job_id": "once", "status": "failed"})
+        assert not (
+            await ledger.finish("once", r, {"job_id": "once", "status": "failed"}, token="t2")
+        ).recorded
 
     run(redis_server, body)
     record = json.loads(redis.Redis.from_url(redis_server).get(job_record_key("once")))
@@ -135,7 +143,7 @@ def test_cancel_reports_playing_and_ended(redis_server: str) -> None:
 
     async def check_and_end(ledger: Ledger) -> None:
         assert (await ledger.watch("p1", r, "t"))[0]  # the cancel request
-        await ledger.finish("p1", r, {"job_id": "p1", "status": "cancelled"})
+        await ledger.finish("p1", r, {"job_id": "p1", "status": "cancelled"}, token="t")
 
     run(redis_server, check_and_end)
     assert cancel("p1", settings=settings) == "ended"
@@ -194,7 +202,9 @@ def test_playing_job_reasserts_its_room_after_redis_lost_its_data(redis_server: 
         assert client.lrange(room_order_key(r), 0, -1) == [head.encode(), nxt.encode()]
         await asyncio.sleep(REJOIN_GRACE_S + 0.1)
         assert (await ledger.claim(nxt, r, "w2/b"))[0] is Claim.WAIT
-        assert await ledger.finish(head, r, {"job_id": head, "status": "completed"})
+        assert (
+            await ledger.finish(head, r, {"job_id": head, "status": "completed"}, token="w1/a")
+        ).recorded
         assert (await ledger.claim(nxt, r, "w2/b"))[0] is Claim.OK
 
     run(redis_server, body)
@@ -249,7 +259,7 @@ def test_avatar_session_note_lives_until_the_job_ends(redis_server: str) -> None
         assert await ledger.avatar_session("av1") == ("http://avatar.test", "sess-1")
         await ledger.note_avatar_session("av1", "http://avatar.test", None)
         assert await ledger.avatar_session("av1") == ("http://avatar.test", None)
-        await ledger.finish("av1", r, {"job_id": "av1", "status": "completed"})
+        await ledger.finish("av1", r, {"job_id": "av1", "status": "completed"}, token="t")
         assert await ledger.avatar_session("av1") is None
 
     run(redis_server, body)

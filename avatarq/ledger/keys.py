@@ -27,6 +27,8 @@ WARM_RELEASE_TTL_S = 30
 EVENTS_STREAM = "avatarq:events"
 #: Set of the ids of worker processes that announced themselves (tasks/recovery.py).
 WORKERS_KEY = "avatarq:workers"
+#: Set of the rooms whose lane holds parked jobs (`room_lane_key`).
+LANES_KEY = "avatarq:lanes"
 #: Jobs that exhausted their retries, newest first (JSON: job, reason, error, attempts, ts).
 DEAD_LETTER_KEY = "avatarq:dead"
 #: celery-redbeat's keys (each announcement's last fire) and the lock a running beat holds.
@@ -74,6 +76,12 @@ def job_avatar_key(job_id: str) -> str:
 def room_order_key(room: str) -> str:
     """List of the room's unfinished job ids in enqueue order: only the head may play."""
     return f"avatarq:room:{room}"
+
+
+def room_lane_key(room: str) -> str:
+    """Hash job id -> JSON {task_id, payload}: the room's jobs parked behind its playing one,
+    whose message was acknowledged; the room's playing job hands each on when it ends."""
+    return f"avatarq:lane:{room}"
 
 
 def room_holder_key(room: str) -> str:

@@ -22,6 +22,7 @@ class Lua(StrEnum):
     RELEASE = "release"
     FINISH = "finish"
     TAKE_ORPHANS = "take_orphans"
+    TAKE_STRANDED = "take_stranded"
     REGISTER = "register"
     SLOTS_ACQUIRE = "slots_acquire"
     SLOTS_RENEW = "slots_renew"

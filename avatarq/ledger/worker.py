@@ -22,7 +22,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -33,6 +33,7 @@ from avatarq.ledger.keys import (
     AVATAR_NOTE_TTL_S,
     DEAD_LETTER_KEY,
     HEARTBEAT_TTL_S,
+    LANES_KEY,
     LEASE_TTL_S,
     RECORD_TTL_S,
     WORKERS_KEY,
@@ -43,6 +44,7 @@ from avatarq.ledger.keys import (
     job_lease_key,
     job_record_key,
     room_holder_key,
+    room_lane_key,
     room_order_key,
     worker_heartbeat_key,
     worker_held_key,
@@ -73,7 +75,36 @@ class Claim(StrEnum):
     DONE = "done"  # already ended: never play again
     CANCELLED = "cancelled"  # cancelled before it started
     BUSY = "busy"  # another worker is playing this very job: a duplicate delivery
-    WAIT = "wait"  # an earlier job of the same room has not ended yet
+    WAIT = "wait"  # not its room's turn yet: try again later
+    PARKED = "parked"  # not its room's turn: kept in the room's lane, handed on in its turn
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """A parked job handed to this worker process by its room's previous job."""
+
+    task_id: str
+    payload: Any
+
+
+@dataclass(frozen=True)
+class Finish:
+    #: True when this call recorded the end; False when the job had ended already.
+    recorded: bool
+    #: False when another delivery holds the job's lease: this attempt was taken over.
+    ours: bool = True
+    #: The room's next job, now this worker's to play.
+    next: Handoff | None = None
+
+
+def lane_entry(task_id: str, payload: Any) -> str:
+    return json.dumps({"task_id": task_id, "payload": json.dumps(payload)})
+
+
+def _worker_of(token: str) -> str | None:
+    """The worker process a lease token names (`Ledger.new_token`)."""
+    worker, sep, _ = token.rpartition("/")
+    return worker if sep else None
 
 
 class Ledger:
@@ -85,6 +116,7 @@ class Ledger:
         self._release = script(redis, Lua.RELEASE)
         self._finish = script(redis, Lua.FINISH)
         self._take_orphans = script(redis, Lua.TAKE_ORPHANS)
+        self._take_stranded = script(redis, Lua.TAKE_STRANDED)
 
     @staticmethod
     def new_token(worker_id: str) -> str:
@@ -92,8 +124,12 @@ class Ledger:
         freed as soon as that process is known dead."""
         return f"{worker_id}/{uuid.uuid4().hex}"
 
-    async def claim(self, job_id: str, room: str, token: str) -> tuple[Claim, int]:
-        """Try to start playing; returns the verdict and, when OK, the attempt number."""
+    async def claim(
+        self, job_id: str, room: str, token: str, *, park: Handoff | None = None
+    ) -> tuple[Claim, int]:
+        """Try to start playing; returns the verdict and, when OK, the attempt number.
+        With `park`, a job whose room is playing another job is kept in the room's lane
+        (PARKED: its message may be acknowledged) instead of being told to WAIT."""
         await self._drop_finished_heads(job_id, room)
         keys = [
             job_record_key(job_id),
@@ -103,6 +139,8 @@ class Ledger:
             job_attempts_key(job_id),
             job_enqueued_key(job_id),
             room_holder_key(room),
+            room_lane_key(room),
+            LANES_KEY,
         ]
         args: list[str | int | float] = [
             token,
@@ -111,11 +149,13 @@ class Ledger:
             f"{time.time():.3f}",
             RECORD_TTL_S,
             REJOIN_GRACE_S,
+            lane_entry(park.task_id, park.payload) if park is not None else "",
+            room,
         ]
         verdict, attempt = await self._claim(keys=keys, args=args)
         return Claim(verdict.decode() if isinstance(verdict, bytes) else verdict), int(attempt)
 
-    async def _drop_finished_heads(self, job_id: str, room: str, limit: int = 100) -> None:
+    async def _drop_finished_heads(self, job_id: str | None, room: str, limit: int = 100) -> None:
         """Unblock the room from heads that ended, or were lost without ending."""
         order = room_order_key(room)
         for _ in range(limit):
@@ -155,14 +195,16 @@ class Ledger:
         cancel, ours = await self._watch(keys=keys, args=[token, int(LEASE_TTL_S * 1000), job_id])
         return bool(cancel), bool(ours)
 
-    async def release(self, job_id: str, room: str, token: str, *, uncount: bool = False) -> None:
-        """Give the job back without ending it (it will be played again from the start).
+    async def release(self, job_id: str, room: str, token: str, *, uncount: bool = False) -> bool:
+        """Give the job back without ending it; False when the lease was no longer this
+        token's (another delivery took the job over: this attempt must say nothing more).
         `uncount`: this claim was no attempt at all (it only waited), so it does not count
         against the job's retries."""
-        await self._release(
+        released = await self._release(
             keys=[job_lease_key(job_id), room_holder_key(room), job_attempts_key(job_id)],
             args=[token, job_id, int(uncount)],
         )
+        return bool(released)
 
     async def note_avatar_session(self, job_id: str, server: str, session_id: str | None) -> None:
         """Remember the avatar session the job started (call right after start-avatar, and
@@ -203,19 +245,53 @@ class Ledger:
             return bool(json.loads(registered) != payload)
         return bool(await self.redis.exists(job_enqueued_key(job_id)))
 
-    async def finish(self, job_id: str, room: str | None, result: dict[str, Any]) -> bool:
-        """Record the terminal state once; False if the job had already ended."""
+    async def finish(
+        self, job_id: str, room: str | None, result: dict[str, Any], *, token: str
+    ) -> Finish:
+        """Record the terminal state once, unless another delivery holds the job's lease;
+        the room's next parked job comes back to be played next by this token's worker."""
+        worker = _worker_of(token)
         keys = [
             job_record_key(job_id),
             room_order_key(room or ""),
             job_lease_key(job_id),
             room_holder_key(room or ""),
             job_avatar_key(job_id),
+            room_lane_key(room or ""),
+            LANES_KEY,
+            worker_held_key(worker) if worker and room else "",
         ]
-        done = await self._finish(
-            keys=keys, args=[json.dumps(result, default=str), job_id, RECORD_TTL_S]
-        )
-        return bool(done)
+        args: list[str | int] = [
+            json.dumps(result, default=str),
+            job_id,
+            RECORD_TTL_S,
+            token,
+            room or "",
+        ]
+        status, task_id, entry = await self._finish(keys=keys, args=args)
+        status = int(status)
+        handoff = _handoff(entry) if entry else None
+        return Finish(recorded=status == 1, ours=status >= 0, next=handoff)
+
+    async def park(self, room: str, handoff: Handoff) -> None:
+        """Put a job taken from its lane back there (it could not be published)."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(
+                room_lane_key(room), handoff.task_id, lane_entry(handoff.task_id, handoff.payload)
+            )
+            pipe.sadd(LANES_KEY, room)
+            await pipe.execute()
+
+    async def take_stranded(self) -> list[Handoff]:
+        """Parked jobs at the head of a room nobody plays (the previous head ended without
+        handing on, or was lost); each is returned to one caller only, which must publish it
+        again."""
+        rooms: set[bytes] = await self.redis.smembers(LANES_KEY)  # type: ignore[misc,assignment]
+        for room in rooms:
+            await self._drop_finished_heads(None, room.decode())
+        prefixes = [room_lane_key(""), room_order_key(""), room_holder_key("")]
+        entries: list[bytes] = await self._take_stranded(keys=[LANES_KEY], args=prefixes)
+        return [_handoff(entry) for entry in entries]
 
     async def dead_letter(self, job_payload: Mapping[str, Any], result: Mapping[str, Any]) -> None:
         """Keep a job whose retries ran out where an operator can see and replay it: its
@@ -223,14 +299,19 @@ class Ledger:
         entry = {"job": job_payload, **result, "ts": time.time()}
         await self.redis.lpush(DEAD_LETTER_KEY, json.dumps(entry))
 
-    async def announce(self, worker_id: str, held: Mapping[str, str]) -> None:
+    async def announce(
+        self, worker_id: str, held: Mapping[str, str], gone: Collection[str] = ()
+    ) -> None:
         """The worker process's heartbeat, with every delivery it holds (task id → payload
-        JSON). One transaction, so a Redis that lost its data never sees the process without
-        its held deliveries, nor held deliveries without a heartbeat."""
+        JSON) and those it let go since the last one. One transaction, so a Redis that lost
+        its data never sees the process without its held deliveries, nor held deliveries
+        without a heartbeat. Entries are only added or removed by name: a job handed to the
+        process by its room's previous job (`finish`) is never wiped by a beat."""
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(worker_heartbeat_key(worker_id), "1", px=int(HEARTBEAT_TTL_S * 1000))
             pipe.sadd(WORKERS_KEY, worker_id)
-            pipe.delete(worker_held_key(worker_id))
+            if gone:
+                pipe.hdel(worker_held_key(worker_id), *gone)
             if held:
                 pipe.hset(worker_held_key(worker_id), mapping=dict(held))  # type: ignore[arg-type]
             await pipe.execute()
@@ -238,3 +319,8 @@ class Ledger:
     async def hold(self, worker_id: str, task_id: str, payload: str) -> None:
         """One more delivery the worker process holds (before its next heartbeat)."""
         await self.redis.hset(worker_held_key(worker_id), task_id, payload)  # type: ignore[misc]
+
+
+def _handoff(entry: bytes | str) -> Handoff:
+    fields = json.loads(entry)
+    return Handoff(str(fields["task_id"]), json.loads(fields["payload"]))

@@ -1,6 +1,8 @@
--- Extend a holder's lease; 0 when it had already expired (its slot may be someone else's).
+-- Extend a holder's lease: 1, or 0 when it had lapsed (then it is counted again at once: its
+-- session is still alive, so the slot is taken whether or not someone else took one meanwhile).
 -- KEYS[1] holders   ARGV: holder, now ms, lease ms
-if redis.call('ZSCORE', KEYS[1], ARGV[1]) == false then return 0 end
-if tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1])) <= tonumber(ARGV[2]) then return 0 end
-redis.call('ZADD', KEYS[1], 'XX', tonumber(ARGV[2]) + tonumber(ARGV[3]), ARGV[1])
-return 1
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+local live = score and tonumber(score) > tonumber(ARGV[2])
+redis.call('ZADD', KEYS[1], tonumber(ARGV[2]) + tonumber(ARGV[3]), ARGV[1])
+if live then return 1 end
+return 0
