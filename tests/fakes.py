@@ -44,6 +44,8 @@ class FakeLedger:
         self.claim_calls = 0
         self.cancel = False
         self.ours = True
+        #: What watch ticks see of `ours`, when they cannot tell (None: the same).
+        self.watch_ours: bool | None = None
         self.watch_calls = 0
         self.releases: list[bool] = []  # uncount flag of each release
         self.records: dict[str, dict[str, Any]] = {}
@@ -63,7 +65,7 @@ class FakeLedger:
 
     async def watch(self, job_id: str, room: str, token: str) -> tuple[bool, bool]:
         self.watch_calls += 1
-        return self.cancel, self.ours
+        return self.cancel, self.ours if self.watch_ours is None else self.watch_ours
 
     async def release(self, job_id: str, room: str, token: str, *, uncount: bool = False) -> bool:
         self.releases.append(uncount)
@@ -262,6 +264,8 @@ class Stand:
     links: FakeLinks = field(default_factory=FakeLinks)
     leaving: bool = False
     hooks: list[HookFactory] = field(default_factory=list)
+    #: The jobs handed to this "worker" to hold (JobParts.hold).
+    held: list[Handoff] = field(default_factory=list)
 
     def parts(self) -> JobParts:
         playback = Playback(
@@ -278,6 +282,7 @@ class Stand:
             shutting_down=lambda: self.leaving,
             hooks=[LeaseWatch.factory(lambda: self.leaving, WATCH_S), *self.hooks],
             timing=FAST,
+            hold=self.held.append,
         )
 
     async def run(self, payload: Any, task_id: str = "task-1") -> Outcome:

@@ -21,7 +21,7 @@ from avatarq.errors import (
     TransientJobError,
 )
 from avatarq.events import Event
-from avatarq.ledger.worker import Claim
+from avatarq.ledger.worker import Claim, Handoff
 from avatarq.results import Cancelled, Failed, Played
 from avatarq.settings import Settings
 from tasks.control import StopReason
@@ -169,6 +169,46 @@ def test_a_job_taken_over_by_another_delivery_is_dropped_without_release(stand: 
     outcome = run(stand)
     assert outcome.ending is Ending.DROPPED
     assert stand.ledger.releases == [] and stand.ledger.records == {}
+
+
+def test_a_job_behind_its_rooms_playing_job_parks(stand: Stand) -> None:
+    stand.ledger.claims = [(Claim.PARKED, 0)]
+    outcome = run(stand)
+    assert outcome.ending is Ending.PARKED and outcome.retry_in is None
+    assert stand.ledger.records == {} and stand.reporter.events == []
+
+
+def test_the_rooms_next_job_is_handed_on_and_held_at_once(stand: Stand) -> None:
+    handoff = Handoff("task-2", {**JOB, "job_id": "job-2"})
+    stand.ledger.next_in_lane = handoff
+    outcome = run(stand)
+    assert outcome.ending is Ending.PLAYED and outcome.next == handoff
+    assert stand.held == [handoff]
+
+
+@pytest.mark.parametrize("stop", [StopReason.AVATAR_LEFT, StopReason.HANDED_BACK])
+def test_an_attempt_taken_over_says_nothing_however_it_stops(
+    stand: Stand, stop: StopReason
+) -> None:
+    """Cut off from Redis, the attempt lost its lease to another delivery: whether its avatar
+    was taken away (a retry) or its worker leaves (a hand-back), it writes no event, record or
+    retry, since the job plays elsewhere."""
+    stand.audio.seconds = stand.audio.declared = 60.0
+
+    def taken_over(n: int) -> None:
+        if n == 2 and stand.links.current is not None:
+            stand.ledger.ours = False  # release and finish now find another's lease
+            if stop is StopReason.HANDED_BACK:
+                stand.leaving = True
+            else:
+                stand.links.current.lost(stop)
+
+    stand.links.sender.on_chunk = taken_over
+    stand.ledger.watch_ours = True  # its watch ticks could not tell (Redis unreachable)
+    outcome = run(stand)
+    assert outcome.ending is Ending.DROPPED and outcome.retry_in is None
+    assert not any(e is Event.RETRYING for e, _ in stand.reporter.events)
+    assert stand.ledger.records == {} and stand.reporter.announced == []
 
 
 def test_no_free_avatar_session_requeues_without_counting_an_attempt(stand: Stand) -> None:

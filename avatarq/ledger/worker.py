@@ -163,15 +163,17 @@ class Ledger:
             if head is None or head.decode() == job_id:
                 return
             head_id = head.decode()
-            if not await self._is_finished_or_lost(head_id):
+            if not await self._is_finished_or_lost(head_id, room):
                 return
             await self.redis.lrem(order, 1, head_id)
 
-    async def _is_finished_or_lost(self, job_id: str) -> bool:
+    async def _is_finished_or_lost(self, job_id: str, room: str) -> bool:
         if await self.redis.exists(job_record_key(job_id)):
             return True
         if await self.redis.exists(job_lease_key(job_id)):
             return False
+        if await self.redis.hexists(room_lane_key(room), job_id):  # type: ignore[misc]
+            return False  # parked: its payload is kept, so it is not lost
         # Not playing and untouched for longer than the broker's redelivery window: its message
         # is gone (e.g. a broker that lost its data), so it must not block the room forever.
         seen = await self.redis.hmget(job_enqueued_key(job_id), ["ts", "seen"])

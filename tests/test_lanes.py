@@ -1,0 +1,126 @@
+"""A room's lane against a real Redis: a job behind its room's playing job parks, the playing
+job hands it on at its end, nobody's late watch tick revives a released lease, and a parked
+job that nobody will hand on is found by the sweep."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+
+from avatarq.ledger.keys import LANES_KEY, job_lease_key, room_lane_key, worker_held_key
+from avatarq.ledger.worker import Claim, Handoff, Ledger
+from avatarq.settings import Settings
+from producers.client import enqueue
+
+
+def run(redis_url: str, body: Callable[[Ledger], Awaitable[Any]]) -> Any:
+    async def go() -> Any:
+        client = aioredis.from_url(redis_url)
+        try:
+            return await body(Ledger(client, stale_after_s=3600))
+        finally:
+            await client.aclose()
+
+    return asyncio.run(go())
+
+
+def enqueued_room(redis_url: str, n: int) -> tuple[str, list[str]]:
+    settings = Settings(REDIS_URL=redis_url, CELERY_BROKER_URL="memory://")
+    room = f"lane-{uuid.uuid4().hex[:8]}"
+    ids = [f"{room}-j{i}" for i in range(n)]
+    for job_id in ids:
+        job = {"job_id": job_id, "room": room, "avatar_id": "a", "source": "a.wav"}
+        enqueue(job, settings=settings)
+    return room, ids
+
+
+def done(job_id: str) -> dict[str, Any]:
+    return {"job_id": job_id, "status": "completed"}
+
+
+def test_jobs_behind_the_playing_one_park_and_are_handed_on_in_order(redis_server: str) -> None:
+    room, ids = enqueued_room(redis_server, 3)
+
+    async def body(ledger: Ledger) -> list[str]:
+        assert (await ledger.claim(ids[0], room, "w1/a"))[0] is Claim.OK
+        # The later jobs arrive out of order; each parks (its message can be acknowledged).
+        for job_id in (ids[2], ids[1]):
+            park = Handoff(job_id, {"job_id": job_id, "room": room})
+            assert (await ledger.claim(job_id, room, f"w2/{job_id}", park=park))[0] is Claim.PARKED
+        played, token, current = [ids[0]], "w1/a", ids[0]
+        while True:
+            finish = await ledger.finish(current, room, done(current), token=token)
+            assert finish.recorded and finish.ours
+            if finish.next is None:
+                return played
+            # The handed-on job is this worker's now: its held deliveries name it.
+            held = await ledger.redis.hget(worker_held_key("w1"), finish.next.task_id)
+            assert json.loads(held) == finish.next.payload
+            current, token = finish.next.task_id, f"w1/{finish.next.task_id}"
+            assert (await ledger.claim(current, room, token))[0] is Claim.OK
+            played.append(current)
+
+    assert run(redis_server, body) == ids
+    client = redis.Redis.from_url(redis_server)
+    assert not client.exists(room_lane_key(room)) and not client.sismember(LANES_KEY, room)
+
+
+def test_a_released_lease_is_never_renewed_by_a_late_watch_tick(redis_server: str) -> None:
+    room, (job_id,) = enqueued_room(redis_server, 1)
+
+    async def body(ledger: Ledger) -> None:
+        assert await ledger.claim(job_id, room, "w1/a") == (Claim.OK, 1)
+        assert await ledger.release(job_id, room, "w1/a")
+        # A tick of the released attempt that runs late learns it no longer holds the job...
+        assert await ledger.watch(job_id, room, "w1/a") == (False, False)
+        # ...and the job's next delivery is not mistaken for a duplicate of it.
+        assert await ledger.claim(job_id, room, "w2/b") == (Claim.OK, 2)
+        # The first attempt, taken over, can neither release nor record anything.
+        assert not await ledger.release(job_id, room, "w1/a")
+        finish = await ledger.finish(job_id, room, done(job_id), token="w1/a")
+        assert not finish.recorded and not finish.ours
+        assert (await ledger.finish(job_id, room, done(job_id), token="w2/b")).recorded
+
+    run(redis_server, body)
+    assert not redis.Redis.from_url(redis_server).exists(job_lease_key(job_id))
+
+
+def test_a_parked_job_nobody_hands_on_is_taken_once_by_the_sweep(redis_server: str) -> None:
+    room, ids = enqueued_room(redis_server, 2)
+
+    async def body(ledger: Ledger) -> None:
+        assert (await ledger.claim(ids[0], room, "w1/a"))[0] is Claim.OK
+        park = Handoff(ids[1], {"job_id": ids[1], "room": room})
+        assert (await ledger.claim(ids[1], room, "w2/b", park=park))[0] is Claim.PARKED
+        assert await ledger.take_stranded() == []  # its room's job will hand it on
+        # The head's lease lapses and it ends on a path that hands nothing on (a token that
+        # names no worker process).
+        await ledger.redis.delete(job_lease_key(ids[0]))
+        finish = await ledger.finish(ids[0], room, done(ids[0]), token="no-worker")
+        assert finish.recorded and finish.next is None and finish.ours
+        taken = await asyncio.gather(ledger.take_stranded(), ledger.take_stranded())
+        assert sorted(len(t) for t in taken) == [0, 1]
+        assert [h for t in taken for h in t] == [park]
+
+    run(redis_server, body)
+
+
+def test_a_lost_head_does_not_strand_the_lane(redis_server: str) -> None:
+    """A head whose message is gone (never claimed, untouched past the redelivery window) is
+    dropped by the sweep, and the parked job behind it is published."""
+    room, ids = enqueued_room(redis_server, 2)
+
+    async def body(ledger: Ledger) -> list[Handoff]:
+        park = Handoff(ids[1], {"job_id": ids[1], "room": room})
+        assert (await ledger.claim(ids[1], room, "w2/b", park=park))[0] is Claim.PARKED
+        ledger.stale_after_s = 0.0
+        await asyncio.sleep(0.01)
+        return await ledger.take_stranded()
+
+    assert run(redis_server, body) == [Handoff(ids[1], {"job_id": ids[1], "room": room})]
