@@ -61,7 +61,11 @@ def room_plays(run: Run, room: str, *, whole: bool = False) -> list[str]:
 
 def scenario(lab: FaultLab, name: str) -> Run:
     """Run the scenario; every job ended, none played in full twice, no room overlapped."""
-    run = SCENARIOS[name](lab)
+    return scenario_checks(SCENARIOS[name](lab))
+
+
+def scenario_checks(run: Run) -> Run:
+    """Every job of the run ended, none played in full twice, no room overlapped."""
     assert sorted(run.records) == sorted(run.ids), f"lost jobs\n{detail(run)}"
     for job_id in run.ids:
         assert whole_plays(run, job_id) <= 1, f"{job_id} played twice\n{detail(run)}"

@@ -24,7 +24,12 @@ from typing import Any, Literal, TypeVar
 import redis
 import requests
 
-from avatarq.ledger.keys import DEAD_LETTER_KEY, job_avatar_key, job_events_key, worker_held_key
+from avatarq.ledger.keys import (
+    DEAD_LETTER_KEY,
+    job_avatar_key,
+    job_events_key,
+    room_lane_key,
+)
 from avatarq.settings import get_settings
 from avatarq_dev.processes import ManagedProcess, free_port, python_module, tcp_ready
 from avatarq_dev.stack import LocalStack, local_stack
@@ -216,17 +221,14 @@ class FaultLab:
         if not poll(streamed, timeout=timeout):
             raise TimeoutError(f"job {job_id}: not {seconds:g}s streamed in {timeout:g}s")
 
-    def wait_held(self, ids: list[str], timeout: float = 15.0) -> None:
-        """Until every job of `ids` is held by a worker process (delivered, in its slots)."""
+    def wait_parked(self, ids: list[str], timeout: float = 15.0) -> None:
+        """Until every job of `ids` is parked in its room's lane (its message acknowledged)."""
 
-        def held() -> bool:
-            holding: set[bytes] = set()
-            for key in self.redis.scan_iter(worker_held_key("*")):
-                holding.update(self.redis.hkeys(key))
-            return all(j.encode() in holding for j in ids)
+        def parked() -> bool:
+            return all(self.redis.hexists(room_lane_key(self.rooms[j]), j) for j in ids)
 
-        if not poll(held, timeout=timeout):
-            raise TimeoutError(f"jobs {ids} not held by a worker in {timeout:g}s")
+        if not poll(parked, timeout=timeout):
+            raise TimeoutError(f"jobs {ids} not parked in {timeout:g}s")
 
     def wait_avatar_started(self, job_id: str, timeout: float = 30.0) -> None:
         """Until the job's worker started its avatar session (and noted it for recovery)."""

@@ -76,15 +76,16 @@ def sigkill_mid_stream(lab: FaultLab) -> Run:
 
 
 def sigkill_holding_waiting_jobs(lab: FaultLab) -> Run:
-    """SIGKILL a worker that holds only waiting jobs (their room plays elsewhere): they are
-    reported queued, not playing, and the live worker plays them in order soon after."""
+    """SIGKILL a worker that took only waiting jobs (their room plays elsewhere): they parked
+    in the room's lane, are reported queued, not playing, and the worker playing the room
+    plays them in order soon after."""
     room = _room("strand")
     with lab.workers(1, concurrency=1):
         head = lab.enqueue(room, 5.0)
         lab.wait_event(head, "job.avatar_ready")
         with lab.workers(1) as (victim,):
             waiting = [lab.enqueue(room, 1.0) for _ in range(2)]
-            lab.wait_held(waiting)  # in the victim's slots, waiting for the room
+            lab.wait_parked(waiting)  # taken by the victim, parked behind the head
             statuses = [lab.status(j).get("status") for j in waiting]
             killed_at = time.time()
             victim.signal(signal.SIGKILL)

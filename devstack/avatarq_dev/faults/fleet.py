@@ -1,0 +1,116 @@
+"""The fleet under contention: many short jobs over a few rooms, a tiny session quota, forced
+avatar-start failures and workers SIGKILLed at random, all at once. It interleaves claim,
+park, hand-on, lease renewal, release, retry, recovery and quota waits far more often than a
+normal run; `tests/test_fleet.py` asserts what the listener and the quota saw."""
+
+from __future__ import annotations
+
+import random
+import secrets
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from avatarq.ledger.keys import (
+    LANES_KEY,
+    job_lease_key,
+    job_record_key,
+    room_lane_key,
+    room_order_key,
+    worker_held_key,
+)
+from avatarq_dev.faults.lab import FaultLab, Run
+
+
+@dataclass(frozen=True)
+class Load:
+    rooms: int = 6
+    per_room: int = 5
+    clip_s: float = 1.0
+    quota: int = 2
+    workers: int = 3
+    concurrency: int = 4
+    #: Workers SIGKILLed (each replaced at once by a fresh one), at random times.
+    kills: int = 2
+    #: Avatar starts that fail with a 500 first (retried by the client, then by the job).
+    failed_starts: int = 3
+    seed: int = 7
+    timeout_s: float = 240.0
+
+
+def peak_sessions(sessions: list[dict[str, Any]], until: float) -> int:
+    """Most avatar sessions alive at once, from the emulator's records (created → stopped)."""
+    marks: list[tuple[float, int]] = []
+    for s in sessions:
+        start = s.get("created_at")
+        if start is None:
+            continue
+        marks += [(float(start), 1), (float(s.get("stopped_at") or until), -1)]
+    alive = peak = 0
+    for _at, step in sorted(marks):  # a stop sorts before a start at the same instant
+        alive += step
+        peak = max(peak, alive)
+    return peak
+
+
+def unaccounted(lab: FaultLab, ids: list[str]) -> list[str]:
+    """Jobs that did not end and that nothing will play: no live lease, not parked in a lane,
+    not held by a worker process (the ledger's own audit, run once the fleet is idle)."""
+    r = lab.redis
+    held: set[bytes] = set()
+    for key in r.scan_iter(worker_held_key("*")):
+        held.update(r.hkeys(key))
+    parked: set[bytes] = set()
+    for room in r.smembers(LANES_KEY):
+        parked.update(r.hkeys(room_lane_key(room.decode())))
+    out = []
+    for job_id in ids:
+        lease = r.get(job_lease_key(job_id))
+        live = lease is not None and not lease.startswith(b"~")
+        ended = r.exists(job_record_key(job_id))
+        if not ended and not live and job_id.encode() not in held | parked:
+            out.append(job_id)
+    return out
+
+
+def stress(lab: FaultLab, load: Load = Load()) -> Run:
+    """Enqueue the load room by room in turn, break things while it drains, observe."""
+    rng = random.Random(load.seed)
+    rooms = [f"fleet-{secrets.token_hex(3)}" for _ in range(load.rooms)]
+    env = {"AVATARQ_AVATAR_MAX_SESSIONS": str(load.quota)}
+    lab.avatar_faults(fail_next_starts=load.failed_starts)
+    killed: list[float] = []
+    with lab.workers(load.workers, concurrency=load.concurrency, env=env) as procs:
+        started = time.time()
+        ids = [lab.enqueue(room, load.clip_s) for _ in range(load.per_room) for room in rooms]
+        ideal = max(load.per_room * load.clip_s, len(ids) * load.clip_s / load.quota)
+        for at in sorted(rng.uniform(0.2, 0.8) * ideal for _ in range(load.kills)):
+            time.sleep(max(0.0, started + at - time.time()))
+            victim = procs.pop(rng.randrange(len(procs)))
+            victim.signal(signal.SIGKILL)
+            killed.append(time.time())
+            procs.append(lab.start_worker(concurrency=load.concurrency, **env))
+        records = lab.wait(ids, timeout=load.timeout_s)
+        drained = time.time()
+        stranded = unaccounted(lab, ids)
+        left_in_rooms = {room: lab.redis.llen(room_order_key(room)) for room in rooms}
+        try:
+            run = lab.observe(
+                "fleet under contention",
+                ids,
+                records,
+                rooms=rooms,
+                quota=load.quota,
+                killed_at=killed,
+                drain_s=drained - started,
+                ideal_s=ideal,
+                stranded=stranded,
+                left_in_rooms=left_in_rooms,
+            )
+        finally:
+            lab.reset_avatar()
+    # Once the workers stopped, every session has its end recorded.
+    run.sessions = [s for s in lab.sessions() if s.get("room") in set(rooms)]
+    run.facts["peak_sessions"] = peak_sessions(run.sessions, until=time.time())
+    return run
