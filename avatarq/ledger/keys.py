@@ -67,6 +67,12 @@ def job_attempts_key(job_id: str) -> str:
     return f"avatarq:attempts:{job_id}"
 
 
+def job_checkpoint_key(job_id: str) -> str:
+    """Hash {position, <attempt>: "start:end"}: how far the avatar has provably played the
+    job's source (a redelivery resumes there), and each attempt's span of it."""
+    return f"avatarq:checkpoint:{job_id}"
+
+
 def job_avatar_key(job_id: str) -> str:
     """Hash {server, session_id}: the avatar session a playing job started, so recovery can
     stop it if the job's worker dies."""

@@ -40,6 +40,7 @@ from avatarq.ledger.keys import (
     job_attempts_key,
     job_avatar_key,
     job_cancel_key,
+    job_checkpoint_key,
     job_enqueued_key,
     job_lease_key,
     job_record_key,
@@ -77,6 +78,40 @@ class Claim(StrEnum):
     BUSY = "busy"  # another worker is playing this very job: a duplicate delivery
     WAIT = "wait"  # not its room's turn yet: try again later
     PARKED = "parked"  # not its room's turn: kept in the room's lane, handed on in its turn
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a playing attempt is in the job's source (seconds): what a watch tick records."""
+
+    attempt: int
+    started_at: float
+    position: float
+
+
+@dataclass(frozen=True)
+class Span:
+    """The part of the source one attempt played."""
+
+    attempt: int
+    started_at: float
+    ended_at: float
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    #: How far the avatar has provably played the source, over all attempts.
+    position: float = 0.0
+    spans: tuple[Span, ...] = ()
+
+    @property
+    def heard_twice_s(self) -> float:
+        """Seconds of the source that more than one attempt played."""
+        twice, reached = 0.0, 0.0
+        for span in sorted(self.spans, key=lambda s: s.attempt):
+            twice += max(0.0, min(reached, span.ended_at) - span.started_at)
+            reached = max(reached, span.ended_at)
+        return twice
 
 
 @dataclass(frozen=True)
@@ -183,19 +218,37 @@ class Ledger:
             return True
         return False
 
-    async def watch(self, job_id: str, room: str, token: str) -> tuple[bool, bool]:
+    async def watch(
+        self, job_id: str, room: str, token: str, progress: Progress | None = None
+    ) -> tuple[bool, bool]:
         """One tick of a playing job: (cancel requested, the job is still ours). Renews the
         lease and the hold on the room, restoring them (and the job's place at the head of
-        the room's order) if Redis lost them."""
+        the room's order) if Redis lost them, and records the attempt's `progress`."""
         keys = [
             job_lease_key(job_id),
             job_cancel_key(job_id),
             job_record_key(job_id),
             room_order_key(room),
             room_holder_key(room),
+            job_checkpoint_key(job_id),
         ]
-        cancel, ours = await self._watch(keys=keys, args=[token, int(LEASE_TTL_S * 1000), job_id])
+        at: list[str | int] = ["", 0, ""]
+        if progress is not None:
+            at = [f"{progress.position:.3f}", progress.attempt, f"{progress.started_at:.3f}"]
+        args = [token, int(LEASE_TTL_S * 1000), job_id, *at, RECORD_TTL_S]
+        cancel, ours = await self._watch(keys=keys, args=args)
         return bool(cancel), bool(ours)
+
+    async def checkpoint(self, job_id: str) -> Checkpoint:
+        """How far the job's earlier attempts got (nothing for a first attempt)."""
+        fields: dict[bytes, bytes] = await self.redis.hgetall(job_checkpoint_key(job_id))  # type: ignore[misc,assignment]
+        spans = []
+        for name, value in fields.items():
+            if name.isdigit():
+                start, _, end = value.decode().partition(":")
+                spans.append(Span(int(name), float(start), float(end)))
+        position = float(fields.get(b"position", b"0"))
+        return Checkpoint(position, tuple(sorted(spans, key=lambda s: s.attempt)))
 
     async def release(self, job_id: str, room: str, token: str, *, uncount: bool = False) -> bool:
         """Give the job back without ending it; False when the lease was no longer this
@@ -262,6 +315,7 @@ class Ledger:
             room_lane_key(room or ""),
             LANES_KEY,
             worker_held_key(worker) if worker and room else "",
+            job_checkpoint_key(job_id),
         ]
         args: list[str | int] = [
             json.dumps(result, default=str),

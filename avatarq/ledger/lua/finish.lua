@@ -3,7 +3,8 @@
 -- lease (this attempt was taken over: it records nothing).
 -- When recorded, the room's next job, if it is parked in the lane, is handed to the caller's
 -- worker process (its held deliveries, so recovery covers it) to be played next.
--- KEYS: record, room order, lease, room holder, avatar note, lane, lanes, held ('' for none)
+-- KEYS: record, room order, lease, room holder, avatar note, lane, lanes, held ('' for none),
+--       checkpoint
 -- ARGV: record json, job id, ttl s, token, room, now
 local holder = redis.call('GET', KEYS[3])
 if holder and holder ~= ARGV[4] and string.sub(holder, 1, 1) ~= '~' then return {-1, '', ''} end
@@ -11,7 +12,7 @@ redis.call('LREM', KEYS[2], 0, ARGV[2])
 redis.call('HDEL', KEYS[6], ARGV[2])
 if redis.call('GET', KEYS[4]) == ARGV[2] then redis.call('DEL', KEYS[4]) end
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[3]) then return {0, '', ''} end
-redis.call('DEL', KEYS[3], KEYS[5])
+redis.call('DEL', KEYS[3], KEYS[5], KEYS[9])
 local nxt = redis.call('LINDEX', KEYS[2], 0)
 local entry = nxt and redis.call('HGET', KEYS[6], nxt)
 if KEYS[8] == '' or not entry then return {1, '', ''} end
