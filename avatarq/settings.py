@@ -105,6 +105,10 @@ class Settings(BaseSettings):
     )
     #: Keep a room and its avatar session this long for the next job of the same room (0: off).
     warm_idle_s: float = Field(10.0, ge=0, validation_alias=_env("AVATARQ_WARM_IDLE"))
+    #: A job behind its room's playing job parks in the room's lane and is played next by that
+    #: job's worker (off: it waits in its worker slot and goes back through the broker, the
+    #: design before lanes, kept as the benchmark's comparison row).
+    room_lanes: bool = Field(True, validation_alias=_env("AVATARQ_ROOM_LANES"))
 
     # --- Broker and Redis ----------------------------------------------------------------------
     #: Results, events, the ledger; also the broker unless `CELERY_BROKER_URL` says otherwise.

@@ -182,7 +182,7 @@ class JobRun:
             # job goes straight back, unclaimed, so no attempt is spent on a worker that leaves.
             return self._requeued(timing.room_requeue_s)
         deadline = time.monotonic() + timing.room_wait_s
-        park = Handoff(self.task_id, self.payload)
+        park = Handoff(self.task_id, self.payload) if self.parts.settings.room_lanes else None
         verdict, attempt = await self.ledger.claim(job.job_id, job.room, self.token, park=park)
         while verdict is Claim.WAIT and time.monotonic() < deadline:
             await asyncio.sleep(timing.room_poll_s)

@@ -6,7 +6,8 @@ a baseline measured in the same run on the same machine.
 
 Sections (`--sections`): `decode` and `queue` need no LiveKit; `jobs` (overhead, drift,
 concurrency, prefork baseline) and `sender` (versus its unpaced floor and livekit-agents,
-keepers, SDK log filtering, chunk size) join rooms and so run inside infra/netns-run, on the
+keepers, SDK log filtering, chunk size) and `fleet` (burst drain, skew, back to back, lanes
+against polling) join rooms and so run inside infra/netns-run, on the
 local stack's LiveKit server (the official one where it runs; `server` in the results).
 Overhead and drift play to the avatar emulator; the ramp, the prefork baseline and the
 sender to the light receivers (light_avatar.py), so the receivers are not what saturates.
@@ -31,6 +32,7 @@ import psutil
 
 from avatarq_dev import livekit_official
 from avatarq_dev.bench import codec, queue, report, scale, streams
+from avatarq_dev.bench.fleet import FULL_FLEET, QUICK_FLEET, FleetPlan, bench_fleet
 from avatarq_dev.bench.load import LightAvatars, light_avatars
 from avatarq_dev.bench.quota import bench_quota
 from avatarq_dev.bench.stats import make_clip, ratio
@@ -38,8 +40,8 @@ from avatarq_dev.processes import ManagedProcess
 from avatarq_dev.stack import LocalStack, local_stack
 from tasks.toolkit import CHUNK_SECONDS
 
-SECTIONS = ("decode", "queue", "jobs", "sender")
-NETNS_SECTIONS = {"jobs", "sender"}
+SECTIONS = ("decode", "queue", "jobs", "sender", "fleet")
+NETNS_SECTIONS = {"jobs", "sender", "fleet"}
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class Plan:
     sender_seconds: float
     chunks: tuple[float, ...]
     budget_s: float  # the ramp stops early rather than run past this
+    fleet: FleetPlan = FULL_FLEET
     #: The sender's cost with the SDK's log capture / verbose logs, and the FFI routing run.
     experiments: bool = True
 
@@ -77,6 +80,7 @@ QUICK = Plan(
     sender_seconds=4,
     chunks=(0.1,),
     budget_s=220,
+    fleet=QUICK_FLEET,
     experiments=False,
 )
 FULL = Plan(
@@ -421,6 +425,8 @@ def run(
                 results.update(sender_keys(results["sender"]))
             if "jobs" in sections:
                 results.update(JobsBench(stack, light, plan, deadline).run())
+            if "fleet" in sections:
+                results.update(bench_fleet(stack, plan.fleet))
         if "sender" in sections and results["server"] != "embedded":
             results["embedded_comparison"] = bench_embedded(plan, workdir / "embedded")
     results["machine"]["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]

@@ -187,6 +187,55 @@ ROWS: list[Row] = [
         "% core",
         "",
     ),
+    (
+        "fleet burst drain / ideal (lanes; baseline: polling)",
+        "fleet.lanes.burst.ratio_drain_vs_ideal",
+        "fleet.polling.burst.ratio_drain_vs_ideal",
+        "x",
+        "≤ 1.25x",
+    ),
+    (
+        "fleet burst drain time (lanes)",
+        "fleet.lanes.burst.drain_s",
+        "fleet.polling.burst.drain_s",
+        "s",
+        "",
+    ),
+    (
+        "fleet burst peak sessions (quota: fleet.*.burst.quota)",
+        "fleet.lanes.burst.peak_sessions",
+        "fleet.lanes.burst.quota",
+        "",
+        "≤ quota",
+    ),
+    (
+        "skew: free rooms' enqueue → end p95 (lanes; baseline: polling)",
+        "fleet.lanes.skew.free_room_enqueue_to_end_s.p95",
+        "fleet.polling.skew.free_room_enqueue_to_end_s.p95",
+        "s",
+        "within seconds",
+    ),
+    (
+        "back to back: silence between jobs p50 (baseline: polling)",
+        "fleet.lanes.back_to_back.gap_s.p50",
+        "fleet.polling.back_to_back.gap_s.p50",
+        "s",
+        "< 0.3 s",
+    ),
+    (
+        "back to back: silence between jobs p95",
+        "fleet.lanes.back_to_back.gap_s.p95",
+        "fleet.polling.back_to_back.gap_s.p95",
+        "s",
+        "",
+    ),
+    (
+        "back to back: warm start p50 (baseline: polling)",
+        "fleet.lanes.back_to_back.warm_start_s.p50",
+        "fleet.polling.back_to_back.warm_start_s.p50",
+        "s",
+        "< 0.1 s",
+    ),
 ]
 
 

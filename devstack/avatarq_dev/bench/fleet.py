@@ -1,0 +1,218 @@
+"""The fleet section: what a burst of announcements costs the whole fleet, on the local stack
+against the avatar emulator (an AvatarRunner's start), with room lanes (the default) and with
+the design before them (`AVATARQ_ROOM_LANES=false`) as the comparison row, in the same run.
+
+- burst: N jobs over R rooms, quota Q, W worker processes: drain time against the ideal (the
+  longest room's audio, or the total audio over Q, whichever is larger), peak sessions.
+- skew: one room with many jobs enqueued first, then one job in each of K free rooms: how
+  long the free rooms wait.
+- back to back: one room's consecutive jobs, the silence between them at the receiver and
+  the warm start (picked → first byte on the kept session).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from avatarq_dev.bench.stats import make_clip, ratio, spread
+from avatarq_dev.bench.streams import Played, collect
+from avatarq_dev.faults.fleet import peak_sessions
+from avatarq_dev.stack import LocalStack
+
+LEAD = 0.3
+
+
+@dataclass(frozen=True)
+class FleetPlan:
+    rooms: int
+    per_room: int
+    clip_s: float
+    quota: int
+    workers: int
+    skew_busy_jobs: int
+    skew_free_rooms: int
+    b2b_jobs: int
+    b2b_clip_s: float
+
+
+QUICK_FLEET = FleetPlan(
+    rooms=8, per_room=4, clip_s=1.0, quota=4, workers=2,
+    skew_busy_jobs=15, skew_free_rooms=5, b2b_jobs=6, b2b_clip_s=2.0,
+)  # fmt: skip
+FULL_FLEET = FleetPlan(
+    rooms=20, per_room=5, clip_s=1.0, quota=10, workers=2,
+    skew_busy_jobs=30, skew_free_rooms=10, b2b_jobs=15, b2b_clip_s=2.0,
+)  # fmt: skip
+
+
+def _enqueue(room: str, clip: Path) -> tuple[Any, float]:
+    from producers import enqueue
+
+    at = time.time()
+    return enqueue({"room": room, "avatar_id": "anna", "source": str(clip), "lead": LEAD}), at
+
+
+def _sessions(stack: LocalStack, rooms: set[str]) -> list[dict[str, Any]]:
+    import json
+
+    out = []
+    for path in stack.recordings.glob("*.json"):
+        try:
+            session = json.loads(path.read_text())
+        except ValueError:
+            continue  # being written
+        if session.get("room") in rooms:
+            out.append(session)
+    return out
+
+
+def _segments(sessions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    segs = [seg for s in sessions for seg in s.get("segments", []) if seg.get("first_frame_at")]
+    return sorted(segs, key=lambda seg: seg["first_frame_at"])
+
+
+class FleetBench:
+    """Each part on fresh workers of one design (lanes on or off)."""
+
+    def __init__(self, stack: LocalStack, plan: FleetPlan, lanes: bool) -> None:
+        self.stack, self.plan, self.lanes = stack, plan, lanes
+        self.clip = make_clip(stack.workdir / "fleet.wav", plan.clip_s, rate=16000)
+        self.b2b_clip = make_clip(stack.workdir / "fleet-b2b.wav", plan.b2b_clip_s, rate=16000)
+        self.tag = "lanes" if lanes else "polling"
+
+    def _workers(self, quota: int) -> list[Any]:
+        env = {
+            "AVATARQ_AVATAR_MAX_SESSIONS": str(quota),
+            "AVATARQ_ROOM_LANES": "true" if self.lanes else "false",
+        }
+        return [
+            self.stack.start_worker(f"fleet-{self.tag}-{i}", concurrency=8, extra_env=env)
+            for i in range(self.plan.workers)
+        ]
+
+    def _stop(self, workers: list[Any]) -> None:
+        for w in workers:
+            w.stop()
+
+    def run(self) -> dict[str, Any]:
+        return {"burst": self.burst(), "skew": self.skew(), "back_to_back": self.back_to_back()}
+
+    def burst(self) -> dict[str, Any]:
+        p = self.plan
+        rooms = [f"burst-{self.tag}-{secrets.token_hex(3)}" for _ in range(p.rooms)]
+        workers = self._workers(p.quota)
+        try:
+            began = time.time()
+            handles = [_enqueue(room, self.clip) for _ in range(p.per_room) for room in rooms]
+            timeout = 60 + 3 * len(handles) * p.clip_s
+            runs = collect(self.stack, handles, timeout)
+            ended = [r.result.get("timestamps", {}).get("playback_finished") for r in runs]
+            drain = max((t for t in ended if t), default=time.time()) - began
+        finally:
+            self._stop(workers)
+        sessions = _sessions(self.stack, set(rooms))
+        ideal = max(p.per_room * p.clip_s, len(handles) * p.clip_s / p.quota)
+        completed = [r for r in runs if r.result.get("status") == "completed"]
+        return {
+            "jobs": len(handles),
+            "rooms": p.rooms,
+            "quota": p.quota,
+            "workers": p.workers,
+            "completed": len(completed),
+            "drain_s": round(drain, 2),
+            "ideal_s": round(ideal, 2),
+            "ratio_drain_vs_ideal": ratio(drain, ideal),
+            "peak_sessions": peak_sessions(sessions, until=time.time()),
+            "retried_jobs": sum(1 for r in completed if r.result.get("attempt", 1) > 1),
+            "order_exact": _order_exact(runs, rooms),
+            "goal_ratio_below": 1.25,
+        }
+
+    def skew(self) -> dict[str, Any]:
+        p = self.plan
+        busy = f"skew-busy-{self.tag}-{secrets.token_hex(3)}"
+        free = [f"skew-free-{self.tag}-{secrets.token_hex(3)}" for _ in range(p.skew_free_rooms)]
+        workers = self._workers(p.quota)
+        try:
+            busy_handles = [_enqueue(busy, self.clip) for _ in range(p.skew_busy_jobs)]
+            free_handles = [_enqueue(room, self.clip) for room in free]
+            free_runs = collect(self.stack, free_handles, 120)
+            collect(self.stack, busy_handles, 60 + 3 * p.skew_busy_jobs * p.clip_s)
+        finally:
+            self._stop(workers)
+        waits = [
+            r.result["timestamps"]["playback_finished"] - r.enqueued_at
+            for r in free_runs
+            if r.result.get("status") == "completed"
+        ]
+        return {
+            "busy_room_jobs": p.skew_busy_jobs,
+            "free_rooms": p.skew_free_rooms,
+            "free_completed": len(waits),
+            "free_room_enqueue_to_end_s": spread(waits),
+        }
+
+    def back_to_back(self) -> dict[str, Any]:
+        p = self.plan
+        room = f"b2b-{self.tag}-{secrets.token_hex(3)}"
+        workers = self._workers(p.quota)
+        try:
+            handles = [_enqueue(room, self.b2b_clip) for _ in range(p.b2b_jobs)]
+            runs = collect(self.stack, handles, 60 + 3 * p.b2b_jobs * p.b2b_clip_s)
+        finally:
+            self._stop(workers)
+        segs = _segments(_sessions(self.stack, {room}))
+        gaps = [
+            b["first_frame_at"] - (a.get("playback_finished_at") or a.get("last_frame_at"))
+            for a, b in zip(segs, segs[1:], strict=False)
+            if a.get("playback_finished_at") or a.get("last_frame_at")
+        ]
+        warm = [
+            r.result["timestamps"]["first_byte"] - r.result["timestamps"]["picked"]
+            for r in runs
+            if r.result.get("status") == "completed" and r.result.get("warm")
+        ]
+        return {
+            "jobs": p.b2b_jobs,
+            "completed": len([r for r in runs if r.result.get("status") == "completed"]),
+            "gap_s": spread(gaps),
+            "warm_start_s": spread(warm),
+            "goal_gap_p50_below_s": 0.3,
+            "goal_warm_start_p50_below_s": 0.1,
+        }
+
+
+def _order_exact(runs: list[Played], rooms: list[str]) -> bool:
+    """Each room's jobs played one after another in enqueue order (from their timestamps)."""
+    for room in rooms:
+        stamps = [
+            r.result["timestamps"]
+            for r in runs
+            if r.result.get("room") == room and r.result.get("status") == "completed"
+        ]
+        for a, b in zip(stamps, stamps[1:], strict=False):
+            if b["first_byte"] < a["last_byte"]:
+                return False
+    return True
+
+
+def bench_fleet(stack: LocalStack, plan: FleetPlan) -> dict[str, Any]:
+    """Lanes (the default) and the design before them, on the same stack, one after the other."""
+    requests.post(f"{stack.avatar_url}/_emulator/faults", json={"max_sessions": None}, timeout=5)
+    lanes = FleetBench(stack, plan, lanes=True).run()
+    polling = FleetBench(stack, plan, lanes=False).run()
+    return {
+        "fleet": {
+            "lanes": lanes,
+            "polling": polling,
+            "ratio_burst_drain_polling_vs_lanes": ratio(
+                polling["burst"]["drain_s"], lanes["burst"]["drain_s"]
+            ),
+        }
+    }
