@@ -13,7 +13,7 @@ import pytest
 
 from avatarq_dev.faults import FaultLab, fault_lab
 from avatarq_dev.faults.fleet import Load, peak_sessions, stress
-from tests.netns import NETNS
+from tests.netns import needs_netns
 from tests.test_faults import detail, is_whole, scenario_checks
 
 
@@ -37,7 +37,8 @@ def test_peak_sessions_counts_overlaps_only() -> None:
     assert peak_sessions([], until=1.0) == 0
 
 
-@NETNS
+@pytest.mark.netns
+@needs_netns
 def test_the_fleet_under_contention_loses_nothing_and_keeps_the_quota(lab: FaultLab) -> None:
     load = Load()
     run = stress(lab, load)
