@@ -42,7 +42,7 @@ from redis.exceptions import RedisError
 
 from avatarq.errors import InvalidJob, JobError, Reason, TransientJobError
 from avatarq.events import Retrying
-from avatarq.ledger.worker import Claim, Handoff
+from avatarq.ledger.worker import Claim, Handoff, Parked
 from avatarq.results import Cancelled, Failed, JobResult, Played
 from avatarq.settings import Settings
 from producers.jobs import Job, parse_job
@@ -130,6 +130,9 @@ class JobParts:
     #: Called at once with a job handed to this worker (before any other await), so that the
     #: worker's heartbeat keeps holding it (tasks/recovery.py).
     hold: Callable[[Handoff], None] = lambda _handoff: None
+    #: Called with a job this delivery parked (task id, job): the worker keeps it in memory
+    #: until it ends or plays elsewhere, so it outlives a Redis that lost its data.
+    park: Callable[[str, Parked], None] = lambda _task_id, _parked: None
 
 
 def job_id_of(payload: Any, task_id: str) -> str:
@@ -191,6 +194,7 @@ class JobRun:
             return self._requeued(timing.room_requeue_s)
         if verdict is Claim.PARKED:
             log.info("job %s: parked behind its room's playing job", job.job_id)
+            self.parts.park(self.task_id, Parked(job.job_id, job.room, self.payload))
             return Outcome(Ending.PARKED)
         if verdict in (Claim.DONE, Claim.BUSY):
             log.info("job %s: %s, not playing it", job.job_id, verdict.value)

@@ -31,7 +31,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from avatarq.errors import InvalidJob
-from avatarq.ledger.worker import Ledger, Orphan
+from avatarq.ledger.worker import Ledger, Orphan, Parked
 from avatarq.settings import Settings
 from producers.jobs import parse_job
 from tasks import room as rooms
@@ -60,6 +60,8 @@ class Presence:
         self.held: dict[str, str] = {}
         #: Task ids let go since the last heartbeat (removed from Redis by name).
         self._gone: set[str] = set()
+        #: Jobs this process parked in their rooms' lanes, held until they end or play.
+        self.parked: dict[str, Parked] = {}
         self._counts: dict[str, int] = {}
         self._held_lock = threading.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -101,6 +103,13 @@ class Presence:
         if self._loop is not None:  # started: write it now, not only at the next heartbeat
             asyncio.run_coroutine_threadsafe(self._write_held(task_id, body), self._loop)
 
+    def park(self, task_id: str, parked: Parked) -> None:
+        """A delivery parked its job in its room's lane: hold it (once more than the
+        delivery did, which lets go as it ends) until the job ends or plays elsewhere."""
+        self.hold(task_id, parked.payload)
+        with self._held_lock:
+            self.parked[task_id] = parked
+
     def let_go(self, task_id: str) -> None:
         """A delivery is over (ended, retried or dropped); the next heartbeat syncs Redis."""
         with self._held_lock:
@@ -129,6 +138,12 @@ class Presence:
         await self.ledger.announce(self.worker_id, held, gone)
         with self._held_lock:
             self._gone -= gone - set(self.held)
+            parked = dict(self.parked)
+        kept = await self.ledger.keep_parked(parked)
+        for task_id in set(parked) - kept:
+            with self._held_lock:
+                self.parked.pop(task_id, None)
+            self.let_go(task_id)
 
     async def _sweep(self) -> None:
         while True:

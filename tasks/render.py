@@ -210,6 +210,7 @@ class WorkerParts:
             hold=lambda handoff: get_presence(self.settings, republish).hold(
                 handoff.task_id, handoff.payload
             ),
+            park=get_presence(self.settings, republish).park,
         )
 
 

@@ -13,8 +13,14 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
-from avatarq.ledger.keys import LANES_KEY, job_lease_key, room_lane_key, worker_held_key
-from avatarq.ledger.worker import Claim, Handoff, Ledger
+from avatarq.ledger.keys import (
+    LANES_KEY,
+    job_lease_key,
+    room_lane_key,
+    room_order_key,
+    worker_held_key,
+)
+from avatarq.ledger.worker import Claim, Handoff, Ledger, Parked
 from avatarq.settings import Settings
 from producers.client import enqueue
 
@@ -124,3 +130,29 @@ def test_a_lost_head_does_not_strand_the_lane(redis_server: str) -> None:
         return await ledger.take_stranded()
 
     assert run(redis_server, body) == [Handoff(ids[1], {"job_id": ids[1], "room": room})]
+
+
+def test_a_parked_job_is_kept_by_its_worker_through_a_redis_that_lost_it(
+    redis_server: str,
+) -> None:
+    room, ids = enqueued_room(redis_server, 2)
+    parked = {ids[1]: Parked(ids[1], room, {"job_id": ids[1], "room": room})}
+
+    async def body(ledger: Ledger) -> None:
+        assert (await ledger.claim(ids[0], room, "w1/a"))[0] is Claim.OK
+        park = Handoff(ids[1], parked[ids[1]].payload)
+        assert (await ledger.claim(ids[1], room, "w2/b", park=park))[0] is Claim.PARKED
+        assert await ledger.keep_parked(parked) == {ids[1]}
+        # Redis loses its data: the parking worker's next beat puts the job back in its lane.
+        await ledger.redis.delete(room_lane_key(room), room_order_key(room), LANES_KEY)
+        assert await ledger.keep_parked(parked) == {ids[1]}
+        assert await ledger.redis.lrange(room_order_key(room), 0, -1) == [ids[1].encode()]
+        # The playing job re-asserts its place at the head, then hands the parked one on.
+        assert await ledger.watch(ids[0], room, "w1/a") == (False, True)
+        finish = await ledger.finish(ids[0], room, done(ids[0]), token="w1/a")
+        assert finish.next == park
+        assert await ledger.keep_parked(parked) == {ids[1]}  # handed on, not yet claimed
+        assert (await ledger.claim(ids[1], room, "w1/c"))[0] is Claim.OK
+        assert await ledger.keep_parked(parked) == set()  # it plays: the parker lets go
+
+    run(redis_server, body)

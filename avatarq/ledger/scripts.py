@@ -23,6 +23,7 @@ class Lua(StrEnum):
     FINISH = "finish"
     TAKE_ORPHANS = "take_orphans"
     TAKE_STRANDED = "take_stranded"
+    LANES_KEEP = "lanes_keep"
     REGISTER = "register"
     SLOTS_ACQUIRE = "slots_acquire"
     SLOTS_RENEW = "slots_renew"

@@ -123,6 +123,15 @@ class Handoff:
 
 
 @dataclass(frozen=True)
+class Parked:
+    """A job a worker process parked: kept in memory until it ends or plays elsewhere."""
+
+    job_id: str
+    room: str
+    payload: Any
+
+
+@dataclass(frozen=True)
 class Finish:
     #: True when this call recorded the end; False when the job had ended already.
     recorded: bool
@@ -152,6 +161,7 @@ class Ledger:
         self._finish = script(redis, Lua.FINISH)
         self._take_orphans = script(redis, Lua.TAKE_ORPHANS)
         self._take_stranded = script(redis, Lua.TAKE_STRANDED)
+        self._lanes_keep = script(redis, Lua.LANES_KEEP)
 
     @staticmethod
     def new_token(worker_id: str) -> str:
@@ -337,6 +347,18 @@ class Ledger:
             )
             pipe.sadd(LANES_KEY, room)
             await pipe.execute()
+
+    async def keep_parked(self, parked: Mapping[str, Parked]) -> set[str]:
+        """Of the jobs this process parked (task id → `Parked`), those still its to keep: the
+        others ended or play. Each kept one is put back in its lane if Redis lost it."""
+        if not parked:
+            return set()
+        args: list[str] = [job_record_key(""), job_lease_key(""), room_lane_key(""),
+                           room_order_key(""), job_enqueued_key(""), f"{time.time():.3f}"]  # fmt: skip
+        for task_id, p in parked.items():
+            args += [task_id, p.job_id, p.room, lane_entry(task_id, p.payload)]
+        flat: list[Any] = await self._lanes_keep(keys=[LANES_KEY], args=args)
+        return {flat[i].decode() for i in range(0, len(flat), 2) if int(flat[i + 1])}
 
     async def take_stranded(self) -> list[Handoff]:
         """Parked jobs at the head of a room nobody plays (the previous head ended without
