@@ -20,7 +20,7 @@ from avatarq.ledger.keys import (
     room_order_key,
     worker_held_key,
 )
-from avatarq.ledger.worker import Claim, Handoff, Ledger, Parked
+from avatarq.ledger.worker import REJOIN_GRACE_S, Claim, Handoff, Ledger, Parked
 from avatarq.settings import Settings
 from producers.client import enqueue
 
@@ -152,6 +152,9 @@ def test_a_parked_job_is_kept_by_its_worker_through_a_redis_that_lost_it(
         finish = await ledger.finish(ids[0], room, done(ids[0]), token="w1/a")
         assert finish.next == park
         assert await ledger.keep_parked(parked) == {ids[1]}  # handed on, not yet claimed
+        # Put back in the order, it starts only after the rejoin grace.
+        assert (await ledger.claim(ids[1], room, "w1/c"))[0] is Claim.WAIT
+        await asyncio.sleep(REJOIN_GRACE_S + 0.1)
         assert (await ledger.claim(ids[1], room, "w1/c"))[0] is Claim.OK
         assert await ledger.keep_parked(parked) == set()  # it plays: the parker lets go
 
