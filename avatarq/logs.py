@@ -27,6 +27,17 @@ def bind_job(**fields: Any) -> None:
     _job.set({k: str(v) for k, v in fields.items() if k in JOB_FIELDS and v is not None})
 
 
+def bind_payload(payload: Any, task_id: str) -> None:
+    """Bind what a job's payload (not validated yet) names: its id (else the task's), room
+    and avatar."""
+    fields = payload if isinstance(payload, dict) else {}
+    bind_job(
+        job_id=fields.get("job_id") or task_id,
+        room=fields.get("room"),
+        avatar_id=fields.get("avatar_id"),
+    )
+
+
 def clear_job() -> None:
     _job.set(None)
 

@@ -94,13 +94,7 @@ def _serve_child_metrics(**_: Any) -> None:
 
 @task_prerun.connect
 def _bind_job_logs(task_id: str, args: tuple[Any, ...] = (), **_: Any) -> None:
-    # The payload is not validated yet (render does that); take only what is there.
-    payload = args[0] if args and isinstance(args[0], dict) else {}
-    logs.bind_job(
-        job_id=payload.get("job_id") or task_id,
-        room=payload.get("room"),
-        avatar_id=payload.get("avatar_id"),
-    )
+    logs.bind_payload(args[0] if args else None, task_id)
 
 
 @task_postrun.connect

@@ -18,6 +18,7 @@ from celery.exceptions import Ignore
 from celery.signals import task_received, worker_ready, worker_shutting_down
 from redis.exceptions import RedisError
 
+from avatarq import logs
 from avatarq.celeryconfig import RENDER_QUEUE, RENDER_TASK
 from avatarq.errors import TransientJobError
 from avatarq.ledger.worker import Handoff, Ledger
@@ -116,6 +117,7 @@ def _play_handed(task: Task, handoff: Handoff, settings: Settings) -> Handoff | 
         _hand_on(handoff)
         presence.let_go(handoff.task_id)
         return None
+    logs.bind_payload(handoff.payload, handoff.task_id)
     try:
         outcome = _deliver(task, handoff.payload, handoff.task_id, settings)
     except BaseException:

@@ -353,8 +353,8 @@ class Ledger:
         others ended or play. Each kept one is put back in its lane if Redis lost it."""
         if not parked:
             return set()
-        args: list[str] = [job_record_key(""), job_lease_key(""), room_lane_key(""),
-                           room_order_key(""), job_enqueued_key(""), f"{time.time():.3f}"]  # fmt: skip
+        prefixes = [job_record_key(""), job_lease_key(""), room_lane_key(""), room_order_key("")]
+        args: list[str] = [*prefixes, job_enqueued_key(""), f"{time.time():.3f}"]
         for task_id, p in parked.items():
             args += [task_id, p.job_id, p.room, lane_entry(task_id, p.payload)]
         flat: list[Any] = await self._lanes_keep(keys=[LANES_KEY], args=args)
