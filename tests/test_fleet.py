@@ -43,6 +43,7 @@ def test_the_fleet_under_contention_loses_nothing_and_keeps_the_quota(lab: Fault
     load = Load()
     run = stress(lab, load)
     facts = run.facts
+    assert facts["missing"] == {}, json.dumps(facts["missing"], indent=1)
     scenario_checks(run)
     assert facts["stranded"] == [], detail(run)
     assert {r.get("status") for r in run.records.values()} == {"completed"}, detail(run)

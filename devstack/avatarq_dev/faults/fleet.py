@@ -74,6 +74,21 @@ def unaccounted(lab: FaultLab, ids: list[str]) -> list[str]:
     return out
 
 
+def whereabouts(lab: FaultLab, job_id: str) -> dict[str, Any]:
+    """What the ledger knows of a job that did not end (for a failure's message)."""
+    r, room = lab.redis, lab.rooms.get(job_id, "")
+    held_by = [key.decode() for key in r.scan_iter(worker_held_key("*")) if r.hexists(key, job_id)]
+    order = [j.decode() for j in r.lrange(room_order_key(room), 0, -1)]
+    return {
+        "status": lab.status(job_id).get("status"),
+        "lease": (r.get(job_lease_key(job_id)) or b"").decode(),
+        "parked": bool(r.hexists(room_lane_key(room), job_id)),
+        "held_by": held_by,
+        "place_in_room": order.index(job_id) if job_id in order else None,
+        "room_head": order[0] if order else None,
+    }
+
+
 def stress(lab: FaultLab, load: Load = Load()) -> Run:
     """Enqueue the load room by room in turn, break things while it drains, observe."""
     rng = random.Random(load.seed)
@@ -94,6 +109,7 @@ def stress(lab: FaultLab, load: Load = Load()) -> Run:
         records = lab.wait(ids, timeout=load.timeout_s)
         drained = time.time()
         stranded = unaccounted(lab, ids)
+        missing = {j: whereabouts(lab, j) for j in ids if j not in records}
         left_in_rooms = {room: lab.redis.llen(room_order_key(room)) for room in rooms}
         try:
             run = lab.observe(
@@ -106,6 +122,7 @@ def stress(lab: FaultLab, load: Load = Load()) -> Run:
                 drain_s=drained - started,
                 ideal_s=ideal,
                 stranded=stranded,
+                missing=missing,
                 left_in_rooms=left_in_rooms,
             )
         finally:
