@@ -110,6 +110,19 @@ class Presence:
         with self._held_lock:
             self.parked[task_id] = parked
 
+    def hand_back_parked(self) -> None:
+        """The process is leaving: publish its parked jobs again now (other workers park
+        them in turn), instead of after its heartbeat lapsed."""
+        with self._held_lock:
+            parked, self.parked = self.parked, {}
+        for task_id, job in parked.items():
+            try:
+                self.publish(task_id, job.payload)
+            except Exception:
+                log.exception("parked job %s: not handed back; recovery will", job.job_id)
+                continue
+            self.let_go(task_id)
+
     def let_go(self, task_id: str) -> None:
         """A delivery is over (ended, retried or dropped); the next heartbeat syncs Redis."""
         with self._held_lock:

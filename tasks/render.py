@@ -243,6 +243,7 @@ def _hand_back_after_grace(**_: Any) -> None:
     # Warm shutdown: Celery stops taking jobs and waits for the playing ones. Let them finish
     # within the grace period; then hand the rest back so another worker plays them.
     LEAVING.set()
+    get_presence(get_settings(), republish).hand_back_parked()
     timer = threading.Timer(get_settings().shutdown_grace_s, HAND_BACK.set)
     timer.daemon = True
     timer.start()

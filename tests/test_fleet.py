@@ -2,7 +2,8 @@
 settings but the quota: 30 one-second jobs over 6 rooms, 2 avatar sessions for the fleet, 3
 workers of which 2 are SIGKILLed at random and replaced, avatar starts failing first. None is
 lost, wedged or heard twice, each room hears its jobs in order and one at a time, and the
-avatar server never sees more sessions than the quota."""
+avatar server never sees more sessions than the quota. Then a lane's own faults: SIGTERM of
+the worker holding it, and a cancel of a job parked in it."""
 
 from __future__ import annotations
 
@@ -12,7 +13,13 @@ from collections.abc import Iterator
 import pytest
 
 from avatarq_dev.faults import FaultLab, fault_lab
-from avatarq_dev.faults.fleet import Load, peak_sessions, stress
+from avatarq_dev.faults.fleet import (
+    Load,
+    cancel_in_a_lane,
+    peak_sessions,
+    sigterm_with_a_lane,
+    stress,
+)
 from tests.netns import needs_netns
 from tests.test_faults import detail, is_whole, scenario_checks
 
@@ -54,3 +61,27 @@ def test_the_fleet_under_contention_loses_nothing_and_keeps_the_quota(lab: Fault
         assert heard == enqueued, f"room {room} out of order\n{detail(run)}"
     assert facts["peak_sessions"] <= load.quota, json.dumps(run.sessions, default=str)
     assert len(facts["killed_at"]) == load.kills
+
+
+@pytest.mark.netns
+@needs_netns
+def test_sigterm_hands_a_lane_back_in_order(lab: FaultLab) -> None:
+    run = scenario_checks(sigterm_with_a_lane(lab))
+    head, *behind = run.ids
+    assert [run.records[j].get("status") for j in run.ids] == ["completed"] * 3, detail(run)
+    assert run.records[head]["attempt"] == 2, detail(run)  # handed back once
+    assert [s.job_id for s in run.segments if is_whole(run, s)] == run.ids, detail(run)
+    # The parked jobs went back at once, not after the stopping worker's heartbeat lapsed.
+    assert all(run.records[j]["attempt"] == 1 for j in behind), detail(run)
+
+
+@pytest.mark.netns
+@needs_netns
+def test_a_job_cancelled_in_a_lane_never_plays(lab: FaultLab) -> None:
+    run = scenario_checks(cancel_in_a_lane(lab))
+    head, cancelled, last = run.ids
+    assert run.facts["answer"] == "queued"
+    assert run.records[cancelled]["status"] == "cancelled", detail(run)
+    assert run.records[cancelled]["cancelled_while"] == "queued", detail(run)
+    assert [run.records[j]["status"] for j in (head, last)] == ["completed"] * 2, detail(run)
+    assert [s.job_id for s in run.segments if is_whole(run, s)] == [head, last], detail(run)

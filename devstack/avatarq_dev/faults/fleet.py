@@ -1,7 +1,8 @@
 """The fleet under contention: many short jobs over a few rooms, a tiny session quota, forced
 avatar-start failures and workers SIGKILLed at random, all at once. It interleaves claim,
 park, hand-on, lease renewal, release, retry, recovery and quota waits far more often than a
-normal run; `tests/test_fleet.py` asserts what the listener and the quota saw."""
+normal run; and a room lane's own faults (SIGTERM of its holder, cancel of a parked job).
+`tests/test_fleet.py` asserts what the listener and the quota saw."""
 
 from __future__ import annotations
 
@@ -131,3 +132,45 @@ def stress(lab: FaultLab, load: Load = Load()) -> Run:
     run.sessions = [s for s in lab.sessions() if s.get("room") in set(rooms)]
     run.facts["peak_sessions"] = peak_sessions(run.sessions, until=time.time())
     return run
+
+
+def sigterm_with_a_lane(lab: FaultLab) -> Run:
+    """SIGTERM (grace 1 s) a worker playing a room's head with two of the room's jobs parked
+    by it: the head is handed back at the end of the grace, the parked jobs at once, and
+    another worker plays all three in order."""
+    room = f"termlane-{secrets.token_hex(3)}"
+    # Non-default grace: a hand-back needs a job longer than the grace (default 30 s).
+    with lab.workers(1, concurrency=3, AVATARQ_SHUTDOWN_GRACE="1") as (victim,):
+        head = lab.enqueue(room, 6.0)
+        lab.wait_streamed(head, 1.0)
+        behind = [lab.enqueue(room, 1.0) for _ in range(2)]
+        lab.wait_parked(behind)
+        with lab.workers(1):
+            term_at = time.time()
+            victim.signal(signal.SIGTERM)
+            records = lab.wait([head, *behind])
+    return lab.observe(
+        "SIGTERM worker holding a lane (grace 1 s)",
+        [head, *behind],
+        records,
+        room=room,
+        term_at=term_at,
+    )
+
+
+def cancel_in_a_lane(lab: FaultLab) -> Run:
+    """Cancel a job parked in its room's lane: it ends cancelled without playing, and the
+    room's next job plays right after the head."""
+    from producers import cancel
+
+    room = f"cancellane-{secrets.token_hex(3)}"
+    with lab.workers(1):
+        head = lab.enqueue(room, 3.0)
+        lab.wait_event(head, "job.avatar_ready")
+        behind = [lab.enqueue(room, 1.0) for _ in range(2)]
+        lab.wait_parked(behind)
+        answer = cancel(behind[0])
+        records = lab.wait([head, *behind])
+    return lab.observe(
+        "cancel a job parked in a lane", [head, *behind], records, room=room, answer=answer
+    )
