@@ -51,14 +51,17 @@ def test_the_fleet_under_contention_loses_nothing_and_keeps_the_quota(lab: Fault
     run = stress(lab, load)
     facts = run.facts
     assert facts["missing"] == {}, json.dumps(facts["missing"], indent=1)
-    scenario_checks(run)
+    # A worker killed in a one-second clip's last quarter second leaves a segment that looks
+    # whole; its job plays again (heard twice is bounded by resume, tests/test_faults.py).
+    scenario_checks(run, replays_ok=True)
     assert facts["stranded"] == [], detail(run)
     assert {r.get("status") for r in run.records.values()} == {"completed"}, detail(run)
     assert all(n == 0 for n in facts["left_in_rooms"].values()), facts["left_in_rooms"]
     for room in facts["rooms"]:
         enqueued = [j for j in run.ids if lab.rooms[j] == room]
         heard = [s.job_id for s in run.segments if s.room == room and is_whole(run, s)]
-        assert heard == enqueued, f"room {room} out of order\n{detail(run)}"
+        once = [j for i, j in enumerate(heard) if i == 0 or heard[i - 1] != j]
+        assert once == enqueued, f"room {room} out of order\n{detail(run)}"
     assert facts["peak_sessions"] <= load.quota, json.dumps(run.sessions, default=str)
     assert len(facts["killed_at"]) == load.kills
 
