@@ -42,7 +42,7 @@ from redis.exceptions import RedisError
 
 from avatarq.errors import InvalidJob, JobError, Reason, TransientJobError
 from avatarq.events import Retrying
-from avatarq.ledger.worker import Claim, Handoff, Parked
+from avatarq.ledger.worker import Claim, Handoff, Parked, job_id_of
 from avatarq.results import Cancelled, Failed, JobResult, Played
 from avatarq.settings import Settings
 from producers.jobs import Job, parse_job
@@ -133,14 +133,6 @@ class JobParts:
     #: Called with a job this delivery parked (task id, job): the worker keeps it in memory
     #: until it ends or plays elsewhere, so it outlives a Redis that lost its data.
     park: Callable[[str, Parked], None] = lambda _task_id, _parked: None
-
-
-def job_id_of(payload: Any, task_id: str) -> str:
-    """The job's id: its own, else the Celery task id, which every redelivery and retry of
-    the message keeps (a fresh random id per delivery would never reach its room's head)."""
-    if isinstance(payload, dict) and isinstance(payload.get("job_id"), str) and payload["job_id"]:
-        return str(payload["job_id"])
-    return task_id
 
 
 class JobRun:

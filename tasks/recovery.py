@@ -21,9 +21,11 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from contextlib import suppress
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
@@ -31,7 +33,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from avatarq.errors import InvalidJob
-from avatarq.ledger.worker import Ledger, Orphan, Parked
+from avatarq.ledger.worker import Ledger, Orphan, Parked, job_id_of
 from avatarq.settings import Settings
 from producers.jobs import parse_job
 from tasks import room as rooms
@@ -44,6 +46,22 @@ log = logging.getLogger("avatarq.recovery")
 HEARTBEAT_S = 1.0
 #: Every live worker process looks for dead ones this often.
 SWEEP_S = 2.0
+#: A delivery sent back through the broker that nobody received this long after it was due
+#: is sent again (it can be lost between the broker and a worker killed as it took it), at
+#: most `RESENDS` times, each wait twice the last.
+RESEND_AFTER_S = 30.0
+RESENDS = 5
+
+
+@dataclass
+class Sent:
+    """A delivery this process sent back through the broker, held until someone has it."""
+
+    job_id: str
+    payload: Any
+    resend_at: float
+    tries: int = 0
+
 
 #: Publishes a payload again as the render task under the given task id.
 Publish = Callable[[str, Any], None]
@@ -62,6 +80,8 @@ class Presence:
         self._gone: set[str] = set()
         #: Jobs this process parked in their rooms' lanes, held until they end or play.
         self.parked: dict[str, Parked] = {}
+        #: Deliveries it sent back through the broker, held until someone else has them.
+        self.sent: dict[str, Sent] = {}
         self._counts: dict[str, int] = {}
         self._held_lock = threading.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -110,6 +130,36 @@ class Presence:
         with self._held_lock:
             self.parked[task_id] = parked
 
+    def sent_back(self, task_id: str, payload: Any, due_in: float) -> None:
+        """A delivery went back through the broker (retry, requeue, hand-back, recovery):
+        hold it (once more than the delivery did) until another delivery has it."""
+        self.hold(task_id, payload)
+        resend_at = time.monotonic() + due_in + RESEND_AFTER_S
+        with self._held_lock:
+            self.sent[task_id] = Sent(job_id_of(payload, task_id), payload, resend_at)
+
+    async def _follow_sent(self) -> None:
+        """Let go of what was received; send again what was lost on the way."""
+        with self._held_lock:
+            sent = dict(self.sent)
+            # Received by this process again (held twice), or parked by it: it has it.
+            here = {t for t in sent if self._counts.get(t, 0) > 1 or t in self.parked}
+        seen = here | await self.ledger.seen(self.worker_id, {t: s.job_id for t, s in sent.items()})
+        now = time.monotonic()
+        for task_id, entry in sent.items():
+            if task_id not in seen and now < entry.resend_at:
+                continue
+            if task_id not in seen and entry.tries < RESENDS:
+                log.warning("delivery %s: sent back %.0f s ago and not received; sending it again",
+                            task_id, RESEND_AFTER_S)  # fmt: skip
+                if await self._publish(task_id, entry.payload):
+                    entry.tries += 1
+                    entry.resend_at = now + RESEND_AFTER_S * 2**entry.tries
+                continue
+            with self._held_lock:
+                self.sent.pop(task_id, None)
+            self.let_go(task_id)
+
     def hand_back_parked(self) -> None:
         """The process is leaving: publish its parked jobs again now (other workers park
         them in turn), instead of after its heartbeat lapsed."""
@@ -157,6 +207,7 @@ class Presence:
             with self._held_lock:
                 self.parked.pop(task_id, None)
             self.let_go(task_id)
+        await self._follow_sent()
 
     async def _sweep(self) -> None:
         while True:
@@ -176,7 +227,9 @@ class Presence:
         stranded = await ledger.take_stranded()
         for handoff in stranded:
             log.warning("job %s: parked with nobody to hand it on; publishing it", handoff.task_id)
-            if not await self._publish(handoff.task_id, handoff.payload):
+            if await self._publish(handoff.task_id, handoff.payload):
+                self.sent_back(handoff.task_id, handoff.payload, 0.0)
+            else:
                 await ledger.park(str(handoff.payload.get("room", "")), handoff)
         return [orphan.task_id for orphan in orphans] + [h.task_id for h in stranded]
 
@@ -191,7 +244,8 @@ class Presence:
                     await stop_avatar_session(self.settings, *note)
                     await ledger.forget_avatar_session(task_id)
             await self._evict_avatar(body)
-        await self._publish(task_id, body)
+        if await self._publish(task_id, body):
+            self.sent_back(task_id, body, 0.0)
 
     async def _publish(self, task_id: str, body: Any) -> bool:
         try:

@@ -21,7 +21,7 @@ from redis.exceptions import RedisError
 from avatarq import logs
 from avatarq.celeryconfig import RENDER_QUEUE, RENDER_TASK
 from avatarq.errors import TransientJobError
-from avatarq.ledger.worker import Handoff, Ledger
+from avatarq.ledger.worker import Handoff, Ledger, job_id_of
 from avatarq.results import Failed
 from avatarq.settings import Settings, get_settings
 from tasks.app import app
@@ -29,10 +29,10 @@ from tasks.avatar_link import resolve_server
 from tasks.backoff import backoff_delay
 from tasks.control import HAND_BACK, LEAVING
 from tasks.hooks import worker_hooks
-from tasks.jobrun import Ending, JobParts, JobRun, Outcome, job_id_of
+from tasks.jobrun import Ending, JobParts, JobRun, Outcome
 from tasks.links import Links
 from tasks.playback import FfmpegAudio, Playback
-from tasks.recovery import get_presence
+from tasks.recovery import Presence, get_presence
 from tasks.report import JobReporter, StateUpdater
 from tasks.runtime import get_loop_thread
 
@@ -67,7 +67,9 @@ def render(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
     try:
         outcome = _deliver(self, payload, task_id, settings)
         if outcome.retry_in is not None:
-            # Published again (with its countdown) before this delivery lets go of it.
+            # Published again (with its countdown) before this delivery lets go of it, and
+            # followed until another delivery has it.
+            presence.sent_back(task_id, payload, outcome.retry_in)
             raise self.retry(countdown=outcome.retry_in)
     finally:
         presence.let_go(task_id)
@@ -81,7 +83,8 @@ def render(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
         handoff = _play_handed(self, handoff, settings)
     else:
         if handoff is not None:  # a long lane: the rest goes through the broker again
-            _hand_on(handoff)
+            _hand_on(presence, handoff)
+            presence.let_go(handoff.task_id)
     if outcome.ending in (Ending.DROPPED, Ending.PARKED) or outcome.result is None:
         raise Ignore()  # ended already, a duplicate, or kept in its room's lane
     if isinstance(outcome.result, Failed):
@@ -114,21 +117,21 @@ def _play_handed(task: Task, handoff: Handoff, settings: Settings) -> Handoff | 
     room's next one."""
     presence = get_presence(settings, republish)
     if LEAVING.is_set():
-        _hand_on(handoff)
+        _hand_on(presence, handoff)
         presence.let_go(handoff.task_id)
         return None
     logs.bind_payload(handoff.payload, handoff.task_id)
     try:
         outcome = _deliver(task, handoff.payload, handoff.task_id, settings)
+        if outcome.retry_in is not None:
+            _hand_on(presence, handoff, countdown=outcome.retry_in)
+        elif outcome.result is not None:
+            _store(task, handoff.task_id, outcome)
     except BaseException:
-        _hand_on(handoff)
+        _hand_on(presence, handoff)
         raise
     finally:
         presence.let_go(handoff.task_id)
-    if outcome.retry_in is not None:
-        _hand_on(handoff, countdown=outcome.retry_in)
-    elif outcome.result is not None:
-        _store(task, handoff.task_id, outcome)
     return outcome.next
 
 
@@ -142,14 +145,16 @@ def _store(task: Task, task_id: str, outcome: Outcome) -> None:
         task.backend.mark_as_done(task_id, outcome.result.as_record())
 
 
-def _hand_on(handoff: Handoff, countdown: float | None = None) -> None:
+def _hand_on(presence: Presence, handoff: Handoff, countdown: float = 0.0) -> None:
+    """Send a job this process holds back through the broker, followed until received."""
     app.send_task(
         RENDER_TASK,
         args=[handoff.payload],
         task_id=handoff.task_id,
         queue=RENDER_QUEUE,
-        countdown=countdown,
+        countdown=countdown or None,
     )
+    presence.sent_back(handoff.task_id, handoff.payload, countdown)
 
 
 @worker_ready.connect

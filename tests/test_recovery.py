@@ -25,12 +25,13 @@ from avatarq.ledger.keys import (
     worker_heartbeat_key,
     worker_held_key,
 )
-from avatarq.ledger.worker import Claim, Ledger
+from avatarq.ledger.worker import Claim, Ledger, job_id_of
 from avatarq.results import Failed
 from avatarq.settings import Settings
 from avatarq_dev.processes import ManagedProcess
 from producers.client import enqueue
-from tasks.jobrun import Ending, JobParts, JobRun, Outcome, job_id_of
+from tasks import recovery
+from tasks.jobrun import Ending, JobParts, JobRun, Outcome
 from tasks.recovery import Presence
 from tests.fakes import FakeReporter
 from tests.httpserve import serving
@@ -235,3 +236,41 @@ def test_sigkilled_workers_waiting_job_plays_on_another_worker_within_seconds(
             time.sleep(0.2)
     # It ran to its (here: permanent) end on the rescuer: its source does not exist.
     assert json.loads(record)["reason"] == "source_not_found"
+
+
+def test_a_delivery_sent_back_is_followed_until_another_worker_has_it(
+    own_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A retry lost between the broker and a worker killed as it took it (no receipt, no
+    unacknowledged copy) is sent again by its sender; once another live worker holds it, the
+    sender lets go."""
+    monkeypatch.setattr(recovery, "RESEND_AFTER_S", 0.05)
+    job_id = f"sent-{uuid.uuid4().hex[:8]}"
+    payload = {"job_id": job_id, "room": job_id, "avatar_id": "a", "source": "a.wav"}
+    published: list[tuple[str, Any]] = []
+    settings = Settings(REDIS_URL=own_db)
+
+    async def go() -> None:
+        sender = Presence(settings, lambda *a: published.append(a))
+        other = Presence(settings, lambda *a: None)
+        try:
+            sender.hold(job_id, payload)  # its delivery
+            sender.sent_back(job_id, payload, 0.0)  # ends with a retry
+            sender.let_go(job_id)  # the delivery is over
+            await sender.beat_once()
+            assert published == [] and job_id in sender.held  # not due yet
+            await asyncio.sleep(0.1)
+            await sender.beat_once()
+            assert published == [(job_id, payload)]  # nobody has it: sent again
+            other.hold(job_id, payload)  # received at last
+            await other.beat_once()
+            await sender.beat_once()
+            assert job_id not in sender.held and sender.sent == {}
+            await sender.beat_once()  # the next beat drops it from Redis too
+            held = await sender.redis.hkeys(worker_held_key(sender.worker_id))
+            assert job_id.encode() not in held
+        finally:
+            await sender.redis.aclose()
+            await other.redis.aclose()
+
+    asyncio.run(go())

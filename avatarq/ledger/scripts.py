@@ -24,6 +24,7 @@ class Lua(StrEnum):
     TAKE_ORPHANS = "take_orphans"
     TAKE_STRANDED = "take_stranded"
     LANES_KEEP = "lanes_keep"
+    SEEN = "seen"
     REGISTER = "register"
     SLOTS_ACQUIRE = "slots_acquire"
     SLOTS_RENEW = "slots_renew"

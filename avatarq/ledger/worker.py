@@ -141,6 +141,14 @@ class Finish:
     next: Handoff | None = None
 
 
+def job_id_of(payload: Any, task_id: str) -> str:
+    """The job's id: its own, else the Celery task id, which every redelivery and retry of
+    the message keeps (a fresh random id per delivery would never reach its room's head)."""
+    if isinstance(payload, dict) and isinstance(payload.get("job_id"), str) and payload["job_id"]:
+        return str(payload["job_id"])
+    return task_id
+
+
 def lane_entry(task_id: str, payload: Any) -> str:
     return json.dumps({"task_id": task_id, "payload": json.dumps(payload)})
 
@@ -162,6 +170,7 @@ class Ledger:
         self._take_orphans = script(redis, Lua.TAKE_ORPHANS)
         self._take_stranded = script(redis, Lua.TAKE_STRANDED)
         self._lanes_keep = script(redis, Lua.LANES_KEEP)
+        self._seen = script(redis, Lua.SEEN)
 
     @staticmethod
     def new_token(worker_id: str) -> str:
@@ -358,6 +367,17 @@ class Ledger:
         for task_id, p in parked.items():
             args += [task_id, p.job_id, p.room, lane_entry(task_id, p.payload)]
         flat: list[Any] = await self._lanes_keep(keys=[LANES_KEY], args=args)
+        return {flat[i].decode() for i in range(0, len(flat), 2) if int(flat[i + 1])}
+
+    async def seen(self, worker_id: str, sent: Mapping[str, str]) -> set[str]:
+        """Of the deliveries this process sent back through the broker (task id → job id),
+        those someone answers for now: ended, playing, or held by another live process."""
+        if not sent:
+            return set()
+        prefixes = [job_record_key(""), job_lease_key(""), worker_held_key(""),
+                    worker_heartbeat_key("")]  # fmt: skip
+        args = [*prefixes, worker_id, *(x for pair in sent.items() for x in pair)]
+        flat: list[Any] = await self._seen(keys=[WORKERS_KEY], args=args)
         return {flat[i].decode() for i in range(0, len(flat), 2) if int(flat[i + 1])}
 
     async def take_stranded(self) -> list[Handoff]:
