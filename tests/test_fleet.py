@@ -3,7 +3,8 @@ settings but the quota: 30 one-second jobs over 6 rooms, 2 avatar sessions for t
 workers of which 2 are SIGKILLed at random and replaced, avatar starts failing first. None is
 lost, wedged or heard twice, each room hears its jobs in order and one at a time, and the
 avatar server never sees more sessions than the quota. Then a lane's own faults: SIGTERM of
-the worker holding it, and a cancel of a job parked in it."""
+the worker holding it, and a cancel of a job parked in it; and a worker cut off from Redis
+while its job plays (devstack/avatarq_dev/faults/cutoff.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from avatarq_dev.faults import FaultLab, fault_lab
+from avatarq_dev.faults.cutoff import worker_cut_off_from_redis
 from avatarq_dev.faults.fleet import (
     Load,
     cancel_in_a_lane,
@@ -88,3 +90,18 @@ def test_a_job_cancelled_in_a_lane_never_plays(lab: FaultLab) -> None:
     assert run.records[cancelled]["cancelled_while"] == "queued", detail(run)
     assert [run.records[j]["status"] for j in (head, last)] == ["completed"] * 2, detail(run)
     assert [s.job_id for s in run.segments if is_whole(run, s)] == [head, last], detail(run)
+
+
+@pytest.mark.netns
+@needs_netns
+def test_an_attempt_cut_off_from_redis_says_nothing_once_taken_over(lab: FaultLab) -> None:
+    """Split brain: the cut-off worker's avatar is taken away and the job plays on a live
+    worker; reconnected, the old attempt writes no event and publishes no retry."""
+    run = scenario_checks(worker_cut_off_from_redis(lab))
+    (job,) = run.ids
+    assert run.records[job]["status"] == "completed", detail(run)
+    assert run.records[job]["attempt"] == 2, detail(run)
+    after = [e for e in run.events[job] if e["ts"] > run.facts["taken_over_at"]]
+    assert all(e.get("attempt") in (None, 2) for e in after), json.dumps(after, indent=1)
+    assert not any(e["event"] == "job.retrying" for e in after), json.dumps(after, indent=1)
+    assert not run.facts["victim_retried"]

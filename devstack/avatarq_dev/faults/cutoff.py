@@ -1,0 +1,113 @@
+"""A worker cut off from Redis while its job plays (split brain): its Redis traffic goes
+through a TCP relay the scenario can cut and restore. The worker keeps streaming through
+LiveKit, its heartbeat and lease lapse, a live worker recovers the job, and the cut-off
+attempt, once it reaches Redis again, must say nothing more of it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+
+from avatarq_dev.faults.lab import FaultLab, Run
+
+
+class RedisRelay:
+    """Forwards loopback TCP connections to Redis; `cut()` drops every connection and
+    refuses new ones until `restore()`."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self.open = True
+        self._loop = asyncio.new_event_loop()
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        server = self._loop.run_until_complete(asyncio.start_server(self._accept, "127.0.0.1", 0))
+        self.port = server.sockets[0].getsockname()[1]
+        self._ready.set()
+        self._loop.run_forever()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.open:
+            writer.close()
+            return
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self._writers |= {writer, up_writer}
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        self._writers -= {writer, up_writer}
+
+    def _drop_all(self) -> None:
+        for writer in list(self._writers):
+            writer.transport.abort()
+        self._writers.clear()
+
+    def cut(self) -> None:
+        self.open = False
+        self._loop.call_soon_threadsafe(self._drop_all)
+
+    def restore(self) -> None:
+        self.open = True
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[RedisRelay]:
+        self._thread.start()
+        self._ready.wait(10)
+        try:
+            yield self
+        finally:
+            self._loop.call_soon_threadsafe(self._drop_all)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+def worker_cut_off_from_redis(lab: FaultLab, cut_for_s: float = 25.0) -> Run:
+    """Cut the playing worker off Redis (results, ledger and, on the Redis broker, its broker)
+    3 s into a 20 s job for `cut_for_s`, longer than its heartbeat and lease; a live worker
+    takes the job over. Reconnected, the old worker writes no event and sends no message."""
+    room = f"cutoff-{secrets.token_hex(3)}"
+    port = int(lab.stack.redis.url.rsplit(":", 1)[1].split("/")[0])
+    with RedisRelay(port).running() as relay:
+        via = lab.stack.redis.url.replace(f":{port}", f":{relay.port}")
+        extra = {"REDIS_URL": via}
+        if lab.broker == "redis":
+            extra["CELERY_BROKER_URL"] = via
+        with lab.workers(1, concurrency=1, env=extra) as (victim,):
+            job = lab.enqueue(room, 20.0)
+            lab.wait_streamed(job, 3.0)
+            with lab.workers(1):
+                cut_at = time.time()
+                relay.cut()
+                taken_over = lab.started_attempt(job, 2, timeout=60)
+                time.sleep(max(0.0, cut_at + cut_for_s - time.time()))
+                relay.restore()
+                restored_at = time.time()
+                records = lab.wait([job])
+                time.sleep(5.0)  # what the old attempt would say, it says soon after
+                victim_log = victim.tail(4000)
+    run = lab.observe(
+        "worker cut off from Redis mid-stream",
+        [job],
+        records,
+        recover_s=taken_over - cut_at,
+        room=room,
+        cut_at=cut_at,
+        taken_over_at=taken_over,
+        restored_at=restored_at,
+        victim_retried=f"avatarq.render[{job}] retry" in victim_log,
+    )
+    return run
