@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
+from avatarq.ledger.worker import Progress
 from producers.jobs import Job
 from tasks import metrics
 from tasks.control import JobControl, StopReason
@@ -45,6 +46,7 @@ class RunContext:
     control: JobControl
     ledger: JobLedger
     reporter: Reporter
+    attempt: int = 1
 
 
 @dataclass
@@ -55,6 +57,13 @@ class Segment:
     bytes_per_second: int
     duration: float | None
     pacer: Pacer
+    #: Where in the source this segment starts (seconds): a resumed attempt's checkpoint.
+    start_at: float = 0.0
+
+    def played_position(self, sent_bytes: int) -> float:
+        """How far into the source the avatar has provably played: what went out, less the
+        lead it may still hold (never before where this segment started)."""
+        return self.start_at + max(0.0, sent_bytes / self.bytes_per_second - self.pacer.lead)
 
 
 class JobHook:
@@ -97,6 +106,9 @@ class LeaseWatch(JobHook):
         self.ledger, self.job, self.token, self.control = ledger, job, token, control
         self.shutting_down = shutting_down
         self.interval_s = interval_s
+        self.attempt = 1
+        #: Where the attempt is in the source, recorded with each renewal (the checkpoint).
+        self.progress: Progress | None = None
         self._task: asyncio.Task[None] | None = None
 
     @classmethod
@@ -104,12 +116,21 @@ class LeaseWatch(JobHook):
         cls, shutting_down: Callable[[], bool], interval_s: float = WATCH_INTERVAL_S
     ) -> HookFactory:
         def make(run: RunContext) -> JobHook:
-            return cls(run.ledger, run.job, run.token, run.control, shutting_down, interval_s)
+            watch = cls(run.ledger, run.job, run.token, run.control, shutting_down, interval_s)
+            watch.attempt = run.attempt
+            return watch
 
         return make
 
     async def on_claimed(self) -> None:
         self._task = asyncio.create_task(self._watch())
+
+    def on_chunk_sent(self, segment: Segment, sent: int) -> None:
+        played, out = (
+            segment.played_position(sent),
+            segment.start_at + sent / segment.bytes_per_second,
+        )
+        self.progress = Progress(self.attempt, segment.start_at, played, out)
 
     async def on_released(self) -> None:
         # Awaited: a tick still running after the run let go of its lease must not renew it.
@@ -125,7 +146,9 @@ class LeaseWatch(JobHook):
                 self.control.request_stop(StopReason.HANDED_BACK)
                 return
             try:
-                cancel, ours = await self.ledger.watch(self.job.job_id, self.job.room, self.token)
+                cancel, ours = await self.ledger.watch(
+                    self.job.job_id, self.job.room, self.token, self.progress
+                )
             except (RedisError, OSError) as e:
                 # Keep playing through a Redis outage; the lease outlives a short one.
                 log.warning("job %s: ledger unreachable: %s", self.job.job_id, e)

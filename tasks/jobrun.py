@@ -197,7 +197,9 @@ class JobRun:
         return await self._play(job)
 
     async def _play(self, job: Job) -> Outcome:
-        context = RunContext(job, self.token, self.control, self.ledger, self.reporter)
+        context = RunContext(
+            job, self.token, self.control, self.ledger, self.reporter, attempt=self.attempt
+        )
         hooks = [make(context) for make in self.parts.hooks]
         for hook in hooks:
             await hook.on_claimed()

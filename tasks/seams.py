@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from avatarq.events import EventPayload
-from avatarq.ledger.worker import Claim, Finish, Handoff
+from avatarq.ledger.worker import Claim, Finish, Handoff, Progress
 from avatarq.results import JobResult
 from producers.jobs import Job
 from tasks.avatar_link import Milestones, NamedServer, SessionNote
@@ -31,7 +31,9 @@ class JobLedger(Protocol):
         self, job_id: str, room: str, token: str, *, park: Handoff | None = None
     ) -> tuple[Claim, int]: ...
 
-    async def watch(self, job_id: str, room: str, token: str) -> tuple[bool, bool]: ...
+    async def watch(
+        self, job_id: str, room: str, token: str, progress: Progress | None = None
+    ) -> tuple[bool, bool]: ...
 
     async def release(
         self, job_id: str, room: str, token: str, *, uncount: bool = False

@@ -15,7 +15,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from avatarq.events import Event, EventPayload
-from avatarq.ledger.worker import Claim, Finish, Handoff
+from avatarq.ledger.worker import Claim, Finish, Handoff, Progress
 from avatarq.results import JobResult
 from avatarq.settings import Settings
 from producers.jobs import Job
@@ -47,6 +47,8 @@ class FakeLedger:
         #: What watch ticks see of `ours`, when they cannot tell (None: the same).
         self.watch_ours: bool | None = None
         self.watch_calls = 0
+        #: The progress each watch tick recorded.
+        self.progress: list[Progress] = []
         self.releases: list[bool] = []  # uncount flag of each release
         self.records: dict[str, dict[str, Any]] = {}
         self.dead_letters: list[tuple[dict[str, Any], dict[str, Any]]] = []
@@ -63,8 +65,12 @@ class FakeLedger:
         self.claim_calls += 1
         return self.claims.pop(0) if len(self.claims) > 1 else self.claims[0]
 
-    async def watch(self, job_id: str, room: str, token: str) -> tuple[bool, bool]:
+    async def watch(
+        self, job_id: str, room: str, token: str, progress: Progress | None = None
+    ) -> tuple[bool, bool]:
         self.watch_calls += 1
+        if progress is not None:
+            self.progress.append(progress)
         return self.cancel, self.ours if self.watch_ours is None else self.watch_ours
 
     async def release(self, job_id: str, room: str, token: str, *, uncount: bool = False) -> bool:

@@ -86,7 +86,10 @@ class Progress:
 
     attempt: int
     started_at: float
+    #: What the avatar has provably played (sent, less the buffer it may still hold).
     position: float
+    #: What was sent: what it will have played once its buffer plays out.
+    sent: float
 
 
 @dataclass(frozen=True)
@@ -100,9 +103,18 @@ class Span:
 
 @dataclass(frozen=True)
 class Checkpoint:
-    #: How far the avatar has provably played the source, over all attempts.
+    #: How far the avatar has provably played the source (the last attempt's tick).
     position: float = 0.0
+    #: How far that attempt had sent.
+    sent: float = 0.0
+    #: The attempt's worker died with nothing clearing the avatar's buffer: it played out.
+    played_out: bool = False
     spans: tuple[Span, ...] = ()
+
+    @property
+    def heard(self) -> float:
+        """Where the listener's hearing of the source stopped: where to resume."""
+        return self.sent if self.played_out else self.position
 
     @property
     def heard_twice_s(self) -> float:
@@ -251,9 +263,10 @@ class Ledger:
             room_holder_key(room),
             job_checkpoint_key(job_id),
         ]
-        at: list[str | int] = ["", 0, ""]
+        at: list[str | int] = ["", "", 0, ""]
         if progress is not None:
-            at = [f"{progress.position:.3f}", progress.attempt, f"{progress.started_at:.3f}"]
+            p = progress
+            at = [f"{p.position:.3f}", f"{p.sent:.3f}", p.attempt, f"{p.started_at:.3f}"]
         args = [token, int(LEASE_TTL_S * 1000), job_id, *at, RECORD_TTL_S]
         cancel, ours = await self._watch(keys=keys, args=args)
         return bool(cancel), bool(ours)
@@ -266,8 +279,12 @@ class Ledger:
             if name.isdigit():
                 start, _, end = value.decode().partition(":")
                 spans.append(Span(int(name), float(start), float(end)))
-        position = float(fields.get(b"position", b"0"))
-        return Checkpoint(position, tuple(sorted(spans, key=lambda s: s.attempt)))
+        return Checkpoint(
+            position=float(fields.get(b"position", b"0")),
+            sent=float(fields.get(b"sent", b"0")),
+            played_out=fields.get(b"played_out") == b"1",
+            spans=tuple(sorted(spans, key=lambda s: s.attempt)),
+        )
 
     async def release(self, job_id: str, room: str, token: str, *, uncount: bool = False) -> bool:
         """Give the job back without ending it; False when the lease was no longer this
@@ -304,7 +321,7 @@ class Ledger:
         """Every unfinished delivery held by a worker process whose heartbeat is gone; each
         is returned to one caller only, which must publish it again."""
         prefixes = [worker_heartbeat_key(""), worker_held_key(""), job_lease_key(""),
-                    job_record_key("")]  # fmt: skip
+                    job_record_key(""), job_checkpoint_key("")]  # fmt: skip
         flat: list[Any] = await self._take_orphans(keys=[WORKERS_KEY], args=prefixes)
         return [
             Orphan(flat[i].decode(), flat[i + 1].decode(), bool(flat[i + 2]))

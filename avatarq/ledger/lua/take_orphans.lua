@@ -1,7 +1,8 @@
 -- Deliveries held by worker processes whose heartbeat is gone, taken (and so recovered) by
 -- exactly one caller: a flat list of {task id, payload, 1 if it was playing (held the lease)}.
 -- A dead worker's leases go with it; jobs that ended are left out.
--- KEYS: workers set   ARGV: heartbeat, held, lease and record key prefixes
+-- A playing one's avatar played out what it had buffered: it resumes from what was sent.
+-- KEYS: workers set   ARGV: heartbeat, held, lease, record and checkpoint key prefixes
 local out = {}
 for _, w in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   if redis.call('EXISTS', ARGV[1] .. w) == 0 then
@@ -13,6 +14,9 @@ for _, w in ipairs(redis.call('SMEMBERS', KEYS[1])) do
       local playing = 0
       if holder and string.sub(holder, 1, #w + 1) == w .. '/' then
         redis.call('DEL', lease)
+        if redis.call('EXISTS', ARGV[5] .. job) == 1 then
+          redis.call('HSET', ARGV[5] .. job, 'played_out', '1')
+        end
         playing = 1
       end
       if redis.call('EXISTS', ARGV[4] .. job) == 0 then

@@ -2,8 +2,10 @@
 -- lease and the room, and puts them back (with the job's place at the head of its room's
 -- order) if Redis lost them; records how far the avatar has provably played (the checkpoint
 -- a redelivery resumes from) and this attempt's span of the source.
+-- position: what the avatar has provably played; sent: what it will have played once its
+-- buffer plays out (where a dead worker's job resumes, since nothing cleared that buffer).
 -- KEYS: lease, cancel, record, room order, room holder, checkpoint
--- ARGV: token, ttl ms, job id, position ('' for none), attempt, attempt's start, ttl s
+-- ARGV: token, ttl ms, job id, position ('' for none), sent, attempt, attempt's start, ttl s
 local cancel = redis.call('EXISTS', KEYS[2])
 local holder = redis.call('GET', KEYS[1])
 if (holder and holder ~= ARGV[1]) or redis.call('EXISTS', KEYS[3]) == 1 then
@@ -19,7 +21,8 @@ if redis.call('LINDEX', KEYS[4], 0) ~= ARGV[3] then
   redis.call('LPUSH', KEYS[4], ARGV[3])
 end
 if ARGV[4] ~= '' then
-  redis.call('HSET', KEYS[6], 'position', ARGV[4], ARGV[5], ARGV[6] .. ':' .. ARGV[4])
-  redis.call('EXPIRE', KEYS[6], ARGV[7])
+  redis.call('HSET', KEYS[6], 'position', ARGV[4], 'sent', ARGV[5], 'played_out', '0',
+    ARGV[6], ARGV[7] .. ':' .. ARGV[5])
+  redis.call('EXPIRE', KEYS[6], ARGV[8])
 end
 return {cancel, 1}
