@@ -48,12 +48,20 @@ class RunContext:
 
 @dataclass
 class Segment:
-    """The stream a hook sees: whose it is, how fast it goes, how long it is."""
+    """The stream a hook sees: whose it is, how fast it goes, how long it is, and where in
+    the source it starts (a resumed job's seconds before `start_at` are not sent again)."""
 
     job: Job
     bytes_per_second: int
     duration: float | None
     pacer: Pacer
+    start_at: float = 0.0
+
+    def played_position(self, sent_bytes: int) -> float:
+        """The source position (seconds) the avatar has provably played: what was sent less
+        the lead the pacer keeps buffered ahead of real time."""
+        sent = sent_bytes / self.bytes_per_second
+        return self.start_at + max(0.0, sent - self.pacer.lead)
 
 
 class JobHook:
