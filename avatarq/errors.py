@@ -14,6 +14,7 @@ at once, tasks/jobrun.py):
      │    └── LiveKitRejected       livekit_rejected (the LiveKit credentials were refused)
      └── TransientJobError      the same job may succeed later
           ├── SourceUnavailable     source_unavailable
+          │    └── SourceStalled        source_stalled (no data long enough to risk the avatar)
           ├── AvatarUnavailable     avatar_unavailable (5xx, connection errors)
           ├── AvatarTimeout         avatar_timeout, avatar_not_listening, avatar_left
           ├── RoomError             room_error
@@ -69,6 +70,8 @@ class Reason(StrEnum):
     TTS_REJECTED = "tts_rejected"
     #: the source could not be fetched now
     SOURCE_UNAVAILABLE = "source_unavailable"
+    #: the source sent nothing for so long that the segment was ended (resumed on retry)
+    SOURCE_STALLED = "source_stalled"
     #: ffmpeg could not be started
     FFMPEG_MISSING = "ffmpeg_missing"
     #: the avatar server did not start a session (5xx, 409, network)
@@ -145,6 +148,13 @@ class SourceNotFound(PermanentJobError):
 
 class SourceUnavailable(TransientJobError):
     reason = Reason.SOURCE_UNAVAILABLE
+
+
+class SourceStalled(SourceUnavailable):
+    """The source stopped delivering mid-play and the run-ahead buffer ran dry: the segment
+    was ended cleanly before the avatar's idle timeout could cut it, to resume on retry."""
+
+    reason = Reason.SOURCE_STALLED
 
 
 class DecodeError(PermanentJobError):

@@ -32,7 +32,7 @@ class _Result(BaseModel):
 
     #: Left out of the record when None.
     _OPTIONAL: ClassVar[frozenset[str]] = frozenset(
-        {"room", "avatar_id", "reason", "pacing_errors_ms", "stopped_at"}
+        {"room", "avatar_id", "reason", "pacing_errors_ms", "stopped_at", "started_at", "ended_at"}
     )
 
     def as_record(self) -> dict[str, Any]:
@@ -69,6 +69,10 @@ class Played(_Result):
     lead: float
     sample_rate: int
     timestamps: Timestamps
+    #: This attempt's segment in the source (seconds): where it started (a resumed job's
+    #: checkpoint, else 0) and where it ended (the avatar's report, else what was sent).
+    started_at: float = 0.0
+    ended_at: float | None = None
     #: Benchmarks only (AVATARQ_PACING_TRACE): the schedule error of every chunk.
     pacing_errors_ms: list[float] | None = None
 
@@ -77,6 +81,9 @@ class Failed(_Result):
     status: Literal["failed"] = "failed"
     reason: str
     error: str
+    #: The failed attempt's segment in the source (seconds), when it had started playing.
+    started_at: float | None = None
+    ended_at: float | None = None
 
 
 class Cancelled(_Result):
@@ -87,6 +94,9 @@ class Cancelled(_Result):
     playback_position: float | None
     #: When a playing job stopped (epoch seconds).
     stopped_at: float | None = None
+    #: The cancelled attempt's segment in the source (seconds), when it was playing.
+    started_at: float | None = None
+    ended_at: float | None = None
 
 
 JobResult = Annotated[Played | Failed | Cancelled, Field(discriminator="status")]

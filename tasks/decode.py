@@ -11,6 +11,11 @@ hop and every address against the SSRF policy. Length limits are enforced on the
 itself (`max_seconds`), since many files never declare their length (FLAC or Matroska written
 to a pipe), and a file that decodes to far less than it declares (`expected_seconds`) is
 reported as truncated.
+
+A decode may start `start_at` seconds into the source (a resumed job): ffmpeg seeks the input
+where it can (`-ss` before `-i`: a regular file, a presigned S3 URL, which serves ranges),
+and elsewhere decodes from the start and drops the audio before `start_at` (`-ss` after
+`-i`), since an input seek on a pipe yields nothing at all. Both trim to the sample.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import asyncio
 import contextlib
 import re
 import shutil
+import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import TracebackType
@@ -110,15 +116,44 @@ def _input_options(resolved: ResolvedSource) -> dict[str, str | int]:
     return options
 
 
+def seekable(resolved: ResolvedSource) -> bool:
+    """Whether ffmpeg can seek the input itself. An http(s) source goes through the relay,
+    and whether its origin serves ranges is only known once it answers: it is decoded and
+    dropped, which is exact whatever the origin does."""
+    if resolved.kind == "s3":
+        return True
+    if resolved.kind != "file":
+        return False
+    path = resolved.url_or_path.removeprefix("file:")
+    try:
+        return stat.S_ISREG(Path(path).stat().st_mode)
+    except OSError:
+        return False  # the decoder reports the missing file
+
+
 def decode_command(
-    resolved: ResolvedSource, *, sample_rate: int = 16000, binary: str | None = None
+    resolved: ResolvedSource,
+    *,
+    sample_rate: int = 16000,
+    binary: str | None = None,
+    start_at: float = 0.0,
 ) -> list[str]:
-    """The ffmpeg argv decoding `resolved` to mono s16le PCM at `sample_rate` on stdout."""
+    """The ffmpeg argv decoding `resolved` from `start_at` seconds to mono s16le PCM at
+    `sample_rate` on stdout."""
     binary = binary or ffmpeg_binary(get_settings())
-    stream = ffmpeg.input(resolved.url_or_path, **_input_options(resolved))
+    options: dict[str, str | int | float] = dict(_input_options(resolved))
+    drop: dict[str, float] = {}
+    if start_at > 0:
+        if seekable(resolved):
+            options["ss"] = start_at
+        else:
+            drop["ss"] = start_at
+    stream = ffmpeg.input(resolved.url_or_path, **options)
     # ["a:0"] maps only the first audio stream: video/cover art is never decoded, and a file
     # without audio fails with "matches no streams" instead of producing silence.
-    out = stream["a:0"].output("pipe:", format="s16le", acodec="pcm_s16le", ac=1, ar=sample_rate)
+    out = stream["a:0"].output(
+        "pipe:", format="s16le", acodec="pcm_s16le", ac=1, ar=sample_rate, **drop
+    )
     # Global options first: -nostdin so ffmpeg never competes for the worker's stdin.
     argv: list[str] = out.compile(cmd=[binary, "-nostdin", "-hide_banner", "-loglevel", "error"])
     return argv
@@ -189,11 +224,12 @@ class PcmDecoder:
     SourceUnavailable for network sources) carrying the tail of ffmpeg's stderr; for an
     http(s) source a refused redirect or address raises the policy's InvalidJob.
 
-    `max_seconds`: `chunks()` raises DecodeError(reason="too_long") as soon as the decoded
-    audio passes it (plus LIMIT_SLACK_S), whether or not the file declared its length.
-    `expected_seconds` (the declared length, e.g. from `probe_duration`): at the end,
-    `chunks()` raises DecodeError(reason="truncated_audio") when the audio decoded clearly
-    short of it (see `truncated`).
+    `start_at`: decode from that many seconds into the source. `max_seconds`: `chunks()`
+    raises DecodeError(reason="too_long") as soon as the audio passes it (plus LIMIT_SLACK_S)
+    in the source, whether or not the file declared its length. `expected_seconds` (the
+    declared length, e.g. from `probe_duration`): at the end, `chunks()` raises
+    DecodeError(reason="truncated_audio") when the audio ended clearly short of it (see
+    `truncated`). Both count source seconds, `start_at` included.
     """
 
     def __init__(
@@ -204,8 +240,12 @@ class PcmDecoder:
         settings: Settings | None = None,
         max_seconds: float | None = None,
         expected_seconds: float | None = None,
+        start_at: float = 0.0,
     ) -> None:
+        if start_at < 0:
+            raise ValueError(f"start_at must not be negative, got {start_at}")
         self.resolved = resolved
+        self.start_at = start_at
         self.sample_rate = sample_rate
         self.settings = settings or get_settings()
         self.max_seconds = max_seconds
@@ -221,7 +261,10 @@ class PcmDecoder:
     @property
     def argv(self) -> list[str]:
         return decode_command(
-            self._input, sample_rate=self.sample_rate, binary=ffmpeg_binary(self.settings)
+            self._input,
+            sample_rate=self.sample_rate,
+            binary=ffmpeg_binary(self.settings),
+            start_at=self.start_at,
         )
 
     @property
@@ -230,7 +273,7 @@ class PcmDecoder:
 
     @property
     def decoded_seconds(self) -> float:
-        """Seconds of audio read so far (all of it once `chunks()` has ended)."""
+        """Seconds of audio read so far, from `start_at` (all of it once `chunks()` ended)."""
         return self.bytes_read / (2 * self.sample_rate)
 
     @property
@@ -239,7 +282,7 @@ class PcmDecoder:
         if self.expected_seconds is None:
             return False
         slack = max(TRUNCATED_SLACK_S, TRUNCATED_RATIO * self.expected_seconds)
-        return self.decoded_seconds < self.expected_seconds - slack
+        return self.start_at + self.decoded_seconds < self.expected_seconds - slack
 
     @property
     def stderr_tail(self) -> str:
@@ -317,7 +360,7 @@ class PcmDecoder:
         stdout = self._proc.stdout
         limit = None
         if self.max_seconds is not None:
-            limit = int((self.max_seconds + LIMIT_SLACK_S) * self.sample_rate) * 2
+            limit = int((self.max_seconds + LIMIT_SLACK_S - self.start_at) * self.sample_rate) * 2
         while True:
             try:
                 chunk = await stdout.readexactly(chunk_bytes)
@@ -357,13 +400,15 @@ class PcmDecoder:
             detail = stderr.strip()
             raise DecodeError(
                 f"no audio decoded from {self.resolved.description}"
+                + (f" from {self.start_at:g}s" if self.start_at else "")
                 + (f": {detail.splitlines()[-1]}" if detail else ""),
                 reason=Reason.NO_AUDIO,
             )
         if self.truncated:
             raise DecodeError(
                 f"truncated audio: {self.resolved.description} declares "
-                f"{self.expected_seconds:.2f}s but decodes to {self.decoded_seconds:.2f}s",
+                f"{self.expected_seconds:.2f}s but ends at "
+                f"{self.start_at + self.decoded_seconds:.2f}s",
                 reason=Reason.TRUNCATED_AUDIO,
             )
 

@@ -51,7 +51,8 @@ class RunContext:
 
 @dataclass
 class Segment:
-    """The stream a hook sees: whose it is, how fast it goes, how long it is."""
+    """The stream a hook sees: whose it is, how fast it goes, how long it is, and where in
+    the source it starts (a resumed job's seconds before `start_at` are not sent again)."""
 
     job: Job
     bytes_per_second: int

@@ -34,6 +34,7 @@ from tasks.control import Interrupted, JobControl, StopReason
 from tasks.decode import PcmDecoder, probe_duration
 from tasks.hooks import JobHook, Segment
 from tasks.pacing import Pacer
+from tasks.runahead import RUN_AHEAD_S, RunAhead
 from tasks.seams import Audio, AudioOpener, Link, LinkSource, Reporter, Sender, ServerResolver
 from tasks.source import aresolve
 from tasks.stream import CHUNK_SECONDS, PlaybackFinished
@@ -53,13 +54,17 @@ class FfmpegAudio:
     free cores a warm job's start waits for the slower of the two, not their sum (on busy
     ones the two spawns compete for the CPU, docs/performance.md). The length limit
     holds while decoding too (many files declare no length), and a file that decodes clearly
-    short of its declared length fails as truncated_audio."""
+    short of its declared length fails as truncated_audio. The decoder runs up to
+    RUN_AHEAD_S ahead of playback (tasks/runahead.py): a brief source stall is not heard,
+    a long one ends the segment with `source_stalled`."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
 
     @contextlib.asynccontextmanager
-    async def open(self, job: Job, *, sample_rate: int, chunk_bytes: int) -> AsyncIterator[Audio]:
+    async def open(
+        self, job: Job, *, sample_rate: int, chunk_bytes: int, start_at: float = 0.0
+    ) -> AsyncIterator[Audio]:
         if not isinstance(job.source, str):
             # Speech is rendered once by the producer (producers.tts), never by a worker.
             raise InvalidJob("tts sources must be rendered by the producer before they are queued")
@@ -67,15 +72,21 @@ class FfmpegAudio:
         limit = length_limit(job, self.settings)
         probe = asyncio.create_task(probe_duration(resolved, self.settings))
         decoder = PcmDecoder(
-            resolved, sample_rate=sample_rate, settings=self.settings, max_seconds=limit
+            resolved,
+            sample_rate=sample_rate,
+            settings=self.settings,
+            max_seconds=limit,
+            start_at=start_at,
         )
+        max_chunks = max(1, int(RUN_AHEAD_S * sample_rate * 2 / chunk_bytes))
         try:
             async with decoder:
                 chunks = decoder.chunks(chunk_bytes)
                 # Audio that decodes to nothing ends the decoder with DecodeError `no_audio`.
                 first = await anext(chunks)
                 duration = decoder.expected_seconds = await probe
-                yield Audio(duration, first, chunks, lambda: decoder.decoded_seconds)
+                async with RunAhead(chunks, max_chunks=max_chunks) as ahead:
+                    yield Audio(duration, first, aiter(ahead), lambda: decoder.decoded_seconds)
         finally:
             probe.cancel()
 
@@ -105,7 +116,9 @@ class Playback:
         hooks: Sequence[JobHook],
         attempt: int,
         note_session: SessionNote,
+        start_at: float = 0.0,
     ) -> Played:
+        """Play the job from `start_at` seconds into its source (0: from the beginning)."""
         ts = Milestones()
         await reporter.emit(JobStarted(room=job.room, avatar_id=job.avatar_id, attempt=attempt))
         server = self.resolve_server(job)
@@ -114,19 +127,24 @@ class Playback:
         # Bounded from the start by the longest the job may be; tightened once its length is
         # known.
         async with asyncio.timeout(time_budget(job, None, self.settings)) as budget:
-            opened = self.audio.open(job, sample_rate=server.sample_rate, chunk_bytes=chunk_bytes)
+            opened = self.audio.open(
+                job, sample_rate=server.sample_rate, chunk_bytes=chunk_bytes, start_at=start_at
+            )
             async with opened as audio:
                 _check_length(job, audio, self.settings)
+                remainder = _remainder(audio.duration, start_at)
                 loop = asyncio.get_running_loop()
-                budget.reschedule(loop.time() + time_budget(job, audio.duration, self.settings))
-                link, warm = await self._get_link(job, server, audio, ts, reporter, note_session)
+                budget.reschedule(loop.time() + time_budget(job, remainder, self.settings))
+                link, warm = await self._get_link(
+                    job, server, remainder, ts, reporter, note_session
+                )
                 link.attach(control)
                 await reporter.emit(AvatarReady(session_id=link.session_id, warm=warm))
                 bps = link.sender.bytes_per_second
                 pacer = Pacer(
                     bytes_per_second=bps, lead=lead, record_errors=self.settings.pacing_trace
                 )
-                segment = Segment(job, bps, audio.duration, pacer)
+                segment = Segment(job, bps, audio.duration, pacer, start_at=start_at)
                 for hook in hooks:
                     hook.on_stream_start(segment)
                 keep = False
@@ -152,13 +170,13 @@ class Playback:
         self,
         job: Job,
         server: NamedServer,
-        audio: Audio,
+        duration: float | None,
         ts: Milestones,
         reporter: Reporter,
         note_session: SessionNote,
     ) -> tuple[Link, bool]:
         """The room with a listening avatar: this process's idle one, else a cold start."""
-        link = await self.links.take_warm(job, server, duration=audio.duration)
+        link = await self.links.take_warm(job, server, duration=duration)
         if link is not None:
             ts.room_joined = ts.avatar_ready = time.time()
             await note_session(job.job_id, server.name, link.session_id)
@@ -166,7 +184,7 @@ class Playback:
         link = await self.links.start_cold(
             job,
             server,
-            duration=audio.duration,
+            duration=duration,
             ts=ts,
             reporter=reporter,
             note_session=note_session,
@@ -219,6 +237,11 @@ class Playback:
         ts.playback_finished = time.time()
         _check_complete(finished.playback_position, streamed, attempt=attempt)
         return finished
+
+
+def _remainder(duration: float | None, start_at: float) -> float | None:
+    """The seconds left to play from `start_at` (None when the length is unknown)."""
+    return None if duration is None else max(0.0, duration - start_at)
 
 
 def _check_length(job: Job, audio: Audio, settings: Settings) -> None:
@@ -298,8 +321,14 @@ def _result(
         reason=None if confirmed else Reason.PLAYBACK_UNCONFIRMED,
         room=job.room,
         avatar_id=job.avatar_id,
-        audio_duration=audio.duration if audio.duration is not None else audio.decoded_seconds(),
+        audio_duration=audio.duration
+        if audio.duration is not None
+        else segment.start_at + audio.decoded_seconds(),
         seconds_streamed=round(streamed, 6),
+        started_at=segment.start_at,
+        ended_at=round(
+            segment.start_at + (finished.playback_position if finished else streamed), 6
+        ),
         playback_position=finished.playback_position if finished else None,
         interrupted=finished.interrupted if finished else None,
         playback_confirmed=confirmed,

@@ -70,8 +70,9 @@ class Reporter(Protocol):
 
 @dataclass
 class Audio:
-    """A source being decoded: its declared length, the first chunk (decoded before anything
-    is joined, so a bad file fails cheaply), and the rest."""
+    """A source being decoded: its declared length (of the whole source, whatever the
+    start), the first chunk (decoded before anything is joined, so a bad file fails
+    cheaply), and the rest."""
 
     duration: float | None
     first: bytes
@@ -82,7 +83,7 @@ class Audio:
 
 class AudioOpener(Protocol):
     def open(
-        self, job: Job, *, sample_rate: int, chunk_bytes: int
+        self, job: Job, *, sample_rate: int, chunk_bytes: int, start_at: float = 0.0
     ) -> AbstractAsyncContextManager[Audio]: ...
 
 

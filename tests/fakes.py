@@ -137,8 +137,11 @@ class FakeAudio:
     opened: int = 0
 
     @contextlib.asynccontextmanager
-    async def open(self, job: Job, *, sample_rate: int, chunk_bytes: int) -> AsyncIterator[Audio]:
+    async def open(
+        self, job: Job, *, sample_rate: int, chunk_bytes: int, start_at: float = 0.0
+    ) -> AsyncIterator[Audio]:
         self.opened += 1
+        self.start_at = start_at
         if self.error is not None:
             raise self.error
         total = int(self.seconds * sample_rate) * 2
