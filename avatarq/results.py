@@ -52,6 +52,16 @@ class Timestamps(BaseModel):
     playback_finished: float | None = None
 
 
+class AttemptSpan(BaseModel):
+    """The part of the source one attempt played (seconds)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    attempt: int
+    started_at: float
+    ended_at: float
+
+
 class Played(_Result):
     """Streamed to the avatar: `completed` once it reported playing it, else `unconfirmed`
     (reason `playback_unconfirmed`), which is terminal too and never replayed."""
@@ -73,6 +83,11 @@ class Played(_Result):
     #: checkpoint, else 0) and where it ended (the avatar's report, else what was sent).
     started_at: float = 0.0
     ended_at: float | None = None
+    #: Every attempt's span, the earlier ones from the ledger's checkpoints, and the seconds
+    #: of the source that more than one of them played (at most: an attempt's span ends at
+    #: what it sent).
+    attempts: list[AttemptSpan] = Field(default_factory=list)
+    seconds_heard_twice: float = 0.0
     #: Benchmarks only (AVATARQ_PACING_TRACE): the schedule error of every chunk.
     pacing_errors_ms: list[float] | None = None
 

@@ -109,6 +109,11 @@ class Settings(BaseSettings):
     #: job's worker (off: it waits in its worker slot and goes back through the broker, the
     #: design before lanes, kept as the benchmark's comparison row).
     room_lanes: bool = Field(True, validation_alias=_env("AVATARQ_ROOM_LANES"))
+    #: A resumed job starts this long before where the listener stopped hearing it, so the
+    #: cut falls inside a few words heard twice rather than a word lost (s, at most 1).
+    resume_overlap_s: float = Field(
+        0.3, ge=0.0, le=1.0, validation_alias=_env("AVATARQ_RESUME_OVERLAP")
+    )
 
     # --- Broker and Redis ----------------------------------------------------------------------
     #: Results, events, the ledger; also the broker unless `CELERY_BROKER_URL` says otherwise.

@@ -112,6 +112,9 @@ class Job(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
     """Free data echoed in the result and events."""
     webhook_url: HttpUrl | None = None
+    resume: Literal["checkpoint", "start"] = "checkpoint"
+    """After a fault, play on from where the listener stopped hearing (less
+    `AVATARQ_RESUME_OVERLAP`), or `start` again from the beginning."""
 
     @field_validator("avatar_server", mode="before")
     @classmethod

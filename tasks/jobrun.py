@@ -42,8 +42,16 @@ from redis.exceptions import RedisError
 
 from avatarq.errors import InvalidJob, JobError, Reason, TransientJobError
 from avatarq.events import Retrying
-from avatarq.ledger.worker import Claim, Handoff, Parked, job_id_of
-from avatarq.results import Cancelled, Failed, JobResult, Played
+from avatarq.ledger.worker import (
+    Checkpoint,
+    Claim,
+    Handoff,
+    Parked,
+    Progress,
+    Span,
+    job_id_of,
+)
+from avatarq.results import AttemptSpan, Cancelled, Failed, JobResult, Played
 from avatarq.settings import Settings
 from producers.jobs import Job, parse_job
 from tasks.avatar_link import SessionNote
@@ -112,6 +120,7 @@ class Player(Protocol):
         hooks: Sequence[JobHook],
         attempt: int,
         note_session: SessionNote,
+        start_at: float = 0.0,
     ) -> Played: ...
 
 
@@ -149,6 +158,9 @@ class JobRun:
         self.attempt = 0
         self.control = JobControl()
         self.job: Job | None = None
+        #: Where in the source this attempt starts: where earlier ones got to, less overlap.
+        self.start_at = 0.0
+        self.checkpoint = Checkpoint()
 
     @property
     def ledger(self) -> JobLedger:
@@ -194,6 +206,10 @@ class JobRun:
         if verdict is Claim.CANCELLED:
             return await self._cancelled(while_="queued", position=None, streamed=0.0)
         self.attempt = attempt
+        if job.resume == "checkpoint":
+            self.checkpoint = await self.ledger.checkpoint(job.job_id)
+            overlap = self.parts.settings.resume_overlap_s
+            self.start_at = max(0.0, self.checkpoint.heard - overlap)
         return await self._play(job)
 
     async def _play(self, job: Job) -> Outcome:
@@ -211,13 +227,16 @@ class JobRun:
                 hooks=hooks,
                 attempt=self.attempt,
                 note_session=self.ledger.note_avatar_session,
+                start_at=self.start_at,
             )
         except NoAvatarSlot as e:
             log.info("job %s: %s; requeued", job.job_id, e)
             return await self._waiting_for_avatar()
         except Interrupted as e:
             if e.reason is StopReason.HANDED_BACK:
-                return self._dropped() if self.control.taken_over else await self._handed_back()
+                if self.control.taken_over:
+                    return self._dropped()
+                return await self._handed_back(e.playback_position)
             return await self._cancelled(
                 while_="playing",
                 position=e.playback_position,
@@ -246,7 +265,14 @@ class JobRun:
     # -- one handler per ending -------------------------------------------------------------
 
     async def _played(self, played: Played) -> Outcome:
-        return await self._end(Ending.PLAYED, played)
+        end = played.ended_at if played.ended_at is not None else played.started_at
+        spans = (*self.checkpoint.spans, Span(self.attempt, played.started_at, end))
+        spans = tuple(s for s in spans if s.attempt < self.attempt) + spans[-1:]
+        update = {
+            "attempts": [AttemptSpan(**vars(s)) for s in spans],
+            "seconds_heard_twice": round(Checkpoint(spans=spans).heard_twice_s, 3),
+        }
+        return await self._end(Ending.PLAYED, played.model_copy(update=update))
 
     def _dropped(self) -> Outcome:
         return Outcome(Ending.DROPPED)
@@ -269,7 +295,12 @@ class JobRun:
             return self._dropped()
         return self._requeued(self.parts.timing.quota_requeue_s)
 
-    async def _handed_back(self) -> Outcome:
+    async def _handed_back(self, position: float | None) -> Outcome:
+        if position is not None:
+            # The avatar reported where it stopped, its buffer cleared: resume exactly there.
+            job, heard = self._job, self.start_at + position
+            progress = Progress(self.attempt, self.start_at, heard, heard)
+            await self.ledger.watch(job.job_id, job.room, self.token, progress)
         if not await self._release():
             return self._dropped()
         reason = StopReason.HANDED_BACK.value

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from avatarq.events import EventPayload
-from avatarq.ledger.worker import Claim, Finish, Handoff, Progress
+from avatarq.ledger.worker import Checkpoint, Claim, Finish, Handoff, Progress
 from avatarq.results import JobResult
 from producers.jobs import Job
 from tasks.avatar_link import Milestones, NamedServer, SessionNote
@@ -42,6 +42,8 @@ class JobLedger(Protocol):
     async def finish(
         self, job_id: str, room: str | None, result: dict[str, Any], *, token: str
     ) -> Finish: ...
+
+    async def checkpoint(self, job_id: str) -> Checkpoint: ...
 
     async def dead_letter(
         self, job_payload: Mapping[str, Any], result: Mapping[str, Any]

@@ -15,7 +15,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from avatarq.events import Event, EventPayload
-from avatarq.ledger.worker import Claim, Finish, Handoff, Progress
+from avatarq.ledger.worker import Checkpoint, Claim, Finish, Handoff, Progress
 from avatarq.results import JobResult
 from avatarq.settings import Settings
 from producers.jobs import Job
@@ -49,6 +49,8 @@ class FakeLedger:
         self.watch_calls = 0
         #: The progress each watch tick recorded.
         self.progress: list[Progress] = []
+        #: What earlier attempts of a job left (Ledger.checkpoint).
+        self.checkpoints: dict[str, Checkpoint] = {}
         self.releases: list[bool] = []  # uncount flag of each release
         self.records: dict[str, dict[str, Any]] = {}
         self.dead_letters: list[tuple[dict[str, Any], dict[str, Any]]] = []
@@ -89,6 +91,9 @@ class FakeLedger:
             return Finish(recorded=False)
         self.records[job_id] = result
         return Finish(recorded=True, next=self.next_in_lane)
+
+    async def checkpoint(self, job_id: str) -> Checkpoint:
+        return self.checkpoints.get(job_id, Checkpoint())
 
     async def dead_letter(self, job_payload: Mapping[str, Any], result: Mapping[str, Any]) -> None:
         self.dead_letters.append((dict(job_payload), dict(result)))

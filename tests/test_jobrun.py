@@ -21,7 +21,7 @@ from avatarq.errors import (
     TransientJobError,
 )
 from avatarq.events import Event
-from avatarq.ledger.worker import Claim, Handoff
+from avatarq.ledger.worker import Checkpoint, Claim, Handoff, Span
 from avatarq.results import Cancelled, Failed, Played
 from avatarq.settings import Settings
 from tasks.control import StopReason
@@ -385,3 +385,35 @@ def test_hooks_see_the_run_in_order_and_are_released_on_failure_too(stand: Stand
     stand.links.start_error = AvatarTimeout("no avatar")
     run(stand, {**JOB, "job_id": "job-2"})
     assert trace == ["claimed", "released"]
+
+
+def test_a_redelivery_resumes_where_the_listener_stopped_hearing(stand: Stand) -> None:
+    stand.audio.seconds = stand.audio.declared = 10.0
+    earlier = (Span(1, 0.0, 6.5),)
+    stand.ledger.checkpoints["job-1"] = Checkpoint(position=6.0, sent=6.5, spans=earlier)
+    stand.ledger.claims = [(Claim.OK, 2)]
+    outcome = run(stand)
+    played = outcome.result
+    assert isinstance(played, Played) and outcome.ending is Ending.PLAYED
+    # Provably heard up to 6.0 (what was sent, less the lead), less the 0.3 s overlap.
+    assert played.started_at == pytest.approx(5.7)
+    assert stand.audio.start_at == pytest.approx(5.7)  # the source opened there
+    assert [(a.attempt, a.started_at) for a in played.attempts] == [(1, 0.0), (2, 5.7)]
+    assert played.seconds_heard_twice == pytest.approx(0.8)  # 5.7 → 6.5 played by both
+    assert all(p.started_at == pytest.approx(5.7) for p in stand.ledger.progress)
+
+
+def test_a_dead_workers_job_resumes_from_what_its_avatar_played_out(stand: Stand) -> None:
+    stand.audio.seconds = stand.audio.declared = 10.0
+    stand.ledger.checkpoints["job-1"] = Checkpoint(position=6.0, sent=6.5, played_out=True)
+    stand.ledger.claims = [(Claim.OK, 2)]
+    played = run(stand).result
+    assert isinstance(played, Played) and played.started_at == pytest.approx(6.2)
+
+
+def test_a_job_can_ask_to_start_again_from_the_beginning(stand: Stand) -> None:
+    stand.audio.seconds = stand.audio.declared = 10.0
+    stand.ledger.checkpoints["job-1"] = Checkpoint(position=6.0, sent=6.5)
+    stand.ledger.claims = [(Claim.OK, 2)]
+    played = run(stand, {**JOB, "resume": "start"}).result
+    assert isinstance(played, Played) and played.started_at == 0.0
