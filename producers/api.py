@@ -4,10 +4,12 @@
 `/openapi.json`. Every `/jobs` route needs a key from `AVATARQ_API_KEYS`, sent as
 `Authorization: Bearer KEY` or `X-API-Key: KEY` (401 when missing, 403 when wrong).
 
-Each key belongs to a tenant (`tenant:key` entries). Job ids are namespaced per tenant: the
-job a tenant calls `welcome-42` is queued as `{tenant}:welcome-42`, so another tenant's
-`welcome-42` is another job, and one tenant can neither see nor cancel another's jobs. Routes
-and answers use the tenant's own ids; results, events and webhooks carry the full id.
+Each key belongs to a tenant (`tenant:key` entries). Job ids and rooms are namespaced per
+tenant: the job a tenant calls `welcome-42` in room `lobby` is queued as `{tenant}:welcome-42`
+to play in the LiveKit room `{tenant}:lobby`, so another tenant's `welcome-42` is another job
+in another room, and one tenant can neither see, cancel, play into nor watch another's. Routes
+and answers use the tenant's own names; results, events and webhooks carry the full ones. Keys
+all without a tenant (a single-client setup) keep room names as given (docs/tenants.md).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from avatarq.sourcepolicy import REASON as SOURCE_REFUSED
 from avatarq.sourcepolicy import WEBHOOK_REASON as WEBHOOK_REFUSED
 from producers.client import cancel, enqueue, get_status
 from producers.console import mount_console
+from producers.headers import SecurityHeaders
 from producers.jobs import JOB_ID_PATTERN, Job, parse_job
 
 log = logging.getLogger("avatarq.api")
@@ -63,6 +66,8 @@ JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN, description="The job's id")]
 TENANT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
 #: The tenant of a key given without one (at most one such key).
 DEFAULT_TENANT = "default"
+#: The longest room name (avatarq.settings.NAME_PATTERN), a tenant's prefix included.
+ROOM_MAX = 128
 #: Redis stream entry ids, as SSE clients send them back in Last-Event-ID.
 STREAM_ID = re.compile(r"^\d{1,20}(-\d{1,20})?$")
 #: Errors meaning Redis (results, ledger) or the broker cannot be reached: 503.
@@ -154,20 +159,57 @@ ApiKeyHeader = Annotated[
 ]
 
 
-class TenantIds:
-    """A tenant's view of job ids: theirs (`welcome-42`) and the queue's (`acme:welcome-42`)."""
+def rooms_namespaced(keys: dict[str, str]) -> bool:
+    """Whether tenants' rooms are their own (`{tenant}:{room}` in LiveKit): unless every key is
+    the `default` tenant's, where the API has one client and room names stay as given."""
+    return set(keys.values()) != {DEFAULT_TENANT}
 
-    def __init__(self, tenant: str) -> None:
+
+def _invalid(field: str, message: str) -> RequestValidationError:
+    return RequestValidationError([{"loc": ("body", field), "msg": message, "type": "value_error"}])
+
+
+class TenantIds:
+    """A tenant's view of job ids and rooms: theirs (`welcome-42`, `lobby`) and the queue's and
+    LiveKit's (`acme:welcome-42`, `acme:lobby`; the room as given when rooms are not namespaced).
+    """
+
+    def __init__(self, tenant: str, own_rooms: bool = True) -> None:
         self.prefix = f"{tenant}:"
+        self.room_prefix = self.prefix if own_rooms else ""
 
     def internal(self, job_id: str) -> str:
         return self.prefix + job_id
 
+    def livekit_room(self, room: str) -> str:
+        """The LiveKit room of the tenant's `room`. A tenant's room name may not hold the
+        separator, so every room of a tenant's has exactly one and `acme:x:y` names none."""
+        if not self.room_prefix:
+            return room
+        if ":" in room:
+            raise _invalid("room", "room may not contain ':' (it separates tenant and room)")
+        if len(self.room_prefix + room) > ROOM_MAX:
+            raise _invalid("room", f"room is at most {ROOM_MAX - len(self.room_prefix)} characters")
+        return self.room_prefix + room
+
+    def owns_room(self, livekit_room: str) -> bool:
+        """Whether `livekit_room` is one this tenant can name (`livekit_room` of some room)."""
+        if not self.room_prefix:
+            return True
+        own = livekit_room.removeprefix(self.room_prefix)
+        return own != livekit_room and ":" not in own
+
+    def public_room(self, livekit_room: str) -> str:
+        return livekit_room.removeprefix(self.room_prefix)
+
     def public(self, record: dict[str, Any]) -> dict[str, Any]:
-        """`record` (a status, a result, an event's fields) with the tenant's own job id."""
-        job_id = record.get("job_id")
+        """`record` (a status, a result, an event's fields) with the tenant's own job id and
+        room."""
+        job_id, room = record.get("job_id"), record.get("room")
         if isinstance(job_id, str) and job_id.startswith(self.prefix):
             record = {**record, "job_id": job_id.removeprefix(self.prefix)}
+        if isinstance(room, str) and self.owns_room(room):
+            record = {**record, "room": self.public_room(room)}
         return record
 
 
@@ -187,7 +229,7 @@ def require_tenant(request: Request, credentials: Bearer, api_key: ApiKeyHeader)
             tenant = owner
     if tenant is None:
         raise HTTPException(403, "invalid API key")
-    return TenantIds(tenant)
+    return TenantIds(tenant, own_rooms=request.app.state.own_rooms)
 
 
 Tenant = Annotated[TenantIds, Depends(require_tenant)]
@@ -308,14 +350,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     except ValueError as e:
         raise RuntimeError(str(e)) from None
 
+    # No Swagger or ReDoc page: they run inline and CDN scripts, which the console's origin
+    # refuses (producers/headers.py); the OpenAPI document stays at /openapi.json.
     app = FastAPI(
         title="avatarq",
         summary="Enqueue avatar audio jobs, follow them, cancel them, stream their events.",
         version="1",
+        docs_url=None,
+        redoc_url=None,
     )
     app.add_middleware(BodyLimit, max_bytes=s.api_max_body_bytes)
+    # Added last, so outermost: the body limit's 413 gets the headers too.
+    app.add_middleware(SecurityHeaders, livekit_url=s.livekit_public_url or s.livekit_url)
     _install_error_handlers(app)
     app.state.api_keys = keys
+    app.state.own_rooms = rooms_namespaced(keys)
     jobs = APIRouter(prefix="/jobs", tags=["jobs"])
 
     def known_status(job_id: str, scope: TenantIds) -> dict[str, Any]:
@@ -336,16 +385,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         _refuse_local_source(job)
         internal = scope.internal(job.job_id)
         if len(internal) > 128:
-            raise RequestValidationError(
-                [
-                    {
-                        "loc": ("body", "job_id"),
-                        "msg": f"job_id is at most {128 - len(scope.prefix)} characters",
-                        "type": "value_error",
-                    }
-                ]
-            )
-        handle = enqueue(parse_job({**job.payload(), "job_id": internal}, s), settings=s)
+            raise _invalid("job_id", f"job_id is at most {128 - len(scope.prefix)} characters")
+        named = {**job.payload(), "job_id": internal, "room": scope.livekit_room(job.room)}
+        handle = enqueue(parse_job(named, s), settings=s)
         if not handle.created:
             response.status_code = 200
         response.headers["Location"] = f"/jobs/{job.job_id}"

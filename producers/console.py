@@ -72,12 +72,18 @@ class ViewerToken(BaseModel):
 
 
 class TenantScope(Protocol):
-    """A tenant's view of job ids (producers/api.py's `TenantIds`): the console shows a key's
-    tenant only its own jobs, under their own ids, as the `/jobs` routes do."""
+    """A tenant's view of job ids and rooms (producers/api.py's `TenantIds`): the console shows
+    a key's tenant only its own jobs and rooms, under their own names, as the `/jobs` routes do."""
 
     prefix: str
 
     def internal(self, job_id: str) -> str: ...
+
+    def livekit_room(self, room: str) -> str: ...
+
+    def owns_room(self, livekit_room: str) -> bool: ...
+
+    def public_room(self, livekit_room: str) -> str: ...
 
     def public(self, record: dict[str, Any]) -> dict[str, Any]: ...
 
@@ -101,16 +107,18 @@ def _queued_job(ledger: ProducerLedger, job_id: str, settings: Settings) -> dict
 
 
 def rooms(settings: Settings, scope: TenantScope) -> list[dict[str, Any]]:
-    """Each room with unfinished jobs of the tenant, those in play order (the head plays
-    first), and how many jobs of others the room holds (they take turns too)."""
+    """Each of the tenant's rooms with unfinished jobs of the tenant, those in play order (the
+    head plays first), and how many jobs of others the room holds (they take turns too: jobs
+    a Python producer sent, or any tenant's where rooms are not namespaced)."""
     ledger = ledger_for(settings)
     result = []
-    for room in sorted(ledger.rooms(MAX_ROOMS)):
+    for room in sorted(r for r in ledger.rooms(MAX_ROOMS) if scope.owns_room(r)):
         ids = ledger.room_order(room, MAX_JOBS_PER_ROOM)
         own = [i for i in ids if i.startswith(scope.prefix)]
         if own:
             jobs = [scope.public(_queued_job(ledger, job_id, settings)) for job_id in own]
-            result.append({"room": room, "jobs": jobs, "others": len(ids) - len(own)})
+            public = scope.public_room(room)
+            result.append({"room": public, "jobs": jobs, "others": len(ids) - len(own)})
     return result
 
 
@@ -234,10 +242,11 @@ def mount_console(app: FastAPI, tenant: Callable[..., TenantScope], settings: Se
             raise HTTPException(404, f"job {job_id} is not in the dead-letter list") from None
         return {**scope.public({"job_id": handle.job_id}), "created": handle.created}
 
-    @data.post("/viewer-token", dependencies=[scoped])
-    def watch(request: WatchRequest) -> ViewerToken:
-        """A subscribe-only LiveKit token for the room, so the page can show its avatar. Any
-        room: rooms are not a tenant's own, and a key that may play into a room may see it."""
-        return viewer_token(settings, request.room)
+    @data.post("/viewer-token")
+    def watch(request: WatchRequest, scope: TenantScope = scoped) -> ViewerToken:
+        """A subscribe-only LiveKit token for one of the tenant's rooms, so the page can show
+        its avatar; `room` in the answer is the tenant's name, the token is for LiveKit's."""
+        token = viewer_token(settings, scope.livekit_room(request.room))
+        return token.model_copy(update={"room": request.room})
 
     app.include_router(data)

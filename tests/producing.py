@@ -3,6 +3,7 @@ read what sits in the broker's render queue."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -39,3 +40,14 @@ def own_db(redis_url: str, db: int) -> str:
 def queued_job_ids(client: redis.Redis) -> list[str]:
     """Job ids of the render messages waiting in the broker (Celery's task id is the job id)."""
     return [json.loads(m)["headers"]["id"] for m in client.lrange(RENDER_QUEUE, 0, -1)]
+
+
+def queued_rooms(client: redis.Redis) -> dict[str, str]:
+    """{job id: LiveKit room} of the render messages waiting in the broker (the room the
+    worker will play into: the payload, Celery's first argument)."""
+    rooms = {}
+    for raw in client.lrange(RENDER_QUEUE, 0, -1):
+        message = json.loads(raw)
+        args = json.loads(base64.b64decode(message["body"]))[0]
+        rooms[message["headers"]["id"]] = args[0]["room"]
+    return rooms

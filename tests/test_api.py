@@ -14,8 +14,10 @@ import redis
 import requests
 
 from avatarq.ledger.keys import job_events_key, job_record_key
+from avatarq.settings import Settings
 from avatarq_dev.processes import ManagedProcess, free_port, tcp_ready
-from tests.producing import AVATARQ, avatarq, own_db, queued_job_ids
+from producers.client import ledger_for
+from tests.producing import AVATARQ, avatarq, own_db, queued_job_ids, queued_rooms
 
 KEYS = ("acme:key-one", "globex:key-two")
 MAX_BODY = 4096
@@ -127,10 +129,10 @@ def test_status_and_cancel(api: str, r: redis.Redis) -> None:
     res = requests.delete(f"{api}/jobs/api-cancel-1", headers=AUTH, timeout=10)
     assert res.status_code == 202 and res.json() == {"job_id": "api-cancel-1", "was": "queued"}
     # An ended job reports its record, and cancelling it changes nothing.
-    record = {"job_id": "acme:api-done-1", "status": "completed", "seconds_streamed": 1.5}
+    record = {"job_id": "acme:api-done-1", "status": "completed", "room": "acme:lobby"}
     r.set(job_record_key("acme:api-done-1"), json.dumps(record))
     shown = requests.get(f"{api}/jobs/api-done-1", headers=AUTH, timeout=10).json()
-    assert shown == {**record, "job_id": "api-done-1"}
+    assert shown == {**record, "job_id": "api-done-1", "room": "lobby"}  # the tenant's names
     res = requests.delete(f"{api}/jobs/api-done-1", headers=AUTH, timeout=10)
     assert res.json()["was"] == "ended"
     bad_id = requests.get(f"{api}/jobs/..%2Fx", headers=AUTH, timeout=10)
@@ -146,7 +148,7 @@ def test_sse_stream_ends_after_the_terminal_event(api: str, r: redis.Redis) -> N
     for event, data in [("job.started", {}), ("job.progress", {"seconds_streamed": 1.0})]:
         fields = {"event": event, "job_id": "acme:api-sse-1", "ts": "1", "data": json.dumps(data)}
         r.xadd(key, fields)
-    result = json.dumps({"job_id": "acme:api-sse-1", "status": "completed"})
+    result = json.dumps({"job_id": "acme:api-sse-1", "status": "completed", "room": "acme:lobby"})
     fields = {"event": "job.completed", "job_id": "acme:api-sse-1", "ts": "2", "data": result}
     last = r.xadd(key, fields)
     url = f"{api}/jobs/api-sse-1/events"
@@ -159,6 +161,7 @@ def test_sse_stream_ends_after_the_terminal_event(api: str, r: redis.Redis) -> N
     # The tenant sees its own job ids.
     assert {f["data"]["job_id"] for f in frames} == {"api-sse-1"}
     assert frames[-1]["data"]["data"]["job_id"] == "api-sse-1"
+    assert frames[-1]["data"]["data"]["room"] == "lobby"
     # Resuming after the second event sends only the rest.
     resume = {**AUTH, "Last-Event-ID": frames[1]["id"]}
     with requests.get(url, headers=resume, stream=True, timeout=30) as res:
@@ -168,6 +171,31 @@ def test_sse_stream_ends_after_the_terminal_event(api: str, r: redis.Redis) -> N
     assert requests.post(f"{api}/jobs", json=job, headers=AUTH, timeout=10).status_code == 201
     with requests.get(f"{api}/jobs/api-sse-none/events?timeout=1", headers=AUTH, timeout=30) as res:
         assert res.status_code == 200 and sse_frames(res) == []
+
+
+def test_security_headers_on_every_response(api: str) -> None:
+    responses = [
+        requests.get(f"{api}/jobs/x1", timeout=10),  # 401
+        requests.get(f"{api}/jobs/x1", headers=AUTH, timeout=10),  # 404
+        requests.post(f"{api}/jobs", data=b"x" * (MAX_BODY + 1), headers=AUTH, timeout=10),  # 413
+        requests.get(f"{api}/openapi.json", timeout=10),
+        requests.get(api, allow_redirects=False, timeout=10),  # the redirect to the console
+        requests.get(f"{api}/console/", timeout=10),
+        requests.get(f"{api}/console/api/overview", headers=AUTH, timeout=10),
+    ]
+    statuses = [res.status_code for res in responses]
+    assert statuses[:5] == [401, 404, 413, 200, 307], statuses
+    for res in responses:
+        csp = {
+            d.split()[0]: d.split()[1:] for d in res.headers["Content-Security-Policy"].split("; ")
+        }
+        assert csp["script-src"] == ["'self'"] and csp["frame-ancestors"] == ["'none'"]
+        assert csp["object-src"] == ["'none'"] and csp["default-src"] == ["'self'"]
+        assert res.headers["X-Frame-Options"] == "DENY"
+        assert res.headers["X-Content-Type-Options"] == "nosniff"
+        assert res.headers["Referrer-Policy"] == "no-referrer"
+    # No Swagger / ReDoc pages: they need inline and third-party scripts.
+    assert requests.get(f"{api}/docs", timeout=10).status_code == 404
 
 
 def test_openapi_document(api: str) -> None:
@@ -195,6 +223,52 @@ def test_tenants_cannot_see_or_touch_each_others_jobs(api: str, r: redis.Redis) 
     assert mine["status"] == "queued" and "cancel_requested" not in mine
     ids = queued_job_ids(r)
     assert ids.count("acme:api-tenant-1") == 1 and ids.count("globex:api-tenant-1") == 1
+
+
+def test_a_tenants_rooms_are_its_own(api: str, r: redis.Redis, redis_server: str) -> None:
+    # Both tenants play into what each calls `lobby`: two LiveKit rooms, two lanes.
+    for headers in (AUTH, OTHER):
+        job = {**JOB, "job_id": "api-room-1"}
+        created = requests.post(f"{api}/jobs", json=job, headers=headers, timeout=10)
+        assert created.status_code == 201, created.text
+    rooms = queued_rooms(r)
+    assert (rooms["acme:api-room-1"], rooms["globex:api-room-1"]) == ("acme:lobby", "globex:lobby")
+    ledger = ledger_for(Settings(REDIS_URL=redis_server.rsplit("/", 1)[0] + "/3"))
+    assert ledger.room_order("globex:lobby", 100).count("acme:api-room-1") == 0
+    assert "acme:api-room-1" in ledger.room_order("acme:lobby", 100)
+    # No name reaches another tenant's room: the separator is refused, not passed through.
+    for room in ("globex:lobby", "acme:lobby", ":lobby", "x" * 124):
+        job = {**JOB, "job_id": "api-room-forged", "room": room}
+        refused = requests.post(f"{api}/jobs", json=job, headers=AUTH, timeout=10)
+        assert refused.status_code == 422, (room, refused.text)
+        assert refused.json()["detail"][0]["loc"] == ["body", "room"]
+    assert "acme:api-room-forged" not in queued_rooms(r)
+    # The longest room a tenant may name still fits LiveKit's (and the ledger's) 128.
+    longest = {**JOB, "job_id": "api-room-long", "room": "x" * (128 - len("acme:"))}
+    assert requests.post(f"{api}/jobs", json=longest, headers=AUTH, timeout=10).status_code == 201
+
+
+def test_without_tenants_room_names_are_kept(
+    redis_server: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    url = own_db(redis_server, 12)
+    env = {"REDIS_URL": url, "AVATARQ_API_KEYS": "solo-key"}
+    proc, base = start_api(env, tmp_path_factory.mktemp("solo-api"))
+    solo = {"X-API-Key": "solo-key"}
+    with proc:
+        for room in ("lobby", "team:lobby"):
+            job = {**JOB, "job_id": f"solo-{room}", "room": room}
+            created = requests.post(f"{base}/jobs", json=job, headers=solo, timeout=10)
+            assert created.status_code == 201, created.text
+        token = requests.post(
+            f"{base}/console/api/viewer-token",
+            json={"room": "team:lobby"},
+            headers=solo,
+            timeout=10,
+        )
+        assert token.status_code == 200 and token.json()["room"] == "team:lobby"
+    rooms = queued_rooms(redis.Redis.from_url(url))
+    assert rooms == {"default:solo-lobby": "lobby", "default:solo-team:lobby": "team:lobby"}
 
 
 def test_api_keys_setting() -> None:

@@ -6,6 +6,7 @@ console disabled. The page itself is tested in a real browser in test_console_br
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -82,14 +83,16 @@ def test_overview_shows_the_tenants_rooms_in_order_with_outcomes_and_dead_letter
     base: str, settings: Settings
 ) -> None:
     r = redis.Redis.from_url(settings.redis_url)
-    # No worker runs here: enqueued jobs stay queued, in their rooms' order. Job ids as the API
-    # names them: `{tenant}:{id}`.
+    # No worker runs here: enqueued jobs stay queued, in their rooms' order. Job ids and rooms
+    # as the API names them: `{tenant}:{id}`, `{tenant}:{room}`.
     for job_id, room in (
-        ("acme:ov-a1", "ov-a"),
-        ("globex:ov-x1", "ov-a"),
-        ("acme:ov-b1", "ov-b"),
-        ("acme:ov-a2", "ov-a"),
-        ("globex:ov-x2", "ov-x"),
+        ("acme:ov-a1", "acme:ov-a"),
+        ("ov-py1", "acme:ov-a"),  # a Python producer's job in acme's room
+        ("acme:ov-b1", "acme:ov-b"),
+        ("acme:ov-a2", "acme:ov-a"),
+        ("globex:ov-x1", "globex:ov-a"),  # globex's own `ov-a`
+        ("globex:ov-x2", "globex:ov-x"),
+        ("acme:ov-c1", "ov-c"),  # a room no tenant can name through the API
     ):
         enqueue(
             {"job_id": job_id, "room": room, "avatar_id": "anna", "source": "s3://b/k.wav"},
@@ -97,23 +100,23 @@ def test_overview_shows_the_tenants_rooms_in_order_with_outcomes_and_dead_letter
         )
     # Terminal events as workers write them to the global stream (avatarq/events.py).
     for job_id, event, data in (
-        ("acme:ov-done", Event.COMPLETED, {"status": "completed", "room": "ov-a"}),
+        ("acme:ov-done", Event.COMPLETED, {"status": "completed", "room": "acme:ov-a"}),
         ("globex:ov-theirs", Event.FAILED, {"status": "failed", "reason": "invalid_audio"}),
         ("acme:ov-bad", Event.FAILED, {"status": "failed", "reason": "invalid_audio"}),
         ("acme:ov-p", Event.PROGRESS, {"seconds_streamed": 1.0}),
     ):
         fields = {"event": event.value, "job_id": job_id, "ts": str(time.time())}
         r.xadd(settings.events_stream, {**fields, "data": json.dumps(data)})
-    for job_id in ("acme:ov-dead", "globex:ov-their-dead"):
-        job = {"job_id": job_id, "room": "ov-a", "avatar_id": "anna", "source": "s3://b/x"}
+    for job_id, room in (("acme:ov-dead", "acme:ov-a"), ("globex:ov-their-dead", "globex:ov-a")):
+        job = {"job_id": job_id, "room": room, "avatar_id": "anna", "source": "s3://b/x"}
         r.lpush(DEAD_LETTER_KEY, json.dumps({"job": job, "job_id": job_id, "reason": "x"}))
 
     data = requests.get(f"{base}/console/api/overview", headers=AUTH, timeout=10).json()
 
     rooms = {room["room"]: room for room in data["rooms"]}
-    assert set(rooms) == {"ov-a", "ov-b"}  # ov-x holds only another tenant's job
+    assert set(rooms) == {"ov-a", "ov-b"}  # its own rooms, under its own names
     assert [j["job_id"] for j in rooms["ov-a"]["jobs"]] == ["ov-a1", "ov-a2"]
-    assert rooms["ov-a"]["others"] == 1  # globex's job takes its turn in between
+    assert rooms["ov-a"]["others"] == 1  # the Python producer's job takes its turn in between
     assert [j["job_id"] for j in rooms["ov-b"]["jobs"]] == ["ov-b1"]
     first = rooms["ov-a"]["jobs"][0]
     assert (first["status"], first["avatar_id"], first["source"]) == (
@@ -121,12 +124,20 @@ def test_overview_shows_the_tenants_rooms_in_order_with_outcomes_and_dead_letter
         "anna",
         "s3://b/k.wav",
     )
-    recent = [(e["job_id"], e["status"], e["reason"]) for e in data["recent"]]
-    assert recent == [("ov-bad", "failed", "invalid_audio"), ("ov-done", "completed", None)]
-    assert [(d["job_id"], d["job"]["job_id"]) for d in data["dead"]] == [("ov-dead", "ov-dead")]
+    recent = [(e["job_id"], e["status"], e["reason"], e["room"]) for e in data["recent"]]
+    assert recent == [
+        ("ov-bad", "failed", "invalid_audio", None),
+        ("ov-done", "completed", None, "ov-a"),
+    ]
+    dead = [(d["job_id"], d["job"]["job_id"], d["job"]["room"]) for d in data["dead"]]
+    assert dead == [("ov-dead", "ov-dead", "ov-a")]
 
     theirs = requests.get(f"{base}/console/api/overview", headers=OTHER, timeout=10).json()
-    assert {room["room"] for room in theirs["rooms"]} == {"ov-a", "ov-x"}
+    assert {room["room"]: [j["job_id"] for j in room["jobs"]] for room in theirs["rooms"]} == {
+        "ov-a": ["ov-x1"],
+        "ov-x": ["ov-x2"],
+    }
+    assert [room["others"] for room in theirs["rooms"]] == [0, 0]
     assert [e["job_id"] for e in theirs["recent"]] == ["ov-theirs"]
     assert [d["job_id"] for d in theirs["dead"]] == ["ov-their-dead"]
 
@@ -159,13 +170,41 @@ def test_viewer_token_may_only_subscribe_to_its_room(base: str) -> None:
     claims = lkapi.TokenVerifier("devkey", LIVEKIT_SECRET).verify(body["token"])
     grants = claims.video
     assert grants is not None and claims.identity == body["identity"]
-    assert (grants.room_join, grants.room, grants.can_subscribe) == (True, "lobby", True)
+    # The tenant's `lobby` is its own LiveKit room: the token admits to nothing else.
+    assert (grants.room_join, grants.room, grants.can_subscribe) == (True, "acme:lobby", True)
     assert grants.can_publish is False and grants.can_publish_data is False
     assert not grants.room_admin and not grants.room_create and grants.hidden
-    bad = requests.post(
-        f"{base}/console/api/viewer-token", json={"room": "no spaces"}, headers=AUTH, timeout=10
+    theirs = requests.post(
+        f"{base}/console/api/viewer-token", json={"room": "lobby"}, headers=OTHER, timeout=10
+    ).json()
+    assert lkapi.TokenVerifier("devkey", LIVEKIT_SECRET).verify(theirs["token"]).video.room == (
+        "globex:lobby"
     )
-    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "room"]
+    # No name reaches another tenant's room (the separator is refused), nor a malformed one.
+    for room in ("no spaces", "globex:lobby", "acme:lobby"):
+        bad = requests.post(
+            f"{base}/console/api/viewer-token", json={"room": room}, headers=AUTH, timeout=10
+        )
+        assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "room"]
+
+
+def test_console_page_and_assets_carry_the_security_headers(base: str) -> None:
+    page = requests.get(f"{base}/console/", timeout=10)
+    assert page.status_code == 200
+    asset = re.search(r'src="(/console/assets/[^"]+\.js)"', page.text)
+    assert asset, page.text[:500]
+    script = requests.get(base + asset.group(1), timeout=10)
+    for res in (page, script):
+        csp = res.headers["Content-Security-Policy"]
+        assert "script-src 'self';" in csp and "frame-ancestors 'none'" in csp
+        # The room view reaches LiveKit where browsers do (LIVEKIT_PUBLIC_URL), and only there.
+        assert (
+            "connect-src 'self' wss://livekit.public.example https://livekit.public.example;" in csp
+        )
+        assert res.headers["X-Frame-Options"] == "DENY"
+        assert res.headers["X-Content-Type-Options"] == "nosniff"
+    # The page has no inline script the policy would block.
+    assert "<script>" not in page.text and '<script type="module">' not in page.text
 
 
 @pytest.fixture

@@ -36,6 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 KEY = "browser-key"
+#: KEY is tenant acme's: the API queues its ids as `acme:{id}`, its rooms as `acme:{room}`.
+TENANT = "acme"
 #: Flags for a quiet, reproducible browser: no sandbox (root in a namespace), no GPU, no QUIC,
 #: nothing fetched in the background, a fresh profile per run (added in `browser`).
 CHROMIUM_FLAGS = (
@@ -97,7 +99,7 @@ def base(stack: LocalStack) -> Iterator[str]:
         "api",
         [AVATARQ, "api", "--port", str(port)],
         ready=tcp_ready("127.0.0.1", port),
-        env={**stack.env(), "AVATARQ_API_KEYS": KEY},
+        env={**stack.env(), "AVATARQ_API_KEYS": f"{TENANT}:{KEY}"},
         log_dir=stack.workdir / "logs",
     )
     with proc.start():
@@ -122,6 +124,7 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # CSP violations land there
     for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
         options.add_argument(flag)
     driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
@@ -226,6 +229,7 @@ def test_page_is_refused_without_a_key_and_opens_with_one(
     )
     assert quota == "10"
     browser.save_screenshot(str(artefacts / "02-opened-with-key.png"))
+    assert csp_violations(browser) == []  # the built page runs under the API's policy
 
 
 @pytest.mark.timeout(180)
@@ -282,8 +286,7 @@ def test_retry_a_dead_letter_from_the_page(
     from selenium.webdriver.common.by import By
 
     # A job as a worker leaves it after its last retry (tasks/: record, marker, dead entry).
-    # KEY has no tenant: it is tenant `default`'s, whose ids the API queues as `default:{id}`.
-    job = {"job_id": "default:console-dead-1", "room": "console-d", "avatar_id": "anna"}
+    job = {"job_id": f"{TENANT}:console-dead-1", "room": f"{TENANT}:console-d", "avatar_id": "anna"}
     job["source"] = f"{audio}/tone4.wav"
     r = redis.Redis.from_url(stack.redis.url)
     failed = {"job_id": job["job_id"], "status": "failed", "reason": "avatar_timeout"}
@@ -371,3 +374,14 @@ def test_room_view_shows_the_avatars_video_following_the_audio(
     assert wait_for(lambda: ended_as(browser, job_id), "the job to end", 30) == "completed"
     # ... and goes dark when the audio ends (the avatar stays a while for the next job).
     wait_for(lambda: 0 <= meter(browser) < 0.05, "the meter to go dark", 10)
+    # The room the page watched and the job played in is the tenant's own in LiveKit.
+    sessions = f"{stack.avatar_url}/v1/sessions"
+    assert requests.get(sessions, params={"room": f"{TENANT}:console-v"}, timeout=10).json()
+    assert requests.get(sessions, params={"room": "console-v"}, timeout=10).json() == []
+    assert csp_violations(browser) == []
+
+
+def csp_violations(browser: Any) -> list[str]:
+    """What the Content-Security-Policy blocked since the last call (Chromium's console)."""
+    logs = browser.get_log("browser")
+    return [e["message"] for e in logs if "Content Security Policy" in e["message"]]

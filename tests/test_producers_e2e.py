@@ -75,3 +75,15 @@ def test_api_streams_the_events_of_a_played_job(stack: LocalStack, tmp_path: Pat
     assert all(f["data"]["job_id"] == "api-e2e-1" for f in frames)
     assert status["status"] == "completed", status
     assert status["seconds_streamed"] == pytest.approx(1.5, abs=0.01)
+    # The tenant's room is its own in LiveKit: the avatar played in `acme:api-e2e`, never in
+    # the room another tenant (or a Python producer) calls `api-e2e`; the tenant sees its name.
+    assert status["room"] == "api-e2e" and {f["data"].get("room") for f in frames} <= {
+        "api-e2e",
+        None,
+    }
+    sessions = f"{stack.avatar_url}/v1/sessions"
+    played = requests.get(sessions, params={"room": "acme:api-e2e"}, timeout=10).json()
+    heard = sum(s["received_audio_s"] for s in played)
+    assert played and heard == pytest.approx(1.5, abs=0.1), played
+    for room in ("api-e2e", "globex:api-e2e"):
+        assert requests.get(sessions, params={"room": room}, timeout=10).json() == []

@@ -13,12 +13,15 @@ import urllib.request
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from rich.console import Console
 
 from avatarq_dev.processes import free_port, python_module, tcp_ready
 from avatarq_dev.stack import HOST, LocalStack, local_stack
+
+if TYPE_CHECKING:
+    from producers.api import TenantIds
 
 DEMO_TIMEOUT_S = 300.0
 #: `--keep` serves the API and console here (on a free port when this one is taken).
@@ -68,8 +71,9 @@ def run_demo(
         access = ConsoleAccess.from_env() if keep else None
         job: dict[str, Any] = {"room": "demo", "avatar_id": "demo", "source": source}
         if access:
-            # In the key's tenant namespace (as the API would name it), so its console shows it.
-            job["job_id"] = f"{access.tenant}:{new_job_id()}"
+            # In the key's tenant namespace (as the API names it), so its console shows it.
+            scope = access.scope()
+            job.update(job_id=scope.internal(new_job_id()), room=scope.livekit_room("demo"))
         started = time.monotonic()
         handle = enqueue(job)
         result = follow(handle.job_id, timeout=DEMO_TIMEOUT_S, show_progress=show_progress)
@@ -102,6 +106,12 @@ class ConsoleAccess:
         keys = keys or f"demo:{secrets.token_urlsafe(16)}"
         key, tenant = next(iter(parse_api_keys(keys).items()))
         return cls(keys, key, tenant)
+
+    def scope(self) -> TenantIds:
+        """The tenant's job ids and rooms, as the API serving these keys names them."""
+        from producers.api import TenantIds, parse_api_keys, rooms_namespaced
+
+        return TenantIds(self.tenant, own_rooms=rooms_namespaced(parse_api_keys(self.api_keys)))
 
 
 def serve_console(stack: LocalStack, access: ConsoleAccess) -> None:
