@@ -299,6 +299,13 @@ def _garbage_with_another_jobs_id(run: Run) -> dict[str, bool]:
     return {"named job completed": run.status(run.ids[1]) == "completed"}
 
 
+def _slow_origin_goes_dark(run: Run) -> dict[str, bool]:
+    return {
+        "completed": run.status(run.ids[0]) == "completed",
+        "stall ended the segment with source_stalled": run.facts["stalls"] >= 1,
+    }
+
+
 EXPECTATIONS: dict[str, Callable[[Run], dict[str, bool]]] = {
     "sigkill_mid_stream": _sigkill_mid_stream,
     "sigkill_holding_waiting_jobs": _sigkill_holding_waiting_jobs,
@@ -319,4 +326,5 @@ EXPECTATIONS: dict[str, Callable[[Run], dict[str, bool]]] = {
     "warm_session_elsewhere": _warm_session_elsewhere,
     "raw_payload_without_job_id": _raw_payload_without_job_id,
     "garbage_with_another_jobs_id": _garbage_with_another_jobs_id,
+    "slow_origin_goes_dark": _slow_origin_goes_dark,
 }
