@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import os
 import shutil
 import subprocess
 import threading
@@ -26,6 +27,7 @@ from tasks.decode import (
     PcmDecoder,
     decode_command,
     probe_duration,
+    seekable,
 )
 from tasks.source import HTTP_PROTOCOLS, ResolvedSource, resolve
 from tests import audio
@@ -44,14 +46,18 @@ CHUNK = 3200  # 100 ms of 16 kHz mono s16le, what the streamer sends per frame b
 HEAD_START = 256 * 1024
 
 
-async def _decode(resolved: ResolvedSource, rate: int, chunk_bytes: int) -> list[bytes]:
-    async with PcmDecoder(resolved, sample_rate=rate, settings=SETTINGS) as dec:
+async def _decode(
+    resolved: ResolvedSource, rate: int, chunk_bytes: int, start_at: float = 0.0
+) -> list[bytes]:
+    async with PcmDecoder(resolved, sample_rate=rate, settings=SETTINGS, start_at=start_at) as dec:
         return [chunk async for chunk in dec.chunks(chunk_bytes)]
 
 
-def decode(resolved: ResolvedSource, rate: int = RATE, chunk_bytes: int = CHUNK) -> bytes:
+def decode(
+    resolved: ResolvedSource, rate: int = RATE, chunk_bytes: int = CHUNK, start_at: float = 0.0
+) -> bytes:
     """Decode everything, checking the chunking contract on the way."""
-    chunks = asyncio.run(_decode(resolved, rate, chunk_bytes))
+    chunks = asyncio.run(_decode(resolved, rate, chunk_bytes, start_at))
     assert all(len(c) == chunk_bytes for c in chunks[:-1])
     assert chunks and 0 < len(chunks[-1]) <= chunk_bytes and len(chunks[-1]) % 2 == 0
     return b"".join(chunks)
@@ -430,3 +436,90 @@ def test_truncated_file_is_reported(tmp_path: Path) -> None:
     assert asyncio.run(run(cut, None)).decoded_seconds == pytest.approx(3.0, abs=0.2)
     intact = asyncio.run(run(whole, asyncio.run(probe_duration(local(whole), SETTINGS))))
     assert not intact.truncated and intact.decoded_seconds == pytest.approx(10.0, abs=0.1)
+
+
+# --- starting part-way (a resumed job) ---------------------------------------------------
+
+START = 3.0
+
+
+def _from_start(src: Path) -> bytes:
+    """The source's own samples from START on."""
+    return audio.wav_samples(src)[int(START * RATE) * 2 :]
+
+
+def test_seek_in_a_file_is_sample_exact(tmp_path: Path) -> None:
+    src = audio.chirp(tmp_path / "chirp.wav", seconds=5, rate=RATE)
+    resolved = local(src)
+    assert seekable(resolved)
+    argv = decode_command(resolved, start_at=START)
+    assert argv.index("-ss") < argv.index("-i")  # an input seek: nothing before START is read
+    assert decode(resolved, start_at=START) == _from_start(src)
+
+
+def test_seek_in_a_pipe_decodes_and_drops(tmp_path: Path) -> None:
+    """ffmpeg cannot seek a pipe (an input seek yields no audio at all): it decodes from the
+    start and drops what lies before START."""
+    src = audio.chirp(tmp_path / "chirp.wav", seconds=5, rate=RATE)
+    fifo = tmp_path / "pipe.wav"
+    os.mkfifo(fifo)
+    resolved = ResolvedSource(f"file:{fifo}", ("file",), "a pipe", "file")
+    assert not seekable(resolved)
+
+    def feed() -> None:
+        with fifo.open("wb") as out:
+            out.write(src.read_bytes())
+
+    writer = threading.Thread(target=feed, daemon=True)
+    writer.start()
+    try:
+        assert decode(resolved, start_at=START) == _from_start(src)
+    finally:
+        writer.join(10)
+
+
+def test_seek_in_an_http_source(http_files: HttpFiles) -> None:
+    # SimpleHTTPRequestHandler serves no ranges: the decoder must not count on them.
+    src = audio.chirp(http_files.root / "voice.wav", seconds=5, rate=RATE)
+    assert decode(resolve(f"{http_files.url}/voice.wav", SETTINGS), start_at=START) == (
+        _from_start(src)
+    )
+
+
+def test_seek_in_a_compressed_file_lands_within_20ms(tmp_path: Path) -> None:
+    """An mp3 seek is exact to its frames' timestamps: the PCM from START matches the full
+    decode's from START, found by the offset where the two agree best."""
+    src = audio.chirp(tmp_path / "chirp.mp3", seconds=6, rate=RATE)
+    full = decode(local(src))
+    part = decode(local(src), start_at=START)
+    window = part[: RATE // 5 * 2]  # 200 ms
+    at = int(START * RATE)
+    offsets = range(-RATE // 50, RATE // 50 + 1)  # ±20 ms in samples
+    best = min(offsets, key=lambda o: _distance(full, window, at + o))
+    assert abs(best) <= RATE // 50
+    assert _distance(full, window, at + best) < _distance(full, window, at + RATE // 10)
+
+
+def _distance(full: bytes, window: bytes, sample: int) -> int:
+    a = memoryview(full)[sample * 2 : sample * 2 + len(window)].cast("h")
+    b = memoryview(window).cast("h")
+    return sum(abs(x - y) for x, y in zip(a, b, strict=True))
+
+
+def test_limits_count_source_seconds_from_the_start(tmp_path: Path) -> None:
+    """A resumed decode is judged on the source: 5 s played from START is not truncated
+    against a declared 5 s, and passes a 5 s limit."""
+    src = audio.chirp(tmp_path / "chirp.wav", seconds=5, rate=RATE)
+
+    async def run() -> PcmDecoder:
+        dec = PcmDecoder(
+            local(src), settings=SETTINGS, start_at=START, max_seconds=5, expected_seconds=5
+        )
+        async with dec:
+            async for _ in dec.chunks(CHUNK):
+                pass
+        return dec
+
+    dec = asyncio.run(run())
+    assert not dec.truncated
+    assert dec.decoded_seconds == pytest.approx(5 - START)

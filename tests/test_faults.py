@@ -107,7 +107,19 @@ def test_sigkill_mid_stream(lab: FaultLab) -> None:
     assert recovered_in(run, job) < RECOVERY_S
     assert whole_plays(run, job) == 1, detail(run)
     assert room_plays(run, run.facts["room"], whole=True) == run.ids, detail(run)
+    report = judge("sigkill_mid_stream", run)
+    # Measured from the recordings: nothing is missed (the cut-off part is played again).
+    assert report.never_heard_s == 0 and report.heard_twice_s is not None, report.as_dict()
     judge_agrees("sigkill_mid_stream", run)
+
+
+def test_slow_origin_goes_dark(lab: FaultLab) -> None:
+    run = scenario(lab, "slow_origin_goes_dark")
+    assert run.facts["stalls"] >= 1, detail(run)  # ended cleanly, not cut by the avatar
+    assert ended_on(run, run.ids[0])[0] == "completed", detail(run)
+    report = judge("slow_origin_goes_dark", run)
+    assert report.never_heard_s == 0, json.dumps(report.as_dict(), default=str)
+    judge_agrees("slow_origin_goes_dark", run)
 
 
 def test_sigkill_holding_waiting_jobs(lab: FaultLab) -> None:

@@ -3,7 +3,9 @@ must show.
 
 Common to every scenario: no job lost (never reached a terminal state), none played twice
 (the avatar received a job's whole audio more than once, from its own recordings), no overlap
-(two segments in one room at the same time). On top, each scenario's own expectations
+(two segments in one room at the same time). Reported, not yet judged: the seconds of each
+job's source the listener never heard and heard twice, from the avatar's recordings compared
+sample by sample with the source (`Segment.span`). On top, each scenario's own expectations
 (`EXPECTATIONS`), each True when met. tests/test_faults.py asserts the same on the lab's
 observations with assertions of its own.
 """
@@ -33,6 +35,10 @@ class FaultReport:
     played_twice: int = 0
     overlaps: int = 0
     recover_s: float | None = None
+    #: Seconds of the jobs' sources the avatar never played, and played more than once, summed
+    #: over the scenario's jobs; None when a recording could not be matched with its source.
+    never_heard_s: float | None = None
+    heard_twice_s: float | None = None
     #: Expectations of this scenario beyond the common ones, each True when met.
     checks: dict[str, bool] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -69,6 +75,27 @@ def played(run: Run, room: str) -> list[str]:
     return [s.job_id for s in run.segments if s.room == room and not s.interrupted]
 
 
+def listened(run: Run, job_id: str) -> tuple[float, float] | None:
+    """(seconds never heard, seconds heard twice) of the job's source, from the spans of its
+    segments; None when one of them could not be matched with the source. A job that never
+    ended counts as lost, not here: its seconds not heard are not counted."""
+    spans = []
+    for s in run.segments:
+        if s.job_id != job_id:
+            continue
+        if s.span is None:
+            return None
+        spans.append(s.span)
+    spans.sort()
+    covered, reach = 0.0, 0.0
+    for a, b in spans:
+        covered += max(0.0, b - max(a, reach))
+        reach = max(reach, b)
+    total = sum(b - a for a, b in spans)
+    never = max(0.0, run.durations.get(job_id, 0.0) - covered)
+    return never, total - covered
+
+
 def judge(scenario: str, run: Run) -> FaultReport:
     report = FaultReport(
         run.fault,
@@ -91,6 +118,10 @@ def judge(scenario: str, run: Run) -> FaultReport:
         if full_plays(run, job_id) > 1:
             report.played_twice += 1
             report.notes.append(f"played twice {job_id}")
+    heard = [listened(run, j) for j in run.ids]
+    if all(h is not None for h in heard):
+        report.never_heard_s = round(sum(h[0] for h in heard if h is not None), 3)
+        report.heard_twice_s = round(sum(h[1] for h in heard if h is not None), 3)
     by_room: dict[str, list[Segment]] = {}
     for s in run.segments:
         if s.job_id in run.ids:
@@ -268,6 +299,13 @@ def _garbage_with_another_jobs_id(run: Run) -> dict[str, bool]:
     return {"named job completed": run.status(run.ids[1]) == "completed"}
 
 
+def _slow_origin_goes_dark(run: Run) -> dict[str, bool]:
+    return {
+        "completed": run.status(run.ids[0]) == "completed",
+        "stall ended the segment with source_stalled": run.facts["stalls"] >= 1,
+    }
+
+
 EXPECTATIONS: dict[str, Callable[[Run], dict[str, bool]]] = {
     "sigkill_mid_stream": _sigkill_mid_stream,
     "sigkill_holding_waiting_jobs": _sigkill_holding_waiting_jobs,
@@ -288,4 +326,5 @@ EXPECTATIONS: dict[str, Callable[[Run], dict[str, bool]]] = {
     "warm_session_elsewhere": _warm_session_elsewhere,
     "raw_payload_without_job_id": _raw_payload_without_job_id,
     "garbage_with_another_jobs_id": _garbage_with_another_jobs_id,
+    "slow_origin_goes_dark": _slow_origin_goes_dark,
 }

@@ -16,6 +16,7 @@ import os
 import secrets
 import subprocess
 import time
+import wave
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,28 @@ SETTLE_TIMEOUT_S = 5.0
 
 T = TypeVar("T")
 
+#: Bytes per second of the lab's clips and of what the worker sends (16 kHz mono s16le).
+SOURCE_BPS = 32000
+#: The recorded samples looked up in the source: 20 ms of a sweep occur in one place only.
+_PROBE_BYTES = 640
+
+
+def wav_pcm(path: Path) -> bytes:
+    """The samples of a WAV (the lab's clips, the emulator's recordings)."""
+    with wave.open(str(path), "rb") as w:
+        return w.readframes(w.getnframes())
+
+
+def locate(source: bytes, pcm: bytes) -> int | None:
+    """The byte offset in `source` where `pcm` is, sample for sample; None if it is not
+    there whole (audio lost or altered on the way)."""
+    at = source.find(pcm[:_PROBE_BYTES])
+    while at != -1 and at % 2:
+        at = source.find(pcm[:_PROBE_BYTES], at + 1)
+    if at == -1 or source[at : at + len(pcm)] != pcm:
+        return None
+    return at
+
 
 def poll(condition: Callable[[], T | None], *, timeout: float, interval: float = 0.1) -> T | None:
     """The first truthy value of `condition()`, asked every `interval` seconds, at most
@@ -76,6 +99,9 @@ class Segment:
     end: float
     received_s: float
     interrupted: bool
+    #: The part of the job's source (seconds) the avatar played in this segment, found by
+    #: matching the recorded samples against the source's; None where it could not be.
+    span: tuple[float, float] | None = None
 
 
 @dataclass
@@ -122,6 +148,8 @@ class FaultLab:
         self.redis: Any = redis.Redis.from_url(stack.redis.url)  # bytes replies; loose stubs
         self.durations: dict[str, float] = {}
         self.rooms: dict[str, str] = {}
+        #: Each job's source clip, to compare the avatar's recordings with.
+        self.sources: dict[str, Path] = {}
         #: When each completed job streamed (first to last byte): a warm avatar
         #: session plays several jobs, so its sender alone does not say whose a segment is.
         self.windows: dict[str, tuple[str, float, float]] = {}
@@ -129,14 +157,17 @@ class FaultLab:
 
     # -- jobs ------------------------------------------------------------------------------
     def clip(self, seconds: float) -> Path:
-        """A WAV tone of exactly `seconds` at 16 kHz mono (what the worker sends)."""
-        path = self.clips / f"tone-{seconds:g}.wav"
+        """A WAV sweep of exactly `seconds` at 16 kHz mono (what the worker sends), rising
+        100 Hz → 4 kHz over the clip: no two stretches of it are alike, so a recording's
+        samples say which part of the clip they are."""
+        path = self.clips / f"sweep-{seconds:g}.wav"
         if not path.exists():
+            rise = (4000.0 - 100.0) / (2 * seconds)
+            sweep = f"aevalsrc=0.5*sin(2*PI*(100*t+{rise}*t*t)):s=16000:d={seconds}"
             subprocess.run(
                 [
                     ffmpeg_binary(get_settings()), "-nostdin", "-loglevel", "error", "-y",
-                    "-f", "lavfi", "-i", f"sine=frequency=440:sample_rate=16000:duration={seconds}",
-                    "-ac", "1", "-c:a", "pcm_s16le", str(path),
+                    "-f", "lavfi", "-i", sweep, "-ac", "1", "-c:a", "pcm_s16le", str(path),
                 ],
                 check=True,
                 timeout=60,
@@ -146,8 +177,10 @@ class FaultLab:
     def enqueue(self, room: str, seconds: float = 1.0, **job: Any) -> str:
         from producers import enqueue
 
-        job.setdefault("source", str(self.clip(seconds)))
+        clip = self.clip(seconds)
+        job.setdefault("source", str(clip))
         handle = enqueue({"room": room, "avatar_id": "fault", "lead": 0.3, **job})
+        self.sources[handle.job_id] = clip
         self.durations[handle.job_id] = seconds
         self.rooms[handle.job_id] = room
         return handle.job_id
@@ -286,8 +319,14 @@ class FaultLab:
         out = []
         for session in self.sessions():
             sender = session.get("sender_identity") or ""
+            wav = self.stack.recordings / f"{session.get('session_id')}.wav"
+            recorded = wav_pcm(wav) if wav.exists() else b""
+            offset = 0
             for seg in session.get("segments", []):
                 start = seg.get("first_frame_at")
+                size = int(seg.get("received_samples", 0)) * 2 * int(seg.get("num_channels", 1))
+                pcm = recorded[offset : offset + size] if seg.get("in_wav", True) else b""
+                offset += size if seg.get("in_wav", True) else 0
                 if start is None:
                     continue
                 end = seg.get("playback_finished_at") or seg.get("last_frame_at") or start
@@ -307,9 +346,23 @@ class FaultLab:
                         end,
                         float(seg.get("received_s", 0.0)),
                         bool(seg.get("interrupted")),
+                        self._span(job_id, pcm, seg.get("playback_position")),
                     )
                 )
         return sorted(out, key=lambda s: s.start)
+
+    def _span(self, job_id: str, pcm: bytes, position: float | None) -> tuple[float, float] | None:
+        """Where in the job's source the segment's samples are, up to what it played."""
+        clip = self.sources.get(job_id)
+        if clip is None or not pcm:
+            return None
+        at = locate(wav_pcm(clip), pcm)
+        if at is None:
+            return None
+        heard = len(pcm) / SOURCE_BPS
+        if position is not None:
+            heard = min(heard, position)
+        return (at / SOURCE_BPS, at / SOURCE_BPS + heard)
 
     def settle(self, rooms: set[str]) -> None:
         """Until the avatar closed every segment it recorded in `rooms` (bounded: a segment

@@ -19,7 +19,8 @@ import time
 from collections.abc import Callable
 
 from avatarq.ledger.keys import room_order_key
-from avatarq_dev.faults.lab import RECOVERY_GOAL_S, FaultLab, Run, poll
+from avatarq_dev.faults.lab import RECOVERY_GOAL_S, SOURCE_BPS, FaultLab, Run, poll
+from avatarq_dev.faults.origin import Darkness, slow_origin
 from avatarq_dev.processes import ManagedProcess
 
 #: The failure scenarios (an avatar that never joins or always leaves) retry to exhaustion:
@@ -383,6 +384,27 @@ def garbage_with_another_jobs_id(lab: FaultLab) -> Run:
     return lab.observe("invalid message carrying another job's id", [head, victim], records)
 
 
+def slow_origin_goes_dark(lab: FaultLab) -> Run:
+    """A 20 s clip from an origin serving at 2x real time that sends nothing for 25 s at 40 %:
+    the run-ahead buffer drains, the segment is ended cleanly (source_stalled) before the
+    avatar's idle timeout could cut it, and a retry plays the rest once data flows."""
+    room = _room("dark")
+    clip = lab.clip(20.0)
+    dark = Darkness(at_byte=int(0.4 * (clip.stat().st_size)), seconds=25.0)
+    origin = slow_origin(clip, bytes_per_second=2 * SOURCE_BPS, dark=dark)
+    with origin as url, lab.workers(1, env={"AVATARQ_ALLOW_PRIVATE_SOURCES": "1"}):
+        job = lab.enqueue(room, 20.0, source=url)
+        records = lab.wait([job], timeout=180.0)
+    stalls = [
+        e
+        for e in lab.events(job)
+        if e["event"] == "job.retrying" and e.get("reason") == "source_stalled"
+    ]
+    return lab.observe(
+        "slow origin (2x) dark 25 s at 40 %", [job], records, room=room, stalls=len(stalls)
+    )
+
+
 SCENARIOS: dict[str, Callable[[FaultLab], Run]] = {
     f.__name__: f
     for f in (
@@ -405,5 +427,6 @@ SCENARIOS: dict[str, Callable[[FaultLab], Run]] = {
         warm_session_elsewhere,
         raw_payload_without_job_id,
         garbage_with_another_jobs_id,
+        slow_origin_goes_dark,
     )
 }
