@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
-from avatarq_dev.faults import FaultLab, Run, fault_lab
+from avatarq_dev.faults import FaultLab, fault_lab
 from avatarq_dev.faults.cutoff import worker_cut_off_from_redis
 from avatarq_dev.faults.fleet import (
     Load,
@@ -23,7 +24,7 @@ from avatarq_dev.faults.fleet import (
     stress,
 )
 from tests.netns import needs_netns
-from tests.test_faults import detail, scenario_checks
+from tests.test_faults import detail, heard_once_in_full, played_order, scenario_checks
 
 
 @pytest.fixture(scope="module", params=["redis", "rabbitmq"])
@@ -34,14 +35,8 @@ def lab(
         yield lab
 
 
-def played_order(run: Run, ids: list[str]) -> list[str]:
-    """`ids` in the order their final attempts started streaming (their records' first byte);
-    with resume a job's last segment need not be whole, so the records say the order."""
-    return sorted(ids, key=lambda j: run.records[j]["timestamps"]["first_byte"])
-
-
 def test_peak_sessions_counts_overlaps_only() -> None:
-    sessions = [
+    sessions: list[dict[str, Any]] = [
         {"created_at": 0.0, "stopped_at": 2.0},
         {"created_at": 1.0, "stopped_at": 3.0},
         {"created_at": 2.0, "stopped_at": 4.0},  # starts as the first stops
@@ -111,3 +106,4 @@ def test_an_attempt_cut_off_from_redis_says_nothing_once_taken_over(lab: FaultLa
     assert all(e.get("attempt") in (None, 2) for e in after), json.dumps(after, indent=1)
     assert not any(e["event"] == "job.retrying" for e in after), json.dumps(after, indent=1)
     assert not run.facts["victim_retried"]
+    heard_once_in_full("worker_cut_off_from_redis", run)

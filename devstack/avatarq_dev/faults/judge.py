@@ -16,12 +16,15 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from avatarq.settings import Settings
 from avatarq_dev.faults.lab import RECOVERY_GOAL_S, Run, Segment
 
 #: A job counts as fully played when the avatar received all but this much of it.
 FULL_PLAY_TOLERANCE_S = 0.2
 #: Two segments of one room overlap when the next starts this long before the last ends.
 OVERLAP_TOLERANCE_S = 0.05
+#: What a resumed job may repeat: the resume overlap (a default setting) plus half a second.
+HEARD_TWICE_LIMIT_S = Settings().resume_overlap_s + 0.5
 
 
 @dataclass
@@ -62,12 +65,6 @@ def whole(run: Run, s: Segment) -> bool:
 def full_plays(run: Run, job_id: str) -> int:
     """How many times the avatar received the job's whole audio, uninterrupted."""
     return sum(1 for s in run.segments if s.job_id == job_id and whole(run, s))
-
-
-def played_in_full(run: Run, room: str) -> list[str]:
-    """The jobs the room's avatar played whole, in the order it played them (a killed
-    worker's cut-off segment is not one)."""
-    return [s.job_id for s in run.segments if s.room == room and whole(run, s)]
 
 
 def played(run: Run, room: str) -> list[str]:
@@ -158,13 +155,29 @@ def _within_goal(run: Run, job_id: str) -> bool:
     return ended is not None and ended - run.facts["killed_at"] < RECOVERY_GOAL_S
 
 
+def _heard_once(run: Run) -> dict[str, bool]:
+    heard = [listened(run, j) for j in run.ids]
+    known = all(h is not None for h in heard)
+    return {
+        "nothing never heard": known and sum(h[0] for h in heard if h) == 0,
+        f"heard twice ≤ {HEARD_TWICE_LIMIT_S:g} s": known
+        and sum(h[1] for h in heard if h) <= HEARD_TWICE_LIMIT_S,
+    }
+
+
+def _in_order(run: Run) -> bool:
+    """The run's jobs started their final attempts in enqueue order (their records)."""
+    starts = [run.records.get(j, {}).get("timestamps", {}).get("first_byte") for j in run.ids]
+    return all(t is not None for t in starts) and starts == sorted(starts)
+
+
 def _sigkill_mid_stream(run: Run) -> dict[str, bool]:
     job = run.ids[0]
     return {
         "completed on attempt 2": _attempt(run, job, "completed", 2),
         f"completed within {RECOVERY_GOAL_S:g} s of the kill": _within_goal(run, job),
-        "played in full": full_plays(run, job) == 1,
-        "room's next jobs followed in order": played_in_full(run, run.facts["room"]) == run.ids,
+        **_heard_once(run),
+        "room's next jobs followed in order": _in_order(run),
     }
 
 
@@ -193,6 +206,7 @@ def _sigterm_mid_stream(run: Run) -> dict[str, bool]:
     return {
         "completed on attempt 2": _attempt(run, run.ids[0], "completed", 2),
         "stopping worker exited": run.facts["exited"],
+        **_heard_once(run),
     }
 
 
@@ -211,7 +225,7 @@ def _redis_fault(run: Run) -> dict[str, bool]:
 
 
 def _livekit_restart(run: Run) -> dict[str, bool]:
-    return {"completed": run.status(run.ids[0]) == "completed"}
+    return {"completed": run.status(run.ids[0]) == "completed", **_heard_once(run)}
 
 
 def _avatar_500_then_200(run: Run) -> dict[str, bool]:
@@ -303,6 +317,7 @@ def _slow_origin_goes_dark(run: Run) -> dict[str, bool]:
     return {
         "completed": run.status(run.ids[0]) == "completed",
         "stall ended the segment with source_stalled": run.facts["stalls"] >= 1,
+        **_heard_once(run),
     }
 
 
