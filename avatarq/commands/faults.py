@@ -24,6 +24,8 @@ COLUMNS = (
     "cancelled",
     "lost",
     "played_twice",
+    "never_heard_s",
+    "heard_twice_s",
     "overlaps",
 )
 
