@@ -4,7 +4,8 @@ workers of which 2 are SIGKILLed at random and replaced, avatar starts failing f
 lost, wedged or heard twice, each room hears its jobs in order and one at a time, and the
 avatar server never sees more sessions than the quota. Then a lane's own faults: SIGTERM of
 the worker holding it, and a cancel of a job parked in it; and a worker cut off from Redis
-while its job plays (devstack/avatarq_dev/faults/cutoff.py)."""
+while its job plays (devstack/avatarq_dev/faults/cutoff.py), and an avatar server that dies
+mid-stream (avatar_death.py): the listener hears the rest, once."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 
 from avatarq_dev.faults import FaultLab, fault_lab
+from avatarq_dev.faults.avatar_death import avatar_server_dies
 from avatarq_dev.faults.cutoff import worker_cut_off_from_redis
 from avatarq_dev.faults.fleet import (
     Load,
@@ -107,3 +109,13 @@ def test_an_attempt_cut_off_from_redis_says_nothing_once_taken_over(lab: FaultLa
     assert not any(e["event"] == "job.retrying" for e in after), json.dumps(after, indent=1)
     assert not run.facts["victim_retried"]
     heard_once_in_full("worker_cut_off_from_redis", run)
+
+
+@pytest.mark.netns
+@needs_netns
+def test_the_rest_of_the_clip_plays_after_the_avatar_server_died(lab: FaultLab) -> None:
+    run = scenario_checks(avatar_server_dies(lab))
+    (job,) = run.ids
+    assert run.records[job]["status"] == "completed", detail(run)
+    assert run.records[job]["attempt"] >= 2, detail(run)
+    heard_once_in_full("avatar_server_dies", run)
