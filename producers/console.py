@@ -61,7 +61,7 @@ ENDED_FIELDS = (
 
 
 class WatchRequest(BaseModel):
-    room: str = Field(pattern=NAME_PATTERN, description="The LiveKit room to watch")
+    room: str = Field(pattern=NAME_PATTERN, description="The room to watch, as the tenant names it")
 
 
 class ViewerToken(BaseModel):

@@ -49,7 +49,8 @@ def test_demo_keep_serves_the_console_until_stopped() -> None:
         overview = requests.get(
             f"{base}/console/api/overview", headers={"X-API-Key": key}, timeout=10
         ).json()
-        assert [e["status"] for e in overview["recent"]] == ["completed"]
+        # Played in the key's tenant's own room (`demo:demo`), shown under its short name.
+        assert [(e["status"], e["room"]) for e in overview["recent"]] == [("completed", "demo")]
         assert requests.get(f"{base}/console/api/overview", timeout=10).status_code == 401
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -40,7 +40,7 @@ interface Capacity {
   waiting: number;
 }
 interface Overview {
-  /** `others`: jobs of other tenants in the room's order (they take turns too). */
+  /** `others`: jobs in the room's order sent by other producers (they take turns too). */
   rooms: { room: string; jobs: JobStatus[]; others: number }[];
   recent: Ended[];
   dead: Dead[];
