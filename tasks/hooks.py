@@ -188,7 +188,9 @@ class ProgressReports(JobHook):
         self.reporter = reporter
 
     def on_chunk_sent(self, segment: Segment, sent: int) -> None:
-        self.reporter.progress_nowait(sent / segment.bytes_per_second, segment.duration)
+        # In the source, not the segment: a resumed job's progress goes on from its checkpoint.
+        position = segment.start_at + sent / segment.bytes_per_second
+        self.reporter.progress_nowait(position, segment.duration)
 
 
 def worker_hooks(shutting_down: Callable[[], bool]) -> list[HookFactory]:

@@ -401,6 +401,8 @@ def test_a_redelivery_resumes_where_the_listener_stopped_hearing(stand: Stand) -
     assert [(a.attempt, a.started_at) for a in played.attempts] == [(1, 0.0), (2, 5.7)]
     assert played.seconds_heard_twice == pytest.approx(0.8)  # 5.7 → 6.5 played by both
     assert all(p.started_at == pytest.approx(5.7) for p in stand.ledger.progress)
+    # Its progress goes on from the checkpoint, in the source's seconds.
+    assert stand.reporter.progress_calls and min(stand.reporter.progress_calls) >= 5.7
 
 
 def test_a_dead_workers_job_resumes_from_what_its_avatar_played_out(stand: Stand) -> None:
