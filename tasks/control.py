@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -33,11 +34,14 @@ class JobControl:
     reason: StopReason | None = None
     #: The stop came because another delivery of the job holds its lease now: it plays there.
     taken_over: bool = False
+    #: When the stop was asked for (time.monotonic()).
+    requested_at: float | None = None
 
     def request_stop(self, reason: StopReason, *, taken_over: bool = False) -> None:
         if self.reason is None:
             self.reason = reason
             self.taken_over = taken_over
+            self.requested_at = time.monotonic()
         self.stop.set()
 
 

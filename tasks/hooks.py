@@ -110,6 +110,7 @@ class LeaseWatch(JobHook):
         self.attempt = 1
         #: Where the attempt is in the source, recorded with each renewal (the checkpoint).
         self.progress: Progress | None = None
+        self._segment: Segment | None = None
         self._task: asyncio.Task[None] | None = None
 
     @classmethod
@@ -132,6 +133,7 @@ class LeaseWatch(JobHook):
             segment.start_at + sent / segment.bytes_per_second,
         )
         self.progress = Progress(self.attempt, segment.start_at, played, out)
+        self._segment = segment
 
     async def on_released(self) -> None:
         # Awaited: a tick still running after the run let go of its lease must not renew it.
@@ -139,6 +141,19 @@ class LeaseWatch(JobHook):
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self.control.reason is StopReason.AVATAR_LEFT:
+            await self._record_where_the_avatar_left()
+
+    async def _record_where_the_avatar_left(self) -> None:
+        """The avatar left with its buffer: what it heard is what real time allowed until it
+        left (the sender went on for a moment before it knew), lower than the last tick."""
+        segment, progress, at = self._segment, self.progress, self.control.requested_at
+        if segment is None or progress is None or at is None or segment.pacer.t0 is None:
+            return
+        heard = min(segment.start_at + max(0.0, at - segment.pacer.t0), progress.position)
+        final = Progress(self.attempt, segment.start_at, heard, heard)
+        with contextlib.suppress(RedisError, OSError):
+            await self.ledger.watch(self.job.job_id, self.job.room, self.token, final)
 
     async def _watch(self) -> None:
         while self.control.reason is None:
