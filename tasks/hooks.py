@@ -145,12 +145,13 @@ class LeaseWatch(JobHook):
             await self._record_where_the_avatar_left()
 
     async def _record_where_the_avatar_left(self) -> None:
-        """The avatar left with its buffer: what it heard is what real time allowed until it
-        left (the sender went on for a moment before it knew), lower than the last tick."""
+        """The avatar left with its buffer: it heard what real time allowed until it left,
+        and the news of its leaving took a moment (measured about 0.4 s; a lead is allowed)."""
         segment, progress, at = self._segment, self.progress, self.control.requested_at
         if segment is None or progress is None or at is None or segment.pacer.t0 is None:
             return
-        heard = min(segment.start_at + max(0.0, at - segment.pacer.t0), progress.position)
+        by_clock = at - segment.pacer.t0 - segment.pacer.lead
+        heard = min(segment.start_at + max(0.0, by_clock), progress.position)
         final = Progress(self.attempt, segment.start_at, heard, heard)
         with contextlib.suppress(RedisError, OSError):
             await self.ledger.watch(self.job.job_id, self.job.room, self.token, final)
