@@ -32,6 +32,9 @@ from tasks.seams import JobLedger, Reporter
 
 log = logging.getLogger("avatarq.hooks")
 
+#: How long an avatar's leave may take to reach the sender: the avatar stops playing at once,
+#: its participant leaves the room after its cleanup (the emulator: 0.5–0.7 s).
+AVATAR_LEAVE_NEWS_S = 1.0
 #: How often a playing job renews its lease and checks for cancel and hand-back: a stop
 #: comes within half a second.
 WATCH_INTERVAL_S = 0.25
@@ -146,11 +149,11 @@ class LeaseWatch(JobHook):
 
     async def _record_where_the_avatar_left(self) -> None:
         """The avatar left with its buffer: it heard what real time allowed until it left,
-        and the news of its leaving took a moment (measured about 0.4 s; a lead is allowed)."""
+        less the time the news of its leaving took to reach the sender."""
         segment, progress, at = self._segment, self.progress, self.control.requested_at
         if segment is None or progress is None or at is None or segment.pacer.t0 is None:
             return
-        by_clock = at - segment.pacer.t0 - segment.pacer.lead
+        by_clock = at - segment.pacer.t0 - AVATAR_LEAVE_NEWS_S
         heard = min(segment.start_at + max(0.0, by_clock), progress.position)
         final = Progress(self.attempt, segment.start_at, heard, heard)
         with contextlib.suppress(RedisError, OSError):
