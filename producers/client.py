@@ -6,6 +6,7 @@ ffmpeg here).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -29,16 +30,17 @@ TIME_LIMIT_SLACK_S = 300
 
 
 @lru_cache(maxsize=4)
-def _celery(broker: str, backend: str) -> Celery:
+def _celery(config: str) -> Celery:
     app = Celery("avatarq-producer")
-    app.conf.update(celery_config(get_settings()))
-    app.conf.update(broker_url=broker, result_backend=backend)
+    app.conf.update(json.loads(config))
     return app
 
 
 def celery_app(settings: Settings | None = None) -> Celery:
-    s = settings or get_settings()
-    return _celery(s.broker_url, s.result_backend)
+    """The Celery app of the deployment `settings` name, built from those settings alone
+    (one app per distinct configuration: a Celery app connects lazily and is reused)."""
+    config = celery_config(settings or get_settings())
+    return _celery(json.dumps(config, sort_keys=True))
 
 
 @dataclass(frozen=True)
