@@ -32,9 +32,9 @@ from tasks.seams import JobLedger, Reporter
 
 log = logging.getLogger("avatarq.hooks")
 
-#: How long an avatar's leave may take to reach the sender: the avatar stops playing at once,
-#: its participant leaves the room after its cleanup (the emulator: 0.5–0.7 s).
-AVATAR_LEAVE_NEWS_S = 1.0
+#: How long an avatar's leave may take to reach the sender, counted off what it heard (a
+#: margin: the emulator's leave arrives within tens of milliseconds).
+AVATAR_LEAVE_NEWS_S = 0.25
 #: How often a playing job renews its lease and checks for cancel and hand-back: a stop
 #: comes within half a second.
 WATCH_INTERVAL_S = 0.25

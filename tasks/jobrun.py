@@ -220,7 +220,7 @@ class JobRun:
         for hook in hooks:
             await hook.on_claimed()
         try:
-            played = await self.parts.player.play(
+            outcome: Played | Exception = await self.parts.player.play(
                 job,
                 reporter=self.reporter,
                 control=self.control,
@@ -229,38 +229,47 @@ class JobRun:
                 note_session=self.ledger.note_avatar_session,
                 start_at=self.start_at,
             )
-        except NoAvatarSlot as e:
-            log.info("job %s: %s; requeued", job.job_id, e)
+        except Exception as e:  # each is an ending, handled once the hooks let go
+            outcome = e
+        finally:
+            # Before any ending: a release or a record must come after the lease watch's last
+            # tick, and the watch may still record where the attempt got.
+            for hook in hooks:
+                await hook.on_released()
+        return await self._ended_play(job, outcome)
+
+    async def _ended_play(self, job: Job, outcome: Played | Exception) -> Outcome:
+        if isinstance(outcome, Played):
+            return await self._played(outcome)
+        if isinstance(outcome, NoAvatarSlot):
+            log.info("job %s: %s; requeued", job.job_id, outcome)
             return await self._waiting_for_avatar()
-        except Interrupted as e:
-            if e.reason is StopReason.HANDED_BACK:
+        if isinstance(outcome, Interrupted):
+            if outcome.reason is StopReason.HANDED_BACK:
                 if self.control.taken_over:
                     return self._dropped()
-                return await self._handed_back(e.playback_position)
+                return await self._handed_back(outcome.playback_position)
             return await self._cancelled(
                 while_="playing",
-                position=e.playback_position,
-                streamed=e.seconds_streamed,
-                stopped_at=e.stopped_at,
+                position=outcome.playback_position,
+                streamed=outcome.seconds_streamed,
+                stopped_at=outcome.stopped_at,
             )
-        except TimeoutError:
+        if isinstance(outcome, TimeoutError):
             return await self._error(
                 TransientJobError(
                     "job overran its time limit (audio length plus start-up budget)",
                     reason=Reason.JOB_TIMEOUT,
                 )
             )
-        except JobError as e:
-            return await self._error(e)
-        except Exception as e:
-            # Unclassified: keep the trace in the log, retry like any fault we cannot rule out.
-            log.exception("job %s: unexpected error", job.job_id)
-            error = TransientJobError(f"{type(e).__name__}: {e}", reason=Reason.INTERNAL_ERROR)
-            return await self._error(error)
-        finally:
-            for hook in hooks:
-                await hook.on_released()
-        return await self._played(played)
+        if isinstance(outcome, JobError):
+            return await self._error(outcome)
+        # Unclassified: keep the trace in the log, retry like any fault we cannot rule out.
+        log.error("job %s: unexpected error", job.job_id, exc_info=outcome)
+        error = TransientJobError(
+            f"{type(outcome).__name__}: {outcome}", reason=Reason.INTERNAL_ERROR
+        )
+        return await self._error(error)
 
     # -- one handler per ending -------------------------------------------------------------
 
