@@ -138,6 +138,17 @@ class TransientJobError(JobError):
     reason = Reason.TRANSIENT
 
 
+class IncompletePlayback(TransientJobError):
+    """The avatar reported playing `heard_s` seconds of a segment it was sent more of: the
+    retry resumes from there."""
+
+    reason = Reason.INCOMPLETE_PLAYBACK
+
+    def __init__(self, message: str, *, heard_s: float) -> None:
+        super().__init__(message)
+        self.heard_s = heard_s
+
+
 class InvalidJob(PermanentJobError):
     reason = Reason.INVALID_JOB
 

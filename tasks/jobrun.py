@@ -40,7 +40,7 @@ from typing import Any, Literal, Protocol
 
 from redis.exceptions import RedisError
 
-from avatarq.errors import InvalidJob, JobError, Reason, TransientJobError
+from avatarq.errors import IncompletePlayback, InvalidJob, JobError, Reason, TransientJobError
 from avatarq.events import Retrying
 from avatarq.ledger.worker import (
     Checkpoint,
@@ -348,6 +348,11 @@ class JobRun:
     async def _retry(self, error: JobError) -> Outcome:
         job, settings = self._job, self.parts.settings
         countdown = backoff_delay(self.attempt - 1, settings.retry_base_s, settings.retry_cap_s)
+        if isinstance(error, IncompletePlayback):
+            # The avatar said how much it played: the retry resumes exactly there.
+            heard = self.start_at + error.heard_s
+            progress = Progress(self.attempt, self.start_at, heard, heard)
+            await self.ledger.watch(job.job_id, job.room, self.token, progress)
         if not await self._release():
             return self._dropped()
         log.warning("job %s attempt %d: %s; retry in %.1fs",

@@ -18,11 +18,11 @@ from dataclasses import asdict
 from avatarq.errors import (
     AvatarTimeout,
     DecodeError,
+    IncompletePlayback,
     InvalidJob,
     PermanentJobError,
     Reason,
     RoomError,
-    TransientJobError,
 )
 from avatarq.events import AvatarReady, JobStarted, Status
 from avatarq.results import Played, Timestamps
@@ -290,7 +290,7 @@ def _check_complete(position: float, streamed: float, *, attempt: int) -> None:
         return
     message = f"the avatar played {position:.1f}s of the {streamed:.1f}s sent"
     if attempt <= 1:
-        raise TransientJobError(message, reason=Reason.INCOMPLETE_PLAYBACK)
+        raise IncompletePlayback(message, heard_s=position)
     raise PermanentJobError(
         f"{message}, again after a replay: not replayed a second time",
         reason=Reason.INCOMPLETE_PLAYBACK,
