@@ -18,6 +18,7 @@ at once, tasks/jobrun.py):
           ├── AvatarUnavailable     avatar_unavailable (5xx, connection errors)
           ├── AvatarTimeout         avatar_timeout, avatar_not_listening, avatar_left
           ├── RoomError             room_error
+          ├── LeaseUnconfirmed      lease_unconfirmed (the ledger out of reach too long)
           └── AvatarOverLimit       avatar_over_limit (429: handed to the session quota)
 
 Not errors but control flow: `tasks.control.Interrupted` (a stop on request) and
@@ -86,6 +87,8 @@ class Reason(StrEnum):
     AVATAR_LEFT = "avatar_left"
     #: the worker could not join, or lost, the LiveKit room
     ROOM_ERROR = "room_error"
+    #: the worker could not confirm its lease long enough that the avatar would drop the stream
+    LEASE_UNCONFIRMED = "lease_unconfirmed"
     #: the avatar played clearly less than it was sent (replayed once)
     INCOMPLETE_PLAYBACK = "incomplete_playback"
     #: the job overran its time limit (audio length plus start-up budget)
@@ -186,6 +189,13 @@ class AvatarTimeout(TransientJobError):
 
 class RoomError(TransientJobError):
     reason = Reason.ROOM_ERROR
+
+
+class LeaseUnconfirmed(TransientJobError):
+    """The worker held its audio waiting to confirm its lease until the avatar would have
+    ended the segment on its own: ended cleanly instead, to resume once the ledger answers."""
+
+    reason = Reason.LEASE_UNCONFIRMED
 
 
 class LiveKitRejected(PermanentJobError):

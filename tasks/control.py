@@ -13,6 +13,13 @@ import time
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from avatarq.errors import LeaseUnconfirmed
+
+#: How long a stream holds its audio for a lease it cannot confirm before it ends the segment
+#: (the avatar's receiver ends one after 10 s without audio; it still holds the lead).
+LEASE_PATIENCE_S = 5.0
+_ADMIT_POLL_S = 0.02
+
 
 class StopReason(StrEnum):
     CANCELLED = "cancelled"
@@ -36,6 +43,11 @@ class JobControl:
     taken_over: bool = False
     #: When the stop was asked for (time.monotonic()).
     requested_at: float | None = None
+    #: How far into the source (seconds) the stream may send: moved on by each lease tick
+    #: that confirmed this attempt still owns the job (tasks/hooks.py LeaseWatch), so a
+    #: worker cut off from the ledger stops soon after the last thing it could record.
+    #: None: nothing fences the stream.
+    granted: float | None = None
 
     def request_stop(self, reason: StopReason, *, taken_over: bool = False) -> None:
         if self.reason is None:
@@ -43,6 +55,25 @@ class JobControl:
             self.taken_over = taken_over
             self.requested_at = time.monotonic()
         self.stop.set()
+
+    def grant(self, position: float) -> None:
+        if self.granted is None or position > self.granted:
+            self.granted = position
+
+    async def admit(self, until: float, *, patience_s: float = LEASE_PATIENCE_S) -> float:
+        """Wait until the stream may send up to `until` (source seconds) or is stopped;
+        returns the seconds it held still. Past `patience_s`: `LeaseUnconfirmed`."""
+        if self.granted is None or until <= self.granted:
+            return 0.0
+        started = time.monotonic()
+        for _ in range(int(patience_s / _ADMIT_POLL_S) + 1):
+            if self.stop.is_set() or self.granted is None or until <= self.granted:
+                return time.monotonic() - started
+            await asyncio.sleep(_ADMIT_POLL_S)
+        raise LeaseUnconfirmed(
+            f"held the audio {patience_s:g}s without confirming the job's lease: the segment "
+            "was ended at the last sample sent"
+        )
 
 
 class Interrupted(Exception):  # noqa: N818 - a control-flow signal, not an error

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,6 +39,11 @@ AVATAR_LEAVE_NEWS_S = 0.25
 #: How often a playing job renews its lease and checks for cancel and hand-back: a stop
 #: comes within half a second.
 WATCH_INTERVAL_S = 0.25
+#: How far past what its last confirmed tick recorded a stream may send (source seconds). A
+#: redelivery resumes from that record, so it bounds what a worker cut off from the ledger
+#: makes heard twice; it is a 400 ms chunk plus a tick's slack, so a healthy stream never
+#: waits.
+SEND_AHEAD_OF_LEASE_S = 0.5
 
 
 @dataclass
@@ -115,6 +121,8 @@ class LeaseWatch(JobHook):
         self.progress: Progress | None = None
         self._segment: Segment | None = None
         self._task: asyncio.Task[None] | None = None
+        #: When a tick (or the claim) last confirmed the lease is this attempt's.
+        self._confirmed_at = 0.0
 
     @classmethod
     def factory(
@@ -128,7 +136,15 @@ class LeaseWatch(JobHook):
         return make
 
     async def on_claimed(self) -> None:
+        self._confirmed_at = time.monotonic()
         self._task = asyncio.create_task(self._watch())
+
+    def on_stream_start(self, segment: Segment) -> None:
+        # Fenced from the first byte: a lease confirmed a moment ago lets the first chunk go
+        # at once; otherwise the stream waits for a tick that confirms it.
+        self._segment = segment
+        fresh = time.monotonic() - self._confirmed_at < 2 * self.interval_s
+        self.control.grant(segment.start_at + (SEND_AHEAD_OF_LEASE_S if fresh else 0.0))
 
     def on_chunk_sent(self, segment: Segment, sent: int) -> None:
         played, out = (
@@ -165,14 +181,20 @@ class LeaseWatch(JobHook):
             if self.shutting_down():
                 self.control.request_stop(StopReason.HANDED_BACK)
                 return
+            progress = self.progress  # what this tick records, and so what it grants from
             try:
                 cancel, ours = await self.ledger.watch(
-                    self.job.job_id, self.job.room, self.token, self.progress
+                    self.job.job_id, self.job.room, self.token, progress
                 )
             except (RedisError, OSError) as e:
                 # Keep playing through a Redis outage; the lease outlives a short one.
                 log.warning("job %s: ledger unreachable: %s", self.job.job_id, e)
                 continue
+            if ours:
+                self._confirmed_at = time.monotonic()
+                if self._segment is not None:
+                    recorded = progress.sent if progress is not None else self._segment.start_at
+                    self.control.grant(recorded + SEND_AHEAD_OF_LEASE_S)
             if cancel:
                 self.control.request_stop(StopReason.CANCELLED)
             elif not ours:

@@ -40,6 +40,12 @@ class Pacer:
     def start(self) -> None:
         self.t0 = self.clock()
 
+    def delay(self, seconds: float) -> None:
+        """The stream held still for `seconds`: what follows is due that much later, not in
+        a burst to catch up."""
+        if self.t0 is not None:
+            self.t0 += seconds
+
     def due(self, sent_bytes: int) -> float:
         if self.t0 is None:
             raise RuntimeError("Pacer.start() was not called")

@@ -212,10 +212,13 @@ class Playback:
             for hook in hooks:
                 hook.on_chunk_sent(segment, sent)
 
+        async def admit(until: int) -> float:
+            return await control.admit(segment.start_at + until / segment.bytes_per_second)
+
         try:
             sent = await sender.send_segment(
                 pcm(), segment.pacer, on_progress=on_progress, stop=control.stop,
-                name=segment.job.job_id,
+                admit=admit, name=segment.job.job_id,
             )  # fmt: skip
         except Exception as e:
             if control.reason is not StopReason.ROOM_LOST:

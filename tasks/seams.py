@@ -23,7 +23,7 @@ from producers.jobs import Job
 from tasks.avatar_link import Milestones, NamedServer, SessionNote
 from tasks.control import JobControl
 from tasks.pacing import Pacer
-from tasks.stream import PlaybackFinished, ProgressCallback
+from tasks.stream import Admit, PlaybackFinished, ProgressCallback
 
 
 class JobLedger(Protocol):
@@ -99,6 +99,7 @@ class Sender(Protocol):
         *,
         on_progress: ProgressCallback | None = None,
         stop: Any = None,
+        admit: Admit | None = None,
         name: str = ...,
     ) -> int: ...
 

@@ -56,6 +56,8 @@ class PlaybackFinished:
 
 
 ProgressCallback = Callable[[int], Awaitable[None]]
+#: Waits until the segment may send up to the given byte count; returns the seconds waited.
+Admit = Callable[[int], Awaitable[float]]
 
 
 class AudioStreamSender:
@@ -107,12 +109,14 @@ class AudioStreamSender:
         *,
         on_progress: ProgressCallback | None = None,
         stop: asyncio.Event | None = None,
+        admit: Admit | None = None,
         name: str = "avatarq",
     ) -> int:
         """Stream one segment, paced by `pacer`; returns the bytes sent. Closes the stream.
 
         Returns early, within one chunk's pacing wait, once `stop` is set; the avatar's buffer
-        is then cleared before the stream closes, as DataStreamAudioOutput does."""
+        is then cleared before the stream closes, as DataStreamAudioOutput does. `admit` may
+        hold a piece back; the schedule moves on by the time it held."""
         self._awaiting_report = False
         while not self._finished.empty():
             self._finished.get_nowait()  # a late report of an earlier segment
@@ -137,6 +141,8 @@ class AudioStreamSender:
                 for piece in pieces:
                     if pacer.t0 is None:
                         pacer.start()
+                    if admit is not None:
+                        pacer.delay(await admit(sent + len(piece)))
                     await pacer.wait(sent, stopped)
                     if stop is not None and stop.is_set():
                         break

@@ -26,7 +26,7 @@ from tasks.jobrun import JobParts, JobRun, Outcome, Timing
 from tasks.pacing import Pacer
 from tasks.playback import Playback
 from tasks.seams import Audio, Link, Reporter
-from tasks.stream import PlaybackFinished, ProgressCallback
+from tasks.stream import Admit, PlaybackFinished, ProgressCallback
 
 RATE = 16000
 BPS = RATE * 2
@@ -58,6 +58,8 @@ class FakeLedger:
         self.owners: dict[str, Any] = {}
         #: `finish` raises RedisError this many times first.
         self.finish_outages = 0
+        #: The watch ticks (by number, from 1) that find Redis out of reach.
+        self.watch_outage: range = range(0)
         #: What a recorded `finish` hands on (the room's next parked job).
         self.next_in_lane: Handoff | None = None
 
@@ -71,6 +73,8 @@ class FakeLedger:
         self, job_id: str, room: str, token: str, progress: Progress | None = None
     ) -> tuple[bool, bool]:
         self.watch_calls += 1
+        if self.watch_calls in self.watch_outage:
+            raise RedisError("connection reset")
         if progress is not None:
             self.progress.append(progress)
         return self.cancel, self.ours if self.watch_ours is None else self.watch_ours
@@ -184,12 +188,15 @@ class FakeSender:
         *,
         on_progress: ProgressCallback | None = None,
         stop: Any = None,
+        admit: Admit | None = None,
         name: str = "avatarq",
     ) -> int:
         self.segments += 1
         sent = 0
         n = 0
         async for chunk in chunks:
+            if admit is not None:
+                await admit(sent + len(chunk))
             if stop is not None and stop.is_set():
                 break
             if self.fail_after is not None and n >= self.fail_after:

@@ -15,6 +15,7 @@ import pytest
 from avatarq.errors import (
     AvatarTimeout,
     DecodeError,
+    LeaseUnconfirmed,
     PermanentJobError,
     Reason,
     RoomError,
@@ -24,11 +25,11 @@ from avatarq.events import Event
 from avatarq.ledger.worker import Checkpoint, Claim, Handoff, Span
 from avatarq.results import Cancelled, Failed, Played
 from avatarq.settings import Settings
-from tasks.control import StopReason
-from tasks.hooks import JobHook, RunContext, Segment
+from tasks.control import JobControl, StopReason
+from tasks.hooks import SEND_AHEAD_OF_LEASE_S, JobHook, RunContext, Segment
 from tasks.jobrun import Ending, JobRun, Outcome
 from tasks.quota import NoAvatarSlot, Waiting
-from tasks.stream import PlaybackFinished
+from tasks.stream import CHUNK_SECONDS, PlaybackFinished
 from tests.fakes import Stand
 
 JOB = {"job_id": "job-1", "room": "room-1", "avatar_id": "ava", "source": "file:///clip.wav"}
@@ -419,3 +420,39 @@ def test_a_job_can_ask_to_start_again_from_the_beginning(stand: Stand) -> None:
     stand.ledger.claims = [(Claim.OK, 2)]
     played = run(stand, {**JOB, "resume": "start"}).result
     assert isinstance(played, Played) and played.started_at == 0.0
+
+
+def test_a_run_that_cannot_confirm_its_lease_holds_its_audio(stand: Stand) -> None:
+    """Fenced by the lease: while no tick can record where the stream is, it sends at most
+    SEND_AHEAD_OF_LEASE_S past the last record (what a redelivery would resume from), then
+    goes on once the ledger answers again, and nothing of the clip is lost."""
+    stand.audio.seconds = stand.audio.declared = 6.0
+    stand.ledger.watch_outage = range(3, 40)
+    outcome = run(stand)
+    assert isinstance(outcome.result, Played) and outcome.result.status == "completed"
+    assert outcome.result.seconds_streamed == pytest.approx(6.0)
+    recorded = [p.sent for p in stand.ledger.progress]
+    before, after = recorded[1], recorded[2]  # the records on either side of the outage
+    assert 0 < after - before <= SEND_AHEAD_OF_LEASE_S + 1e-6, recorded
+    assert after < 6.0  # it held: the clip was not sent whole during the outage
+
+
+def test_a_lease_ahead_lets_a_whole_chunk_go() -> None:
+    # Else a healthy stream would wait for a tick before every chunk.
+    assert SEND_AHEAD_OF_LEASE_S > CHUNK_SECONDS
+
+
+def test_a_stream_held_too_long_for_its_lease_ends_with_a_clear_reason() -> None:
+    async def go() -> float:
+        control = JobControl()
+        assert await control.admit(9.0) == 0.0  # nothing fences it yet
+        control.grant(1.0)
+        assert await control.admit(1.0) == 0.0
+        later = asyncio.get_running_loop().call_later(0.1, control.grant, 2.0)
+        waited = await control.admit(2.0)
+        later.cancel()
+        with pytest.raises(LeaseUnconfirmed):
+            await control.admit(3.0, patience_s=0.05)
+        return waited
+
+    assert 0.05 < asyncio.run(go()) < 1.0

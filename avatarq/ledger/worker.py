@@ -225,13 +225,13 @@ class Ledger:
         """Unblock the room from heads that ended, or were lost without ending."""
         order = room_order_key(room)
         for _ in range(limit):
-            head: bytes | None = await self.redis.lindex(order, 0)  # type: ignore[assignment]
+            head: bytes | None = await self.redis.lindex(order, 0)  # type: ignore[assignment,misc]
             if head is None or head.decode() == job_id:
                 return
             head_id = head.decode()
             if not await self._is_finished_or_lost(head_id, room):
                 return
-            await self.redis.lrem(order, 1, head_id)
+            await self.redis.lrem(order, 1, head_id)  # type: ignore[misc]
 
     async def _is_finished_or_lost(self, job_id: str, room: str) -> bool:
         if await self.redis.exists(job_record_key(job_id)):
@@ -242,7 +242,7 @@ class Ledger:
             return False  # parked: its payload is kept, so it is not lost
         # Not playing and untouched for longer than the broker's redelivery window: its message
         # is gone (e.g. a broker that lost its data), so it must not block the room forever.
-        seen = await self.redis.hmget(job_enqueued_key(job_id), ["ts", "seen"])
+        seen = await self.redis.hmget(job_enqueued_key(job_id), ["ts", "seen"])  # type: ignore[misc]
         stamps = [float(s) for s in seen if s is not None]
         if stamps and time.time() - max(stamps) > self.stale_after_s:
             log.warning("dropping job %s from its room's order: lost (never ended)", job_id)
@@ -412,7 +412,7 @@ class Ledger:
         """Keep a job whose retries ran out where an operator can see and replay it: its
         payload, its failed result and the time, newest first."""
         entry = {"job": job_payload, **result, "ts": time.time()}
-        await self.redis.lpush(DEAD_LETTER_KEY, json.dumps(entry))
+        await self.redis.lpush(DEAD_LETTER_KEY, json.dumps(entry))  # type: ignore[misc]
 
     async def announce(
         self, worker_id: str, held: Mapping[str, str], gone: Collection[str] = ()
