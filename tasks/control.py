@@ -60,15 +60,12 @@ class JobControl:
         if self.granted is None or position > self.granted:
             self.granted = position
 
-    async def admit(self, until: float, *, patience_s: float = LEASE_PATIENCE_S) -> float:
+    async def admit(self, until: float, *, patience_s: float = LEASE_PATIENCE_S) -> None:
         """Wait until the stream may send up to `until` (source seconds) or is stopped;
-        returns the seconds it held still. Past `patience_s`: `LeaseUnconfirmed`."""
-        if self.granted is None or until <= self.granted:
-            return 0.0
-        started = time.monotonic()
+        past `patience_s`, `LeaseUnconfirmed`."""
         for _ in range(int(patience_s / _ADMIT_POLL_S) + 1):
             if self.stop.is_set() or self.granted is None or until <= self.granted:
-                return time.monotonic() - started
+                return
             await asyncio.sleep(_ADMIT_POLL_S)
         raise LeaseUnconfirmed(
             f"held the audio {patience_s:g}s without confirming the job's lease: the segment "

@@ -40,11 +40,15 @@ class Pacer:
     def start(self) -> None:
         self.t0 = self.clock()
 
-    def delay(self, seconds: float) -> None:
-        """The stream held still for `seconds`: what follows is due that much later, not in
-        a burst to catch up."""
-        if self.t0 is not None:
-            self.t0 += seconds
+    def resync(self, sent_bytes: int) -> None:
+        """After the stream held still before the chunk at `sent_bytes`: if the avatar ran
+        dry meanwhile (it plays on from its lead first), the rest is due that much later,
+        not in a burst that would make it hold more than the lead."""
+        if self.t0 is None:
+            return
+        dry = self.clock() - (self.t0 + sent_bytes / self.bytes_per_second)
+        if dry > 0:
+            self.t0 += dry
 
     def due(self, sent_bytes: int) -> float:
         if self.t0 is None:

@@ -212,8 +212,8 @@ class Playback:
             for hook in hooks:
                 hook.on_chunk_sent(segment, sent)
 
-        async def admit(until: int) -> float:
-            return await control.admit(segment.start_at + until / segment.bytes_per_second)
+        async def admit(until: int) -> None:
+            await control.admit(segment.start_at + until / segment.bytes_per_second)
 
         try:
             sent = await sender.send_segment(

@@ -56,8 +56,8 @@ class PlaybackFinished:
 
 
 ProgressCallback = Callable[[int], Awaitable[None]]
-#: Waits until the segment may send up to the given byte count; returns the seconds waited.
-Admit = Callable[[int], Awaitable[float]]
+#: Waits until the segment may send up to the given byte count.
+Admit = Callable[[int], Awaitable[None]]
 
 
 class AudioStreamSender:
@@ -116,7 +116,7 @@ class AudioStreamSender:
 
         Returns early, within one chunk's pacing wait, once `stop` is set; the avatar's buffer
         is then cleared before the stream closes, as DataStreamAudioOutput does. `admit` may
-        hold a piece back; the schedule moves on by the time it held."""
+        hold a piece back (the schedule moves on if the avatar ran dry meanwhile)."""
         self._awaiting_report = False
         while not self._finished.empty():
             self._finished.get_nowait()  # a late report of an earlier segment
@@ -142,7 +142,8 @@ class AudioStreamSender:
                     if pacer.t0 is None:
                         pacer.start()
                     if admit is not None:
-                        pacer.delay(await admit(sent + len(piece)))
+                        await admit(sent + len(piece))
+                        pacer.resync(sent)
                     await pacer.wait(sent, stopped)
                     if stop is not None and stop.is_set():
                         break

@@ -445,14 +445,17 @@ def test_a_lease_ahead_lets_a_whole_chunk_go() -> None:
 def test_a_stream_held_too_long_for_its_lease_ends_with_a_clear_reason() -> None:
     async def go() -> float:
         control = JobControl()
-        assert await control.admit(9.0) == 0.0  # nothing fences it yet
+        await asyncio.wait_for(control.admit(9.0), 0.01)  # nothing fences it yet
         control.grant(1.0)
-        assert await control.admit(1.0) == 0.0
-        later = asyncio.get_running_loop().call_later(0.1, control.grant, 2.0)
-        waited = await control.admit(2.0)
+        await asyncio.wait_for(control.admit(1.0), 0.01)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        later = loop.call_later(0.1, control.grant, 2.0)
+        await control.admit(2.0)
+        held = loop.time() - started
         later.cancel()
         with pytest.raises(LeaseUnconfirmed):
             await control.admit(3.0, patience_s=0.05)
-        return waited
+        return held
 
     assert 0.05 < asyncio.run(go()) < 1.0

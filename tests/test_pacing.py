@@ -93,3 +93,19 @@ def test_interrupt_ends_a_long_wait_early() -> None:
 
     assert asyncio.run(go()) < 1.0
     assert pacer.errors == []  # a stop is not a schedule error
+
+
+def test_a_hold_within_the_lead_keeps_the_schedule_a_longer_one_moves_it() -> None:
+    fake = FakeTime(overshoot=0.0)
+    pacer = Pacer(RATE, lead=0.3, clock=fake.clock, sleep=fake.sleep)
+    pacer.start()
+    # Chunk 10 (at 1.0 s of audio) is due at 0.7 s; held until 0.9 s, the avatar still had
+    # 0.1 s to play: nothing moves.
+    fake.now = 1000.9
+    pacer.resync(10 * CHUNK)
+    assert pacer.due(11 * CHUNK) == 1000.0 + 1.1 - 0.3
+    # Held until 1.5 s: the avatar ran dry 0.5 s ago, so what follows comes 0.5 s later
+    # (no burst that would leave it more than the lead).
+    fake.now = 1001.5
+    pacer.resync(10 * CHUNK)
+    assert abs(pacer.due(11 * CHUNK) - (1000.0 + 0.5 + 1.1 - 0.3)) < 1e-9
