@@ -1,12 +1,13 @@
 """Run tests that start their own servers N times and count the ports their services lost.
 
-    infra/repeat-e2e N PYTEST_ARG...     e.g. infra/repeat-e2e 20 tests/test_pipeline_e2e.py
+    infra/repeat-e2e [--keep DIR] N PYTEST_ARG...   e.g. infra/repeat-e2e 20 tests/test_x.py
 
-Each run is a pytest of its own inside a network namespace of its own (infra/netns-run, unless
-already inside one), with every temporary file, the services' logs included, under one
-directory. Counted per run: starts that lost a port to another process and were retried
-(`LOST_PORT` in a service's log) and bind errors in the report of a failed run (a loss no
-retry saved). Prints one line per run and a JSON summary; exits 1 if any run failed.
+Whatever follows N goes to pytest. Each run is a pytest of its own inside a network namespace
+of its own (infra/netns-run, unless already inside one), with every temporary file, the
+services' logs included, under one directory. Counted per run: starts that lost a port to
+another process and were retried (`LOST_PORT` in a service's log) and bind errors in the
+report of a failed run (a loss no retry saved). Prints one line per run and a JSON summary;
+exits 1 if any run failed.
 """
 
 from __future__ import annotations
