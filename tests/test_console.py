@@ -22,6 +22,7 @@ from livekit import api as lkapi
 from avatarq.events import Event
 from avatarq.ledger.keys import DEAD_LETTER_KEY
 from avatarq.settings import Settings
+from avatarq_dev.demo import ConsoleAccess, console_line
 from producers import console, enqueue
 from producers.api import create_app
 from tests.producing import api_process, own_db, queued_job_ids
@@ -232,6 +233,21 @@ def test_api_serves_with_the_console_disabled_without_a_build(
     # Everything else still works.
     other = requests.get(f"{served_without_build}/jobs/x", headers=AUTH, timeout=10)
     assert other.status_code == 404
+
+
+def test_demo_keep_without_a_build_says_where_the_api_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `make demo` builds no console: `avatarq demo --keep` must not print a URL to a 503.
+    access = ConsoleAccess(api_keys="demo:k-1", key="k-1", tenant="demo")
+    monkeypatch.setattr(console, "CONSOLE_DIST", tmp_path)
+    (tmp_path / "index.html").write_text("<!doctype html>")
+    built = console_line("http://127.0.0.1:8000", access)
+    assert built == "console: http://127.0.0.1:8000/console/#key=k-1"
+    (tmp_path / "index.html").unlink()
+    line = console_line("http://127.0.0.1:8000", access)
+    assert line.startswith("console: not built (cd console && npm ci && npm run build")
+    assert line.endswith("the API serves at http://127.0.0.1:8000, X-API-Key: k-1")
 
 
 def test_overview_shows_each_avatar_servers_session_quota(base: str, settings: Settings) -> None:

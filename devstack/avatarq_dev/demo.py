@@ -128,8 +128,8 @@ def serve_console(stack: LocalStack, access: ConsoleAccess) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     with api:
-        url = f"http://{HOST}:{api.port}/console/#key={urllib.parse.quote(access.key, safe='')}"
-        console.print(f"console: {url}", soft_wrap=True, highlight=False)
+        line = console_line(f"http://{HOST}:{api.port}", access)
+        console.print(line, soft_wrap=True, highlight=False)
         if stack.server != "official":
             console.print(
                 "  (room view without video: the embedded LiveKit server forwards no media; "
@@ -138,6 +138,17 @@ def serve_console(stack: LocalStack, access: ConsoleAccess) -> None:
             )
         console.print("the stack stays up: Ctrl-C stops it")
         stop.wait(KEEP_MAX_S)
+
+
+def console_line(base: str, access: ConsoleAccess) -> str:
+    """The console's URL with the key in it; without the console's build (`make demo` does not
+    build it) the API serves all the same, and the line says where, with which key, instead
+    of pointing at a page that answers 503."""
+    from producers.console import BUILD_HINT, CONSOLE_DIST
+
+    if (CONSOLE_DIST / "index.html").is_file():
+        return f"console: {base}/console/#key={urllib.parse.quote(access.key, safe='')}"
+    return f"console: not built ({BUILD_HINT}); the API serves at {base}, X-API-Key: {access.key}"
 
 
 def scrape(url: str, metric: str) -> float | None:
