@@ -128,8 +128,8 @@ class LocalStack:
             ],
             ready=lambda: " ready." in proc.tail(200),
             env=env,
-            # A metrics port taken between its pick and the worker's bind shows as a failed
-            # signal handler in the log ("Address already in use"): the start is retried.
+            # A metrics port taken before the worker bound it fails before Celery's logging:
+            # the worker says " ready." without listening there, and is started again.
             ports=["tcp"] if serves_metrics else [],
             log_dir=self.workdir / "logs",
             start_timeout=60,
