@@ -1,14 +1,18 @@
 # The two commands of the README:
 #   make demo   plays one job end to end on the embedded local stack
 #   make test   runs the test suite
-# Both install what is missing first (infra/bootstrap). Anything that joins a LiveKit room runs
-# in a private network namespace (infra/netns-run): libwebrtc ignores loopback.
-.PHONY: demo test test-fast bootstrap lint bench
+# Both install what is missing first (infra/bootstrap): the demo only what it needs, the tests
+# everything. Anything that joins a LiveKit room runs in a private network namespace
+# (infra/netns-run): libwebrtc ignores loopback.
+.PHONY: demo test test-fast bootstrap bootstrap-demo lint bench
 
 bootstrap:
-	@bash infra/bootstrap
+	@bash infra/bootstrap test
 
-demo: bootstrap
+bootstrap-demo:
+	@bash infra/bootstrap demo
+
+demo: bootstrap-demo
 	infra/netns-run .venv/bin/avatarq demo
 
 test: bootstrap

@@ -27,7 +27,7 @@ from jwt.warnings import InsecureKeyLengthWarning
 from livekit import api, rtc
 
 from avatarq_dev.bench.stats import pct
-from avatarq_dev.processes import free_port, python_module, tcp_ready
+from avatarq_dev.processes import python_module
 
 API_KEY, API_SECRET = "devkey", "secret"
 STREAM_TOPIC = "lk.audio_stream"
@@ -179,17 +179,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     warnings.filterwarnings("ignore", category=InsecureKeyLengthWarning)
     plan = QUICK if args.quick else FULL
-    port = free_port()
     proc = python_module(
         "livekit-server",
         "avatarq_dev.livekit_server",
-        ["--port", str(port), "--keys", f"{API_KEY}: {API_SECRET}", "--log-level", "WARNING"],
-        ready=tcp_ready("127.0.0.1", port),
+        lambda ports: (
+            ["--port", str(ports[0]), "--keys", f"{API_KEY}: {API_SECRET}"]
+            + ["--log-level", "WARNING"]
+        ),
+        ports=["tcp"],
     )
     with proc:
         assert proc.proc is not None
         server = psutil.Process(proc.proc.pid)
-        results = asyncio.run(asyncio.wait_for(run(plan, f"ws://127.0.0.1:{port}", server), 900))
+        url = f"ws://127.0.0.1:{proc.port}"
+        results = asyncio.run(asyncio.wait_for(run(plan, url, server), 900))
     results["plan"] = "quick" if args.quick else "full"
     if args.json:
         print(json.dumps(results, indent=2))

@@ -1,13 +1,13 @@
 """The operator console: a page served at `/console/` and the JSON it reads.
 
 The page is the built front end (`console/`; `npm ci && npm run build`, run by
-`infra/bootstrap`, writes it to `producers/console_dist/`, package data of the wheel). Without
-a build the API still serves everything else and `/console/` answers 503 saying how to build
-it. The page holds no data: what it shows comes from `/console/api/*` here and from the `/jobs`
-routes (enqueue, cancel, job events over SSE), all behind the same API keys. It reuses the
-producer functions rather than reading worker internals: `get_status` for each job in a room's
-order, `producers.deadletter` for the dead-letter list, the global events stream for recent
-outcomes.
+`infra/bootstrap test` for `make test`, not for `make demo`, writes it to
+`producers/console_dist/`, package data of the wheel). Without a build the API still serves
+everything else and `/console/` answers 503 saying how to build it. The page holds no data:
+what it shows comes from `/console/api/*` here and from the `/jobs` routes (enqueue, cancel,
+job events over SSE), all behind the same API keys. It reuses the producer functions rather
+than reading worker internals: `get_status` for each job in a room's order,
+`producers.deadletter` for the dead-letter list, the global events stream for recent outcomes.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ log = logging.getLogger("avatarq.console")
 
 #: Where `npm run build` in console/ writes the page (see console/vite.config.ts).
 CONSOLE_DIST = Path(__file__).resolve().parent / "console_dist"
-BUILD_HINT = "cd console && npm ci && npm run build (infra/bootstrap does it when npm exists)"
+BUILD_HINT = "cd console && npm ci && npm run build (`make test` does it when npm exists)"
 #: Bounds on what one overview reads, so a huge backlog cannot make the page slow to answer.
 MAX_ROOMS = 100
 MAX_JOBS_PER_ROOM = 50

@@ -21,8 +21,8 @@ class LiveKitServerInfo:
 def livekit_server(
     request: _lk_pytest.FixtureRequest, tmp_path_factory: _lk_pytest.TempPathFactory
 ) -> _LkIterator[LiveKitServerInfo]:
-    """The embedded server and the official livekit-server, each as a subprocess on a free
-    loopback port: the conformance tests hold the embedded one to the official one.
+    """The embedded server and the official livekit-server, each as a subprocess on loopback
+    ports picked as it starts: the conformance tests hold the embedded one to the official one.
 
     Short empty-room timeout (2 s) so rooms left by one test do not linger. The official one
     is skipped only where it cannot run (no binary, outside the namespace) and CI is unset.
@@ -30,19 +30,17 @@ def livekit_server(
     import os
 
     from avatarq_dev import livekit_official
-    from avatarq_dev.processes import free_port
     from avatarq_dev.stack import livekit_process
 
     if request.param == "official" and (missing := livekit_official.why_unavailable()):
         if os.environ.get("CI") == "true":
             _lk_pytest.fail(f"CI needs the official LiveKit server: {missing}")
         _lk_pytest.skip(f"official LiveKit server: {missing}")
-    port = free_port()
     key, secret = "devkey", "secret"
     logs = tmp_path_factory.mktemp(f"livekit-{request.param}")
-    proc = livekit_process(request.param, port, {key: secret}, logs, room_timeouts=(2, 2))
+    proc = livekit_process(request.param, {key: secret}, logs, room_timeouts=(2, 2))
     with proc:
-        url = f"ws://127.0.0.1:{port}"
+        url = f"ws://127.0.0.1:{proc.port}"
         yield LiveKitServerInfo(url, key, secret, str(proc.log_path), request.param)
 
 
@@ -52,7 +50,7 @@ def livekit_server(
 # --- redis fixture (owner: core pipeline) -----------------------------------------------------
 @_lk_pytest.fixture(scope="session")
 def redis_server() -> _LkIterator[str]:
-    """A throwaway `redis-server` on a free loopback port; yields its URL."""
+    """A throwaway `redis-server` on a loopback port; yields its URL."""
     from avatarq_dev.processes import RedisServer
 
     with RedisServer() as server:

@@ -1,5 +1,5 @@
-"""Helpers for the producer tests: run the `avatarq` CLI, give a test its own Redis database,
-read what sits in the broker's render queue."""
+"""Helpers for the producer tests: run the `avatarq` CLI or its API server, give a test its own
+Redis database, read what sits in the broker's render queue."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import redis
 
 from avatarq.celeryconfig import RENDER_QUEUE
+from avatarq_dev.processes import ManagedProcess
 
 AVATARQ = str(Path(sys.executable).with_name("avatarq"))
 
@@ -27,6 +29,17 @@ def avatarq(
         text=True,
         timeout=timeout,
         env={**os.environ, **(env or {})},
+    )
+
+
+def api_process(env: Mapping[str, str], log_dir: Path) -> ManagedProcess:
+    """`avatarq api` as users run it, with `env`, not started; `.port` once it is."""
+    return ManagedProcess(
+        "api",
+        lambda ports: [AVATARQ, "api", "--port", str(ports[0])],
+        ports=["tcp"],
+        env=env,
+        log_dir=log_dir,
     )
 
 

@@ -1,4 +1,4 @@
-"""A real S3 API for tests: `moto_server` as a subprocess on a free loopback port.
+"""A real S3 API for tests: `moto_server` as a subprocess on a loopback port.
 
 The code under test talks to it over HTTP exactly as to AWS (boto3 is never patched), and
 ffmpeg fetches presigned URLs from it. Credentials are dummies set in the environment, which
@@ -16,7 +16,7 @@ from typing import Any
 import boto3
 import pytest
 
-from avatarq_dev.processes import ManagedProcess, free_port, tcp_ready
+from avatarq_dev.processes import ManagedProcess
 
 DUMMY_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -38,18 +38,17 @@ def aws_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[str]:
     """The endpoint URL of a moto S3 server running for the whole test session."""
-    port = free_port()
     exe = shutil.which("moto_server", path=os.path.dirname(sys.executable))
     argv = [exe] if exe else [sys.executable, "-m", "moto.server"]
     server = ManagedProcess(
         "moto",
-        [*argv, "-H", "127.0.0.1", "-p", str(port)],
-        ready=tcp_ready("127.0.0.1", port),
+        lambda ports: [*argv, "-H", "127.0.0.1", "-p", str(ports[0])],
+        ports=["tcp"],
         env=DUMMY_ENV,
         start_timeout=60,
     )
     with server:
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{server.port}"
 
 
 def s3_client(endpoint_url: str) -> Any:

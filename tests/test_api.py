@@ -15,9 +15,10 @@ import requests
 
 from avatarq.ledger.keys import job_events_key, job_record_key
 from avatarq.settings import Settings
-from avatarq_dev.processes import ManagedProcess, free_port, tcp_ready
+from avatarq_dev.processes import ManagedProcess
 from producers.client import ledger_for
-from tests.producing import AVATARQ, avatarq, own_db, queued_job_ids, queued_rooms
+from tests.ports import refused_port
+from tests.producing import api_process, avatarq, own_db, queued_job_ids, queued_rooms
 
 KEYS = ("acme:key-one", "globex:key-two")
 MAX_BODY = 4096
@@ -27,12 +28,10 @@ JOB = {"room": "lobby", "avatar_id": "anna", "source": "https://cdn.example/hell
 
 
 def start_api(env: dict[str, str], log_dir: Path) -> tuple[ManagedProcess, str]:
-    """`avatarq api` on a free port with `env` (REDIS_URL, …) and this module's keys."""
-    port = free_port()
-    argv = [AVATARQ, "api", "--port", str(port)]
+    """`avatarq api`, started, with `env` (REDIS_URL, …) and this module's keys; its URL."""
     env = {"AVATARQ_API_KEYS": ",".join(KEYS), "AVATARQ_API_MAX_BODY_BYTES": str(MAX_BODY), **env}
-    proc = ManagedProcess("api", argv, ready=tcp_ready("127.0.0.1", port), env=env, log_dir=log_dir)
-    return proc.start(), f"http://127.0.0.1:{port}"
+    proc = api_process(env, log_dir).start()
+    return proc, f"http://127.0.0.1:{proc.port}"
 
 
 def sse_frames(response: requests.Response) -> list[dict[str, Any]]:
@@ -331,13 +330,13 @@ def test_non_finite_and_oversized_numbers_are_422(
 
 
 def test_redis_down_is_503(tmp_path: Path) -> None:
-    dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
-    proc, base = start_api({"REDIS_URL": dead}, tmp_path)
-    with proc:
-        for method, path in [("post", "/jobs"), ("get", "/jobs/x"), ("get", "/jobs/x/events")]:
-            res = requests.request(method, base + path, json=JOB, headers=AUTH, timeout=30)
-            assert res.status_code == 503, (path, res.text)
-            assert "unreachable" in res.json()["detail"] and res.headers["Retry-After"]
+    with refused_port() as port:
+        proc, base = start_api({"REDIS_URL": f"redis://127.0.0.1:{port}/0"}, tmp_path)
+        with proc:
+            for method, path in [("post", "/jobs"), ("get", "/jobs/x"), ("get", "/jobs/x/events")]:
+                res = requests.request(method, base + path, json=JOB, headers=AUTH, timeout=30)
+                assert res.status_code == 503, (path, res.text)
+                assert "unreachable" in res.json()["detail"] and res.headers["Retry-After"]
 
 
 # --- events stream -------------------------------------------------------------------------

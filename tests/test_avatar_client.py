@@ -10,9 +10,10 @@ import pytest
 from aiohttp import web
 
 from avatarq.errors import AvatarOverLimit, AvatarRejected, AvatarUnavailable
-from avatarq_dev.processes import free_port
 from tasks import backoff
 from tasks.avatar import LICENSE_HEADER, START_PATH, STOP_PATH, HttpAvatarClient
+from tests.httpserve import serving_app
+from tests.ports import refused_port
 
 KEY = "license-123"
 
@@ -61,16 +62,12 @@ def run_against(
         app = web.Application()
         app.router.add_post(START_PATH, start)
         app.router.add_post(STOP_PATH, stop)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        client = HttpAvatarClient("test", f"http://127.0.0.1:{port}/", KEY, attempts=4)
-        try:
-            return await body(client)
-        finally:
-            await client.aclose()
-            await runner.cleanup()
+        async with serving_app(app) as port:
+            client = HttpAvatarClient("test", f"http://127.0.0.1:{port}/", KEY, attempts=4)
+            try:
+                return await body(client)
+            finally:
+                await client.aclose()
 
     return asyncio.run(go())
 
@@ -121,11 +118,12 @@ def test_4xx_is_permanent_without_retry() -> None:
 
 def test_unreachable_server_is_transient() -> None:
     async def go() -> None:
-        client = HttpAvatarClient("test", f"http://127.0.0.1:{free_port()}", KEY, attempts=3)
-        try:
-            await start(client)
-        finally:
-            await client.aclose()
+        with refused_port() as port:
+            client = HttpAvatarClient("test", f"http://127.0.0.1:{port}", KEY, attempts=3)
+            try:
+                await start(client)
+            finally:
+                await client.aclose()
 
     with pytest.raises(AvatarUnavailable, match="'test' .* did not start avatar") as exc:
         asyncio.run(go())

@@ -32,7 +32,7 @@ from avatarq_dev.avatar_emulator.playout import UNDERRUN_TOLERANCE_S, SegmentPla
 from avatarq_dev.avatar_emulator.recorder import SessionRecorder
 from avatarq_dev.avatar_emulator.session import TokenError, TokenInfo
 from avatarq_dev.avatar_emulator.video import HEIGHT, WIDTH, MouthVideo, audio_level
-from avatarq_dev.processes import free_port, python_module, tcp_ready
+from avatarq_dev.processes import python_module
 from tests.netns import needs_netns
 
 T = TypeVar("T")
@@ -208,18 +208,17 @@ def test_fault_injection_fails_the_next_starts() -> None:
 
 
 def test_cli_never_echoes_or_logs_the_license_key(tmp_path: Path) -> None:
-    port = free_port()
     proc = python_module(
         "avatar-emulator",
         "avatarq_dev.avatar_emulator",
-        ["--host", "127.0.0.1", "--port", str(port), "--record-dir", str(tmp_path / "rec")],
-        ready=tcp_ready("127.0.0.1", port),
+        lambda ports: ["--port", str(ports[0]), "--record-dir", str(tmp_path / "rec")],
+        ports=["tcp"],
         env={"AVALUMA_LICENSE_KEY": LICENSE_KEY},
         log_dir=tmp_path,
     )
 
     async def requests() -> list[str]:
-        base = f"http://127.0.0.1:{port}"
+        base = f"http://127.0.0.1:{proc.port}"
         texts = []
         async with aiohttp.ClientSession() as http:
             await http.post(base + FAULTS, json={"join": False})
@@ -353,25 +352,24 @@ class EmulatorProcess:
 @pytest.fixture(scope="module")
 def emulator_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatorProcess]:
     workdir = tmp_path_factory.mktemp("avatar-emulator")
-    port = free_port()
     proc = python_module(
         "avatar-emulator",
         "avatarq_dev.avatar_emulator",
-        [
+        lambda ports: [
             "--host",
             "127.0.0.1",
             "--port",
-            str(port),
+            str(ports[0]),
             "--license-key",
             LICENSE_KEY,
             "--record-dir",
             str(workdir / "rec"),
         ],
-        ready=tcp_ready("127.0.0.1", port),
+        ports=["tcp"],
         log_dir=workdir,
     )
     with proc:
-        yield EmulatorProcess(f"http://127.0.0.1:{port}", workdir / "rec", proc.log_path)
+        yield EmulatorProcess(f"http://127.0.0.1:{proc.port}", workdir / "rec", proc.log_path)
 
 
 def tone(seconds: float, freq: float, seed: int) -> bytes:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from avatarq.commands.common import EXIT_FAILED, EXIT_UNAVAILABLE
-from avatarq_dev.processes import free_port
+from tests.ports import refused_port
 from tests.producing import avatarq
 
 pytestmark = pytest.mark.timeout(120)
@@ -24,8 +24,9 @@ pytestmark = pytest.mark.timeout(120)
     ],
 )
 def test_unreachable_redis_is_one_line_and_exit_4(args: tuple[str, ...]) -> None:
-    dead = f"redis://:hunter2@127.0.0.1:{free_port()}/0"  # nothing listens there
-    proc = avatarq(*args, env={"REDIS_URL": dead}, timeout=60)
+    with refused_port() as port:
+        dead = f"redis://:hunter2@127.0.0.1:{port}/0"
+        proc = avatarq(*args, env={"REDIS_URL": dead}, timeout=60)
     assert proc.returncode == EXIT_UNAVAILABLE == 4
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -21,10 +22,10 @@ from livekit import api as lkapi
 from avatarq.events import Event
 from avatarq.ledger.keys import DEAD_LETTER_KEY
 from avatarq.settings import Settings
-from avatarq_dev.processes import ManagedProcess, free_port, tcp_ready
+from avatarq_dev.demo import ConsoleAccess, console_line
 from producers import console, enqueue
 from producers.api import create_app
-from tests.producing import AVATARQ, own_db, queued_job_ids
+from tests.producing import api_process, own_db, queued_job_ids
 
 KEY = "console-key"  # tenant acme
 AUTH = {"X-API-Key": KEY}
@@ -49,7 +50,6 @@ def settings(redis_url: str) -> Settings:
 @pytest.fixture(scope="module")
 def base(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`avatarq api` as users run it, on this module's Redis database."""
-    port = free_port()
     env = {
         "REDIS_URL": redis_url,
         "AVATARQ_API_KEYS": API_KEYS,
@@ -57,15 +57,8 @@ def base(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[s
         # Browsers reach LiveKit elsewhere than workers do (viewer tokens carry this URL).
         "LIVEKIT_PUBLIC_URL": "wss://livekit.public.example",
     }
-    proc = ManagedProcess(
-        "api",
-        [AVATARQ, "api", "--port", str(port)],
-        ready=tcp_ready("127.0.0.1", port),
-        env=env,
-        log_dir=tmp_path_factory.mktemp("console-api"),
-    )
-    with proc.start():
-        yield f"http://127.0.0.1:{port}"
+    with api_process(env, tmp_path_factory.mktemp("console-api")) as proc:
+        yield f"http://127.0.0.1:{proc.port}"
 
 
 def test_console_data_needs_a_key(base: str) -> None:
@@ -213,18 +206,20 @@ def served_without_build(
 ) -> Iterator[str]:
     """The app in-process (uvicorn on a thread) with the console's build missing."""
     monkeypatch.setattr(console, "CONSOLE_DIST", tmp_path / "dist")
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning"))
+    # Bound here, before uvicorn listens on it: no port number to lose in between.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 20
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        try:
+            yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+        finally:
+            server.should_exit = True
+            thread.join(10)
 
 
 def test_api_serves_with_the_console_disabled_without_a_build(
@@ -238,6 +233,21 @@ def test_api_serves_with_the_console_disabled_without_a_build(
     # Everything else still works.
     other = requests.get(f"{served_without_build}/jobs/x", headers=AUTH, timeout=10)
     assert other.status_code == 404
+
+
+def test_demo_keep_without_a_build_says_where_the_api_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `make demo` builds no console: `avatarq demo --keep` must not print a URL to a 503.
+    access = ConsoleAccess(api_keys="demo:k-1", key="k-1", tenant="demo")
+    monkeypatch.setattr(console, "CONSOLE_DIST", tmp_path)
+    (tmp_path / "index.html").write_text("<!doctype html>")
+    built = console_line("http://127.0.0.1:8000", access)
+    assert built == "console: http://127.0.0.1:8000/console/#key=k-1"
+    (tmp_path / "index.html").unlink()
+    line = console_line("http://127.0.0.1:8000", access)
+    assert line.startswith("console: not built (cd console && npm ci && npm run build")
+    assert line.endswith("the API serves at http://127.0.0.1:8000, X-API-Key: k-1")
 
 
 def test_overview_shows_each_avatar_servers_session_quota(base: str, settings: Settings) -> None:

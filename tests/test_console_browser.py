@@ -22,13 +22,12 @@ import requests
 
 from avatarq.ledger.keys import DEAD_LETTER_KEY, job_enqueued_key, job_record_key
 from avatarq_dev import livekit_official
-from avatarq_dev.processes import ManagedProcess, free_port, tcp_ready
 from avatarq_dev.stack import LocalStack, local_stack
 from producers.console import CONSOLE_DIST
 from tests.audio import tone
 from tests.httpserve import serving
 from tests.netns import NETNS
-from tests.producing import AVATARQ
+from tests.producing import api_process
 
 pytestmark = NETNS
 
@@ -94,16 +93,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
 
 @pytest.fixture(scope="module")
 def base(stack: LocalStack) -> Iterator[str]:
-    port = free_port()
-    proc = ManagedProcess(
-        "api",
-        [AVATARQ, "api", "--port", str(port)],
-        ready=tcp_ready("127.0.0.1", port),
-        env={**stack.env(), "AVATARQ_API_KEYS": f"{TENANT}:{KEY}"},
-        log_dir=stack.workdir / "logs",
-    )
-    with proc.start():
-        yield f"http://127.0.0.1:{port}"
+    env = {**stack.env(), "AVATARQ_API_KEYS": f"{TENANT}:{KEY}"}
+    with api_process(env, stack.workdir / "logs") as proc:
+        yield f"http://127.0.0.1:{proc.port}"
 
 
 @pytest.fixture(scope="module")

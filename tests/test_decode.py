@@ -20,7 +20,6 @@ import pytest
 
 from avatarq.errors import DecodeError, SourceNotFound, SourceUnavailable
 from avatarq.settings import Settings
-from avatarq_dev.processes import free_port
 from tasks.decode import (
     AUDIO_FORMATS,
     LIMIT_SLACK_S,
@@ -32,6 +31,7 @@ from tasks.decode import (
 from tasks.source import HTTP_PROTOCOLS, ResolvedSource, resolve
 from tests import audio
 from tests.httpserve import serving
+from tests.ports import refused_port
 from tests.s3 import aws_env, s3_client, s3_server
 
 __all__ = ["aws_env", "s3_server"]  # fixtures used by name below
@@ -282,9 +282,11 @@ def test_http_404_is_source_not_found(http_files: HttpFiles) -> None:
 
 @pytest.mark.slow
 def test_http_connection_refused_is_transient() -> None:
-    url = f"http://127.0.0.1:{free_port()}/a.wav"
-    with pytest.raises(SourceUnavailable, match="Connection refused") as info:
-        decode(resolve(url, SETTINGS))
+    with (
+        refused_port() as port,
+        pytest.raises(SourceUnavailable, match="Connection refused") as info,
+    ):
+        decode(resolve(f"http://127.0.0.1:{port}/a.wav", SETTINGS))
     assert not info.value.permanent
 
 

@@ -527,34 +527,27 @@ def test_resume_after_server_restart_falls_back_to_full_rejoin(tmp_path: Any) ->
     like livekit-server (LeaveRequest, action RECONNECT) and the SDK rejoins from scratch."""
     import signal
 
-    from avatarq_dev.processes import free_port, python_module, tcp_ready
+    from avatarq_dev.processes import python_module
 
-    port = free_port()
-    url = f"ws://127.0.0.1:{port}"
-    server = type("S", (), {"url": url, "api_key": "devkey", "api_secret": "secret"})()
-
-    def start() -> Any:
-        return python_module(
-            "livekit-server",
-            "avatarq_dev.livekit_server",
-            ["--port", str(port), "--keys", "devkey: secret"],
-            ready=tcp_ready("127.0.0.1", port),
-            log_dir=tmp_path,
-        ).start()
-
-    first = start()
-    second = None
-    try:
+    proc = python_module(
+        "livekit-server",
+        "avatarq_dev.livekit_server",
+        lambda ports: ["--port", str(ports[0]), "--keys", "devkey: secret"],
+        ports=["tcp"],
+        log_dir=tmp_path,
+    )
+    with proc:
+        url = f"ws://127.0.0.1:{proc.port}"
+        server = type("S", (), {"url": url, "api_key": "devkey", "api_secret": "secret"})()
 
         async def body() -> None:
-            nonlocal second
             async with joined(server, "survivor", "room-restart") as room:
                 reconnected = asyncio.Event()
                 room.on("reconnected", reconnected.set)
-                first.signal(signal.SIGKILL)  # no goodbye: the client sees the socket die
-                assert first.proc is not None
-                await asyncio.to_thread(first.proc.wait, 10)
-                second = await asyncio.to_thread(start)
+                proc.signal(signal.SIGKILL)  # no goodbye: the client sees the socket die
+                assert proc.proc is not None
+                await asyncio.to_thread(proc.proc.wait, 10)
+                await asyncio.to_thread(proc.start)  # on the same port: a restart
                 await wait(reconnected.wait(), 40)
                 assert room.isconnected()
                 lkapi = api.LiveKitAPI(url, "devkey", "secret")
@@ -570,7 +563,3 @@ def test_resume_after_server_restart_falls_back_to_full_rejoin(tmp_path: Any) ->
                 assert parts.participants[0].sid == room.local_participant.sid
 
         run(body, timeout=80)
-    finally:
-        first.stop()
-        if second is not None:
-            second.stop()

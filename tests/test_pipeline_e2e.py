@@ -19,11 +19,11 @@ import requests
 from avatarq.ledger.keys import job_events_key
 from avatarq.results import parse_result
 from avatarq.settings import Settings
-from avatarq_dev.processes import free_port
 from avatarq_dev.stack import LocalStack, local_stack
 from tasks.decode import ffmpeg_binary
 from tests import audio
 from tests.netns import NETNS
+from tests.ports import refused_port
 from tests.waiting import wait_terminal
 
 pytestmark = NETNS
@@ -31,10 +31,7 @@ pytestmark = NETNS
 JOB_TIMEOUT_S = 90.0
 WARM_IDLE_S = 3.0
 #: Worker settings that keep fault tests short: few quick retries, short avatar timeout.
-DEAD_AVATAR_PORT = free_port()
 FAST_FAULTS = {
-    # A second configured avatar server, named by jobs, that nothing listens on.
-    "AVATARQ_AVATAR_SERVERS": json.dumps({"dead": {"url": f"http://127.0.0.1:{DEAD_AVATAR_PORT}"}}),
     "AVATARQ_MAX_RETRIES": "2",
     "AVATARQ_RETRY_BASE": "0.2",
     "AVATARQ_RETRY_CAP": "0.5",
@@ -46,8 +43,11 @@ FAST_FAULTS = {
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    with local_stack(tmp_path_factory.mktemp("stack")) as s:
-        s.start_worker("e2e", concurrency=4, extra_env=FAST_FAULTS)
+    with refused_port() as dead, local_stack(tmp_path_factory.mktemp("stack")) as s:
+        # A second configured avatar server, named by jobs, that nothing listens on.
+        servers = {"dead": {"url": f"http://127.0.0.1:{dead}"}}
+        extra_env = {**FAST_FAULTS, "AVATARQ_AVATAR_SERVERS": json.dumps(servers)}
+        s.start_worker("e2e", concurrency=4, extra_env=extra_env)
         with s.current():
             yield s
 

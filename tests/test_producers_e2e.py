@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from avatarq_dev.processes import ManagedProcess, free_port, tcp_ready
+from avatarq_dev.processes import ManagedProcess
 from avatarq_dev.stack import LocalStack, local_stack
 from tests import audio
 from tests.netns import NETNS
@@ -50,10 +50,13 @@ def test_enqueue_many_waits_for_the_whole_batch(stack: LocalStack, tmp_path: Pat
 def test_api_streams_the_events_of_a_played_job(stack: LocalStack, tmp_path: Path) -> None:
     # Remote producers give URLs, not paths: serve the clip over HTTP.
     audio.tone(tmp_path / "hello.wav", seconds=1.5)
-    port = free_port()
-    argv = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"]
     files = ManagedProcess(
-        "files", [*argv, "--directory", str(tmp_path)], ready=tcp_ready("127.0.0.1", port)
+        "files",
+        lambda ports: (
+            [sys.executable, "-m", "http.server", str(ports[0]), "--bind", "127.0.0.1"]
+            + ["--directory", str(tmp_path)]
+        ),
+        ports=["tcp"],
     )
     api_proc, api = start_api(stack.env(), tmp_path / "logs")
     with files, api_proc:
@@ -61,7 +64,7 @@ def test_api_streams_the_events_of_a_played_job(stack: LocalStack, tmp_path: Pat
             "job_id": "api-e2e-1",
             "room": "api-e2e",
             "avatar_id": "anna",
-            "source": f"http://127.0.0.1:{port}/hello.wav",
+            "source": f"http://127.0.0.1:{files.port}/hello.wav",
         }
         created = requests.post(f"{api}/jobs", json=job, headers=AUTH, timeout=10)
         assert created.status_code == 201, created.text

@@ -16,7 +16,6 @@ from avatarq.events import Event, JobStarted
 from avatarq.ledger.keys import job_events_key, job_lease_key
 from avatarq.results import Cancelled, Failed
 from avatarq.settings import Settings
-from avatarq_dev.processes import free_port
 from producers.client import celery_app, get_status
 from tasks.report import (
     PROGRESS_INTERVAL_S,
@@ -25,6 +24,7 @@ from tasks.report import (
     WEBHOOK_TIMESTAMP_HEADER,
     JobReporter,
 )
+from tests.httpserve import serving_app
 
 
 def settings_for(redis_url: str, **kw: Any) -> Settings:
@@ -139,17 +139,13 @@ async def deliver(
     """Announce a failed job whose webhook is `path` on a loopback aiohttp server."""
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    reporter = JobReporter(settings, job_id)
-    try:
-        result = Failed(job_id=job_id, attempt=1, reason="decode_error", error="not audio")
-        await reporter.announce(result, f"http://{host}:{port}{path}")
-    finally:
-        await reporter.aclose()
-        await runner.cleanup()
+    async with serving_app(app) as port:
+        reporter = JobReporter(settings, job_id)
+        try:
+            result = Failed(job_id=job_id, attempt=1, reason="decode_error", error="not audio")
+            await reporter.announce(result, f"http://{host}:{port}{path}")
+        finally:
+            await reporter.aclose()
 
 
 def test_webhook_signed_and_retried(redis_server: str) -> None:

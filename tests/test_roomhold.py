@@ -22,10 +22,11 @@ from livekit import api, rtc
 
 from avatarq.errors import LiveKitRejected, RoomError
 from avatarq.settings import Settings
-from avatarq_dev.processes import free_port
 from tasks import room as rooms
 from tasks import roomhold, tokens
+from tests.httpserve import serving_app
 from tests.netns import NETNS
+from tests.ports import refused_port
 
 # The test key pair is livekit-server's short dev secret on purpose.
 pytestmark = pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarning")
@@ -115,14 +116,8 @@ async def twirp_answering(status: int, code: str) -> AsyncIterator[str]:
 
     app = web.Application()
     app.router.add_post("/twirp/livekit.RoomService/{method}", handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
+    async with serving_app(app) as port:
         yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
 
 
 def settings_for(url: str, secret: str = "secret") -> Settings:
@@ -151,9 +146,8 @@ def test_a_failing_server_is_a_room_error(status: int) -> None:
 
 
 def test_an_unreachable_server_is_a_room_error() -> None:
-    url = f"ws://127.0.0.1:{free_port()}"
-    with pytest.raises(RoomError, match="could not create"):
-        asyncio.run(roomhold.hold_room_open(settings_for(url), "r", 10.0))
+    with refused_port() as port, pytest.raises(RoomError, match="could not create"):
+        asyncio.run(roomhold.hold_room_open(settings_for(f"ws://127.0.0.1:{port}"), "r", 10.0))
 
 
 # -- on the official server ------------------------------------------------------------------

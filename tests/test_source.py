@@ -10,9 +10,9 @@ import pytest
 
 from avatarq.errors import InvalidJob, SourceNotFound, SourceUnavailable
 from avatarq.settings import Settings
-from avatarq_dev.processes import free_port
 from tasks.relay import RELAY_PROTOCOLS
 from tasks.source import FILE_PROTOCOLS, HTTP_PROTOCOLS, aresolve, resolve
+from tests.ports import refused_port
 from tests.s3 import aws_env, s3_client, s3_server
 
 __all__ = ["aws_env", "s3_server"]  # fixtures used by name below
@@ -105,8 +105,7 @@ def test_s3_missing_bucket(s3_server: str, aws_env: dict[str, str]) -> None:
 
 
 def test_s3_endpoint_refusing_connections_is_transient(aws_env: dict[str, str]) -> None:
-    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    with pytest.raises(SourceUnavailable) as info:
-        resolve("s3://bucket/key.wav", s3_settings(dead))
+    with refused_port() as port, pytest.raises(SourceUnavailable) as info:
+        resolve("s3://bucket/key.wav", s3_settings(f"http://127.0.0.1:{port}"))
     assert not info.value.permanent
     assert "s3://bucket/key.wav" in info.value.message

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import socket
 import threading
 import time
 import urllib.parse
@@ -17,14 +16,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from rich.console import Console
 
-from avatarq_dev.processes import free_port, python_module, tcp_ready
+from avatarq_dev.processes import python_module
 from avatarq_dev.stack import HOST, LocalStack, local_stack
 
 if TYPE_CHECKING:
     from producers.api import TenantIds
 
 DEMO_TIMEOUT_S = 300.0
-#: `--keep` serves the API and console here (on a free port when this one is taken).
+#: `--keep` serves the API and console here (on another port when this one is taken).
 CONSOLE_PORT = 8000
 #: `--keep` stops by itself after this long, in case nobody is there to press Ctrl-C.
 KEEP_MAX_S = 24 * 3600.0
@@ -116,12 +115,12 @@ class ConsoleAccess:
 
 def serve_console(stack: LocalStack, access: ConsoleAccess) -> None:
     """`avatarq api` on the stack, its console's URL (with a key) printed, until stopped."""
-    port = CONSOLE_PORT if _port_free(CONSOLE_PORT) else free_port()
     api = python_module(
         "api",
         "avatarq",
-        ["api", "--host", HOST, "--port", str(port)],
-        ready=tcp_ready(HOST, port),
+        lambda ports: ["api", "--host", HOST, "--port", str(ports[0])],
+        ports=["tcp"],
+        prefer=(CONSOLE_PORT,),
         env={**stack.env(), "AVATARQ_API_KEYS": access.api_keys},
         log_dir=stack.workdir / "logs",
     )
@@ -129,8 +128,8 @@ def serve_console(stack: LocalStack, access: ConsoleAccess) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     with api:
-        url = f"http://{HOST}:{port}/console/#key={urllib.parse.quote(access.key, safe='')}"
-        console.print(f"console: {url}", soft_wrap=True, highlight=False)
+        line = console_line(f"http://{HOST}:{api.port}", access)
+        console.print(line, soft_wrap=True, highlight=False)
         if stack.server != "official":
             console.print(
                 "  (room view without video: the embedded LiveKit server forwards no media; "
@@ -141,13 +140,15 @@ def serve_console(stack: LocalStack, access: ConsoleAccess) -> None:
         stop.wait(KEEP_MAX_S)
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind((HOST, port))
-        except OSError:
-            return False
-    return True
+def console_line(base: str, access: ConsoleAccess) -> str:
+    """The console's URL with the key in it; without the console's build (`make demo` does not
+    build it) the API serves all the same, and the line says where, with which key, instead
+    of pointing at a page that answers 503."""
+    from producers.console import BUILD_HINT, CONSOLE_DIST
+
+    if (CONSOLE_DIST / "index.html").is_file():
+        return f"console: {base}/console/#key={urllib.parse.quote(access.key, safe='')}"
+    return f"console: not built ({BUILD_HINT}); the API serves at {base}, X-API-Key: {access.key}"
 
 
 def scrape(url: str, metric: str) -> float | None:

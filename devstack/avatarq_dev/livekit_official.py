@@ -18,7 +18,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from avatarq_dev.processes import ManagedProcess, ServiceError, free_port, tcp_ready
+from avatarq_dev.processes import ManagedProcess, Ports, ServiceError
 
 #: The version infra/bootstrap builds; the compose file pins the same image.
 VERSION = "v1.13.5"
@@ -102,32 +102,32 @@ def config_yaml(
 
 def official_server(
     *,
-    port: int,
     keys: dict[str, str],
     log_dir: Path,
     empty_timeout_s: int | None = None,
     departure_timeout_s: int | None = None,
 ) -> ManagedProcess:
-    """A `livekit-server --dev` process on `port` (and free RTC ports), not started yet."""
+    """A `livekit-server --dev` process, not started yet; its ports (signalling, ICE/TCP and
+    the ICE/UDP mux) are picked when it starts, `port` is the signalling one."""
     path, ip = binary(), node_ip()
     if path is None or ip is None:
         raise ServiceError(f"cannot run the official LiveKit server: {why_unavailable()}")
     log_dir.mkdir(parents=True, exist_ok=True)
-    config = log_dir / f"livekit-{port}.yaml"
-    config.write_text(
-        config_yaml(
-            port=port,
-            tcp_port=free_port(),
-            udp_port=free_port(),
-            keys=keys,
-            node_ip=ip,
-            empty_timeout_s=empty_timeout_s,
-            departure_timeout_s=departure_timeout_s,
+
+    def argv(ports: Ports) -> list[str]:
+        port, tcp_port, udp_port = ports
+        config = log_dir / f"livekit-{port}.yaml"
+        config.write_text(
+            config_yaml(
+                port=port,
+                tcp_port=tcp_port,
+                udp_port=udp_port,
+                keys=keys,
+                node_ip=ip,
+                empty_timeout_s=empty_timeout_s,
+                departure_timeout_s=departure_timeout_s,
+            )
         )
-    )
-    return ManagedProcess(
-        "livekit",
-        [path, "--dev", "--config", str(config)],
-        ready=tcp_ready(HOST, port),
-        log_dir=log_dir,
-    )
+        return [path, "--dev", "--config", str(config)]
+
+    return ManagedProcess("livekit", argv, ports=["tcp", "tcp", "udp"], log_dir=log_dir)

@@ -1,13 +1,23 @@
-"""Start local services as subprocesses on free ports, wait until they answer, stop them.
+"""Start local services as subprocesses on ports the OS picked, wait until they answer, stop
+them.
 
 Used by the demo, the tests and the benchmarks: every service they need (Redis, the local
 LiveKit server, the avatar emulator, Celery workers) runs as its own process, never on the
 caller's event loop.
+
+Ports: a service is told ports that were free when picked (bound to port 0, then let go), and
+binds them itself; in between, another process may take one (a client's outgoing connection
+does, too). So a start whose service says a port was taken (`BIND_ERROR` in its log) is tried
+again on newly picked ports, `START_ATTEMPTS` times at most, and a service is ready only once
+it listens on its first port itself, not when whatever holds that port answers. Nothing else
+picks ports: tests/test_ports.py fails on a helper that hands out a port number to bind later.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -15,27 +25,42 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any, Literal
+
+import psutil
+
+PortKind = Literal["tcp", "udp"]
+Ports = tuple[int, ...]
+#: What a service logs when a port it was told is taken: Go, Python, redis-server and
+#: werkzeug say "address already in use"; RabbitMQ "eaddrinuse" (AMQP port),
+#: "dist_port_already_used" (Erlang distribution port) or "register/listen error" (its node
+#: cannot register with an epmd that could not have the epmd port).
+BIND_ERROR = re.compile(
+    r"address already in use|eaddrinuse|dist_port_already_used|register/listen error",
+    re.IGNORECASE,
+)
+#: Written to a service's log after a start of it that lost a port (infra/repeat-e2e counts them).
+LOST_PORT = "avatarq_dev.processes: lost a port"
+#: Starts on newly picked ports before giving up: each one loses only to a process that took
+#: a port in the moment between its pick and the service's bind.
+START_ATTEMPTS = 5
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def tcp_ready(host: str, port: int) -> Callable[[], bool]:
-    def check() -> bool:
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return True
-        except OSError:
-            return False
-
-    return check
+def _pick_ports(kinds: Sequence[PortKind]) -> Ports:
+    """Distinct ports free on every address now, one per kind. ManagedProcess's own: a caller
+    that binds the number later is the race this module exists to retry."""
+    with contextlib.ExitStack() as held:
+        ports = []
+        for kind in kinds:
+            kind_of = socket.SOCK_DGRAM if kind == "udp" else socket.SOCK_STREAM
+            sock = held.enter_context(socket.socket(socket.AF_INET, kind_of))
+            # Held until all are picked, so no two of a kind are the same port.
+            sock.bind(("0.0.0.0", 0))
+            ports.append(int(sock.getsockname()[1]))
+        return tuple(ports)
 
 
 class ServiceError(RuntimeError):
@@ -43,23 +68,38 @@ class ServiceError(RuntimeError):
 
 
 class ManagedProcess:
-    """A subprocess whose output goes to a log file, started and stopped as a context manager."""
+    """A subprocess whose output goes to a log file, started and stopped as a context manager.
+
+    With `ports` (one kind each), its command is built for ports picked at start: `argv` and
+    `env` may be functions of them, and it is ready once it listens on its first TCP port and
+    `ready` (if given) says so; `prefer` is tried first (e.g. a port users know; 0: any), then
+    picked ones. Without, `argv` and `env` are as given and `ready` decides. A restart keeps the
+    ports of the first start: a restarted server keeps its address."""
 
     def __init__(
         self,
         name: str,
-        argv: Sequence[str],
+        argv: Sequence[str] | Callable[[Ports], Sequence[str]],
         *,
-        ready: Callable[[], bool],
-        env: dict[str, str] | None = None,
+        ready: Callable[[], bool] | None = None,
+        env: Mapping[str, str] | Callable[[Ports], Mapping[str, str]] | None = None,
+        ports: Sequence[PortKind] = (),
+        prefer: Ports = (),
         log_dir: Path | None = None,
         start_timeout: float = 30.0,
         cwd: str | None = None,
     ) -> None:
+        if ready is None and "tcp" not in ports:
+            raise ValueError(f"{name}: a readiness check, or a TCP port to listen on, is needed")
         self.name = name
-        self.argv = list(argv)
-        self.ready = ready
-        self.env = {**os.environ, **(env or {})}
+        self._argv = argv
+        self._env = env or {}
+        self._ready = ready
+        self.port_kinds = tuple(ports)
+        self.prefer = prefer
+        self.ports: Ports = ()
+        self.env: dict[str, str] = {}
+        self._log_start = 0
         self.start_timeout = start_timeout
         self.cwd = cwd
         log_dir = log_dir or Path(tempfile.mkdtemp(prefix="avatarq-"))
@@ -67,48 +107,140 @@ class ManagedProcess:
         self.log_path = log_dir / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
+    @property
+    def port(self) -> int:
+        """Its first port (picked by the first start)."""
+        if not self.ports:
+            raise ServiceError(f"{self.name} has no port before it is started")
+        return self.ports[0]
+
+    def _command(self, ports: Ports) -> tuple[list[str], dict[str, str]]:
+        """The argv and the environment (on top of this process's) of a start on `ports`."""
+        argv = self._argv(ports) if callable(self._argv) else self._argv
+        env = self._env(ports) if callable(self._env) else self._env
+        return list(argv), {**os.environ, **env}
+
     def start(self) -> ManagedProcess:
         """Start it and wait until it is ready; a process already running is left as it is
         (`with proc.start():` enters it once more, and a second start would orphan the
         first)."""
         if self.proc is not None and self.proc.poll() is None:
             return self
-        log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
-        self.proc = subprocess.Popen(
-            self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd
+        if self.ports:  # a restart: its clients know its address
+            if self._launch(self.ports):
+                return self
+            raise ServiceError(f"{self.name}: its ports {self.ports} were taken:\n{self.tail()}")
+        try:
+            for attempt in range(START_ATTEMPTS):
+                ports = _pick_ports(self.port_kinds)
+                if attempt == 0 and self.prefer:
+                    ports = tuple(want or got for want, got in zip(self.prefer, ports, strict=True))
+                if self._launch(ports):
+                    return self
+        except ServiceError:
+            self.ports = ()
+            raise
+        self.ports = ()
+        raise ServiceError(
+            f"{self.name}: its ports were taken on {START_ATTEMPTS} starts:\n{self.tail()}"
         )
-        log.close()
+
+    def _launch(self, ports: Ports) -> bool:
+        """One start on `ports` (`self.ports` meanwhile): True once ready, False when it lost
+        a port (stopped then, and `LOST_PORT` added to its log); ServiceError when it fails
+        otherwise."""
+        self.ports = ports
+        argv, self.env = self._command(ports)
+        self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd
+            )
+        if self._ready_or_lost(ports):
+            return True
+        self.stop(timeout=0)  # it serves nothing, and may linger (livekit-server does)
+        with open(self.log_path, "a") as log:
+            log.write(f"\n{LOST_PORT}: one of {ports} was taken\n")
+        return False
+
+    def _ready_or_lost(self, ports: Ports) -> bool:
+        assert self.proc is not None
+        first_tcp = next(
+            (p for p, k in zip(ports, self.port_kinds, strict=True) if k == "tcp"), None
+        )
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
+            # Whether it exited before reading its log: what it wrote before exiting is there.
+            exited = self.proc.poll() is not None
+            if ports and BIND_ERROR.search(self._log()):
+                return False
+            if exited:
+                self.stop()  # what it started (RabbitMQ's epmd) may outlive it
                 raise ServiceError(
                     f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}"
                 )
-            if self.ready():
-                return self
+            if self._ready is None:
+                if first_tcp is not None and self.listens(first_tcp):
+                    return True
+            elif self._ready():
+                # Ready by its own account, yet not on its port: another process has it, and
+                # it said nothing (a Celery worker's metrics server fails before its logging).
+                return first_tcp is None or self.listens(first_tcp)
             time.sleep(0.05)
         self.stop()
         raise ServiceError(f"{self.name} not ready after {self.start_timeout:.0f}s:\n{self.tail()}")
 
-    def tail(self, lines: int = 40) -> str:
+    def listens(self, port: int) -> bool:
+        """Whether this process, or one it started, listens on TCP `port` (a connection to
+        the port could reach another process that took it)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return False
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+            root = psutil.Process(self.proc.pid)
+            procs = [root, *root.children(recursive=True)]
+            return any(
+                conn.status == psutil.CONN_LISTEN and conn.laddr.port == port
+                for proc in procs
+                for conn in proc.net_connections("tcp")
+            )
+        except psutil.Error:  # it or a child just exited
+            return False
+
+    def _log(self) -> str:
+        """What the current start wrote (the file keeps earlier ones', e.g. a lost start's)."""
+        try:
+            with open(self.log_path, "rb") as log:
+                log.seek(self._log_start)
+                return log.read().decode(errors="replace")
         except OSError:
             return ""
+
+    def tail(self, lines: int = 40) -> str:
+        """The last `lines` of the current start's log: a log-based readiness check must not
+        see an earlier start's "ready"."""
+        return "\n".join(self._log().splitlines()[-lines:])
 
     def signal(self, sig: int) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
 
     def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM; SIGKILL to it and to what it started if still running after `timeout`
+        seconds, or at once with 0."""
         if self.proc is None or self.proc.poll() is not None:
             return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
+        if timeout > 0:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+                return
+            except subprocess.TimeoutExpired:
+                pass
+        with contextlib.suppress(psutil.Error):
+            for child in psutil.Process(self.proc.pid).children(recursive=True):
+                child.kill()
+        self.proc.kill()
+        self.proc.wait(5)
 
     def __enter__(self) -> ManagedProcess:
         return self.start()
@@ -123,32 +255,25 @@ class ManagedProcess:
 
 
 class RedisServer(ManagedProcess):
-    """A `redis-server` on a free loopback port. Without `data_dir` it keeps nothing on disk;
+    """A `redis-server` on a loopback port. Without `data_dir` it keeps nothing on disk;
     with one it keeps redis-server's own default persistence there (RDB snapshots, written
     at shutdown, none on a crash), plus an append-only file when `aof`."""
 
     def __init__(
-        self,
-        port: int | None = None,
-        *,
-        log_dir: Path | None = None,
-        data_dir: Path | None = None,
-        aof: bool = False,
+        self, *, log_dir: Path | None = None, data_dir: Path | None = None, aof: bool = False
     ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise ServiceError("redis-server not found on PATH; run infra/bootstrap to install it")
-        self.port = port or free_port()
-        argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1"]
         if data_dir is None:
-            argv += ["--save", "", "--appendonly", "no"]
+            keep = ["--save", "", "--appendonly", "no"]
         else:
             data_dir.mkdir(parents=True, exist_ok=True)
-            argv += ["--dir", str(data_dir), *(["--appendonly", "yes"] if aof else [])]
+            keep = ["--dir", str(data_dir), *(["--appendonly", "yes"] if aof else [])]
         super().__init__(
             "redis",
-            argv,
-            ready=tcp_ready("127.0.0.1", self.port),
+            lambda ports: [binary, "--port", str(ports[0]), "--bind", "127.0.0.1", *keep],
+            ports=["tcp"],
             log_dir=log_dir,
         )
 
@@ -163,8 +288,9 @@ RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
 
 
 class RabbitMQServer(ManagedProcess):
-    """A throwaway `rabbitmq-server` (Debian's package) on free loopback ports, with its own
-    node name, data, logs and epmd, so it never meets a system instance.
+    """A throwaway `rabbitmq-server` (Debian's package) on loopback ports (AMQP, Erlang
+    distribution, epmd), with its own node name, data, logs and epmd, so it never meets a
+    system instance.
 
     `consumer_timeout_s` must allow the longest job: RabbitMQ closes the channel of a consumer
     that holds a message unacknowledged for longer (30 minutes by default), and jobs are
@@ -177,43 +303,48 @@ class RabbitMQServer(ManagedProcess):
             raise ServiceError(
                 "rabbitmq-server is not installed: run infra/bootstrap (it apt-installs it)"
             )
-        self.port = free_port()
         data_dir.mkdir(parents=True, exist_ok=True)
-        conf = data_dir / "rabbitmq.conf"
-        conf.write_text(
-            f"listeners.tcp.default = 127.0.0.1:{self.port}\n"
-            f"consumer_timeout = {int(consumer_timeout_s * 1000)}\n"
-            "management_agent.disable_metrics_collector = true\n"
-        )
         (data_dir / "enabled_plugins").write_text("[].\n")
-        env = {
-            "HOME": str(data_dir),  # the Erlang cookie lives here
-            "RABBITMQ_NODENAME": f"avatarq-{self.port}@localhost",
-            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
-            "RABBITMQ_NODE_PORT": str(self.port),
-            "RABBITMQ_DIST_PORT": str(free_port()),
-            "ERL_EPMD_ADDRESS": "127.0.0.1",
-            "ERL_EPMD_PORT": str(free_port()),
-            "RABBITMQ_CONFIG_FILE": str(conf),
-            "RABBITMQ_ENABLED_PLUGINS_FILE": str(data_dir / "enabled_plugins"),
-            "RABBITMQ_MNESIA_BASE": str(data_dir / "mnesia"),
-            "RABBITMQ_LOG_BASE": str(data_dir / "log"),
-            "RABBITMQ_PID_FILE": str(data_dir / "rabbitmq.pid"),
-            "RABBITMQ_LOGS": "-",  # to stdout, that is our log file
-        }
+        self.data_dir = data_dir
+        self.consumer_timeout_s = consumer_timeout_s
         super().__init__(
             "rabbitmq",
             [RABBITMQ_SERVER],
             ready=self._accepts_amqp,
-            env=env,
+            env=self._env_for,
+            ports=["tcp", "tcp", "tcp"],
             log_dir=log_dir,
             start_timeout=90.0,
         )
 
+    def _env_for(self, ports: Ports) -> dict[str, str]:
+        amqp, dist, epmd = ports
+        conf = self.data_dir / "rabbitmq.conf"
+        conf.write_text(
+            f"listeners.tcp.default = 127.0.0.1:{amqp}\n"
+            f"consumer_timeout = {int(self.consumer_timeout_s * 1000)}\n"
+            "management_agent.disable_metrics_collector = true\n"
+        )
+        return {
+            "HOME": str(self.data_dir),  # the Erlang cookie lives here
+            "RABBITMQ_NODENAME": f"avatarq-{amqp}@localhost",
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(amqp),
+            "RABBITMQ_DIST_PORT": str(dist),
+            "ERL_EPMD_ADDRESS": "127.0.0.1",
+            "ERL_EPMD_PORT": str(epmd),
+            "RABBITMQ_CONFIG_FILE": str(conf),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.data_dir / "enabled_plugins"),
+            "RABBITMQ_MNESIA_BASE": str(self.data_dir / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.data_dir / "log"),
+            "RABBITMQ_PID_FILE": str(self.data_dir / "rabbitmq.pid"),
+            "RABBITMQ_LOGS": "-",  # to stdout, that is our log file
+            # Not the working directory: a start that lost a port writes one.
+            "ERL_CRASH_DUMP": str(self.data_dir / "erl_crash.dump"),
+        }
+
     def _accepts_amqp(self) -> bool:
         # The port opens before the broker accepts logins; ask for a real AMQP connection.
-        if not tcp_ready("127.0.0.1", self.port)():
-            return False
         from kombu import Connection
 
         try:
@@ -228,12 +359,17 @@ class RabbitMQServer(ManagedProcess):
         self._stop_epmd()
 
     def _stop_epmd(self) -> None:
-        # Erlang starts an epmd for the node, which outlives the broker; ours has its own port.
-        epmd = shutil.which("epmd")
-        if epmd:
-            subprocess.run(
-                [epmd, "-kill"], env=self.env, capture_output=True, timeout=10, check=False
-            )
+        # Erlang starts an epmd for the node, detached (not our child), which outlives the
+        # broker: ours is the one with this start's epmd port and home in its environment.
+        port = self.env.get("ERL_EPMD_PORT")
+        if port is None:  # never started
+            return
+        ours = (port, self.env["HOME"])
+        for proc in psutil.process_iter(["name", "environ"]):
+            env = proc.info["environ"] or {}
+            if proc.info["name"] == "epmd" and (env.get("ERL_EPMD_PORT"), env.get("HOME")) == ours:
+                with contextlib.suppress(psutil.Error):
+                    proc.kill()
 
     @property
     def url(self) -> str:
@@ -241,7 +377,12 @@ class RabbitMQServer(ManagedProcess):
 
 
 def python_module(
-    name: str, module: str, args: Sequence[str], *, ready: Callable[[], bool], **kw: object
+    name: str, module: str, args: Sequence[str] | Callable[[Ports], Sequence[str]], **kw: Any
 ) -> ManagedProcess:
-    """`python -m module args...` with this interpreter."""
-    return ManagedProcess(name, [sys.executable, "-m", module, *args], ready=ready, **kw)  # type: ignore[arg-type]
+    """`python -m module args...` with this interpreter; `args` may be a function of the
+    ports (`ports=` as for ManagedProcess)."""
+
+    def argv(ports: Ports) -> list[str]:
+        return [sys.executable, "-m", module, *(args(ports) if callable(args) else args)]
+
+    return ManagedProcess(name, argv, **kw)

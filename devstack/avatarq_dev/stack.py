@@ -1,6 +1,6 @@
 """The embedded local stack: Redis, the local LiveKit server, the avatar emulator and Celery
-workers, each its own process on a free loopback port. Used by `avatarq demo`, the tests and
-the benchmarks.
+workers, each its own process on loopback ports picked as it starts. Used by `avatarq demo`,
+the tests and the benchmarks.
 """
 
 from __future__ import annotations
@@ -15,14 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 from avatarq_dev import livekit_official
-from avatarq_dev.processes import (
-    ManagedProcess,
-    RabbitMQServer,
-    RedisServer,
-    free_port,
-    python_module,
-    tcp_ready,
-)
+from avatarq_dev.processes import ManagedProcess, Ports, RabbitMQServer, RedisServer, python_module
 
 DEV_API_KEY = "devkey"
 DEV_API_SECRET = "secret"
@@ -36,16 +29,23 @@ class LocalStack:
     redis: RedisServer
     livekit: ManagedProcess
     avatar: ManagedProcess
-    livekit_port: int
-    avatar_port: int
     api_secret: str
     license_key: str
     #: Which LiveKit server runs: "official" (livekit-server) or "embedded" (ours).
     server: str = "embedded"
     workers: list[ManagedProcess] = field(default_factory=list)
+    #: Each worker's metrics port, by name (when it serves metrics).
     metrics_ports: dict[str, int] = field(default_factory=dict)
     #: The broker when it is not Redis (Redis then keeps results, events and the ledger).
     rabbitmq: RabbitMQServer | None = None
+
+    @property
+    def livekit_port(self) -> int:
+        return self.livekit.port
+
+    @property
+    def avatar_port(self) -> int:
+        return self.avatar.port
 
     @property
     def livekit_url(self) -> str:
@@ -98,9 +98,15 @@ class LocalStack:
         pool: str | None = None,
     ) -> ManagedProcess:
         """A real `celery -A tasks worker` process on this stack, with its own metrics port
-        (`metrics_ports[name]`); `pool` overrides the configured threads pool (e.g. the
-        benchmark's `prefork` baseline)."""
-        self.metrics_ports[name] = free_port()
+        (`metrics_ports[name]`) unless `extra_env` sets one; `pool` overrides the configured
+        threads pool (e.g. the benchmark's `prefork` baseline)."""
+        extra_env = extra_env or {}
+        serves_metrics = "AVATARQ_METRICS_PORT" not in extra_env
+
+        def env(ports: Ports) -> dict[str, str]:
+            metrics = {"AVATARQ_METRICS_PORT": str(ports[0])} if serves_metrics else {}
+            return {**self.env(), **metrics, **extra_env}
+
         proc = ManagedProcess(
             f"worker-{name}",
             [
@@ -121,15 +127,16 @@ class LocalStack:
                 *(["--pool", pool] if pool else []),
             ],
             ready=lambda: " ready." in proc.tail(200),
-            env={
-                **self.env(),
-                "AVATARQ_METRICS_PORT": str(self.metrics_ports[name]),
-                **(extra_env or {}),
-            },
+            env=env,
+            # A metrics port taken before the worker bound it fails before Celery's logging:
+            # the worker says " ready." without listening there, and is started again.
+            ports=["tcp"] if serves_metrics else [],
             log_dir=self.workdir / "logs",
             start_timeout=60,
         )
         proc.start()
+        if serves_metrics:
+            self.metrics_ports[name] = proc.port
         self.workers.append(proc)
         return proc
 
@@ -164,19 +171,16 @@ def local_stack(
     license_key = license_key or DEV_LICENSE_KEY
     workdir = workdir or Path(tempfile.mkdtemp(prefix="avatarq-stack-"))
     logs = workdir / "logs"
-    lk_port, av_port = free_port(), free_port()
     redis = RedisServer(log_dir=logs, data_dir=workdir / "redis" if persistent else None)
-    livekit = livekit_process(
-        server, lk_port, {DEV_API_KEY: api_secret}, logs, room_timeouts=room_timeouts
-    )
+    livekit = livekit_process(server, {DEV_API_KEY: api_secret}, logs, room_timeouts=room_timeouts)
     avatar = python_module(
         "avatar",
         "avatarq_dev.avatar_emulator",
-        [
+        lambda ports: [
             "--host",
             HOST,
             "--port",
-            str(av_port),
+            str(ports[0]),
             "--license-key",
             license_key,
             "--record-dir",
@@ -186,12 +190,10 @@ def local_stack(
             "--publish",
             "runner" if server == "official" else "video_only",
         ],
-        ready=tcp_ready(HOST, av_port),
+        ports=["tcp"],
         log_dir=logs,
     )
-    stack = LocalStack(
-        workdir, redis, livekit, avatar, lk_port, av_port, api_secret, license_key, server
-    )
+    stack = LocalStack(workdir, redis, livekit, avatar, api_secret, license_key, server)
     if broker == "rabbitmq":
         stack.rabbitmq = RabbitMQServer(
             data_dir=workdir / "rabbitmq", consumer_timeout_s=consumer_timeout_s, log_dir=logs
@@ -209,30 +211,27 @@ def local_stack(
 
 def livekit_process(
     server: str,
-    port: int,
     keys: dict[str, str],
     log_dir: Path,
     *,
     room_timeouts: tuple[int, int] | None = None,
 ) -> ManagedProcess:
-    """The chosen LiveKit server on `port`, not started yet."""
+    """The chosen LiveKit server, not started yet (its `port` is picked as it starts)."""
     empty, departure = room_timeouts or (None, None)
     if server == "official":
         return livekit_official.official_server(
-            port=port,
             keys=keys,
             log_dir=log_dir,
             empty_timeout_s=empty,
             departure_timeout_s=departure,
         )
-    args = ["--host", HOST, "--port", str(port)]
-    args += ["--keys", ", ".join(f"{k}: {v}" for k, v in keys.items())]
+    args = ["--host", HOST, "--keys", ", ".join(f"{k}: {v}" for k, v in keys.items())]
     if empty is not None:
         args += ["--empty-timeout", str(empty)]
     return python_module(
         "livekit",
         "avatarq_dev.livekit_server",
-        args,
-        ready=tcp_ready(HOST, port),
+        lambda ports: [*args, "--port", str(ports[0])],
+        ports=["tcp"],
         log_dir=log_dir,
     )

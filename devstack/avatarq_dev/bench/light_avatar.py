@@ -29,9 +29,11 @@ import itertools
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -42,7 +44,6 @@ from livekit import rtc
 
 from avatarq_dev.avatar_emulator.playout import SegmentPlayout
 from avatarq_dev.avatar_emulator.recorder import SegmentRecord
-from avatarq_dev.processes import free_port
 
 log = logging.getLogger("avatarq.bench.light_avatar")
 
@@ -267,46 +268,54 @@ def front_app(license_key: str, children: list[str]) -> web.Application:
     return app
 
 
-def _wait_port(port: int, proc: subprocess.Popen[bytes]) -> None:
-    import socket
-
+def _wait_serving(url: str, child: subprocess.Popen[bytes]) -> None:
+    """Until the child answers: its socket accepts connections from the start."""
     deadline = time.monotonic() + CHILD_START_TIMEOUT_S
-    while time.monotonic() < deadline and proc.poll() is None:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+    while time.monotonic() < deadline and child.poll() is None:
+        with contextlib.suppress(OSError), urllib.request.urlopen(url + "/healthz", timeout=1):
             return
         time.sleep(0.1)
-    raise SystemExit(f"light avatar child on port {port} did not start")
+    raise SystemExit(f"light avatar child at {url} did not start")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--port", type=int, help="the front's port")
     p.add_argument("--license-key", required=True)
     p.add_argument("--record-dir", type=Path)
     p.add_argument("--processes", type=int, default=4)
     p.add_argument("--child", type=int, help=argparse.SUPPRESS)  # index of a child process
+    p.add_argument("--child-fd", type=int, help=argparse.SUPPRESS)  # its inherited socket
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.record_dir:
         args.record_dir.mkdir(parents=True, exist_ok=True)
     if args.child is not None:
         app = child_app(args.child, args.license_key, args.record_dir)
-        web.run_app(app, host=args.host, port=args.port, access_log=None, print=None)
+        sock = socket.socket(fileno=args.child_fd)
+        web.run_app(app, sock=sock, access_log=None, print=None)
         return 0
-    ports = [free_port() for _ in range(args.processes)]
+    if args.port is None:
+        p.error("--port is required")
     base = [sys.executable, "-m", "avatarq_dev.bench.light_avatar", "--host", args.host]
     base += ["--license-key", args.license_key]
     if args.record_dir:
         base += ["--record-dir", str(args.record_dir)]
-    children = [
-        subprocess.Popen([*base, "--port", str(port), "--child", str(i)])
-        for i, port in enumerate(ports)
-    ]
+    children, urls = [], []
+    for i in range(args.processes):
+        # Listening before the child exists, which inherits it: no port number waits for a
+        # bind. Closed here once the child holds it, so a dead child's port refuses.
+        with socket.create_server((args.host, 0)) as sock:
+            fd = sock.fileno()
+            children.append(
+                subprocess.Popen([*base, "--child", str(i), "--child-fd", str(fd)], pass_fds=[fd])
+            )
+            urls.append(f"http://{args.host}:{sock.getsockname()[1]}")
     try:
-        for port, child in zip(ports, children, strict=True):
-            _wait_port(port, child)
-        app = front_app(args.license_key, [f"http://{args.host}:{port}" for port in ports])
+        for url, child in zip(urls, children, strict=True):
+            _wait_serving(url, child)
+        app = front_app(args.license_key, urls)
         web.run_app(app, host=args.host, port=args.port, access_log=None, print=None)
     finally:
         for child in children:

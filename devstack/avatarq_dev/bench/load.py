@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from avatarq_dev.processes import ManagedProcess, free_port, python_module, tcp_ready
+from avatarq_dev.processes import ManagedProcess, python_module
 from avatarq_dev.stack import HOST, LocalStack
 
 #: Receiver processes: on this 2-core machine, enough that no single one saturates first.
@@ -35,15 +35,14 @@ class LightAvatars:
 
 @contextlib.contextmanager
 def light_avatars(stack: LocalStack, processes: int = RECEIVER_PROCESSES) -> Iterator[LightAvatars]:
-    port = free_port()
     proc = python_module(
         "light-avatar",
         "avatarq_dev.bench.light_avatar",
-        [
+        lambda ports: [
             "--host",
             HOST,
             "--port",
-            str(port),
+            str(ports[0]),
             "--license-key",
             stack.license_key,
             "--record-dir",
@@ -51,12 +50,12 @@ def light_avatars(stack: LocalStack, processes: int = RECEIVER_PROCESSES) -> Ite
             "--processes",
             str(processes),
         ],
-        ready=tcp_ready(HOST, port),
+        ports=["tcp"],
         log_dir=stack.workdir / "logs",
         start_timeout=60,
     )
     proc.start()
     try:
-        yield LightAvatars(proc, f"http://{HOST}:{port}")
+        yield LightAvatars(proc, f"http://{HOST}:{proc.port}")
     finally:
         proc.stop()

@@ -32,7 +32,7 @@ from avatarq.ledger.keys import (
     room_lane_key,
 )
 from avatarq.settings import get_settings
-from avatarq_dev.processes import ManagedProcess, free_port, python_module, tcp_ready
+from avatarq_dev.processes import ManagedProcess, python_module
 from avatarq_dev.stack import LocalStack, local_stack
 from tasks.toolkit import ffmpeg_binary
 
@@ -435,12 +435,11 @@ def fault_lab(workdir: Path, broker: Literal["redis", "rabbitmq"] = "redis") -> 
     with redis-server's default persistence, and RabbitMQ as the broker if asked."""
     api_secret = "lk-secret-" + secrets.token_hex(12)
     license_key = "avaluma-license-" + secrets.token_hex(12)
-    moto_port = free_port()
     moto = python_module(
         "moto",
         "moto.server",
-        ["-H", "127.0.0.1", "-p", str(moto_port)],
-        ready=tcp_ready("127.0.0.1", moto_port),
+        lambda ports: ["-H", "127.0.0.1", "-p", str(ports[0])],
+        ports=["tcp"],
         log_dir=workdir / "logs",
     )
     with (
@@ -459,7 +458,7 @@ def fault_lab(workdir: Path, broker: Literal["redis", "rabbitmq"] = "redis") -> 
         clips = workdir / "clips"
         clips.mkdir(exist_ok=True)
         try:
-            yield FaultLab(stack, f"http://127.0.0.1:{moto_port}", clips)
+            yield FaultLab(stack, f"http://127.0.0.1:{moto.port}", clips)
         finally:
             os.environ.clear()
             os.environ.update(saved)
