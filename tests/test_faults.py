@@ -279,6 +279,31 @@ def test_garbage_with_another_jobs_id(lab: FaultLab) -> None:
     judge_agrees("garbage_with_another_jobs_id", run)
 
 
+def test_worker_cut_off_from_redis(lab: FaultLab) -> None:
+    """Split brain: the cut-off worker holds its audio, the job plays on from its last record
+    on a live worker; reconnected, the old attempt writes no event and publishes no retry."""
+    run = scenario(lab, "worker_cut_off_from_redis")
+    (job,) = run.ids
+    assert ended_on(run, job) == ("completed", 2), detail(run)
+    after = [e for e in run.events[job] if e["ts"] > run.facts["taken_over_at"]]
+    assert all(e.get("attempt") in (None, 2) for e in after), json.dumps(after, indent=1)
+    assert not any(e["event"] == "job.retrying" for e in after), json.dumps(after, indent=1)
+    assert not run.facts["victim_retried"]
+    # Fenced by its lease, the cut-off worker held its audio 0.5 s past its last record,
+    # which is where the job resumed.
+    heard_once_in_full("worker_cut_off_from_redis", run)
+    judge_agrees("worker_cut_off_from_redis", run)
+
+
+def test_avatar_server_dies(lab: FaultLab) -> None:
+    run = scenario(lab, "avatar_server_dies")
+    (job,) = run.ids
+    assert run.records[job]["status"] == "completed", detail(run)
+    assert run.records[job]["attempt"] >= 2, detail(run)
+    heard_once_in_full("avatar_server_dies", run)
+    judge_agrees("avatar_server_dies", run)
+
+
 def test_every_scenario_has_a_test() -> None:
     tested = {n.removeprefix("test_") for n in globals() if n.startswith("test_")}
     assert set(SCENARIOS) - tested <= {"redis_restart", "redis_crash"}

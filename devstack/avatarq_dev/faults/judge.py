@@ -321,6 +321,27 @@ def _slow_origin_goes_dark(run: Run) -> dict[str, bool]:
     }
 
 
+def _worker_cut_off_from_redis(run: Run) -> dict[str, bool]:
+    job = run.ids[0]
+    after = [e for e in run.events.get(job, []) if e["ts"] > run.facts["taken_over_at"]]
+    return {
+        "completed by the next delivery": _attempt(run, job, "completed", 2),
+        "cut-off attempt silent once taken over": all(e.get("attempt") in (None, 2) for e in after)
+        and not any(e["event"] == "job.retrying" for e in after)
+        and not run.facts["victim_retried"],
+        **_heard_once(run),
+    }
+
+
+def _avatar_server_dies(run: Run) -> dict[str, bool]:
+    rec = run.records.get(run.ids[0], {})
+    return {
+        "completed on a new session": rec.get("status") == "completed"
+        and rec.get("attempt", 0) >= 2,
+        **_heard_once(run),
+    }
+
+
 EXPECTATIONS: dict[str, Callable[[Run], dict[str, bool]]] = {
     "sigkill_mid_stream": _sigkill_mid_stream,
     "sigkill_holding_waiting_jobs": _sigkill_holding_waiting_jobs,
@@ -342,4 +363,6 @@ EXPECTATIONS: dict[str, Callable[[Run], dict[str, bool]]] = {
     "raw_payload_without_job_id": _raw_payload_without_job_id,
     "garbage_with_another_jobs_id": _garbage_with_another_jobs_id,
     "slow_origin_goes_dark": _slow_origin_goes_dark,
+    "worker_cut_off_from_redis": _worker_cut_off_from_redis,
+    "avatar_server_dies": _avatar_server_dies,
 }

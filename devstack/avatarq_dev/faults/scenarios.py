@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable
 
 from avatarq.ledger.keys import room_order_key
+from avatarq_dev.faults.avatar_death import avatar_server_dies
+from avatarq_dev.faults.cutoff import worker_cut_off_from_redis
 from avatarq_dev.faults.lab import RECOVERY_GOAL_S, SOURCE_BPS, FaultLab, Run, poll
 from avatarq_dev.faults.origin import Darkness, slow_origin
 from avatarq_dev.processes import ManagedProcess
@@ -428,5 +430,7 @@ SCENARIOS: dict[str, Callable[[FaultLab], Run]] = {
         raw_payload_without_job_id,
         garbage_with_another_jobs_id,
         slow_origin_goes_dark,
+        worker_cut_off_from_redis,
+        avatar_server_dies,
     )
 }
