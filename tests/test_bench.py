@@ -48,7 +48,7 @@ def test_decode_and_queue_sections_return_numbers(tmp_path: Path) -> None:
 def test_cli_prints_one_json_object() -> None:
     # The command as users run it (typer wiring, --json), on the cheapest section.
     done = subprocess.run(
-        [sys.executable, "-m", "avatarq", "bench", "--quick", "--json", "--sections", "queue"],
+        [sys.executable, "-m", "avatarq_cli", "bench", "--quick", "--json", "--sections", "queue"],
         capture_output=True,
         text=True,
         timeout=120,

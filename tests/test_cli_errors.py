@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from avatarq.commands.common import EXIT_FAILED, EXIT_UNAVAILABLE
+from avatarq_cli.commands.common import EXIT_FAILED, EXIT_UNAVAILABLE
 from tests.ports import refused_port
 from tests.producing import avatarq
 

@@ -24,7 +24,7 @@ CONSOLE_LINE = re.compile(r"console: (http://[\d.]+:(\d+))/console/#key=(\S+)")
 @pytest.mark.timeout(240)
 def test_demo_keep_serves_the_console_until_stopped() -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "avatarq", "demo", "--keep"],
+        [sys.executable, "-m", "avatarq_cli", "demo", "--keep"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,

@@ -18,7 +18,7 @@ pytestmark = NETNS
 @pytest.mark.timeout(240)
 def test_demo_plays_the_sample_and_reports_it() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "avatarq", "demo", "--json"],
+        [sys.executable, "-m", "avatarq_cli", "demo", "--json"],
         capture_output=True,
         text=True,
         timeout=200,

@@ -22,9 +22,9 @@ def test_import_contracts_hold() -> None:
 @pytest.mark.parametrize(
     "module",
     [
-        "avatarq.commands.bulk",  # once a circular import through avatarq.cli
-        "avatarq.commands.tts",
-        "avatarq.commands.api",
+        "avatarq_cli.commands.bulk",  # once a circular import through avatarq_cli.app
+        "avatarq_cli.commands.tts",
+        "avatarq_cli.commands.api",
         "producers.beat",  # once raised at import without AVATARQ_SCHEDULE_FILE
         "tasks",
         "tasks.toolkit",

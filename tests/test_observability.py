@@ -19,10 +19,10 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from avatarq import logs
-from avatarq.commands.ops import MASK, effective_config, mask_url
 from avatarq.events import JobStarted, Progress, Retrying
 from avatarq.results import Failed, Played, Timestamps
 from avatarq.settings import Settings, get_settings
+from avatarq_cli.commands.ops import MASK, effective_config, mask_url
 from avatarq_dev import stack as stack_module
 from tasks import metrics
 from tasks.stream import CHUNK_SECONDS

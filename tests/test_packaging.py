@@ -16,6 +16,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 #: What only the dev stack needs (devstack/pyproject.toml).
 _CACHES = shutil.ignore_patterns("__pycache__", "*.pyc")
+#: The packages of the wheel: the ground floor, producers, worker and the CLI on the roof.
+SHIPPED = {"avatarq", "producers", "tasks", "avatarq_cli"}
 DEV_ONLY = {"aiortc", "livekit-agents", "livekit-protocol", "matplotlib", "py-spy", "psutil"}
 
 
@@ -27,7 +29,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> zipfile.ZipFile:
     source = tmp_path_factory.mktemp("source")
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
-    for package in ("avatarq", "producers", "tasks"):
+    for package in SHIPPED:
         shutil.copytree(ROOT / package, source / package, ignore=_CACHES)
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
@@ -45,11 +47,14 @@ def test_the_wheel_ships_the_worker_and_producers_without_the_dev_stack(
 ) -> None:
     names = wheel.namelist()
     tops = {n.split("/")[0] for n in names if not n.startswith("avatarq-")}
-    assert tops == {"avatarq", "producers", "tasks"}, tops
+    assert tops == SHIPPED, tops
     assert not [n for n in names if "avatarq_dev" in n or n.startswith("avatarq/dev/")]
     # The package data a worker needs at run time.
     assert "avatarq/ledger/lua/claim.lua" in names
     assert "avatarq/assets/sample.ogg" in names
+    # The `avatarq` script runs the CLI on the roof.
+    (points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+    assert "avatarq = avatarq_cli.app:main" in wheel.read(points).decode()
 
 
 def test_the_wheel_declares_no_dev_stack_dependency(wheel: zipfile.ZipFile) -> None:

@@ -20,7 +20,7 @@ from avatarq_dev.stack import livekit_process
 from tests.netns import needs_netns
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = ("avatarq", "producers", "tasks", "devstack", "tests", "bench")
+SOURCES = ("avatarq", "avatarq_cli", "producers", "tasks", "devstack", "tests", "bench")
 #: The one place that picks a port for a service to bind later (and retries when it loses).
 PICKER = ROOT / "devstack" / "avatarq_dev" / "processes.py"
 

@@ -165,7 +165,7 @@ def test_many_jobs_share_a_quota_of_sessions(fleet: LocalStack, tmp_path: Path) 
         first, second = (ended[j] for r, j in order if r == room)
         assert first["timestamps"]["last_byte"] <= second["timestamps"]["first_byte"]
     # Visible to operators: the fleet status and each worker's metrics.
-    from avatarq.commands.ops import overview
+    from avatarq_cli.commands.ops import overview
 
     (row,) = overview(get_settings())["avatar_servers"]
     assert row["server"] == "default" and row["quota"] == QUOTA and row["sessions"] <= QUOTA

@@ -323,7 +323,7 @@ def test_say_reports_refusals_without_enqueueing(
 ) -> None:
     from typer.testing import CliRunner
 
-    from avatarq.cli import app
+    from avatarq_cli.app import app
 
     env.setenv("AVATARQ_TTS_CACHE_DIR", str(tmp_path))
     # No broker is reachable: failing before enqueue is the only way these can exit cleanly.

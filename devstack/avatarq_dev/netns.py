@@ -26,4 +26,4 @@ def run(cmd: list[str]) -> int:
 
 def rerun_avatarq(argv: list[str]) -> int:
     """Re-run this `avatarq` command (its arguments `argv`) inside a namespace."""
-    return run([sys.executable, "-m", "avatarq", *argv])
+    return run([sys.executable, "-m", "avatarq_cli", *argv])

@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
-from avatarq.commands.common import EXIT_FAILED, dev_stack, err
+from avatarq_dev import netns as namespace
+from avatarq_dev.faults import SCENARIOS, fault_lab, judge, leaked_secrets
 
 BROKERS = ("redis", "rabbitmq")
 COLUMNS = (
@@ -28,6 +30,7 @@ COLUMNS = (
     "heard_twice_s",
     "overlaps",
 )
+err = Console(stderr=True)
 
 
 def faults(
@@ -44,10 +47,6 @@ def faults(
 
     Example: avatarq faults --netns --markdown docs/faults.md
     """
-    with dev_stack("avatarq faults"):
-        from avatarq_dev import netns as namespace
-        from avatarq_dev.faults import SCENARIOS, fault_lab, judge, leaked_secrets
-
     if netns and not namespace.inside():
         raise typer.Exit(namespace.rerun_avatarq(sys.argv[1:]))
 
@@ -81,7 +80,7 @@ def faults(
     if markdown:
         markdown.write_text(to_markdown(reports, leaks))
     if leaks or not all(r["ok"] for r in reports):
-        raise typer.Exit(EXIT_FAILED)
+        raise typer.Exit(1)
 
 
 def to_markdown(reports: list[dict], leaks: list[str]) -> str:  # type: ignore[type-arg]
@@ -107,5 +106,5 @@ def to_markdown(reports: list[dict], leaks: list[str]) -> str:  # type: ignore[t
     )
 
 
-def register(app: typer.Typer) -> None:
-    app.command(name="faults")(faults)
+app = typer.Typer(add_completion=False)
+app.command()(faults)

@@ -11,7 +11,8 @@ from typing import Annotated, Any
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from avatarq.commands.common import EXIT_FAILED, EXIT_INVALID, EXIT_TIMEOUT, POLL_INTERVAL_S, err
+from avatarq_cli.commands.common import EXIT_FAILED, EXIT_INVALID, EXIT_TIMEOUT, err
+from producers.follow import POLL_INTERVAL_S
 
 #: Polling a whole batch costs one status read per pending job: poll it less often than one.
 BATCH_POLL_INTERVAL_S = 4 * POLL_INTERVAL_S

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from avatarq.commands.common import EXIT_INVALID, err
+from avatarq_cli.commands.common import EXIT_INVALID, err
 
 if TYPE_CHECKING:
     from producers.schedules import Announcement

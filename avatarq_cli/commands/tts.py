@@ -6,8 +6,8 @@ from typing import Annotated, Any
 
 import typer
 
-from avatarq.commands.common import EXIT_FAILED, EXIT_INVALID, conclude, fail
 from avatarq.errors import InvalidJob, JobError
+from avatarq_cli.commands.common import EXIT_FAILED, EXIT_INVALID, conclude, fail
 
 
 def say(

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from avatarq.commands.common import dev_stack
+from avatarq_dev.bench import FULL, QUICK, emit
 
 
 def bench(
@@ -24,13 +24,10 @@ def bench(
 
     Example: infra/netns-run avatarq bench --quick --json
     """
-    with dev_stack("avatarq bench"):
-        from avatarq_dev.bench import FULL, QUICK, emit
-
     code = emit(QUICK if quick else FULL, tuple(sections.split(",")), as_json, docs)
     if code:
         raise typer.Exit(code)
 
 
-def register(app: typer.Typer) -> None:
-    app.command()(bench)
+app = typer.Typer(add_completion=False)
+app.command()(bench)

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from avatarq.commands.common import EXIT_FAILED, err
+from avatarq_cli.commands.common import EXIT_FAILED, err
 
 dead = typer.Typer(no_args_is_help=True, help="Jobs that exhausted their retries.")
 

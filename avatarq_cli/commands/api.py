@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from avatarq.commands.common import EXIT_INVALID, err
+from avatarq_cli.commands.common import EXIT_INVALID, err
 
 
 def api(

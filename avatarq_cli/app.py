@@ -9,27 +9,24 @@ from __future__ import annotations
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from avatarq.commands.common import (
-    EXIT_FAILED,
-    EXIT_INVALID,
-    EXIT_UNAVAILABLE,
-    conclude,
-    dev_stack,
-    err,
-    fail,
-    follow,
-)
 from avatarq.errors import InvalidJob
 from avatarq.settings import get_settings
+from avatarq_cli import plugins
+from avatarq_cli.commands.common import (
+    EXIT_FAILED,
+    EXIT_INVALID,
+    EXIT_TIMEOUT,
+    EXIT_UNAVAILABLE,
+    conclude,
+    err,
+    fail,
+)
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
-dev = typer.Typer(no_args_is_help=True, help="The embedded local stack's services.")
-app.add_typer(dev, name="dev")
 
 
 @app.command()
@@ -83,7 +80,7 @@ def status(
     from producers import get_status
 
     if job_id is None:
-        from avatarq.commands.ops import show_overview
+        from avatarq_cli.commands.ops import show_overview
 
         show_overview(as_json=as_json)
         return
@@ -151,68 +148,7 @@ def worker(
     os.execv(sys.executable, [*argv, *ctx.args])
 
 
-@app.command()
-def demo(
-    source: Annotated[
-        str | None, typer.Option(help="Audio to play (default: bundled sample)")
-    ] = None,
-    say: Annotated[
-        str | None, typer.Option(help="Speak this text instead (rendered with espeak-ng)")
-    ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON")] = False,
-    workdir: Annotated[Path | None, typer.Option(help="Keep logs and recordings here")] = None,
-    netns: Annotated[bool, typer.Option(help="Run inside a private network namespace")] = False,
-    keep: Annotated[
-        bool, typer.Option(help="Then keep the stack up and serve the console until Ctrl-C")
-    ] = False,
-) -> None:
-    """Bring up the local stack, play one job end to end, print a summary, shut down.
-
-    Example: avatarq demo --netns --say "Hello from the avatar queue"
-    """
-    with dev_stack("avatarq demo"):
-        from avatarq_dev import netns as namespace
-        from avatarq_dev.demo import run_demo
-
-    if netns and not namespace.inside():
-        raise typer.Exit(namespace.rerun_avatarq(sys.argv[1:]))
-    speech = {"type": "tts", "engine": "espeak", "text": say} if say else None
-    summary = run_demo(
-        follow, source=speech or source, workdir=workdir, show_progress=not as_json, keep=keep
-    )
-    if as_json:
-        print(json.dumps(summary, default=str))
-    if summary.get("status") != "completed":
-        raise typer.Exit(EXIT_FAILED)
-
-
-@dev.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def livekit(ctx: typer.Context) -> None:
-    """Run the local LiveKit-protocol server (development and tests only).
-
-    Example: avatarq dev livekit --port 7880
-    """
-    with dev_stack("avatarq dev livekit"):
-        from avatarq_dev.livekit_server import main as server_main
-
-    raise typer.Exit(server_main(ctx.args))
-
-
-@dev.command(
-    name="avatar", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
-)
-def avatar_emulator(ctx: typer.Context) -> None:
-    """Run the avatar emulator (a GPU-free stand-in for the Avaluma avatar server).
-
-    Example: avatarq dev avatar --port 8089 --license-key dev
-    """
-    with dev_stack("avatarq dev avatar"):
-        from avatarq_dev.avatar_emulator import main as emulator_main
-
-    raise typer.Exit(emulator_main(ctx.args))
-
-
-#: Modules under avatarq/commands/ that add their own sub-commands.
+#: Modules under avatarq_cli/commands/ that add their own sub-commands.
 COMMAND_MODULES: tuple[str, ...] = (
     "schedule",
     "tts",
@@ -220,8 +156,6 @@ COMMAND_MODULES: tuple[str, ...] = (
     "api",
     "ops",
     "dead",
-    "bench",
-    "faults",
 )
 
 
@@ -229,7 +163,8 @@ def _register_commands() -> None:
     import importlib
 
     for name in COMMAND_MODULES:
-        importlib.import_module(f"avatarq.commands.{name}").register(app)
+        importlib.import_module(f"avatarq_cli.commands.{name}").register(app)
+    plugins.register(app)
 
 
 _register_commands()
@@ -241,10 +176,13 @@ def main() -> None:
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import TimeoutError as RedisTimeoutError
 
-    from avatarq.commands.ops import mask_url
+    from avatarq_cli.commands.ops import mask_url
+    from producers.follow import JobTimeout
 
     try:
         app()
+    except JobTimeout as e:
+        raise fail(str(e), EXIT_TIMEOUT) from None
     except (RedisConnectionError, RedisTimeoutError) as e:
         where = mask_url(get_settings().redis_url)
         err.print(f"[red]error:[/] cannot reach Redis at {where} (REDIS_URL): {e}", soft_wrap=True)

@@ -1,4 +1,5 @@
-"""What the `avatarq` commands share: exit codes, the error console, following a job.
+"""What the `avatarq` commands share: exit codes, the error console, the dev stack's absence,
+the outcome of a job.
 
 Exit codes: 0 done, 1 the job failed, was cancelled or is unconfirmed, 2 bad input, 3 timed
 out waiting, 4 Redis or the broker is unreachable.
@@ -8,16 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 EXIT_FAILED, EXIT_INVALID, EXIT_TIMEOUT, EXIT_UNAVAILABLE = 1, 2, 3, 4
-POLL_INTERVAL_S = 0.25
 
 
 err = Console(stderr=True)
@@ -35,14 +33,14 @@ DEV_STACK_INSTALL = "pip install ./devstack (from a checkout), or make bootstrap
 
 @contextlib.contextmanager
 def dev_stack(command: str) -> Iterator[None]:
-    """Around the lazy imports of `avatarq_dev` by `command`: when the dev stack, or one of
+    """Around a run of the dev stack's `command`: when the dev stack, or one of
     its own dependencies, is not installed, one line saying what is missing and how to install
     it, and exit 1 (a lean worker/producer install has neither)."""
     try:
         yield
     except ModuleNotFoundError as e:
         name = (e.name or "").partition(".")[0]
-        if name in ("avatarq", "producers", "tasks"):
+        if name in ("avatarq", "avatarq_cli", "producers", "tasks"):
             raise  # ours: a bug, not a missing install
         what = (
             f"the dev stack ({DEV_STACK}), which is not installed"
@@ -51,28 +49,6 @@ def dev_stack(command: str) -> Iterator[None]:
         )
         err.print(f"[red]error:[/] {command} needs {what}: {DEV_STACK_INSTALL}", soft_wrap=True)
         raise typer.Exit(EXIT_FAILED) from None
-
-
-def follow(job_id: str, *, timeout: float, show_progress: bool) -> dict[str, Any]:
-    """Poll the job until it ends (or `timeout`), drawing a bar of seconds played."""
-    from producers import get_status
-    from producers.client import is_terminal
-
-    deadline = time.monotonic() + timeout
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[played]}"))
-    with Progress(*columns, TimeElapsedColumn(), console=err, disable=not show_progress) as bar:
-        task = bar.add_task(f"job {job_id}", total=None, played="queued")
-        while time.monotonic() < deadline:
-            status = get_status(job_id)
-            if is_terminal(status):
-                return status
-            streamed, total = status.get("seconds_streamed"), status.get("total_seconds")
-            if streamed is not None:
-                bar.update(task, completed=streamed, total=total, played=f"{streamed:.1f}s played")
-            else:
-                bar.update(task, played=status.get("status", "queued"))
-            time.sleep(POLL_INTERVAL_S)
-    raise fail(f"job {job_id} did not finish within {timeout:g}s", EXIT_TIMEOUT)
 
 
 def report(result: dict[str, Any], *, as_json: bool) -> None:
@@ -97,6 +73,8 @@ def conclude(job_id: str, *, wait: bool, timeout: float, as_json: bool) -> None:
         else:
             err.print(f"queued job {job_id}")
         return
+    from producers.follow import follow
+
     result = follow(job_id, timeout=timeout, show_progress=not as_json)
     report(result, as_json=as_json)
     if result.get("status") != "completed":

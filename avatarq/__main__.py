@@ -1,5 +1,0 @@
-"""`python -m avatarq`: the `avatarq` command."""
-
-from avatarq.cli import main
-
-main()
