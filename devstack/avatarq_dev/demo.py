@@ -117,7 +117,7 @@ def serve_console(stack: LocalStack, access: ConsoleAccess) -> None:
     """`avatarq api` on the stack, its console's URL (with a key) printed, until stopped."""
     api = python_module(
         "api",
-        "avatarq",
+        "avatarq_cli",
         lambda ports: ["api", "--host", HOST, "--port", str(ports[0])],
         ports=["tcp"],
         prefer=(CONSOLE_PORT,),
