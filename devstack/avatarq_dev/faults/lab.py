@@ -154,6 +154,8 @@ class FaultLab:
         #: session plays several jobs, so its sender alone does not say whose a segment is.
         self.windows: dict[str, tuple[str, float, float]] = {}
         self._workers = 0
+        #: Restarts of the avatar emulator since the last scenario was observed.
+        self._revived: list[str] = []
 
     # -- jobs ------------------------------------------------------------------------------
     def clip(self, seconds: float) -> Path:
@@ -281,6 +283,21 @@ class FaultLab:
     def reset_avatar(self) -> None:
         self.avatar_faults(fail_next_starts=0, join=True, leave_after_s=None)
 
+    def revive_avatar(self, *, watch_s: float = 0.0) -> None:
+        """Start the avatar emulator again if it died within `watch_s` seconds, as a
+        supervisor restarts a crashed avatar server: the livekit-rtc FFI inside it can panic
+        when the LiveKit server goes away (docs/faults.md). Each restart is noted in the next
+        scenario's notes."""
+        avatar = self.stack.avatar
+
+        def dead() -> bool:
+            return avatar.proc is not None and avatar.proc.poll() is not None
+
+        if poll(dead, timeout=watch_s):
+            code = avatar.proc.returncode if avatar.proc is not None else None
+            self._revived.append(f"avatar emulator crashed (exit {code}); restarted")
+            avatar.start()
+
     @contextlib.contextmanager
     def workers(
         self,
@@ -291,6 +308,7 @@ class FaultLab:
     ) -> Iterator[list[Any]]:
         """Start `count` fresh workers for one scenario (with settings `env` and `more`);
         stop them afterwards."""
+        self.revive_avatar()  # a crash in an earlier scenario must not fail this one
         procs = []
         for _ in range(count):
             procs.append(self.start_worker(concurrency=concurrency, **(env or {}), **more))
@@ -391,6 +409,7 @@ class FaultLab:
         rooms = {self.rooms[j] for j in ids if j in self.rooms}
         self.settle(rooms)
         segments = [s for s in self.segments() if s.job_id in ids or s.room in rooms]
+        notes, self._revived = self._revived, []
         return Run(
             fault=fault,
             ids=ids,
@@ -401,6 +420,7 @@ class FaultLab:
             durations={j: self.durations.get(j, 0.0) for j in ids},
             recover_s=recover_s,
             facts=facts,
+            notes=notes,
         )
 
     def exposed(self) -> dict[str, str]:

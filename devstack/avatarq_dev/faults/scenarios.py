@@ -216,6 +216,7 @@ def livekit_restart(lab: FaultLab) -> Run:
         assert lab.stack.livekit.proc is not None
         lab.stack.livekit.proc.wait(10)
         lab.stack.livekit.start()
+        lab.revive_avatar(watch_s=3.0)
         records = lab.wait([job])
     run = lab.observe("LiveKit server restart mid-stream", [job], records)
     if (end := run.ended_at(job)) is not None:
