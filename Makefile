@@ -1,5 +1,5 @@
 # The two commands of the README:
-#   make demo   plays one job end to end on the embedded local stack
+#   make demo   plays one job end to end on the local stack
 #   make test   runs the test suite
 # Both install what is missing first (infra/bootstrap): the demo only what it needs, the tests
 # everything. Anything that joins a LiveKit room runs in a private network namespace
