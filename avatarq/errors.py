@@ -22,7 +22,7 @@ at once, tasks/jobrun.py):
           └── AvatarOverLimit       avatar_over_limit (429: handed to the session quota)
 
 Not errors but control flow: `tasks.control.Interrupted` (a stop on request) and
-`tasks.quota.NoAvatarSlot` (come back later, not counted as an attempt).
+`tasks.link.quota.NoAvatarSlot` (come back later, not counted as an attempt).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from avatarq.ledger.keys import EVENTS_STREAM
 
 #: Room names, avatar ids and avatar server names: what LiveKit accepts in identities and room
-#: names, conservatively (jobs are validated against it, producers/jobs.py).
+#: names, conservatively (jobs are validated against it, avatarq/jobs.py).
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:@=-]{0,127}$"
 _SERVER_NAME = re.compile(NAME_PATTERN)
 #: The name jobs use (or omit) for the avatar server of `AVALUMA_API_URL`.

@@ -1,8 +1,8 @@
 """Enqueue side of avatarq: light (no LiveKit, no ffmpeg), for backend services and CLIs."""
 
+from avatarq.jobs import Job, parse_job
 from avatarq.results import Cancelled, Failed, JobResult, Played, parse_result
 from producers.client import JobHandle, cancel, enqueue, enqueue_many, get_status
-from producers.jobs import Job, parse_job
 from producers.session import Client
 
 __all__ = [

@@ -38,6 +38,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from avatarq.errors import InvalidJob
 from avatarq.events import TERMINAL_EVENTS, Status
+from avatarq.jobs import JOB_ID_PATTERN, Job, parse_job
 from avatarq.ledger.keys import job_enqueued_key, job_events_key, job_record_key
 from avatarq.settings import Settings, get_settings
 from avatarq.sourcepolicy import REASON as SOURCE_REFUSED
@@ -45,7 +46,6 @@ from avatarq.sourcepolicy import WEBHOOK_REASON as WEBHOOK_REFUSED
 from producers.client import cancel, enqueue, get_status
 from producers.console import mount_console
 from producers.headers import SecurityHeaders
-from producers.jobs import JOB_ID_PATTERN, Job, parse_job
 
 log = logging.getLogger("avatarq.api")
 

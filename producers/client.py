@@ -18,10 +18,10 @@ from celery.result import AsyncResult
 
 from avatarq.celeryconfig import RENDER_QUEUE, RENDER_TASK, celery_config
 from avatarq.events import TERMINAL, Status
+from avatarq.jobs import Job, parse_job
 from avatarq.ledger.producer import ProducerLedger
 from avatarq.settings import Settings, get_settings
 from avatarq.sourcepolicy import check_source_url, check_url, webhook_policy
-from producers.jobs import Job, parse_job
 from producers.tts.render import render_job
 
 #: Seconds of slack on top of a job's own length before Celery's hard time limit fires
@@ -131,7 +131,7 @@ def get_status(job_id: str, *, settings: Settings | None = None) -> dict[str, An
 
 def avatar_capacity(settings: Settings | None = None) -> list[dict[str, Any]]:
     """Per configured avatar server: sessions held across the fleet, the effective quota
-    (shrunk for a while after a 429) and the jobs waiting for a session (tasks/quota.py)."""
+    (shrunk for a while after a 429) and the jobs waiting for a session (tasks/link/quota.py)."""
     s = settings or get_settings()
     servers = s.configured_avatar_servers()
     return ledger_for(s).capacity({name: server.max_sessions for name, server in servers.items()})

@@ -29,11 +29,11 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from avatarq.events import TERMINAL_EVENTS, Status
+from avatarq.jobs import NAME_PATTERN
 from avatarq.ledger.producer import ProducerLedger
 from avatarq.settings import Settings
 from producers.client import avatar_capacity, get_status, ledger_for, redis_client
 from producers.deadletter import list_dead, retry_dead
-from producers.jobs import NAME_PATTERN
 
 log = logging.getLogger("avatarq.console")
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from producers.jobs import Job, field_errors
+from avatarq.jobs import Job, field_errors
 
 #: CSV cells holding JSON rather than text.
 JSON_COLUMNS = ("metadata",)

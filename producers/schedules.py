@@ -30,7 +30,7 @@ import yaml
 from celery.schedules import crontab, schedstate
 from croniter import croniter
 
-from producers.jobs import Job, job_errors
+from avatarq.jobs import Job, job_errors
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 ANNOUNCEMENT_KEYS = {"name", "cron", "every", "timezone", "job"}

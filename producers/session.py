@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from avatarq.jobs import Job
 from avatarq.settings import Settings, get_settings
 from producers import client, deadletter
 from producers.client import JobHandle
-from producers.jobs import Job
 
 
 class Client:

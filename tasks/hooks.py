@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
+from avatarq.jobs import Job
 from avatarq.ledger.worker import Progress
-from producers.jobs import Job
 from tasks import metrics
 from tasks.control import JobControl, StopReason
 from tasks.pacing import Pacer

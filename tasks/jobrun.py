@@ -42,6 +42,7 @@ from redis.exceptions import RedisError
 
 from avatarq.errors import IncompletePlayback, InvalidJob, JobError, Reason, TransientJobError
 from avatarq.events import Retrying
+from avatarq.jobs import Job, parse_job
 from avatarq.ledger.worker import (
     Checkpoint,
     Claim,
@@ -53,12 +54,11 @@ from avatarq.ledger.worker import (
 )
 from avatarq.results import AttemptSpan, Cancelled, Failed, JobResult, Played
 from avatarq.settings import Settings
-from producers.jobs import Job, parse_job
-from tasks.avatar_link import SessionNote
 from tasks.backoff import backoff_delay
 from tasks.control import Interrupted, JobControl, StopReason
 from tasks.hooks import HookFactory, JobHook, RunContext
-from tasks.quota import NoAvatarSlot
+from tasks.link.link import SessionNote
+from tasks.link.quota import NoAvatarSlot
 from tasks.seams import JobLedger, Reporter, ReporterFactory
 
 log = logging.getLogger("avatarq.jobrun")
@@ -103,7 +103,7 @@ class Timing:
     room_poll_s: float = 0.2
     room_requeue_s: float = 1.0
     #: A job waiting for an avatar session slot comes back this soon (well within the time its
-    #: place in line is kept, tasks/quota.py WAITER_STALE_S).
+    #: place in line is kept, tasks/link/quota.py WAITER_STALE_S).
     quota_requeue_s: float = 1.0
     #: Tries to record a job's end while Redis is unreachable (about a minute with backoff).
     finish_attempts: int = 20

@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict
 
+from avatarq.budget import length_limit, time_budget
 from avatarq.errors import (
     AvatarTimeout,
     DecodeError,
@@ -25,19 +26,18 @@ from avatarq.errors import (
     RoomError,
 )
 from avatarq.events import AvatarReady, JobStarted, Status
+from avatarq.jobs import Job
 from avatarq.results import Played, Timestamps
 from avatarq.settings import Settings
-from producers.jobs import Job
-from tasks.avatar_link import Milestones, NamedServer, SessionNote
-from tasks.budget import length_limit, time_budget
 from tasks.control import Interrupted, JobControl, StopReason
 from tasks.decode import PcmDecoder, probe_duration
 from tasks.hooks import JobHook, Segment
+from tasks.link.link import Milestones, NamedServer, SessionNote
+from tasks.link.stream import CHUNK_SECONDS, PlaybackFinished
 from tasks.pacing import Pacer
 from tasks.runahead import RUN_AHEAD_S, RunAhead
 from tasks.seams import Audio, AudioOpener, Link, LinkSource, Reporter, Sender, ServerResolver
 from tasks.source import aresolve
-from tasks.stream import CHUNK_SECONDS, PlaybackFinished
 
 log = logging.getLogger("avatarq.playback")
 

@@ -33,11 +33,11 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from avatarq.errors import InvalidJob
+from avatarq.jobs import parse_job
 from avatarq.ledger.worker import Ledger, Orphan, Parked, job_id_of
 from avatarq.settings import Settings
-from producers.jobs import parse_job
-from tasks import room as rooms
-from tasks.avatar import AvatarSession, HttpAvatarClient
+from tasks.link import room as rooms
+from tasks.link.avatar import AvatarSession, HttpAvatarClient
 from tasks.runtime import get_loop_thread
 
 log = logging.getLogger("avatarq.recovery")

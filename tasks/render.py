@@ -25,12 +25,12 @@ from avatarq.ledger.worker import Handoff, Ledger, job_id_of
 from avatarq.results import Failed
 from avatarq.settings import Settings, get_settings
 from tasks.app import app
-from tasks.avatar_link import resolve_server
 from tasks.backoff import backoff_delay
 from tasks.control import HAND_BACK, LEAVING
 from tasks.hooks import worker_hooks
 from tasks.jobrun import Ending, JobParts, JobRun, Outcome
-from tasks.links import Links
+from tasks.link.link import resolve_server
+from tasks.link.links import Links
 from tasks.playback import FfmpegAudio, Playback
 from tasks.recovery import Presence, get_presence
 from tasks.report import JobReporter, StateUpdater
@@ -56,7 +56,7 @@ def render(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
     """Play one job through its avatar in its LiveKit room and return the result; then the
     room's next jobs, as the ledger hands them on (the room's lane).
 
-    ``payload`` is a `producers.jobs.Job` as JSON; it is validated again here because any
+    ``payload`` is a `avatarq.jobs.Job` as JSON; it is validated again here because any
     producer, in any language, may have sent it. Bad input fails at once and for good;
     transient faults (network, 5xx, timeouts) are retried up to `AVATARQ_MAX_RETRIES` times
     with exponential backoff and jitter.
@@ -188,7 +188,7 @@ def republish(task_id: str, payload: Any) -> None:
 
 class WorkerParts:
     """The parts every job of this worker process shares: one Redis client, the ledger, the
-    warm pool and quotas (tasks/links.py), the playback steps. Built on the process's event
+    warm pool and quotas (tasks/link/links.py), the playback steps. Built on the process's event
     loop (tasks/runtime.py), on first use."""
 
     def __init__(self, settings: Settings) -> None:

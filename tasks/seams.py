@@ -4,9 +4,9 @@ worker (tasks/render.py wires them), by a fake in the fast tests (tests/fakes.py
     JobLedger    who may play a job, its lease, its one terminal record (avatarq/ledger/worker.py)
     Reporter     events, progress, the announcement and webhook (tasks/report.py)
     AudioOpener  source → decoded PCM chunks (tasks/playback.py FfmpegAudio)
-    LinkSource   a room with a listening avatar, warm or cold (tasks/links.py Links)
-    Link         what a job uses of an AvatarLink (tasks/avatar_link.py)
-    Sender       what a job uses of the audio stream sender (tasks/stream.py)
+    LinkSource   a room with a listening avatar, warm or cold (tasks/link/links.py Links)
+    Link         what a job uses of an AvatarLink (tasks/link/link.py)
+    Sender       what a job uses of the audio stream sender (tasks/link/stream.py)
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from avatarq.events import EventPayload
+from avatarq.jobs import Job
 from avatarq.ledger.worker import Checkpoint, Claim, Finish, Handoff, Progress
 from avatarq.results import JobResult
-from producers.jobs import Job
-from tasks.avatar_link import Milestones, NamedServer, SessionNote
 from tasks.control import JobControl
+from tasks.link.link import Milestones, NamedServer, SessionNote
+from tasks.link.stream import Admit, PlaybackFinished, ProgressCallback
 from tasks.pacing import Pacer
-from tasks.stream import Admit, PlaybackFinished, ProgressCallback
 
 
 class JobLedger(Protocol):
@@ -135,7 +135,7 @@ class LinkSource(Protocol):
     async def give_back(self, link: Link, *, keep: bool) -> None: ...
 
 
-#: Resolves a job's avatar server from settings (tasks/avatar_link.py resolve_server).
+#: Resolves a job's avatar server from settings (tasks/link/link.py resolve_server).
 ServerResolver = Callable[[Job], NamedServer]
 #: Builds the reporter of one job id.
 ReporterFactory = Callable[[str], Reporter]

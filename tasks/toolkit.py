@@ -11,16 +11,16 @@ a name or signature here is a change to the dev stack too.
 from __future__ import annotations
 
 from tasks.app import quiet_livekit_logs
-from tasks.avatar import HttpAvatarClient
 from tasks.decode import PcmDecoder, ffmpeg_binary, probe_duration
+from tasks.link.avatar import HttpAvatarClient
+from tasks.link.quota import AvatarQuota, Slot
+from tasks.link.room import connect as connect_room
+from tasks.link.room import wait_for_avatar
+from tasks.link.stream import CHUNK_SECONDS, AudioStreamSender
+from tasks.link.tokens import mint as mint_tokens
+from tasks.link.tokens import ttl_for as token_ttl_for
 from tasks.pacing import Pacer
-from tasks.quota import AvatarQuota, Slot
-from tasks.room import connect as connect_room
-from tasks.room import wait_for_avatar
 from tasks.source import aresolve
-from tasks.stream import CHUNK_SECONDS, AudioStreamSender
-from tasks.tokens import mint as mint_tokens
-from tasks.tokens import ttl_for as token_ttl_for
 
 __all__ = [
     # audio in: where a source is, its declared length, ffmpeg decoding it to PCM

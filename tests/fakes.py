@@ -15,18 +15,18 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from avatarq.events import Event, EventPayload
+from avatarq.jobs import Job
 from avatarq.ledger.worker import Checkpoint, Claim, Finish, Handoff, Progress
 from avatarq.results import JobResult
 from avatarq.settings import Settings
-from producers.jobs import Job
-from tasks.avatar_link import Milestones, NamedServer, SessionNote
 from tasks.control import JobControl, StopReason
 from tasks.hooks import HookFactory, LeaseWatch
 from tasks.jobrun import JobParts, JobRun, Outcome, Timing
+from tasks.link.link import Milestones, NamedServer, SessionNote
+from tasks.link.stream import Admit, PlaybackFinished, ProgressCallback
 from tasks.pacing import Pacer
 from tasks.playback import Playback
 from tasks.seams import Audio, Link, Reporter
-from tasks.stream import Admit, PlaybackFinished, ProgressCallback
 
 RATE = 16000
 BPS = RATE * 2

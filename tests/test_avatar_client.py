@@ -11,7 +11,7 @@ from aiohttp import web
 
 from avatarq.errors import AvatarOverLimit, AvatarRejected, AvatarUnavailable
 from tasks import backoff
-from tasks.avatar import LICENSE_HEADER, START_PATH, STOP_PATH, HttpAvatarClient
+from tasks.link.avatar import LICENSE_HEADER, START_PATH, STOP_PATH, HttpAvatarClient
 from tests.httpserve import serving_app
 from tests.ports import refused_port
 
@@ -21,7 +21,7 @@ KEY = "license-123"
 @pytest.fixture(autouse=True)
 def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     # Keep the retry schedule's shape but not its seconds.
-    monkeypatch.setattr("tasks.avatar.backoff_delay", lambda attempt: 0.01 * (attempt + 1))
+    monkeypatch.setattr("tasks.link.avatar.backoff_delay", lambda attempt: 0.01 * (attempt + 1))
     assert backoff.backoff_delay(3) <= 4.0
 
 
@@ -159,7 +159,7 @@ def test_a_200_that_is_not_json_is_a_started_session_without_id() -> None:
 def test_a_lost_answer_is_never_followed_by_a_second_start(monkeypatch: pytest.MonkeyPatch) -> None:
     # The server took the request and is slow to answer (a cold GPU start): asking again
     # would start a second session with the same identity.
-    monkeypatch.setattr("tasks.avatar.START_ANSWER_TIMEOUT_S", 0.3)
+    monkeypatch.setattr("tasks.link.avatar.START_ANSWER_TIMEOUT_S", 0.3)
     seen: list = []
     session = run_against([200], start, seen, hang_s=1.0)
     assert not session.acknowledged and session.session_id is None
@@ -183,7 +183,7 @@ def test_error_text_never_echoes_the_license_or_token() -> None:
 
 
 def test_429_is_the_session_limit_raised_at_once_for_the_quota() -> None:
-    """Over the license's session limit: no retry here; tasks/quota.py waits for a slot."""
+    """Over the license's session limit: no retry here; tasks/link/quota.py waits for a slot."""
     seen: list = []
     with pytest.raises(AvatarOverLimit, match="session limit") as exc:
         run_against([429, 200], start, seen)

@@ -20,11 +20,11 @@ from avatarq_dev.bench import PACING_GOAL_STREAMS, QUICK, queue, report, run, sc
 from avatarq_dev.bench.load import light_avatars
 from avatarq_dev.bench.streams import Played, drift_ms, warm_start
 from avatarq_dev.stack import LocalStack, local_stack
-from tasks import room as rooms
-from tasks import tokens
-from tasks.avatar import HttpAvatarClient
+from tasks.link import room as rooms
+from tasks.link import tokens
+from tasks.link.avatar import HttpAvatarClient
+from tasks.link.stream import AudioStreamSender
 from tasks.pacing import Pacer
-from tasks.stream import AudioStreamSender
 from tests.netns import needs_netns
 
 TINY = dataclasses.replace(QUICK, decode_seconds=2, queue_jobs=20)

@@ -251,7 +251,7 @@ def test_demo_keep_without_a_build_says_where_the_api_is(
 
 
 def test_overview_shows_each_avatar_servers_session_quota(base: str, settings: Settings) -> None:
-    """What tasks/quota.py keeps in Redis: two live sessions, one expired, one waiting job."""
+    """What tasks/link/quota.py keeps in Redis: two live sessions, one expired, one waiting job."""
     from avatarq.ledger.keys import avatar_quota_key
 
     r = redis.Redis.from_url(settings.redis_url)

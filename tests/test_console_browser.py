@@ -213,7 +213,7 @@ def test_page_is_refused_without_a_key_and_opens_with_one(
     wait_for(lambda: visible(browser, "#console"), "the console")
     assert "key=" not in browser.current_url  # taken out of the address bar
     assert js(browser, "return sessionStorage.getItem('avatarq.apiKey')") == KEY
-    # The avatar servers' session quota (tasks/quota.py): the default server, quota 10.
+    # The avatar servers' session quota (tasks/link/quota.py): the default server, quota 10.
     row = "#capacity tr[data-server='default']"
     quota = wait_for(
         lambda: js(browser, f'return document.querySelector("{row} .quota")?.textContent'),

@@ -213,7 +213,7 @@ def test_the_checks_catch_a_wrong_path_and_a_dead_link() -> None:
         "the lab `devstack/avatarq_dev/faults/lab.py`, `nowhere.py`, `./devstack`, `./nodir`.\n"
         "Not paths: `/jobs/{id}`, `s3://bucket/key`, `text/event-stream`, `.venv/bin/helm`,\n"
         "`github.com/livekit/livekit-server/cmd/server@v1.13.5`, `redis:events:{job_id}`.\n\n"
-        "```\ntasks/links.py  warm (warm.py) or cold (gone.py)\n```\n\n"
+        "```\ntasks/link/links.py  warm (warm.py) or cold (gone.py)\n```\n\n"
         "```yaml\ntimezone: Europe/Berlin\nfile: tasks/missing.py\n```\n\n"
         "[ok](usage.md#http-api) [ok](../README.md) [ok](#example) [web](https://example.com)\n"
         "[no file](nothing.md) [no anchor](usage.md#no-such-section) [no](#nope)\n"

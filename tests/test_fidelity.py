@@ -138,7 +138,7 @@ def wait_ended(stack: LocalStack, room: str, timeout: float = 20.0) -> list[dict
 def test_job_longer_than_the_empty_timeout_plays_to_the_end(
     stack: LocalStack, tmp_path: Path
 ) -> None:
-    # The worker creates the room with timeouts as long as the job (tasks/roomhold.py): the
+    # The worker creates the room with timeouts as long as the job (tasks/link/roomhold.py): the
     # server's 3 s default would close it, and no keeper joins (it would get all the audio).
     seconds = EMPTY_TIMEOUT_S + 4.0
     room = new_room()
@@ -341,7 +341,7 @@ def test_avatar_bound_to_another_agent_never_swallows_the_job(
 def test_wrong_livekit_secret_is_a_clear_permanent_error(stack: LocalStack) -> None:
     """A 401 from the server is a settings problem: failing at once beats retrying."""
     from avatarq.errors import LiveKitRejected
-    from tasks import room as rooms
+    from tasks.link import room as rooms
 
     bad = (
         api.AccessToken(DEV_API_KEY, "not-the-secret-at-all-0123456789abcdef")

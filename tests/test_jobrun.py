@@ -28,8 +28,8 @@ from avatarq.settings import Settings
 from tasks.control import JobControl, StopReason
 from tasks.hooks import SEND_AHEAD_OF_LEASE_S, JobHook, RunContext, Segment
 from tasks.jobrun import Ending, JobRun, Outcome
-from tasks.quota import NoAvatarSlot, Waiting
-from tasks.stream import CHUNK_SECONDS, PlaybackFinished
+from tasks.link.quota import NoAvatarSlot, Waiting
+from tasks.link.stream import CHUNK_SECONDS, PlaybackFinished
 from tests.fakes import Stand
 
 JOB = {"job_id": "job-1", "room": "room-1", "avatar_id": "ava", "source": "file:///clip.wav"}

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from avatarq.errors import InvalidJob
-from producers.jobs import Job, parse_job
+from avatarq.jobs import Job, parse_job
 
 BASE = {"room": "lobby", "avatar_id": "anna", "source": "s3://clips/hello.mp3"}
 

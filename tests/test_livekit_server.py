@@ -404,10 +404,10 @@ def test_room_service_twirp(livekit_server: Any) -> None:
 
 def test_create_room_answers_an_existing_room_as_it_is(livekit_server: Any) -> None:
     """CreateRoom of a room that is open returns it unchanged, ignoring what the second call
-    asks for (livekit-server: RoomManager.getOrCreateRoom); tasks/roomhold.py reads the
+    asks for (livekit-server: RoomManager.getOrCreateRoom); tasks/link/roomhold.py reads the
     timeouts of that answer to decide whether a job needs a keeper."""
     from avatarq.settings import Settings
-    from tasks import roomhold
+    from tasks.link import roomhold
 
     settings = Settings(
         livekit_url=livekit_server.url,

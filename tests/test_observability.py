@@ -25,7 +25,7 @@ from avatarq.settings import Settings, get_settings
 from avatarq_cli.commands.ops import MASK, effective_config, mask_url
 from avatarq_dev import stack as stack_module
 from tasks import metrics
-from tasks.stream import CHUNK_SECONDS
+from tasks.link.stream import CHUNK_SECONDS
 from tests import audio
 from tests.netns import needs_netns
 from tests.test_pipeline_e2e import run_job

@@ -187,8 +187,8 @@ def test_a_job_cannot_send_the_license_to_a_url_it_names(stack: LocalStack, tmp_
     URL fails as invalid, and that URL never hears from the worker."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+    from avatarq.jobs import new_job_id
     from producers.client import celery_app
-    from producers.jobs import new_job_id
     from tests.httpserve import serving
 
     heard: list[str] = []

@@ -19,8 +19,8 @@ import requests
 from avatarq.ledger.keys import avatar_quota_key, job_events_key
 from avatarq.settings import get_settings
 from avatarq_dev.stack import LocalStack, local_stack
-from tasks import quota as quota_mod
-from tasks.quota import AvatarQuota, NoAvatarSlot, Slot, Waiting, wait_for_slot
+from tasks.link import quota as quota_mod
+from tasks.link.quota import AvatarQuota, NoAvatarSlot, Slot, Waiting, wait_for_slot
 from tests import audio
 from tests.netns import needs_netns
 from tests.waiting import wait_terminal
@@ -207,5 +207,5 @@ def test_a_killed_workers_slots_come_back(fleet: LocalStack, tmp_path: Path) -> 
     fleet.start_worker("q3", concurrency=4, extra_env={"AVATARQ_AVATAR_MAX_SESSIONS": str(QUOTA)})
     status = wait_all([waiter.job_id], 120.0)[waiter.job_id]
     assert status["status"] == "completed", status
-    # The dead workers' slots expired (tasks/quota.py SLOT_LEASE_S) instead of staying taken.
+    # The dead workers' slots expired (tasks/link/quota.py SLOT_LEASE_S) instead of staying taken.
     assert time.monotonic() - killed < 90

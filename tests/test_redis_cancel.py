@@ -12,10 +12,10 @@ import uuid
 
 import redis.asyncio as aioredis
 
+from avatarq.jobs import parse_job
 from avatarq.ledger.keys import job_lease_key, room_order_key
 from avatarq.ledger.worker import Claim, Ledger
 from avatarq.settings import Settings
-from producers.jobs import parse_job
 from tasks.control import JobControl, StopReason
 from tasks.hooks import LeaseWatch
 

@@ -1,4 +1,4 @@
-"""Rooms held open by their own timeouts (tasks/roomhold.py): the decision from CreateRoom's
+"""Rooms held open by their own timeouts (tasks/link/roomhold.py): the decision from CreateRoom's
 answer, its errors, and on the official livekit-server the rooms themselves.
 
 The server tests use the `livekit_server` fixture's official server, whose room defaults are
@@ -22,8 +22,8 @@ from livekit import api, rtc
 
 from avatarq.errors import LiveKitRejected, RoomError
 from avatarq.settings import Settings
-from tasks import room as rooms
-from tasks import roomhold, tokens
+from tasks.link import room as rooms
+from tasks.link import roomhold, tokens
 from tests.httpserve import serving_app
 from tests.netns import NETNS
 from tests.ports import refused_port
@@ -286,9 +286,9 @@ def test_a_warm_link_whose_room_closes_too_soon_gets_its_keeper(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # A link kept warm holds the room by its creation-time timeouts; before a next job that
-    # could outlast them, the keeper joins (tasks/avatar_link.py AvatarLink.cover).
-    from producers.jobs import parse_job
-    from tasks.avatar_link import AvatarLink
+    # could outlast them, the keeper joins (tasks/link/link.py AvatarLink.cover).
+    from avatarq.jobs import parse_job
+    from tasks.link.link import AvatarLink
 
     joined: list[str] = []
 
@@ -330,7 +330,7 @@ def test_a_keeper_that_joined_just_before_the_close_leaves_with_the_link(
 ) -> None:
     # The keeper's join finished, its done-callback not run yet, when the link closes: the
     # close must still take it out of the room rather than leave it connected.
-    from tasks.avatar_link import AvatarLink
+    from tasks.link.link import AvatarLink
 
     left: list[Any] = []
 

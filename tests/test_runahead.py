@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from avatarq.errors import Reason, SourceStalled, TransientJobError
-from producers.jobs import Job
+from avatarq.jobs import Job
 from tasks.hooks import Segment
 from tasks.pacing import Pacer
 from tasks.runahead import RunAhead

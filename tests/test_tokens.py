@@ -9,7 +9,7 @@ import jwt
 import pytest
 
 from avatarq.settings import Settings
-from tasks import tokens
+from tasks.link import tokens
 
 # The test key pair is livekit-server's short dev secret on purpose.
 pytestmark = pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarning")

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from avatarq.errors import InvalidJob
+from avatarq.jobs import TtsSource, parse_job
 from avatarq.settings import Settings, get_settings
-from producers.jobs import TtsSource, parse_job
 from producers.tts import TtsRejected, TtsUnavailable, render_job, render_tts
 from producers.tts.elevenlabs import ElevenLabsEngine
 from producers.tts.espeak import EspeakEngine

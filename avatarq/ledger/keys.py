@@ -100,7 +100,7 @@ QuotaPart = Literal["sessions", "waiting", "waiting-seen", "cap"]
 
 
 def avatar_quota_key(server: str, part: QuotaPart) -> str:
-    """The session quota of avatar server `server` (tasks/quota.py): `sessions` (zset holder →
+    """The session quota of avatar server `server` (tasks/link/quota.py): `sessions` (zset holder →
     lease expiry ms), `waiting` (zset job → first wait ms), `waiting-seen` (zset job → last
     poll ms), `cap` (the quota shrunk after a 429, with a TTL)."""
     # Its own prefix: under `avatarq:avatar:` a job id such as `default:sessions` (a valid id)
@@ -119,7 +119,7 @@ def worker_held_key(worker_id: str) -> str:
 
 
 def warm_holder_key(room: str, avatar: str) -> str:
-    """The worker process holding an idle warm session of `avatar` in `room` (tasks/warm.py)."""
+    """The worker process holding an idle warm session of `avatar` in `room` (tasks/link/)."""
     return f"avatarq:warm:{room}:{avatar}"
 
 

@@ -64,8 +64,8 @@ def run_demo(
         # Point this process's producer at the stack, as a user's environment would.
         os.environ.update(stack.env())
         get_settings.cache_clear()
+        from avatarq.jobs import new_job_id
         from producers import enqueue
-        from producers.jobs import new_job_id
 
         access = ConsoleAccess.from_env() if keep else None
         job: dict[str, Any] = {"room": "demo", "avatar_id": "demo", "source": source}

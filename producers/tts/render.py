@@ -7,8 +7,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from avatarq.jobs import Job, TtsSource, parse_job
 from avatarq.settings import Settings, get_settings
-from producers.jobs import Job, TtsSource, parse_job
 from producers.tts.base import Speech, TtsEngine, TtsRejected, TtsUnavailable
 from producers.tts.cache import cache_key, store_for
 from producers.tts.elevenlabs import ElevenLabsEngine

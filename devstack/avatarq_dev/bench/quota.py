@@ -1,4 +1,4 @@
-"""The start latency a session slot adds (tasks/quota.py) when one is free, against a
+"""The start latency a session slot adds (tasks/link/quota.py) when one is free, against a
 throwaway Redis: take and give back a slot, `rounds` times, and compare with a plain Redis
 round trip (PING) on the same connection, the floor any Redis-backed quota pays."""
 

@@ -1,8 +1,8 @@
 """The room and the avatar session a job plays through: an `AvatarLink`.
 
-A link is a joined LiveKit room (held open, tasks/roomhold.py) plus an avatar session that
+A link is a joined LiveKit room (held open, tasks/link/roomhold.py) plus an avatar session that
 listens to this worker; `open_link` makes one. Where a job's link comes from (warm or cold)
-is tasks/links.py.
+is tasks/link/links.py.
 """
 
 from __future__ import annotations
@@ -15,17 +15,17 @@ from dataclasses import dataclass, field
 
 from livekit import rtc
 
+from avatarq.budget import room_hold
 from avatarq.errors import InvalidJob, Reason
+from avatarq.jobs import Job
 from avatarq.settings import DEFAULT_AVATAR_SERVER, AvatarServer, Settings
-from producers.jobs import Job
-from tasks import room as rooms
-from tasks import roomhold, tokens
-from tasks.avatar import START_ANSWER_TIMEOUT_S, AvatarClient, AvatarSession, HttpAvatarClient
-from tasks.budget import room_hold
 from tasks.control import JobControl, StopReason
-from tasks.quota import AvatarQuota, Slot
-from tasks.roomhold import RoomHold
-from tasks.stream import AudioStreamSender
+from tasks.link import room as rooms
+from tasks.link import roomhold, tokens
+from tasks.link.avatar import START_ANSWER_TIMEOUT_S, AvatarClient, AvatarSession, HttpAvatarClient
+from tasks.link.quota import AvatarQuota, Slot
+from tasks.link.roomhold import RoomHold
+from tasks.link.stream import AudioStreamSender
 
 log = logging.getLogger("avatarq.link")
 
@@ -99,8 +99,8 @@ class AvatarLink:
     sender: AudioStreamSender
     avatar: AvatarClient
     admin: RoomAdmin
-    #: The hidden participant that keeps the room open while the link lives (tasks/room.py),
-    #: where the room's own timeouts (`hold`, tasks/roomhold.py) do not.
+    #: The hidden participant that keeps the room open while the link lives (tasks/link/room.py),
+    #: where the room's own timeouts (`hold`, tasks/link/roomhold.py) do not.
     keeper: rtc.Room | None = None
     hold: RoomHold | None = None
     session: AvatarSession | None = None
@@ -208,7 +208,7 @@ AvatarClientFactory = Callable[[NamedServer, Settings], AvatarClient]
 
 
 def http_avatar_client(server: NamedServer, settings: Settings) -> AvatarClient:
-    """The Avaluma HTTP protocol spoken directly (tasks/avatar.py), the license key from
+    """The Avaluma HTTP protocol spoken directly (tasks/link/avatar.py), the license key from
     the server's settings."""
     return HttpAvatarClient(
         server.name,

@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from avatarq.ledger.keys import WARM_RELEASE_TTL_S, warm_holder_key, warm_release_key
-from tasks.avatar_link import AvatarLink, LinkKey
+from tasks.link.link import AvatarLink, LinkKey
 
 log = logging.getLogger("avatarq.warm")
 

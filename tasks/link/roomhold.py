@@ -14,7 +14,7 @@ How livekit-server (v1.13.5) closes a room, and what CreateRoom does, decides th
 So where the worker creates the room it asks for both timeouts as long as the job needs; the
 answer's timeouts and creation time say until when the room stays open with agents alone.
 A room that existed before, with timeouts too short for the job, still needs the keeper
-(tasks/room.py), whose cost is a full second copy of the job's audio into this process:
+(tasks/link/room.py), whose cost is a full second copy of the job's audio into this process:
 the server forwards the byte stream to it although it is hidden and may not subscribe
 (docs/performance.md). The price of long timeouts: a room that a viewer visited stays open
 up to the hold after the last one leaves (an empty room costs the server next to nothing).
@@ -56,7 +56,7 @@ class RoomHold:
     open_until: float
     empty_timeout_s: int
     departure_timeout_s: int
-    #: The room closes before the hold asked for ends: join a keeper (tasks/room.py).
+    #: The room closes before the hold asked for ends: join a keeper (tasks/link/room.py).
     needs_keeper: bool
 
     def covers(self, hold_s: float, *, now: float | None = None) -> bool:

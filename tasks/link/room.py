@@ -5,7 +5,7 @@ Three facts of the real livekit-server and of livekit-agents' avatars shape this
 - Agent participants are "dependent": a room holding only agents (the worker and the avatar)
   is closed after its empty or departure timeout (300 s / 20 s by default), and a room's
   timeouts cannot be changed once it exists. A room the worker creates gets timeouts as long
-  as the job needs (tasks/roomhold.py); a link to a room that existed with shorter ones also
+  as the job needs (tasks/link/roomhold.py); a link to a room that existed with shorter ones also
   joins a *keeper*: a hidden standard participant with no rights, which keeps the room open
   as long as the link lives. It is the fallback because the server forwards it a copy of
   the job's audio all the same.

@@ -1,7 +1,7 @@
 """Where a job's link comes from, and where it goes after the job.
 
-A job gets an idle link of the same room and avatar kept by this process (tasks/warm.py), else
-a cold start within the avatar server's session quota (tasks/quota.py). Afterwards the link
+A job gets an idle link of the same room and avatar kept by this process (tasks/link/warm.py), else
+a cold start within the avatar server's session quota (tasks/link/quota.py). Afterwards the link
 goes back to the warm pool when it is fit for the next job, and is closed otherwise.
 """
 
@@ -13,10 +13,10 @@ import redis.asyncio as aioredis
 
 from avatarq.errors import AvatarOverLimit
 from avatarq.events import WaitingForAvatar
+from avatarq.jobs import Job
 from avatarq.ledger.keys import job_waiting_key
 from avatarq.settings import Settings
-from producers.jobs import Job
-from tasks.avatar_link import (
+from tasks.link.link import (
     AvatarClientFactory,
     AvatarLink,
     Milestones,
@@ -26,9 +26,9 @@ from tasks.avatar_link import (
     link_key,
     open_link,
 )
-from tasks.quota import AvatarQuota, NoAvatarSlot, Waiting, wait_for_slot
+from tasks.link.quota import AvatarQuota, NoAvatarSlot, Waiting, wait_for_slot
+from tasks.link.warm import WarmPool
 from tasks.seams import Link, Reporter
-from tasks.warm import WarmPool
 
 #: How long a cold start waits in its worker slot for an avatar session slot before the job
 #: goes back to the queue (its place in the server's line is kept meanwhile).

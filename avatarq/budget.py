@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from avatarq.jobs import Job
 from avatarq.settings import Settings
-from producers.jobs import Job
 
 #: Time allowed on top of the audio itself for joining, avatar start and the final report.
 OVERHEAD_BUDGET_S = 60.0

@@ -37,7 +37,7 @@ START_ANSWER_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 5.0
 #: Answers that mean "nothing was started, try again later" (Avaluma: 409 avatar already
 #: active, 503 no capacity), besides every 5xx. A 429 (over the license's session limit) is
-#: raised at once as AvatarOverLimit: the fleet's session quota (tasks/quota.py) handles it.
+#: raised at once as AvatarOverLimit: the fleet's session quota (tasks/link/quota.py) handles it.
 TRANSIENT_STATUSES = frozenset({408, 409, 425})
 OVER_LIMIT = 429
 #: Longest `Retry-After` honoured; longer waits become a job retry instead.

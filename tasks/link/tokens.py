@@ -60,9 +60,9 @@ class JobTokens:
 
     @property
     def keeper(self) -> str:
-        """The room keeper's token (tasks/room.py): hidden, and allowed nothing but being
+        """The room keeper's token (tasks/link/room.py): hidden, and allowed nothing but being
         there. Signed only when asked for: a room held open by its own timeouts
-        (tasks/roomhold.py) needs no keeper."""
+        (tasks/link/roomhold.py) needs no keeper."""
         grants = api.VideoGrants(
             room_join=True,
             room=self.room,
