@@ -25,8 +25,8 @@ from pydantic import (
     field_validator,
 )
 
-from avatarq.errors import InvalidJob
-from avatarq.settings import NAME_PATTERN, Settings, get_settings
+from avatarq.errors import InvalidJob, Reason
+from avatarq.settings import NAME_PATTERN, AvatarServer, Settings, get_settings
 
 #: Source URL schemes the worker can open.
 SOURCE_SCHEMES = ("file", "http", "https", "s3")
@@ -227,3 +227,11 @@ def parse_job(payload: Any, settings: Settings | None = None) -> Job:
         return Job.model_validate(payload, context={"settings": settings})
     except ValidationError as e:
         raise InvalidJob(f"invalid job: {describe_validation_error(e)}") from None
+
+
+def resolve_server(job: Job, settings: Settings) -> AvatarServer:
+    """The configured server the job names; a name the settings lack fails the job alone."""
+    try:
+        return settings.avatar_server(job.avatar_server)
+    except KeyError as e:
+        raise InvalidJob(str(e.args[0]), reason=Reason.UNKNOWN_AVATAR_SERVER) from None

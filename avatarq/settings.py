@@ -54,6 +54,8 @@ class AvatarServer(BaseModel):
     sample_rate: int = Field(AVALUMA_SAMPLE_RATE, ge=8000, le=48000)
     #: Concurrent sessions it (or its license) allows across the fleet.
     max_sessions: int = Field(AVALUMA_MAX_SESSIONS, ge=1)
+    #: The name jobs use for it: its key in the settings (set by `Settings.avatar_server`).
+    name: str = DEFAULT_AVATAR_SERVER
 
     @property
     def base_url(self) -> str:
@@ -254,8 +256,9 @@ class Settings(BaseSettings):
         """The configured server a job names (`None`: the default one); `KeyError` naming
         the configured ones when there is no such server."""
         servers = self.configured_avatar_servers()
+        name = name or DEFAULT_AVATAR_SERVER
         try:
-            return servers[name or DEFAULT_AVATAR_SERVER]
+            return servers[name].model_copy(update={"name": name})
         except KeyError:
             known = ", ".join(sorted(servers))
             raise KeyError(

@@ -1,17 +1,6 @@
-"""Cross-cutting concerns of a job's run, as hooks (in the manner of dramatiq's middleware).
-
-A `JobRun` (tasks/jobrun.py) makes one instance of each hook for its job and calls it at
-fixed points; none of them decides how the job ends, they watch and record:
-
-    on_claimed        the job holds its lease and its room's head: it is about to play
-    on_stream_start   the first byte is about to go out
-    on_chunk_sent     after every write (keep it cheap: it runs in the send loop)
-    on_stream_end     the last byte went out, or the stream stopped
-    on_released       the run is over, whatever its outcome (always called after on_claimed)
-
-The worker's hooks: `LeaseWatch` (renews the lease, stops the job on cancel, hand-back or
-take-over), `StreamMetrics` (Prometheus), `ProgressReports` (progress events and state).
-"""
+"""The worker's hooks on a job's play (in the manner of dramatiq's middleware): `LeaseWatch`
+renews the lease and stops the job on cancel, hand-back or take-over; `StreamMetrics` feeds
+Prometheus; `ProgressReports` sends progress. The hook points are `tasks.context.JobHook`'s."""
 
 from __future__ import annotations
 
@@ -20,15 +9,14 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
 from avatarq.jobs import Job
 from avatarq.ledger.worker import Progress
 from tasks import metrics
+from tasks.context import HookFactory, JobHook, PlayContext, Segment
 from tasks.control import JobControl, StopReason
-from tasks.pacing import Pacer
 from tasks.seams import JobLedger, Reporter
 
 log = logging.getLogger("avatarq.hooks")
@@ -44,59 +32,6 @@ WATCH_INTERVAL_S = 0.25
 #: makes heard twice; it is a 400 ms chunk plus a tick's slack, so a healthy stream never
 #: waits.
 SEND_AHEAD_OF_LEASE_S = 0.5
-
-
-@dataclass
-class RunContext:
-    """What a hook may know of the run it belongs to."""
-
-    job: Job
-    token: str
-    control: JobControl
-    ledger: JobLedger
-    reporter: Reporter
-    attempt: int = 1
-
-
-@dataclass
-class Segment:
-    """The stream a hook sees: whose it is, how fast it goes, how long it is, and where in
-    the source it starts (a resumed job's seconds before `start_at` are not sent again)."""
-
-    job: Job
-    bytes_per_second: int
-    duration: float | None
-    pacer: Pacer
-    #: Where in the source this segment starts (seconds): a resumed attempt's checkpoint.
-    start_at: float = 0.0
-
-    def played_position(self, sent_bytes: int) -> float:
-        """How far into the source the avatar has provably played: what went out, less the
-        lead it may still hold (never before where this segment started)."""
-        return self.start_at + max(0.0, sent_bytes / self.bytes_per_second - self.pacer.lead)
-
-
-class JobHook:
-    """Every method is optional: a hook overrides the points it cares about."""
-
-    async def on_claimed(self) -> None:
-        return None
-
-    def on_stream_start(self, segment: Segment) -> None:
-        return None
-
-    def on_chunk_sent(self, segment: Segment, sent: int) -> None:
-        return None
-
-    def on_stream_end(self, segment: Segment) -> None:
-        return None
-
-    async def on_released(self) -> None:
-        return None
-
-
-#: Makes a hook for one run.
-HookFactory = Callable[[RunContext], JobHook]
 
 
 class LeaseWatch(JobHook):
@@ -128,7 +63,7 @@ class LeaseWatch(JobHook):
     def factory(
         cls, shutting_down: Callable[[], bool], interval_s: float = WATCH_INTERVAL_S
     ) -> HookFactory:
-        def make(run: RunContext) -> JobHook:
+        def make(run: PlayContext) -> JobHook:
             watch = cls(run.ledger, run.job, run.token, run.control, shutting_down, interval_s)
             watch.attempt = run.attempt
             return watch

@@ -40,6 +40,7 @@ from typing import Any, Literal, Protocol
 
 from redis.exceptions import RedisError
 
+from avatarq.budget import Budget
 from avatarq.errors import IncompletePlayback, InvalidJob, JobError, Reason, TransientJobError
 from avatarq.events import Retrying
 from avatarq.jobs import Job, parse_job
@@ -55,11 +56,10 @@ from avatarq.ledger.worker import (
 from avatarq.results import AttemptSpan, Cancelled, Failed, JobResult, Played
 from avatarq.settings import Settings
 from tasks.backoff import backoff_delay
+from tasks.context import HookFactory, PlayContext
 from tasks.control import Interrupted, JobControl, StopReason
-from tasks.hooks import HookFactory, JobHook, RunContext
-from tasks.link.link import SessionNote
-from tasks.link.quota import NoAvatarSlot
-from tasks.seams import JobLedger, Reporter, ReporterFactory
+from tasks.link.types import NoAvatarSlot
+from tasks.seams import JobLedger, ReporterFactory
 
 log = logging.getLogger("avatarq.jobrun")
 
@@ -111,17 +111,7 @@ class Timing:
 
 
 class Player(Protocol):
-    async def play(
-        self,
-        job: Job,
-        *,
-        reporter: Reporter,
-        control: JobControl,
-        hooks: Sequence[JobHook],
-        attempt: int,
-        note_session: SessionNote,
-        start_at: float = 0.0,
-    ) -> Played: ...
+    async def play(self, play: PlayContext) -> Played: ...
 
 
 @dataclass
@@ -213,22 +203,21 @@ class JobRun:
         return await self._play(job)
 
     async def _play(self, job: Job) -> Outcome:
-        context = RunContext(
-            job, self.token, self.control, self.ledger, self.reporter, attempt=self.attempt
+        play = PlayContext(
+            job,
+            Budget.of(job, self.parts.settings),
+            self.token,
+            self.control,
+            self.ledger,
+            self.reporter,
+            attempt=self.attempt,
+            start_at=self.start_at,
         )
-        hooks = [make(context) for make in self.parts.hooks]
+        play.hooks = hooks = [make(play) for make in self.parts.hooks]
         for hook in hooks:
             await hook.on_claimed()
         try:
-            outcome: Played | Exception = await self.parts.player.play(
-                job,
-                reporter=self.reporter,
-                control=self.control,
-                hooks=hooks,
-                attempt=self.attempt,
-                note_session=self.ledger.note_avatar_session,
-                start_at=self.start_at,
-            )
+            outcome: Played | Exception = await self.parts.player.play(play)
         except Exception as e:  # each is an ending, handled once the hooks let go
             outcome = e
         finally:

@@ -12,10 +12,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import asdict
+from collections.abc import AsyncIterator
 
-from avatarq.budget import length_limit, time_budget
 from avatarq.errors import (
     AvatarTimeout,
     DecodeError,
@@ -26,17 +24,17 @@ from avatarq.errors import (
     RoomError,
 )
 from avatarq.events import AvatarReady, JobStarted, Status
-from avatarq.jobs import Job
-from avatarq.results import Played, Timestamps
-from avatarq.settings import Settings
-from tasks.control import Interrupted, JobControl, StopReason
+from avatarq.jobs import Job, resolve_server
+from avatarq.results import Played
+from avatarq.settings import AvatarServer, Settings
+from tasks.context import PlayContext, Segment
+from tasks.control import Interrupted, StopReason
 from tasks.decode import PcmDecoder, probe_duration
-from tasks.hooks import JobHook, Segment
-from tasks.link.link import Milestones, NamedServer, SessionNote
-from tasks.link.stream import CHUNK_SECONDS, PlaybackFinished
+from tasks.link.stream import CHUNK_SECONDS
+from tasks.link.types import LinkRequest, PlaybackFinished
 from tasks.pacing import Pacer
 from tasks.runahead import RUN_AHEAD_S, RunAhead
-from tasks.seams import Audio, AudioOpener, Link, LinkSource, Reporter, Sender, ServerResolver
+from tasks.seams import Audio, AudioOpener, Link, LinkSource, Sender
 from tasks.source import aresolve
 
 log = logging.getLogger("avatarq.playback")
@@ -63,19 +61,24 @@ class FfmpegAudio:
 
     @contextlib.asynccontextmanager
     async def open(
-        self, job: Job, *, sample_rate: int, chunk_bytes: int, start_at: float = 0.0
+        self,
+        job: Job,
+        *,
+        max_seconds: float,
+        sample_rate: int,
+        chunk_bytes: int,
+        start_at: float = 0.0,
     ) -> AsyncIterator[Audio]:
         if not isinstance(job.source, str):
             # Speech is rendered once by the producer (producers.tts), never by a worker.
             raise InvalidJob("tts sources must be rendered by the producer before they are queued")
         resolved = await aresolve(job.source, self.settings)
-        limit = length_limit(job, self.settings)
         probe = asyncio.create_task(probe_duration(resolved, self.settings))
         decoder = PcmDecoder(
             resolved,
             sample_rate=sample_rate,
             settings=self.settings,
-            max_seconds=limit,
+            max_seconds=max_seconds,
             start_at=start_at,
         )
         max_chunks = max(1, int(RUN_AHEAD_S * sample_rate * 2 / chunk_bytes))
@@ -94,113 +97,85 @@ class FfmpegAudio:
 class Playback:
     """The steps of one play of a job, on the parts it is given."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        audio: AudioOpener,
-        links: LinkSource,
-        resolve_server: ServerResolver,
-    ) -> None:
+    def __init__(self, settings: Settings, *, audio: AudioOpener, links: LinkSource) -> None:
         self.settings = settings
         self.audio = audio
         self.links = links
-        self.resolve_server = resolve_server
 
-    async def play(
-        self,
-        job: Job,
-        *,
-        reporter: Reporter,
-        control: JobControl,
-        hooks: Sequence[JobHook],
-        attempt: int,
-        note_session: SessionNote,
-        start_at: float = 0.0,
-    ) -> Played:
-        """Play the job from `start_at` seconds into its source (0: from the beginning)."""
-        ts = Milestones()
-        await reporter.emit(JobStarted(room=job.room, avatar_id=job.avatar_id, attempt=attempt))
-        server = self.resolve_server(job)
-        lead = self.settings.default_lead_s if job.lead is None else job.lead
+    async def play(self, play: PlayContext) -> Played:
+        """Play the job from `play.start_at` seconds into its source (0: from the beginning)."""
+        job, budget = play.job, play.budget
+        await play.reporter.emit(
+            JobStarted(room=job.room, avatar_id=job.avatar_id, attempt=play.attempt)
+        )
+        server = resolve_server(job, self.settings)
         chunk_bytes = int(server.sample_rate * CHUNK_SECONDS) * 2
         # Bounded from the start by the longest the job may be; tightened once its length is
         # known.
-        async with asyncio.timeout(time_budget(job, None, self.settings)) as budget:
+        async with asyncio.timeout(budget.time_limit(None)) as limit:
             opened = self.audio.open(
-                job, sample_rate=server.sample_rate, chunk_bytes=chunk_bytes, start_at=start_at
+                job,
+                max_seconds=budget.max_length,
+                sample_rate=server.sample_rate,
+                chunk_bytes=chunk_bytes,
+                start_at=play.start_at,
             )
             async with opened as audio:
-                _check_length(job, audio, self.settings)
-                remainder = _remainder(audio.duration, start_at)
+                _check_length(audio, budget.max_length)
+                remainder = _remainder(audio.duration, play.start_at)
                 loop = asyncio.get_running_loop()
-                budget.reschedule(loop.time() + time_budget(job, remainder, self.settings))
-                link, warm = await self._get_link(
-                    job, server, remainder, ts, reporter, note_session
+                limit.reschedule(loop.time() + budget.time_limit(remainder))
+                request = LinkRequest(
+                    job,
+                    server,
+                    budget,
+                    remainder,
+                    play.timestamps,
+                    play.ledger.note_avatar_session,
+                    play.reporter.emit,
                 )
-                link.attach(control)
-                await reporter.emit(AvatarReady(session_id=link.session_id, warm=warm))
+                link, warm = await self._get_link(request)
+                link.attach(play.control)
+                await play.reporter.emit(AvatarReady(session_id=link.session_id, warm=warm))
                 bps = link.sender.bytes_per_second
                 pacer = Pacer(
-                    bytes_per_second=bps, lead=lead, record_errors=self.settings.pacing_trace
+                    bytes_per_second=bps, lead=budget.lead, record_errors=self.settings.pacing_trace
                 )
-                segment = Segment(job, bps, audio.duration, pacer, start_at=start_at)
-                for hook in hooks:
+                segment = Segment(job, bps, audio.duration, pacer, start_at=play.start_at)
+                for hook in play.hooks:
                     hook.on_stream_start(segment)
                 keep = False
                 try:
-                    streamed = await self._stream(link.sender, audio, segment, control, ts, hooks)
+                    streamed = await self._stream(play, link.sender, audio, segment)
                     # No progress report may land after this last one.
-                    await reporter.settle_progress()
-                    await reporter.progress(streamed, audio.duration, force=True)
-                    if control.reason is not None:
-                        await _interrupt(link.sender, control.reason, ts, streamed, audio.duration)
-                    finished = await self._confirm(link.sender, lead, streamed, attempt, ts)
+                    await play.reporter.settle_progress()
+                    await play.reporter.progress(streamed, audio.duration, force=True)
+                    if play.control.reason is not None:
+                        await _interrupt(play, link.sender, streamed, audio.duration)
+                    finished = await self._confirm(play, link.sender, streamed)
                     # Only a segment that ended cleanly leaves the session fit for the next job.
                     keep = finished is not None
                 finally:
-                    await reporter.settle_progress()  # nor after the job's end
-                    for hook in hooks:
+                    await play.reporter.settle_progress()  # nor after the job's end
+                    for hook in play.hooks:
                         hook.on_stream_end(segment)
                     await self.links.give_back(link, keep=keep)
-        return _result(job, server, audio, link, warm, segment, streamed, finished, ts,
-                       lead=lead, attempt=attempt)  # fmt: skip
+        return _result(play, server, link, warm, audio, segment, streamed, finished)
 
-    async def _get_link(
-        self,
-        job: Job,
-        server: NamedServer,
-        duration: float | None,
-        ts: Milestones,
-        reporter: Reporter,
-        note_session: SessionNote,
-    ) -> tuple[Link, bool]:
+    async def _get_link(self, request: LinkRequest) -> tuple[Link, bool]:
         """The room with a listening avatar: this process's idle one, else a cold start."""
-        link = await self.links.take_warm(job, server, duration=duration)
+        link = await self.links.take_warm(request)
         if link is not None:
-            ts.room_joined = ts.avatar_ready = time.time()
-            await note_session(job.job_id, server.name, link.session_id)
+            request.timestamps.room_joined = request.timestamps.avatar_ready = time.time()
+            await request.note_session(request.job.job_id, request.server.name, link.session_id)
             return link, True
-        link = await self.links.start_cold(
-            job,
-            server,
-            duration=duration,
-            ts=ts,
-            reporter=reporter,
-            note_session=note_session,
-        )
-        return link, False
+        return await self.links.start_cold(request), False
 
     async def _stream(
-        self,
-        sender: Sender,
-        audio: Audio,
-        segment: Segment,
-        control: JobControl,
-        ts: Milestones,
-        hooks: Sequence[JobHook],
+        self, play: PlayContext, sender: Sender, audio: Audio, segment: Segment
     ) -> float:
         """Send the audio, paced; returns the seconds sent (all, or up to a stop)."""
+        control, ts = play.control, play.timestamps
 
         async def pcm() -> AsyncIterator[bytes]:
             yield audio.first
@@ -209,7 +184,7 @@ class Playback:
                 yield chunk
 
         async def on_progress(sent: int) -> None:
-            for hook in hooks:
+            for hook in play.hooks:
                 hook.on_chunk_sent(segment, sent)
 
         async def admit(until: int) -> None:
@@ -228,17 +203,17 @@ class Playback:
         return sent / segment.bytes_per_second
 
     async def _confirm(
-        self, sender: Sender, lead: float, streamed: float, attempt: int, ts: Milestones
+        self, play: PlayContext, sender: Sender, streamed: float
     ) -> PlaybackFinished | None:
         """The avatar's report that it played the segment, checked against what was sent."""
         # The avatar still has up to `lead` seconds buffered when the last byte leaves.
-        timeout = lead + self.settings.playback_finished_timeout_s
+        timeout = play.budget.lead + self.settings.playback_finished_timeout_s
         finished = await sender.wait_playback_finished(timeout)
         if finished is None:
             log.warning("no lk.playback_finished from the avatar within %.1fs", timeout)
             return None
-        ts.playback_finished = time.time()
-        _check_complete(finished.playback_position, streamed, attempt=attempt)
+        play.timestamps.playback_finished = time.time()
+        _check_complete(finished.playback_position, streamed, attempt=play.attempt)
         return finished
 
 
@@ -247,10 +222,9 @@ def _remainder(duration: float | None, start_at: float) -> float | None:
     return None if duration is None else max(0.0, duration - start_at)
 
 
-def _check_length(job: Job, audio: Audio, settings: Settings) -> None:
+def _check_length(audio: Audio, limit: float) -> None:
     """A source that declares a length over the limit fails before any room is joined (one
     that does not is cut off by the decoder when it passes the limit)."""
-    limit = length_limit(job, settings)
     if audio.duration is not None and audio.duration > limit:
         raise DecodeError(
             f"audio is {audio.duration:.1f}s long, over the {limit:g}s maximum",
@@ -259,13 +233,10 @@ def _check_length(job: Job, audio: Audio, settings: Settings) -> None:
 
 
 async def _interrupt(
-    sender: Sender,
-    reason: StopReason,
-    ts: Milestones,
-    streamed: float,
-    duration: float | None,
+    play: PlayContext, sender: Sender, streamed: float, duration: float | None
 ) -> None:
     """Stop the avatar mid-segment and raise how far it got."""
+    reason = play.control.reason
     total = f" of {duration:.1f}s" if duration else ""
     if reason is StopReason.ROOM_LOST:
         raise RoomError(f"lost the LiveKit room after {streamed:.1f}s{total} streamed")
@@ -276,9 +247,10 @@ async def _interrupt(
         )
     # The sender cleared the avatar's buffer before closing the stream.
     finished = await sender.wait_playback_finished(INTERRUPT_REPORT_TIMEOUT_S)
+    assert reason is not None, "only a stopped play is interrupted"
     raise Interrupted(
         reason,
-        stopped_at=ts.last_byte or time.time(),
+        stopped_at=play.timestamps.last_byte or time.time(),
         seconds_streamed=streamed,
         playback_position=finished.playback_position if finished else None,
     )
@@ -301,23 +273,19 @@ def _check_complete(position: float, streamed: float, *, attempt: int) -> None:
 
 
 def _result(
-    job: Job,
-    server: NamedServer,
-    audio: Audio,
+    play: PlayContext,
+    server: AvatarServer,
     link: Link,
     warm: bool,
+    audio: Audio,
     segment: Segment,
     streamed: float,
     finished: PlaybackFinished | None,
-    ts: Milestones,
-    *,
-    lead: float,
-    attempt: int,
 ) -> Played:
     # A listening avatar got every byte but never said it played them (livekit-agents has
     # known cases of a lost report): not a plain success, and not replayed either.
     confirmed = finished is not None
-    pacer = segment.pacer
+    job, pacer = play.job, segment.pacer
     return Played(
         job_id=job.job_id,
         status=Status.COMPLETED.value if confirmed else Status.UNCONFIRMED.value,
@@ -338,11 +306,11 @@ def _result(
         avatar_server=server.name,
         avatar_session_id=link.session_id,
         warm=warm,
-        attempt=attempt,
-        lead=lead,
+        attempt=play.attempt,
+        lead=play.budget.lead,
         sample_rate=server.sample_rate,
         metadata=job.metadata,
-        timestamps=Timestamps(**asdict(ts)),
+        timestamps=play.timestamps.model_copy(),
         # Benchmarks only (AVATARQ_PACING_TRACE): the sender's schedule error of every chunk.
         pacing_errors_ms=[round(e * 1000, 2) for e in pacer.errors]
         if pacer.record_errors

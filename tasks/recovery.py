@@ -37,7 +37,8 @@ from avatarq.jobs import parse_job
 from avatarq.ledger.worker import Ledger, Orphan, Parked, job_id_of
 from avatarq.settings import Settings
 from tasks.link import room as rooms
-from tasks.link.avatar import AvatarSession, HttpAvatarClient
+from tasks.link.avatar import HttpAvatarClient
+from tasks.link.types import AvatarSession
 from tasks.runtime import get_loop_thread
 
 log = logging.getLogger("avatarq.recovery")

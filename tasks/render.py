@@ -29,7 +29,6 @@ from tasks.backoff import backoff_delay
 from tasks.control import HAND_BACK, LEAVING
 from tasks.hooks import worker_hooks
 from tasks.jobrun import Ending, JobParts, JobRun, Outcome
-from tasks.link.link import resolve_server
 from tasks.link.links import Links
 from tasks.playback import FfmpegAudio, Playback
 from tasks.recovery import Presence, get_presence
@@ -196,12 +195,7 @@ class WorkerParts:
         self.redis = aioredis.from_url(settings.redis_url)
         self.ledger = Ledger(self.redis, stale_after_s=settings.redelivery_after_s)
         self.links = Links(settings, self.redis)
-        self.playback = Playback(
-            settings,
-            audio=FfmpegAudio(settings),
-            links=self.links,
-            resolve_server=lambda job: resolve_server(job, settings),
-        )
+        self.playback = Playback(settings, audio=FfmpegAudio(settings), links=self.links)
 
     def for_delivery(self, update_state: StateUpdater | None) -> JobParts:
         def reporter(job_id: str) -> JobReporter:

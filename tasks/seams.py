@@ -21,8 +21,7 @@ from avatarq.jobs import Job
 from avatarq.ledger.worker import Checkpoint, Claim, Finish, Handoff, Progress
 from avatarq.results import JobResult
 from tasks.control import JobControl
-from tasks.link.link import Milestones, NamedServer, SessionNote
-from tasks.link.stream import Admit, PlaybackFinished, ProgressCallback
+from tasks.link.types import Admit, LinkRequest, PlaybackFinished, ProgressCallback
 from tasks.pacing import Pacer
 
 
@@ -85,7 +84,13 @@ class Audio:
 
 class AudioOpener(Protocol):
     def open(
-        self, job: Job, *, sample_rate: int, chunk_bytes: int, start_at: float = 0.0
+        self,
+        job: Job,
+        *,
+        max_seconds: float,
+        sample_rate: int,
+        chunk_bytes: int,
+        start_at: float = 0.0,
     ) -> AbstractAsyncContextManager[Audio]: ...
 
 
@@ -117,25 +122,12 @@ class Link(Protocol):
 
 
 class LinkSource(Protocol):
-    async def take_warm(
-        self, job: Job, server: NamedServer, *, duration: float | None
-    ) -> Link | None: ...
+    async def take_warm(self, request: LinkRequest) -> Link | None: ...
 
-    async def start_cold(
-        self,
-        job: Job,
-        server: NamedServer,
-        *,
-        duration: float | None,
-        ts: Milestones,
-        reporter: Reporter,
-        note_session: SessionNote,
-    ) -> Link: ...
+    async def start_cold(self, request: LinkRequest) -> Link: ...
 
     async def give_back(self, link: Link, *, keep: bool) -> None: ...
 
 
-#: Resolves a job's avatar server from settings (tasks/link/link.py resolve_server).
-ServerResolver = Callable[[Job], NamedServer]
 #: Builds the reporter of one job id.
 ReporterFactory = Callable[[str], Reporter]

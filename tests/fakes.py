@@ -22,11 +22,10 @@ from avatarq.settings import Settings
 from tasks.control import JobControl, StopReason
 from tasks.hooks import HookFactory, LeaseWatch
 from tasks.jobrun import JobParts, JobRun, Outcome, Timing
-from tasks.link.link import Milestones, NamedServer, SessionNote
-from tasks.link.stream import Admit, PlaybackFinished, ProgressCallback
+from tasks.link.types import Admit, LinkRequest, PlaybackFinished, ProgressCallback
 from tasks.pacing import Pacer
 from tasks.playback import Playback
-from tasks.seams import Audio, Link, Reporter
+from tasks.seams import Audio, Link
 
 RATE = 16000
 BPS = RATE * 2
@@ -147,7 +146,13 @@ class FakeAudio:
 
     @contextlib.asynccontextmanager
     async def open(
-        self, job: Job, *, sample_rate: int, chunk_bytes: int, start_at: float = 0.0
+        self,
+        job: Job,
+        *,
+        max_seconds: float,
+        sample_rate: int,
+        chunk_bytes: int,
+        start_at: float = 0.0,
     ) -> AsyncIterator[Audio]:
         self.opened += 1
         self.start_at = start_at
@@ -242,29 +247,18 @@ class FakeLinks:
         self.given_back: list[bool] = []
         self.current: FakeLink | None = None
 
-    async def take_warm(
-        self, job: Job, server: NamedServer, *, duration: float | None
-    ) -> Link | None:
+    async def take_warm(self, request: LinkRequest) -> Link | None:
         link, self.parked = self.parked, None
         if link is not None:
             self.current = link
         return link
 
-    async def start_cold(
-        self,
-        job: Job,
-        server: NamedServer,
-        *,
-        duration: float | None,
-        ts: Milestones,
-        reporter: Reporter,
-        note_session: SessionNote,
-    ) -> Link:
+    async def start_cold(self, request: LinkRequest) -> Link:
         self.cold_starts += 1
         if self.start_error is not None:
             raise self.start_error
         link = self.current = FakeLink(self.sender)
-        await note_session(job.job_id, server.name, link.session_id)
+        await request.note_session(request.job.job_id, request.server.name, link.session_id)
         return link
 
     async def give_back(self, link: Link, *, keep: bool) -> None:
@@ -289,12 +283,7 @@ class Stand:
     held: list[Handoff] = field(default_factory=list)
 
     def parts(self) -> JobParts:
-        playback = Playback(
-            self.settings,
-            audio=self.audio,
-            links=self.links,
-            resolve_server=lambda job: NamedServer("default", self.settings.avatar_server(None)),
-        )
+        playback = Playback(self.settings, audio=self.audio, links=self.links)
         return JobParts(
             settings=self.settings,
             ledger=self.ledger,

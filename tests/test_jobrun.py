@@ -25,11 +25,12 @@ from avatarq.events import Event
 from avatarq.ledger.worker import Checkpoint, Claim, Handoff, Span
 from avatarq.results import Cancelled, Failed, Played
 from avatarq.settings import Settings
+from tasks.context import JobHook, PlayContext, Segment
 from tasks.control import JobControl, StopReason
-from tasks.hooks import SEND_AHEAD_OF_LEASE_S, JobHook, RunContext, Segment
+from tasks.hooks import SEND_AHEAD_OF_LEASE_S
 from tasks.jobrun import Ending, JobRun, Outcome
-from tasks.link.quota import NoAvatarSlot, Waiting
-from tasks.link.stream import CHUNK_SECONDS, PlaybackFinished
+from tasks.link.stream import CHUNK_SECONDS
+from tasks.link.types import NoAvatarSlot, PlaybackFinished, Waiting
 from tests.fakes import Stand
 
 JOB = {"job_id": "job-1", "room": "room-1", "avatar_id": "ava", "source": "file:///clip.wav"}
@@ -375,7 +376,7 @@ class _Trace(JobHook):
 def test_hooks_see_the_run_in_order_and_are_released_on_failure_too(stand: Stand) -> None:
     trace: list[str] = []
 
-    def make(_run: RunContext) -> JobHook:
+    def make(_run: PlayContext) -> JobHook:
         return _Trace(trace)
 
     stand.hooks.append(make)

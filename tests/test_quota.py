@@ -20,7 +20,8 @@ from avatarq.ledger.keys import avatar_quota_key, job_events_key
 from avatarq.settings import get_settings
 from avatarq_dev.stack import LocalStack, local_stack
 from tasks.link import quota as quota_mod
-from tasks.link.quota import AvatarQuota, NoAvatarSlot, Slot, Waiting, wait_for_slot
+from tasks.link.quota import AvatarQuota, Slot, wait_for_slot
+from tasks.link.types import NoAvatarSlot, Waiting
 from tests import audio
 from tests.netns import needs_netns
 from tests.waiting import wait_terminal

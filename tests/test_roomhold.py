@@ -287,8 +287,11 @@ def test_a_warm_link_whose_room_closes_too_soon_gets_its_keeper(
 ) -> None:
     # A link kept warm holds the room by its creation-time timeouts; before a next job that
     # could outlast them, the keeper joins (tasks/link/link.py AvatarLink.cover).
+    from avatarq.budget import Budget
     from avatarq.jobs import parse_job
+    from avatarq.results import Timestamps
     from tasks.link.link import AvatarLink
+    from tasks.link.types import LinkKey, LinkRequest
 
     joined: list[str] = []
 
@@ -299,24 +302,32 @@ def test_a_warm_link_whose_room_closes_too_soon_gets_its_keeper(
     monkeypatch.setattr(rooms, "connect", connect)
     settings = Settings(AVATARQ_WARM_IDLE=10)
     job = parse_job({"room": "r1", "avatar_id": "a", "source": "a.wav"}, settings)
+    server = settings.avatar_server(None)
+
+    async def unused(*_: Any) -> None:
+        raise AssertionError("a keeper's join notes and emits nothing")
+
+    request = LinkRequest(
+        job, server, Budget.of(job, settings), 10.0, Timestamps(picked=0), unused, unused
+    )
     now = time.time()
 
     def link(open_for_s: float) -> AvatarLink:
         hold = roomhold.RoomHold(now + open_for_s, 600, 600, needs_keeper=False)
-        return AvatarLink(("r1", "avatar-a", "default", 16000), None, None, None, None, hold=hold)  # type: ignore[arg-type]
+        return AvatarLink(LinkKey.of(job, server), None, None, None, None, hold=hold)  # type: ignore[arg-type]
 
     covered, closing, ending = link(3600.0), link(5.0), link(100.0)
-    asyncio.run(covered.cover(job, 10.0, settings))
+    asyncio.run(covered.cover(request, settings))
     assert covered.keeper is None and joined == []
     # Closing within seconds: the job waits for its keeper.
-    asyncio.run(closing.cover(job, 10.0, settings))
+    asyncio.run(closing.cover(request, settings))
     assert closing.keeper is not None and len(joined) == 1
-    asyncio.run(closing.cover(job, 10.0, settings))  # a keeper is there already
+    asyncio.run(closing.cover(request, settings))  # a keeper is there already
     assert len(joined) == 1
 
     async def beside() -> tuple[Any, Any]:
         # Open for a while yet, but not for the whole job: the keeper joins beside it.
-        await ending.cover(job, 10.0, settings)
+        await ending.cover(request, settings)
         before = ending.keeper
         await asyncio.sleep(0.05)
         return before, ending.keeper
@@ -331,6 +342,7 @@ def test_a_keeper_that_joined_just_before_the_close_leaves_with_the_link(
     # The keeper's join finished, its done-callback not run yet, when the link closes: the
     # close must still take it out of the room rather than leave it connected.
     from tasks.link.link import AvatarLink
+    from tasks.link.types import LinkKey
 
     left: list[Any] = []
 
@@ -344,7 +356,9 @@ def test_a_keeper_that_joined_just_before_the_close_leaves_with_the_link(
             return None
 
     async def go() -> Any:
-        link = AvatarLink(("r1", "avatar-a", "default", 16000), "room", _Quiet(), _Quiet(), None)  # type: ignore[arg-type]
+        link = AvatarLink(
+            LinkKey("r1", "avatar-a", "default", 16000), "room", _Quiet(), _Quiet(), None
+        )  # type: ignore[arg-type]
         keeper = object()
         join = asyncio.get_running_loop().create_future()
         join.set_result(keeper)

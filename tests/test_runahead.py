@@ -11,7 +11,7 @@ import pytest
 
 from avatarq.errors import Reason, SourceStalled, TransientJobError
 from avatarq.jobs import Job
-from tasks.hooks import Segment
+from tasks.context import Segment
 from tasks.pacing import Pacer
 from tasks.runahead import RunAhead
 

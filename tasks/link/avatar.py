@@ -17,13 +17,13 @@ import asyncio
 import contextlib
 import json
 import logging
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import aiohttp
 
 from avatarq.errors import AvatarOverLimit, AvatarRejected, AvatarUnavailable
 from tasks.backoff import backoff_delay
+from tasks.link.types import AvatarSession
 
 log = logging.getLogger("avatarq.avatar")
 
@@ -42,27 +42,6 @@ TRANSIENT_STATUSES = frozenset({408, 409, 425})
 OVER_LIMIT = 429
 #: Longest `Retry-After` honoured; longer waits become a job retry instead.
 RETRY_AFTER_CAP_S = 30.0
-
-
-@dataclass(frozen=True)
-class AvatarSession:
-    #: The server's id for the session; None when its answer did not say (or was lost).
-    session_id: str | None
-    participant_identity: str
-    #: False when the POST went out but no answer came: it may or may not be starting.
-    acknowledged: bool = True
-
-
-class AvatarClient(Protocol):
-    async def start(
-        self, *, livekit_url: str, livekit_token: str, avatar_id: str, avatar_identity: str
-    ) -> AvatarSession: ...
-
-    async def stop(self, session: AvatarSession) -> bool:
-        """True once the server confirmed the session is stopped."""
-        ...
-
-    async def aclose(self) -> None: ...
 
 
 class HttpAvatarClient:

@@ -10,45 +10,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from livekit import rtc
 
-from avatarq.budget import room_hold
-from avatarq.errors import InvalidJob, Reason
-from avatarq.jobs import Job
-from avatarq.settings import DEFAULT_AVATAR_SERVER, AvatarServer, Settings
+from avatarq.settings import AvatarServer, Settings
 from tasks.control import JobControl, StopReason
 from tasks.link import room as rooms
 from tasks.link import roomhold, tokens
-from tasks.link.avatar import START_ANSWER_TIMEOUT_S, AvatarClient, AvatarSession, HttpAvatarClient
+from tasks.link.avatar import START_ANSWER_TIMEOUT_S, HttpAvatarClient
 from tasks.link.quota import AvatarQuota, Slot
 from tasks.link.roomhold import RoomHold
 from tasks.link.stream import AudioStreamSender
+from tasks.link.types import AvatarClient, AvatarSession, LinkKey, LinkRequest
 
 log = logging.getLogger("avatarq.link")
 
 #: A warm link's keeper joins beside its next job when the room stays open this long yet.
 KEEPER_JOIN_S = 30.0
-#: (room, avatar identity, avatar server name, sample rate): what a next job must match.
-LinkKey = tuple[str, str, str, int]
-
-#: Records the avatar session a job started or took over (`Ledger.note_avatar_session`), so a
-#: dead worker's session is stopped by recovery: (job id, server name, session id).
-SessionNote = Callable[[str, str, str | None], Awaitable[None]]
-
-
-@dataclass
-class Milestones:
-    """Wall-clock (epoch seconds) milestones of a job as it goes (results.Timestamps)."""
-
-    picked: float = field(default_factory=time.time)
-    room_joined: float | None = None
-    avatar_ready: float | None = None
-    first_byte: float | None = None
-    last_byte: float | None = None
-    playback_finished: float | None = None
 
 
 @dataclass(frozen=True)
@@ -63,31 +43,6 @@ class RoomAdmin:
     def of(cls, settings: Settings) -> RoomAdmin:
         secret = settings.livekit_api_secret.get_secret_value()
         return cls(settings.livekit_url, settings.livekit_api_key, secret)
-
-
-@dataclass(frozen=True)
-class NamedServer:
-    """The avatar server a job plays on: its configured name and its settings."""
-
-    name: str
-    config: AvatarServer
-
-    @property
-    def sample_rate(self) -> int:
-        return self.config.sample_rate
-
-
-def resolve_server(job: Job, settings: Settings) -> NamedServer:
-    """The configured server the job names; a name the settings lack fails the job alone."""
-    try:
-        config = settings.avatar_server(job.avatar_server)
-    except KeyError as e:
-        raise InvalidJob(str(e.args[0]), reason=Reason.UNKNOWN_AVATAR_SERVER) from None
-    return NamedServer(job.avatar_server or DEFAULT_AVATAR_SERVER, config)
-
-
-def link_key(job: Job, server: NamedServer) -> LinkKey:
-    return (job.room, job.avatar_identity, server.name, server.sample_rate)
 
 
 @dataclass
@@ -133,15 +88,15 @@ class AvatarLink:
         if self.control is not None:
             self.control.request_stop(reason)
 
-    async def cover(self, job: Job, duration: float | None, settings: Settings) -> None:
+    async def cover(self, request: LinkRequest, settings: Settings) -> None:
         """Before a next job on this link: a room whose own timeouts end before that job
         could (they count from its creation) gets its keeper. It joins beside the job when
         the room stays open long enough for that, so a warm start does not wait for it."""
         if self.keeper is not None or self._keeper_join is not None or self.hold is None:
             return
-        if self.hold.covers(room_hold(job, duration, settings)):
+        if self.hold.covers(request.budget.room_hold(request.duration)):
             return
-        token = _tokens(job, duration, settings).keeper
+        token = _tokens(request, settings).keeper
         join = asyncio.ensure_future(rooms.connect(settings.livekit_url, token))
         if not self.hold.covers(KEEPER_JOIN_S):
             self.keeper = await join
@@ -155,7 +110,7 @@ class AvatarLink:
         if join.exception() is not None:
             # The room's own timeouts still hold it a while; a close there cuts the job off
             # as a lost room, which is retried.
-            log.warning("room %s: the keeper could not join: %s", self.key[0], join.exception())
+            log.warning("room %s: the keeper could not join: %s", self.key.room, join.exception())
             return
         self.keeper = join.result()
 
@@ -181,7 +136,7 @@ class AvatarLink:
                 self.admin.url,
                 self.admin.api_key,
                 self.admin.api_secret,
-                room=self.key[0],
+                room=self.key.room,
                 identity=self.sender.avatar_identity,
             )
         await self.avatar.aclose()
@@ -192,50 +147,47 @@ class AvatarLink:
             await self.quota.release(self.slot)
 
 
-def _tokens(job: Job, duration: float | None, settings: Settings) -> tokens.JobTokens:
+def _tokens(request: LinkRequest, settings: Settings) -> tokens.JobTokens:
+    job = request.job
     return tokens.mint(
         settings,
         room=job.room,
         worker_identity=job.worker_identity,
         avatar_identity=job.avatar_identity,
-        ttl=tokens.ttl_for(duration, settings),
+        ttl=tokens.ttl_for(request.duration, settings),
     )
 
 
 #: Makes the client of one avatar server: the seam for another implementation of the
 #: protocol (the Avaluma plugin's, where it installs).
-AvatarClientFactory = Callable[[NamedServer, Settings], AvatarClient]
+AvatarClientFactory = Callable[[AvatarServer, Settings], AvatarClient]
 
 
-def http_avatar_client(server: NamedServer, settings: Settings) -> AvatarClient:
+def http_avatar_client(server: AvatarServer, settings: Settings) -> AvatarClient:
     """The Avaluma HTTP protocol spoken directly (tasks/link/avatar.py), the license key from
     the server's settings."""
     return HttpAvatarClient(
         server.name,
-        server.config.base_url,
-        settings.avatar_license_key(server.config),
+        server.base_url,
+        settings.avatar_license_key(server),
         attempts=settings.avatar_start_attempts,
     )
 
 
 async def open_link(
-    job: Job,
-    server: NamedServer,
+    request: LinkRequest,
     settings: Settings,
-    key: LinkKey,
-    duration: float | None,
-    ts: Milestones,
-    note_session: SessionNote,
     avatar_client: AvatarClientFactory = http_avatar_client,
 ) -> AvatarLink:
     """Hold the room open, join it, start the avatar and wait until it listens to us; ready
     to stream when it returns."""
-    job_tokens = _tokens(job, duration, settings)
+    job, server = request.job, request.server
+    job_tokens = _tokens(request, settings)
     # The room stays open by its own timeouts where this worker creates it, asked for as long
     # as the longest job it may play (they count from its creation: back-to-back warm jobs
     # keep it an hour by default); the keeper, which receives a copy of all the audio, only
     # joins a room that existed with shorter ones.
-    hold = await roomhold.hold_room_open(settings, job.room, room_hold(job, None, settings))
+    hold = await roomhold.hold_room_open(settings, job.room, request.budget.room_hold(None))
     joins = [rooms.connect(settings.livekit_url, job_tokens.worker)]
     if hold.needs_keeper:
         joins.append(rooms.connect(settings.livekit_url, job_tokens.keeper))
@@ -248,10 +200,10 @@ async def open_link(
         raise failed[0]
     room, keeper = joined[0], (joined[1] if len(joined) > 1 else None)
     assert isinstance(room, rtc.Room) and (keeper is None or isinstance(keeper, rtc.Room))
-    ts.room_joined = time.time()
+    request.timestamps.room_joined = time.time()
     sender = AudioStreamSender(room, job.avatar_identity, server.sample_rate)
     link = AvatarLink(
-        key,
+        request.key,
         room,
         sender,
         avatar_client(server, settings),
@@ -270,7 +222,7 @@ async def open_link(
             avatar_id=job.avatar_id,
             avatar_identity=job.avatar_identity,
         )
-        await note_session(job.job_id, server.name, link.session.session_id)
+        await request.note_session(job.job_id, server.name, link.session.session_id)
         identity = link.session.participant_identity
         join_timeout = settings.avatar_join_timeout_s
         if not link.session.acknowledged:
@@ -281,6 +233,6 @@ async def open_link(
     except BaseException:
         await link.close()
         raise
-    ts.avatar_ready = time.time()
+    request.timestamps.avatar_ready = time.time()
     rooms.on_leave(room, identity, link.lost, StopReason.AVATAR_LEFT)
     return link

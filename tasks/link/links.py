@@ -13,22 +13,13 @@ import redis.asyncio as aioredis
 
 from avatarq.errors import AvatarOverLimit
 from avatarq.events import WaitingForAvatar
-from avatarq.jobs import Job
 from avatarq.ledger.keys import job_waiting_key
-from avatarq.settings import Settings
-from tasks.link.link import (
-    AvatarClientFactory,
-    AvatarLink,
-    Milestones,
-    NamedServer,
-    SessionNote,
-    http_avatar_client,
-    link_key,
-    open_link,
-)
-from tasks.link.quota import AvatarQuota, NoAvatarSlot, Waiting, wait_for_slot
+from avatarq.settings import AvatarServer, Settings
+from tasks.link.link import AvatarClientFactory, AvatarLink, http_avatar_client, open_link
+from tasks.link.quota import AvatarQuota, wait_for_slot
+from tasks.link.types import LinkRequest, NoAvatarSlot, Waiting
 from tasks.link.warm import WarmPool
-from tasks.seams import Link, Reporter
+from tasks.seams import Link
 
 #: How long a cold start waits in its worker slot for an avatar session slot before the job
 #: goes back to the queue (its place in the server's line is kept meanwhile).
@@ -53,37 +44,27 @@ class Links:
         self.pool = WarmPool(redis)
         self._quotas: dict[str, AvatarQuota] = {}
 
-    def quota(self, server: NamedServer) -> AvatarQuota:
+    def quota(self, server: AvatarServer) -> AvatarQuota:
         """This process's handle on the fleet-wide session quota of `server`."""
         quota = self._quotas.get(server.name)
         if quota is None:
-            limit = server.config.max_sessions
+            limit = server.max_sessions
             quota = self._quotas[server.name] = AvatarQuota(self.redis, server.name, limit)
         return quota
 
-    async def take_warm(
-        self, job: Job, server: NamedServer, *, duration: float | None
-    ) -> AvatarLink | None:
+    async def take_warm(self, request: LinkRequest) -> AvatarLink | None:
         if self.settings.warm_idle_s <= 0:
             return None
-        link = await self.pool.take(link_key(job, server))
+        link = await self.pool.take(request.key)
         if link is not None:
-            await link.cover(job, duration, self.settings)
+            await link.cover(request, self.settings)
         return link
 
-    async def start_cold(
-        self,
-        job: Job,
-        server: NamedServer,
-        *,
-        duration: float | None,
-        ts: Milestones,
-        reporter: Reporter,
-        note_session: SessionNote,
-    ) -> AvatarLink:
+    async def start_cold(self, request: LinkRequest) -> AvatarLink:
         """A cold start within the avatar server's session quota: wait for a slot (briefly:
         `NoAvatarSlot` sends the job back to the queue), then open the link, which holds the
         slot until it closes."""
+        job, server = request.job, request.server
         quota = self.quota(server)
 
         async def on_wait(waiting: Waiting) -> None:
@@ -93,7 +74,7 @@ class Links:
                 sessions=waiting.sessions,
                 quota=waiting.quota,
             )
-            await reporter.emit(event)
+            await request.emit(event)
             info = json.dumps(event.data())
             await self.redis.set(job_waiting_key(job.job_id), info, ex=WAITING_TTL_S)
 
@@ -103,12 +84,9 @@ class Links:
         quota.hold(slot)
         # Also clears what an earlier, requeued try of this job left.
         await self.redis.delete(job_waiting_key(job.job_id))
-        key = link_key(job, server)
         try:
-            await self.pool.make_room(key)
-            link = await open_link(
-                job, server, self.settings, key, duration, ts, note_session, self.avatar_client
-            )
+            await self.pool.make_room(request.key)
+            link = await open_link(request, self.settings, self.avatar_client)
         except AvatarOverLimit as e:
             # Refused under our quota: the server's real limit is lower. Shrink, wait again.
             await quota.release(slot)

@@ -29,6 +29,7 @@ from redis.exceptions import RedisError
 
 from avatarq.ledger.keys import avatar_quota_key
 from avatarq.ledger.scripts import Lua, script
+from tasks.link.types import NoAvatarSlot, Waiting
 
 log = logging.getLogger("avatarq.quota")
 
@@ -45,15 +46,6 @@ BACKOFF_WINDOW_S = 60.0
 _key = avatar_quota_key
 
 
-@dataclass(frozen=True)
-class Waiting:
-    """No slot yet: the job is `place` (0-based) in its server's line."""
-
-    place: int
-    sessions: int
-    quota: int
-
-
 @dataclass
 class Slot:
     """One session slot, held until released (or until its lease runs out)."""
@@ -61,18 +53,6 @@ class Slot:
     server: str
     holder: str = field(default_factory=lambda: uuid.uuid4().hex)
     _renewer: asyncio.Task[None] | None = field(default=None, repr=False)
-
-
-class NoAvatarSlot(Exception):  # noqa: N818 - "come back later", not an error
-    """Every slot of the job's avatar server is taken: requeue it, without counting an attempt."""
-
-    def __init__(self, server: str, waiting: Waiting) -> None:
-        super().__init__(
-            f"avatar server {server!r}: {waiting.sessions} of {waiting.quota} sessions in use, "
-            f"place {waiting.place + 1} in line"
-        )
-        self.server = server
-        self.waiting = waiting
 
 
 class AvatarQuota:

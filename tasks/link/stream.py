@@ -19,11 +19,11 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 
 from livekit import rtc
 
+from tasks.link.types import Admit, PlaybackFinished, ProgressCallback
 from tasks.pacing import Pacer, tail_pieces
 
 log = logging.getLogger("avatarq.stream")
@@ -47,17 +47,6 @@ CLEAR_BUFFER_TIMEOUT_S = 2.0
 CHUNK_SECONDS = 0.4
 BYTES_PER_SAMPLE = 2  # s16le
 NUM_CHANNELS = 1
-
-
-@dataclass(frozen=True)
-class PlaybackFinished:
-    playback_position: float
-    interrupted: bool
-
-
-ProgressCallback = Callable[[int], Awaitable[None]]
-#: Waits until the segment may send up to the given byte count.
-Admit = Callable[[int], Awaitable[None]]
 
 
 class AudioStreamSender:

@@ -23,7 +23,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from avatarq.ledger.keys import WARM_RELEASE_TTL_S, warm_holder_key, warm_release_key
-from tasks.link.link import AvatarLink, LinkKey
+from tasks.link.link import AvatarLink
+from tasks.link.types import LinkKey
 
 log = logging.getLogger("avatarq.warm")
 
@@ -34,11 +35,11 @@ RELEASE_WAIT_S = 3.0
 
 
 def _holder_key(key: LinkKey) -> str:
-    return warm_holder_key(key[0], key[1])
+    return warm_holder_key(key.room, key.avatar_identity)
 
 
 def _release_key(key: LinkKey) -> str:
-    return warm_release_key(key[0], key[1])
+    return warm_release_key(key.room, key.avatar_identity)
 
 
 class WarmPool:

@@ -1,0 +1,106 @@
+"""The link's words: what the rest of the worker says to and hears from tasks/link/.
+
+Standard library and the shared core only, so the job's state machine and its fakes use them
+without loading LiveKit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
+
+from avatarq.budget import Budget
+from avatarq.events import EventPayload
+from avatarq.jobs import Job
+from avatarq.results import Timestamps
+from avatarq.settings import AvatarServer
+
+
+class LinkKey(NamedTuple):
+    """What a next job must match to use a warm link."""
+
+    room: str
+    avatar_identity: str
+    server: str
+    sample_rate: int
+
+    @classmethod
+    def of(cls, job: Job, server: AvatarServer) -> LinkKey:
+        return cls(job.room, job.avatar_identity, server.name, server.sample_rate)
+
+
+#: Records the avatar session a job started or took over (`Ledger.note_avatar_session`), so a
+#: dead worker's session is stopped by recovery: (job id, server name, session id).
+SessionNote = Callable[[str, str, str | None], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class LinkRequest:
+    """What getting a link for one play needs: the job, its server and limits, the seconds
+    it has left to play, where to note its milestones, session and waits."""
+
+    job: Job
+    server: AvatarServer
+    budget: Budget
+    duration: float | None
+    timestamps: Timestamps
+    note_session: SessionNote
+    emit: Callable[[EventPayload], Awaitable[None]]
+
+    @property
+    def key(self) -> LinkKey:
+        return LinkKey.of(self.job, self.server)
+
+
+@dataclass(frozen=True)
+class AvatarSession:
+    #: The server's id for the session; None when its answer did not say (or was lost).
+    session_id: str | None
+    participant_identity: str
+    #: False when the POST went out but no answer came: it may or may not be starting.
+    acknowledged: bool = True
+
+
+class AvatarClient(Protocol):
+    async def start(
+        self, *, livekit_url: str, livekit_token: str, avatar_id: str, avatar_identity: str
+    ) -> AvatarSession: ...
+
+    async def stop(self, session: AvatarSession) -> bool:
+        """True once the server confirmed the session is stopped."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class PlaybackFinished:
+    playback_position: float
+    interrupted: bool
+
+
+ProgressCallback = Callable[[int], Awaitable[None]]
+#: Waits until the segment may send up to the given byte count.
+Admit = Callable[[int], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """No slot yet: the job is `place` (0-based) in its server's line."""
+
+    place: int
+    sessions: int
+    quota: int
+
+
+class NoAvatarSlot(Exception):  # noqa: N818 - "come back later", not an error
+    """Every slot of the job's avatar server is taken: requeue it, without counting an attempt."""
+
+    def __init__(self, server: str, waiting: Waiting) -> None:
+        super().__init__(
+            f"avatar server {server!r}: {waiting.sessions} of {waiting.quota} sessions in use, "
+            f"place {waiting.place + 1} in line"
+        )
+        self.server = server
+        self.waiting = waiting
