@@ -1,10 +1,52 @@
-"""Exponential backoff with full jitter, so retrying workers don't move in lockstep."""
+"""Exponential backoff with full jitter, so retrying workers don't move in lockstep, and the
+one way a worker waits out an unreachable Redis."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from redis.exceptions import RedisError
+
+from avatarq.errors import TransientJobError
+
+log = logging.getLogger("avatarq.backoff")
+
+T = TypeVar("T")
 
 
 def backoff_delay(attempt: int, base: float = 0.5, cap: float = 8.0) -> float:
     """Delay before retry number `attempt + 1` (attempt counts from 0)."""
     return random.uniform(0, min(cap, base * 2**attempt))
+
+
+@dataclass(frozen=True)
+class RedisPatience:
+    """How long a worker waits out an unreachable Redis (about a minute by default) rather
+    than fail a job whose message would then be acknowledged, and lost."""
+
+    attempts: int = 20
+    base_s: float = 0.5
+    cap_s: float = 5.0
+
+
+async def outlast_redis(
+    call: Callable[[], Awaitable[T]],
+    *,
+    doing: str,
+    patience: RedisPatience,
+    errors: tuple[type[BaseException], ...] = (RedisError,),
+) -> T:
+    """`await call()`, again after each Redis error within `patience`; then a transient
+    job error saying what could not be done."""
+    for attempt in range(patience.attempts):
+        try:
+            return await call()
+        except errors as e:
+            log.warning("Redis unreachable while %s (%s); trying again", doing, e)
+            await asyncio.sleep(backoff_delay(attempt, patience.base_s, patience.cap_s))
+    raise TransientJobError(f"Redis unreachable: gave up {doing}")

@@ -38,8 +38,6 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal, Protocol
 
-from redis.exceptions import RedisError
-
 from avatarq.budget import Budget
 from avatarq.errors import IncompletePlayback, InvalidJob, JobError, Reason, TransientJobError
 from avatarq.events import Retrying
@@ -55,7 +53,7 @@ from avatarq.ledger.worker import (
 )
 from avatarq.results import AttemptSpan, Cancelled, Failed, JobResult, Played
 from avatarq.settings import Settings
-from tasks.backoff import backoff_delay
+from tasks.backoff import RedisPatience, backoff_delay, outlast_redis
 from tasks.context import HookFactory, PlayContext
 from tasks.control import Interrupted, JobControl, StopReason
 from tasks.link.types import NoAvatarSlot
@@ -105,9 +103,8 @@ class Timing:
     #: A job waiting for an avatar session slot comes back this soon (well within the time its
     #: place in line is kept, tasks/link/quota.py WAITER_STALE_S).
     quota_requeue_s: float = 1.0
-    #: Tries to record a job's end while Redis is unreachable (about a minute with backoff).
-    finish_attempts: int = 20
-    finish_backoff_base_s: float = 0.5
+    #: How long recording a job's end waits out an unreachable Redis.
+    redis: RedisPatience = field(default_factory=RedisPatience)
 
 
 class Player(Protocol):
@@ -382,17 +379,12 @@ class JobRun:
         attempt that was taken over records nothing."""
         record = result.as_record()
         room = self.job.room if self.job else None
-        timing = self.parts.timing
-        for attempt in range(timing.finish_attempts):
-            try:
-                finish = await self.ledger.finish(self.job_id, room, record, token=self.token)
-                break
-            except RedisError as e:
-                # The job has ended; losing its record would let it play again. Wait Redis out.
-                log.warning("job %s: cannot record its end yet: %s", self.job_id, e)
-                await asyncio.sleep(backoff_delay(attempt, timing.finish_backoff_base_s, 5.0))
-        else:
-            raise TransientJobError("could not record the job's end: Redis unreachable")
+        # The job has ended; losing its record would let it play again.
+        finish = await outlast_redis(
+            lambda: self.ledger.finish(self.job_id, room, record, token=self.token),
+            doing=f"recording the end of job {self.job_id}",
+            patience=self.parts.timing.redis,
+        )
         if finish.next is not None:
             self.parts.hold(finish.next)
         if not finish.recorded:

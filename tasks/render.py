@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -20,12 +19,11 @@ from redis.exceptions import RedisError
 
 from avatarq import logs
 from avatarq.celeryconfig import RENDER_QUEUE, RENDER_TASK
-from avatarq.errors import TransientJobError
 from avatarq.ledger.worker import Handoff, Ledger, job_id_of
 from avatarq.results import Failed
 from avatarq.settings import Settings, get_settings
 from tasks.app import app
-from tasks.backoff import backoff_delay
+from tasks.backoff import RedisPatience, outlast_redis
 from tasks.control import HAND_BACK, LEAVING
 from tasks.hooks import worker_hooks
 from tasks.jobrun import Ending, JobParts, JobRun, Outcome
@@ -37,8 +35,6 @@ from tasks.runtime import get_loop_thread
 
 log = logging.getLogger("avatarq.render")
 
-#: Tries to start a job while Redis is unreachable (about a minute with backoff).
-REDIS_OUTAGE_ATTEMPTS = 20
 #: A room's lane plays at most this many jobs in one worker slot before handing the rest
 #: back to the broker, so one busy room cannot hold a slot for ever.
 LANE_MAX_JOBS = 100
@@ -99,15 +95,15 @@ def _deliver(task: Task, payload: Any, task_id: str, settings: Settings) -> Outc
 
     # One lease token per delivery: a re-run after a Redis outage is the same holder.
     token = get_presence(settings, republish).new_token()
-    for outage in range(REDIS_OUTAGE_ATTEMPTS):
-        try:
-            return get_loop_thread().run(run_job(payload, task_id, token, settings, update_state))
-        except (RedisError, OSError) as e:
-            # Redis (broker and ledger) is unreachable before the job could start: wait
-            # it out here rather than fail, since failing would acknowledge, and lose, it.
-            log.warning("job %s: Redis unreachable (%s); trying again", task_id, e)
-            time.sleep(backoff_delay(outage, 0.5, 5.0))
-    raise TransientJobError("Redis unreachable: the job could not start")
+    # Redis (broker and ledger) unreachable before the job could start: wait it out rather
+    # than fail, since failing would acknowledge, and lose, it.
+    run = outlast_redis(
+        lambda: run_job(payload, task_id, token, settings, update_state),
+        doing=f"starting job {task_id}",
+        patience=RedisPatience(),
+        errors=(RedisError, OSError),
+    )
+    return get_loop_thread().run(run)
 
 
 def _play_handed(task: Task, handoff: Handoff, settings: Settings) -> Handoff | None:

@@ -19,6 +19,7 @@ from avatarq.jobs import Job
 from avatarq.ledger.worker import Checkpoint, Claim, Finish, Handoff, Progress
 from avatarq.results import JobResult
 from avatarq.settings import Settings
+from tasks.backoff import RedisPatience
 from tasks.control import JobControl, StopReason
 from tasks.hooks import HookFactory, LeaseWatch
 from tasks.jobrun import JobParts, JobRun, Outcome, Timing
@@ -30,7 +31,7 @@ from tasks.seams import Audio, Link
 RATE = 16000
 BPS = RATE * 2
 #: Fast waits: what the defaults make seconds, the fakes make milliseconds.
-FAST = Timing(room_wait_s=0.05, room_poll_s=0.01, finish_backoff_base_s=0.001)
+FAST = Timing(room_wait_s=0.05, room_poll_s=0.01, redis=RedisPatience(base_s=0.001))
 WATCH_S = 0.005
 
 
