@@ -14,45 +14,11 @@ from celery.signals import (
     worker_init,
     worker_process_init,
 )
-from kombu.transport import redis as kombu_redis
-from redis.exceptions import ConnectionError as RedisConnectionError
 
 from avatarq import logs
 from avatarq.celeryconfig import celery_config
 from avatarq.settings import get_settings
-from tasks import lklogs, metrics
-
-
-def _guard_detached_redis_channels() -> None:
-    """Keep a Redis restart from killing every worker that holds jobs.
-
-    celery 5.7.0 (with kombu 5.7.0, redis-py 8.1.0) closes the broken broker connection after
-    `Connection.collect()` (the change made for celery/celery#10302, "worker stops consuming
-    after broker connection reset"). collect() has already detached the channels' transport,
-    so closing a channel that holds unacknowledged jobs tries to restore them through
-    `Channel._connparams`, which reads `transport.client.hostname` with `client` None: an
-    AttributeError that Celery treats as unrecoverable, and the worker exits. Jobs acked later
-    on such a channel hit the same path. No celery or kombu setting or release avoids it, so
-    such a channel raises a connection error instead, which kombu and Celery already handle:
-    the restore at close is skipped (the messages stay in Redis's unacked set, and
-    tasks/recovery.py or the visibility timeout hand them back; the ledger drops copies of
-    jobs that ended) and a late ack is logged as "Couldn't ack".
-    """
-    connparams = kombu_redis.Channel._connparams
-    if getattr(connparams, "avatarq_guard", False):
-        return
-
-    def guarded(self: kombu_redis.Channel, asynchronous: bool = False) -> dict[str, Any]:
-        transport = getattr(self, "connection", None)
-        if transport is None or transport.client is None:
-            raise RedisConnectionError("broker channel of a closed connection")
-        return connparams(self, asynchronous=asynchronous)  # type: ignore[no-any-return]
-
-    guarded.avatarq_guard = True  # type: ignore[attr-defined]
-    kombu_redis.Channel._connparams = guarded  # type: ignore[method-assign]
-
-
-_guard_detached_redis_channels()
+from tasks import compat, metrics
 
 # Configured from the settings when Celery first reads its configuration (the worker's
 # start), not when this module is imported.
@@ -61,12 +27,11 @@ app.add_defaults(lambda: celery_config(get_settings()))
 
 
 def quiet_livekit_logs() -> None:
-    """The SDK forwards Rust/libwebrtc logs into Python; at debug levels that is a hex dump per
-    SCTP packet, costing more CPU than streaming. Keep them at WARNING unless asked, and
-    unless AVATARQ_LIVEKIT_LOG_CAPTURE, keep them out of Python altogether (tasks/lklogs.py)."""
+    """The SDK's own loggers at WARNING, and unless AVATARQ_LIVEKIT_LOG_CAPTURE, its native
+    logs out of Python altogether (tasks/compat.py)."""
     for name in ("livekit", "livekit.rtc"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    lklogs.capture_native_logs(get_settings().livekit_log_capture)
+    compat.capture_native_logs(get_settings().livekit_log_capture)
 
 
 @setup_logging.connect
@@ -77,7 +42,9 @@ def _setup_logging(loglevel: int | str = logging.INFO, **_: Any) -> None:
 
 
 @worker_init.connect
-def _serve_metrics(**_: Any) -> None:
+def _start_worker(**_: Any) -> None:
+    # Before the worker's consumer first connects to the broker.
+    compat.guard_detached_redis_channels()
     # Threads and solo pools play jobs in this process; a prefork parent serves an empty
     # registry here, its children serve their own below.
     metrics.serve(get_settings().metrics_port)

@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         "--verbose-logs", action="store_true", help="DEBUG logging like `--loglevel DEBUG`"
     )
     args = parser.parse_args(argv)
-    # The worker's SDK log settings (tasks/lklogs.py), applied before the SDK starts, so each
+    # The worker's SDK log settings (tasks/compat.py), applied before the SDK starts, so each
     # configuration costs what it costs in a worker.
     quiet_livekit_logs()
     # Log to a file, as a worker does, so formatting costs what it costs in production.
