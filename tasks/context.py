@@ -10,7 +10,7 @@ from avatarq.budget import Budget
 from avatarq.jobs import Job
 from avatarq.results import Timestamps
 from tasks.control import JobControl
-from tasks.pacing import Pacer
+from tasks.link.pacing import Pacer
 from tasks.seams import JobLedger, Reporter
 
 

@@ -15,7 +15,7 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from avatarq.events import EventPayload, JobStarted, Retrying, Status, WaitingForAvatar
 from avatarq.results import Failed, JobResult, Played
-from tasks.pacing import Pacer
+from tasks.link.pacing import Pacer
 
 log = logging.getLogger("avatarq.metrics")
 

@@ -30,11 +30,11 @@ from avatarq.settings import AvatarServer, Settings
 from tasks.context import PlayContext, Segment
 from tasks.control import Interrupted, StopReason
 from tasks.decode import PcmDecoder, probe_duration
+from tasks.link.pacing import Pacer
 from tasks.link.stream import CHUNK_SECONDS
-from tasks.link.types import LinkRequest, PlaybackFinished
-from tasks.pacing import Pacer
+from tasks.link.types import Link, LinkRequest, LinkSource, PlaybackFinished, Sender
 from tasks.runahead import RUN_AHEAD_S, RunAhead
-from tasks.seams import Audio, AudioOpener, Link, LinkSource, Sender
+from tasks.seams import Audio, AudioOpener
 from tasks.source import aresolve
 
 log = logging.getLogger("avatarq.playback")

@@ -4,9 +4,8 @@ worker (tasks/render.py wires them), by a fake in the fast tests (tests/fakes.py
     JobLedger    who may play a job, its lease, its one terminal record (avatarq/ledger/worker.py)
     Reporter     events, progress, the announcement and webhook (tasks/report.py)
     AudioOpener  source → decoded PCM chunks (tasks/playback.py FfmpegAudio)
-    LinkSource   a room with a listening avatar, warm or cold (tasks/link/links.py Links)
-    Link         what a job uses of an AvatarLink (tasks/link/link.py)
-    Sender       what a job uses of the audio stream sender (tasks/link/stream.py)
+
+The link's own interfaces (`LinkSource`, `Link`, `Sender`) are in tasks/link/types.py.
 """
 
 from __future__ import annotations
@@ -20,9 +19,6 @@ from avatarq.events import EventPayload
 from avatarq.jobs import Job
 from avatarq.ledger.worker import Checkpoint, Claim, Finish, Handoff, Progress
 from avatarq.results import JobResult
-from tasks.control import JobControl
-from tasks.link.types import Admit, LinkRequest, PlaybackFinished, ProgressCallback
-from tasks.pacing import Pacer
 
 
 class JobLedger(Protocol):
@@ -92,41 +88,6 @@ class AudioOpener(Protocol):
         chunk_bytes: int,
         start_at: float = 0.0,
     ) -> AbstractAsyncContextManager[Audio]: ...
-
-
-class Sender(Protocol):
-    bytes_per_second: int
-
-    async def send_segment(
-        self,
-        chunks: AsyncIterator[bytes],
-        pacer: Pacer,
-        *,
-        on_progress: ProgressCallback | None = None,
-        stop: Any = None,
-        admit: Admit | None = None,
-        name: str = ...,
-    ) -> int: ...
-
-    async def wait_playback_finished(self, timeout: float) -> PlaybackFinished | None: ...
-
-
-class Link(Protocol):
-    @property
-    def sender(self) -> Sender: ...
-
-    @property
-    def session_id(self) -> str | None: ...
-
-    def attach(self, control: JobControl) -> None: ...
-
-
-class LinkSource(Protocol):
-    async def take_warm(self, request: LinkRequest) -> Link | None: ...
-
-    async def start_cold(self, request: LinkRequest) -> Link: ...
-
-    async def give_back(self, link: Link, *, keep: bool) -> None: ...
 
 
 #: Builds the reporter of one job id.

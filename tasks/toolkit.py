@@ -13,13 +13,13 @@ from __future__ import annotations
 from tasks.app import quiet_livekit_logs
 from tasks.decode import PcmDecoder, ffmpeg_binary, probe_duration
 from tasks.link.avatar import HttpAvatarClient
+from tasks.link.pacing import Pacer
 from tasks.link.quota import AvatarQuota, Slot
 from tasks.link.room import connect as connect_room
 from tasks.link.room import wait_for_avatar
 from tasks.link.stream import CHUNK_SECONDS, AudioStreamSender
 from tasks.link.tokens import mint as mint_tokens
 from tasks.link.tokens import ttl_for as token_ttl_for
-from tasks.pacing import Pacer
 from tasks.source import aresolve
 
 __all__ = [

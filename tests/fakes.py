@@ -23,10 +23,10 @@ from tasks.backoff import RedisPatience
 from tasks.control import JobControl, StopReason
 from tasks.hooks import HookFactory, LeaseWatch
 from tasks.jobrun import JobParts, JobRun, Outcome, Timing
-from tasks.link.types import Admit, LinkRequest, PlaybackFinished, ProgressCallback
-from tasks.pacing import Pacer
+from tasks.link.pacing import Pacer
+from tasks.link.types import Admit, Link, LinkRequest, PlaybackFinished, ProgressCallback
 from tasks.playback import Playback
-from tasks.seams import Audio, Link
+from tasks.seams import Audio
 
 RATE = 16000
 BPS = RATE * 2

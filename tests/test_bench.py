@@ -23,8 +23,8 @@ from avatarq_dev.stack import LocalStack, local_stack
 from tasks.link import room as rooms
 from tasks.link import tokens
 from tasks.link.avatar import HttpAvatarClient
+from tasks.link.pacing import Pacer
 from tasks.link.stream import AudioStreamSender
-from tasks.pacing import Pacer
 from tests.netns import needs_netns
 
 TINY = dataclasses.replace(QUICK, decode_seconds=2, queue_jobs=20)

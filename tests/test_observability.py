@@ -77,7 +77,7 @@ def test_events_feed_the_counters_and_histograms() -> None:
 
 
 def test_pacing_probe_measures_lateness_against_the_schedule() -> None:
-    from tasks.pacing import Pacer
+    from tasks.link.pacing import Pacer
 
     clock = iter([0.0, 0.105, 0.4]).__next__
     pacer = Pacer(bytes_per_second=32000, lead=0.0, clock=clock)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from tasks.pacing import Pacer, tail_pieces
+from tasks.link.pacing import Pacer, tail_pieces
 
 RATE = 32000.0  # bytes/s: 16 kHz s16 mono
 CHUNK = 3200  # 100 ms

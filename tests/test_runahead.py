@@ -12,7 +12,7 @@ import pytest
 from avatarq.errors import Reason, SourceStalled, TransientJobError
 from avatarq.jobs import Job
 from tasks.context import Segment
-from tasks.pacing import Pacer
+from tasks.link.pacing import Pacer
 from tasks.runahead import RunAhead
 
 pytestmark = pytest.mark.timeout(30)

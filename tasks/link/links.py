@@ -17,9 +17,8 @@ from avatarq.ledger.keys import job_waiting_key
 from avatarq.settings import AvatarServer, Settings
 from tasks.link.link import AvatarClientFactory, AvatarLink, http_avatar_client, open_link
 from tasks.link.quota import AvatarQuota, wait_for_slot
-from tasks.link.types import LinkRequest, NoAvatarSlot, Waiting
+from tasks.link.types import Link, LinkRequest, NoAvatarSlot, Waiting
 from tasks.link.warm import WarmPool
-from tasks.seams import Link
 
 #: How long a cold start waits in its worker slot for an avatar session slot before the job
 #: goes back to the queue (its place in the server's line is kept meanwhile).

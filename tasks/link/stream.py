@@ -23,8 +23,8 @@ from collections.abc import AsyncIterator
 
 from livekit import rtc
 
+from tasks.link.pacing import Pacer, tail_pieces
 from tasks.link.types import Admit, PlaybackFinished, ProgressCallback
-from tasks.pacing import Pacer, tail_pieces
 
 log = logging.getLogger("avatarq.stream")
 
@@ -42,7 +42,7 @@ CLEAR_BUFFER_TIMEOUT_S = 2.0
 #: streams: in `avatarq bench`, 25 streams of 400 ms chunks cost 14 % less CPU than 200 ms and
 #: kept the schedule error p99 at 3 ms instead of 90–150 ms (docs/performance.md). The avatar
 #: never holds less than the lead (a chunk is due when the buffer is down to it), and the
-#: sender cuts the last chunk into 100 ms pieces (tasks/pacing.py TAIL_SECONDS), so the end
+#: sender cuts the last chunk into 100 ms pieces (tasks/link/pacing.py TAIL_SECONDS), so the end
 #: overhead does not grow with it; a stop waits at most one chunk.
 CHUNK_SECONDS = 0.4
 BYTES_PER_SAMPLE = 2  # s16le

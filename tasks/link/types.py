@@ -1,20 +1,22 @@
 """The link's words: what the rest of the worker says to and hears from tasks/link/.
 
-Standard library and the shared core only, so the job's state machine and its fakes use them
-without loading LiveKit.
+Standard library, the shared core and the worker's pure ground (control, pacing) only, so the
+job's state machine and its fakes use them without loading LiveKit.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from avatarq.budget import Budget
 from avatarq.events import EventPayload
 from avatarq.jobs import Job
 from avatarq.results import Timestamps
 from avatarq.settings import AvatarServer
+from tasks.control import JobControl
+from tasks.link.pacing import Pacer
 
 
 class LinkKey(NamedTuple):
@@ -104,3 +106,38 @@ class NoAvatarSlot(Exception):  # noqa: N818 - "come back later", not an error
         )
         self.server = server
         self.waiting = waiting
+
+
+class Sender(Protocol):
+    bytes_per_second: int
+
+    async def send_segment(
+        self,
+        chunks: AsyncIterator[bytes],
+        pacer: Pacer,
+        *,
+        on_progress: ProgressCallback | None = None,
+        stop: Any = None,
+        admit: Admit | None = None,
+        name: str = ...,
+    ) -> int: ...
+
+    async def wait_playback_finished(self, timeout: float) -> PlaybackFinished | None: ...
+
+
+class Link(Protocol):
+    @property
+    def sender(self) -> Sender: ...
+
+    @property
+    def session_id(self) -> str | None: ...
+
+    def attach(self, control: JobControl) -> None: ...
+
+
+class LinkSource(Protocol):
+    async def take_warm(self, request: LinkRequest) -> Link | None: ...
+
+    async def start_cold(self, request: LinkRequest) -> Link: ...
+
+    async def give_back(self, link: Link, *, keep: bool) -> None: ...
