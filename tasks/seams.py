@@ -1,13 +1,5 @@
 """The interfaces a job's run is given, so each part can be replaced: by the real one in a
-worker (tasks/render.py wires them), by a fake in the fast tests (tests/fakes.py).
-
-    JobLedger    who may play a job, its lease, its one terminal record (avatarq/ledger/worker.py)
-    Reporter     events, progress, the announcement and webhook (tasks/report.py)
-    AudioOpener  source → decoded PCM chunks (tasks/playback.py FfmpegAudio)
-    LinkSource   a room with a listening avatar, warm or cold (tasks/link/links.py Links)
-    Link         what a job uses of an AvatarLink (tasks/link/link.py)
-    Sender       what a job uses of the audio stream sender (tasks/link/stream.py)
-"""
+worker (tasks/render.py wires them), by a fake in the fast tests (tests/fakes.py)."""
 
 from __future__ import annotations
 
@@ -25,6 +17,7 @@ from tasks.link.types import Admit, LinkRequest, PlaybackFinished, ProgressCallb
 from tasks.pacing import Pacer
 
 
+# Who may play a job, its lease, its one terminal record (avatarq/ledger/worker.py).
 class JobLedger(Protocol):
     async def claim(
         self, job_id: str, room: str, token: str, *, park: Handoff | None = None
@@ -55,6 +48,7 @@ class JobLedger(Protocol):
     ) -> None: ...
 
 
+# Events, progress, the announcement and webhook (tasks/report.py).
 class Reporter(Protocol):
     async def emit(self, payload: EventPayload) -> None: ...
 
@@ -82,6 +76,7 @@ class Audio:
     decoded_seconds: Callable[[], float]
 
 
+# Source → decoded PCM chunks (tasks/playback.py FfmpegAudio).
 class AudioOpener(Protocol):
     def open(
         self,
@@ -94,6 +89,7 @@ class AudioOpener(Protocol):
     ) -> AbstractAsyncContextManager[Audio]: ...
 
 
+# What a job uses of the audio stream sender (tasks/link/stream.py).
 class Sender(Protocol):
     bytes_per_second: int
 
@@ -111,6 +107,7 @@ class Sender(Protocol):
     async def wait_playback_finished(self, timeout: float) -> PlaybackFinished | None: ...
 
 
+# What a job uses of an AvatarLink (tasks/link/link.py).
 class Link(Protocol):
     @property
     def sender(self) -> Sender: ...
@@ -121,6 +118,7 @@ class Link(Protocol):
     def attach(self, control: JobControl) -> None: ...
 
 
+# A room with a listening avatar, warm or cold (tasks/link/links.py Links).
 class LinkSource(Protocol):
     async def take_warm(self, request: LinkRequest) -> Link | None: ...
 
