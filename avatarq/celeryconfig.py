@@ -45,8 +45,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_send_task_events": True,
         "task_send_sent_event": True,
         "broker_connection_retry_on_startup": True,
-        # A broker reconnect must not stop playing jobs (Celery 6 flips this default): they
-        # play on and record their end in the ledger; the broker's copies meet that record.
+        # A broker reconnect must not stop playing jobs, so this is set explicitly (not left to
+        # Celery's default): they play on and record their end in the ledger, which the
+        # broker's copies meet.
         "worker_cancel_long_running_tasks_on_connection_loss": False,
         # All jobs of a worker process share one asyncio loop and one LiveKit runtime;
         # Celery's threads pool hands jobs to it (see tasks/runtime.py).

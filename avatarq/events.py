@@ -1,9 +1,7 @@
-"""Names and payloads shared by the worker (which writes) and producers (which read): events
-and statuses.
+"""Event names, statuses and payloads: the worker writes them, producers read them back.
 
-Backend services read job events from the Redis stream `AVATARQ_EVENTS_STREAM` (all jobs) or
-a job's own (`job_events_key`, avatarq/ledger/keys.py); each entry has fields `event`,
-`job_id`, `ts` and `data` (a JSON object). Each event's `data` has one type:
+Each stream entry (docs/usage.md) has `event`, `job_id`, `ts` and `data`, whose type depends
+on the event (`parse_event(event, data)` reads it back):
 
     job.started             JobStarted        room, avatar_id, attempt
     job.waiting_for_avatar  WaitingForAvatar  server, place (1 = next), sessions, quota
@@ -11,10 +9,7 @@ a job's own (`job_events_key`, avatarq/ledger/keys.py); each entry has fields `e
     job.progress            Progress          seconds_streamed, total_seconds
     job.retrying            Retrying          reason, attempt, retry_in, error (when one)
     job.completed, job.unconfirmed, job.failed, job.cancelled
-                            the job's result (avatarq/results.py JobResult)
-
-`parse_event(event, data)` reads one back as its type.
-"""
+                            the job's result (avatarq/results.py JobResult)"""
 
 from __future__ import annotations
 

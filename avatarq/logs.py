@@ -1,11 +1,8 @@
-"""Logging for workers and services: JSON lines when the log stream is not a terminal (so
-collectors parse them), readable text when it is, and the job's `job_id`, `room` and
-`avatar_id` on every line logged while the job runs.
+"""Logging for workers and services: JSON lines for collectors, readable text on a terminal, and
+the job's `job_id`, `room` and `avatar_id` on every line logged while the job runs.
 
-The job context lives in contextvars. The worker binds it in Celery's `task_prerun` (the
-task's thread); the pipeline's coroutine inherits it, because `run_coroutine_threadsafe`
-runs the coroutine in a copy of the submitting thread's context.
-"""
+The job context lives in contextvars, bound in Celery's `task_prerun`; the pipeline's coroutine
+inherits it because `run_coroutine_threadsafe` copies the submitting thread's context."""
 
 from __future__ import annotations
 

@@ -1,16 +1,11 @@
 """A job's result, typed: what workers record as its terminal state and producers read back.
 
-`JobResult` is a union discriminated by `status`:
-
-    JobResult
+    JobResult (a union discriminated by `status`)
      ├── Played     status "completed" (the avatar confirmed it) or "unconfirmed"
      ├── Failed     status "failed", with a `Reason` code and a sentence
      └── Cancelled  status "cancelled", while queued or while playing
 
-Results travel as JSON (the ledger's record, Celery's result backend, webhooks, events):
-`as_record()` gives that dict, `parse_result()` reads one back. Optional fields that are
-empty are left out of the record (a failure before the job was readable has no room).
-"""
+Results travel as JSON: `as_record()` (empty optional fields left out), `parse_result()`."""
 
 from __future__ import annotations
 

@@ -158,7 +158,7 @@ class Settings(BaseSettings):
     retry_cap_s: float = Field(60.0, gt=0, validation_alias=_env("AVATARQ_RETRY_CAP"))
     #: On SIGTERM, seconds playing jobs may finish before they are handed back.
     shutdown_grace_s: float = Field(30.0, ge=0, validation_alias=_env("AVATARQ_SHUTDOWN_GRACE"))
-    #: Let the LiveKit SDK forward its native logs into Python (costly; tasks/lklogs.py).
+    #: Let the LiveKit SDK forward its native logs into Python (costly; tasks/compat.py).
     livekit_log_capture: bool = Field(False, validation_alias=_env("AVATARQ_LIVEKIT_LOG_CAPTURE"))
     #: Benchmarks (avatarq bench): results carry every audio chunk's schedule error.
     pacing_trace: bool = Field(False, validation_alias=_env("AVATARQ_PACING_TRACE"))

@@ -1,17 +1,8 @@
 """Which URLs a job may make a worker open (SSRF protection): audio sources and webhooks.
 
-A job's `http(s)://` source or `webhook_url` makes a worker open a connection wherever the
-URL points, so it could reach services that are only meant to be internal. By default only
-public addresses are allowed. Each kind of URL has its own `UrlPolicy`:
-
-- sources: `AVATARQ_SOURCE_HOSTS` narrows them to an allowlist of hosts and
-  `AVATARQ_ALLOW_PRIVATE_SOURCES` admits private, loopback and link-local addresses;
-- webhooks: `AVATARQ_WEBHOOK_HOSTS` and `AVATARQ_ALLOW_PRIVATE_WEBHOOKS`, the same way.
-
-Producers check what they can without DNS; workers check again, resolving the host, and then
-check every address they actually connect to and every redirect hop (`tasks/safehttp.py`), so
-neither a redirect nor a DNS answer that changes after the check (rebinding) gets past.
-"""
+Only public addresses by default; each kind has its own `UrlPolicy` (`AVATARQ_SOURCE_HOSTS`,
+`AVATARQ_ALLOW_PRIVATE_SOURCES`, and the same for webhooks). Producers check what they can
+without DNS; workers check again at every address and redirect (tasks/safehttp.py)."""
 
 from __future__ import annotations
 

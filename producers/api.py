@@ -1,16 +1,8 @@
 """HTTP API for producers in any language: enqueue, follow and cancel jobs, stream their events.
 
-`avatarq api --host 0.0.0.0 --port 8000` serves it with uvicorn; the OpenAPI document is at
-`/openapi.json`. Every `/jobs` route needs a key from `AVATARQ_API_KEYS`, sent as
-`Authorization: Bearer KEY` or `X-API-Key: KEY` (401 when missing, 403 when wrong).
-
-Each key belongs to a tenant (`tenant:key` entries). Job ids and rooms are namespaced per
-tenant: the job a tenant calls `welcome-42` in room `lobby` is queued as `{tenant}:welcome-42`
-to play in the LiveKit room `{tenant}:lobby`, so another tenant's `welcome-42` is another job
-in another room, and one tenant can neither see, cancel, play into nor watch another's. Routes
-and answers use the tenant's own names; results, events and webhooks carry the full ones. Keys
-all without a tenant (a single-client setup) keep room names as given (docs/tenants.md).
-"""
+`avatarq api` serves it with uvicorn; every `/jobs` route needs a key from `AVATARQ_API_KEYS`.
+A key's tenant namespaces job ids and rooms (`{tenant}:welcome-42` in `{tenant}:lobby`), so a
+tenant can neither see nor touch another's jobs (docs/tenants.md, docs/usage.md)."""
 
 from __future__ import annotations
 

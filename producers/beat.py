@@ -1,12 +1,8 @@
 """The beat app: `celery -A producers.beat beat` fires the announcements of the schedule file
 named by `AVATARQ_SCHEDULE_FILE`.
 
-It runs on celery-redbeat: each announcement's last fire time lives in Redis, and beat holds
-a Redis lock while it runs, so a second beat instance waits as a standby (taking over within
-`LOCK_TIMEOUT_S` if the first dies) instead of firing the same announcements again. On top of
-that, each fire's job id is derived from the announcement's name and fire slot, so even a slot
-fired twice would be one job, played once.
-"""
+On celery-redbeat a second beat waits for the lock as a standby, and each fire's job id comes
+from the announcement's name and slot, so no slot plays twice (docs/usage.md)."""
 
 from __future__ import annotations
 

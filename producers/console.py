@@ -1,14 +1,8 @@
 """The operator console: a page served at `/console/` and the JSON it reads.
 
-The page is the built front end (`console/`; `npm ci && npm run build`, run by
-`infra/bootstrap test` for `make test`, not for `make demo`, writes it to
-`producers/console_dist/`, package data of the wheel). Without a build the API still serves
-everything else and `/console/` answers 503 saying how to build it. The page holds no data:
-what it shows comes from `/console/api/*` here and from the `/jobs` routes (enqueue, cancel,
-job events over SSE), all behind the same API keys. It reuses the producer functions rather
-than reading worker internals: `get_status` for each job in a room's order,
-`producers.deadletter` for the dead-letter list, the global events stream for recent outcomes.
-"""
+The page is the built front end (package data; without a build `/console/` answers 503 saying
+how to build it). It holds no data: it reads the producer functions' answers, never worker
+internals, behind the same API keys as `/jobs` (docs/usage.md)."""
 
 from __future__ import annotations
 

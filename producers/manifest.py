@@ -1,11 +1,7 @@
 """Bulk manifests: many jobs in one file, every row validated before any is enqueued.
 
-- JSONL (`.jsonl`, `.ndjson`): one job object per line; blank lines are skipped.
-- CSV (`.csv`): a header row of Job field names, one job per row; empty cells are left out,
-  `metadata` (and a `tts` source) is a JSON string in its cell.
-
-Each bad row is reported with its line number and every field error, like the schedule file.
-"""
+JSONL (one job object per line) or CSV (a header of Job field names; `metadata` and a `tts`
+source as JSON in their cells); each bad row is reported with its line and field errors."""
 
 from __future__ import annotations
 

@@ -1,21 +1,8 @@
-"""Schedule files: announcements played on a cron expression or an interval.
+"""Schedule files: announcements played on a cron expression or an interval (docs/usage.md).
 
-A YAML file (YAML rather than TOML because PyYAML keeps every node's line, so each problem is
-reported at its line and field before anything runs)::
-
-    timezone: Europe/Berlin          # default for the announcements below (else UTC)
-    announcements:
-      - name: opening
-        cron: "0 9 * * mon-fri"      # 5 fields, in the announcement's timezone
-        job: {room: lobby, avatar_id: anna, source: "s3://clips/opening.mp3"}
-      - name: heartbeat
-        every: 600                   # seconds
-        timezone: UTC
-        job: {room: lobby, avatar_id: anna, source: "https://cdn.example/ping.wav"}
-
-Each fire enqueues a fresh job whose id is derived from the announcement's name and the fire
-slot, so a slot fired twice (two beat instances) is one job id, which the worker plays once.
-"""
+YAML rather than TOML because PyYAML keeps every node's line, so each problem is reported at
+its line and field before anything runs. Each fire's job id comes from the announcement's name
+and fire slot, so a slot fired twice (two beat instances) is one job, played once."""
 
 from __future__ import annotations
 

@@ -1,22 +1,9 @@
 """Decode a resolved audio source to mono s16le PCM with ffmpeg, streamed chunk by chunk.
 
-ffmpeg runs as a child process writing PCM to a pipe; we read it in fixed-size chunks as the
-consumer (real-time playback) asks for them. Reading only on demand gives back-pressure: when
-playback is slow the pipe fills and ffmpeg simply waits, so memory stays a few chunks whatever
-the audio's length. stderr is drained concurrently into a small ring buffer so ffmpeg can never
-block on it, and its tail turns into the error message when decoding fails.
-
-http(s) sources are read through a loopback relay (`tasks/relay.py`) that checks every redirect
-hop and every address against the SSRF policy. Length limits are enforced on the decoded PCM
-itself (`max_seconds`), since many files never declare their length (FLAC or Matroska written
-to a pipe), and a file that decodes to far less than it declares (`expected_seconds`) is
-reported as truncated.
-
-A decode may start `start_at` seconds into the source (a resumed job): ffmpeg seeks the input
-where it can (`-ss` before `-i`: a regular file, a presigned S3 URL, which serves ranges),
-and elsewhere decodes from the start and drops the audio before `start_at` (`-ss` after
-`-i`), since an input seek on a pipe yields nothing at all. Both trim to the sample.
-"""
+ffmpeg writes to a pipe that is read only as playback asks, so memory stays a few chunks
+whatever the audio's length; limits are checked on the decoded PCM, since many files never
+declare their length. How a source reaches ffmpeg and how a resumed job seeks:
+docs/architecture.md (the audio path) and docs/resume.md."""
 
 from __future__ import annotations
 

@@ -1,17 +1,8 @@
 """Recovery from a dead worker within seconds, without waiting for the broker.
 
-A worker killed with SIGKILL leaves its messages unacknowledged: Redis hands them back only
-after the visibility timeout (the longest job + 10 minutes), and RabbitMQ hands them back at
-once, but to a worker that finds the job's lease still live and drops the copy. So, as
-Sidekiq's super_fetch and Dramatiq's heartbeats do, each worker process keeps in Redis a
-heartbeat (renewed every second, gone `HEARTBEAT_TTL_S` after the process dies) and the
-deliveries it holds with their payloads (`Ledger.announce`, `Ledger.hold`). Every live
-process sweeps every few seconds: the deliveries of a process whose heartbeat is gone are
-taken atomically by one sweeper (`Ledger.take_orphans`), which frees their leases, stops the
-avatars of the ones that were playing, and publishes them again. Exactly-once playback still
-comes from the ledger: the copy plays under a new lease as the next attempt, and the late
-original redelivery meets the terminal record.
-"""
+Each worker process keeps a heartbeat and the deliveries it holds in Redis; every live
+process sweeps, and one of them takes a dead process's deliveries, frees their leases, stops
+their avatars and publishes them again. Why and how fast: docs/guarantees.md (2)."""
 
 from __future__ import annotations
 

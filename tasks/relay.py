@@ -1,16 +1,9 @@
 """ffmpeg's only road to an http(s) source: a loopback HTTP relay in front of `SafeHttp`.
 
-ffmpeg follows `Location` headers by itself and resolves hosts by itself, so a source URL that
-passed the SSRF check could still lead it to an internal address (a redirect, or DNS that
-answers differently the second time). Instead ffmpeg (and ffprobe) open
-`http://127.0.0.1:PORT/TOKEN`, a server of this process that fetches the real URL with
-`SafeHttp` (every hop and every address checked) and streams the bytes through. What ffmpeg
-relies on keeps working: `Range` requests (seeking, resuming after a dropped connection),
-`Content-Length`, status codes (a 404 stays a 404), real-time back-pressure (the relay reads
-from upstream only as fast as ffmpeg reads from it). No `Location` ever reaches ffmpeg.
-
-One relay per decoder or probe, with an unguessable path, closed with it.
-"""
+ffmpeg follows redirects and resolves hosts by itself, so it opens a local URL with an
+unguessable path instead, and this relay fetches the real one with every hop and address
+checked. What ffmpeg relies on (ranges, lengths, statuses) passes through:
+docs/architecture.md (the audio path)."""
 
 from __future__ import annotations
 

@@ -35,10 +35,8 @@ log = logging.getLogger("avatarq.report")
 #: `job.progress` events (the SSE stream, the console's log) at most this often.
 PROGRESS_INTERVAL_S = 1.0
 #: Celery's PROGRESS state at most this often: `get_status` shows a playing job's latest
-#: `job.progress` event, so the state only serves Celery's own readers. One update costs the
-#: worker 0.5 ms of CPU (0.17 ms in the backend's SET and PUBLISH, the rest the hand-off to a
-#: thread), 2.5 times an event: 0.08 % of a core per stream at once a second, 7 % of the
-#: busy worker's Python samples; 0.015 % at 5 s (docs/performance.md).
+#: `job.progress` event, so the state only serves Celery's own readers, and an update costs
+#: more than an event (docs/performance.md).
 STATE_INTERVAL_S = 5.0
 #: A job's own stream keeps its last ~2000 events (about half an hour of progress); the
 #: lifecycle events that matter are also in the terminal record and the global stream.

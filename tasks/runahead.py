@@ -1,12 +1,8 @@
 """Decode ahead of real time, so a source that stalls briefly is never heard.
 
-A reader task pulls the decoder's chunks into a bounded queue while playback takes them at
-real-time pace: a stall shorter than what is buffered is invisible to the avatar. When the
-queue is empty and nothing comes for `stall_s`, the consumer gets `SourceStalled` instead of
-waiting on: the sender then closes the segment cleanly at the last sample sent, before the
-avatar's receiver ends it on its own idle timeout (livekit-agents' STREAM_IDLE_TIMEOUT,
-10 s) and drops whatever would follow into a stream it no longer reads.
-"""
+A reader task fills a bounded queue while playback drains it at real-time pace. When it has
+been empty for `stall_s`, the consumer gets `SourceStalled`, so the sender can end the segment
+cleanly before the avatar's own idle timeout does (docs/resume.md)."""
 
 from __future__ import annotations
 

@@ -1,15 +1,8 @@
 """An HTTP client that only reaches where a `UrlPolicy` allows, whatever the URL or DNS says.
 
-Checking a URL once before fetching it is not enough: a redirect can point anywhere, and a
-host's DNS answer may change between the check and the connection (rebinding). So:
-
-- every address is checked as its socket is made (aiohttp's `socket_factory` hook, which sees
-  each address it is about to connect to, IP literals and DNS answers alike);
-- redirects are followed here, by hand, at most `MAX_REDIRECTS` hops, each hop's URL checked
-  against the policy's host allowlist before it is requested;
-- no proxy from the environment is used (`trust_env` off), so the checked address is the
-  peer.
-"""
+A check before fetching is not enough (redirects, DNS rebinding), so every address is checked
+as its socket is made, redirects are followed here, by hand, each hop checked, and no proxy
+from the environment is used, so the checked address is the peer."""
 
 from __future__ import annotations
 

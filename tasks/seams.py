@@ -1,10 +1,5 @@
 """The interfaces a job's run is given, so each part can be replaced: by the real one in a
 worker (tasks/render.py wires them), by a fake in the fast tests (tests/fakes.py).
-
-    JobLedger    who may play a job, its lease, its one terminal record (avatarq/ledger/worker.py)
-    Reporter     events, progress, the announcement and webhook (tasks/report.py)
-    AudioOpener  source → decoded PCM chunks (tasks/playback.py FfmpegAudio)
-
 The link's own interfaces (`LinkSource`, `Link`, `Sender`) are in tasks/link/types.py.
 """
 
@@ -21,6 +16,7 @@ from avatarq.ledger.worker import Checkpoint, Claim, Finish, Handoff, Progress
 from avatarq.results import JobResult
 
 
+# Who may play a job, its lease, its one terminal record (avatarq/ledger/worker.py).
 class JobLedger(Protocol):
     async def claim(
         self, job_id: str, room: str, token: str, *, park: Handoff | None = None
@@ -51,6 +47,7 @@ class JobLedger(Protocol):
     ) -> None: ...
 
 
+# Events, progress, the announcement and webhook (tasks/report.py).
 class Reporter(Protocol):
     async def emit(self, payload: EventPayload) -> None: ...
 
@@ -78,6 +75,7 @@ class Audio:
     decoded_seconds: Callable[[], float]
 
 
+# Source → decoded PCM chunks (tasks/playback.py FfmpegAudio).
 class AudioOpener(Protocol):
     def open(
         self,

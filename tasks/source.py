@@ -1,15 +1,8 @@
 """Resolve a job's audio source into something ffmpeg can open, safely and without downloading it.
 
-Every source ends up as a path or URL that ffmpeg reads itself, so playback starts after the
-first bytes arrive and memory never depends on the audio's length. S3 objects are checked with
-`HEAD` first (so a missing object fails fast and permanently, before any avatar is booked) and
-then handed to ffmpeg as a presigned GET URL, which it streams over HTTP. A job's own http(s)
-URL is checked against the SSRF policy here, then read by ffmpeg through the loopback relay
-(`tasks/relay.py`), which checks every redirect hop and every address it connects to.
-
-Each source also carries the ffmpeg `-protocol_whitelist` it may use: a local file can only open
-local files, so a playlist-like file (HLS, concat) cannot make the worker fetch internal URLs.
-"""
+ffmpeg reads every source itself (a path, a presigned S3 URL, or the loopback relay for
+http(s)), so playback starts with the first bytes. Each source carries the
+`-protocol_whitelist` it may use, so a local file cannot make the worker fetch URLs."""
 
 from __future__ import annotations
 

@@ -1,12 +1,8 @@
-"""The worker's public surface for tooling: what the dev stack (`avatarq_dev`: bench, fault
-lab) may use of the worker, and nothing else of `tasks` (an import contract in pyproject.toml,
-checked by tests/test_layers.py).
+"""The worker's public surface for tooling: all the dev stack (`avatarq_dev`) may use of `tasks`
+(an import contract in pyproject.toml, checked by tests/test_layers.py).
 
-The bench measures the worker's own parts (decoder, sender, pacer, quota, room and avatar
-calls), so it gets them here under stable names; the worker may move or rename its modules
-behind this one. Everything listed in `__all__` is kept working for the dev stack; a change to
-a name or signature here is a change to the dev stack too.
-"""
+The bench measures the worker's own parts, so it gets them here under stable names while the
+worker's modules move behind them; a change to a name in `__all__` changes the dev stack too."""
 
 from __future__ import annotations
 

@@ -1,20 +1,8 @@
 """The worker's side of the ledger: who may play a job, and when.
 
-- A job id with a terminal record is never played again (exactly-once playback on top of
-  Celery's at-least-once delivery).
-- A job is played under a lease that the worker renews; a duplicate delivery meets the lease
-  and is dropped, a dead worker's lease expires so the redelivered message can play.
-- Each room has a FIFO of unfinished job ids; only its head may play, so two jobs for one room
-  never overlap and play in enqueue order, whatever the number of workers. The playing job
-  also holds the room (`room_holder_key`), and re-asserts its lease, its hold on the room and
-  its place at the head of the order on every watch tick, so a Redis that lost its data (a
-  crash with default persistence) gets them back before a waiting job could start.
-- Each worker process announces itself and the deliveries it holds (tasks/recovery.py); once
-  its heartbeat is gone, `take_orphans` hands those deliveries to one live worker, which
-  publishes them again: recovery within seconds instead of the broker's visibility timeout.
-- A job whose retries ran out goes to the dead-letter list, where an operator sees and
-  replays it (avatarq/ledger/producer.py).
-"""
+A terminal record per job id, a renewed lease per attempt, one playing job per room at the
+head of its order, each worker process's heartbeat and held deliveries, and the dead-letter
+list. What they guarantee, and why: docs/guarantees.md and docs/scheduling.md."""
 
 from __future__ import annotations
 

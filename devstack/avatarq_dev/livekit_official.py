@@ -1,14 +1,8 @@
 """The official livekit-server (Go, built by infra/bootstrap) as a managed local process.
 
-`infra/bootstrap` installs it with `go install github.com/livekit/livekit-server/cmd/server@`
-`v1.13.5` as `.venv/bin/livekit-server` when Go is present. It runs in `--dev` mode inside the
-project's network namespace, bound to loopback (signalling) and the namespace's veth address,
-which it also announces as its ICE candidate (libwebrtc ignores loopback candidates).
-
-`AVATARQ_DEV_LIVEKIT` picks the server of the local stack: `auto` (the default: the official
-one when its binary and the namespace are there, else the embedded Python one), `official`
-(an error when it cannot run) or `embedded`.
-"""
+It runs in `--dev` mode inside the project's network namespace, announcing the namespace's
+veth address as its ICE candidate (libwebrtc ignores loopback ones). `AVATARQ_DEV_LIVEKIT`
+picks the stack's server: `auto`, `official` or `embedded` (docs/development.md)."""
 
 from __future__ import annotations
 

@@ -1,17 +1,9 @@
 """Start local services as subprocesses on ports the OS picked, wait until they answer, stop
-them.
+them: every service the demo, the tests and the benchmarks need runs as its own process.
 
-Used by the demo, the tests and the benchmarks: every service they need (Redis, the local
-LiveKit server, the avatar emulator, Celery workers) runs as its own process, never on the
-caller's event loop.
-
-Ports: a service is told ports that were free when picked (bound to port 0, then let go), and
-binds them itself; in between, another process may take one (a client's outgoing connection
-does, too). So a start whose service says a port was taken (`BIND_ERROR` in its log) is tried
-again on newly picked ports, `START_ATTEMPTS` times at most, and a service is ready only once
-it listens on its first port itself, not when whatever holds that port answers. Nothing else
-picks ports: tests/test_ports.py fails on a helper that hands out a port number to bind later.
-"""
+A picked port may be taken before the service binds it, so a start whose service reports
+`BIND_ERROR` is retried on new ports, and a service is ready only once it listens itself
+(docs/development.md, ports)."""
 
 from __future__ import annotations
 

@@ -1,12 +1,8 @@
 """ElevenLabs speech: `POST /v1/text-to-speech/{voice_id}?output_format=…` with `xi-api-key`.
 
-Errors follow ElevenLabs' documented shape `{"detail": {"status", "message"}}` (newer replies
-add `code`, `type`, `request_id`); request validation failures are FastAPI's 422
-`{"detail": [{"loc", "msg", "type"}]}`. `quota_exceeded` comes as a 401 and is permanent like
-`invalid_api_key`; 429 (`too_many_concurrent_requests`, `system_busy`) and 5xx are transient;
-any other 4xx (`voice_not_found`, `max_character_limit_exceeded`) is permanent.
-SSML documents are not accepted by this endpoint, so `ssml=True` is refused before calling.
-"""
+A spent quota (a 401) is permanent like a bad key; 429 and 5xx are transient, any other 4xx
+permanent (the error shapes: docs/compatibility.md). The endpoint takes no SSML, so
+`ssml=True` is refused before calling."""
 
 from __future__ import annotations
 

@@ -1,15 +1,8 @@
 """Offline speech with the `espeak-ng` binary: no account, no network, runs in CI.
 
-Why Debian's package rather than a PyPI wheel: `infra/bootstrap test` (`make test`) already
-installs `espeak-ng` with apt next to ffmpeg and redis, it carries the full voice data, gets
-security updates with the OS, and is the same binary on every Debian/Ubuntu machine. The PyPI
-options are either bindings that still need the system library (`py-espeak-ng`) or wheels
-that vendor a build of unclear provenance; a subprocess also keeps `producers` free of native
-extensions. Point `AVATARQ_ESPEAK` at another binary if needed.
-
-SSML is supported (`-m`). Voices are checked against `espeak-ng --voices` first, so a typo
-fails with the list's name for it instead of espeak's generic error.
-"""
+Debian's package as a subprocess rather than a PyPI wheel (why: docs/compatibility.md);
+`AVATARQ_ESPEAK` points at another binary. SSML is supported (`-m`); voices are checked
+against `espeak-ng --voices` first, so a typo fails clearly instead of with espeak's error."""
 
 from __future__ import annotations
 

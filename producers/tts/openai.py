@@ -1,11 +1,9 @@
 """OpenAI-compatible speech: `POST {base}/v1/audio/speech`, which OpenAI and many self-hosted
 servers (Kokoro-FastAPI, LocalAI, openedai-speech, …) speak.
 
-Errors follow OpenAI's documented shape `{"error": {"message", "type", "param", "code"}}`:
-429 is a rate limit (transient) unless its code is `insufficient_quota` (permanent: retrying
-will not add credit); 5xx is transient; any other 4xx (bad key, bad voice) is permanent.
-OpenAI infers the language from the text, so `language` is not sent; SSML is not supported.
-"""
+429 is transient unless its code is `insufficient_quota` (retrying adds no credit), 5xx is
+transient, any other 4xx permanent (the error shape: docs/compatibility.md). `language` is
+not sent (OpenAI infers it from the text); SSML is not supported."""
 
 from __future__ import annotations
 

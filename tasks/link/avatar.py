@@ -1,15 +1,8 @@
 """Start and stop an avatar session on an Avaluma-compatible avatar server.
 
-Speaks the small HTTP protocol of avaluma-livekit-plugin ourselves (the plugin is not on PyPI
-and is tied to an AgentSession); `AvatarClient` is the seam where another client fits. The
-server and its license key come from settings (`Settings.avatar_server`), never from a job.
-
-Start is not idempotent: every accepted POST starts a GPU session, and a second session with
-the same avatar identity knocks the first out of the room. So a POST is only repeated when the
-server surely did not start anything (no connection, or an answer saying so: 409, 429, 5xx);
-when the answer is lost after the request went out, the session may be starting, and the
-caller waits for the avatar to join instead of asking again.
-"""
+We speak the plugin's small HTTP protocol ourselves (it is not on PyPI and is tied to an
+AgentSession); `AvatarClient` is the seam for another client. Start is not idempotent, so a
+POST is repeated only when the server surely started nothing (docs/protocol.md)."""
 
 from __future__ import annotations
 

@@ -1,18 +1,9 @@
 """A fleet-wide quota of concurrent sessions per avatar server.
 
-An avatar session is a GPU renderer, limited per license (Avaluma recommends about 10 per
-key and answers 429 beyond its limit). Every worker process of the fleet takes a slot in
-Redis before start-avatar and gives it back when the session ends; warm sessions keep theirs.
-A slot is a lease like a job's: renewed while its session lives, so a dead worker's slots
-come free within `SLOT_LEASE_S`.
-
-Slots go first come, first served (a queue of waiting jobs per server, whose place a job can
-report). A 429 while under the quota means the server's real limit is lower: the effective
-quota shrinks to what is held for `BACKOFF_WINDOW_S`, then grows back.
-
-Its keys are `avatar_quota_key(server, …)` (avatarq/ledger/keys.py), its scripts
-`slots_*.lua` (avatarq/ledger/lua/).
-"""
+An avatar session is a GPU renderer limited per license, so every worker process takes a
+slot in Redis (a lease, like a job's) before start-avatar and gives it back when the session
+ends. Slots go first come, first served; a 429 under the quota shrinks it for a while.
+How it behaves: docs/guarantees.md (avatar capacity)."""
 
 from __future__ import annotations
 

@@ -1,21 +1,8 @@
 """Join the job's LiveKit room, keep it open, and wait until the avatar is listening.
 
-Three facts of the real livekit-server and of livekit-agents' avatars shape this module:
-
-- Agent participants are "dependent": a room holding only agents (the worker and the avatar)
-  is closed after its empty or departure timeout (300 s / 20 s by default), and a room's
-  timeouts cannot be changed once it exists. A room the worker creates gets timeouts as long
-  as the job needs (tasks/link/roomhold.py); a link to a room that existed with shorter ones also
-  joins a *keeper*: a hidden standard participant with no rights, which keeps the room open
-  as long as the link lives. It is the fallback because the server forwards it a copy of
-  the job's audio all the same.
-- `AvatarRunner` publishes its audio track, waits until someone subscribes to it, and only
-  then publishes video. The worker subscribes to the avatar's audio (never its video, which
-  it would have to decode) until the video is there.
-- The avatar's receiver may register a moment after its video appears, or bind to another
-  agent. Nothing is streamed until `lk.clear_buffer`, which only the receiver answers and
-  only for its own sender, says "ok" to us.
-"""
+A keeper joins only a room that existed with timeouts too short for the job; the avatar's
+audio is subscribed until its video appears; nothing is streamed until its receiver answers
+`lk.clear_buffer` for us. Why: what livekit-server and `AvatarRunner` do (docs/protocol.md)."""
 
 from __future__ import annotations
 

@@ -1,24 +1,9 @@
 """Hold a job's room open by its own timeouts, so that no keeper participant is needed.
 
-How livekit-server (v1.13.5) closes a room, and what CreateRoom does, decides this module:
-
-- Agent participants are "dependent" (`ParticipantImpl.IsDependent`, pkg/rtc/participant.go):
-  while only agents are in a room, `Room.CloseIfEmpty` (pkg/rtc/room.go, run every second)
-  closes it once `departure_timeout` has passed since the last leave, if a non-agent ever
-  joined, else once `empty_timeout` has passed since the room's *creation*, not since the
-  agents joined. Defaults 300 s / 20 s (pkg/config/config.go).
-- CreateRoom of a room that is open on the node returns it as it is
-  (`RoomManager.getOrCreateRoom`, pkg/service/roommanager.go): the timeouts asked for are
-  ignored, and an open room's timeouts cannot be changed at all.
-
-So where the worker creates the room it asks for both timeouts as long as the job needs; the
-answer's timeouts and creation time say until when the room stays open with agents alone.
-A room that existed before, with timeouts too short for the job, still needs the keeper
-(tasks/link/room.py), whose cost is a full second copy of the job's audio into this process:
-the server forwards the byte stream to it although it is hidden and may not subscribe
-(docs/performance.md). The price of long timeouts: a room that a viewer visited stays open
-up to the hold after the last one leaves (an empty room costs the server next to nothing).
-"""
+livekit-server closes a room of agents alone after its empty or departure timeout and never
+changes an open room's timeouts, so the worker creates the room with timeouts as long as the
+job needs and reads back what the room really has. The server's rules, with their sources:
+docs/compatibility.md."""
 
 from __future__ import annotations
 

@@ -1,17 +1,8 @@
 """Send PCM to the avatar with the wire protocol of livekit-agents' DataStreamAudioOutput.
 
-One byte stream per segment on topic `lk.audio_stream`, attributes `sample_rate` and
-`num_channels`, closed at the end of the segment; the avatar answers with the
-`lk.playback_finished` RPC. We speak it on plain `livekit.rtc` instead of reusing
-DataStreamAudioOutput, whose RPC handlers live in class-level dicts keyed by the avatar's
-identity: two rooms with the same avatar in one process would cross.
-
-The report carries no segment id, so a report counts only once the segment it would answer
-has ended (its stream closed, or cleared): one that arrives earlier is a stray from an
-earlier segment on the same session, or a bogus one, and is dropped. Like the Avaluma plugin,
-the sender also tells the avatar when it is speaking and listening (`agent_state_changed`),
-which avatar servers use to switch between talking and idle animation.
-"""
+One `lk.audio_stream` byte stream per segment, answered by `lk.playback_finished`, spoken on
+plain `livekit.rtc` because agents' class-level RPC handlers would cross two rooms with the
+same avatar. A report counts only once its segment has ended (it carries no segment id)."""
 
 from __future__ import annotations
 
@@ -38,12 +29,10 @@ STATE_SPEAKING = "speaking"
 STATE_LISTENING = "listening"
 CLEAR_BUFFER_TIMEOUT_S = 2.0
 #: Audio per write. Each write is an FFI round trip whose completion the SDK hands to every
-#: room of the process, so the write rate times the rooms is the cost that grows fastest with
-#: streams: in `avatarq bench`, 25 streams of 400 ms chunks cost 14 % less CPU than 200 ms and
-#: kept the schedule error p99 at 3 ms instead of 90–150 ms (docs/performance.md). The avatar
-#: never holds less than the lead (a chunk is due when the buffer is down to it), and the
-#: sender cuts the last chunk into 100 ms pieces (tasks/link/pacing.py TAIL_SECONDS), so the end
-#: overhead does not grow with it; a stop waits at most one chunk.
+#: room of the process, so fewer, larger writes cost less and keep the schedule (measured in
+#: docs/performance.md). The avatar never holds less than the lead, and the last chunk is cut
+#: into small pieces (tasks/link/pacing.py TAIL_SECONDS), so the end overhead does not grow with
+#: it; a stop waits at most one chunk.
 CHUNK_SECONDS = 0.4
 BYTES_PER_SAMPLE = 2  # s16le
 NUM_CHANNELS = 1

@@ -1,15 +1,8 @@
 """Warm avatars: a room connection and its avatar session, kept between back-to-back jobs.
 
-Starting an avatar costs the avatar server seconds (a GPU session); joining a room costs the
-worker a few hundred milliseconds. When the next job of the same room and avatar comes to the
-same worker process within `AVATARQ_WARM_IDLE` seconds, it plays as a new segment on the same
-session. Per-room ordering (avatarq/ledger/) already makes such jobs sequential.
-
-The avatar's identity is fixed (`avatar-{id}`), so a second session for the same room and
-avatar would knock the idle one out of the room. A process that must start a session cold
-therefore first asks whichever process holds an idle one to let it go (a Redis marker per room
-and avatar, and a release request the holder watches for).
-"""
+The next job of the same room and avatar on this process within `AVATARQ_WARM_IDLE` plays as
+a new segment on the same session. The avatar's identity is fixed, so a process that must
+start cold first asks the holder of an idle session to let it go (a Redis marker per room)."""
 
 from __future__ import annotations
 

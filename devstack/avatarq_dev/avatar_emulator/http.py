@@ -1,14 +1,9 @@
 """HTTP API of the avatar emulator: Avaluma's start/stop endpoints plus emulator-only ones.
 
-Avaluma endpoints (as the avaluma-livekit-plugin calls them, `api-secret` header required):
-  POST /v1/livekit/start-avatar  {livekit_url, livekit_token, avaluma_key, avaluma_avatar_id}
-  POST /v1/livekit/stop-avatar   {session_id}
-Emulator-only (no auth; tests and benchmarks):
-  GET  /v1/sessions[?room=R]      every session (of room R) so far
-  GET  /v1/sessions/{session_id}  state, segments, underruns, recording paths
-  GET|POST /_emulator/faults      fault injection, see `Faults`
-  GET  /healthz (and /health)
-"""
+Avaluma's (`api-secret` header): POST /v1/livekit/start-avatar and /v1/livekit/stop-avatar.
+Emulator-only (no auth; tests and benchmarks): GET /v1/sessions[?room=R] and
+/v1/sessions/{session_id} (state, segments, underruns, recordings), GET|POST /_emulator/faults
+(fault injection, see `Faults`), GET /healthz (and /health)."""
 
 from __future__ import annotations
 

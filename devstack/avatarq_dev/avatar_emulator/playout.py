@@ -1,11 +1,8 @@
 """Real-time playout bookkeeping for one audio segment, independent of any clock source.
 
-The emulator plays audio the way a real avatar does: each frame occupies its duration on an
-absolute timeline that starts when the segment's first frame arrives. A frame arriving after
-the moment it was due is an underrun: the avatar would have had nothing to show, so we record
-it and shift the timeline by the gap (the avatar resumes from where it stalled, it does not
-skip audio).
-"""
+Each frame occupies its duration on an absolute timeline that starts with the segment's first
+frame. A frame that arrives after it was due is an underrun: it is recorded and the timeline
+shifts by the gap, as a real avatar resumes where it stalled rather than skipping audio."""
 
 from __future__ import annotations
 

@@ -1,13 +1,9 @@
 """One emulated avatar in one LiveKit room.
 
-It behaves like a livekit-agents avatar (Avaluma's runner subclasses `AvatarRunner`) as seen
-from the worker: joins with the token it was given, starts livekit-agents' own
-DataStreamAudioReceiver (bound to the token's `lk.publish_on_behalf` sender), publishes its
-audio track, waits until someone subscribes to it and only then publishes video; plays each
-segment out in real time, answers with `lk.playback_finished`, honours `lk.clear_buffer`, and
-leaves once its sender has left. `Faults` (behaviour.py) switches on the known variations of
-real servers. Everything it receives is recorded.
-"""
+Seen from the worker it behaves like a livekit-agents avatar (`AvatarRunner`, with agents' own
+`DataStreamAudioReceiver`; what it does in order: docs/development.md, the local stack).
+`Faults` (behaviour.py) switches on the known variations of real servers; everything it
+receives is recorded."""
 
 from __future__ import annotations
 

@@ -1,18 +1,9 @@
 """`avatarq bench`: overhead, pacing, concurrency, decode, queue and sender cost, each against
 a baseline measured in the same run on the same machine.
 
-    infra/netns-run .venv/bin/avatarq bench [--quick] [--json] [--docs docs]
-    infra/netns-run .venv/bin/python -m avatarq_dev.bench [--quick] [--json]
-
-Sections (`--sections`): `decode` and `queue` need no LiveKit; `jobs` (overhead, drift,
-concurrency, prefork baseline) and `sender` (versus its unpaced floor and livekit-agents,
-keepers, SDK log filtering, chunk size) and `fleet` (burst drain, skew, back to back, lanes
-against polling) join rooms and so run inside infra/netns-run, on the
-local stack's LiveKit server (the official one where it runs; `server` in the results).
-Overhead and drift play to the avatar emulator; the ramp, the prefork baseline and the
-sender to the light receivers (light_avatar.py), so the receivers are not what saturates.
-Every loop is bounded in count and time.
-"""
+Sections that join rooms run inside infra/netns-run on the local stack's LiveKit server; every
+loop is bounded in count and time. What each section measures, and the latest figures:
+docs/performance.md."""
 
 from __future__ import annotations
 

@@ -1,14 +1,9 @@
-"""The fleet section: what a burst of announcements costs the whole fleet, on the local stack
-against the avatar emulator (an AvatarRunner's start), with room lanes (the default) and with
-the design before them (`AVATARQ_ROOM_LANES=false`) as the comparison row, in the same run.
+"""The fleet section: what a burst of announcements costs the whole fleet, with room lanes and
+with the design before them (`AVATARQ_ROOM_LANES=false`) as the comparison row, in one run.
 
-- burst: N jobs over R rooms, quota Q, W worker processes: drain time against the ideal (the
-  longest room's audio, or the total audio over Q, whichever is larger), peak sessions.
-- skew: one room with many jobs enqueued first, then one job in each of K free rooms: how
-  long the free rooms wait.
-- back to back: one room's consecutive jobs, the silence between them at the receiver and
-  the warm start (picked → first byte on the kept session).
-"""
+Three loads against the avatar emulator: a burst over many rooms (drain time against the
+ideal, peak sessions), a skew (how long free rooms wait behind a busy one) and back to back
+jobs in one room (the silence between them, the warm start). Figures: docs/performance.md."""
 
 from __future__ import annotations
 

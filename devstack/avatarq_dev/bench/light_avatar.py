@@ -1,23 +1,9 @@
 """A light avatar server for the benchmark's load: the emulator's HTTP start/stop API and the
 worker-facing protocol, without livekit-agents' receiver, video rendering or WAV recording.
 
-    python -m avatarq_dev.bench.light_avatar --port 8090 --license-key K --record-dir D \
-        --processes 4
-
-What the worker sees is what a livekit-agents avatar does: the session joins with its token,
-publishes a video track (one still frame: wait_for_avatar only needs the publication),
-answers `lk.clear_buffer` with "ok" for the token's sender (`lk.publish_on_behalf`) and
-"reject" for anyone else, answers `agent_state_changed`, reads each `lk.audio_stream` byte
-stream against a real-time playout clock (the emulator's SegmentPlayout: a chunk arriving after
-the audio before it has played out is an underrun) and, once the segment has played out,
-calls `lk.playback_finished` on the sender. It writes the emulator's sidecar
-(`{session_id}.json`, same segment records) so the benchmark reads both alike.
-
-The playout is arithmetic (when would this chunk end), not a timer per frame, so a receiver
-costs little more than the SDK's own work; sessions spread over `--processes` child
-processes behind one front port that forwards each start round-robin (a session id names its
-child, so stop reaches the right one). The conformance tests keep livekit-agents' receiver.
-"""
+Its playout is arithmetic rather than a timer per frame, so a receiver costs little more than
+the SDK's own work. How to run it, what it answers and how it spreads sessions over processes:
+docs/performance.md (the light receivers)."""
 
 from __future__ import annotations
 

@@ -2,15 +2,8 @@
 
     python -m avatarq_dev.bench.sender --mode ours --streams 10 --seconds 20 [--chunk 0.2] ...
 
-Joins `--streams` rooms of the local stack, starts an avatar in each (from the avatar server
-of the settings: the bench points them at its light receivers), then streams the
-same synthetic PCM to all of them at once, either with the worker's AudioStreamSender
-(`ours`) or with livekit-agents' DataStreamAudioOutput (`agents`), both paced by the same
-Pacer (`--lead` large = as fast as the avatar accepts). It prints one JSON object: CPU seconds
-of this process during the streaming phase only (joins and avatar starts excluded), bytes/s,
-and the schedule error of every chunk. A fresh process per run matters: the LiveKit SDK reads
-its log filter (RUST_LOG) once, when its native library starts.
-"""
+Streams the same PCM to `--streams` rooms with the worker's sender (`ours`) or livekit-agents'
+(`agents`) and prints one JSON object: CPU of the streaming phase only, bytes/s, schedule errors."""
 
 from __future__ import annotations
 

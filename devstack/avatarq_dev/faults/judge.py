@@ -1,14 +1,9 @@
 """`avatarq faults`' verdict on a scenario's `Run`: the table's figures and what each scenario
 must show.
 
-Common to every scenario: no job lost (never reached a terminal state), none played twice
-(the avatar received a job's whole audio more than once, from its own recordings), no overlap
-(two segments in one room at the same time). Reported, not yet judged: the seconds of each
-job's source the listener never heard and heard twice, from the avatar's recordings compared
-sample by sample with the source (`Segment.span`). On top, each scenario's own expectations
-(`EXPECTATIONS`), each True when met. tests/test_faults.py asserts the same on the lab's
-observations with assertions of its own.
-"""
+Common to all: no job lost, none played twice, no overlap in a room (defined in
+docs/guarantees.md); on top, each scenario's own `EXPECTATIONS`. tests/test_faults.py asserts
+the same on the lab's observations with assertions of its own."""
 
 from __future__ import annotations
 

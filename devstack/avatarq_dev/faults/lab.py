@@ -1,12 +1,8 @@
 """The fault lab: a local stack to break, and what it observed of each scenario.
 
-The lab starts the stack (persistent Redis, moto S3, the broker), enqueues jobs, injects
-faults (workers, Redis, LiveKit, the avatar emulator) and waits on conditions, each bounded
-in time. What a scenario leaves is a `Run`: the jobs' terminal records, their events, the
-segments the avatar received (from its own recordings) and the scenario's own measurements.
-It says nothing about whether that is right: `judge.py` (for `avatarq faults`) and
-tests/test_faults.py decide that, each on its own.
-"""
+It starts the stack, enqueues jobs, injects faults and waits on conditions, each bounded in
+time; a scenario leaves a `Run` (terminal records, events, the segments the avatar recorded,
+measurements). Whether that is right is for `judge.py` and tests/test_faults.py to decide."""
 
 from __future__ import annotations
 

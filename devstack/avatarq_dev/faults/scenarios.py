@@ -1,12 +1,8 @@
 """The fault scenarios: each enqueues jobs, injects one fault into the running stack, waits
-until every job has ended and returns what the lab observed (`Run`). None judges itself:
-`judge.py` holds what each must show, tests/test_faults.py asserts it on its own.
+until every job has ended and returns what the lab observed (`Run`), judging nothing itself.
 
-Every scenario runs with default settings, as a user has them: the broker's visibility timeout
-(the longest job + 10 minutes), redis-server's own default persistence (RDB snapshots, saved
-on shutdown, nothing on a crash), default retries and timeouts. The few that change one say
-why, next to it.
-"""
+Every scenario runs with default settings, as a user has them (redis-server's own persistence
+included); the few that change one say why, next to it."""
 
 from __future__ import annotations
 

@@ -1,11 +1,8 @@
 """The server end of a participant's publisher peer connection (aiortc).
 
-The SDK offers, we answer. We only want the SCTP data channels: media sections are answered
-`inactive`, so the client never sends RTP and aiortc never starts decoders (which would
-queue frames nobody reads and grow memory). No subscriber peer connection is offered: the
-JoinResponse says `subscriber_primary=false`, so the SDK does not wait for one, and data for a
-participant goes back on the data channels it opened itself.
-"""
+Only the SCTP data channels are wanted: media sections are answered `inactive`, so no RTP is
+sent and no decoder grows memory, and no subscriber connection is offered
+(`subscriber_primary=false`), so data goes back on the channels the participant opened."""
 
 from __future__ import annotations
 
