@@ -133,6 +133,7 @@ class Playback:
                     play.timestamps,
                     play.ledger.note_avatar_session,
                     play.reporter.emit,
+                    play.control.stop,
                 )
                 link, warm = await self._get_link(request)
                 link.attach(play.control)

@@ -111,6 +111,96 @@ def test_a_429_shrinks_the_quota_and_waiting_gives_up_in_time(redis_server: str)
     run(go())
 
 
+def test_a_waiter_takes_a_released_slot_on_its_notice_not_its_next_poll(
+    redis_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Polls made rare: only the release notice can bring the slot within the bound below.
+    monkeypatch.setattr(quota_mod, "WAIT_POLL_S", 30.0)
+
+    async def go() -> float:
+        r = aioredis.from_url(redis_server)
+        q = AvatarQuota(r, f"s-{uuid.uuid4().hex[:6]}", 1)
+        held = await q.try_acquire("a")
+        assert isinstance(held, Slot)
+        waiter = asyncio.create_task(wait_for_slot(q, "b", patience_s=20.0))
+        await asyncio.sleep(0.5)  # b waits, subscribed
+        assert not waiter.done()
+        t0 = time.monotonic()
+        await q.release(held)
+        slot = await asyncio.wait_for(waiter, 10.0)
+        assert isinstance(slot, Slot)
+        await r.aclose()
+        return time.monotonic() - t0
+
+    assert run(go()) < 5.0
+
+
+def test_a_stopped_waiter_leaves_the_line_at_once(redis_server: str) -> None:
+    async def go() -> None:
+        r = aioredis.from_url(redis_server)
+        q = AvatarQuota(r, f"s-{uuid.uuid4().hex[:6]}", 1)
+        assert isinstance(await q.try_acquire("a"), Slot)
+        stop = asyncio.Event()
+        waiter = asyncio.create_task(wait_for_slot(q, "b", patience_s=60.0, stop=stop))
+        await asyncio.sleep(0.3)
+        assert await q.demand() == 1
+        stop.set()  # cancel or hand-back while waiting
+        with pytest.raises(NoAvatarSlot):
+            await asyncio.wait_for(waiter, 5.0)
+        assert await q.demand() == 0  # its place is not kept for a job that stopped
+        await r.aclose()
+
+    run(go())
+
+
+@pytest.mark.parametrize("others_in_room", [0, 1])
+def test_a_finished_rooms_session_goes_to_a_waiting_room_at_once(
+    redis_server: str, others_in_room: int
+) -> None:
+    # A job ends with its session fit for more: kept warm while its room has more jobs, handed
+    # to the quota's line (closed, its slot released) when the room has none and a room waits.
+    from avatarq.ledger.keys import room_order_key
+    from avatarq.settings import Settings
+    from tasks.link.link import AvatarLink
+    from tasks.link.links import Links
+    from tasks.link.types import LinkKey
+
+    class Closing:
+        closed = 0
+
+        async def close(self) -> None:
+            Closing.closed += 1
+
+    async def go() -> tuple[int, int]:
+        r = aioredis.from_url(redis_server)
+        room = f"room-{uuid.uuid4().hex[:6]}"
+        links = Links(Settings(REDIS_URL=redis_server), r)
+        server = f"s-{uuid.uuid4().hex[:6]}"
+        q = AvatarQuota(r, server, 1)
+        slot = await q.try_acquire("playing")
+        assert isinstance(slot, Slot)
+        assert isinstance(await q.try_acquire("waiting"), Waiting)
+        await r.rpush(
+            room_order_key(room), "playing", *[f"next-{i}" for i in range(others_in_room)]
+        )
+        link = AvatarLink(LinkKey(room, "avatar-a", server, 16000), None, None, None, None)  # type: ignore[arg-type]
+        link.own_slot(q, slot)
+        parked: list[AvatarLink] = []
+
+        async def park(link: AvatarLink, idle_s: float) -> None:
+            parked.append(link)
+
+        links.pool.park = park  # type: ignore[method-assign]
+        link.close = Closing().close  # type: ignore[method-assign]
+        link.room = type("Room", (), {"isconnected": lambda self: True})()  # type: ignore[assignment]
+        await links.give_back(link, keep=True)
+        await r.aclose()
+        return len(parked), Closing.closed
+
+    parked, closed = run(go())
+    assert (parked, closed) == ((0, 1) if others_in_room == 0 else (1, 0))
+
+
 # -- the fleet --------------------------------------------------------------------------------
 
 QUOTA = 3

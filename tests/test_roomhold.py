@@ -308,7 +308,14 @@ def test_a_warm_link_whose_room_closes_too_soon_gets_its_keeper(
         raise AssertionError("a keeper's join notes and emits nothing")
 
     request = LinkRequest(
-        job, server, Budget.of(job, settings), 10.0, Timestamps(picked=0), unused, unused
+        job,
+        server,
+        Budget.of(job, settings),
+        10.0,
+        Timestamps(picked=0),
+        unused,
+        unused,
+        asyncio.Event(),
     )
     now = time.time()
 

@@ -96,13 +96,14 @@ def room_holder_key(room: str) -> str:
     return f"avatarq:room-holder:{room}"
 
 
-QuotaPart = Literal["sessions", "waiting", "waiting-seen", "cap"]
+QuotaPart = Literal["sessions", "waiting", "waiting-seen", "cap", "freed"]
 
 
 def avatar_quota_key(server: str, part: QuotaPart) -> str:
     """The session quota of avatar server `server` (tasks/link/quota.py): `sessions` (zset holder →
     lease expiry ms), `waiting` (zset job → first wait ms), `waiting-seen` (zset job → last
-    poll ms), `cap` (the quota shrunk after a 429, with a TTL)."""
+    poll ms), `cap` (the quota shrunk after a 429, with a TTL), `freed` (a pub/sub channel:
+    a slot was released)."""
     # Its own prefix: under `avatarq:avatar:` a job id such as `default:sessions` (a valid id)
     # would name this key.
     return f"avatarq:avatar-quota:{server}:{part}"

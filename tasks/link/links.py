@@ -10,19 +10,21 @@ from __future__ import annotations
 import json
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from avatarq.errors import AvatarOverLimit
 from avatarq.events import WaitingForAvatar
-from avatarq.ledger.keys import job_waiting_key
+from avatarq.ledger.keys import job_waiting_key, room_order_key
 from avatarq.settings import AvatarServer, Settings
 from tasks.link.link import AvatarClientFactory, AvatarLink, http_avatar_client, open_link
 from tasks.link.quota import AvatarQuota, wait_for_slot
 from tasks.link.types import Link, LinkRequest, NoAvatarSlot, Waiting
 from tasks.link.warm import WarmPool
 
-#: How long a cold start waits in its worker slot for an avatar session slot before the job
-#: goes back to the queue (its place in the server's line is kept meanwhile).
-QUOTA_PATIENCE_S = 5.0
+#: How long a cold start waits in its worker slot for an avatar session slot (waking on each
+#: release) before the job goes back to the queue (its place in the server's line is kept a
+#: while). Only a room's head waits here: the room's later jobs wait in its lane.
+QUOTA_PATIENCE_S = 30.0
 #: A waiting job's status entry outlives the gaps between its polls and requeues.
 WAITING_TTL_S = 15
 
@@ -77,7 +79,9 @@ class Links:
             info = json.dumps(event.data())
             await self.redis.set(job_waiting_key(job.job_id), info, ex=WAITING_TTL_S)
 
-        slot = await wait_for_slot(quota, job.job_id, patience_s=QUOTA_PATIENCE_S, on_wait=on_wait)
+        slot = await wait_for_slot(
+            quota, job.job_id, patience_s=QUOTA_PATIENCE_S, on_wait=on_wait, stop=request.stop
+        )
         # Renewed from now on, not once the avatar is ready: a start slower than the slot's
         # lease would otherwise free the slot of a session that is about to render.
         quota.hold(slot)
@@ -101,9 +105,24 @@ class Links:
         """After the job: park a link fit for the next one, close any other."""
         assert isinstance(link, AvatarLink), "Links only takes back the links it gave"
         if keep and self.settings.warm_idle_s > 0 and link.reusable:
+            keep = not await self._wanted_elsewhere(link)
+        if keep:
             await self.pool.park(link, self.settings.warm_idle_s)
         else:
             await link.close()
+
+    async def _wanted_elsewhere(self, link: AvatarLink) -> bool:
+        """The link's room has no other job to play and another room waits for a session
+        slot: the slot goes there now rather than idle in this room."""
+        if link.quota is None:
+            return False
+        try:
+            if await link.quota.demand() == 0:
+                return False
+            # The order holds the room's unfinished jobs, the one ending now among them.
+            return int(await self.redis.llen(room_order_key(link.key.room))) <= 1  # type: ignore[misc]
+        except RedisError:
+            return False
 
     async def aclose(self) -> None:
         await self.pool.aclose()

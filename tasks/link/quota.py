@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 import uuid
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +22,7 @@ from redis.exceptions import RedisError
 
 from avatarq.ledger.keys import avatar_quota_key
 from avatarq.ledger.scripts import Lua, script
+from tasks.backoff import backoff_delay
 from tasks.link.types import NoAvatarSlot, Waiting
 
 log = logging.getLogger("avatarq.quota")
@@ -27,8 +30,9 @@ log = logging.getLogger("avatarq.quota")
 #: A slot outlives a few missed renewals; a dead worker's slot comes free this soon.
 SLOT_LEASE_S = 15.0
 RENEW_EVERY_S = SLOT_LEASE_S / 3
-#: How often a waiting job asks again.
-WAIT_POLL_S = 0.25
+#: A waiting job asks again as soon as a slot is released (a notice on the `freed` channel),
+#: and at least this often: a dead worker's slot lapses without a notice.
+WAIT_POLL_S = 1.0
 #: A waiter that stopped asking this long ago lost its place (its worker died or gave up).
 WAITER_STALE_S = 10.0
 #: How long a 429 keeps the quota shrunk.
@@ -55,6 +59,10 @@ class AvatarQuota:
         self.quota = max(1, quota)
         self._acquire = script(redis, Lua.SLOTS_ACQUIRE)
         self._renew = script(redis, Lua.SLOTS_RENEW)
+        #: Release notices seen by this process; waiters wake on each.
+        self.freed_count = 0
+        self._freed = asyncio.Condition()
+        self._listener: asyncio.Task[None] | None = None
 
     def _keys(self) -> list[str]:
         return [_key(self.server, k) for k in ("sessions", "waiting", "waiting-seen", "cap")]
@@ -94,8 +102,33 @@ class AvatarQuota:
             slot._renewer = None
         try:
             await self.redis.zrem(_key(self.server, "sessions"), slot.holder)
+            await self.redis.publish(_key(self.server, "freed"), slot.holder)
         except RedisError as e:  # the lease runs out by itself
             log.warning("avatar server %r: slot not released: %s", self.server, e)
+
+    async def next_release(self, seen: int, *, timeout: float) -> None:
+        """Wait until a release notice after the `seen`-th (`freed_count`), or `timeout`."""
+        if self._listener is None or self._listener.done():
+            self._listener = asyncio.get_running_loop().create_task(self._listen())
+        async with self._freed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._freed.wait_for(lambda: self.freed_count > seen), timeout
+                )
+
+    async def _listen(self) -> None:
+        for attempt in itertools.count():
+            try:
+                async with self.redis.pubsub() as pubsub:
+                    await pubsub.subscribe(_key(self.server, "freed"))
+                    async for message in pubsub.listen():
+                        if message.get("type") == "message":
+                            async with self._freed:
+                                self.freed_count += 1
+                                self._freed.notify_all()
+            except RedisError as e:  # waiters fall back to asking every WAIT_POLL_S
+                log.debug("avatar server %r: release notices paused: %s", self.server, e)
+            await asyncio.sleep(backoff_delay(min(attempt, 4), 0.5, 5.0))
 
     async def leave_line(self, job_id: str) -> None:
         """The job stopped waiting (it was cancelled or will be requeued later)."""
@@ -130,21 +163,47 @@ class AvatarQuota:
 
 
 async def wait_for_slot(
-    quota: AvatarQuota, job_id: str, *, patience_s: float, on_wait: Any = None
+    quota: AvatarQuota,
+    job_id: str,
+    *,
+    patience_s: float,
+    on_wait: Any = None,
+    stop: asyncio.Event | None = None,
 ) -> Slot:
-    """A slot within `patience_s`, else `NoAvatarSlot` (the job goes back to the queue
-    rather than hold a worker slot). `on_wait(Waiting)` is awaited when the wait starts and
+    """A slot within `patience_s`, else `NoAvatarSlot` (the job goes back to the queue, its
+    place in line kept a while); at once when `stop` is set (it leaves the line). It asks
+    again on each release notice. `on_wait(Waiting)` is awaited when the wait starts and
     whenever the job's place changes."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + patience_s
     seen: Waiting | None = None
-    while True:
+    for _ in range(int(patience_s * 1000)):  # bound: at most one ask per millisecond waited
+        notices = quota.freed_count
         got = await quota.try_acquire(job_id)
         if isinstance(got, Slot):
             return got
         if on_wait is not None and (seen is None or got.place != seen.place):
             await on_wait(got)
         seen = got
-        if loop.time() + WAIT_POLL_S > deadline:
+        left = deadline - loop.time()
+        if stop is not None and stop.is_set():
+            await quota.leave_line(job_id)
             raise NoAvatarSlot(quota.server, got)
-        await asyncio.sleep(WAIT_POLL_S)
+        if left <= 0:
+            raise NoAvatarSlot(quota.server, got)
+        await _first(quota.next_release(notices, timeout=min(WAIT_POLL_S, left)), stop)
+    raise NoAvatarSlot(quota.server, seen or Waiting(place=0, sessions=0, quota=quota.quota))
+
+
+async def _first(wait: Coroutine[Any, Any, None], stop: asyncio.Event | None) -> None:
+    """`wait`, cut short when `stop` is set."""
+    if stop is None:
+        await wait
+        return
+    waiting = asyncio.ensure_future(wait)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({waiting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (waiting, stopped):
+            task.cancel()

@@ -6,6 +6,7 @@ job's state machine and its fakes use them without loading LiveKit.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
@@ -49,6 +50,8 @@ class LinkRequest:
     timestamps: Timestamps
     note_session: SessionNote
     emit: Callable[[EventPayload], Awaitable[None]]
+    #: Set when the job must stop (cancel, hand-back, take-over): it stops waiting for a slot.
+    stop: asyncio.Event
 
     @property
     def key(self) -> LinkKey:
