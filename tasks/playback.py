@@ -9,11 +9,13 @@ named for what it does; the parts it uses (audio, links, hooks) are given to it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
 
+from redis.exceptions import RedisError
+
+from avatarq.budget import Budget
 from avatarq.errors import (
     AvatarTimeout,
     DecodeError,
@@ -24,18 +26,15 @@ from avatarq.errors import (
     RoomError,
 )
 from avatarq.events import AvatarReady, JobStarted, Status
-from avatarq.jobs import Job, resolve_server
+from avatarq.jobs import parse_job, resolve_server
 from avatarq.results import Played
 from avatarq.settings import AvatarServer, Settings
 from tasks.context import PlayContext, Segment
 from tasks.control import Interrupted, StopReason
-from tasks.decode import PcmDecoder, probe_duration
 from tasks.link.pacing import Pacer
 from tasks.link.stream import CHUNK_SECONDS
 from tasks.link.types import Link, LinkRequest, LinkSource, PlaybackFinished, Sender
-from tasks.runahead import RUN_AHEAD_S, RunAhead
-from tasks.seams import Audio, AudioOpener
-from tasks.source import aresolve
+from tasks.seams import Audio, AudioOpener, AudioSpec
 
 log = logging.getLogger("avatarq.playback")
 
@@ -43,55 +42,6 @@ log = logging.getLogger("avatarq.playback")
 INTERRUPT_REPORT_TIMEOUT_S = 2.0
 #: Audio the avatar may report short of what was sent before the playback counts as cut off.
 PLAYBACK_SHORTFALL_S = 0.5
-
-
-class FfmpegAudio:
-    """Opens a job's source with ffmpeg (tasks/decode.py), resampled to the avatar's rate.
-
-    ffprobe (the declared length) runs beside the decoder's start rather than before it: on
-    free cores a warm job's start waits for the slower of the two, not their sum (on busy
-    ones the two spawns compete for the CPU, docs/performance.md). The length limit
-    holds while decoding too (many files declare no length), and a file that decodes clearly
-    short of its declared length fails as truncated_audio. The decoder runs up to
-    RUN_AHEAD_S ahead of playback (tasks/runahead.py): a brief source stall is not heard,
-    a long one ends the segment with `source_stalled`."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-
-    @contextlib.asynccontextmanager
-    async def open(
-        self,
-        job: Job,
-        *,
-        max_seconds: float,
-        sample_rate: int,
-        chunk_bytes: int,
-        start_at: float = 0.0,
-    ) -> AsyncIterator[Audio]:
-        if not isinstance(job.source, str):
-            # Speech is rendered once by the producer (producers.tts), never by a worker.
-            raise InvalidJob("tts sources must be rendered by the producer before they are queued")
-        resolved = await aresolve(job.source, self.settings)
-        probe = asyncio.create_task(probe_duration(resolved, self.settings))
-        decoder = PcmDecoder(
-            resolved,
-            sample_rate=sample_rate,
-            settings=self.settings,
-            max_seconds=max_seconds,
-            start_at=start_at,
-        )
-        max_chunks = max(1, int(RUN_AHEAD_S * sample_rate * 2 / chunk_bytes))
-        try:
-            async with decoder:
-                chunks = decoder.chunks(chunk_bytes)
-                # Audio that decodes to nothing ends the decoder with DecodeError `no_audio`.
-                first = await anext(chunks)
-                duration = decoder.expected_seconds = await probe
-                async with RunAhead(chunks, max_chunks=max_chunks) as ahead:
-                    yield Audio(duration, first, aiter(ahead), lambda: decoder.decoded_seconds)
-        finally:
-            probe.cancel()
 
 
 class Playback:
@@ -112,15 +62,9 @@ class Playback:
         chunk_bytes = int(server.sample_rate * CHUNK_SECONDS) * 2
         # Bounded from the start by the longest the job may be; tightened once its length is
         # known.
+        spec = AudioSpec(budget.max_length, server.sample_rate, chunk_bytes, play.start_at)
         async with asyncio.timeout(budget.time_limit(None)) as limit:
-            opened = self.audio.open(
-                job,
-                max_seconds=budget.max_length,
-                sample_rate=server.sample_rate,
-                chunk_bytes=chunk_bytes,
-                start_at=play.start_at,
-            )
-            async with opened as audio:
+            async with self.audio.open(job, spec) as audio:
                 _check_length(audio, budget.max_length)
                 remainder = _remainder(audio.duration, play.start_at)
                 loop = asyncio.get_running_loop()
@@ -148,6 +92,8 @@ class Playback:
                 keep = False
                 try:
                     streamed = await self._stream(play, link.sender, audio, segment)
+                    # The avatar still plays the lead: time to get the room's next job ready.
+                    await self._prepare_next(play, spec)
                     # No progress report may land after this last one.
                     await play.reporter.settle_progress()
                     await play.reporter.progress(streamed, audio.duration, force=True)
@@ -162,6 +108,21 @@ class Playback:
                         hook.on_stream_end(segment)
                     await self.links.give_back(link, keep=keep)
         return _result(play, server, link, warm, audio, segment, streamed, finished)
+
+    async def _prepare_next(self, play: PlayContext, spec: AudioSpec) -> None:
+        """Start decoding the job parked next in the room, if it plays at this rate from its
+        beginning (anything else opens as usual when its turn comes)."""
+        try:
+            payload = await play.ledger.next_in_room(play.job.room)
+            if payload is None:
+                return
+            job = parse_job(payload, self.settings)
+            if resolve_server(job, self.settings).sample_rate != spec.sample_rate:
+                return
+        except (InvalidJob, RedisError):
+            return  # its own run meets and reports it
+        max_seconds = Budget.of(job, self.settings).max_length
+        self.audio.prepare(job, AudioSpec(max_seconds, spec.sample_rate, spec.chunk_bytes))
 
     async def _get_link(self, request: LinkRequest) -> tuple[Link, bool]:
         """The room with a listening avatar: this process's idle one, else a cold start."""

@@ -23,12 +23,13 @@ from avatarq.ledger.worker import Handoff, Ledger, job_id_of
 from avatarq.results import Failed
 from avatarq.settings import Settings, get_settings
 from tasks.app import app
+from tasks.audio import FfmpegAudio
 from tasks.backoff import RedisPatience, outlast_redis
 from tasks.control import HAND_BACK, LEAVING
 from tasks.hooks import worker_hooks
 from tasks.jobrun import Ending, JobParts, JobRun, Outcome
 from tasks.link.links import Links
-from tasks.playback import FfmpegAudio, Playback
+from tasks.playback import Playback
 from tasks.recovery import Presence, get_presence
 from tasks.report import JobReporter, StateUpdater
 from tasks.runtime import get_loop_thread

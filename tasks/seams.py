@@ -46,6 +46,8 @@ class JobLedger(Protocol):
         self, job_id: str, server: str, session_id: str | None
     ) -> None: ...
 
+    async def next_in_room(self, room: str) -> Any | None: ...
+
 
 # Events, progress, the announcement and webhook (tasks/report.py).
 class Reporter(Protocol):
@@ -76,16 +78,23 @@ class Audio:
 
 
 # Source → decoded PCM chunks (tasks/playback.py FfmpegAudio).
+@dataclass(frozen=True)
+class AudioSpec:
+    """How a job's source is decoded: its length limit, the avatar's rate, the size of each
+    chunk, and where in the source it starts (seconds)."""
+
+    max_seconds: float
+    sample_rate: int
+    chunk_bytes: int
+    start_at: float = 0.0
+
+
 class AudioOpener(Protocol):
-    def open(
-        self,
-        job: Job,
-        *,
-        max_seconds: float,
-        sample_rate: int,
-        chunk_bytes: int,
-        start_at: float = 0.0,
-    ) -> AbstractAsyncContextManager[Audio]: ...
+    def open(self, job: Job, spec: AudioSpec) -> AbstractAsyncContextManager[Audio]: ...
+
+    def prepare(self, job: Job, spec: AudioSpec) -> None:
+        """Start opening a job's source that is likely next, for its `open` to take over."""
+        ...
 
 
 #: Builds the reporter of one job id.

@@ -26,7 +26,7 @@ from tasks.jobrun import JobParts, JobRun, Outcome, Timing
 from tasks.link.pacing import Pacer
 from tasks.link.types import Admit, Link, LinkRequest, PlaybackFinished, ProgressCallback
 from tasks.playback import Playback
-from tasks.seams import Audio
+from tasks.seams import Audio, AudioSpec
 
 RATE = 16000
 BPS = RATE * 2
@@ -56,6 +56,8 @@ class FakeLedger:
         self.dead_letters: list[tuple[dict[str, Any], dict[str, Any]]] = []
         self.sessions: list[tuple[str, str, str | None]] = []
         self.owners: dict[str, Any] = {}
+        #: The payload parked next in the job's room (`next_in_room`).
+        self.next_payload: Any | None = None
         #: `finish` raises RedisError this many times first.
         self.finish_outages = 0
         #: The watch ticks (by number, from 1) that find Redis out of reach.
@@ -108,6 +110,9 @@ class FakeLedger:
     async def note_avatar_session(self, job_id: str, server: str, session_id: str | None) -> None:
         self.sessions.append((job_id, server, session_id))
 
+    async def next_in_room(self, room: str) -> Any | None:
+        return self.next_payload
+
 
 class FakeReporter:
     def __init__(self) -> None:
@@ -144,19 +149,17 @@ class FakeAudio:
     declared: float | None = 2.0
     error: Exception | None = None
     opened: int = 0
+    #: The jobs made ready ahead of their turn (`prepare`).
+    prepared: list[str] = field(default_factory=list)
+
+    def prepare(self, job: Job, spec: AudioSpec) -> None:
+        self.prepared.append(job.job_id)
 
     @contextlib.asynccontextmanager
-    async def open(
-        self,
-        job: Job,
-        *,
-        max_seconds: float,
-        sample_rate: int,
-        chunk_bytes: int,
-        start_at: float = 0.0,
-    ) -> AsyncIterator[Audio]:
+    async def open(self, job: Job, spec: AudioSpec) -> AsyncIterator[Audio]:
+        sample_rate, chunk_bytes = spec.sample_rate, spec.chunk_bytes
         self.opened += 1
-        self.start_at = start_at
+        self.start_at = spec.start_at
         if self.error is not None:
             raise self.error
         total = int(self.seconds * sample_rate) * 2

@@ -68,6 +68,19 @@ def test_the_next_job_of_the_room_plays_on_the_kept_link(stand: Stand) -> None:
     assert stand.ledger.sessions[-1] == ("job-2", "default", "sess-1")
 
 
+def test_the_rooms_next_parked_job_is_made_ready_while_the_current_one_plays(
+    stand: Stand,
+) -> None:
+    stand.ledger.next_payload = {**JOB, "job_id": "job-2"}
+    run(stand)
+    assert stand.audio.prepared == ["job-2"]
+    # A next job that would play at another rate, or is not valid, is left to its own run.
+    stand.audio.prepared.clear()
+    stand.ledger.next_payload = {**JOB, "job_id": "job-3", "room": 5}
+    run(stand, {**JOB, "job_id": "job-4"})
+    assert stand.audio.prepared == []
+
+
 def test_an_avatar_that_never_reports_ends_unconfirmed_and_its_link_is_closed(
     stand: Stand,
 ) -> None:

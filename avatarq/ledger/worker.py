@@ -295,6 +295,15 @@ class Ledger:
             pipe.expire(key, AVATAR_NOTE_TTL_S)
             await pipe.execute()
 
+    async def next_in_room(self, room: str) -> Any | None:
+        """The payload of the job parked next in `room`'s lane, if one is (to get it ready
+        while the room's current job plays)."""
+        ids: list[bytes] = await self.redis.lrange(room_order_key(room), 1, 1)  # type: ignore[misc]
+        if not ids:
+            return None
+        entry = await self.redis.hget(room_lane_key(room), ids[0].decode())  # type: ignore[misc]
+        return None if entry is None else json.loads(json.loads(entry)["payload"])
+
     async def avatar_session(self, job_id: str) -> tuple[str, str | None] | None:
         """The (server, session id) noted for the job, if any."""
         note: dict[bytes, bytes] = await self.redis.hgetall(job_avatar_key(job_id))  # type: ignore[assignment,misc]
