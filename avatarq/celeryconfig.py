@@ -8,7 +8,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from amqp.exceptions import PreconditionFailed
+from celery import Celery
 from kombu import Connection
+from kombu.exceptions import OperationalError
 
 from avatarq.settings import Settings
 
@@ -92,3 +95,27 @@ def broker_countdown(seconds: float) -> int:
     """A countdown as sent to the broker: whole seconds, rounded up. Native delayed delivery
     counts whole seconds and refuses a countdown under one."""
     return math.ceil(max(seconds, 0.0))
+
+
+def check_queue_type(celery: Celery) -> None:
+    """Stop a worker whose RabbitMQ broker has the jobs' queue as another type, saying what to
+    do: the broker refuses to declare it again as ours, and Celery would only report that
+    refusal from deep in its consumer's start."""
+    with celery.connection_for_write() as conn:
+        if conn.transport.driver_type != "amqp":
+            return
+        try:
+            conn.ensure_connection(max_retries=1)
+        except (OperationalError, OSError):
+            return  # Celery waits for the broker itself
+        queue = celery.amqp.queues[RENDER_QUEUE]
+        try:
+            queue.bind(conn.default_channel).declare()
+        except PreconditionFailed as e:
+            ours = (queue.queue_arguments or {}).get("x-queue-type", "classic")
+            raise SystemExit(
+                f"{e.reply_text}\nThe broker has the queue {RENDER_QUEUE!r} declared otherwise "
+                f"than AVATARQ_RABBITMQ_QUEUE_TYPE={ours} does: set "
+                "that setting to the queue's type, or empty the queue and delete it "
+                "(docs/configuration.md, upgrading a broker that has the classic queue)."
+            ) from e

@@ -18,7 +18,7 @@ from kombu.transport import redis as kombu_redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from avatarq import logs
-from avatarq.celeryconfig import celery_config
+from avatarq.celeryconfig import celery_config, check_queue_type
 from avatarq.settings import get_settings
 from tasks import lklogs, metrics
 
@@ -74,6 +74,11 @@ def _setup_logging(loglevel: int | str = logging.INFO, **_: Any) -> None:
     # Connecting this signal replaces Celery's own logging setup with ours (JSON lines).
     logs.configure(loglevel, get_settings().log_format)
     quiet_livekit_logs()
+
+
+@worker_init.connect
+def _check_queue_type(sender: Any, **_: Any) -> None:
+    check_queue_type(sender.app)
 
 
 @worker_init.connect

@@ -23,6 +23,7 @@ from avatarq.celeryconfig import (
     RENDER_TASK,
     broker_countdown,
     celery_config,
+    check_queue_type,
 )
 from avatarq.settings import Settings
 from producers.client import celery_app
@@ -115,3 +116,17 @@ def test_the_queue_is_a_quorum_queue_and_countdowns_come_back_through_the_broker
         classic = Queue(RENDER_QUEUE, queue_arguments={"x-queue-type": "classic"})
         with pytest.raises(PreconditionFailed, match="current is 'quorum'"):
             classic.bind(channel).declare()
+
+
+@pytest.mark.slow
+def test_a_worker_stops_at_start_on_a_broker_that_has_the_classic_queue(
+    quorum_app: Celery, rabbitmq_server: str
+) -> None:
+    check_queue_type(quorum_app)  # a fresh broker: nothing in the way
+    with Connection(rabbitmq_server) as conn:
+        Queue(RENDER_QUEUE).bind(conn.default_channel).delete()
+        classic = Queue(RENDER_QUEUE, Exchange(RENDER_QUEUE, "direct"), RENDER_QUEUE)
+        classic.bind(conn.default_channel).declare()
+    with pytest.raises(SystemExit, match="AVATARQ_RABBITMQ_QUEUE_TYPE=quorum does: set") as stop:
+        check_queue_type(quorum_app)
+    assert "inequivalent arg 'x-queue-type' for queue 'avatarq'" in str(stop.value)
