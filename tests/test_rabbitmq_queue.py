@@ -104,11 +104,12 @@ def test_the_queue_is_a_quorum_queue_and_countdowns_come_back_through_the_broker
         sent_at = time.monotonic()
         quorum_app.send_task(RENDER_TASK, queue=RENDER_QUEUE, countdown=2)
         assert done.wait(60), deliveries
-    (first, first_info), (second, _) = deliveries
+    (first, _), (second, _) = deliveries
     # The producer's countdown and the retry's each waited in the broker's delay queues
     # (the routing key carries the delay's bits), not in the worker.
     assert first - sent_at >= 1.5 and second - first >= 0.5, deliveries
-    assert first_info["routing_key"].endswith(f".{RENDER_QUEUE}"), first_info
+    for _, info in deliveries:
+        assert info["routing_key"].endswith(f".{RENDER_QUEUE}"), deliveries
     with Connection(rabbitmq_server) as conn:
         channel = conn.default_channel
         Exchange("celery_delayed_27", "topic", passive=True).bind(channel).declare()
