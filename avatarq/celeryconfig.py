@@ -5,7 +5,13 @@ Light on purpose: producers import it, so nothing here pulls LiveKit or ffmpeg i
 
 from __future__ import annotations
 
+import math
 from typing import Any
+
+from amqp.exceptions import PreconditionFailed
+from celery import Celery
+from kombu import Connection
+from kombu.exceptions import OperationalError
 
 from avatarq.settings import Settings
 
@@ -14,11 +20,19 @@ RENDER_TASK = "avatarq.render"
 RENDER_QUEUE = "avatarq"
 #: Seconds between sweeps that hand jobs of dead workers back to the queue.
 RESTORE_SWEEP_S = 5
+#: The quorum queue's topic exchange: Celery's native delayed delivery routes due countdowns
+#: back by routing-key pattern, which a direct exchange cannot match. Not the classic queue's
+#: exchange name, which a broker that had the classic queue keeps as a direct one.
+QUORUM_EXCHANGE = "avatarq.jobs"
+#: Returns of one message (a consumer that left without acknowledging it) before a quorum
+#: queue drops it, high enough never to be reached: the ledger counts a job's attempts and
+#: records its end, and a message the broker dropped would end with no record.
+QUORUM_DELIVERY_LIMIT = 1_000_000
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     visibility = int(settings.redelivery_after_s)
-    return {
+    config: dict[str, Any] = {
         "broker_url": settings.broker_url,
         "result_backend": settings.result_backend,
         "task_serializer": "json",
@@ -55,3 +69,54 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_concurrency": settings.worker_concurrency,
         "worker_hijack_root_logger": False,
     }
+    if settings.rabbitmq_queue_type == "quorum" and _is_rabbitmq(settings.broker_url):
+        config["task_queues"] = {RENDER_QUEUE: quorum_queue()}
+    return config
+
+
+def quorum_queue() -> dict[str, Any]:
+    """The jobs' queue as a RabbitMQ quorum queue (as plain data: producers key their apps by
+    the configuration's JSON). Celery sees `x-queue-type` and then limits prefetch per
+    consumer (no global QoS) and sends countdowns through the broker's delay queues
+    (`celery_delayed_*`) instead of holding them in a worker."""
+    return {
+        "exchange": QUORUM_EXCHANGE,
+        "exchange_type": "topic",
+        "routing_key": RENDER_QUEUE,
+        "queue_arguments": {"x-queue-type": "quorum", "x-delivery-limit": QUORUM_DELIVERY_LIMIT},
+    }
+
+
+def _is_rabbitmq(broker_url: str) -> bool:
+    # Celery's own test for quorum queues (any amqp transport: amqp, amqps, pyamqp).
+    return bool(Connection(broker_url).transport.driver_type == "amqp")
+
+
+def broker_countdown(seconds: float) -> int:
+    """A countdown as sent to the broker: whole seconds, rounded up. Native delayed delivery
+    counts whole seconds and refuses a countdown under one."""
+    return math.ceil(max(seconds, 0.0))
+
+
+def check_queue_type(celery: Celery) -> None:
+    """Stop a worker whose RabbitMQ broker has the jobs' queue as another type, saying what to
+    do: the broker refuses to declare it again as ours, and Celery would only report that
+    refusal from deep in its consumer's start."""
+    with celery.connection_for_write() as conn:
+        if conn.transport.driver_type != "amqp":
+            return
+        try:
+            conn.ensure_connection(max_retries=1)
+        except (OperationalError, OSError):
+            return  # Celery waits for the broker itself
+        queue = celery.amqp.queues[RENDER_QUEUE]
+        try:
+            queue.bind(conn.default_channel).declare()
+        except PreconditionFailed as e:
+            ours = (queue.queue_arguments or {}).get("x-queue-type", "classic")
+            raise SystemExit(
+                f"{e.reply_text}\nThe broker has the queue {RENDER_QUEUE!r} declared otherwise "
+                f"than AVATARQ_RABBITMQ_QUEUE_TYPE={ours} does: set "
+                "that setting to the queue's type, or empty the queue and delete it "
+                "(docs/configuration.md, upgrading a broker that has the classic queue)."
+            ) from e

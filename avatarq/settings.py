@@ -127,6 +127,12 @@ class Settings(BaseSettings):
     visibility_timeout_s: float | None = Field(
         None, gt=0, validation_alias=_env("AVATARQ_VISIBILITY_TIMEOUT")
     )
+    #: The type of the jobs' queue on a RabbitMQ broker: `quorum` (replicated; countdowns wait
+    #: in the broker) or `classic`, for a broker that already has the classic queue
+    #: (docs/configuration.md says how to move).
+    rabbitmq_queue_type: Literal["quorum", "classic"] = Field(
+        "quorum", validation_alias=_env("AVATARQ_RABBITMQ_QUEUE_TYPE")
+    )
 
     # --- Sources -------------------------------------------------------------------------------
     #: S3-compatible store (credentials: boto3's own variables and files).

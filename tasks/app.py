@@ -16,7 +16,7 @@ from celery.signals import (
 )
 
 from avatarq import logs
-from avatarq.celeryconfig import celery_config
+from avatarq.celeryconfig import celery_config, check_queue_type
 from avatarq.settings import get_settings
 from tasks import compat, metrics
 
@@ -42,9 +42,10 @@ def _setup_logging(loglevel: int | str = logging.INFO, **_: Any) -> None:
 
 
 @worker_init.connect
-def _start_worker(**_: Any) -> None:
+def _start_worker(sender: Any, **_: Any) -> None:
     # Before the worker's consumer first connects to the broker.
     compat.guard_detached_redis_channels()
+    check_queue_type(sender.app)
     # Threads and solo pools play jobs in this process; a prefork parent serves an empty
     # registry here, its children serve their own below.
     metrics.serve(get_settings().metrics_port)

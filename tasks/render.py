@@ -18,7 +18,7 @@ from celery.signals import task_received, worker_ready, worker_shutting_down
 from redis.exceptions import RedisError
 
 from avatarq import logs
-from avatarq.celeryconfig import RENDER_QUEUE, RENDER_TASK
+from avatarq.celeryconfig import RENDER_QUEUE, RENDER_TASK, broker_countdown
 from avatarq.ledger.worker import Handoff, Ledger, job_id_of
 from avatarq.results import Failed
 from avatarq.settings import Settings, get_settings
@@ -65,8 +65,9 @@ def render(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
         if outcome.retry_in is not None:
             # Published again (with its countdown) before this delivery lets go of it, and
             # followed until another delivery has it.
-            presence.sent_back(task_id, payload, outcome.retry_in)
-            raise self.retry(countdown=outcome.retry_in)
+            countdown = broker_countdown(outcome.retry_in)
+            presence.sent_back(task_id, payload, countdown)
+            raise self.retry(countdown=countdown)
     finally:
         presence.let_go(task_id)
     if outcome.result is not None:
@@ -120,7 +121,7 @@ def _play_handed(task: Task, handoff: Handoff, settings: Settings) -> Handoff | 
     try:
         outcome = _deliver(task, handoff.payload, handoff.task_id, settings)
         if outcome.retry_in is not None:
-            _hand_on(presence, handoff, countdown=outcome.retry_in)
+            _hand_on(presence, handoff, retry_in=outcome.retry_in)
         elif outcome.result is not None:
             _store(task, handoff.task_id, outcome)
     except BaseException:
@@ -141,8 +142,9 @@ def _store(task: Task, task_id: str, outcome: Outcome) -> None:
         task.backend.mark_as_done(task_id, outcome.result.as_record())
 
 
-def _hand_on(presence: Presence, handoff: Handoff, countdown: float = 0.0) -> None:
+def _hand_on(presence: Presence, handoff: Handoff, retry_in: float = 0.0) -> None:
     """Send a job this process holds back through the broker, followed until received."""
+    countdown = broker_countdown(retry_in)
     app.send_task(
         RENDER_TASK,
         args=[handoff.payload],
