@@ -1,19 +1,18 @@
 """Give each LiveKit room of the process only its own FFI events.
 
-livekit-rtc 1.1 hands every FFI event (each write's completion, each room event of any
-room) to every `rtc.Room` of the process: a `call_soon_threadsafe` per room, then each room's
-listen task wakes and passes the event through its own broadcast queue, awaiting it there,
-whether or not it is the room's. With N rooms that is O(N) per event and O(N²) per second.
-Narrowing each room's subscription to its own events removes that term: at 50 streams
-(no keepers, official server) the Python thread went from 12–14 % to 8 % of a core and the
-process from 1.25–1.35 % to 1.11–1.15 % of a core per stream (docs/performance.md).
+The SDK hands every FFI event (each write's completion, each room event of any room) to
+every `rtc.Room` of the process: a `call_soon_threadsafe` per room, then each room's listen
+task wakes and passes the event through its own broadcast queue, awaiting it there, whether
+or not it is the room's. With N rooms that is O(N) per event and O(N²) per second. Narrowing
+each room's subscription to its own events removes that term (docs/performance.md).
 
 It reaches into the SDK's private subscriber list, so it runs only on the SDK versions whose
-`Room._listen_task` was read for it and whose behaviour tests/test_ffiroute.py checks:
-there a room consumes its own `room_event`s, the `rpc_method_invocation`s of its local
-participant, and the `publish_track` / `unpublish_track` callbacks its participant awaits
-through the room's queue; it drops everything else. On any other version rooms are left as
-the SDK made them.
+`Room._listen_task` was read for it and whose behaviour tests/test_ffiroute.py checks
+(docs/compatibility.md): there a room consumes its own `room_event`s, the
+`rpc_method_invocation`s of its local participant, and the `publish_track` /
+`unpublish_track` callbacks its participant awaits through the room's queue; it drops
+everything else. On any other version rooms are left as the SDK made them, with a warning,
+and tests/test_ffiroute.py fails.
 """
 
 from __future__ import annotations
@@ -27,16 +26,34 @@ from livekit.rtc._proto import ffi_pb2 as proto_ffi
 log = logging.getLogger("avatarq.ffiroute")
 
 #: livekit-rtc versions whose Room event handling this module matches.
-VERIFIED_SDK_VERSIONS = frozenset({"1.1.21"})
+VERIFIED_SDK_VERSIONS = frozenset({"1.1.21", "1.2.0", "1.2.1"})
 #: Callbacks a room forwards to its local participant's waiters; they carry no room handle,
 #: and are rare, so every room keeps them.
 _SHARED = frozenset({"publish_track", "unpublish_track"})
 
 
+_warned = False
+
+
+def verified() -> bool:
+    """Whether the installed SDK is one the routing was verified on; warns once if not."""
+    global _warned
+    if rtc.__version__ in VERIFIED_SDK_VERSIONS:
+        return True
+    if not _warned:
+        _warned = True
+        log.warning(
+            "livekit-rtc %s: FFI events are not routed per room (verified on %s)",
+            rtc.__version__,
+            ", ".join(sorted(VERIFIED_SDK_VERSIONS)),
+        )
+    return False
+
+
 def route_own_events(room: rtc.Room) -> bool:
     """Narrow connected `room`'s FFI subscription to its own events; False (and the room
     untouched) on an SDK version this was not verified for."""
-    if rtc.__version__ not in VERIFIED_SDK_VERSIONS:
+    if not verified():
         return False
     assert room._ffi_handle is not None
     handle = room._ffi_handle.handle

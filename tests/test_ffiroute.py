@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import os
+import tomllib
 from collections.abc import Awaitable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 from livekit import api, rtc
 from livekit.rtc._ffi_client import FfiClient
 from livekit.rtc._proto import ffi_pb2 as proto_ffi
+from packaging.requirements import Requirement
+from packaging.version import Version
 
 from tasks import ffiroute
 from tests.netns import needs_netns
@@ -19,15 +23,38 @@ from tests.netns import needs_netns
 # The test key pair is livekit-server's short dev secret on purpose.
 pytestmark = pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarning")
 
+ROOT = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
 STEP_S = 20.0
 TOPIC = "lk.audio_stream"
 
 
 def test_the_installed_sdk_is_one_the_routing_was_verified_for() -> None:
-    """An SDK upgrade turns the routing off; this says so, so that someone re-reads the new
-    `Room._listen_task`, runs the tests below and adds the version."""
-    assert rtc.__version__ in ffiroute.VERIFIED_SDK_VERSIONS
+    """An SDK upgrade would turn the routing off; this fails instead of letting it pass
+    silently, so that someone re-reads the new `Room._listen_task` (docs/compatibility.md),
+    runs the tests below on it and adds the version."""
+    assert rtc.__version__ in ffiroute.VERIFIED_SDK_VERSIONS, (
+        f"livekit-rtc {rtc.__version__} is not one tasks/ffiroute.py was verified on "
+        f"({sorted(ffiroute.VERIFIED_SDK_VERSIONS)})"
+    )
+    assert ffiroute.verified()
+
+
+def test_every_minor_release_the_pin_allows_has_a_verified_version() -> None:
+    """pyproject.toml admits no livekit release line the routing was not verified on."""
+    pins = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    (pin,) = [r for r in map(Requirement, pins) if r.name == "livekit"]
+    verified = {Version(v) for v in ffiroute.VERIFIED_SDK_VERSIONS}
+    assert all(v in pin.specifier for v in verified), (str(pin), verified)
+    major = min(verified).major
+    assert Version(f"{major + 1}.0.0") not in pin.specifier, str(pin)
+    for minor in range(100):
+        admitted = any(Version(f"{major}.{minor}.{patch}") in pin.specifier for patch in range(100))
+        if admitted:
+            assert any(v.minor == minor for v in verified), (
+                f"{pin} admits livekit {major}.{minor}.x; the routing is verified on "
+                f"{sorted(map(str, verified))}"
+            )
 
 
 def token(server: Any, room: str, identity: str) -> str:
