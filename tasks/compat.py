@@ -3,11 +3,17 @@ a test (tests/test_compat.py) that fails once upstream no longer needs it; then 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
+from livekit import rtc
+from livekit.rtc._ffi_client import FfiClient
+from livekit.rtc._proto import ffi_pb2 as proto_ffi
 from redis.exceptions import ConnectionError as RedisConnectionError
+
+log = logging.getLogger("avatarq.compat")
 
 # --- kombu: a Redis restart must not kill every worker that holds jobs ----------------------
 # Since celery/celery#10302 ("worker stops consuming after broker connection reset"), celery
@@ -88,3 +94,67 @@ def capture_native_logs(enabled: bool) -> None:
 
     ffi.get_ffi_lib = get_lib_without_capture
     _capture_decided = True
+
+
+# --- livekit-rtc: each room gets only its own FFI events ------------------------------------
+# The SDK hands every FFI event (each write's completion, each room event of any room) to
+# every `rtc.Room` of the process: a `call_soon_threadsafe` per room, then each room's listen
+# task wakes and passes the event through its own broadcast queue, awaiting it there, whether
+# or not it is the room's: O(N) per event with N rooms, O(N²) per second. Narrowing each
+# room's subscription to its own events removes that term (docs/performance.md). It reaches
+# into the SDK's private subscriber list, so it runs only on the versions whose
+# `Room._listen_task` was read for it (docs/compatibility.md): there a room consumes its own
+# `room_event`s, its local participant's `rpc_method_invocation`s, and the `publish_track` /
+# `unpublish_track` callbacks its participant awaits through the room's queue. On any other
+# version rooms are left as the SDK made them, with a warning, and tests/test_ffiroute.py
+# fails.
+
+#: livekit-rtc versions whose Room event handling the routing matches.
+VERIFIED_SDK_VERSIONS = frozenset({"1.1.21", "1.2.0", "1.2.1"})
+#: Callbacks a room forwards to its local participant's waiters; they carry no room handle,
+#: and are rare, so every room keeps them.
+_SHARED = frozenset({"publish_track", "unpublish_track"})
+
+_warned = False
+
+
+def routing_verified() -> bool:
+    """Whether the installed SDK is one the routing was verified on; warns once if not."""
+    global _warned
+    if rtc.__version__ in VERIFIED_SDK_VERSIONS:
+        return True
+    if not _warned:
+        _warned = True
+        log.warning(
+            "livekit-rtc %s: FFI events are not routed per room (verified on %s)",
+            rtc.__version__,
+            ", ".join(sorted(VERIFIED_SDK_VERSIONS)),
+        )
+    return False
+
+
+def route_own_events(room: rtc.Room) -> bool:
+    """Narrow connected `room`'s FFI subscription to its own events; False (and the room
+    untouched) on an SDK version this was not verified for."""
+    if not routing_verified():
+        return False
+    assert room._ffi_handle is not None
+    handle = room._ffi_handle.handle
+    participant = room.local_participant._ffi_handle.handle
+
+    def own(event: proto_ffi.FfiEvent) -> bool:
+        which = event.WhichOneof("message")
+        if which == "room_event":
+            return bool(event.room_event.room_handle == handle)
+        if which == "rpc_method_invocation":
+            return bool(event.rpc_method_invocation.local_participant_handle == participant)
+        return which in _SHARED
+
+    queue = FfiClient.instance.queue
+    with queue._lock:
+        for i, (subscribed, loop, _) in enumerate(queue._subscribers):
+            if subscribed is room._ffi_queue:
+                queue._subscribers[i] = (subscribed, loop, own)
+                return True
+    log.warning("room %s: its FFI subscription was not found; events not routed", room.name)
+    return False

@@ -1,33 +1,60 @@
-"""Rooms given only their own FFI events (tasks/ffiroute.py) still get everything they use,
+"""Rooms given only their own FFI events (tasks/compat.py) still get everything they use,
 and nothing of the other rooms of the process. Real `rtc.Room`s against the dev servers."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import tomllib
 from collections.abc import Awaitable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 from livekit import api, rtc
 from livekit.rtc._ffi_client import FfiClient
 from livekit.rtc._proto import ffi_pb2 as proto_ffi
+from packaging.requirements import Requirement
+from packaging.version import Version
 
-from tasks import ffiroute
+from tasks import compat
 from tests.netns import needs_netns
 
 # The test key pair is livekit-server's short dev secret on purpose.
 pytestmark = pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarning")
 
+ROOT = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
 STEP_S = 20.0
 TOPIC = "lk.audio_stream"
 
 
 def test_the_installed_sdk_is_one_the_routing_was_verified_for() -> None:
-    """An SDK upgrade turns the routing off; this says so, so that someone re-reads the new
-    `Room._listen_task`, runs the tests below and adds the version."""
-    assert rtc.__version__ in ffiroute.VERIFIED_SDK_VERSIONS
+    """An SDK upgrade would turn the routing off; this fails instead of letting it pass
+    silently, so that someone re-reads the new `Room._listen_task` (docs/compatibility.md),
+    runs the tests below on it and adds the version."""
+    assert rtc.__version__ in compat.VERIFIED_SDK_VERSIONS, (
+        f"livekit-rtc {rtc.__version__} is not one tasks/compat.py was verified on "
+        f"({sorted(compat.VERIFIED_SDK_VERSIONS)})"
+    )
+    assert compat.routing_verified()
+
+
+def test_every_minor_release_the_pin_allows_has_a_verified_version() -> None:
+    """pyproject.toml admits no livekit release line the routing was not verified on."""
+    pins = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    (pin,) = [r for r in map(Requirement, pins) if r.name == "livekit"]
+    verified = {Version(v) for v in compat.VERIFIED_SDK_VERSIONS}
+    assert all(v in pin.specifier for v in verified), (str(pin), verified)
+    major = min(verified).major
+    assert Version(f"{major + 1}.0.0") not in pin.specifier, str(pin)
+    for minor in range(100):
+        admitted = any(Version(f"{major}.{minor}.{patch}") in pin.specifier for patch in range(100))
+        if admitted:
+            assert any(v.minor == minor for v in verified), (
+                f"{pin} admits livekit {major}.{minor}.x; the routing is verified on "
+                f"{sorted(map(str, verified))}"
+            )
 
 
 def token(server: Any, room: str, identity: str) -> str:
@@ -61,10 +88,10 @@ def test_routed_rooms_get_their_own_events_and_no_others(livekit_server: Any) ->
         ours, peer = await joined(livekit_server, "route-a", "ours"), None
         other, other_peer = None, None
         try:
-            assert ffiroute.route_own_events(ours)
+            assert compat.route_own_events(ours)
             peer = await joined(livekit_server, "route-a", "peer")
             other = await joined(livekit_server, "route-b", "other")
-            assert ffiroute.route_own_events(other)
+            assert compat.route_own_events(other)
             other_peer = await joined(livekit_server, "route-b", "other-peer")
 
             delivered: list[proto_ffi.FfiEvent] = []
@@ -155,13 +182,13 @@ def test_routed_rooms_get_their_own_events_and_no_others(livekit_server: Any) ->
 def test_an_unverified_sdk_leaves_the_room_as_it_was(
     livekit_server: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(ffiroute, "VERIFIED_SDK_VERSIONS", frozenset({"0.0.0"}))
+    monkeypatch.setattr(compat, "VERIFIED_SDK_VERSIONS", frozenset({"0.0.0"}))
 
     async def body() -> None:
         room = await joined(livekit_server, "route-c", f"plain-{os.getpid()}")
         try:
             before = filter_of(room)
-            assert not ffiroute.route_own_events(room)
+            assert not compat.route_own_events(room)
             assert filter_of(room) is before
         finally:
             await step(room.disconnect())

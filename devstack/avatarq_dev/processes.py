@@ -369,12 +369,18 @@ class RabbitMQServer(ManagedProcess):
 
 
 def python_module(
-    name: str, module: str, args: Sequence[str] | Callable[[Ports], Sequence[str]], **kw: Any
+    name: str,
+    module: str,
+    args: Sequence[str] | Callable[[Ports], Sequence[str]],
+    *,
+    python: str | None = None,
+    **kw: Any,
 ) -> ManagedProcess:
-    """`python -m module args...` with this interpreter; `args` may be a function of the
-    ports (`ports=` as for ManagedProcess)."""
+    """`python -m module args...` with this interpreter (or `python`); `args` may be a
+    function of the ports (`ports=` as for ManagedProcess)."""
 
     def argv(ports: Ports) -> list[str]:
-        return [sys.executable, "-m", module, *(args(ports) if callable(args) else args)]
+        exe = python or sys.executable
+        return [exe, "-m", module, *(args(ports) if callable(args) else args)]
 
     return ManagedProcess(name, argv, **kw)

@@ -6,6 +6,7 @@ the tests and the benchmarks.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import sys
 import tempfile
@@ -15,12 +16,39 @@ from pathlib import Path
 from typing import Literal
 
 from avatarq_dev import livekit_official
-from avatarq_dev.processes import ManagedProcess, Ports, RabbitMQServer, RedisServer, python_module
+from avatarq_dev.processes import (
+    ManagedProcess,
+    Ports,
+    RabbitMQServer,
+    RedisServer,
+    ServiceError,
+    python_module,
+)
 
 DEV_API_KEY = "devkey"
 DEV_API_SECRET = "secret"
 DEV_LICENSE_KEY = "local-dev-license"
 HOST = "127.0.0.1"
+#: The interpreter that runs the avatar emulator, when not this one: one with the dev stack's
+#: `emulator` extra (livekit-agents), e.g. while the worker runs a livekit SDK that
+#: livekit-agents does not accept (docs/compatibility.md).
+EMULATOR_PYTHON_ENV = "AVATARQ_DEV_EMULATOR_PYTHON"
+
+
+def emulator_python() -> str:
+    """The interpreter for the avatar emulator: $AVATARQ_DEV_EMULATOR_PYTHON, else this one,
+    which must then have livekit-agents."""
+    chosen = os.environ.get(EMULATOR_PYTHON_ENV, "").strip()
+    if chosen:
+        if not os.access(chosen, os.X_OK):
+            raise ServiceError(f"{EMULATOR_PYTHON_ENV}={chosen} is not an executable")
+        return chosen
+    if importlib.util.find_spec("livekit.agents") is None:
+        raise ServiceError(
+            "the avatar emulator needs livekit-agents (pip install './devstack[emulator]'), "
+            f"or {EMULATOR_PYTHON_ENV} naming an interpreter that has it"
+        )
+    return sys.executable
 
 
 @dataclass
@@ -190,6 +218,7 @@ def local_stack(
             "--publish",
             "runner" if server == "official" else "video_only",
         ],
+        python=emulator_python(),
         ports=["tcp"],
         log_dir=logs,
     )

@@ -15,7 +15,7 @@ from typing import TypeVar
 from livekit import api, rtc
 
 from avatarq.errors import AvatarTimeout, LiveKitRejected, Reason, RoomError
-from tasks import ffiroute
+from tasks import compat
 
 log = logging.getLogger("avatarq.room")
 
@@ -32,7 +32,7 @@ T = TypeVar("T")
 async def connect(
     url: str, token: str, *, timeout: float = CONNECT_TIMEOUT_S, route_events: bool = True
 ) -> rtc.Room:
-    """Join; `route_events`: give the room only its own FFI events (tasks/ffiroute.py)."""
+    """Join; `route_events`: give the room only its own FFI events (tasks/compat.py)."""
     room = rtc.Room()
     try:
         # Subscriptions are chosen by hand (the avatar's audio only, see wait_for_avatar).
@@ -49,7 +49,7 @@ async def connect(
             ) from None
         raise RoomError(f"could not join the LiveKit room at {url}: {text}") from None
     if route_events:
-        ffiroute.route_own_events(room)
+        compat.route_own_events(room)
     return room
 
 

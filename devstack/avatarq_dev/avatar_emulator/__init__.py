@@ -5,6 +5,12 @@ protocol (receiving with livekit-agents' own DataStreamAudioReceiver); plays aud
 time, publishes a generated video track and records everything it received.
 """
 
-from .cli import main
-
 __all__ = ["main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The emulator's command line (cli.py). Imported on use: it needs livekit-agents (the dev
+    stack's `emulator` extra), which its other modules (e.g. behaviour) do not."""
+    from .cli import main as run
+
+    return run(argv)

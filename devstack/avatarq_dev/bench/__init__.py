@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from livekit import rtc
 
 from avatarq_dev import livekit_official
 from avatarq_dev.bench import codec, queue, report, scale, streams
@@ -113,6 +114,8 @@ def machine() -> dict[str, Any]:
         "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
         "cpu": model,
         "python": platform.python_version(),
+        # The worker's and sender's SDK (the avatar emulator's may differ: docs/compatibility.md).
+        "livekit_rtc": rtc.__version__,
         "load_avg_start": [round(x, 2) for x in os.getloadavg()],
     }
 
@@ -448,7 +451,8 @@ def write_docs(results: dict[str, Any], docs: Path) -> list[Path]:
         f"`avatarq bench` ({results['plan']} plan, {results['elapsed_s']:.0f} s), "
         f"{results['date']}, on {m['cores']} cores ({m['cpu']}) and {m['ram_gb']} GB RAM; load "
         f"average {m['load_avg_start']} at the start, {m['load_avg_end']} at the end (shared "
-        f"machine). LiveKit server: {results.get('server', '?')}; it, the avatar emulator and the "
+        f"machine). livekit-rtc {m.get('livekit_rtc', '?')}. LiveKit server: "
+        f"{results.get('server', '?')}; it, the avatar emulator and the "
         "light receivers share the worker's cores."
     )
     table = report.markdown_table(results)

@@ -106,7 +106,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 avatar_identity=avatar,
                 ttl=token_ttl_for(args.seconds, settings),
             )
-            # As the worker joins (tasks/ffiroute.py); DataStreamAudioOutput on the room as
+            # As the worker joins (tasks/compat.py); DataStreamAudioOutput on the room as
             # the SDK makes it, as livekit-agents uses it.
             route = args.route_events and args.mode == "ours"
             room = await connect_room(settings.livekit_url, t.worker, route_events=route)
