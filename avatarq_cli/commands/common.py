@@ -28,7 +28,9 @@ def fail(message: str, code: int) -> typer.Exit:
 
 #: The distribution of `avatarq_dev` (devstack/ in the repository), and how to get it.
 DEV_STACK = "avatarq-dev"
-DEV_STACK_INSTALL = "pip install ./devstack (from a checkout), or make bootstrap"
+DEV_STACK_INSTALL = (
+    "pip install ./devstack with its emulator extra (from a checkout), or make bootstrap"
+)
 
 
 @contextlib.contextmanager
