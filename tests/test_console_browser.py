@@ -235,7 +235,8 @@ def test_enqueued_job_shows_up_progresses_and_completes(
     second = enqueue_from_page(browser, f"{audio}/tone4.wav", "console-a")
     # The room plays one job at a time: the second waits behind the first.
     wait_for(lambda: row_status(browser, first) == "playing", "the first job to play")
-    assert row_status(browser, second) == "queued"
+    # Its row may come a poll of the page after the first one's.
+    assert wait_for(lambda: row_status(browser, second), "the second job's row", 5) == "queued"
     browser.save_screenshot(str(artefacts / "03-playing-and-queued.png"))
 
     seen: list[float] = []

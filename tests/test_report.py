@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import itertools
 import json
+import logging
 from typing import Any
 
 import redis
@@ -209,6 +210,8 @@ def test_progress_nowait_never_holds_up_the_caller(redis_server: str) -> None:
 
 
 def test_webhook_to_a_private_address_is_not_sent(redis_server: str, caplog: Any) -> None:
+    # Whatever level an earlier test left the loggers at in this process.
+    caplog.set_level(logging.WARNING, logger="avatarq.report")
     settings = settings_for(redis_server, AVATARQ_WEBHOOK_SECRET="whsec-test")  # defaults
     received: list[str] = []
 
@@ -226,6 +229,8 @@ def test_webhook_to_a_private_address_is_not_sent(redis_server: str, caplog: Any
 
 
 def test_webhook_redirect_is_not_followed(redis_server: str, caplog: Any) -> None:
+    # Whatever level an earlier test left the loggers at in this process.
+    caplog.set_level(logging.WARNING, logger="avatarq.report")
     # Loopback receiver: private webhooks allowed; the redirect is what is tested.
     settings = settings_for(redis_server, AVATARQ_ALLOW_PRIVATE_WEBHOOKS=True)
     received: list[str] = []
