@@ -24,6 +24,6 @@ test-fast: bootstrap
 	.venv/bin/python -m pytest -q -n auto -m "not netns and not slow" $(PYTEST_ARGS)
 
 lint: bootstrap
-	.venv/bin/ruff check avatarq avatarq_cli producers tasks devstack tests bench
-	.venv/bin/ruff format --check avatarq avatarq_cli producers tasks devstack tests bench
-	.venv/bin/mypy avatarq avatarq_cli producers tasks devstack/avatarq_dev
+	.venv/bin/ruff check avatarq avatarq_cli avatarq_agents producers tasks devstack tests bench
+	.venv/bin/ruff format --check avatarq avatarq_cli avatarq_agents producers tasks devstack tests bench
+	.venv/bin/mypy avatarq avatarq_cli avatarq_agents producers tasks devstack/avatarq_dev
