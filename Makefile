@@ -4,7 +4,7 @@
 # Both install what is missing first (infra/bootstrap): the demo only what it needs, the tests
 # everything. Anything that joins a LiveKit room runs in a private network namespace
 # (infra/netns-run): libwebrtc ignores loopback.
-.PHONY: demo test test-fast bootstrap bootstrap-demo lint bench
+.PHONY: demo test test-fast bootstrap bootstrap-demo lint bench example-agent
 
 bootstrap:
 	@bash infra/bootstrap test
@@ -27,3 +27,7 @@ lint: bootstrap
 	.venv/bin/ruff check avatarq avatarq_cli avatarq_agents producers tasks devstack tests bench
 	.venv/bin/ruff format --check avatarq avatarq_cli avatarq_agents producers tasks devstack tests bench
 	.venv/bin/mypy avatarq avatarq_cli avatarq_agents producers tasks devstack/avatarq_dev
+
+# The livekit-agents example (examples/agent_announcer.py) once on the local stack.
+example-agent: bootstrap
+	infra/netns-run .venv/bin/python examples/agent_announcer.py local

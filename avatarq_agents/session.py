@@ -14,7 +14,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from livekit import rtc
-from livekit.agents import AgentSession
+from livekit.agents import AgentSession, get_job_context
 from livekit.agents.voice import avatar
 
 from avatarq.errors import AvatarOverLimit
@@ -80,7 +80,13 @@ class AvatarSession(avatar.AvatarSession[Any]):
     async def start(self, agent_session: AgentSession, room: rtc.Room) -> None:
         """Wait for a session slot, start the avatar and wait until it renders and listens
         to this participant; then the session's speech goes to it. Raises
-        `AvatarSlotTimeout` when no slot came free within `slot_timeout`."""
+        `AvatarSlotTimeout` when no slot came free within `slot_timeout`. Connects the job's
+        room first if it is not yet (the avatar's token names this participant)."""
+        if not room.isconnected():
+            job_ctx = get_job_context(required=False)
+            if job_ctx is None:
+                raise RuntimeError("connect the room before starting the avatar")
+            await job_ctx.connect()
         await super().start(agent_session, room)
         self._room_name = room.name
         try:
