@@ -21,9 +21,10 @@ from livekit.agents.voice.io import PlaybackFinishedEvent
 
 from avatarq.settings import get_settings
 from avatarq_agents import AvatarSession, AvatarSlotTimeout
-from avatarq_agents.output import _Segment
+from avatarq_agents.output import AvatarAudioOutput, _Segment
 from avatarq_agents.pcm import ToAvatarPcm
 from avatarq_dev.stack import DEV_API_KEY, LocalStack, local_stack
+from tasks.link.types import PlaybackFinished
 from tests import audio
 from tests.netns import NETNS
 from tests.waiting import wait_terminal
@@ -80,6 +81,66 @@ def test_a_segment_coalesces_frames_and_stops_on_clear() -> None:
 
     sizes, got = asyncio.run(go())
     assert sizes == [12800, 12800, 6400] and got == [640]
+
+
+class ScriptedSender:
+    """Stands in for avatarq's sender (not LiveKit): takes what it is given at once and
+    answers each segment with the next scripted report (None: the report is lost)."""
+
+    sample_rate, bytes_per_second, avatar_identity = 16000, 32000, "avatar-anna"
+
+    def __init__(self, reports: list[PlaybackFinished | None]) -> None:
+        self.reports = reports
+        self.segments: list[int] = []
+        self.gate = asyncio.Event()  # the first segment's second write waits for it
+
+    async def send_segment(
+        self, chunks: AsyncIterator[bytes], pacer: Any, *, on_progress: Any, stop: Any, name: str
+    ) -> int:
+        sent = 0
+        async for chunk in chunks:
+            if not self.segments and sent:
+                await self.gate.wait()
+            if stop.is_set():
+                break
+            sent += len(chunk)
+            pacer.start()
+            await on_progress(sent)
+        self.segments.append(sent)
+        return sent
+
+    async def wait_playback_finished(self, timeout: float) -> PlaybackFinished | None:
+        return self.reports.pop(0)
+
+
+def test_the_output_reports_each_segment_in_order_and_a_clear_stops_those_pending() -> None:
+    async def go() -> tuple[list[tuple[float, bool]], list[int]]:
+        reports = [PlaybackFinished(0.4, True), None]
+        sender = ScriptedSender(reports)
+        output = AvatarAudioOutput(sender, lead=0.5, report_timeout=0.1)  # type: ignore[arg-type]
+        seen: list[tuple[float, bool]] = []
+        output.on(
+            "playback_finished", lambda ev: seen.append((ev.playback_position, ev.interrupted))
+        )
+        for _ in range(2):  # the first is playing when the second is captured
+            for frame in tone_frames(1.0):
+                await output.capture_frame(frame)
+            output.flush()
+            await asyncio.sleep(0.05)
+        output.clear_buffer()  # the user barged in
+        sender.gate.set()
+        await asyncio.wait_for(output.wait_for_playout(), 5)
+        for frame in tone_frames(0.5):  # the next reply: its report never comes
+            await output.capture_frame(frame)
+        output.flush()
+        await asyncio.wait_for(output.wait_for_playout(), 5)
+        return seen, sender.segments
+
+    seen, segments = asyncio.run(go())
+    # The first: stopped on the avatar, which reported its position. The second: never sent.
+    # The third: no report came, so what was sent counts as played.
+    assert seen == [(0.4, True), (0.0, True), (0.5, False)]
+    assert segments[0] < 32000 and segments[1] == 16000  # the first cut short
 
 
 # -- on the local stack -----------------------------------------------------------------------
