@@ -251,7 +251,7 @@ class TestOnTheStack:
         cut, played = sessions(stack, room)[0]["segments"]
         assert cut["interrupted"] is True
         # Paced: the avatar never held the 8 s, only what was due by the clear (plus the lead).
-        assert cut["received_s"] < first.playback_position + 1.0
+        assert cut["received_s"] < first.playback_position + 1.5
         assert played["interrupted"] is False and round(played["received_s"], 1) == 0.6
 
     def test_two_rooms_with_one_avatar_id_keep_their_reports_apart(self, stack: LocalStack) -> None:
@@ -309,7 +309,8 @@ class TestOnTheStack:
             return job.job_id, seen, time.time()
 
         job_id, seen, closed_at = asyncio.run(go())
-        assert "waiting_for_avatar" in seen and "playing" not in seen, seen
+        # Taken by a worker ("playing"), then in line for the server's one session until the end.
+        assert seen[-1] == "waiting_for_avatar" and "completed" not in seen, seen
         ended = wait_terminal(job_id, timeout=60)[job_id]
         assert ended["status"] == "completed", ended
         assert ended["timestamps"]["first_byte"] >= closed_at - 0.5
