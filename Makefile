@@ -24,9 +24,9 @@ test-fast: bootstrap
 	.venv/bin/python -m pytest -q -n auto -m "not netns and not slow" $(PYTEST_ARGS)
 
 lint: bootstrap
-	.venv/bin/ruff check avatarq avatarq_cli avatarq_agents producers tasks devstack tests bench
-	.venv/bin/ruff format --check avatarq avatarq_cli avatarq_agents producers tasks devstack tests bench
-	.venv/bin/mypy avatarq avatarq_cli avatarq_agents producers tasks devstack/avatarq_dev
+	.venv/bin/ruff check avatarq avatarq_cli avatarq_agents producers tasks devstack tests bench examples
+	.venv/bin/ruff format --check avatarq avatarq_cli avatarq_agents producers tasks devstack tests bench examples
+	.venv/bin/mypy avatarq avatarq_cli avatarq_agents producers tasks devstack/avatarq_dev examples
 
 # The livekit-agents example (examples/agent_announcer.py) once on the local stack.
 example-agent: bootstrap

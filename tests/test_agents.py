@@ -19,7 +19,7 @@ from livekit import api, rtc
 from livekit.agents import Agent, AgentSession
 from livekit.agents.voice.io import PlaybackFinishedEvent
 
-from avatarq.settings import get_settings
+from avatarq.settings import Settings, get_settings
 from avatarq_agents import AvatarSession, AvatarSlotTimeout
 from avatarq_agents.output import AvatarAudioOutput, _Segment
 from avatarq_agents.pcm import ToAvatarPcm
@@ -81,6 +81,20 @@ def test_a_segment_coalesces_frames_and_stops_on_clear() -> None:
 
     sizes, got = asyncio.run(go())
     assert sizes == [12800, 12800, 6400] and got == [640]
+
+
+def test_the_server_is_named_or_found_by_url_among_the_configured_ones() -> None:
+    servers = {"eu": {"url": "http://eu.example:9000", "max_sessions": 2}}
+    settings = Settings(avatar_servers=servers)
+    by_name = AvatarSession(avatar_id="anna", avatar_server="eu", settings=settings)
+    by_url = AvatarSession(
+        avatar_id="anna", avatar_server="http://eu.example:9000/", settings=settings
+    )
+    assert by_name.server.name == by_url.server.name == "eu" and by_url.server.max_sessions == 2
+    assert AvatarSession(avatar_id="anna", settings=settings).server.name == "default"
+    # A URL nobody configured never gets the license key.
+    with pytest.raises(KeyError, match="no configured avatar server"):
+        AvatarSession(avatar_id="anna", avatar_server="http://elsewhere.example", settings=settings)
 
 
 class ScriptedSender:
