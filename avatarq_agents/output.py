@@ -33,6 +33,8 @@ class _Segment:
     queue: asyncio.Queue[bytes | None] = field(default_factory=asyncio.Queue)
     #: Set by clear_buffer: the rest is never sent and the avatar's buffer is cleared.
     stop: asyncio.Event = field(default_factory=asyncio.Event)
+    #: All of it went out and the stream is closed: a clear must reach the avatar by RPC.
+    sent: bool = False
 
     def end(self) -> None:
         rest = self.pcm.flush()
@@ -81,6 +83,7 @@ class AvatarAudioOutput(AudioOutput):
         #: Captured and not yet reported, oldest first: the pump plays them in turn.
         self._pending: deque[_Segment] = deque()
         self._pump: asyncio.Task[None] | None = None
+        self._clears: set[asyncio.Task[None]] = set()
 
     async def capture_frame(self, frame: rtc.AudioFrame) -> None:
         await super().capture_frame(frame)
@@ -104,7 +107,18 @@ class AvatarAudioOutput(AudioOutput):
     def clear_buffer(self) -> None:
         """Stop every segment not yet reported; the one playing is cleared on the avatar."""
         for segment in self._pending:
+            if segment.sent and not segment.stop.is_set():
+                # Its stream is closed, the avatar still plays what it holds (up to the lead).
+                task = asyncio.create_task(self._clear_avatar())
+                self._clears.add(task)
+                task.add_done_callback(self._clears.discard)
             segment.cancel()
+
+    async def _clear_avatar(self) -> None:
+        try:
+            await self.sender.clear_buffer()
+        except Exception as e:  # its report, or the fallback, still ends the segment
+            log.warning("lk.clear_buffer to %s failed: %s", self.sender.avatar_identity, e)
 
     async def _play_pending(self) -> None:
         while self._pending:
@@ -141,6 +155,7 @@ class AvatarAudioOutput(AudioOutput):
             stop=segment.stop,
             name="avatarq-agent",
         )
+        segment.sent = not segment.stop.is_set()
         sent_s = sent / bps
         if sent == 0:
             return PlaybackFinished(0.0, interrupted=segment.stop.is_set())
@@ -163,3 +178,4 @@ class AvatarAudioOutput(AudioOutput):
         if self._pump is not None:
             with contextlib.suppress(Exception):
                 await self._pump
+        await asyncio.gather(*self._clears, return_exceptions=True)

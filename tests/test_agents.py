@@ -157,6 +157,37 @@ def test_the_output_reports_each_segment_in_order_and_a_clear_stops_those_pendin
     assert segments[0] < 32000 and segments[1] == 16000  # the first cut short
 
 
+class StillPlaying(ScriptedSender):
+    """All sent, the avatar still playing: it reports only once told to clear."""
+
+    def __init__(self) -> None:
+        super().__init__([])
+        self.gate.set()
+        self.cleared = asyncio.Event()
+
+    async def clear_buffer(self) -> None:
+        self.cleared.set()
+
+    async def wait_playback_finished(self, timeout: float) -> PlaybackFinished | None:
+        await self.cleared.wait()
+        return PlaybackFinished(0.7, True)
+
+
+def test_a_clear_after_the_last_write_reaches_the_avatar() -> None:
+    async def go() -> Any:
+        sender = StillPlaying()
+        output = AvatarAudioOutput(sender, lead=0.5, report_timeout=10.0)  # type: ignore[arg-type]
+        for frame in tone_frames(1.0):
+            await output.capture_frame(frame)
+        output.flush()
+        await asyncio.sleep(0.05)  # all written: the stream is closed
+        output.clear_buffer()
+        return await asyncio.wait_for(output.wait_for_playout(), 3)
+
+    finished = asyncio.run(go())
+    assert (finished.playback_position, finished.interrupted) == (0.7, True)
+
+
 # -- on the local stack -----------------------------------------------------------------------
 
 
@@ -267,6 +298,30 @@ class TestOnTheStack:
         # Paced: the avatar never held the 8 s, only what was due by the clear (plus the lead).
         assert cut["received_s"] < first.playback_position + 1.5
         assert played["interrupted"] is False and round(played["received_s"], 1) == 0.6
+
+    def test_an_interruption_after_the_last_write_still_stops_the_avatar(
+        self, stack: LocalStack
+    ) -> None:
+        room = f"ag-{uuid.uuid4().hex[:6]}"
+        # A 2 s lead: the 4 s reply is all written by about 2 s in, still playing until 4 s.
+        settings = get_settings().model_copy(update={"default_lead_s": 2.0})
+
+        async def go() -> Conversation:
+            agent = await Conversation.start(stack, room, settings=settings)
+            try:
+                handle = agent.session.say("Almost done.", audio=speech(4.0))
+                await asyncio.sleep(3.0)
+                handle.interrupt()
+                await asyncio.wait_for(asyncio.shield(handle.wait_for_playout()), 10)
+            finally:
+                await agent.close()
+            return agent
+
+        agent = asyncio.run(go())
+        (report,) = agent.reports
+        assert report.interrupted and 2.0 < report.playback_position < 3.8
+        (cut,) = sessions(stack, room)[0]["segments"]
+        assert cut["interrupted"] is True and round(cut["received_s"], 1) == 4.0
 
     def test_two_rooms_with_one_avatar_id_keep_their_reports_apart(self, stack: LocalStack) -> None:
         rooms = [f"ag-{uuid.uuid4().hex[:6]}" for _ in range(2)]
