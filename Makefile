@@ -4,7 +4,7 @@
 # Both install what is missing first (infra/bootstrap): the demo only what it needs, the tests
 # everything. Anything that joins a LiveKit room runs in a private network namespace
 # (infra/netns-run): libwebrtc ignores loopback.
-.PHONY: demo test test-fast test-sdk12 bootstrap bootstrap-demo lint bench
+.PHONY: demo test test-fast test-sdk12 bootstrap bootstrap-demo lint bench example-agent
 
 bootstrap:
 	@bash infra/bootstrap test
@@ -35,6 +35,10 @@ test-sdk12: bootstrap
 		infra/netns-run .venv-lk12/bin/python -m pytest -q -rs $(SDK12_TESTS) $(PYTEST_ARGS)
 
 lint: bootstrap
-	.venv/bin/ruff check avatarq avatarq_cli producers tasks devstack tests bench
-	.venv/bin/ruff format --check avatarq avatarq_cli producers tasks devstack tests bench
-	.venv/bin/mypy avatarq avatarq_cli producers tasks devstack/avatarq_dev
+	.venv/bin/ruff check avatarq avatarq_cli avatarq_agents producers tasks devstack tests bench examples
+	.venv/bin/ruff format --check avatarq avatarq_cli avatarq_agents producers tasks devstack tests bench examples
+	.venv/bin/mypy avatarq avatarq_cli avatarq_agents producers tasks devstack/avatarq_dev examples
+
+# The livekit-agents example (examples/agent_announcer.py) once on the local stack.
+example-agent: bootstrap
+	infra/netns-run .venv/bin/python examples/agent_announcer.py local

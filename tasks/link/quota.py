@@ -130,6 +130,14 @@ class AvatarQuota:
                 log.debug("avatar server %r: release notices paused: %s", self.server, e)
             await asyncio.sleep(backoff_delay(min(attempt, 4), 0.5, 5.0))
 
+    async def aclose(self) -> None:
+        """Stop listening for release notices (a quota that outlives its Redis client)."""
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+            self._listener = None
+
     async def leave_line(self, job_id: str) -> None:
         """The job stopped waiting (it was cancelled or will be requeued later)."""
         with contextlib.suppress(RedisError):

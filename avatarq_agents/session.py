@@ -1,0 +1,190 @@
+"""`AvatarSession` for livekit-agents: the Avaluma plugin's shape on avatarq's fleet parts.
+
+A conversational session takes a slot of the avatar server's fleet-wide quota like a batch
+job, starts the avatar with avatarq's client, waits until it renders and listens, and gives
+the `AgentSession` an audio output on avatarq's sender (avatarq_agents/output.py)."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+import redis.asyncio as aioredis
+from livekit import rtc
+from livekit.agents import AgentSession, get_job_context
+from livekit.agents.voice import avatar
+
+from avatarq.errors import AvatarOverLimit
+from avatarq.settings import AvatarServer, Settings, get_settings
+from avatarq_agents.output import AvatarAudioOutput
+from tasks.link import room as rooms
+from tasks.link import tokens
+from tasks.link.avatar import START_ANSWER_TIMEOUT_S
+from tasks.link.link import RoomAdmin, http_avatar_client
+from tasks.link.quota import AvatarQuota, Slot, wait_for_slot
+from tasks.link.stream import AudioStreamSender
+from tasks.link.types import AvatarClient, NoAvatarSlot
+from tasks.link.types import AvatarSession as ServerSession
+
+log = logging.getLogger("avatarq.agents")
+
+#: How long `start` waits for a free session slot of the avatar server by default.
+SLOT_TIMEOUT_S = 30.0
+
+
+class AvatarSlotTimeout(TimeoutError):
+    """No session slot of the avatar server came free in time (the fleet is at its quota)."""
+
+
+class AvatarSession(avatar.AvatarSession[Any]):
+    """An avatar for one `AgentSession` in one room: `await start(agent_session, room=...)`,
+    then `await aclose()` (also called at the job's shutdown)."""
+
+    def __init__(
+        self,
+        *,
+        avatar_id: str,
+        avatar_server: str | None = None,
+        settings: Settings | None = None,
+        slot_timeout: float = SLOT_TIMEOUT_S,
+    ) -> None:
+        """`avatar_server`: a configured server's name or URL (the license key is only ever
+        sent to a configured server); the default server when omitted."""
+        super().__init__()
+        self.settings = settings or get_settings()
+        self.server = _configured_server(self.settings, avatar_server)
+        self.avatar_id = avatar_id
+        self.slot_timeout = slot_timeout
+        self.audio_output: AvatarAudioOutput | None = None
+        self.server_session: ServerSession | None = None
+        self._identity = f"avatar-{avatar_id}"
+        self._redis: aioredis.Redis | None = None
+        self._quota: AvatarQuota | None = None
+        self._slot: Slot | None = None
+        self._client: AvatarClient | None = None
+        self._sender: AudioStreamSender | None = None
+        self._room_name = ""
+        self._closed = False
+
+    @property
+    def avatar_identity(self) -> str:
+        return self._identity
+
+    @property
+    def provider(self) -> str:
+        return "avatarq"
+
+    async def start(self, agent_session: AgentSession, room: rtc.Room) -> None:
+        """Wait for a session slot, start the avatar and wait until it renders and listens
+        to this participant; then the session's speech goes to it. Raises
+        `AvatarSlotTimeout` when no slot came free within `slot_timeout`. Connects the job's
+        room first if it is not yet (the avatar's token names this participant)."""
+        if not room.isconnected():
+            job_ctx = get_job_context(required=False)
+            if job_ctx is None:
+                raise RuntimeError("connect the room before starting the avatar")
+            await job_ctx.connect()
+        await super().start(agent_session, room)
+        self._room_name = room.name
+        try:
+            await self._take_slot(room.name)
+            await self._start_avatar(room)
+        except BaseException:
+            await self.aclose()
+            raise
+        assert self._sender is not None
+        self.audio_output = AvatarAudioOutput(
+            self._sender,
+            lead=self.settings.default_lead_s,
+            report_timeout=self.settings.playback_finished_timeout_s,
+        )
+        agent_session.output.audio = self.audio_output
+
+    async def _take_slot(self, room: str) -> None:
+        self._redis = aioredis.from_url(self.settings.redis_url)
+        quota = self._quota = AvatarQuota(self._redis, self.server.name, self.server.max_sessions)
+        holder = f"agent-{room}-{uuid.uuid4().hex[:8]}"
+        try:
+            self._slot = await wait_for_slot(quota, holder, patience_s=self.slot_timeout)
+        except NoAvatarSlot as e:
+            await quota.leave_line(holder)
+            raise AvatarSlotTimeout(
+                f"no session slot of avatar server {self.server.name!r} came free within "
+                f"{self.slot_timeout:g}s ({e})"
+            ) from None
+        quota.hold(self._slot)
+
+    async def _start_avatar(self, room: rtc.Room) -> None:
+        settings = self.settings
+        job_tokens = tokens.mint(
+            settings,
+            room=room.name,
+            worker_identity=room.local_participant.identity,
+            avatar_identity=self._identity,
+            ttl=tokens.ttl_for(None, settings),
+        )
+        # Registered before the avatar exists, so no report of its first segment is missed.
+        self._sender = AudioStreamSender(room, self._identity, self.server.sample_rate)
+        self._client = http_avatar_client(self.server, settings)
+        stale = rooms.session_of(room, self._identity)
+        try:
+            session = await self._client.start(
+                livekit_url=settings.livekit_url,
+                livekit_token=job_tokens.avatar,
+                avatar_id=self.avatar_id,
+                avatar_identity=self._identity,
+            )
+        except AvatarOverLimit:
+            if self._quota is not None:
+                await self._quota.shrink()  # the server's real limit is lower than ours
+            raise
+        self.server_session = session
+        self._identity = session.participant_identity
+        self._sender.avatar_identity = self._identity
+        join_timeout = settings.avatar_join_timeout_s
+        if not session.acknowledged:
+            join_timeout += START_ANSWER_TIMEOUT_S
+        await rooms.wait_for_avatar(room, self._identity, timeout=join_timeout, not_sid=stale)
+        await rooms.wait_until_listening(
+            room, self._identity, timeout=settings.avatar_join_timeout_s
+        )
+
+    async def aclose(self) -> None:
+        """Stop the speech, the avatar session (or make the avatar leave) and give the slot
+        back. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.audio_output is not None:
+            await self.audio_output.aclose()
+        if self._client is not None:
+            if self.server_session is not None and not await self._client.stop(self.server_session):
+                admin = RoomAdmin.of(self.settings)
+                await rooms.remove_participant(
+                    admin.url,
+                    admin.api_key,
+                    admin.api_secret,
+                    room=self._room_name,
+                    identity=self._identity,
+                )
+            await self._client.aclose()
+        if self._sender is not None:
+            await self._sender.aclose()
+        if self._quota is not None and self._slot is not None:
+            await self._quota.release(self._slot)
+        if self._quota is not None:
+            await self._quota.aclose()
+        if self._redis is not None:
+            await self._redis.aclose()
+        await super().aclose()
+
+
+def _configured_server(settings: Settings, name_or_url: str | None) -> AvatarServer:
+    if name_or_url is None or "://" not in name_or_url:
+        return settings.avatar_server(name_or_url)
+    wanted = name_or_url.rstrip("/")
+    for name, server in settings.configured_avatar_servers().items():
+        if server.base_url == wanted:
+            return settings.avatar_server(name)
+    raise KeyError(f"no configured avatar server has the URL {name_or_url!r}")
