@@ -19,7 +19,7 @@ from avatarq.settings import AvatarServer, Settings
 from tasks.link.link import AvatarClientFactory, AvatarLink, http_avatar_client, open_link
 from tasks.link.quota import AvatarQuota, wait_for_slot
 from tasks.link.types import Link, LinkRequest, NoAvatarSlot, Waiting
-from tasks.link.warm import WarmPool
+from tasks.link.warm import WarmPool, slot_wanted
 
 #: How long a cold start waits in its worker slot for an avatar session slot (waking on each
 #: release) before the job goes back to the queue (its place in the server's line is kept a
@@ -114,11 +114,9 @@ class Links:
     async def _wanted_elsewhere(self, link: AvatarLink) -> bool:
         """The link's room has no other job to play and another room waits for a session
         slot: the slot goes there now rather than idle in this room."""
-        if link.quota is None:
+        if not await slot_wanted(link):
             return False
         try:
-            if await link.quota.demand() == 0:
-                return False
             # The order holds the room's unfinished jobs, the one ending now among them.
             return int(await self.redis.llen(room_order_key(link.key.room))) <= 1  # type: ignore[misc]
         except RedisError:

@@ -93,7 +93,7 @@ class WarmPool:
                 except RedisError:
                     continue
                 if not wanted and (idle := self._idle.get(key)) is not None:
-                    wanted = await self._slot_wanted(idle[0])
+                    wanted = await slot_wanted(idle[0])
                 entry = self._idle.pop(key, None) if wanted else None
                 if entry is not None:
                     entry[1].cancel()
@@ -101,17 +101,6 @@ class WarmPool:
                     await self._forget(key)
                     with contextlib.suppress(RedisError):
                         await self._redis.delete(_release_key(key))
-
-    @staticmethod
-    async def _slot_wanted(link: AvatarLink) -> bool:
-        """Another job waits for a session slot of this link's avatar server: an idle
-        session gives its slot up early."""
-        if link.quota is None:
-            return False
-        try:
-            return await link.quota.demand() > 0
-        except RedisError:
-            return False
 
     async def _forget(self, key: LinkKey) -> None:
         with contextlib.suppress(RedisError):
@@ -135,3 +124,14 @@ class WarmPool:
             timer.cancel()
             await link.close()
             await self._forget(key)
+
+
+async def slot_wanted(link: AvatarLink) -> bool:
+    """Another job waits for a session slot of this link's avatar server: an idle session
+    gives its slot up early (False when Redis cannot say)."""
+    if link.quota is None:
+        return False
+    try:
+        return await link.quota.demand() > 0
+    except RedisError:
+        return False
