@@ -4,6 +4,7 @@ fleet (several real worker processes, the emulator enforcing the limit with 429)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 import uuid
@@ -185,6 +186,7 @@ def test_a_finished_rooms_session_goes_to_a_waiting_room_at_once(
         )
         link = AvatarLink(LinkKey(room, "avatar-a", server, 16000), None, None, None, None)  # type: ignore[arg-type]
         link.own_slot(q, slot)
+        link.job_id = "playing"
         parked: list[AvatarLink] = []
 
         async def park(link: AvatarLink, idle_s: float) -> None:
@@ -199,6 +201,47 @@ def test_a_finished_rooms_session_goes_to_a_waiting_room_at_once(
 
     parked, closed = run(go())
     assert (parked, closed) == ((0, 1) if others_in_room == 0 else (1, 0))
+
+
+@pytest.mark.parametrize("others_in_room", [0, 1])
+def test_an_idle_session_stays_while_its_room_has_more_to_play(
+    redis_server: str, others_in_room: int
+) -> None:
+    # Parked between two jobs of its room, a session is not handed to a waiting room however
+    # long its next job takes to arrive: the room would start cold again, behind the line.
+    from avatarq.ledger.keys import room_order_key
+    from tasks.link.link import AvatarLink
+    from tasks.link.types import LinkKey
+    from tasks.link.warm import RELEASE_POLL_S, WarmPool
+
+    async def go() -> bool:
+        r = aioredis.from_url(redis_server)
+        room, server = f"room-{uuid.uuid4().hex[:6]}", f"s-{uuid.uuid4().hex[:6]}"
+        q = AvatarQuota(r, server, 1)
+        slot = await q.try_acquire("played")
+        assert isinstance(slot, Slot)
+        assert isinstance(await q.try_acquire("waiting"), Waiting)
+        if others_in_room:  # the job that played has recorded its end: only the next remain
+            await r.rpush(room_order_key(room), *[f"next-{i}" for i in range(others_in_room)])
+        link = AvatarLink(LinkKey(room, "avatar-a", server, 16000), None, None, None, None)  # type: ignore[arg-type]
+        link.own_slot(q, slot)
+        link.job_id = "played"
+        closed = asyncio.Event()
+
+        async def close() -> None:
+            closed.set()
+
+        link.close = close  # type: ignore[method-assign]
+        pool = WarmPool(r)
+        await pool.park(link, idle_s=60)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(closed.wait(), timeout=5 * RELEASE_POLL_S)
+        handed_on = closed.is_set()
+        await pool.aclose()
+        await r.aclose()
+        return handed_on
+
+    assert run(go()) is (others_in_room == 0)
 
 
 # -- the fleet --------------------------------------------------------------------------------

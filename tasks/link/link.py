@@ -63,6 +63,8 @@ class AvatarLink:
     quota: AvatarQuota | None = None
     slot: Slot | None = None
     control: JobControl | None = None
+    #: The job it plays, or played last: a room with no other job may give its session up.
+    job_id: str | None = None
     #: Set once the room or the avatar is gone: the link must not be used again.
     broken: StopReason | None = None
     _closed: bool = field(default=False, repr=False)
@@ -210,6 +212,7 @@ async def open_link(
         RoomAdmin.of(settings),
         keeper=keeper,
         hold=hold,
+        job_id=job.job_id,
     )
     # Fired only once the SDK gave up reconnecting: the room is lost for good.
     room.on("disconnected", lambda *_: link.lost(StopReason.ROOM_LOST))

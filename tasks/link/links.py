@@ -10,11 +10,10 @@ from __future__ import annotations
 import json
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from avatarq.errors import AvatarOverLimit
 from avatarq.events import WaitingForAvatar
-from avatarq.ledger.keys import job_waiting_key, room_order_key
+from avatarq.ledger.keys import job_waiting_key
 from avatarq.settings import AvatarServer, Settings
 from tasks.link.link import AvatarClientFactory, AvatarLink, http_avatar_client, open_link
 from tasks.link.quota import AvatarQuota, wait_for_slot
@@ -58,6 +57,7 @@ class Links:
             return None
         link = await self.pool.take(request.key)
         if link is not None:
+            link.job_id = request.job.job_id
             await link.cover(request, self.settings)
         return link
 
@@ -105,22 +105,11 @@ class Links:
         """After the job: park a link fit for the next one, close any other."""
         assert isinstance(link, AvatarLink), "Links only takes back the links it gave"
         if keep and self.settings.warm_idle_s > 0 and link.reusable:
-            keep = not await self._wanted_elsewhere(link)
+            keep = not await slot_wanted(link, self.redis)
         if keep:
             await self.pool.park(link, self.settings.warm_idle_s)
         else:
             await link.close()
-
-    async def _wanted_elsewhere(self, link: AvatarLink) -> bool:
-        """The link's room has no other job to play and another room waits for a session
-        slot: the slot goes there now rather than idle in this room."""
-        if not await slot_wanted(link):
-            return False
-        try:
-            # The order holds the room's unfinished jobs, the one ending now among them.
-            return int(await self.redis.llen(room_order_key(link.key.room))) <= 1  # type: ignore[misc]
-        except RedisError:
-            return False
 
     async def aclose(self) -> None:
         await self.pool.aclose()

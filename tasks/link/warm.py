@@ -15,7 +15,12 @@ import uuid
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from avatarq.ledger.keys import WARM_RELEASE_TTL_S, warm_holder_key, warm_release_key
+from avatarq.ledger.keys import (
+    WARM_RELEASE_TTL_S,
+    room_order_key,
+    warm_holder_key,
+    warm_release_key,
+)
 from tasks.link.link import AvatarLink
 from tasks.link.types import LinkKey
 
@@ -93,7 +98,7 @@ class WarmPool:
                 except RedisError:
                     continue
                 if not wanted and (idle := self._idle.get(key)) is not None:
-                    wanted = await slot_wanted(idle[0])
+                    wanted = await slot_wanted(idle[0], self._redis)
                 entry = self._idle.pop(key, None) if wanted else None
                 if entry is not None:
                     entry[1].cancel()
@@ -126,12 +131,18 @@ class WarmPool:
             await self._forget(key)
 
 
-async def slot_wanted(link: AvatarLink) -> bool:
-    """Another job waits for a session slot of this link's avatar server: an idle session
-    gives its slot up early (False when Redis cannot say)."""
+async def slot_wanted(link: AvatarLink, redis: aioredis.Redis) -> bool:
+    """Another job waits for a session slot of this link's avatar server and the link's room
+    has no job but the one it played last: its session gives the slot up early (False when
+    Redis cannot say). A room with more to play keeps its session: it would start cold again."""
     if link.quota is None:
         return False
     try:
-        return await link.quota.demand() > 0
+        if await link.quota.demand() <= 0:
+            return False
+        # The order holds the room's unfinished jobs, the one that played last among them
+        # until its run records its end.
+        ahead = await redis.lrange(room_order_key(link.key.room), 0, 1)  # type: ignore[misc]
     except RedisError:
         return False
+    return all(job_id.decode() == link.job_id for job_id in ahead)
