@@ -41,7 +41,7 @@ class Links:
         self.settings = settings
         self.redis = redis
         self.avatar_client = avatar_client
-        self.pool = WarmPool(redis)
+        self.pool = WarmPool(redis, lanes=settings.room_lanes)
         self._quotas: dict[str, AvatarQuota] = {}
 
     def quota(self, server: AvatarServer) -> AvatarQuota:
@@ -105,7 +105,7 @@ class Links:
         """After the job: park a link fit for the next one, close any other."""
         assert isinstance(link, AvatarLink), "Links only takes back the links it gave"
         if keep and self.settings.warm_idle_s > 0 and link.reusable:
-            keep = not await slot_wanted(link, self.redis)
+            keep = not await slot_wanted(link, self.redis, lanes=self.settings.room_lanes)
         if keep:
             await self.pool.park(link, self.settings.warm_idle_s)
         else:

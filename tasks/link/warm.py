@@ -43,8 +43,9 @@ def _release_key(key: LinkKey) -> str:
 class WarmPool:
     """Idle links of this worker process, each closed after its idle window or on request."""
 
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(self, redis: aioredis.Redis, *, lanes: bool = True) -> None:
         self._redis = redis
+        self._lanes = lanes
         self._token = uuid.uuid4().hex
         self._idle: dict[LinkKey, tuple[AvatarLink, asyncio.TimerHandle]] = {}
         self._watcher: asyncio.Task[None] | None = None
@@ -98,7 +99,7 @@ class WarmPool:
                 except RedisError:
                     continue
                 if not wanted and (idle := self._idle.get(key)) is not None:
-                    wanted = await slot_wanted(idle[0], self._redis)
+                    wanted = await slot_wanted(idle[0], self._redis, lanes=self._lanes)
                 entry = self._idle.pop(key, None) if wanted else None
                 if entry is not None:
                     entry[1].cancel()
@@ -131,15 +132,19 @@ class WarmPool:
             await self._forget(key)
 
 
-async def slot_wanted(link: AvatarLink, redis: aioredis.Redis) -> bool:
-    """Another job waits for a session slot of this link's avatar server and the link's room
-    has no job but the one it played last: its session gives the slot up early (False when
-    Redis cannot say). A room with more to play keeps its session: it would start cold again."""
+async def slot_wanted(link: AvatarLink, redis: aioredis.Redis, *, lanes: bool) -> bool:
+    """Another job waits for a session slot of this link's avatar server and, with room
+    lanes, the link's room has no job but the one it played last: its session gives the slot
+    up early (False when Redis cannot say). A lane with more to play keeps its session: its
+    next job comes at once, and would otherwise start cold again, behind the line. Without
+    lanes a room's next job comes back through the broker, seconds later."""
     if link.quota is None:
         return False
     try:
         if await link.quota.demand() <= 0:
             return False
+        if not lanes:
+            return True
         # The order holds the room's unfinished jobs, the one that played last among them
         # until its run records its end.
         ahead = await redis.lrange(room_order_key(link.key.room), 0, 1)  # type: ignore[misc]

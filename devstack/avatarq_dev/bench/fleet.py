@@ -115,6 +115,7 @@ class FleetBench:
         ideal = max(p.per_room * p.clip_s, len(handles) * p.clip_s / p.quota)
         completed = [r for r in runs if r.result.get("status") == "completed"]
         return {
+            **_where_the_time_went(completed, sessions, began, drain, p.quota),
             "jobs": len(handles),
             "rooms": p.rooms,
             "quota": p.quota,
@@ -181,6 +182,29 @@ class FleetBench:
             "goal_gap_p50_below_s": 0.3,
             "goal_warm_start_p50_below_s": 0.1,
         }
+
+
+def _where_the_time_went(
+    completed: list[Played], sessions: list[dict[str, Any]], began: float, drain: float, quota: int
+) -> dict[str, Any]:
+    """What separates the drain from its ideal: the first audio's wait, each cold avatar's
+    start, and how much of the quota's session time carried audio."""
+    stamps = [r.result["timestamps"] for r in completed]
+    cold = [t for r, t in zip(completed, stamps, strict=True) if not r.result.get("warm")]
+    lived = [
+        s["stopped_at"] - s["created_at"]
+        for s in sessions
+        if s.get("stopped_at") and s.get("created_at")
+    ]
+    audio = sum(r.result.get("audio_duration", 0.0) for r in completed)
+    return {
+        "first_audio_after_s": round(
+            min((t["first_byte"] for t in stamps), default=began) - began, 3
+        ),
+        "cold_avatar_start_s": spread([t["avatar_ready"] - t["room_joined"] for t in cold]),
+        "session_time_used_share": ratio(sum(lived), quota * drain),
+        "audio_share_of_session_time": ratio(audio, sum(lived)),
+    }
 
 
 def _order_exact(runs: list[Played], rooms: list[str]) -> bool:

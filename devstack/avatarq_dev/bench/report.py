@@ -202,6 +202,27 @@ ROWS: list[Row] = [
         "",
     ),
     (
+        "fleet burst: enqueue → first audio (lanes; baseline: polling)",
+        "fleet.lanes.burst.first_audio_after_s",
+        "fleet.polling.burst.first_audio_after_s",
+        "s",
+        "",
+    ),
+    (
+        "fleet burst: cold avatar start p50, room joined → ready",
+        "fleet.lanes.burst.cold_avatar_start_s.p50",
+        "fleet.polling.burst.cold_avatar_start_s.p50",
+        "s",
+        "",
+    ),
+    (
+        "fleet burst: audio / avatar session time",
+        "fleet.lanes.burst.audio_share_of_session_time",
+        "fleet.polling.burst.audio_share_of_session_time",
+        "",
+        "",
+    ),
+    (
         "fleet burst peak sessions (quota: fleet.*.burst.quota)",
         "fleet.lanes.burst.peak_sessions",
         "fleet.lanes.burst.quota",
