@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from avatarq.errors import InvalidJob
 from avatarq.jobs import Job
 from avatarq.settings import Settings
-from tasks.decode import PcmDecoder, probe_duration
+from tasks.decode import PcmDecoder
 from tasks.runahead import RUN_AHEAD_S, RunAhead
 from tasks.seams import Audio, AudioSpec
 from tasks.source import aresolve
@@ -27,7 +27,7 @@ _Prepared = asyncio.Task[tuple[contextlib.AsyncExitStack, Audio]]
 
 
 class FfmpegAudio:
-    """Opens a job's source: ffprobe (its declared length) beside the decoder's start, the
+    """Opens a job's source: the decoder, which also reads its declared length, the
     length limit held while decoding, a short file failing as truncated_audio, the decoder
     running up to RUN_AHEAD_S ahead of playback (tasks/runahead.py)."""
 
@@ -75,7 +75,6 @@ class FfmpegAudio:
             # Speech is rendered once by the producer (producers.tts), never by a worker.
             raise InvalidJob("tts sources must be rendered by the producer before they are queued")
         resolved = await aresolve(job.source, self.settings)
-        probe = asyncio.create_task(probe_duration(resolved, self.settings))
         decoder = PcmDecoder(
             resolved,
             sample_rate=spec.sample_rate,
@@ -84,16 +83,13 @@ class FfmpegAudio:
             start_at=spec.start_at,
         )
         max_chunks = max(1, int(RUN_AHEAD_S * spec.sample_rate * 2 / spec.chunk_bytes))
-        try:
-            async with decoder:
-                chunks = decoder.chunks(spec.chunk_bytes)
-                # Audio that decodes to nothing ends the decoder with DecodeError `no_audio`.
-                first = await anext(chunks)
-                duration = decoder.expected_seconds = await probe
-                async with RunAhead(chunks, max_chunks=max_chunks) as ahead:
-                    yield Audio(duration, first, aiter(ahead), lambda: decoder.decoded_seconds)
-        finally:
-            probe.cancel()
+        async with decoder:
+            chunks = decoder.chunks(spec.chunk_bytes)
+            # Audio that decodes to nothing ends the decoder with DecodeError `no_audio`.
+            first = await anext(chunks)
+            duration = decoder.expected_seconds = await decoder.declared_seconds()
+            async with RunAhead(chunks, max_chunks=max_chunks) as ahead:
+                yield Audio(duration, first, aiter(ahead), lambda: decoder.decoded_seconds)
 
 
 async def _discard(task: _Prepared) -> None:

@@ -30,7 +30,9 @@ STDERR_TAIL_BYTES = 4096
 # instead of hanging the job; the reconnect options below then retry it.
 _RW_TIMEOUT_US = 15_000_000
 _RECONNECT_DELAY_MAX_S = 10
-_PROBE_TIMEOUT_S = 15.0
+#: How long the input's dump may take to come: ffmpeg writes it once it opened the source,
+#: before the first audio, so this only bounds a pathological input.
+_DECLARED_TIMEOUT_S = 15.0
 #: Decoded audio may run this much past `max_seconds`: codec priming and padding (a frame or
 #: two) make a clip of exactly the limit decode a few milliseconds longer.
 LIMIT_SLACK_S = 0.25
@@ -63,15 +65,6 @@ _CORRUPT_SIGNS = (
 def ffmpeg_binary(settings: Settings) -> str:
     """The configured ffmpeg, else the one on PATH, else the one bundled by imageio-ffmpeg."""
     return settings.ffmpeg_binary or shutil.which("ffmpeg") or imageio_ffmpeg.get_ffmpeg_exe()
-
-
-def ffprobe_binary(settings: Settings) -> str | None:
-    """An ffprobe next to the chosen ffmpeg (imageio-ffmpeg ships none), or None."""
-    ff = Path(ffmpeg_binary(settings))
-    candidate = ff.with_name(ff.name.replace("ffmpeg", "ffprobe"))
-    if candidate != ff and candidate.is_file():
-        return str(candidate)
-    return None
 
 
 #: Demuxers a source may use: audio containers only. Playlists (HLS, concat, ...) are refused:
@@ -141,9 +134,32 @@ def decode_command(
     out = stream["a:0"].output(
         "pipe:", format="s16le", acodec="pcm_s16le", ac=1, ar=sample_rate, **drop
     )
-    # Global options first: -nostdin so ffmpeg never competes for the worker's stdin.
-    argv: list[str] = out.compile(cmd=[binary, "-nostdin", "-hide_banner", "-loglevel", "error"])
+    # Global options first: -nostdin so ffmpeg never competes for the worker's stdin. Info
+    # level for the input's declared length (no ffprobe of its own); each line tagged with its
+    # level, so the errors are told apart from the rest.
+    argv: list[str] = out.compile(
+        cmd=[binary, "-nostdin", "-hide_banner", "-nostats", "-loglevel", "level+info"]
+    )
     return argv
+
+
+#: One line of ffmpeg's log with `-loglevel level+…`: an optional `[component @ 0x…] `, the
+#: level tag, the message.
+_LOG_LINE = re.compile(rb"^(\[[^\]]* @ [^\]]*\] )?\[(\w+)\] (.*)$")
+_ERROR_LEVELS = (b"error", b"fatal", b"panic")
+#: The input's declared length in ffmpeg's dump of it (the first `Duration:`, input #0's).
+_DURATION = re.compile(rb"^\s*Duration: (\d+):(\d\d):(\d\d(?:\.\d+)?)")
+#: Once the output is described, the input's dump (and its Duration, if any) is over.
+_DUMP_OVER = (b"Output #0", b"Stream mapping:")
+
+
+def _declared_length(message: bytes) -> float | None:
+    m = _DURATION.match(message)
+    if m is None:
+        return None
+    hours, minutes, seconds = m.groups()
+    length = int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+    return length if length > 0 else None
 
 
 # Any URL query string in ffmpeg's messages may hold a signature or token (presigned S3 URLs).
@@ -193,7 +209,7 @@ def _classify(stderr: str, returncode: int | None, resolved: ResolvedSource) -> 
 async def ffmpeg_input(
     resolved: ResolvedSource, settings: Settings
 ) -> AsyncIterator[tuple[ResolvedSource, SourceRelay | None]]:
-    """What ffmpeg or ffprobe should open for `resolved`: an http(s) source becomes its relay's
+    """What ffmpeg should open for `resolved`: an http(s) source becomes its relay's
     loopback URL (with the same log-safe description) for the duration of the block."""
     if resolved.kind != "http":
         yield resolved, None
@@ -214,7 +230,8 @@ class PcmDecoder:
     `start_at`: decode from that many seconds into the source. `max_seconds`: `chunks()`
     raises DecodeError(reason="too_long") as soon as the audio passes it (plus LIMIT_SLACK_S)
     in the source, whether or not the file declared its length. `expected_seconds` (the
-    declared length, e.g. from `probe_duration`): at the end, `chunks()` raises
+    declared length, by default what ffmpeg reads from the source's header, see
+    `declared_seconds`): at the end, `chunks()` raises
     DecodeError(reason="truncated_audio") when the audio ended clearly short of it (see
     `truncated`). Both count source seconds, `start_at` included.
     """
@@ -243,7 +260,9 @@ class PcmDecoder:
         self._exits = contextlib.AsyncExitStack()
         self._proc: asyncio.subprocess.Process | None = None
         self._stderr_task: asyncio.Task[None] | None = None
+        #: ffmpeg's error lines only (what `-loglevel error` would print).
         self._stderr_tail = bytearray()
+        self._declared: asyncio.Future[float | None] | None = None
 
     @property
     def argv(self) -> list[str]:
@@ -296,8 +315,18 @@ class PcmDecoder:
         except BaseException:
             await self._exits.aclose()
             raise
+        self._declared = asyncio.get_running_loop().create_future()
         self._stderr_task = asyncio.create_task(self._drain_stderr())
         return self
+
+    async def declared_seconds(self, timeout: float = _DECLARED_TIMEOUT_S) -> float | None:
+        """The length the source declares (its header, or ffmpeg's estimate from the bitrate),
+        None when it declares none or ffmpeg has not said within `timeout`."""
+        assert self._declared is not None, "declared_seconds() needs `async with` first"
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._declared), timeout)
+        except TimeoutError:
+            return None
 
     async def __aexit__(
         self,
@@ -334,9 +363,32 @@ class PcmDecoder:
 
     async def _drain_stderr(self) -> None:
         assert self._proc is not None and self._proc.stderr is not None
-        while block := await self._proc.stderr.read(4096):
-            self._stderr_tail += block
+        pending = b""
+        try:
+            while block := await self._proc.stderr.read(4096):
+                *lines, pending = (pending + block).split(b"\n")
+                pending = pending[-STDERR_TAIL_BYTES:]
+                for line in lines:
+                    self._log_line(line)
+            if pending:
+                self._log_line(pending)
+        finally:
+            self._declare(None)
+
+    def _log_line(self, line: bytes) -> None:
+        m = _LOG_LINE.match(line.rstrip(b"\r"))
+        context, level, message = m.groups(b"") if m else (b"", b"error", line)
+        if level in _ERROR_LEVELS:
+            self._stderr_tail += context + message + b"\n"
             del self._stderr_tail[:-STDERR_TAIL_BYTES]
+        elif (length := _declared_length(message)) is not None:
+            self._declare(length)
+        elif message.startswith(_DUMP_OVER):
+            self._declare(None)
+
+    def _declare(self, length: float | None) -> None:
+        if self._declared is not None and not self._declared.done():
+            self._declared.set_result(length)
 
     async def chunks(self, chunk_bytes: int = 3200) -> AsyncIterator[bytes]:
         """Yield PCM in chunks of exactly `chunk_bytes` (the last may be shorter, always even)."""
@@ -398,48 +450,3 @@ class PcmDecoder:
                 f"{self.start_at + self.decoded_seconds:.2f}s",
                 reason=Reason.TRUNCATED_AUDIO,
             )
-
-
-async def probe_duration(
-    resolved: ResolvedSource, settings: Settings | None = None, *, timeout: float = _PROBE_TIMEOUT_S
-) -> float | None:
-    """The source's duration in seconds per ffprobe, or None if unknown, unavailable or slow.
-
-    Only an estimate for job time limits: failures here are left for the decoder to report.
-    """
-    settings = settings or get_settings()
-    binary = ffprobe_binary(settings)
-    if binary is None:
-        return None
-    async with ffmpeg_input(resolved, settings) as (target, _relay):
-        return await _ffprobe(binary, target, timeout)
-
-
-async def _ffprobe(binary: str, resolved: ResolvedSource, timeout: float) -> float | None:
-    options = _input_options(resolved)
-    argv = [binary, "-hide_banner", "-loglevel", "error"]  # ffprobe has no -nostdin
-    for name, value in options.items():
-        argv += [f"-{name}", str(value)]
-    argv += ["-show_entries", "format=duration", "-of", "csv=p=0", resolved.url_or_path]
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        return None
-    finally:
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-    if proc.returncode != 0:
-        return None
-    try:
-        duration = float(out.decode().strip())
-    except ValueError:  # "N/A" for streams without a known length
-        return None
-    return duration if duration > 0 else None

@@ -7,7 +7,7 @@ worker's modules move behind them; a change to a name in `__all__` changes the d
 from __future__ import annotations
 
 from tasks.app import quiet_livekit_logs
-from tasks.decode import PcmDecoder, ffmpeg_binary, probe_duration
+from tasks.decode import PcmDecoder, ffmpeg_binary
 from tasks.link.avatar import HttpAvatarClient
 from tasks.link.pacing import Pacer
 from tasks.link.quota import AvatarQuota, Slot
@@ -22,7 +22,6 @@ __all__ = [
     # audio in: where a source is, its declared length, ffmpeg decoding it to PCM
     "aresolve",
     "ffmpeg_binary",
-    "probe_duration",
     "PcmDecoder",
     # audio out: the chunk size, the real-time pacer and the DataStream sender
     "CHUNK_SECONDS",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import http.server
 import os
-import shutil
 import subprocess
 import threading
 import time
@@ -25,7 +24,6 @@ from tasks.decode import (
     LIMIT_SLACK_S,
     PcmDecoder,
     decode_command,
-    probe_duration,
     seekable,
 )
 from tasks.source import HTTP_PROTOCOLS, ResolvedSource, resolve
@@ -329,13 +327,13 @@ def test_memory_stays_flat_for_long_audio(tmp_path: Path) -> None:
     assert peak < 1_000_000, f"peak {peak} bytes while decoding {pcm_bytes} bytes"
 
 
-# --- command and probe -------------------------------------------------------------------
+# --- command ---------------------------------------------------------------------------
 
 
 def test_decode_command_shape(tmp_path: Path) -> None:
     src = audio.tone(tmp_path / "t.wav", seconds=1, rate=RATE)
     argv = decode_command(local(src), sample_rate=24000, binary="ffmpeg")
-    assert argv[:5] == ["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error"]
+    assert argv[:6] == ["ffmpeg", "-nostdin", "-hide_banner", "-nostats", "-loglevel", "level+info"]
     assert argv[argv.index("-protocol_whitelist") + 1] == "file"
     assert argv.index("-protocol_whitelist") < argv.index("-i")
     assert "-reconnect" not in argv
@@ -350,20 +348,44 @@ def test_decode_command_shape(tmp_path: Path) -> None:
     assert http.index("-reconnect") < http.index("-i")
 
 
-@pytest.mark.skipif(shutil.which("ffprobe") is None, reason="no ffprobe on this machine")
-def test_probe_duration(tmp_path: Path) -> None:
+def declared(path: Path, settings: Settings = SETTINGS) -> float | None:
+    """The length the decoder reads from the source's header as it starts."""
+
+    async def run() -> float | None:
+        async with PcmDecoder(local(path), settings=settings) as dec:
+            return await dec.declared_seconds()
+
+    return asyncio.run(run())
+
+
+def test_the_decoder_reads_the_declared_length(tmp_path: Path) -> None:
     src = audio.tone(tmp_path / "t.m4a", seconds=4, rate=RATE)
-    duration = asyncio.run(probe_duration(local(src), SETTINGS))
-    assert duration is not None and abs(duration - 4.0) < 0.1
-    bad = audio.corrupt(tmp_path / "bad.m4a", source=src)
-    assert asyncio.run(probe_duration(local(bad), SETTINGS)) is None
+    length = declared(src)
+    assert length is not None and abs(length - 4.0) < 0.1
+    assert declared(audio.corrupt(tmp_path / "bad.m4a", source=src)) is None
 
 
-def test_probe_without_ffprobe_is_none(tmp_path: Path) -> None:
-    # imageio-ffmpeg ships ffmpeg alone, so there is nothing to probe with.
+def test_only_ffmpegs_errors_are_kept_for_messages(tmp_path: Path) -> None:
+    # ffmpeg logs at info level for the declared length; a job's error shows only its errors.
+    bad = audio.corrupt(tmp_path / "bad.m4a", source=audio.tone(tmp_path / "t.m4a", seconds=1))
+
+    async def run() -> PcmDecoder:
+        async with PcmDecoder(local(bad), settings=SETTINGS) as dec:
+            with pytest.raises(DecodeError, match="corrupt data"):
+                async for _ in dec.chunks(CHUNK):
+                    pass
+        return dec
+
+    tail = asyncio.run(run()).stderr_tail
+    assert "moov atom not found" in tail
+    assert "[error]" not in tail and "[info]" not in tail and "Duration" not in tail
+
+
+def test_the_bundled_ffmpeg_reads_the_declared_length_too(tmp_path: Path) -> None:
+    # imageio-ffmpeg ships ffmpeg alone, without an ffprobe: the length comes from ffmpeg.
     settings = Settings(ffmpeg_binary=imageio_ffmpeg.get_ffmpeg_exe())
-    src = audio.tone(tmp_path / "t.wav", seconds=1, rate=RATE)
-    assert asyncio.run(probe_duration(local(src), settings)) is None
+    length = declared(audio.tone(tmp_path / "t.wav", seconds=1, rate=RATE), settings)
+    assert length == pytest.approx(1.0, abs=0.05)
 
 
 # --- length limits and truncation --------------------------------------------------------
@@ -387,8 +409,7 @@ def test_limit_is_enforced_while_decoding(
     tmp_path: Path, suffix: str, codec: list[str], fmt: str
 ) -> None:
     src = piped(tmp_path / f"long.{suffix}", 12, codec, fmt)
-    if shutil.which("ffprobe"):  # the premise: nothing to check before decoding
-        assert asyncio.run(probe_duration(local(src), SETTINGS)) is None
+    assert declared(src) is None  # the premise: nothing to check before decoding
     got: list[bytes] = []
 
     async def run() -> None:
@@ -416,14 +437,13 @@ def test_audio_within_the_limit_plays_in_full(tmp_path: Path) -> None:
     assert size == 3 * RATE * 2 and seconds == pytest.approx(3.0)
 
 
-@pytest.mark.skipif(shutil.which("ffprobe") is None, reason="no ffprobe on this machine")
 def test_truncated_file_is_reported(tmp_path: Path) -> None:
     """An mp3 cut to 30 %: its header still declares 10 s, ffmpeg decodes 3 s and exits 0."""
     whole = audio.tone(tmp_path / "whole.mp3", seconds=10, rate=RATE)
     cut = tmp_path / "cut.mp3"
     cut.write_bytes(whole.read_bytes()[: whole.stat().st_size * 3 // 10])
-    declared = asyncio.run(probe_duration(local(cut), SETTINGS))
-    assert declared is not None and declared > 9.5
+    length = declared(cut)
+    assert length is not None and length > 9.5
 
     async def run(path: Path, expected: float | None) -> PcmDecoder:
         async with PcmDecoder(local(path), settings=SETTINGS, expected_seconds=expected) as dec:
@@ -432,11 +452,11 @@ def test_truncated_file_is_reported(tmp_path: Path) -> None:
         return dec
 
     with pytest.raises(DecodeError, match=r"truncated audio: .*cut.mp3 declares 10\.\d\ds") as info:
-        asyncio.run(run(cut, declared))
+        asyncio.run(run(cut, length))
     assert info.value.reason == "truncated_audio"
     # Without a declared length there is nothing to compare; the whole file is fine.
     assert asyncio.run(run(cut, None)).decoded_seconds == pytest.approx(3.0, abs=0.2)
-    intact = asyncio.run(run(whole, asyncio.run(probe_duration(local(whole), SETTINGS))))
+    intact = asyncio.run(run(whole, declared(whole)))
     assert not intact.truncated and intact.decoded_seconds == pytest.approx(10.0, abs=0.1)
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from avatarq.settings import Settings
 from avatarq_dev.bench.stats import CODECS, make_clip, ratio
-from tasks.toolkit import CHUNK_SECONDS, PcmDecoder, aresolve, ffmpeg_binary, probe_duration
+from tasks.toolkit import CHUNK_SECONDS, PcmDecoder, aresolve, ffmpeg_binary
 
 #: The worker's default rate and chunk: what a job really reads.
 RATE = 16000
@@ -32,17 +32,16 @@ async def _decode_seconds(path: Path, settings: Settings) -> tuple[float, int]:
 
 
 async def _start_seconds(path: Path, settings: Settings) -> dict[str, float]:
-    """What play() does before it touches a room (or a kept link): resolve the source, probe
-    its duration (ffprobe), start the decoder and read the first chunk (ffmpeg)."""
+    """What play() does before it touches a room (or a kept link): resolve the source, start
+    the decoder, read the first chunk and the declared length (ffmpeg)."""
     t0 = time.perf_counter()
     resolved = await aresolve(str(path), settings)
     t1 = time.perf_counter()
-    await probe_duration(resolved, settings)
-    t2 = time.perf_counter()
     async with PcmDecoder(resolved, sample_rate=RATE, settings=settings) as decoder:
         await anext(decoder.chunks(CHUNK_BYTES))
-        t3 = time.perf_counter()
-    return {"resolve_s": t1 - t0, "probe_s": t2 - t1, "first_chunk_s": t3 - t2}
+        await decoder.declared_seconds()
+        t2 = time.perf_counter()
+    return {"resolve_s": t1 - t0, "first_chunk_s": t2 - t1}
 
 
 def bench_job_start(workdir: Path, runs: int = 5) -> dict[str, Any]:
@@ -52,7 +51,7 @@ def bench_job_start(workdir: Path, runs: int = 5) -> dict[str, Any]:
     samples = [asyncio.run(_start_seconds(clip, settings)) for _ in range(runs)]
     return {
         key: round(statistics.median(s[key] for s in samples), 4)
-        for key in ("resolve_s", "probe_s", "first_chunk_s")
+        for key in ("resolve_s", "first_chunk_s")
     }
 
 

@@ -25,16 +25,15 @@ ROWS: list[Row] = [
         "< 0.1 s",
     ),
     (
-        "warm start: picked → kept link (probe, decoder, first chunk)",
+        "warm start: picked → kept link (decoder, first chunk)",
         "warm_start.warm_picked_to_link_s.p50",
         None,
         "s",
         "",
     ),
-    ("… of it: ffprobe of the source", "decode.job_start_p50.probe_s", None, "s", ""),
     ("… of it: ffmpeg start to first chunk", "decode.job_start_p50.first_chunk_s", None, "s", ""),
     (
-        "avatar start p50 (emulator, AvatarRunner order, incl. room creation and probe)",
+        "avatar start p50 (emulator, AvatarRunner order, incl. room creation and decoder start)",
         "overhead.avatar_start_s.p50",
         None,
         "s",
