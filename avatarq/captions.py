@@ -129,7 +129,7 @@ def _cue(block: list[tuple[int, str]], fmt: str, index: int) -> Cue | None:
             f"cue {index} (line {number}): its end {match.group(2)} is not after its start "
             f"{match.group(1)}"
         )
-    text = _plain("\n".join(line for _n, line in block[timing + 1 :]))
+    text = plain_text("\n".join(line for _n, line in block[timing + 1 :]))
     return Cue(start, end, text) if text else None  # an empty cue shows nothing
 
 
@@ -155,8 +155,8 @@ def _check_order(cues: list[Cue], max_length: float | None) -> None:
         )
 
 
-def _plain(text: str) -> str:
-    """Text without markup (WebVTT and SRT tags, entities), on one line."""
+def plain_text(text: str) -> str:
+    """Text without markup (WebVTT, SRT or SSML tags, entities), on one line."""
     return " ".join(html.unescape(_TAG.sub("", text)).split())
 
 
