@@ -191,3 +191,19 @@ def render_webvtt(cues: list[Cue]) -> str:
         text = html.escape(cue.text, quote=False).replace("-->", "--&gt;")
         blocks.append(f"{number}\n{timestamp(cue.start)} --> {timestamp(cue.end)}\n{text}")
     return "\n\n".join(blocks) + "\n"
+
+
+def webvtt_for(transcript: str, duration: float | None, start_at: float = 0.0) -> str | None:
+    """The WebVTT file beside a recording of the transcript's audio from `start_at` seconds of
+    the source (a resumed attempt's recording starts there), its cues on the recording's time;
+    None when plain text meets audio of unknown length."""
+    cues = parse_transcript(transcript).cues(duration)
+    if cues is None:
+        return None
+    return render_webvtt(
+        [
+            Cue(max(0.0, c.start - start_at), c.end - start_at, c.text)
+            for c in cues
+            if c.end > start_at
+        ]
+    )

@@ -16,6 +16,7 @@ from avatarq.captions import (
     Cue,
     parse_transcript,
     render_webvtt,
+    webvtt_for,
 )
 from avatarq.errors import InvalidJob
 from avatarq.jobs import parse_job
@@ -126,6 +127,21 @@ def test_webvtt_renders_every_cue_escaped_and_reads_back() -> None:
     assert "02:01:01.250" not in vtt and "01:01:01.250 --> 01:01:02.000" in vtt
     assert "Fish &amp; chips --&gt; &lt;b&gt;now&lt;/b&gt;" in vtt
     assert parse_transcript(vtt).cues(None) == cues
+
+
+def test_the_webvtt_beside_a_recording_is_on_the_recordings_time() -> None:
+    assert webvtt_for("Hello there.", None) is None  # plain text, length unknown
+    whole = webvtt_for(SRT, 3.5)
+    assert whole is not None and parse_transcript(whole).cues(None) == parse_transcript(SRT).cues(
+        None
+    )
+    # A resumed attempt's recording starts 1.5 s into the source: cue one runs on from 0.
+    resumed = webvtt_for(SRT, 3.5, start_at=1.5)
+    assert resumed is not None
+    assert parse_transcript(resumed).cues(None) == [
+        Cue(0.0, 0.5, "Hello there."),
+        Cue(0.5, 1.75, "Second line goes on."),
+    ]
 
 
 # -- the hook ------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import pytest
 import redis
 import requests
 
-from avatarq.captions import Cue, parse_transcript, render_webvtt
+from avatarq.captions import Cue, parse_transcript, render_webvtt, webvtt_for
 from avatarq.ledger.keys import DEAD_LETTER_KEY, job_enqueued_key, job_record_key
 from avatarq_dev import livekit_official
 from avatarq_dev.stack import LocalStack, local_stack
@@ -460,19 +460,24 @@ track.track.mode = 'hidden';"""
 def test_the_captions_webvtt_file_reads_back_in_chromiums_parser(
     browser: Any, tmp_path: Path
 ) -> None:
-    plain = parse_transcript("Fish & chips --> <b>now</b>! " + "And a long sentence. " * 12)
-    files = {
-        "timed.vtt": parse_transcript(CAPTIONS).cues(None) or [],
-        "plain.vtt": plain.cues(12.34) or [],
-        "hours.vtt": [Cue(0.0, 1.5, "a"), Cue(3599.5, 3661.25, "over an hour")],
+    plain = "Fish & chips --> <b>now</b>! " + "And a long sentence. " * 12
+    hours = [Cue(0.0, 1.5, "a"), Cue(3599.5, 3661.25, "over an hour")]
+    resumed = [Cue(0.6, 2.4, "Captions follow the voice."), Cue(3.0, 5.0, "Goodbye & thanks.")]
+    files = {  # name: (the file, the cues it must hold)
+        "timed.vtt": (webvtt_for(CAPTIONS, 8.0), parse_transcript(CAPTIONS).cues(None)),
+        "resumed.vtt": (webvtt_for(CAPTIONS, 8.0, start_at=2.0), resumed),
+        "plain.vtt": (webvtt_for(plain, 12.34), parse_transcript(plain).cues(12.34)),
+        "hours.vtt": (render_webvtt(hours), hours),
     }
-    for name, cues in files.items():
-        (tmp_path / name).write_text(render_webvtt(cues), encoding="utf-8")
+    for name, (vtt, _cues) in files.items():
+        assert vtt is not None
+        (tmp_path / name).write_text(vtt, encoding="utf-8")
     (tmp_path / "page.html").write_text(VTT_PAGE)
     (tmp_path / "broken.vtt").write_text("not a webvtt file\n")
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
     with serving(http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)) as url:
-        for name, cues in files.items():
+        for name, (_vtt, cues) in files.items():
+            assert cues
             browser.get(f"{url}/page.html")
             read = browser.execute_async_script(READ_TRACK, f"{url}/{name}")
             assert [r[2] for r in read] == [c.text for c in cues], name
