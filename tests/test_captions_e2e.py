@@ -6,6 +6,7 @@ Runs inside the private network namespace (`infra/netns-run`)."""
 from __future__ import annotations
 
 import asyncio
+import statistics
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 from livekit import rtc
 
-from avatarq.captions import parse_transcript
+from avatarq.captions import parse_transcript, timestamp
 from avatarq.settings import get_settings
 from avatarq_dev.stack import LocalStack
 from tests import audio
@@ -186,3 +187,56 @@ def test_a_cancelled_job_ends_its_open_cue_as_final(stack: LocalStack, tmp_path:
     assert heard.text == "A long cue." and heard.closed["lk.transcription_final"] == "true"
     # Ended at the cancel (a lease tick, 0.25 s, finds it), not at the cue's own end.
     assert 0.0 < heard.ended - cancelled_at[0] < 1.5, heard.ended - cancelled_at[0]
+
+
+# -- captions and the schedule ---------------------------------------------------------------
+
+#: Streams per round, and each one's length: a worker of the default concurrency's share of a
+#: 2-core machine.
+ROUND_STREAMS, ROUND_SECONDS = 6, 12.0
+
+
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    """A stack whose one worker records every chunk's schedule error (AVATARQ_PACING_TRACE)."""
+    from avatarq_dev.stack import local_stack
+
+    with local_stack(tmp_path_factory.mktemp("captions-pacing")) as s:
+        s.start_worker("traced", concurrency=8, extra_env={"AVATARQ_PACING_TRACE": "1"})
+        with s.current():
+            yield s
+
+
+def dense_captions(seconds: float, every: float = 0.2) -> str:
+    """A cue every `every` seconds: far denser than speech, to load the caption task."""
+    stamps = [i * every for i in range(int(seconds / every))]
+    blocks = [f"{timestamp(t)} --> {timestamp(t + every)}\ncue {n}" for n, t in enumerate(stamps)]
+    return "WEBVTT\n\n" + "\n\n".join(blocks) + "\n"
+
+
+def schedule_errors(stack: LocalStack, clip: str, transcript: str | None) -> list[float]:
+    """Every chunk's schedule error (ms) of ROUND_STREAMS jobs played at once."""
+    extra = {"transcript": transcript} if transcript else {}
+    ids = [enqueue(source=clip, **extra) for _ in range(ROUND_STREAMS)]
+    results = [wait(job_id) for job_id in ids]
+    assert all(r["status"] == "completed" for r in results), results
+    if transcript:
+        assert all(r["captions"] == transcript.count("-->") for r in results)
+    return [e for r in results for e in r["pacing_errors_ms"]]
+
+
+@pytest.mark.slow
+def test_captions_leave_the_senders_schedule_alone(traced: LocalStack, tmp_path: Path) -> None:
+    clip = str(audio.tone(tmp_path / "t.wav", seconds=ROUND_SECONDS))
+    captions = dense_captions(ROUND_SECONDS)
+    # Alternating rounds, so that a change in the machine's load falls on both.
+    rounds: dict[str, list[float]] = {"plain": [], "captions": []}
+    for _ in range(2):
+        rounds["plain"] += schedule_errors(traced, clip, None)
+        rounds["captions"] += schedule_errors(traced, clip, captions)
+    p99 = {k: statistics.quantiles(map(abs, v), n=100)[98] for k, v in rounds.items()}
+    worst = {k: max(abs(e) for e in v) for k, v in rounds.items()}
+    print(f"schedule error p99 (ms): {p99}, max: {worst}, chunks: "
+          f"{ {k: len(v) for k, v in rounds.items()} }")  # fmt: skip
+    # A cue every 0.2 s on each of the streams costs the schedule no more than noise.
+    assert p99["captions"] <= max(2 * p99["plain"], p99["plain"] + 5.0), p99
