@@ -21,9 +21,9 @@ from avatarq.settings import get_settings
 from avatarq_dev.stack import LocalStack
 from tests import audio
 from tests.netns import NETNS
-from tests.test_fidelity import enqueue, new_room, sessions, stack, token, wait
+from tests.test_fidelity import enqueue, faults, new_room, sessions, stack, token, wait
 
-__all__ = ["stack"]  # the official server's stack, used by name below
+__all__ = ["faults", "stack"]  # the official server's stack and its faults, used by name
 
 pytestmark = NETNS
 
@@ -120,9 +120,11 @@ def watch(
     return asyncio.run(scenario())
 
 
-def playout(stack: LocalStack, room: str, position: float) -> float:
-    """When (time.time()) the emulator played `position` seconds of the room's first segment."""
-    [session] = sessions(stack, room)
+def playout(stack: LocalStack, room: str, position: float, session_id: str | None = None) -> float:
+    """When (time.time()) the emulator played `position` seconds of the first segment of the
+    room's session (`session_id`, or its only one)."""
+    found = [s for s in sessions(stack, room) if session_id in (None, s["session_id"])]
+    [session] = found
     segment = session["segments"][0]
     waited = sum(u["duration_s"] for u in segment["underruns"] if u["at_s"] <= position)
     return float(segment["first_frame_at"]) + position + waited
@@ -187,6 +189,44 @@ def test_a_cancelled_job_ends_its_open_cue_as_final(stack: LocalStack, tmp_path:
     assert heard.text == "A long cue." and heard.closed["lk.transcription_final"] == "true"
     # Ended at the cancel (a lease tick, 0.25 s, finds it), not at the cue's own end.
     assert 0.0 < heard.ended - cancelled_at[0] < 1.5, heard.ended - cancelled_at[0]
+
+
+def test_a_resumed_job_shows_what_was_not_heard_in_step_with_the_new_avatar(
+    stack: LocalStack, tmp_path: Path, faults: Any
+) -> None:
+    room = new_room()
+    clip = str(audio.tone(tmp_path / "t.wav", seconds=12.0))
+    blocks = [f"{timestamp(i)} --> {timestamp(i + 0.8)}\ncue {i + 1}" for i in range(12)]
+    transcript = "WEBVTT\n\n" + "\n\n".join(blocks) + "\n"
+    faults(leave_after_s=5.0)  # the first avatar leaves mid-job; the job resumes on another
+
+    async def heal_once_started(_job_id: str) -> None:
+        for _ in range(200):
+            if await asyncio.to_thread(sessions, stack, room):
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.to_thread(faults, leave_after_s=None)
+
+    watched = watch(stack, room, heal_once_started, source=clip, transcript=transcript)
+    result, heard = watched.result, watched.heard
+    assert result["status"] == "completed" and result["attempt"] == 2, result
+    resumed_at = result["started_at"]
+    assert 1.0 < resumed_at < 6.0, result
+    numbers = [int(h.opened["lk.segment_id"].rsplit("-", 1)[1]) for h in heard]
+    # Every cue was shown; one heard before the checkpoint only once; none more than twice.
+    assert set(numbers) == set(range(1, 13)), numbers
+    assert all(numbers.count(n) == 1 for n in range(1, 13) if n - 1 + 0.8 <= resumed_at)
+    assert all(numbers.count(n) <= 2 for n in range(1, 13)), numbers
+    # The resumed attempt's cues come with the second avatar's playout of their starts.
+    later = [h for h, n in zip(heard, numbers, strict=True) if n - 1 >= resumed_at + 0.5]
+    session = result["avatar_session_id"]
+    late = [
+        h.arrived - playout(stack, room, int(h.text.removeprefix("cue ")) - 1 - resumed_at, session)
+        for h in later
+    ]
+    print(f"resumed at {resumed_at:.2f} s; cues shown {numbers}; caption arrival minus playout "
+          f"(s): {[round(x, 3) for x in late]}")  # fmt: skip
+    assert len(later) >= 5 and all(abs(x) <= SYNC_S for x in late), late
 
 
 # -- captions and the schedule ---------------------------------------------------------------
