@@ -58,8 +58,8 @@ class CaptionCues(JobHook):
             return
         cues = attempt_cues(self.job, segment.duration, segment.start_at)
         if not cues:
-            log.info("job %s: no cues to show (plain text needs the audio's length)",
-                     self.job.job_id)  # fmt: skip
+            # All heard before a resume, or plain text over audio of unknown length.
+            log.info("job %s: no caption cues to show", self.job.job_id)
             return
         self._task = asyncio.create_task(self._publish(segment, segment.captions, cues))
 

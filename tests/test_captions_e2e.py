@@ -17,13 +17,13 @@ import pytest
 from livekit import rtc
 
 from avatarq.captions import parse_transcript, timestamp
-from avatarq.settings import get_settings
 from avatarq_dev.stack import LocalStack
 from tests import audio
 from tests.netns import NETNS
 from tests.test_fidelity import enqueue, faults, new_room, sessions, stack, token, wait
+from tests.test_tts_e2e import tts_cache
 
-__all__ = ["faults", "stack"]  # the official server's stack and its faults, used by name
+__all__ = ["faults", "stack", "tts_cache"]  # fixtures used by name below
 
 pytestmark = NETNS
 
@@ -63,15 +63,6 @@ class Watched:
     result: dict[str, Any]
     heard: list[Heard]
     avatar_audio: set[str]  # the avatar's audio track sids the viewer saw
-
-
-@pytest.fixture
-def tts_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    monkeypatch.setenv("AVATARQ_TTS_CACHE_DIR", str(tmp_path / "tts"))
-    get_settings.cache_clear()
-    yield tmp_path / "tts"
-    monkeypatch.undo()
-    get_settings.cache_clear()
 
 
 def watch(
