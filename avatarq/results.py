@@ -85,7 +85,8 @@ class Played(_Result):
     seconds_heard_twice: float = 0.0
     #: Benchmarks only (AVATARQ_PACING_TRACE): the schedule error of every chunk.
     pacing_errors_ms: list[float] | None = None
-    #: Caption cues of the job's transcript this attempt showed (None: no transcript).
+    #: Caption cues of the job's transcript in this attempt's part of the source, all shown
+    #: as the avatar played them (None: the job has no transcript).
     captions: int | None = None
 
 

@@ -64,7 +64,7 @@ class CaptionCues(JobHook):
         self._task = asyncio.create_task(self._publish(segment, segment.captions, cues))
 
     def on_chunk_sent(self, segment: Segment, sent: int) -> None:
-        if self._t0 is None:
+        if self._t0 is None and segment.pacer.t0 is not None:
             self._t0 = segment.pacer.t0
             self._flowing.set()
 
