@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from pathlib import Path
 
 import pytest
 
@@ -21,7 +22,7 @@ from avatarq.captions import (
 )
 from avatarq.errors import InvalidJob
 from avatarq.jobs import parse_job
-from avatarq.settings import Settings
+from avatarq.settings import Settings, get_settings
 from tasks.captions import CaptionCues
 from tasks.context import JobHook, PlayContext, Segment
 from tasks.control import JobControl, StopReason
@@ -259,3 +260,36 @@ async def _a_resumed_attempt_skips_what_was_heard_and_a_stop_ends_the_open_cue()
     assert out.shown[0][2] - (segment.pacer.t0 or 0.0) < 0.05
     assert [i for i, _a in out.ended] == ["cap-1-2"]
     assert out.ended[0][1] <= stopped  # at the stop, not at the cue's own end
+
+
+# -- avatarq enqueue --transcript ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        (b"1\n00:00:02,000 --> 00:00:01,000\nx\n", "transcript: cue 1 (line 2): its end"),
+        (b"\xff\xfe not utf-8", "--transcript: cannot read"),
+        (None, "--transcript: cannot read"),
+    ],
+)
+def test_enqueue_refuses_a_bad_transcript_file_before_sending(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: bytes | None, words: str
+) -> None:
+    from typer.testing import CliRunner
+
+    from avatarq_cli.app import app
+
+    path = tmp_path / "captions.srt"
+    if content is not None:
+        path.write_bytes(content)
+    # No broker is reachable: failing before enqueue is the only way these can exit cleanly.
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:1/0")
+    get_settings.cache_clear()
+    try:
+        args = ["enqueue", "a.wav", "--room", "r", "--avatar", "a", "--transcript", str(path)]
+        result = CliRunner().invoke(app, args)
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 2, result.output
+    assert words in " ".join(result.output.split())
