@@ -25,6 +25,7 @@ from pydantic import (
     field_validator,
 )
 
+from avatarq.captions import CaptionError, parse_transcript
 from avatarq.errors import InvalidJob, Reason
 from avatarq.settings import NAME_PATTERN, AvatarServer, Settings, get_settings
 
@@ -115,6 +116,9 @@ class Job(BaseModel):
     resume: Literal["checkpoint", "start"] = "checkpoint"
     """After a fault, play on from where the listener stopped hearing (less
     `AVATARQ_RESUME_OVERLAP`), or `start` again from the beginning."""
+    transcript: str | None = Field(None, min_length=1)
+    """What the audio says, for captions in the room and a WebVTT file: plain text (timed by
+    its share of the audio), SRT or WebVTT. A `tts` source's text is its transcript."""
 
     @field_validator("avatar_server", mode="before")
     @classmethod
@@ -162,6 +166,17 @@ class Job(BaseModel):
             raise ValueError(
                 f"max_duration {v:g}s is over the AVATARQ_MAX_JOB_DURATION limit of {cap:g}s"
             )
+        return v
+
+    @field_validator("transcript")
+    @classmethod
+    def _captionable(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None:
+            limit = info.data.get("max_duration") or _settings(info).max_job_duration_s
+            try:
+                parse_transcript(v, limit)
+            except CaptionError as e:
+                raise ValueError(str(e)) from None
         return v
 
     @field_validator("metadata")

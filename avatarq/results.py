@@ -28,7 +28,7 @@ class _Result(BaseModel):
     #: Left out of the record when None.
     _OPTIONAL: ClassVar[frozenset[str]] = frozenset(
         {"room", "avatar_id", "reason", "pacing_errors_ms", "stopped_at", "started_at", "ended_at"}
-    )
+    ) | {"captions"}
 
     def as_record(self) -> dict[str, Any]:
         """The JSON-safe dict that is stored and announced."""
@@ -85,6 +85,9 @@ class Played(_Result):
     seconds_heard_twice: float = 0.0
     #: Benchmarks only (AVATARQ_PACING_TRACE): the schedule error of every chunk.
     pacing_errors_ms: list[float] | None = None
+    #: Caption cues of the job's transcript in this attempt's part of the source, all shown
+    #: as the avatar played them (None: the job has no transcript).
+    captions: int | None = None
 
 
 class Failed(_Result):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -43,6 +44,9 @@ def enqueue(
     lead: Annotated[float | None, typer.Option(help="Seconds ahead of real time")] = None,
     metadata: Annotated[str | None, typer.Option(help="JSON object echoed in the result")] = None,
     webhook_url: Annotated[str | None, typer.Option(help="POST the final result here")] = None,
+    transcript: Annotated[
+        Path | None, typer.Option(help="Captions: a plain text, SRT or WebVTT file")
+    ] = None,
     wait: Annotated[bool, typer.Option(help="Wait for the job to end")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait with --wait")] = 3600.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON, no progress bar")] = False,
@@ -60,6 +64,11 @@ def enqueue(
             job["metadata"] = json.loads(metadata)
         except ValueError as e:
             raise fail(f"--metadata is not JSON: {e}", EXIT_INVALID) from None
+    if transcript is not None:
+        try:
+            job["transcript"] = transcript.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise fail(f"--transcript: cannot read {transcript}: {e}", EXIT_INVALID) from None
     try:
         handle = do_enqueue({k: v for k, v in job.items() if v is not None})
     except InvalidJob as e:

@@ -11,6 +11,7 @@ from avatarq.jobs import Job
 from avatarq.results import Timestamps
 from tasks.control import JobControl
 from tasks.link.pacing import Pacer
+from tasks.link.types import Captions
 from tasks.seams import JobLedger, Reporter
 
 
@@ -43,6 +44,8 @@ class Segment:
     pacer: Pacer
     #: Where in the source this segment starts (seconds): a resumed attempt's checkpoint.
     start_at: float = 0.0
+    #: Where captions of the segment are shown (the room's `lk.transcription`), if anywhere.
+    captions: Captions | None = None
 
     def played_position(self, sent_bytes: int) -> float:
         """How far into the source the avatar has provably played: what went out, less the

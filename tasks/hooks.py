@@ -15,6 +15,7 @@ from redis.exceptions import RedisError
 from avatarq.jobs import Job
 from avatarq.ledger.worker import Progress
 from tasks import metrics
+from tasks.captions import CaptionCues
 from tasks.context import HookFactory, JobHook, PlayContext, Segment
 from tasks.control import JobControl, StopReason
 from tasks.seams import JobLedger, Reporter
@@ -175,4 +176,5 @@ def worker_hooks(shutting_down: Callable[[], bool]) -> list[HookFactory]:
         LeaseWatch.factory(shutting_down),
         lambda _run: StreamMetrics(),
         lambda run: ProgressReports(run.reporter),
+        CaptionCues.of,
     ]

@@ -29,6 +29,7 @@ from avatarq.events import AvatarReady, JobStarted, Status
 from avatarq.jobs import parse_job, resolve_server
 from avatarq.results import Played
 from avatarq.settings import AvatarServer, Settings
+from tasks.captions import attempt_cues
 from tasks.context import PlayContext, Segment
 from tasks.control import Interrupted, StopReason
 from tasks.link.pacing import Pacer
@@ -86,7 +87,9 @@ class Playback:
                 pacer = Pacer(
                     bytes_per_second=bps, lead=budget.lead, record_errors=self.settings.pacing_trace
                 )
-                segment = Segment(job, bps, audio.duration, pacer, start_at=play.start_at)
+                segment = Segment(
+                    job, bps, audio.duration, pacer, play.start_at, link.sender.captions
+                )
                 for hook in play.hooks:
                     hook.on_stream_start(segment)
                 keep = False
@@ -276,5 +279,8 @@ def _result(
         # Benchmarks only (AVATARQ_PACING_TRACE): the sender's schedule error of every chunk.
         pacing_errors_ms=[round(e * 1000, 2) for e in pacer.errors]
         if pacer.record_errors
+        else None,
+        captions=len(attempt_cues(job, audio.duration, segment.start_at))
+        if job.transcript
         else None,
     )

@@ -24,7 +24,14 @@ from tasks.control import JobControl, StopReason
 from tasks.hooks import HookFactory, LeaseWatch
 from tasks.jobrun import JobParts, JobRun, Outcome, Timing
 from tasks.link.pacing import Pacer
-from tasks.link.types import Admit, Link, LinkRequest, PlaybackFinished, ProgressCallback
+from tasks.link.types import (
+    Admit,
+    Captions,
+    Link,
+    LinkRequest,
+    PlaybackFinished,
+    ProgressCallback,
+)
 from tasks.playback import Playback
 from tasks.seams import Audio, AudioSpec
 
@@ -188,6 +195,7 @@ class FakeSender:
     report: Callable[[float], PlaybackFinished | None] | None = lambda s: PlaybackFinished(s, False)
     segments: int = 0
     sent_total: int = 0
+    captions: Captions | None = None
     _last: float = 0.0
 
     async def send_segment(

@@ -2,7 +2,8 @@
 through `chromium-driver`) against the whole local stack and a real `avatarq api`: the page is
 refused without a key and opens with one; a job enqueued from the page shows up, its progress
 bar advances and it ends completed; cancel from the page stops a playing job; a dead letter is
-replayed from the page; the room view receives the avatar's video. Each state is saved as a
+replayed from the page; the room view receives the avatar's video and shows the job's
+captions; Chromium's own WebVTT parser reads the captions file back. Each state is saved as a
 screenshot under `var/test-artefacts/` (or `$AVATARQ_TEST_ARTEFACTS`)."""
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pytest
 import redis
 import requests
 
+from avatarq.captions import Cue, parse_transcript, render_webvtt, webvtt_for
 from avatarq.ledger.keys import DEAD_LETTER_KEY, job_enqueued_key, job_record_key
 from avatarq_dev import livekit_official
 from avatarq_dev.stack import LocalStack, local_stack
@@ -372,6 +374,117 @@ def test_room_view_shows_the_avatars_video_following_the_audio(
     assert requests.get(sessions, params={"room": f"{TENANT}:console-v"}, timeout=10).json()
     assert requests.get(sessions, params={"room": "console-v"}, timeout=10).json() == []
     assert csp_violations(browser) == []
+
+
+def needs_media(stack: LocalStack) -> None:
+    if stack.server != "official":
+        # The embedded dev server forwards no media; CI has the official one (infra/bootstrap).
+        why = livekit_official.why_unavailable()
+        reason = f"media flows only through the official livekit-server: {why}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
+CAPTIONS = """WEBVTT
+
+00:00.500 --> 00:02.000
+Welcome to the lobby.
+
+00:02.600 --> 00:04.400
+Captions follow the voice.
+
+00:05.000 --> 00:07.000
+Goodbye &amp; thanks.
+"""
+
+SHOWN = """const c = document.getElementById('captions');
+return [c.textContent, c.dataset.segments || '0', c.dataset.final || ''];"""
+
+
+@pytest.mark.timeout(180)
+def test_room_view_shows_the_jobs_captions_in_turn(
+    browser: Any, base: str, audio: str, stack: LocalStack, artefacts: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    needs_media(stack)
+    open_console(browser, base, KEY)
+    wait_for(lambda: visible(browser, "#console"), "the console")
+    browser.find_element(By.ID, "watch-room").send_keys("console-c")
+    browser.find_element(By.CSS_SELECTOR, "#watch button[type=submit]").click()
+    status = browser.find_element(By.ID, "watch-status")
+    wait_for(lambda: "waiting for the avatar" in status.text, "the viewer to join")
+    job = {"room": "console-c", "avatar_id": "anna", "source": f"{audio}/tone8.wav"}
+    r = requests.post(
+        f"{base}/jobs", json={**job, "transcript": CAPTIONS}, headers={"X-API-Key": KEY}, timeout=10
+    )
+    assert r.status_code in (200, 201, 202), r.text
+    job_id = r.json()["job_id"]
+
+    # Poll what the page shows until the job ends: each cue in turn, then nothing.
+    seen: list[str] = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not ended_as(browser, job_id):
+        text, _segments, _final = js(browser, SHOWN)
+        if text and (not seen or seen[-1] != text):
+            seen.append(text)
+            browser.save_screenshot(str(artefacts / f"08-captions-{len(seen)}.png"))
+        time.sleep(0.05)
+    assert ended_as(browser, job_id) == "completed"
+    expected = [c.text for c in parse_transcript(CAPTIONS).cues(None) or []]
+    assert seen == expected == ["Welcome to the lobby.", "Captions follow the voice.",
+                                "Goodbye & thanks."]  # fmt: skip
+    assert wait_for(lambda: js(browser, SHOWN)[0] == "" and js(browser, SHOWN), "a clear") == [
+        "",
+        "3",
+        "true",
+    ]
+    assert csp_violations(browser) == []
+
+
+VTT_PAGE = """<!doctype html><title>vtt</title><video id="v"></video>"""
+READ_TRACK = """const done = arguments[arguments.length - 1];
+const track = document.createElement('track');
+track.kind = 'captions';
+track.src = arguments[0];
+track.default = true;
+track.addEventListener('load', () => done([...track.track.cues].map(
+  c => [c.startTime, c.endTime, c.getCueAsHTML().textContent])));
+track.addEventListener('error', () => done('error'));
+document.getElementById('v').appendChild(track);
+track.track.mode = 'hidden';"""
+
+
+@pytest.mark.timeout(60)
+def test_the_captions_webvtt_file_reads_back_in_chromiums_parser(
+    browser: Any, tmp_path: Path
+) -> None:
+    plain = "Fish & chips --> <b>now</b>! " + "And a long sentence. " * 12
+    hours = [Cue(0.0, 1.5, "a"), Cue(3599.5, 3661.25, "over an hour")]
+    resumed = [Cue(0.6, 2.4, "Captions follow the voice."), Cue(3.0, 5.0, "Goodbye & thanks.")]
+    files = {  # name: (the file, the cues it must hold)
+        "timed.vtt": (webvtt_for(CAPTIONS, 8.0), parse_transcript(CAPTIONS).cues(None)),
+        "resumed.vtt": (webvtt_for(CAPTIONS, 8.0, start_at=2.0), resumed),
+        "plain.vtt": (webvtt_for(plain, 12.34), parse_transcript(plain).cues(12.34)),
+        "hours.vtt": (render_webvtt(hours), hours),
+    }
+    for name, (vtt, _cues) in files.items():
+        assert vtt is not None
+        (tmp_path / name).write_text(vtt, encoding="utf-8")
+    (tmp_path / "page.html").write_text(VTT_PAGE)
+    (tmp_path / "broken.vtt").write_text("not a webvtt file\n")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    with serving(http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)) as url:
+        for name, (_vtt, cues) in files.items():
+            assert cues
+            browser.get(f"{url}/page.html")
+            read = browser.execute_async_script(READ_TRACK, f"{url}/{name}")
+            assert [r[2] for r in read] == [c.text for c in cues], name
+            times = [t for c in cues for t in (c.start, c.end)]
+            assert [t for r in read for t in r[:2]] == pytest.approx(times, abs=1e-6), name
+        browser.get(f"{url}/page.html")  # the parser does refuse what is not WebVTT
+        assert browser.execute_async_script(READ_TRACK, f"{url}/broken.vtt") == "error"
 
 
 def csp_violations(browser: Any) -> list[str]:

@@ -305,7 +305,17 @@ def test_render_job_points_at_the_audio_and_keeps_the_request(tmp_path: Path) ->
     assert meta["engine"] == "espeak" and meta["voice"] == "en-us" and meta["chars"] == len(text)
     assert len(meta["preview"]) == 80 and meta["preview"].endswith("…")
     assert Path(rendered.source).stem == meta["sha256"]
+    assert rendered.transcript == text
     assert render_job(parse_job({**JOB, "source": "a.wav"})).source == "a.wav"
+
+
+def test_a_rendered_job_carries_its_spoken_text_as_transcript(tmp_path: Path) -> None:
+    ssml = '<speak>Hello <break time="200ms"/> &amp; <emphasis>welcome</emphasis>.</speak>'
+    job = parse_job({**JOB, "source": {"type": "tts", "text": ssml, "ssml": True}})
+    assert render_job(job, settings(tmp_path)).transcript == "Hello & welcome."
+    own = "WEBVTT\n\n00:00.000 --> 00:00.800\nHi!\n"
+    job = parse_job({**JOB, "transcript": own, "source": {"type": "tts", "text": "Hi there."}})
+    assert render_job(job, settings(tmp_path)).transcript == own
 
 
 # --- avatarq say ------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 // The live room view: joins with a subscribe-only token minted by the API and shows the
-// avatar's video and plays its audio, as a viewer of the room sees and hears it.
+// avatar's video with its captions and plays its audio, as a viewer of the room sees and
+// hears it.
 
 import { RemoteTrack, Room, RoomEvent, Track } from "livekit-client";
 import { request } from "./api";
+import { showCaptions } from "./captions";
 import { $ } from "./dom";
 
 interface ViewerToken {
@@ -56,6 +58,7 @@ export async function watch(name: string): Promise<void> {
       status(`watching ${name}: waiting for the avatar`);
     })
     .on(RoomEvent.Disconnected, () => status("not watching"));
+  showCaptions(room);
   status(`joining ${name}…`);
   await room.connect(grant.url, grant.token);
   // The Watch click is the user gesture browsers want before they play sound.

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from avatarq.captions import plain_text
 from avatarq.jobs import Job, TtsSource, parse_job
 from avatarq.settings import Settings, get_settings
 from producers.tts.base import Speech, TtsEngine, TtsRejected, TtsUnavailable
@@ -66,7 +67,8 @@ def render_job(job: Job, settings: Settings | None = None) -> Job:
     """`job` with a `tts` source replaced by its stored audio; other jobs unchanged.
 
     The request is kept in `metadata["tts"]` without its full text: engine, voice, language,
-    ssml, the text's length, a short preview and the content hash that names the audio.
+    ssml, the text's length, a short preview and the content hash that names the audio. The
+    text (SSML without its markup) is the job's transcript unless the job gives its own.
     """
     tts = job.source
     if not isinstance(tts, TtsSource):
@@ -76,4 +78,6 @@ def render_job(job: Job, settings: Settings | None = None) -> Job:
     request = tts.model_dump(exclude={"type", "text"}, exclude_none=True)
     request.update(chars=len(tts.text), preview=preview, sha256=rendered.key)
     metadata = {**job.metadata, "tts": request}
-    return parse_job({**job.payload(), "source": rendered.source, "metadata": metadata}, settings)
+    transcript = job.transcript or (plain_text(tts.text) if tts.ssml else tts.text) or None
+    payload = {**job.payload(), "source": rendered.source, "metadata": metadata}
+    return parse_job({**payload, "transcript": transcript}, settings)

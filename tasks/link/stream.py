@@ -10,11 +10,13 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 
 from livekit import rtc
 
 from tasks.link.pacing import Pacer, tail_pieces
+from tasks.link.transcription import TranscriptionOut
 from tasks.link.types import Admit, PlaybackFinished, ProgressCallback
 
 log = logging.getLogger("avatarq.stream")
@@ -51,6 +53,7 @@ class AudioStreamSender:
         self._awaiting_report = False
         self.stray_reports = 0
         self.playback_started = asyncio.Event()
+        self.captions = TranscriptionOut(room, avatar_identity)
         self._state_tasks: set[asyncio.Task[None]] = set()
         lp = room.local_participant
         lp.register_rpc_method(RPC_PLAYBACK_FINISHED, self._on_playback_finished)
@@ -78,6 +81,8 @@ class AudioStreamSender:
     def _on_playback_started(self, data: rtc.RpcInvocationData) -> str:
         if self._from_avatar(data):
             self.playback_started.set()
+            if self.captions.playback_started_at is None:
+                self.captions.playback_started_at = time.monotonic()
         return "ok"
 
     async def send_segment(
@@ -96,6 +101,7 @@ class AudioStreamSender:
         is then cleared before the stream closes, as DataStreamAudioOutput does. `admit` may
         hold a piece back (the schedule moves on if the avatar ran dry meanwhile)."""
         self._awaiting_report = False
+        self.captions.playback_started_at = None
         while not self._finished.empty():
             self._finished.get_nowait()  # a late report of an earlier segment
         writer = await self.room.local_participant.stream_bytes(

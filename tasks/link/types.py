@@ -111,8 +111,26 @@ class NoAvatarSlot(Exception):  # noqa: N818 - "come back later", not an error
         self.waiting = waiting
 
 
+class Captions(Protocol):
+    """Caption cues shown to the room (`lk.transcription`), each from `show` to `end`; the
+    caller times them. `playback_started_at` (time.monotonic()) is set when the avatar
+    reports it started playing the current segment (`lk.playback_started`), else None."""
+
+    @property
+    def playback_started_at(self) -> float | None: ...
+
+    async def show(self, cue_id: str, text: str) -> None: ...
+
+    async def end(self, cue_id: str) -> None: ...
+
+
 class Sender(Protocol):
     bytes_per_second: int
+
+    @property
+    def captions(self) -> Captions | None:
+        """Where the segment's captions go; None where there is no room to show them in."""
+        ...
 
     async def send_segment(
         self,
