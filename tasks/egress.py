@@ -23,8 +23,12 @@ log = logging.getLogger("avatarq.egress")
 REQUEST_TIMEOUT_S = 10.0
 #: How often an egress's state is read while waiting for it to change.
 POLL_S = 0.25
-#: Egress reports ACTIVE once it receives the participant's tracks: about 2 s here.
-ACTIVE_TIMEOUT_S = 30.0
+#: The server waits up to 15 s for an egress to answer a stop.
+STOP_TIMEOUT_S = 20.0
+#: Egress reports ACTIVE once it receives the participant's tracks (about 1 s here), or FAILED
+#: after 30 s without them (its subscription timeout); the wait outlasts that, so Egress's own
+#: verdict comes first and no egress outlives a failed start (it takes no stop before then).
+ACTIVE_TIMEOUT_S = 45.0
 #: After the stop, the egress drains its pipeline and uploads the file (s); docs say how long.
 FINISH_TIMEOUT_S = 120.0
 
@@ -103,13 +107,12 @@ class EgressRecorder:
         return cls(settings.egress_url, settings.livekit_api_key, secret)
 
     @contextlib.asynccontextmanager
-    async def _api(self, what: str) -> AsyncIterator[api.LiveKitAPI]:
+    async def _api(
+        self, what: str, timeout_s: float = REQUEST_TIMEOUT_S
+    ) -> AsyncIterator[api.LiveKitAPI]:
         """The API client for one operation; its errors become EgressError saying `what`."""
         lkapi = api.LiveKitAPI(
-            self.url,
-            self._key,
-            self._secret,
-            timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S),
+            self.url, self._key, self._secret, timeout=aiohttp.ClientTimeout(total=timeout_s)
         )
         try:
             yield lkapi
@@ -180,7 +183,7 @@ class EgressRecorder:
 
     async def _request_stop(self, egress_id: str) -> None:
         try:
-            async with self._api(f"stop egress {egress_id}") as lkapi:
+            async with self._api(f"stop egress {egress_id}", STOP_TIMEOUT_S) as lkapi:
                 await lkapi.egress.stop_egress(api.StopEgressRequest(egress_id=egress_id))
         except EgressError:
             # One that already ended (the participant left) refuses a stop; its state says.

@@ -16,13 +16,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+from livekit import api
 
 from avatarq.settings import Settings
 from avatarq_dev import egress
 from avatarq_dev.avatar_emulator import video
 from avatarq_dev.stack import DEV_API_KEY, LocalStack, local_stack
 from tasks.decode import ffmpeg_binary
-from tasks.egress import EgressRecorder, check_destination
+from tasks.egress import ACTIVE_TIMEOUT_S, EgressError, EgressRecorder, check_destination
 from tests import audio
 from tests.netns import needs_netns
 from tests.s3 import DUMMY_ENV, s3_client, s3_server
@@ -132,6 +133,41 @@ def test_egress_records_a_job_of_the_avatar(
     span = lit[-1] - lit[0]
     assert span == pytest.approx(seconds, abs=0.3), span
     assert lit[0] > 0.0 and lit[-1] < duration
+
+
+@pytest.mark.netns
+@needs_netns
+def test_a_start_for_a_participant_who_never_comes_fails_with_egress_reason(
+    stack: LocalStack,
+) -> None:
+    room = f"egress-{uuid.uuid4().hex[:8]}"
+    asyncio.run(_create_room(stack, room))
+    recorder = EgressRecorder(stack.livekit_url, DEV_API_KEY, stack.api_secret)
+    started = time.monotonic()
+    says = r"ended before it recorded 'avatar-nobody': EGRESS_FAILED participant avatar-nobody"
+    with pytest.raises(EgressError, match=says):
+        asyncio.run(recorder.start(room, "avatar-nobody", f"jobs/{room}.mp4"))
+    # Egress's own bound (30 s without the participant's tracks), not ours, ended it.
+    assert time.monotonic() - started < ACTIVE_TIMEOUT_S
+    assert asyncio.run(_active_egresses(stack, room)) == []
+
+
+async def _create_room(stack: LocalStack, room: str) -> None:
+    async with api.LiveKitAPI(stack.livekit_url, DEV_API_KEY, stack.api_secret) as lkapi:
+        await lkapi.room.create_room(api.CreateRoomRequest(name=room, empty_timeout=60))
+
+
+async def _active_egresses(stack: LocalStack, room: str) -> list[str]:
+    async with api.LiveKitAPI(stack.livekit_url, DEV_API_KEY, stack.api_secret) as lkapi:
+        deadline = time.monotonic() + 10.0
+        while True:
+            found = await lkapi.egress.list_egress(
+                api.ListEgressRequest(room_name=room, active=True)
+            )
+            active = [e.egress_id for e in found.items]
+            if not active or time.monotonic() > deadline:
+                return active
+            await asyncio.sleep(0.25)
 
 
 def test_destination_must_be_an_mp4_path_inside_the_storage() -> None:
