@@ -58,8 +58,8 @@ class EgressRecording(BaseModel):
     url: str
     duration_s: float
     size_bytes: int
-    #: Egress ended it before the stop (failed, aborted, a limit reached): the file holds what
-    #: was recorded until then.
+    #: Egress ended it before the stop (the participant left, a failure, a limit reached): the
+    #: file holds what was recorded until then.
     partial: bool
     #: Egress's own word on why it ended early.
     error: str | None = None
@@ -163,7 +163,10 @@ class EgressRecorder:
 
     async def stop(self, egress_id: str) -> EgressRecording:
         """Stop the egress and wait until its file is stored; what Egress says of the file."""
-        await self._request_stop(egress_id)
+        # One no longer ACTIVE ended on its own (the participant left, a failure, a limit).
+        running = (await self._info(egress_id)).status == api.EgressStatus.EGRESS_ACTIVE
+        if running:
+            running = await self._request_stop(egress_id)
         info = await self._wait(egress_id, self.finish_timeout_s, until_active=False)
         if not info.file_results or info.file_results[0].size <= 0:
             raise EgressError(
@@ -171,25 +174,29 @@ class EgressRecorder:
                 f"{info.error}".rstrip()
             )
         file = info.file_results[0]
-        complete = info.status == api.EgressStatus.EGRESS_COMPLETE
+        whole = running and info.status == api.EgressStatus.EGRESS_COMPLETE
+        state = api.EgressStatus.Name(info.status)
         return EgressRecording(
             egress_id=egress_id,
             url=file.location,
             duration_s=file.duration / 1e9,  # nanoseconds
             size_bytes=file.size,
-            partial=not complete,
-            error=None if complete else (info.error or api.EgressStatus.Name(info.status)),
+            partial=not whole,
+            error=None if whole else f"{state} before the stop: {info.error or info.details}",
         )
 
-    async def _request_stop(self, egress_id: str) -> None:
+    async def _request_stop(self, egress_id: str) -> bool:
+        """Stop it: True, or False when it ended (or began to) on its own meanwhile."""
         try:
             async with self._api(f"stop egress {egress_id}", STOP_TIMEOUT_S) as lkapi:
                 await lkapi.egress.stop_egress(api.StopEgressRequest(egress_id=egress_id))
+            return True
         except EgressError:
-            # One that already ended (the participant left) refuses a stop; its state says.
+            # One that ended on its own (the participant left, a limit) refuses a stop.
             info = await self._info(egress_id)
-            if info.status not in _ENDED:
-                raise
+            if info.status in _ENDED or info.status == api.EgressStatus.EGRESS_ENDING:
+                return False
+            raise
 
     async def _info(self, egress_id: str) -> api.EgressInfo:
         async with self._api(f"read egress {egress_id}") as lkapi:

@@ -152,6 +152,38 @@ def test_a_start_for_a_participant_who_never_comes_fails_with_egress_reason(
     assert asyncio.run(_active_egresses(stack, room)) == []
 
 
+@pytest.mark.netns
+@needs_netns
+def test_an_egress_that_ends_before_the_stop_gives_a_partial_file(
+    stack: LocalStack, s3_server: str, tmp_path: Path
+) -> None:
+    room = f"egress-{uuid.uuid4().hex[:8]}"
+    first = run_job(stack, room, audio.tone(tmp_path / "warmup.wav", seconds=1.0))
+    assert first["status"] == "completed", first
+    recorder = EgressRecorder(stack.livekit_url, DEV_API_KEY, stack.api_secret)
+    key = f"jobs/{room}.mp4"
+    egress_id = asyncio.run(recorder.start(room, f"avatar-{AVATAR}", key))
+    time.sleep(2.0)
+    asyncio.run(_remove(stack, room, f"avatar-{AVATAR}"))  # the avatar is gone mid-recording
+    assert asyncio.run(_active_egresses(stack, room)) == []  # and Egress ended on its own
+
+    recording = asyncio.run(recorder.stop(egress_id))
+    assert recording.partial and recording.error, recording
+    assert recording.error.startswith("EGRESS_"), recording.error
+    # What was recorded until the avatar left is stored, and plays.
+    path = tmp_path / "partial.mp4"
+    s3_client(s3_server).download_file(BUCKET, key, str(path))
+    assert path.stat().st_size == recording.size_bytes
+    assert 1.0 <= float(ffprobe(path)["format"]["duration"]) <= 10.0
+
+
+async def _remove(stack: LocalStack, room: str, identity: str) -> None:
+    async with api.LiveKitAPI(stack.livekit_url, DEV_API_KEY, stack.api_secret) as lkapi:
+        await lkapi.room.remove_participant(
+            api.RoomParticipantIdentity(room=room, identity=identity)
+        )
+
+
 async def _create_room(stack: LocalStack, room: str) -> None:
     async with api.LiveKitAPI(stack.livekit_url, DEV_API_KEY, stack.api_secret) as lkapi:
         await lkapi.room.create_room(api.CreateRoomRequest(name=room, empty_timeout=60))
