@@ -117,6 +117,11 @@ class Settings(BaseSettings):
         0.3, ge=0.0, le=1.0, validation_alias=_env("AVATARQ_RESUME_OVERLAP")
     )
 
+    # --- Recording -----------------------------------------------------------------------------
+    #: The LiveKit server whose Egress service records jobs (http(s):// or ws(s)://, signed with
+    #: LIVEKIT_API_KEY / LIVEKIT_API_SECRET); unset: no Egress (docs/recordings-egress.md).
+    egress_url: str | None = Field(None, validation_alias=_env("AVATARQ_EGRESS_URL"))
+
     # --- Broker and Redis ----------------------------------------------------------------------
     #: Results, events, the ledger; also the broker unless `CELERY_BROKER_URL` says otherwise.
     redis_url: str = Field("redis://localhost:6379/0", validation_alias=_env("REDIS_URL"))

@@ -12,7 +12,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from avatarq_dev.processes import ManagedProcess, Ports, ServiceError
+from avatarq_dev.processes import ManagedProcess, Ports, RedisServer, ServiceError
 
 #: The version infra/bootstrap builds; the compose file pins the same image.
 VERSION = "v1.13.5"
@@ -71,8 +71,10 @@ def config_yaml(
     node_ip: str,
     empty_timeout_s: int | None = None,
     departure_timeout_s: int | None = None,
+    redis_address: str | None = None,
 ) -> str:
-    """The server's YAML config (JSON is YAML): ports, keys, addresses and room timeouts."""
+    """The server's YAML config (JSON is YAML): ports, keys, addresses and room timeouts;
+    with `redis_address` (host:port) it keeps its state in Redis, as LiveKit Egress needs."""
     room: dict[str, int] = {}
     if empty_timeout_s is not None:
         room["empty_timeout"] = empty_timeout_s
@@ -90,6 +92,7 @@ def config_yaml(
         "keys": keys,
         "logging": {"level": "info"},
         **({"room": room} if room else {}),
+        **({"redis": {"address": redis_address}} if redis_address else {}),
     }
     return json.dumps(config, indent=2)
 
@@ -100,9 +103,11 @@ def official_server(
     log_dir: Path,
     empty_timeout_s: int | None = None,
     departure_timeout_s: int | None = None,
+    redis: RedisServer | None = None,
 ) -> ManagedProcess:
     """A `livekit-server --dev` process, not started yet; its ports (signalling, ICE/TCP and
-    the ICE/UDP mux) are picked when it starts, `port` is the signalling one."""
+    the ICE/UDP mux) are picked when it starts, `port` is the signalling one. With `redis`
+    (started before it) it keeps its state there (what LiveKit Egress needs)."""
     path, ip = binary(), node_ip()
     if path is None or ip is None:
         raise ServiceError(f"cannot run the official LiveKit server: {why_unavailable()}")
@@ -120,6 +125,7 @@ def official_server(
                 node_ip=ip,
                 empty_timeout_s=empty_timeout_s,
                 departure_timeout_s=departure_timeout_s,
+                redis_address=f"{HOST}:{redis.port}" if redis else None,
             )
         )
         return [path, "--dev", "--config", str(config)]

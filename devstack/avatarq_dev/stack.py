@@ -186,6 +186,7 @@ def local_stack(
     room_timeouts: tuple[int, int] | None = None,
     broker: Literal["redis", "rabbitmq"] = "redis",
     consumer_timeout_s: float = 4200.0,
+    livekit_redis: bool = False,
 ) -> Iterator[LocalStack]:
     """Start the whole stack (and `workers` Celery workers); stop everything on exit.
     `persistent` gives Redis a data directory with redis-server's own default persistence
@@ -193,14 +194,23 @@ def local_stack(
     The LiveKit server is the official one where it can run (`livekit_official.choice`);
     `room_timeouts` (empty, departure seconds) replaces its room defaults (300 s / 20 s).
     `broker="rabbitmq"` adds a RabbitMQ server as the broker, with `consumer_timeout_s`
-    (default: the default longest job plus 10 minutes)."""
+    (default: the default longest job plus 10 minutes). `livekit_redis` has the official
+    server keep its state in the stack's Redis, as LiveKit Egress needs (avatarq_dev.egress)."""
     server = livekit_official.choice()
     api_secret = api_secret or DEV_API_SECRET
     license_key = license_key or DEV_LICENSE_KEY
     workdir = workdir or Path(tempfile.mkdtemp(prefix="avatarq-stack-"))
     logs = workdir / "logs"
     redis = RedisServer(log_dir=logs, data_dir=workdir / "redis" if persistent else None)
-    livekit = livekit_process(server, {DEV_API_KEY: api_secret}, logs, room_timeouts=room_timeouts)
+    if livekit_redis and server != "official":
+        raise ServiceError("LiveKit Egress needs the official livekit-server (AVATARQ_DEV_LIVEKIT)")
+    livekit = livekit_process(
+        server,
+        {DEV_API_KEY: api_secret},
+        logs,
+        room_timeouts=room_timeouts,
+        redis=redis if livekit_redis else None,
+    )
     avatar = python_module(
         "avatar",
         "avatarq_dev.avatar_emulator",
@@ -244,8 +254,10 @@ def livekit_process(
     log_dir: Path,
     *,
     room_timeouts: tuple[int, int] | None = None,
+    redis: RedisServer | None = None,
 ) -> ManagedProcess:
-    """The chosen LiveKit server, not started yet (its `port` is picked as it starts)."""
+    """The chosen LiveKit server, not started yet (its `port` is picked as it starts); with
+    `redis`, the official one keeps its state there."""
     empty, departure = room_timeouts or (None, None)
     if server == "official":
         return livekit_official.official_server(
@@ -253,6 +265,7 @@ def livekit_process(
             log_dir=log_dir,
             empty_timeout_s=empty,
             departure_timeout_s=departure,
+            redis=redis,
         )
     args = ["--host", HOST, "--keys", ", ".join(f"{k}: {v}" for k, v in keys.items())]
     if empty is not None:
