@@ -13,14 +13,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import redis
 import requests
 
+from avatarq.ledger.keys import avatar_quota_key
 from avatarq_dev.bench.stats import make_clip, ratio, spread
 from avatarq_dev.bench.streams import Played, collect
 from avatarq_dev.faults.fleet import peak_sessions
 from avatarq_dev.stack import LocalStack
 
 LEAD = 0.3
+#: How long a part waits for the fleet to be at rest: no session slot held, no quota shrunk
+#: by a 429 (an earlier section's workers leave slots that lapse after 15 s; a cap lasts
+#: its TTL).
+REST_WAIT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -80,8 +86,11 @@ class FleetBench:
         self.clip = make_clip(stack.workdir / "fleet.wav", plan.clip_s, rate=16000)
         self.b2b_clip = make_clip(stack.workdir / "fleet-b2b.wav", plan.b2b_clip_s, rate=16000)
         self.tag = "lanes" if lanes else "polling"
+        #: Seconds each part waited for the fleet to be at rest before it began.
+        self.rest_waits: list[float] = []
 
     def _workers(self, quota: int) -> list[Any]:
+        self.rest_waits.append(_wait_for_rest(self.stack))
         env = {
             "AVATARQ_AVATAR_MAX_SESSIONS": str(quota),
             "AVATARQ_ROOM_LANES": "true" if self.lanes else "false",
@@ -96,7 +105,8 @@ class FleetBench:
             w.stop()
 
     def run(self) -> dict[str, Any]:
-        return {"burst": self.burst(), "skew": self.skew(), "back_to_back": self.back_to_back()}
+        parts = {"burst": self.burst(), "skew": self.skew(), "back_to_back": self.back_to_back()}
+        return {**parts, "waited_for_rest_s": self.rest_waits}
 
     def burst(self) -> dict[str, Any]:
         p = self.plan
@@ -182,6 +192,22 @@ class FleetBench:
             "goal_gap_p50_below_s": 0.3,
             "goal_warm_start_p50_below_s": 0.1,
         }
+
+
+def _wait_for_rest(stack: LocalStack, server: str = "default") -> float:
+    """Until no earlier part's session slot or 429 cap weighs on this part's quota (bounded:
+    past REST_WAIT_S the part runs anyway, and its figures show it); the seconds waited."""
+    r = redis.Redis.from_url(stack.redis.url)
+    began = time.monotonic()
+    try:
+        while time.monotonic() < began + REST_WAIT_S:
+            held = r.zcount(avatar_quota_key(server, "sessions"), int(time.time() * 1000), "+inf")
+            if not held and not r.exists(avatar_quota_key(server, "cap")):
+                break
+            time.sleep(0.5)
+    finally:
+        r.close()
+    return round(time.monotonic() - began, 1)
 
 
 def _where_the_time_went(
