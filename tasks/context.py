@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from avatarq.budget import Budget
 from avatarq.jobs import Job
-from avatarq.results import Timestamps
+from avatarq.results import Recording, Timestamps
 from tasks.control import JobControl
 from tasks.link.pacing import Pacer
 from tasks.seams import JobLedger, Reporter
@@ -30,6 +30,9 @@ class PlayContext:
     start_at: float = 0.0
     timestamps: Timestamps = field(default_factory=lambda: Timestamps(picked=time.time()))
     hooks: Sequence[JobHook] = ()
+    #: Set by the recording hook once the attempt's recording is stored; the run puts it in
+    #: the job's result.
+    recording: Recording | None = None
 
 
 @dataclass

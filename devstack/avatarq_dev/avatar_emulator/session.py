@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 RPC_AGENT_STATE_CHANGED = "agent_state_changed"
 VIDEO_TRACK_NAME = "avatar_video"
 AUDIO_TRACK_NAME = "avatar_audio"
-#: The avatar's published audio (AvatarRunner's AudioSource); the emulator keeps it silent.
+#: The avatar's published audio (AvatarRunner's AudioSource): what it plays, at this rate.
 AUDIO_TRACK_RATE = 16000
 # The worker leaving is the normal end of a session; a short grace period rides out a
 # participant list that is briefly empty while someone reconnects.
@@ -417,7 +417,15 @@ class AvatarSession:
             ends_at = self._playout.schedule(frame.samples_per_channel, item.arrived)
             self._level = audio_level(np.frombuffer(frame.data, dtype=np.int16))
             self._level_until = ends_at
+            await self._publish_audio(frame)
             await self._sleep_until(ends_at)
+
+    async def _publish_audio(self, frame: rtc.AudioFrame) -> None:
+        """Publish what it plays as it starts playing it, as AvatarRunner does (a recorder
+        in the room hears it); a segment at another rate than the track's stays unheard."""
+        source = self._audio_source
+        if source is not None and frame.sample_rate == source.sample_rate:
+            await source.capture_frame(frame)
 
     async def _sleep_until(self, when: float) -> None:
         """Sleep on the loop clock; clear_buffer cuts it short."""
@@ -470,6 +478,8 @@ class AvatarSession:
                 seg.finish(position=0.0, interrupted=True, at=now)
         # Any AudioSegmentEnd still to come belongs to the cleared stream.
         self._recv_segment = None
+        if self._audio_source is not None:
+            self._audio_source.clear_queue()
         if self._wake_fut is not None:
             _wake(self._wake_fut)
 
