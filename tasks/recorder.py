@@ -28,6 +28,10 @@ from tasks.recording_store import StoreError, store
 log = logging.getLogger("avatarq.recorder")
 
 AUDIO_RATE = 48000
+#: How much later the avatar's media reaches this subscriber than the worker's marks (the
+#: avatar's playout, the SFU, the jitter buffer): the marks are moved by it. At most the real
+#: delay, so a warm room's next job stays out (measured: docs/recordings.md).
+RECEIVE_DELAY_S = 0.1
 #: A pause in the avatar's audio longer than this is kept as silence, not closed up.
 AUDIO_GAP_S = 0.06
 #: Frames kept from before the start mark arrives (it comes a moment after the time it marks).
@@ -307,12 +311,14 @@ async def run() -> None:
             while line := await reader.readline():
                 mark = json.loads(line)
                 if "start" in mark:
-                    await recorder.begin(float(mark["start"]))
+                    await recorder.begin(float(mark["start"]) + RECEIVE_DELAY_S)
                     started = True
                 elif "end" in mark and started:
                     partial = bool(mark.get("partial"))
+                    end = float(mark["end"]) + RECEIVE_DELAY_S
+                    await asyncio.sleep(max(0.0, end - time.time()))
                     try:
-                        recording = await recorder.finish(float(mark["end"]), partial=partial)
+                        recording = await recorder.finish(end, partial=partial)
                     except StoreError as e:
                         recording = Recording(
                             url=None, duration=0.0, size=0, partial=True, backend="local",
