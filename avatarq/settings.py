@@ -156,6 +156,9 @@ class Settings(BaseSettings):
     # --- Recordings (docs/recordings.md) -------------------------------------------------------
     #: Where a job's `record: true` stores its MP4: `s3://bucket/prefix/` or a local directory.
     recordings: str | None = Field(None, validation_alias=_env("AVATARQ_RECORDINGS"))
+    #: Comma-separated buckets a job's own `record: s3://bucket/…` may name (besides the
+    #: bucket of `recordings`): a job must not make the worker write where it likes.
+    recording_buckets: str = Field("", validation_alias=_env("AVATARQ_RECORDING_BUCKETS"))
     #: What records: `local`, a subscriber process per recorded job beside the worker.
     recording_backend: Literal["local"] = Field(
         "local", validation_alias=_env("AVATARQ_RECORDING_BACKEND")

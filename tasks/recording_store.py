@@ -24,10 +24,23 @@ def destination_of(job: Job, settings: Settings) -> str | None:
     if job.record is False:
         return None
     if isinstance(job.record, str):
+        bucket = urlsplit(job.record).netloc
+        if bucket not in allowed_buckets(settings):
+            raise ValueError(
+                f"the job's record bucket {bucket!r} is not in AVATARQ_RECORDING_BUCKETS "
+                "(nor the bucket of AVATARQ_RECORDINGS)"
+            )
         return job.record
     if not settings.recordings:
         raise ValueError("the job asks for a recording and AVATARQ_RECORDINGS is not set")
     return settings.recordings
+
+
+def allowed_buckets(settings: Settings) -> set[str]:
+    buckets = {b.strip() for b in settings.recording_buckets.split(",") if b.strip()}
+    if settings.recordings and settings.recordings.startswith("s3://"):
+        buckets.add(urlsplit(settings.recordings).netloc)
+    return buckets
 
 
 def object_name(job_id: str, attempt: int) -> str:

@@ -30,11 +30,16 @@ def test_record_refuses_anything_else_by_name(record: str) -> None:
 
 
 def test_destination_is_the_jobs_bucket_else_the_setting() -> None:
-    settings = Settings(AVATARQ_RECORDINGS="/srv/videos")  # type: ignore[call-arg]
+    settings = Settings(AVATARQ_RECORDINGS="/srv/videos", AVATARQ_RECORDING_BUCKETS="rec-bucket")  # type: ignore[call-arg]
     assert destination_of(parse_job(JOB), settings) is None
     assert destination_of(parse_job({**JOB, "record": True}), settings) == "/srv/videos"
     job = parse_job({**JOB, "record": "s3://rec-bucket/x/"})
     assert destination_of(job, settings) == "s3://rec-bucket/x/"
+    # A bucket the worker was not told to write to is refused, by name.
+    with pytest.raises(ValueError, match="'other-bucket' is not in AVATARQ_RECORDING_BUCKETS"):
+        destination_of(parse_job({**JOB, "record": "s3://other-bucket/x/"}), settings)
+    in_setting = Settings(AVATARQ_RECORDINGS="s3://main-bucket/videos/")  # type: ignore[call-arg]
+    assert destination_of(parse_job({**JOB, "record": "s3://main-bucket/y/"}), in_setting)
     with pytest.raises(ValueError, match="AVATARQ_RECORDINGS is not set"):
         destination_of(parse_job({**JOB, "record": True}), Settings())
 

@@ -39,7 +39,12 @@ FACE = (236, 196, 160)
 def stack(tmp_path_factory: pytest.TempPathFactory, s3_server: str) -> Iterator[LocalStack]:
     s3_client(s3_server).create_bucket(Bucket=BUCKET)
     with local_stack(tmp_path_factory.mktemp("stack")) as s:
-        s3_env = {**DUMMY_ENV, "AWS_ENDPOINT_URL_S3": s3_server, "AVATARQ_WARM_IDLE": "5"}
+        s3_env = {
+            **DUMMY_ENV,
+            "AWS_ENDPOINT_URL_S3": s3_server,
+            "AVATARQ_RECORDING_BUCKETS": BUCKET,
+            "AVATARQ_WARM_IDLE": "5",
+        }
         s.start_worker("rec", concurrency=4, extra_env=s3_env)
         with s.current(s3_env):
             yield s
