@@ -58,6 +58,7 @@ class JobHook:
     the job ends: they watch and record.
 
         on_claimed        the job holds its lease and its room's head: it is about to play
+        on_link_ready     the avatar listens; awaited before the first byte (keep it short)
         on_stream_start   the first byte is about to go out
         on_chunk_sent     after every write (keep it cheap: it runs in the send loop)
         on_stream_end     the last byte went out, or the stream stopped
@@ -65,6 +66,9 @@ class JobHook:
     """
 
     async def on_claimed(self) -> None:
+        return None
+
+    async def on_link_ready(self) -> None:
         return None
 
     def on_stream_start(self, segment: Segment) -> None:

@@ -88,6 +88,8 @@ class Playback:
                 )
                 segment = Segment(job, bps, audio.duration, pacer, start_at=play.start_at)
                 for hook in play.hooks:
+                    await hook.on_link_ready()
+                for hook in play.hooks:
                     hook.on_stream_start(segment)
                 keep = False
                 try:

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -21,8 +22,6 @@ from pydantic import BaseModel, ConfigDict, SecretStr
 
 from avatarq.results import Recording
 from avatarq.settings import Settings, get_settings
-from tasks import compat
-from tasks.decode import ffmpeg_binary
 from tasks.recording_store import StoreError, store
 
 log = logging.getLogger("avatarq.recorder")
@@ -42,6 +41,7 @@ FIRST_FRAMES_TIMEOUT_S = 5.0
 #: The longest a recording may run without its end mark (the worker went away).
 MAX_RECORDING_S = 4 * 3600.0
 MUX_TIMEOUT_S = 300.0
+RECORDER_NICE = 10
 
 
 class Order(BaseModel):
@@ -56,6 +56,8 @@ class Order(BaseModel):
     name: str
     title: str
     fps: int
+    #: The worker's ffmpeg (`AVATARQ_FFMPEG`, else PATH's, else imageio-ffmpeg's).
+    ffmpeg: str
 
 
 class AudioTimeline:
@@ -166,7 +168,7 @@ class Recorder:
 
     def __init__(self, order: Order, settings: Settings, workdir: Path) -> None:
         self.order, self.settings, self.workdir = order, settings, workdir
-        self.ffmpeg = ffmpeg_binary(settings)
+        self.ffmpeg = order.ffmpeg
         self.audio_file = open(workdir / "audio.s16", "w+b")  # noqa: SIM115 (closed in record)
         self.audio = AudioTimeline(self.audio_file)
         self.video = VideoTimeline(self.ffmpeg, workdir / "video.mkv", order.fps)
@@ -335,7 +337,9 @@ async def run() -> None:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="recorder %(levelname)s %(message)s")
-    compat.capture_native_logs(False)
+    # Behind the worker's send loops for the CPU (its ffmpeg encoder inherits it): a
+    # recording may lag and catch up, a stream may not.
+    os.nice(RECORDER_NICE)
     asyncio.run(run())
 
 

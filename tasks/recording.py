@@ -15,12 +15,14 @@ from typing import Any
 from avatarq.results import Recording
 from avatarq.settings import Settings
 from tasks.context import HookFactory, JobHook, PlayContext, Segment
+from tasks.decode import ffmpeg_binary
 from tasks.link.tokens import recorder_token, ttl_for
 from tasks.recording_store import destination_of, object_name
 
 log = logging.getLogger("avatarq.recording")
 
-#: The recorder joins the room (and subscribes to an avatar already there) within this.
+#: The recorder joins the room (and subscribes to an avatar already there) within this of
+#: the claim; the first byte waits for it.
 READY_TIMEOUT_S = 10.0
 #: Muxing and storing after the end mark; the job's end waits for it.
 STORED_TIMEOUT_S = 120.0
@@ -29,16 +31,20 @@ EXIT_TIMEOUT_S = 5.0
 
 
 class LocalRecording(JobHook):
-    """Starts the recorder when the job is claimed (joined before the first byte), marks the
-    segment's start and end, and puts the stored recording in the play's context."""
+    """Starts the recorder when the job is claimed, waits for it once the avatar listens (so
+    it hears the first byte), marks the segment's start and end, and puts the stored
+    recording in the play's context."""
 
     def __init__(self, play: PlayContext, settings: Settings, destination: str) -> None:
         self.play, self.settings, self.destination = play, settings, destination
         self.proc: asyncio.subprocess.Process | None = None
+        self.spawned_at = 0.0
+        self.ready = False
         self.started = False
         self.error: str | None = None
 
     async def on_claimed(self) -> None:
+        # Started now, awaited at `on_link_ready`: it joins while the link is made.
         job = self.play.job
         token = recorder_token(
             self.settings,
@@ -54,24 +60,37 @@ class LocalRecording(JobHook):
             "name": object_name(job.job_id, self.play.attempt),
             "title": job.job_id,
             "fps": self.settings.recording_fps,
+            "ffmpeg": ffmpeg_binary(self.settings),
         }
+        self.spawned_at = time.monotonic()
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "tasks.recorder",
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             )  # fmt: skip
-            self._send(order)
-            async with asyncio.timeout(READY_TIMEOUT_S):
+        except OSError as e:
+            self.error = f"the recorder did not start: {e}"
+            log.warning("job %s: %s", job.job_id, self.error)
+            return
+        self._send(order)
+
+    async def on_link_ready(self) -> None:
+        if self.proc is None:
+            return
+        left = READY_TIMEOUT_S - (time.monotonic() - self.spawned_at)
+        try:
+            async with asyncio.timeout(max(0.1, left)):
                 ready = await self._answer()
             if not ready.get("ready"):
                 raise RuntimeError("the recorder did not join the room")
-        except (OSError, RuntimeError, TimeoutError) as e:
-            self.error = f"the recorder did not start: {e or type(e).__name__}"
-            log.warning("job %s: %s", job.job_id, self.error)
+            self.ready = True
+        except (OSError, RuntimeError, TimeoutError, ValueError) as e:
+            self.error = f"the recorder was not ready: {e or type(e).__name__}"
+            log.warning("job %s: %s", self.play.job.job_id, self.error)
             await self._stop()
 
     def on_stream_start(self, segment: Segment) -> None:
-        if self.proc is not None and self.error is None:
+        if self.proc is not None and self.ready:
             self.started = True
             self._send({"start": time.time()})
 

@@ -7,11 +7,8 @@ import shutil
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from botocore.exceptions import BotoCoreError, ClientError
-
 from avatarq.jobs import Job
 from avatarq.settings import Settings
-from tasks.source import s3_client
 
 
 class StoreError(Exception):
@@ -51,6 +48,12 @@ def object_name(job_id: str, attempt: int) -> str:
 def store(path: Path, destination: str, name: str, *, partial: bool, settings: Settings) -> str:
     """Put the finished MP4 at `destination` + `name`; returns its URL."""
     if destination.startswith("s3://"):
+        # Here, not at the top: boto3 is a third of the recorder's start-up (docs/recordings.md),
+        # and a local store needs none of it.
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        from tasks.source import s3_client
+
         parts = urlsplit(destination)
         bucket, key = parts.netloc, parts.path.lstrip("/") + name
         metadata = {"partial": "true" if partial else "false"}

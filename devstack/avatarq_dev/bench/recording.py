@@ -49,15 +49,18 @@ def _tree_cpu_s(proc: psutil.Process) -> float:
     return total
 
 
-class RecorderRss:
-    """The peak RSS of the recorder processes (with their ffmpeg encoders) under a worker."""
+class RecorderSampler:
+    """The recorder processes under a worker (with their ffmpeg encoders): peak RSS per
+    recorder, and each one's CPU seconds over time (start-up apart from steady recording)."""
 
     def __init__(self, worker: psutil.Process) -> None:
-        self.worker, self.peak_mb, self.peak_count = worker, 0.0, 0
+        self.worker, self.peak_mb = worker, 0.0
+        #: pid -> [(monotonic time, CPU seconds of the recorder and its children)]
+        self.cpu: dict[int, list[tuple[float, float]]] = {}
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="bench-recorder-rss", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="bench-recorders", daemon=True)
 
-    def __enter__(self) -> RecorderRss:
+    def __enter__(self) -> RecorderSampler:
         self._thread.start()
         return self
 
@@ -67,19 +70,39 @@ class RecorderRss:
 
     def _run(self) -> None:
         while not self._stop.wait(SAMPLE_S):
-            total, count = 0.0, 0
+            rss: list[float] = []
             for child in self.worker.children(recursive=False):
                 try:
                     if "tasks.recorder" not in " ".join(child.cmdline()):
                         continue
-                    count += 1
-                    for p in [child, *child.children(recursive=True)]:
-                        total += p.memory_info().rss / 1e6
+                    tree = [child, *child.children(recursive=True)]
+                    rss.append(sum(p.memory_info().rss for p in tree) / 1e6)
+                    cpu = sum(sum(p.cpu_times()[:2]) for p in tree)
+                    self.cpu.setdefault(child.pid, []).append((time.monotonic(), cpu))
                 except psutil.Error:
                     continue
-            if count:
-                self.peak_mb = max(self.peak_mb, total / count)
-                self.peak_count = max(self.peak_count, count)
+            if rss:
+                self.peak_mb = max(self.peak_mb, max(rss))
+
+    def steady_share(self) -> float | None:
+        """Median CPU share of one core per recorder over the second half of its life (its
+        start-up, joining and first frames, are over by then)."""
+        shares = []
+        for samples in self.cpu.values():
+            half = samples[len(samples) // 2 :]
+            if len(half) >= 2 and half[-1][0] > half[0][0]:
+                shares.append((half[-1][1] - half[0][1]) / (half[-1][0] - half[0][0]))
+        return round(statistics.median(shares), 4) if shares else None
+
+    def startup_cpu_s(self) -> float | None:
+        """Median CPU seconds a recorder had used at its first sample after 2 s of life."""
+        firsts = []
+        for samples in self.cpu.values():
+            t0 = samples[0][0]
+            later = [cpu for t, cpu in samples if t - t0 >= 2.0]
+            if later:
+                firsts.append(later[0])
+        return round(statistics.median(firsts), 2) if firsts else None
 
 
 def _phase(
@@ -87,7 +110,7 @@ def _phase(
     *, recorded: int, plain: int,
 ) -> dict[str, Any]:  # fmt: skip
     began, cpu0 = time.monotonic(), _tree_cpu_s(worker)
-    with RecorderRss(worker) as rss:
+    with RecorderSampler(worker) as recorders:
         runs = streams.collect(stack, _submit(clip, lead, recorded=recorded, plain=plain), timeout)
     elapsed, cpu = time.monotonic() - began, _tree_cpu_s(worker) - cpu0
     done = [r.result for r in runs if r.result.get("status") == "completed"]
@@ -99,7 +122,9 @@ def _phase(
         "recordings_stored": sum(bool(r.get("url")) and not r["partial"] for r in recordings),
         "cpu_s": round(cpu, 2),
         "elapsed_s": round(elapsed, 1),
-        "recorder_rss_mb": round(rss.peak_mb, 1),
+        "recorder_rss_mb": round(recorders.peak_mb, 1),
+        "recorder_steady_core_share": recorders.steady_share(),
+        "recorder_cpu_s_after_2s": recorders.startup_cpu_s(),
         "recording_bytes": [r["size"] for r in recordings],
         "plain_schedule_error_ms": spread(plain_errors, 2),
         "start_s": spread(
@@ -140,6 +165,8 @@ def bench_recording(
             "cpu_s_added_per_job": round(added, 2),
             "core_share_per_recording_job": round(added / audio_s, 4),
             "recorder_rss_mb_per_job": rec["recorder_rss_mb"],
+            "recorder_steady_core_share": rec["recorder_steady_core_share"],
+            "recorder_cpu_s_after_2s": rec["recorder_cpu_s_after_2s"],
             "start_s_recorded_vs_plain_p50": [rec["start_s"]["p50"], plain["start_s"]["p50"]],
             "plain_p99_ms_beside_recordings": p99,
             "plain_p99_ms_all_plain": mixed_base["plain_schedule_error_ms"]["p99"],
