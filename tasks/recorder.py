@@ -69,10 +69,8 @@ class AudioTimeline:
         self.start: float | None = None
         self.written = 0  # samples
         self.pending: deque[tuple[float, bytes, int]] = deque(maxlen=PREROLL_FRAMES)
-        self.frames = 0
 
     def add(self, arrived: float, pcm: bytes, samples: int) -> None:
-        self.frames += 1
         if self.start is None:
             self.pending.append((arrived, pcm, samples))
         else:
@@ -114,7 +112,6 @@ class VideoTimeline:
         self.latest: bytes | None = None
         self.size: tuple[int, int] | None = None
         self.slots = 0
-        self.frames = 0
         self.encoder: asyncio.subprocess.Process | None = None
 
     async def add(self, arrived: float, frame: rtc.VideoFrame) -> None:
@@ -123,7 +120,6 @@ class VideoTimeline:
             self.size = size
         elif size != self.size:
             return  # the encoder's size is fixed: a resized frame is skipped (held)
-        self.frames += 1
         if self.start is not None:
             await self._emit_until(arrived)
         self.latest = bytes(frame.data)
@@ -175,6 +171,7 @@ class Recorder:
         self.room = rtc.Room()
         self.tasks: set[asyncio.Task[None]] = set()
         self.first_frames = asyncio.Event()
+        self.audio_subscribed = False
 
     async def join(self) -> None:
         options = rtc.RoomOptions(auto_subscribe=False)
@@ -206,6 +203,7 @@ class Recorder:
         if participant.identity != self.order.avatar_identity:
             return
         if track.kind == rtc.TrackKind.KIND_AUDIO:
+            self.audio_subscribed = True
             self._spawn(self._read_audio(track))
         elif track.kind == rtc.TrackKind.KIND_VIDEO:
             self._spawn(self._read_video(track))
@@ -221,8 +219,6 @@ class Recorder:
             async for event in stream:
                 frame = event.frame
                 self.audio.add(time.time(), bytes(frame.data), frame.samples_per_channel)
-                if self.video.frames:
-                    self.first_frames.set()
         finally:
             await stream.aclose()
 
@@ -231,7 +227,9 @@ class Recorder:
         try:
             async for event in stream:
                 await self.video.add(time.time(), event.frame)
-                if self.audio.frames:
+                # An idle avatar's video flows, its audio may not: video and an audio
+                # subscription say the recorder hears what comes next.
+                if self.audio_subscribed:
                     self.first_frames.set()
         finally:
             await stream.aclose()
