@@ -124,7 +124,7 @@ class VideoTimeline:
             await self._emit_until(arrived)
         self.latest = bytes(frame.data)
 
-    async def begin(self, start: float) -> None:
+    def begin(self, start: float) -> None:
         self.start = start
 
     async def _emit_until(self, until: float) -> None:
@@ -165,7 +165,7 @@ class Recorder:
     def __init__(self, order: Order, settings: Settings, workdir: Path) -> None:
         self.order, self.settings, self.workdir = order, settings, workdir
         self.ffmpeg = order.ffmpeg
-        self.audio_file = open(workdir / "audio.s16", "w+b")  # noqa: SIM115 (closed in record)
+        self.audio_file = open(workdir / "audio.s16", "w+b")  # noqa: SIM115 (closed in finish)
         self.audio = AudioTimeline(self.audio_file)
         self.video = VideoTimeline(self.ffmpeg, workdir / "video.mkv", order.fps)
         self.room = rtc.Room()
@@ -234,9 +234,9 @@ class Recorder:
         finally:
             await stream.aclose()
 
-    async def begin(self, start: float) -> None:
+    def begin(self, start: float) -> None:
         self.audio.begin(start)
-        await self.video.begin(start)
+        self.video.begin(start)
 
     async def finish(self, end: float, *, partial: bool) -> Recording:
         """Stop at `end`, mux, store; the recording's length is the end less the start."""
@@ -304,14 +304,20 @@ async def run() -> None:
     order = Order.model_validate_json(await reader.readline())
     with tempfile.TemporaryDirectory(prefix="avatarq-rec-") as tmp:
         recorder = Recorder(order, get_settings(), Path(tmp))
-        await recorder.join()
+        try:
+            await recorder.join()
+        except (TimeoutError, rtc.ConnectError) as e:
+            # The server's answer may echo the token: never let it into the worker's log.
+            text = (str(e) or type(e).__name__).replace(order.token.get_secret_value(), "***")
+            log.error("could not join the room: %s", text)
+            return
         _say({"ready": True})
         started = False
         async with asyncio.timeout(MAX_RECORDING_S):
             while line := await reader.readline():
                 mark = json.loads(line)
                 if "start" in mark:
-                    await recorder.begin(float(mark["start"]) + RECEIVE_DELAY_S)
+                    recorder.begin(float(mark["start"]) + RECEIVE_DELAY_S)
                     started = True
                 elif "end" in mark and started:
                     partial = bool(mark.get("partial"))

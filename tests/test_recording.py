@@ -3,6 +3,7 @@ and the result's `recording` (the end-to-end proof: tests/test_recording_e2e.py)
 
 from __future__ import annotations
 
+import asyncio
 import io
 from pathlib import Path
 
@@ -12,8 +13,12 @@ from avatarq.errors import InvalidJob
 from avatarq.jobs import parse_job
 from avatarq.results import Played, Recording, parse_result
 from avatarq.settings import Settings
+from tasks.jobrun import Ending
 from tasks.recorder import AUDIO_RATE, AudioTimeline
+from tasks.recording import recording_hooks
 from tasks.recording_store import destination_of, object_name, store
+from tests.fakes import Stand
+from tests.ports import refused_port
 
 JOB = {"room": "lobby", "avatar_id": "anna", "source": "s3://clips/a.mp3"}
 
@@ -101,3 +106,37 @@ def test_recording_travels_in_the_result() -> None:
     assert record["recording"]["partial"] is True and record["recording"]["url"] == "s3://b/k.mp4"
     assert parse_result(record) == played
     assert "recording" not in played.model_copy(update={"recording": None}).as_record()
+
+
+# --- the hook in a run (tests/fakes.py): a recording never fails the job --------------------
+
+
+def recorded_run(settings: Settings, **job: object) -> dict[str, object]:
+    stand = Stand(settings, hooks=[recording_hooks(settings)])
+    payload = {"job_id": "rec-1", "room": "room-1", "avatar_id": "ava", "source": "/a.wav", **job}
+    outcome = asyncio.run(stand.run(payload))
+    assert outcome.ending is Ending.PLAYED, outcome
+    assert outcome.result is not None
+    return outcome.result.as_record()
+
+
+def test_a_recorder_that_cannot_join_leaves_the_job_played_and_says_why(tmp_path: Path) -> None:
+    with refused_port() as port:
+        settings = Settings(  # type: ignore[call-arg]
+            LIVEKIT_URL=f"ws://127.0.0.1:{port}", AVATARQ_RECORDINGS=str(tmp_path)
+        )
+        recording = recorded_run(settings, record=True)["recording"]
+    assert isinstance(recording, dict)
+    assert recording["url"] is None and recording["partial"] is True
+    assert "the recorder was not ready" in str(recording["error"]), recording
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_recording_with_nowhere_to_go_is_named_in_the_result() -> None:
+    recording = recorded_run(Settings(), record=True)["recording"]
+    assert isinstance(recording, dict) and recording["url"] is None
+    assert recording["error"] == "the job asks for a recording and AVATARQ_RECORDINGS is not set"
+
+
+def test_an_unrecorded_job_has_no_recording() -> None:
+    assert "recording" not in recorded_run(Settings())
