@@ -21,8 +21,8 @@ from tasks.recording_store import destination_of, object_name
 
 log = logging.getLogger("avatarq.recording")
 
-#: The recorder joins the room (and subscribes to an avatar already there) within this of
-#: the claim; the first byte waits for it.
+#: The recorder joins the room (and subscribes to the avatar) within this; the first byte
+#: waits for it.
 READY_TIMEOUT_S = 10.0
 #: Muxing and storing after the end mark; the job's end waits for it.
 STORED_TIMEOUT_S = 120.0
@@ -31,20 +31,20 @@ EXIT_TIMEOUT_S = 5.0
 
 
 class LocalRecording(JobHook):
-    """Starts the recorder when the job is claimed, waits for it once the avatar listens (so
-    it hears the first byte), marks the segment's start and end, and puts the stored
-    recording in the play's context."""
+    """Starts the recorder once the avatar listens and waits for it (so it hears the first
+    byte), marks the segment's start and end, and puts the stored recording in the play's
+    context."""
 
     def __init__(self, play: PlayContext, settings: Settings, destination: str) -> None:
         self.play, self.settings, self.destination = play, settings, destination
         self.proc: asyncio.subprocess.Process | None = None
-        self.spawned_at = 0.0
         self.ready = False
         self.started = False
         self.error: str | None = None
 
-    async def on_claimed(self) -> None:
-        # Started now, awaited at `on_link_ready`: it joins while the link is made.
+    async def on_link_ready(self) -> None:
+        # Not at the claim: a job waiting for an avatar session goes back to the queue each
+        # second, and would start (and stop) a recorder each time.
         job = self.play.job
         token = recorder_token(
             self.settings,
@@ -62,31 +62,20 @@ class LocalRecording(JobHook):
             "fps": self.settings.recording_fps,
             "ffmpeg": ffmpeg_binary(self.settings),
         }
-        self.spawned_at = time.monotonic()
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "tasks.recorder",
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             )  # fmt: skip
-        except OSError as e:
-            self.error = f"the recorder did not start: {e}"
-            log.warning("job %s: %s", job.job_id, self.error)
-            return
-        self._send(order)
-
-    async def on_link_ready(self) -> None:
-        if self.proc is None:
-            return
-        left = READY_TIMEOUT_S - (time.monotonic() - self.spawned_at)
-        try:
-            async with asyncio.timeout(max(0.1, left)):
+            self._send(order)
+            async with asyncio.timeout(READY_TIMEOUT_S):
                 ready = await self._answer()
             if not ready.get("ready"):
                 raise RuntimeError("the recorder did not join the room")
             self.ready = True
         except (OSError, RuntimeError, TimeoutError, ValueError) as e:
             self.error = f"the recorder was not ready: {e or type(e).__name__}"
-            log.warning("job %s: %s", self.play.job.job_id, self.error)
+            log.warning("job %s: %s", job.job_id, self.error)
             await self._stop()
 
     def on_stream_start(self, segment: Segment) -> None:
