@@ -41,7 +41,7 @@ FIRST_FRAMES_TIMEOUT_S = 5.0
 #: The longest a recording may run without its end mark (the worker went away).
 MAX_RECORDING_S = 4 * 3600.0
 MUX_TIMEOUT_S = 300.0
-RECORDER_NICE = 10
+RECORDER_NICE = 19
 
 
 class Order(BaseModel):
