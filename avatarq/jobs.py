@@ -113,6 +113,9 @@ class Job(BaseModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
     """Free data echoed in the result and events."""
     webhook_url: HttpUrl | None = None
+    record: bool | str = False
+    """Record the avatar's video and audio of this job to an MP4 (docs/recordings.md): `true`
+    stores it where the worker's `AVATARQ_RECORDINGS` says, `s3://bucket/prefix/` there."""
     resume: Literal["checkpoint", "start"] = "checkpoint"
     """After a fault, play on from where the listener stopped hearing (less
     `AVATARQ_RESUME_OVERLAP`), or `start` again from the beginning."""
@@ -156,6 +159,16 @@ class Job(BaseModel):
             raise ValueError("s3 source must look like s3://bucket/key")
         if not scheme and not PurePath(v).name:
             raise ValueError("source path names no file")
+        return v
+
+    @field_validator("record")
+    @classmethod
+    def _record_destination(cls, v: bool | str) -> bool | str:
+        # A job may name a bucket, never a path on the worker's disk: the worker writes there.
+        if isinstance(v, str) and not re.match(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$", v):
+            raise ValueError(
+                f"record must be true, false or an s3://bucket/prefix/ destination, not {v!r}"
+            )
         return v
 
     @field_validator("max_duration")

@@ -16,6 +16,22 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from avatarq.errors import Reason
 
 
+class Recording(BaseModel):
+    """A recorded job's MP4 (docs/recordings.md): where it is, how long and big it is, and
+    whether it stops short of the job's end (cancelled, failed or cut off)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: `s3://bucket/key` or `file:///path`; None when the recording could not be made.
+    url: str | None
+    duration: float
+    size: int
+    partial: bool
+    backend: str
+    #: Why there is no file, or why it is shorter than what played.
+    error: str | None = None
+
+
 class _Result(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -24,11 +40,23 @@ class _Result(BaseModel):
     room: str | None = None
     avatar_id: str | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
+    #: The attempt's recording, when the job asked for one (`record`).
+    recording: Recording | None = None
 
     #: Left out of the record when None.
     _OPTIONAL: ClassVar[frozenset[str]] = frozenset(
-        {"room", "avatar_id", "reason", "pacing_errors_ms", "stopped_at", "started_at", "ended_at"}
-    ) | {"captions"}
+        {
+            "room",
+            "avatar_id",
+            "reason",
+            "pacing_errors_ms",
+            "stopped_at",
+            "started_at",
+            "ended_at",
+            "recording",
+            "captions",
+        }
+    )
 
     def as_record(self) -> dict[str, Any]:
         """The JSON-safe dict that is stored and announced."""

@@ -158,6 +158,19 @@ class Settings(BaseSettings):
         3600.0, gt=0, validation_alias=_env("AVATARQ_MAX_JOB_DURATION")
     )
 
+    # --- Recordings (docs/recordings.md) -------------------------------------------------------
+    #: Where a job's `record: true` stores its MP4: `s3://bucket/prefix/` or a local directory.
+    recordings: str | None = Field(None, validation_alias=_env("AVATARQ_RECORDINGS"))
+    #: Comma-separated buckets a job's own `record: s3://bucket/…` may name (besides the
+    #: bucket of `recordings`): a job must not make the worker write where it likes.
+    recording_buckets: str = Field("", validation_alias=_env("AVATARQ_RECORDING_BUCKETS"))
+    #: What records: `local`, a subscriber process per recorded job beside the worker.
+    recording_backend: Literal["local"] = Field(
+        "local", validation_alias=_env("AVATARQ_RECORDING_BACKEND")
+    )
+    #: The recording's constant video frame rate (the avatar's frames are held or dropped).
+    recording_fps: int = Field(25, ge=1, le=60, validation_alias=_env("AVATARQ_RECORDING_FPS"))
+
     # --- Worker --------------------------------------------------------------------------------
     #: Seconds the sender may run ahead of real time.
     default_lead_s: float = Field(0.5, validation_alias=_env("AVATARQ_DEFAULT_LEAD"))

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from avatarq.budget import Budget
 from avatarq.jobs import Job
-from avatarq.results import Timestamps
+from avatarq.results import Recording, Timestamps
 from tasks.control import JobControl
 from tasks.link.pacing import Pacer
 from tasks.link.types import Captions
@@ -31,6 +31,9 @@ class PlayContext:
     start_at: float = 0.0
     timestamps: Timestamps = field(default_factory=lambda: Timestamps(picked=time.time()))
     hooks: Sequence[JobHook] = ()
+    #: Set by the recording hook once the attempt's recording is stored; the run puts it in
+    #: the job's result.
+    recording: Recording | None = None
 
 
 @dataclass
@@ -58,6 +61,7 @@ class JobHook:
     the job ends: they watch and record.
 
         on_claimed        the job holds its lease and its room's head: it is about to play
+        on_link_ready     the avatar listens; awaited before the first byte (keep it short)
         on_stream_start   the first byte is about to go out
         on_chunk_sent     after every write (keep it cheap: it runs in the send loop)
         on_stream_end     the last byte went out, or the stream stopped
@@ -65,6 +69,9 @@ class JobHook:
     """
 
     async def on_claimed(self) -> None:
+        return None
+
+    async def on_link_ready(self) -> None:
         return None
 
     def on_stream_start(self, segment: Segment) -> None:

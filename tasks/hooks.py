@@ -1,6 +1,7 @@
 """The worker's hooks on a job's play (in the manner of dramatiq's middleware): `LeaseWatch`
 renews the lease and stops the job on cancel, hand-back or take-over; `StreamMetrics` feeds
-Prometheus; `ProgressReports` sends progress. The hook points are `tasks.context.JobHook`'s."""
+Prometheus; `ProgressReports` sends progress; `tasks.recording` records the jobs that ask.
+The hook points are `tasks.context.JobHook`'s."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ from redis.exceptions import RedisError
 
 from avatarq.jobs import Job
 from avatarq.ledger.worker import Progress
+from avatarq.settings import Settings
 from tasks import metrics
 from tasks.captions import CaptionCues
 from tasks.context import HookFactory, JobHook, PlayContext, Segment
 from tasks.control import JobControl, StopReason
+from tasks.recording import recording_hooks
 from tasks.seams import JobLedger, Reporter
 
 log = logging.getLogger("avatarq.hooks")
@@ -170,9 +173,11 @@ class ProgressReports(JobHook):
         self.reporter.progress_nowait(position, segment.duration)
 
 
-def worker_hooks(shutting_down: Callable[[], bool]) -> list[HookFactory]:
-    """The hooks every job of a worker runs with."""
+def worker_hooks(shutting_down: Callable[[], bool], settings: Settings) -> list[HookFactory]:
+    """The hooks every job of a worker runs with. The recording comes first: its upload, in
+    `on_released`, runs while the lease watch still renews the lease."""
     return [
+        recording_hooks(settings),
         LeaseWatch.factory(shutting_down),
         lambda _run: StreamMetrics(),
         lambda run: ProgressReports(run.reporter),

@@ -148,6 +148,7 @@ class JobRun:
         #: Where in the source this attempt starts: where earlier ones got to, less overlap.
         self.start_at = 0.0
         self.checkpoint = Checkpoint()
+        self.play: PlayContext | None = None
 
     @property
     def ledger(self) -> JobLedger:
@@ -200,7 +201,7 @@ class JobRun:
         return await self._play(job)
 
     async def _play(self, job: Job) -> Outcome:
-        play = PlayContext(
+        play = self.play = PlayContext(
             job,
             Budget.of(job, self.parts.settings),
             self.token,
@@ -377,6 +378,8 @@ class JobRun:
     ) -> Outcome:
         """Record the terminal state once; only the first recorder announces it, and an
         attempt that was taken over records nothing."""
+        if self.play is not None and self.play.recording is not None:
+            result = result.model_copy(update={"recording": self.play.recording})
         record = result.as_record()
         room = self.job.room if self.job else None
         # The job has ended; losing its record would let it play again.

@@ -91,6 +91,8 @@ class Playback:
                     job, bps, audio.duration, pacer, play.start_at, link.sender.captions
                 )
                 for hook in play.hooks:
+                    await hook.on_link_ready()
+                for hook in play.hooks:
                     hook.on_stream_start(segment)
                 keep = False
                 try:

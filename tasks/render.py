@@ -206,7 +206,7 @@ class WorkerParts:
             reporter=reporter,
             player=self.playback,
             shutting_down=HAND_BACK.is_set,
-            hooks=worker_hooks(HAND_BACK.is_set),
+            hooks=worker_hooks(HAND_BACK.is_set, self.settings),
             hold=lambda handoff: get_presence(self.settings, republish).hold(
                 handoff.task_id, handoff.payload
             ),

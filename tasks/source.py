@@ -127,7 +127,7 @@ def _resolve_file(path_str: str) -> ResolvedSource:
 
 
 @lru_cache(maxsize=8)
-def _s3_client(endpoint_url: str | None, region: str | None) -> S3Client:
+def s3_client(endpoint_url: str | None, region: str | None) -> S3Client:
     # Clients are thread-safe and costly to build, so one per endpoint is shared across jobs.
     config = Config(
         signature_version="s3v4",
@@ -142,7 +142,7 @@ def _s3_client(endpoint_url: str | None, region: str | None) -> S3Client:
 
 def _resolve_s3(bucket: str, key: str, settings: Settings) -> ResolvedSource:
     name = f"s3://{bucket}/{key}"
-    client = _s3_client(settings.s3_endpoint_url, settings.aws_region)
+    client = s3_client(settings.s3_endpoint_url, settings.aws_region)
     try:
         client.head_object(Bucket=bucket, Key=key)
     except ClientError as exc:

@@ -99,6 +99,8 @@ class LocalStack:
             **({"CELERY_BROKER_URL": self.rabbitmq.url} if self.rabbitmq else {}),
             # Local development serves audio from this machine.
             "AVATARQ_ALLOW_PRIVATE_SOURCES": "true",
+            # Jobs with `record: true` keep their MP4 here (docs/recordings.md).
+            "AVATARQ_RECORDINGS": str(self.workdir / "videos"),
         }
 
     @contextlib.contextmanager

@@ -110,3 +110,17 @@ def mint(
         name=avatar_identity,
     )
     return JobTokens(worker, avatar, room, worker_identity, signer)
+
+
+def recorder_token(settings: Settings, *, room: str, identity: str, ttl: timedelta) -> str:
+    """A recorder's token (tasks/recorder.py): hidden, subscribe only, one room."""
+    signer = _Signer(settings.livekit_api_key, settings.livekit_api_secret.get_secret_value(), ttl)
+    grants = api.VideoGrants(
+        room_join=True,
+        room=room,
+        hidden=True,
+        can_publish=False,
+        can_publish_data=False,
+        can_subscribe=True,
+    )
+    return signer.token(identity, "standard", grants)

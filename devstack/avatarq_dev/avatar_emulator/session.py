@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 RPC_AGENT_STATE_CHANGED = "agent_state_changed"
 VIDEO_TRACK_NAME = "avatar_video"
 AUDIO_TRACK_NAME = "avatar_audio"
-#: The avatar's published audio (AvatarRunner's AudioSource); the emulator keeps it silent.
+#: The avatar's published audio (AvatarRunner's AudioSource): what it plays, at this rate.
 AUDIO_TRACK_RATE = 16000
 # The worker leaving is the normal end of a session; a short grace period rides out a
 # participant list that is briefly empty while someone reconnects.
@@ -154,6 +154,8 @@ class AvatarSession:
 
         # Receiving side: frames go from the receiver to the playout queue as they arrive.
         self._queue: asyncio.Queue[_Frame | _End] = asyncio.Queue()
+        #: What it plays, to its published audio track (`_publish_loop`).
+        self._outgoing: asyncio.Queue[rtc.AudioFrame] = asyncio.Queue()
         self._recv_segment: SegmentRecord | None = None
         # Playing side.
         self._playing: SegmentRecord | None = None
@@ -251,6 +253,8 @@ class AvatarSession:
             receiver = await self._start_receiver(room)
         self._spawn(self._receive_loop(receiver))
         self._spawn(self._playout_loop())
+        if self._audio_source is not None:
+            self._spawn(self._publish_loop(self._audio_source))
         await self._stop_requested.wait()
 
     async def _start_receiver(self, room: rtc.Room) -> DataStreamAudioReceiver:
@@ -393,6 +397,8 @@ class AvatarSession:
             )
         self.recorder.write(seg, item.data.cast("B"), item.samples_per_channel, now)
         self._queue.put_nowait(_Frame(seg, item, asyncio.get_running_loop().time()))
+        if self._audio_source is not None:
+            self._outgoing.put_nowait(item)
 
     async def _playout_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -418,6 +424,15 @@ class AvatarSession:
             self._level = audio_level(np.frombuffer(frame.data, dtype=np.int16))
             self._level_until = ends_at
             await self._sleep_until(ends_at)
+
+    async def _publish_loop(self, source: rtc.AudioSource) -> None:
+        """Publish what it plays, as AvatarRunner does (a recorder in the room hears it): the
+        source paces it in real time from the segment's first frame, as the playout does. A
+        segment at another rate than the track's stays unheard."""
+        while True:
+            frame = await self._outgoing.get()
+            if frame.sample_rate == source.sample_rate:
+                await source.capture_frame(frame)
 
     async def _sleep_until(self, when: float) -> None:
         """Sleep on the loop clock; clear_buffer cuts it short."""
@@ -470,6 +485,10 @@ class AvatarSession:
                 seg.finish(position=0.0, interrupted=True, at=now)
         # Any AudioSegmentEnd still to come belongs to the cleared stream.
         self._recv_segment = None
+        while not self._outgoing.empty():
+            self._outgoing.get_nowait()
+        if self._audio_source is not None:
+            self._audio_source.clear_queue()
         if self._wake_fut is not None:
             _wake(self._wake_fut)
 

@@ -27,13 +27,14 @@ from avatarq_dev.bench import codec, queue, report, scale, streams
 from avatarq_dev.bench.fleet import FULL_FLEET, QUICK_FLEET, FleetPlan, bench_fleet
 from avatarq_dev.bench.load import LightAvatars, light_avatars
 from avatarq_dev.bench.quota import bench_quota
+from avatarq_dev.bench.recording import bench_recording
 from avatarq_dev.bench.stats import make_clip, ratio
 from avatarq_dev.processes import ManagedProcess
 from avatarq_dev.stack import LocalStack, local_stack
 from tasks.toolkit import CHUNK_SECONDS
 
-SECTIONS = ("decode", "queue", "jobs", "sender", "fleet")
-NETNS_SECTIONS = {"jobs", "sender", "fleet"}
+SECTIONS = ("decode", "queue", "jobs", "sender", "fleet", "recording")
+NETNS_SECTIONS = {"jobs", "sender", "fleet", "recording"}
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,8 @@ class Plan:
     fleet: FleetPlan = FULL_FLEET
     #: The sender's cost with the SDK's log capture / verbose logs, and the FFI routing run.
     experiments: bool = True
+    #: Each job's audio in the recording section.
+    recording_audio_s: float = 30.0
 
 
 QUICK = Plan(
@@ -74,6 +77,7 @@ QUICK = Plan(
     budget_s=220,
     fleet=QUICK_FLEET,
     experiments=False,
+    recording_audio_s=15.0,
 )
 FULL = Plan(
     name="full",
@@ -407,7 +411,10 @@ def run(
         results.update(bench_quota(workdir, rounds=plan.queue_jobs, time_limit=20))
     if NETNS_SECTIONS & set(sections):
         if os.environ.get("AVATARQ_IN_NETNS") != "1":
-            raise SystemExit("sections jobs/sender join LiveKit rooms: run inside infra/netns-run")
+            raise SystemExit(
+                "sections jobs/sender/fleet/recording join LiveKit rooms: run inside "
+                "infra/netns-run"
+            )
         with (
             local_stack(workdir / "stack") as stack,
             queue.settings_env(stack.env()),
@@ -421,6 +428,9 @@ def run(
                 results.update(JobsBench(stack, light, plan, deadline).run())
             if "fleet" in sections:
                 results.update(bench_fleet(stack, plan.fleet))
+            if "recording" in sections:
+                goal, audio_s = streams.SCHEDULE_P99_GOAL_MS, plan.recording_audio_s
+                results.update(bench_recording(stack, BENCH_ENV, audio_s, LEAD, goal))
         if "sender" in sections and results["server"] != "embedded":
             results["embedded_comparison"] = bench_embedded(plan, workdir / "embedded")
     results["machine"]["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
