@@ -115,6 +115,9 @@ class Job(BaseModel):
     resume: Literal["checkpoint", "start"] = "checkpoint"
     """After a fault, play on from where the listener stopped hearing (less
     `AVATARQ_RESUME_OVERLAP`), or `start` again from the beginning."""
+    interrupt: bool = False
+    """In a room whose avatar a conversational agent holds (avatarq_agents): cut its current
+    speech short instead of waiting for it to end. Elsewhere it changes nothing."""
 
     @field_validator("avatar_server", mode="before")
     @classmethod

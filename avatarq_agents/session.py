@@ -17,6 +17,7 @@ from livekit.agents.voice import avatar
 
 from avatarq.errors import AvatarOverLimit
 from avatarq.settings import AvatarServer, Settings, get_settings
+from avatarq_agents.announce import AgentLinks, RoomLane
 from avatarq_agents.output import AvatarAudioOutput
 from tasks.link import room as rooms
 from tasks.link import tokens
@@ -48,14 +49,19 @@ class AvatarSession(avatar.AvatarSession[Any]):
         avatar_server: str | None = None,
         settings: Settings | None = None,
         slot_timeout: float = SLOT_TIMEOUT_S,
+        announcements: bool = True,
     ) -> None:
         """`avatar_server`: a configured server's name or URL (the license key is only ever
-        sent to a configured server); the default server when omitted."""
+        sent to a configured server); the default server when omitted. `announcements`: the
+        room's batch jobs play through this session (avatarq_agents/announce.py)."""
         super().__init__()
         self.settings = settings or get_settings()
         self.server = _configured_server(self.settings, avatar_server)
         self.avatar_id = avatar_id
         self.slot_timeout = slot_timeout
+        self.announcements = announcements
+        #: Plays the room's batch jobs through this avatar while the session lives.
+        self.lane: RoomLane | None = None
         self.audio_output: AvatarAudioOutput | None = None
         self.server_session: ServerSession | None = None
         self._identity = f"avatar-{avatar_id}"
@@ -100,6 +106,15 @@ class AvatarSession(avatar.AvatarSession[Any]):
             report_timeout=self.settings.playback_finished_timeout_s,
         )
         agent_session.output.audio = self.audio_output
+        if self.announcements:
+            assert self.server_session is not None
+            links = AgentLinks(agent_session, self.audio_output, self.server_session.session_id)
+            self.lane = RoomLane(self.settings, room.name, links)
+            try:
+                await self.lane.start()
+            except BaseException:
+                await self.aclose()
+                raise
 
     async def _take_slot(self, room: str) -> None:
         self._redis = aioredis.from_url(self.settings.redis_url)
@@ -156,6 +171,8 @@ class AvatarSession(avatar.AvatarSession[Any]):
         if self._closed:
             return
         self._closed = True
+        if self.lane is not None:  # first: its playing job is handed back while the avatar is up
+            await self.lane.aclose()
         if self.audio_output is not None:
             await self.audio_output.aclose()
         if self._client is not None:

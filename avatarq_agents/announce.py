@@ -1,0 +1,260 @@
+"""Batch jobs into a room whose avatar a conversational `AvatarSession` holds.
+
+The agent's process holds the room in the ledger, so workers park the room's jobs in its lane;
+it plays each in turn with the worker's own run (tasks/jobrun.py) and playback, on a link that
+is the agent's avatar, taken once the agent's speech has played (docs/agents.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Awaitable
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from livekit.agents import AgentSession
+from redis.exceptions import RedisError
+
+from avatarq.errors import PermanentJobError
+from avatarq.ledger.worker import Handoff, Ledger, Parked, job_id_of
+from avatarq.results import Played
+from avatarq.settings import Settings
+from avatarq_agents.output import AvatarAudioOutput
+from tasks.audio import FfmpegAudio
+from tasks.context import PlayContext
+from tasks.control import JobControl
+from tasks.hooks import worker_hooks
+from tasks.jobrun import JobParts, JobRun
+from tasks.link.stream import AudioStreamSender
+from tasks.link.types import Link, LinkRequest
+from tasks.playback import Playback
+from tasks.recovery import HEARTBEAT_S
+from tasks.report import JobReporter
+
+log = logging.getLogger("avatarq.agents")
+
+#: How often an idle held room's lane is looked at for a job.
+POLL_S = 0.2
+#: How long closing waits for the job playing to be handed back (it stops within a watch tick).
+CLOSE_GRACE_S = 10.0
+#: How long an `interrupt` job waits for the session to have cut its speech short.
+INTERRUPT_TIMEOUT_S = 5.0
+
+
+class RoomHeld(RuntimeError):
+    """Another live agent holds the room's avatar: one conversation per room."""
+
+
+@dataclass
+class AgentLink:
+    """The agent's avatar, lent to one job: the sender the conversation speaks through."""
+
+    sender: AudioStreamSender
+    session_id: str | None
+
+    def attach(self, control: JobControl) -> None:
+        return None  # the agent's session owns the room and the avatar, and watches them
+
+
+class AgentLinks:
+    """The `LinkSource` of a held room: its one link is the agent's avatar, taken when the
+    agent's current speech has played (or was cut short, for a job with `interrupt`) and the
+    segment on the avatar has been reported; the agent speaks again once it is given back."""
+
+    def __init__(
+        self, session: AgentSession, output: AvatarAudioOutput, session_id: str | None
+    ) -> None:
+        self.session = session
+        self.output = output
+        self.session_id = session_id
+        self._lent = False
+
+    async def take_warm(self, request: LinkRequest) -> AgentLink:
+        sender = self.output.sender
+        if request.server.sample_rate != sender.sample_rate:
+            raise PermanentJobError(
+                f"room {request.job.room!r} is held by a conversational agent whose avatar plays "
+                f"{sender.sample_rate} Hz; avatar server {request.server.name!r} is "
+                f"{request.server.sample_rate} Hz"
+            )
+        if request.job.interrupt:
+            await self._interrupt()
+        speech = self.session.current_speech
+        if speech is not None and not speech.done():
+            await _until(speech.wait_for_playout(), request.stop)
+        # Always taken, even once stopped: the sender serves one segment and one report at a time.
+        await self.output.floor.acquire()
+        self._lent = True
+        return AgentLink(sender, self.session_id)
+
+    start_cold = take_warm
+
+    async def give_back(self, link: Link, *, keep: bool) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """The agent may speak again (idempotent: the lane calls it after every job)."""
+        if self._lent:
+            self._lent = False
+            self.output.floor.release()
+
+    async def _interrupt(self) -> None:
+        try:
+            done = self.session.interrupt()
+        except RuntimeError as e:  # not running, or its speech may not be interrupted: wait
+            log.info("agent speech not interrupted for a job: %s", e)
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(done), INTERRUPT_TIMEOUT_S)
+
+
+async def _until(waited: Awaitable[None], stop: asyncio.Event) -> None:
+    """Wait for `waited`, or until `stop` is set (the job is cancelled or handed back)."""
+    tasks = {asyncio.ensure_future(waited), asyncio.ensure_future(stop.wait())}
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+@dataclass
+class ThroughAgent:
+    """The worker's playback, its result naming the agent that played it."""
+
+    playback: Playback
+    agent_id: str
+
+    async def play(self, play: PlayContext) -> Played:
+        played = await self.playback.play(play)
+        return played.model_copy(update={"agent": self.agent_id})
+
+
+class RoomLane:
+    """Holds a room for its agent and plays the room's jobs through the agent, one at a time in
+    the room's order, as the room's playing worker: claim, lease, events, one record."""
+
+    def __init__(self, settings: Settings, room: str, links: AgentLinks) -> None:
+        self.settings = settings
+        self.room = room
+        self.links = links
+        #: Its heartbeat and held deliveries are a worker process's, so recovery covers it.
+        self.agent_id = f"agent-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.redis = aioredis.from_url(settings.redis_url)
+        self.ledger = Ledger(self.redis, stale_after_s=settings.redelivery_after_s)
+        self.parts = JobParts(
+            settings=settings,
+            ledger=self.ledger,
+            reporter=lambda job_id: JobReporter(settings, job_id, redis=self.redis),
+            player=ThroughAgent(
+                Playback(settings, audio=FfmpegAudio(settings), links=links), self.agent_id
+            ),
+            shutting_down=lambda: self._closing,
+            hooks=worker_hooks(lambda: self._closing),
+            hold=self._hold,
+            park=self._parked,
+        )
+        #: task id -> payload JSON of each delivery it holds (Redis mirrors it each beat).
+        self._held: dict[str, str] = {}
+        self._gone: set[str] = set()
+        #: Job id -> when (time.monotonic) a job sent back to the lane may be taken again.
+        self._not_before: dict[str, float] = {}
+        self._closing = False
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """Hold the room (raises `RoomHeld` if another agent does) and start playing its jobs."""
+        if not await self.ledger.hold_room(self.room, self.agent_id):
+            raise RoomHeld(f"room {self.room!r} is held by another conversational agent")
+        await self.ledger.announce(self.agent_id, {})
+        self._tasks = [asyncio.create_task(self._beat()), asyncio.create_task(self._consume())]
+
+    def _hold(self, handoff: Handoff) -> None:
+        self._held[handoff.task_id] = json.dumps(handoff.payload)
+        self._gone.discard(handoff.task_id)
+
+    def _let_go(self, task_id: str) -> None:
+        if self._held.pop(task_id, None) is not None:
+            self._gone.add(task_id)
+
+    def _parked(self, task_id: str, parked: Parked) -> None:
+        self._let_go(task_id)  # not its turn after all: its lane keeps it
+
+    async def _beat(self) -> None:
+        while not self._closing:
+            await asyncio.sleep(HEARTBEAT_S)
+            gone, self._gone = self._gone, set()
+            try:
+                await self.ledger.announce(self.agent_id, dict(self._held), gone)
+                if not await self.ledger.hold_room(self.room, self.agent_id):
+                    # Its hold lapsed (Redis unreachable past the lease) and another agent
+                    # took the room: that agent plays its jobs from now on.
+                    log.error("agent %s lost room %s to another agent", self.agent_id, self.room)
+                    return
+            except (RedisError, OSError) as e:
+                self._gone |= gone
+                log.warning("agent %s: ledger unreachable: %s", self.agent_id, e)
+
+    async def _consume(self) -> None:
+        while not self._closing:
+            try:
+                handoff = await self.ledger.parked_head(self.room)
+            except (RedisError, OSError) as e:
+                log.warning("agent %s: ledger unreachable: %s", self.agent_id, e)
+                handoff = None
+            if handoff is None or self._not_yet(handoff):
+                await asyncio.sleep(POLL_S)
+                continue
+            while handoff is not None and not self._closing:
+                handoff = await self._deliver(handoff)
+            if handoff is not None:  # handed on as the agent leaves: back in its lane
+                await self._send_back(handoff)
+
+    def _not_yet(self, handoff: Handoff) -> bool:
+        due = self._not_before.get(job_id_of(handoff.payload, handoff.task_id), 0.0)
+        return time.monotonic() < due
+
+    async def _deliver(self, handoff: Handoff) -> Handoff | None:
+        """One job of the room through the agent; returns the room's next, handed to it."""
+        self._hold(handoff)
+        await self.ledger.hold(self.agent_id, handoff.task_id, self._held[handoff.task_id])
+        token = Ledger.new_token(self.agent_id)
+        try:
+            outcome = await JobRun(self.parts, handoff.payload, handoff.task_id, token).run()
+        finally:
+            self.links.release()
+        if outcome.retry_in is not None:
+            # A retry, a wait or a hand-back: its turn again in its lane (the room's first), not
+            # before its countdown; if the agent leaves, the workers take the lane.
+            job_id = job_id_of(handoff.payload, handoff.task_id)
+            self._not_before[job_id] = time.monotonic() + outcome.retry_in
+            await self._send_back(handoff)
+        else:
+            self._let_go(handoff.task_id)
+        return outcome.next
+
+    async def _send_back(self, handoff: Handoff) -> None:
+        await self.ledger.park(self.room, handoff)
+        self._let_go(handoff.task_id)
+
+    async def aclose(self) -> None:
+        """Hand the job playing back to the lane, let go of the room (the workers take its
+        jobs from now on) and of the deliveries it held."""
+        self._closing = True
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=CLOSE_GRACE_S)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        try:
+            await self.ledger.free_room(self.room, self.agent_id)
+            await self.ledger.announce(self.agent_id, {}, {*self._gone, *self._held})
+        except (RedisError, OSError) as e:  # its hold and heartbeat lapse on their own
+            log.warning("agent %s: leaving without the ledger: %s", self.agent_id, e)
+        await self.redis.aclose()
