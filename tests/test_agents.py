@@ -10,6 +10,7 @@ import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,7 @@ from avatarq_dev.stack import DEV_API_KEY, LocalStack, local_stack
 from tasks.link.types import PlaybackFinished
 from tests import audio
 from tests.netns import NETNS
+from tests.test_pipeline_e2e import events_of
 from tests.waiting import wait_terminal
 
 #: The TTS rate of the agent's frames: not the avatar's 16 kHz, so the output resamples.
@@ -384,3 +386,70 @@ class TestOnTheStack:
         assert ended["status"] == "completed", ended
         assert ended["timestamps"]["first_byte"] >= closed_at - 0.5
         assert get_settings().avatar_server(SOLO).max_sessions == 1
+
+    def test_a_batch_job_for_the_agents_room_plays_through_it_after_its_speech(
+        self, stack: LocalStack, tmp_path: Any
+    ) -> None:
+        played = self._announce(stack, tmp_path, interrupt=False)
+        spoken, job, after = played.segments
+        # The reply played whole, then the job, then the agent's next reply: one voice at a time.
+        assert not spoken["interrupted"] and round(spoken["received_s"], 1) == 4.0
+        assert spoken["playback_finished_at"] <= job["first_frame_at"]
+        assert played.reports[0].playback_position == pytest.approx(4.0, abs=0.05)
+
+    def test_a_job_that_interrupts_cuts_the_agents_speech_short(
+        self, stack: LocalStack, tmp_path: Any
+    ) -> None:
+        played = self._announce(stack, tmp_path, interrupt=True)
+        spoken, job, after = played.segments
+        assert spoken["interrupted"] and spoken["received_s"] < 3.0
+        assert spoken["playback_finished_at"] <= job["first_frame_at"]
+        assert played.reports[0].interrupted
+
+    def _announce(self, stack: LocalStack, tmp_path: Any, *, interrupt: bool) -> Announced:
+        """The agent starts a 4 s reply; 1 s in, a 1.5 s job is enqueued for its room; once the
+        job ended, the agent replies again. Checks what holds either way, returns the rest."""
+        from producers import enqueue
+
+        clip = str(audio.tone(tmp_path / "news.wav", seconds=1.5))
+        room = f"an-{uuid.uuid4().hex[:6]}"
+
+        async def go() -> tuple[Conversation, dict[str, Any], str | None]:
+            agent = await Conversation.start(stack, room)
+            try:
+                reply = agent.session.say("A long reply.", audio=speech(4.0))
+                await asyncio.sleep(1.0)
+                job = {"room": room, "avatar_id": "anna", "source": clip, "interrupt": interrupt}
+                handle = await asyncio.to_thread(enqueue, job)
+                await asyncio.wait_for(asyncio.shield(reply.wait_for_playout()), 15)
+                tail = stack.workers[0].tail
+                ended = await asyncio.to_thread(
+                    wait_terminal, handle.job_id, timeout=30, context=lambda: tail(40)
+                )
+                await agent.session.say("Back to you.", audio=speech(0.8))
+            finally:
+                await agent.close()
+            assert agent.avatar.server_session is not None
+            return agent, ended[handle.job_id], agent.avatar.server_session.session_id
+
+        agent, result, session_id = asyncio.run(go())
+        (played,) = sessions(stack, room)  # the agent's avatar, and no other
+        segments = played["segments"]
+        assert len(segments) == 3, segments
+        _, job, after = segments
+        # The job, through the agent's avatar session, confirmed; its result says so.
+        assert result["status"] == "completed" and result["playback_confirmed"], result
+        assert result["agent"] and result["avatar_session_id"] == session_id == played["session_id"]
+        assert round(job["received_s"], 1) == 1.5 and job["interrupted"] is False
+        assert job["playback_finished_at"] <= after["first_frame_at"]  # the agent resumed after
+        assert round(after["received_s"], 1) == 0.8 and agent.reports[-1].interrupted is False
+        assert len(agent.reports) == 2  # the job's segment is not the session's speech
+        events = [e["event"] for e in events_of(stack, result["job_id"])]
+        assert events[:2] == ["job.started", "job.avatar_ready"] and events[-1] == "job.completed"
+        return Announced(segments, agent.reports)
+
+
+@dataclass
+class Announced:
+    segments: list[dict[str, Any]]
+    reports: list[PlaybackFinishedEvent]
