@@ -48,7 +48,7 @@ INTERRUPT_TIMEOUT_S = 5.0
 
 
 class RoomHeld(RuntimeError):
-    """Another live agent holds the room's avatar: one conversation per room."""
+    """Another live agent holds the room's avatar, or a batch job kept playing in it."""
 
 
 @dataclass
@@ -140,14 +140,46 @@ class RoomLane:
     """Holds a room for its agent and plays the room's jobs through the agent, one at a time in
     the room's order, as the room's playing worker: claim, lease, events, one record."""
 
-    def __init__(self, settings: Settings, room: str, links: AgentLinks) -> None:
+    def __init__(self, settings: Settings, room: str) -> None:
         self.settings = settings
         self.room = room
-        self.links = links
+        self.links: AgentLinks | None = None
         #: Its heartbeat and held deliveries are a worker process's, so recovery covers it.
         self.agent_id = f"agent-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.redis = aioredis.from_url(settings.redis_url)
         self.ledger = Ledger(self.redis, stale_after_s=settings.redelivery_after_s)
+        #: What each job's run is given, once the agent's avatar is there (`start`).
+        self.parts: JobParts | None = None
+        #: task id -> payload JSON of each delivery it holds (Redis mirrors it each beat).
+        self._held: dict[str, str] = {}
+        self._gone: set[str] = set()
+        #: Job id -> when (time.monotonic) a job sent back to the lane may be taken again.
+        self._not_before: dict[str, float] = {}
+        self._closing = False
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def hold(self, patience_s: float) -> None:
+        """Hold the room, so no worker starts a job in it, then wait up to `patience_s` for
+        the batch job playing in it to end. Raises `RoomHeld` when another agent holds the
+        room or the job plays on."""
+        if not await self.ledger.hold_room(self.room, self.agent_id):
+            raise RoomHeld(f"room {self.room!r} is held by another conversational agent")
+        await self.ledger.announce(self.agent_id, {})
+        self._tasks.append(asyncio.create_task(self._beat()))
+        deadline = time.monotonic() + patience_s
+        for _ in range(int(patience_s / POLL_S) + 1):
+            playing = await self.ledger.playing_in(self.room)
+            if playing is None:
+                return
+            if time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(POLL_S)
+        raise RoomHeld(f"room {self.room!r} still plays batch job {playing} after {patience_s:g}s")
+
+    def start(self, links: AgentLinks) -> None:
+        """Play the room's jobs through the agent's avatar (`links`) from now on."""
+        settings = self.settings
+        self.links = links
         self.parts = JobParts(
             settings=settings,
             ledger=self.ledger,
@@ -160,20 +192,7 @@ class RoomLane:
             hold=self._hold,
             park=self._parked,
         )
-        #: task id -> payload JSON of each delivery it holds (Redis mirrors it each beat).
-        self._held: dict[str, str] = {}
-        self._gone: set[str] = set()
-        #: Job id -> when (time.monotonic) a job sent back to the lane may be taken again.
-        self._not_before: dict[str, float] = {}
-        self._closing = False
-        self._tasks: list[asyncio.Task[None]] = []
-
-    async def start(self) -> None:
-        """Hold the room (raises `RoomHeld` if another agent does) and start playing its jobs."""
-        if not await self.ledger.hold_room(self.room, self.agent_id):
-            raise RoomHeld(f"room {self.room!r} is held by another conversational agent")
-        await self.ledger.announce(self.agent_id, {})
-        self._tasks = [asyncio.create_task(self._beat()), asyncio.create_task(self._consume())]
+        self._tasks.append(asyncio.create_task(self._consume()))
 
     def _hold(self, handoff: Handoff) -> None:
         self._held[handoff.task_id] = json.dumps(handoff.payload)
@@ -222,6 +241,7 @@ class RoomLane:
 
     async def _deliver(self, handoff: Handoff) -> Handoff | None:
         """One job of the room through the agent; returns the room's next, handed to it."""
+        assert self.parts is not None and self.links is not None, "consumed once started"
         self._hold(handoff)
         await self.ledger.hold(self.agent_id, handoff.task_id, self._held[handoff.task_id])
         token = Ledger.new_token(self.agent_id)

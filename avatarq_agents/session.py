@@ -84,7 +84,8 @@ class AvatarSession(avatar.AvatarSession[Any]):
     async def start(self, agent_session: AgentSession, room: rtc.Room) -> None:
         """Wait for a session slot, start the avatar and wait until it renders and listens
         to this participant; then the session's speech goes to it. Raises
-        `AvatarSlotTimeout` when no slot came free within `slot_timeout`. Connects the job's
+        `AvatarSlotTimeout` when no slot came free within `slot_timeout`, `RoomHeld` when
+        another agent holds the room or its batch job played on as long. Connects the job's
         room first if it is not yet (the avatar's token names this participant)."""
         if not room.isconnected():
             job_ctx = get_job_context(required=False)
@@ -94,6 +95,11 @@ class AvatarSession(avatar.AvatarSession[Any]):
         await super().start(agent_session, room)
         self._room_name = room.name
         try:
+            if self.announcements:
+                # First: from here on no worker starts a job in the room, and one playing ends
+                # before this avatar speaks.
+                self.lane = RoomLane(self.settings, room.name)
+                await self.lane.hold(self.slot_timeout)
             await self._take_slot(room.name)
             await self._start_avatar(room)
         except BaseException:
@@ -106,15 +112,10 @@ class AvatarSession(avatar.AvatarSession[Any]):
             report_timeout=self.settings.playback_finished_timeout_s,
         )
         agent_session.output.audio = self.audio_output
-        if self.announcements:
+        if self.lane is not None:
             assert self.server_session is not None
-            links = AgentLinks(agent_session, self.audio_output, self.server_session.session_id)
-            self.lane = RoomLane(self.settings, room.name, links)
-            try:
-                await self.lane.start()
-            except BaseException:
-                await self.aclose()
-                raise
+            session_id = self.server_session.session_id
+            self.lane.start(AgentLinks(agent_session, self.audio_output, session_id))
 
     async def _take_slot(self, room: str) -> None:
         self._redis = aioredis.from_url(self.settings.redis_url)

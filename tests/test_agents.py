@@ -448,6 +448,55 @@ class TestOnTheStack:
         assert events[:2] == ["job.started", "job.avatar_ready"] and events[-1] == "job.completed"
         return Announced(segments, agent.reports)
 
+    def test_an_agent_speaks_after_the_rooms_playing_job_and_leaves_its_jobs_to_the_workers(
+        self, stack: LocalStack, tmp_path: Any
+    ) -> None:
+        from producers import enqueue, get_status
+
+        first = str(audio.tone(tmp_path / "first.wav", seconds=2.5))
+        later = str(audio.tone(tmp_path / "later.wav", seconds=1.0))
+        room = f"an-{uuid.uuid4().hex[:6]}"
+
+        async def go() -> tuple[str, str]:
+            job = {"room": room, "avatar_id": "anna", "source": first}
+            before = await asyncio.to_thread(enqueue, job)
+            for _ in range(200):  # a worker's avatar plays it (20 s at most)
+                if (await asyncio.to_thread(get_status, before.job_id)).get("status") == "playing":
+                    break
+                await asyncio.sleep(0.1)
+            agent = await Conversation.start(stack, room)  # waits for that job's end
+            try:
+                reply = agent.session.say("A long reply.", audio=speech(4.0))
+                await asyncio.sleep(1.0)
+                after = await asyncio.to_thread(enqueue, {**job, "source": later})
+                await asyncio.sleep(1.0)
+            finally:
+                await agent.close()  # the job waiting for the reply goes back to the workers
+            await asyncio.wait_for(asyncio.shield(reply.wait_for_playout()), 10)
+            return before.job_id, after.job_id
+
+        before, after = asyncio.run(go())
+        tail = stack.workers[0].tail
+        ended = wait_terminal(before, after, timeout=60, context=lambda: tail(60))
+        for job_id in (before, after):
+            assert ended[job_id]["status"] == "completed" and ended[job_id]["agent"] is None
+        # Every segment heard in the room, whichever avatar played it: one at a time.
+        heard = sorted(
+            (s for played in sessions(stack, room) for s in played["segments"]
+             if s["received_samples"] > 0),
+            key=lambda s: s["first_frame_at"],
+        )  # fmt: skip
+        spans = [(s["first_frame_at"], s["playback_finished_at"], s["received_s"]) for s in heard]
+        for earlier, next_one in zip(heard, heard[1:], strict=False):
+            assert earlier["playback_finished_at"] <= next_one["first_frame_at"], spans
+        # The first job, the agent's reply (cut short as it closed), then the later job. If the
+        # closing session's cut let it start on the agent's avatar, it was handed back and
+        # resumed on a worker's: one more attempt, one more segment.
+        attempts = len(ended[after]["attempts"])
+        assert len(heard) == 2 + attempts and attempts <= 2, spans
+        assert round(heard[0]["received_s"], 1) == 2.5 and heard[1]["received_s"] < 2.8
+        assert round(heard[-1]["received_s"] + ended[after]["started_at"], 1) == 1.0
+
 
 @dataclass
 class Announced:

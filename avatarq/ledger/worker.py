@@ -420,6 +420,11 @@ class Ledger:
         """Let go of the agent's hold: the room's parked jobs go to the workers again."""
         await self._room_agent(keys=[room_agent_key(room)], args=["free", agent_id, 0])
 
+    async def playing_in(self, room: str) -> str | None:
+        """The id of the job playing in `room` now, if one is."""
+        holder: bytes | None = await self.redis.get(room_holder_key(room))
+        return None if holder is None else holder.decode()
+
     async def parked_head(self, room: str) -> Handoff | None:
         """The room's first job, if it is parked in the lane (nobody plays it yet)."""
         await self._drop_finished_heads(None, room)
