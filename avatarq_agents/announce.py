@@ -156,6 +156,8 @@ class RoomLane:
         #: Job id -> when (time.monotonic) a job sent back to the lane may be taken again.
         self._not_before: dict[str, float] = {}
         self._closing = False
+        #: False while another agent holds the room (this one's hold lapsed): take no job.
+        self._holds = True
         self._tasks: list[asyncio.Task[None]] = []
 
     async def hold(self, patience_s: float) -> None:
@@ -211,17 +213,21 @@ class RoomLane:
             gone, self._gone = self._gone, set()
             try:
                 await self.ledger.announce(self.agent_id, dict(self._held), gone)
-                if not await self.ledger.hold_room(self.room, self.agent_id):
+                held = await self.ledger.hold_room(self.room, self.agent_id)
+                if self._holds and not held:
                     # Its hold lapsed (Redis unreachable past the lease) and another agent
-                    # took the room: that agent plays its jobs from now on.
+                    # took the room: that agent plays its jobs until it lets go.
                     log.error("agent %s lost room %s to another agent", self.agent_id, self.room)
-                    return
+                self._holds = held
             except (RedisError, OSError) as e:
                 self._gone |= gone
                 log.warning("agent %s: ledger unreachable: %s", self.agent_id, e)
 
     async def _consume(self) -> None:
         while not self._closing:
+            if not self._holds:
+                await asyncio.sleep(POLL_S)
+                continue
             try:
                 handoff = await self.ledger.parked_head(self.room)
             except (RedisError, OSError) as e:
@@ -230,10 +236,15 @@ class RoomLane:
             if handoff is None or self._not_yet(handoff):
                 await asyncio.sleep(POLL_S)
                 continue
-            while handoff is not None and not self._closing:
-                handoff = await self._deliver(handoff)
-            if handoff is not None:  # handed on as the agent leaves: back in its lane
-                await self._send_back(handoff)
+            try:
+                while handoff is not None and not self._closing:
+                    handoff = await self._deliver(handoff)
+                if handoff is not None:  # handed on as the agent leaves: back in its lane
+                    await self._send_back(handoff)
+            except Exception:  # the ledger or the run failed: the conversation goes on
+                log.exception("agent %s: a job of room %s did not end", self.agent_id, self.room)
+                await self._return_held()
+                await asyncio.sleep(POLL_S)
 
     def _not_yet(self, handoff: Handoff) -> bool:
         due = self._not_before.get(job_id_of(handoff.payload, handoff.task_id), 0.0)
@@ -263,6 +274,13 @@ class RoomLane:
         await self.ledger.park(self.room, handoff)
         self._let_go(handoff.task_id)
 
+    async def _return_held(self) -> None:
+        """Every delivery it still holds back to the lane, so none is lost with this process's
+        word for it (one that had ended is never claimed again; its entry expires)."""
+        with contextlib.suppress(RedisError, OSError):
+            for task_id, payload in list(self._held.items()):
+                await self._send_back(Handoff(task_id, json.loads(payload)))
+
     async def aclose(self) -> None:
         """Hand the job playing back to the lane, let go of the room (the workers take its
         jobs from now on) and of the deliveries it held."""
@@ -272,6 +290,7 @@ class RoomLane:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._return_held()
         try:
             await self.ledger.free_room(self.room, self.agent_id)
             await self.ledger.announce(self.agent_id, {}, {*self._gone, *self._held})
