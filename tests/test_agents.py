@@ -391,8 +391,8 @@ class TestOnTheStack:
         self, stack: LocalStack, tmp_path: Any
     ) -> None:
         played = self._announce(stack, tmp_path, interrupt=False)
-        spoken, job, after = played.segments
-        # The reply played whole, then the job, then the agent's next reply: one voice at a time.
+        spoken, job = played.segments[:2]
+        # The reply played whole before the job's first frame.
         assert not spoken["interrupted"] and round(spoken["received_s"], 1) == 4.0
         assert spoken["playback_finished_at"] <= job["first_frame_at"]
         assert played.reports[0].playback_position == pytest.approx(4.0, abs=0.05)
@@ -401,50 +401,63 @@ class TestOnTheStack:
         self, stack: LocalStack, tmp_path: Any
     ) -> None:
         played = self._announce(stack, tmp_path, interrupt=True)
-        spoken, job, after = played.segments
+        spoken, job = played.segments[:2]
         assert spoken["interrupted"] and spoken["received_s"] < 3.0
         assert spoken["playback_finished_at"] <= job["first_frame_at"]
         assert played.reports[0].interrupted
 
     def _announce(self, stack: LocalStack, tmp_path: Any, *, interrupt: bool) -> Announced:
-        """The agent starts a 4 s reply; 1 s in, a 1.5 s job is enqueued for its room; once the
-        job ended, the agent replies again. Checks what holds either way, returns the rest."""
+        """The agent starts a 4 s reply; 1 s in, two jobs (1.5 s, then 0.7 s) are enqueued for
+        its room, the first with `interrupt`; once both ended, the agent replies again. Checks
+        what holds either way (one avatar, in order, one voice at a time), returns the rest."""
         from producers import enqueue
 
-        clip = str(audio.tone(tmp_path / "news.wav", seconds=1.5))
+        lengths = (1.5, 0.7)
+        clips = [
+            str(audio.tone(tmp_path / f"news{i}.wav", seconds=s)) for i, s in enumerate(lengths)
+        ]
         room = f"an-{uuid.uuid4().hex[:6]}"
 
-        async def go() -> tuple[Conversation, dict[str, Any], str | None]:
+        async def go() -> tuple[Conversation, list[dict[str, Any]], str | None]:
             agent = await Conversation.start(stack, room)
             try:
                 reply = agent.session.say("A long reply.", audio=speech(4.0))
                 await asyncio.sleep(1.0)
-                job = {"room": room, "avatar_id": "anna", "source": clip, "interrupt": interrupt}
-                handle = await asyncio.to_thread(enqueue, job)
+                job_ids = []
+                for clip, cut in zip(clips, (interrupt, False), strict=True):
+                    job = {"room": room, "avatar_id": "anna", "source": clip, "interrupt": cut}
+                    job_ids.append((await asyncio.to_thread(enqueue, job)).job_id)
                 await asyncio.wait_for(asyncio.shield(reply.wait_for_playout()), 15)
                 tail = stack.workers[0].tail
                 ended = await asyncio.to_thread(
-                    wait_terminal, handle.job_id, timeout=30, context=lambda: tail(40)
+                    wait_terminal, *job_ids, timeout=30, context=lambda: tail(40)
                 )
                 await agent.session.say("Back to you.", audio=speech(0.8))
             finally:
                 await agent.close()
             assert agent.avatar.server_session is not None
-            return agent, ended[handle.job_id], agent.avatar.server_session.session_id
+            session_id = agent.avatar.server_session.session_id
+            return agent, [ended[j] for j in job_ids], session_id
 
-        agent, result, session_id = asyncio.run(go())
+        agent, results, session_id = asyncio.run(go())
         (played,) = sessions(stack, room)  # the agent's avatar, and no other
         segments = played["segments"]
-        assert len(segments) == 3, segments
-        _, job, after = segments
-        # The job, through the agent's avatar session, confirmed; its result says so.
-        assert result["status"] == "completed" and result["playback_confirmed"], result
-        assert result["agent"] and result["avatar_session_id"] == session_id == played["session_id"]
-        assert round(job["received_s"], 1) == 1.5 and job["interrupted"] is False
-        assert job["playback_finished_at"] <= after["first_frame_at"]  # the agent resumed after
+        spans = spans_of(segments)
+        assert len(segments) == 4, spans
+        # One voice at a time: each segment reported played before the next one's first frame.
+        for earlier, later in zip(segments, segments[1:], strict=False):
+            assert earlier["playback_finished_at"] <= later["first_frame_at"], spans
+        # The jobs in their order, through the agent's avatar session, confirmed; their results
+        # say so.
+        for result, segment, seconds in zip(results, segments[1:3], lengths, strict=True):
+            assert result["status"] == "completed" and result["playback_confirmed"], result
+            assert result["agent"] and result["avatar_session_id"] == session_id
+            assert round(segment["received_s"], 1) == seconds and not segment["interrupted"]
+        assert session_id == played["session_id"]
+        after = segments[3]  # the agent resumed after them
         assert round(after["received_s"], 1) == 0.8 and agent.reports[-1].interrupted is False
-        assert len(agent.reports) == 2  # the job's segment is not the session's speech
-        events = [e["event"] for e in events_of(stack, result["job_id"])]
+        assert len(agent.reports) == 2  # the jobs' segments are not the session's speech
+        events = [e["event"] for e in events_of(stack, results[0]["job_id"])]
         assert events[:2] == ["job.started", "job.avatar_ready"] and events[-1] == "job.completed"
         return Announced(segments, agent.reports)
 
@@ -486,7 +499,7 @@ class TestOnTheStack:
              if s["received_samples"] > 0),
             key=lambda s: s["first_frame_at"],
         )  # fmt: skip
-        spans = [(s["first_frame_at"], s["playback_finished_at"], s["received_s"]) for s in heard]
+        spans = spans_of(heard)
         for earlier, next_one in zip(heard, heard[1:], strict=False):
             assert earlier["playback_finished_at"] <= next_one["first_frame_at"], spans
         # The first job, the agent's reply (cut short as it closed), then the later job. If the
@@ -496,6 +509,11 @@ class TestOnTheStack:
         assert len(heard) == 2 + attempts and attempts <= 2, spans
         assert round(heard[0]["received_s"], 1) == 2.5 and heard[1]["received_s"] < 2.8
         assert round(heard[-1]["received_s"] + ended[after]["started_at"], 1) == 1.0
+
+
+def spans_of(segments: list[dict[str, Any]]) -> list[tuple[float, float, float]]:
+    """Each recorded segment's first frame, its report and its length: a failure's context."""
+    return [(s["first_frame_at"], s["playback_finished_at"], s["received_s"]) for s in segments]
 
 
 @dataclass
