@@ -1,14 +1,25 @@
 """A room held by a conversational agent, against a real Redis: the workers' claims park its
 jobs for the agent, the agent claims them in the room's order, the recovery sweep leaves them
-to it, and once its hold is gone (freed or lapsed) they are the workers' again."""
+to it, and once its hold is gone (freed or lapsed) they are the workers' again. Then the
+agent's link alone: when a job may take the avatar from the conversation."""
 
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 from typing import Any
 
+import pytest
+
+from avatarq.budget import Budget
+from avatarq.errors import PermanentJobError
+from avatarq.jobs import parse_job
 from avatarq.ledger.keys import room_agent_key
 from avatarq.ledger.worker import Claim, Handoff, Ledger
+from avatarq.results import Timestamps
+from avatarq.settings import Settings
+from avatarq_agents.announce import AgentLinks
+from tasks.link.types import LinkRequest
 from tests.test_lanes import done, enqueued_room, run
 
 AGENT = "agent-host-1-abc123"
@@ -62,3 +73,93 @@ def test_a_freed_or_lapsed_hold_gives_the_lane_back_to_the_workers(redis_server:
         return [kept, freed, parked, (await ledger.claim(ids[0], room, "w2/b"))[0]]
 
     assert run(redis_server, body) == [[], ids, Claim.PARKED, Claim.OK]
+
+
+# -- the agent's link, with a stand-in session and output (no rooms) --------------------------
+
+
+class Speech:
+    """Stands in for a `SpeechHandle` playing until `end()`."""
+
+    def __init__(self) -> None:
+        self._done = asyncio.Event()
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def end(self) -> None:
+        self._done.set()
+
+    async def wait_for_playout(self) -> None:
+        await self._done.wait()
+
+
+class Session:
+    """Stands in for an `AgentSession` speaking `current_speech`."""
+
+    def __init__(self) -> None:
+        self.current_speech: Speech | None = Speech()
+        self.interrupted = 0
+
+    def interrupt(self) -> asyncio.Future[None]:
+        self.interrupted += 1
+        assert self.current_speech is not None
+        self.current_speech.end()
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+
+def request(settings: Settings, *, interrupt: bool = False, server: str | None = None) -> Any:
+    job = parse_job(
+        {"room": "r", "avatar_id": "a", "source": "a.wav", "interrupt": interrupt,
+         "avatar_server": server},
+        settings,
+    )  # fmt: skip
+    return LinkRequest(
+        job, settings.avatar_server(server), Budget.of(job, settings), 1.0, Timestamps(picked=0.0),
+        note_session=None, emit=None, stop=asyncio.Event(),  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+def links(session: Session) -> AgentLinks:
+    output = SimpleNamespace(sender=SimpleNamespace(sample_rate=16000), floor=asyncio.Lock())
+    return AgentLinks(session, output, "sess-1")  # type: ignore[arg-type]
+
+
+def test_the_agents_link_waits_for_its_speech_and_its_floor_and_gives_the_floor_back() -> None:
+    async def go() -> list[Any]:
+        session = Session()
+        agent = links(session)
+        await agent.output.floor.acquire()  # the agent's segment on the avatar, not reported
+        taking = asyncio.create_task(agent.take_warm(request(Settings())))
+        await asyncio.sleep(0.05)
+        seen: list[Any] = [taking.done()]
+        assert session.current_speech is not None
+        session.current_speech.end()  # its speech played out...
+        await asyncio.sleep(0.05)
+        seen.append(taking.done())  # ...yet its segment was not reported
+        agent.output.floor.release()
+        link = await asyncio.wait_for(taking, 1)
+        seen += [link.session_id, agent.output.floor.locked(), session.interrupted]
+        await agent.give_back(link, keep=True)
+        seen.append(agent.output.floor.locked())  # the agent speaks again
+        return seen
+
+    assert asyncio.run(go()) == [False, False, "sess-1", True, 0, False]
+
+
+def test_a_job_that_interrupts_cuts_the_speech_and_a_job_at_another_rate_fails() -> None:
+    servers = {"hifi": {"url": "http://hifi.example:9000", "sample_rate": 24000}}
+    settings = Settings(avatar_servers=servers)
+
+    async def go() -> int:
+        session = Session()
+        agent = links(session)
+        await asyncio.wait_for(agent.take_warm(request(settings, interrupt=True)), 1)
+        agent.release()
+        with pytest.raises(PermanentJobError, match="plays 16000 Hz; avatar server 'hifi'"):
+            await agent.take_warm(request(settings, server="hifi"))
+        return session.interrupted
+
+    assert asyncio.run(go()) == 1
