@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -509,6 +511,37 @@ class TestOnTheStack:
         assert len(heard) == 2 + attempts and attempts <= 2, spans
         assert round(heard[0]["received_s"], 1) == 2.5 and heard[1]["received_s"] < 2.8
         assert round(heard[-1]["received_s"] + ended[after]["started_at"], 1) == 1.0
+
+    def test_a_killed_agents_job_and_room_go_back_to_the_workers(
+        self, stack: LocalStack, tmp_path: Any
+    ) -> None:
+        from producers import enqueue, get_status
+
+        clip = str(audio.tone(tmp_path / "long.wav", seconds=6.0))
+        room = f"an-{uuid.uuid4().hex[:6]}"
+        argv = [sys.executable, "-m", "tests.agent_process", room]
+        with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) as agent:
+            try:
+                assert agent.stdout is not None and agent.stdout.readline().strip() == "ready"
+                job_id = enqueue({"room": room, "avatar_id": "anna", "source": clip}).job_id
+                for _ in range(100):  # the agent plays it (10 s at most)
+                    if get_status(job_id).get("seconds_streamed", 0) > 1.0:
+                        break
+                    time.sleep(0.1)
+                agent.kill()
+                killed_at = time.time()
+            finally:
+                agent.kill()
+        tail = stack.workers[0].tail
+        result = wait_terminal(job_id, timeout=60, context=lambda: tail(60))[job_id]
+        # Its heartbeat gone, recovery sent the job back; its hold on the room lapsed, so a
+        # worker's avatar played the rest, from where the agent's had got.
+        assert result["status"] == "completed" and result["agent"] is None, result
+        assert len(result["attempts"]) == 2 and result["started_at"] > 1.0, result
+        assert result["timestamps"]["first_byte"] > killed_at
+        agents_session, workers_session = sessions(stack, room)
+        assert agents_session["session_id"] != result["avatar_session_id"]
+        assert workers_session["session_id"] == result["avatar_session_id"]
 
 
 def spans_of(segments: list[dict[str, Any]]) -> list[tuple[float, float, float]]:
