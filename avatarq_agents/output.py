@@ -85,7 +85,7 @@ class AvatarAudioOutput(AudioOutput):
         self._pump: asyncio.Task[None] | None = None
         self._clears: set[asyncio.Task[None]] = set()
         #: Held while a segment plays, from its first write to its report: a batch job played
-        #: into the room (avatarq_agents/announce.py) takes it too, so one voice at a time.
+        #: into the room (avatarq_agents/turns.py) takes it too, so one voice at a time.
         self.floor = asyncio.Lock()
 
     async def capture_frame(self, frame: rtc.AudioFrame) -> None:

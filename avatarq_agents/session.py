@@ -17,8 +17,9 @@ from livekit.agents.voice import avatar
 
 from avatarq.errors import AvatarOverLimit
 from avatarq.settings import AvatarServer, Settings, get_settings
-from avatarq_agents.announce import AgentLinks, RoomLane
+from avatarq_agents.lane import RoomLane
 from avatarq_agents.output import AvatarAudioOutput
+from avatarq_agents.turns import AgentLinks
 from tasks.link import room as rooms
 from tasks.link import tokens
 from tasks.link.avatar import START_ANSWER_TIMEOUT_S
@@ -53,7 +54,7 @@ class AvatarSession(avatar.AvatarSession[Any]):
     ) -> None:
         """`avatar_server`: a configured server's name or URL (the license key is only ever
         sent to a configured server); the default server when omitted. `announcements`: the
-        room's batch jobs play through this session (avatarq_agents/announce.py)."""
+        room's batch jobs play through this session (avatarq_agents/lane.py)."""
         super().__init__()
         self.settings = settings or get_settings()
         self.server = _configured_server(self.settings, avatar_server)

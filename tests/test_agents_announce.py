@@ -18,7 +18,7 @@ from avatarq.ledger.keys import room_agent_key
 from avatarq.ledger.worker import Claim, Handoff, Ledger
 from avatarq.results import Timestamps
 from avatarq.settings import Settings
-from avatarq_agents.announce import AgentLinks
+from avatarq_agents.turns import AgentLinks
 from tasks.link.types import LinkRequest
 from tests.test_lanes import done, enqueued_room, run
 
