@@ -122,6 +122,9 @@ class Job(BaseModel):
     transcript: str | None = Field(None, min_length=1)
     """What the audio says, for captions in the room and a WebVTT file: plain text (timed by
     its share of the audio), SRT or WebVTT. A `tts` source's text is its transcript."""
+    interrupt: bool = False
+    """In a room whose avatar a conversational agent holds (avatarq_agents): cut its current
+    speech short instead of waiting for it to end. Elsewhere it changes nothing."""
 
     @field_validator("avatar_server", mode="before")
     @classmethod

@@ -111,6 +111,9 @@ class Played(_Result):
     #: what it sent).
     attempts: list[AttemptSpan] = Field(default_factory=list)
     seconds_heard_twice: float = 0.0
+    #: The conversational agent (its process id, avatarq_agents) whose avatar session played
+    #: it; None when a worker started or kept the avatar.
+    agent: str | None = None
     #: Benchmarks only (AVATARQ_PACING_TRACE): the schedule error of every chunk.
     pacing_errors_ms: list[float] | None = None
     #: Caption cues of the job's transcript in this attempt's part of the source, all shown

@@ -84,6 +84,9 @@ class AvatarAudioOutput(AudioOutput):
         self._pending: deque[_Segment] = deque()
         self._pump: asyncio.Task[None] | None = None
         self._clears: set[asyncio.Task[None]] = set()
+        #: Held while a segment plays, from its first write to its report: a batch job played
+        #: into the room (avatarq_agents/turns.py) takes it too, so one voice at a time.
+        self.floor = asyncio.Lock()
 
     async def capture_frame(self, frame: rtc.AudioFrame) -> None:
         await super().capture_frame(frame)
@@ -124,7 +127,8 @@ class AvatarAudioOutput(AudioOutput):
         while self._pending:
             segment = self._pending[0]
             try:
-                finished = await self._play(segment)
+                async with self.floor:
+                    finished = await self._play(segment)
             except Exception as e:  # the room or avatar is gone: the session must not hang
                 log.warning("segment not played on avatar %s: %s", self.sender.avatar_identity, e)
                 finished = PlaybackFinished(0.0, interrupted=True)

@@ -17,7 +17,9 @@ from livekit.agents.voice import avatar
 
 from avatarq.errors import AvatarOverLimit
 from avatarq.settings import AvatarServer, Settings, get_settings
+from avatarq_agents.lane import RoomLane
 from avatarq_agents.output import AvatarAudioOutput
+from avatarq_agents.turns import AgentLinks
 from tasks.link import room as rooms
 from tasks.link import tokens
 from tasks.link.avatar import START_ANSWER_TIMEOUT_S
@@ -48,14 +50,19 @@ class AvatarSession(avatar.AvatarSession[Any]):
         avatar_server: str | None = None,
         settings: Settings | None = None,
         slot_timeout: float = SLOT_TIMEOUT_S,
+        announcements: bool = True,
     ) -> None:
         """`avatar_server`: a configured server's name or URL (the license key is only ever
-        sent to a configured server); the default server when omitted."""
+        sent to a configured server); the default server when omitted. `announcements`: the
+        room's batch jobs play through this session (avatarq_agents/lane.py)."""
         super().__init__()
         self.settings = settings or get_settings()
         self.server = _configured_server(self.settings, avatar_server)
         self.avatar_id = avatar_id
         self.slot_timeout = slot_timeout
+        self.announcements = announcements
+        #: Plays the room's batch jobs through this avatar while the session lives.
+        self.lane: RoomLane | None = None
         self.audio_output: AvatarAudioOutput | None = None
         self.server_session: ServerSession | None = None
         self._identity = f"avatar-{avatar_id}"
@@ -78,7 +85,8 @@ class AvatarSession(avatar.AvatarSession[Any]):
     async def start(self, agent_session: AgentSession, room: rtc.Room) -> None:
         """Wait for a session slot, start the avatar and wait until it renders and listens
         to this participant; then the session's speech goes to it. Raises
-        `AvatarSlotTimeout` when no slot came free within `slot_timeout`. Connects the job's
+        `AvatarSlotTimeout` when no slot came free within `slot_timeout`, `RoomHeld` when
+        another agent holds the room or its batch job played on as long. Connects the job's
         room first if it is not yet (the avatar's token names this participant)."""
         if not room.isconnected():
             job_ctx = get_job_context(required=False)
@@ -88,6 +96,11 @@ class AvatarSession(avatar.AvatarSession[Any]):
         await super().start(agent_session, room)
         self._room_name = room.name
         try:
+            if self.announcements:
+                # First: from here on no worker starts a job in the room, and one playing ends
+                # before this avatar speaks.
+                self.lane = RoomLane(self.settings, room.name)
+                await self.lane.hold(self.slot_timeout)
             await self._take_slot(room.name)
             await self._start_avatar(room)
         except BaseException:
@@ -100,6 +113,10 @@ class AvatarSession(avatar.AvatarSession[Any]):
             report_timeout=self.settings.playback_finished_timeout_s,
         )
         agent_session.output.audio = self.audio_output
+        if self.lane is not None:
+            assert self.server_session is not None
+            session_id = self.server_session.session_id
+            self.lane.start(AgentLinks(agent_session, self.audio_output, session_id))
 
     async def _take_slot(self, room: str) -> None:
         self._redis = aioredis.from_url(self.settings.redis_url)
@@ -156,6 +173,8 @@ class AvatarSession(avatar.AvatarSession[Any]):
         if self._closed:
             return
         self._closed = True
+        if self.lane is not None:  # first: its playing job is handed back while the avatar is up
+            await self.lane.aclose()
         if self.audio_output is not None:
             await self.audio_output.aclose()
         if self._client is not None:

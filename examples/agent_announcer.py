@@ -1,5 +1,6 @@
 """An announcer agent with an avatar, in the shape of Avaluma's livekit-agents examples,
-running offline: its speech comes from espeak-ng (no STT, LLM or hosted TTS).
+running offline: its speech comes from espeak-ng (no STT, LLM or hosted TTS). A batch job
+enqueued for its room meanwhile plays through its avatar between its announcements.
 
     python examples/agent_announcer.py dev    a livekit-agents worker on your deployment
     make example-agent                         once on the local stack (the avatar emulator)
@@ -11,6 +12,7 @@ import asyncio
 import io
 import os
 import sys
+import time
 import uuid
 import wave
 from collections.abc import AsyncIterator
@@ -21,6 +23,8 @@ from livekit.agents.voice.room_io import RoomOptions
 
 from avatarq.settings import get_settings
 from avatarq_agents import AvatarSession
+from producers import enqueue, get_status
+from producers.client import is_terminal
 from producers.tts.espeak import EspeakEngine
 
 AVATAR_ID = os.getenv("AVATAR_ID", "anna")
@@ -28,6 +32,8 @@ ANNOUNCEMENTS = [
     "Good morning. The library opens at nine.",
     "The cafeteria serves lunch from noon until two.",
 ]
+#: Enqueued by any producer for the agent's room: it plays after the agent's current speech.
+BULLETIN = "A message from the front desk: the shuttle leaves in five minutes."
 FRAME_S = 0.02
 
 
@@ -47,9 +53,21 @@ async def spoken(text: str) -> AsyncIterator[rtc.AudioFrame]:
             yield rtc.AudioFrame(pcm, rate, channels, len(pcm) // (2 * channels))
 
 
-async def announce(session: AgentSession) -> None:
+async def announce(session: AgentSession, room: str | None = None) -> str | None:
+    """The agent's announcements; with `room`, a batch job is enqueued for the room as the
+    first begins, as a producer elsewhere might: returns its id."""
+    job_id = None
     for text in ANNOUNCEMENTS:
-        await session.say(text, audio=spoken(text))
+        speech = session.say(text, audio=spoken(text))
+        if room is not None and job_id is None:
+            job = {
+                "room": room,
+                "avatar_id": AVATAR_ID,
+                "source": {"type": "tts", "text": BULLETIN},
+            }
+            job_id = (await asyncio.to_thread(enqueue, job)).job_id
+        await speech
+    return job_id
 
 
 async def entrypoint(ctx: JobContext) -> None:
@@ -64,8 +82,9 @@ async def entrypoint(ctx: JobContext) -> None:
     # aclose() runs at the job's shutdown: it stops the avatar and gives its slot back.
 
 
-async def once_in_a_room(livekit_url: str, api_key: str, api_secret: str) -> str:
-    """What the worker does for one job, on a room joined directly (no agent dispatch)."""
+async def once_in_a_room(livekit_url: str, api_key: str, api_secret: str) -> tuple[str, str]:
+    """What the worker does for one job, on a room joined directly (no agent dispatch), and a
+    batch job for the room meanwhile; returns the room and the job's id once it ended."""
     room_name = f"announcer-{uuid.uuid4().hex[:6]}"
     token = (
         api.AccessToken(api_key, api_secret)
@@ -83,12 +102,22 @@ async def once_in_a_room(livekit_url: str, api_key: str, api_secret: str) -> str
         await session.start(
             agent=Announcer(), room=room, room_options=RoomOptions(audio_output=False)
         )
-        await announce(session)
+        job_id = await announce(session, room_name)
+        assert job_id is not None
+        await asyncio.to_thread(wait_for_end, job_id)
     finally:
         await session.aclose()
         await avatar.aclose()
         await room.disconnect()
-    return room_name
+    return room_name, job_id
+
+
+def wait_for_end(job_id: str, timeout_s: float = 60.0) -> None:
+    for _ in range(int(timeout_s / 0.2)):
+        if is_terminal(get_status(job_id)):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"job {job_id} did not end in {timeout_s:g}s")
 
 
 def on_the_local_stack() -> None:
@@ -96,8 +125,14 @@ def on_the_local_stack() -> None:
 
     from avatarq_dev.stack import DEV_API_KEY, local_stack
 
-    with local_stack() as stack, stack.current():
-        room = asyncio.run(once_in_a_room(stack.livekit_url, DEV_API_KEY, stack.api_secret))
+    # One batch worker: it parks the room's job for the agent, which plays it.
+    with local_stack(workers=1, concurrency=2) as stack, stack.current():
+        room, job_id = asyncio.run(once_in_a_room(stack.livekit_url, DEV_API_KEY, stack.api_secret))
+        result = get_status(job_id)
+        print(
+            f"batch job {job_id}: {result['status']}, played by agent {result.get('agent')} "
+            f"in avatar session {result.get('avatar_session_id')}"
+        )
         found = requests.get(f"{stack.avatar_url}/v1/sessions", params={"room": room}, timeout=5)
         for session in found.json():
             for segment in session["segments"]:

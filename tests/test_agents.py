@@ -7,9 +7,12 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,6 +30,7 @@ from avatarq_dev.stack import DEV_API_KEY, LocalStack, local_stack
 from tasks.link.types import PlaybackFinished
 from tests import audio
 from tests.netns import NETNS
+from tests.test_pipeline_e2e import events_of
 from tests.waiting import wait_terminal
 
 #: The TTS rate of the agent's frames: not the avatar's 16 kHz, so the output resamples.
@@ -384,3 +388,168 @@ class TestOnTheStack:
         assert ended["status"] == "completed", ended
         assert ended["timestamps"]["first_byte"] >= closed_at - 0.5
         assert get_settings().avatar_server(SOLO).max_sessions == 1
+
+    def test_a_batch_job_for_the_agents_room_plays_through_it_after_its_speech(
+        self, stack: LocalStack, tmp_path: Any
+    ) -> None:
+        played = self._announce(stack, tmp_path, interrupt=False)
+        spoken, job = played.segments[:2]
+        # The reply played whole before the job's first frame.
+        assert not spoken["interrupted"] and round(spoken["received_s"], 1) == 4.0
+        assert spoken["playback_finished_at"] <= job["first_frame_at"]
+        assert played.reports[0].playback_position == pytest.approx(4.0, abs=0.05)
+
+    def test_a_job_that_interrupts_cuts_the_agents_speech_short(
+        self, stack: LocalStack, tmp_path: Any
+    ) -> None:
+        played = self._announce(stack, tmp_path, interrupt=True)
+        spoken, job = played.segments[:2]
+        assert spoken["interrupted"] and spoken["received_s"] < 3.0
+        assert spoken["playback_finished_at"] <= job["first_frame_at"]
+        assert played.reports[0].interrupted
+
+    def _announce(self, stack: LocalStack, tmp_path: Any, *, interrupt: bool) -> Announced:
+        """The agent starts a 4 s reply; 1 s in, two jobs (1.5 s, then 0.7 s) are enqueued for
+        its room, the first with `interrupt`; once both ended, the agent replies again. Checks
+        what holds either way (one avatar, in order, one voice at a time), returns the rest."""
+        from producers import enqueue
+
+        lengths = (1.5, 0.7)
+        clips = [
+            str(audio.tone(tmp_path / f"news{i}.wav", seconds=s)) for i, s in enumerate(lengths)
+        ]
+        room = f"an-{uuid.uuid4().hex[:6]}"
+
+        async def go() -> tuple[Conversation, list[dict[str, Any]], str | None]:
+            agent = await Conversation.start(stack, room)
+            try:
+                reply = agent.session.say("A long reply.", audio=speech(4.0))
+                await asyncio.sleep(1.0)
+                job_ids = []
+                for clip, cut in zip(clips, (interrupt, False), strict=True):
+                    job = {"room": room, "avatar_id": "anna", "source": clip, "interrupt": cut}
+                    job_ids.append((await asyncio.to_thread(enqueue, job)).job_id)
+                await asyncio.wait_for(asyncio.shield(reply.wait_for_playout()), 15)
+                tail = stack.workers[0].tail
+                ended = await asyncio.to_thread(
+                    wait_terminal, *job_ids, timeout=30, context=lambda: tail(40)
+                )
+                await agent.session.say("Back to you.", audio=speech(0.8))
+            finally:
+                await agent.close()
+            assert agent.avatar.server_session is not None
+            session_id = agent.avatar.server_session.session_id
+            return agent, [ended[j] for j in job_ids], session_id
+
+        agent, results, session_id = asyncio.run(go())
+        (played,) = sessions(stack, room)  # the agent's avatar, and no other
+        segments = played["segments"]
+        spans = spans_of(segments)
+        assert len(segments) == 4, spans
+        # One voice at a time: each segment reported played before the next one's first frame.
+        for earlier, later in zip(segments, segments[1:], strict=False):
+            assert earlier["playback_finished_at"] <= later["first_frame_at"], spans
+        # The jobs in their order, through the agent's avatar session, confirmed; their results
+        # say so.
+        for result, segment, seconds in zip(results, segments[1:3], lengths, strict=True):
+            assert result["status"] == "completed" and result["playback_confirmed"], result
+            assert result["agent"] and result["avatar_session_id"] == session_id
+            assert round(segment["received_s"], 1) == seconds and not segment["interrupted"]
+        assert session_id == played["session_id"]
+        after = segments[3]  # the agent resumed after them
+        assert round(after["received_s"], 1) == 0.8 and agent.reports[-1].interrupted is False
+        assert len(agent.reports) == 2  # the jobs' segments are not the session's speech
+        events = [e["event"] for e in events_of(stack, results[0]["job_id"])]
+        assert events[:2] == ["job.started", "job.avatar_ready"] and events[-1] == "job.completed"
+        return Announced(segments, agent.reports)
+
+    def test_an_agent_speaks_after_the_rooms_playing_job_and_leaves_its_jobs_to_the_workers(
+        self, stack: LocalStack, tmp_path: Any
+    ) -> None:
+        from producers import enqueue, get_status
+
+        first = str(audio.tone(tmp_path / "first.wav", seconds=2.5))
+        later = str(audio.tone(tmp_path / "later.wav", seconds=1.0))
+        room = f"an-{uuid.uuid4().hex[:6]}"
+
+        async def go() -> tuple[str, str]:
+            job = {"room": room, "avatar_id": "anna", "source": first}
+            before = await asyncio.to_thread(enqueue, job)
+            for _ in range(200):  # a worker's avatar plays it (20 s at most)
+                if (await asyncio.to_thread(get_status, before.job_id)).get("status") == "playing":
+                    break
+                await asyncio.sleep(0.1)
+            agent = await Conversation.start(stack, room)  # waits for that job's end
+            try:
+                reply = agent.session.say("A long reply.", audio=speech(4.0))
+                await asyncio.sleep(1.0)
+                after = await asyncio.to_thread(enqueue, {**job, "source": later})
+                await asyncio.sleep(1.0)
+            finally:
+                await agent.close()  # the job waiting for the reply goes back to the workers
+            await asyncio.wait_for(asyncio.shield(reply.wait_for_playout()), 10)
+            return before.job_id, after.job_id
+
+        before, after = asyncio.run(go())
+        tail = stack.workers[0].tail
+        ended = wait_terminal(before, after, timeout=60, context=lambda: tail(60))
+        for job_id in (before, after):
+            assert ended[job_id]["status"] == "completed" and ended[job_id]["agent"] is None
+        # Every segment heard in the room, whichever avatar played it: one at a time.
+        heard = sorted(
+            (s for played in sessions(stack, room) for s in played["segments"]
+             if s["received_samples"] > 0),
+            key=lambda s: s["first_frame_at"],
+        )  # fmt: skip
+        spans = spans_of(heard)
+        for earlier, next_one in zip(heard, heard[1:], strict=False):
+            assert earlier["playback_finished_at"] <= next_one["first_frame_at"], spans
+        # The first job, the agent's reply (cut short as it closed), then the later job. If the
+        # closing session's cut let it start on the agent's avatar, it was handed back and
+        # resumed on a worker's: one more attempt, one more segment.
+        attempts = len(ended[after]["attempts"])
+        assert len(heard) == 2 + attempts and attempts <= 2, spans
+        assert round(heard[0]["received_s"], 1) == 2.5 and heard[1]["received_s"] < 2.8
+        assert round(heard[-1]["received_s"] + ended[after]["started_at"], 1) == 1.0
+
+    def test_a_killed_agents_job_and_room_go_back_to_the_workers(
+        self, stack: LocalStack, tmp_path: Any
+    ) -> None:
+        from producers import enqueue, get_status
+
+        clip = str(audio.tone(tmp_path / "long.wav", seconds=6.0))
+        room = f"an-{uuid.uuid4().hex[:6]}"
+        argv = [sys.executable, "-m", "tests.agent_process", room]
+        with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) as agent:
+            try:
+                assert agent.stdout is not None and agent.stdout.readline().strip() == "ready"
+                job_id = enqueue({"room": room, "avatar_id": "anna", "source": clip}).job_id
+                for _ in range(100):  # the agent plays it (10 s at most)
+                    if get_status(job_id).get("seconds_streamed", 0) > 1.0:
+                        break
+                    time.sleep(0.1)
+                agent.kill()
+                killed_at = time.time()
+            finally:
+                agent.kill()
+        tail = stack.workers[0].tail
+        result = wait_terminal(job_id, timeout=60, context=lambda: tail(60))[job_id]
+        # Its heartbeat gone, recovery sent the job back; its hold on the room lapsed, so a
+        # worker's avatar played the rest, from where the agent's had got.
+        assert result["status"] == "completed" and result["agent"] is None, result
+        assert len(result["attempts"]) == 2 and result["started_at"] > 1.0, result
+        assert result["timestamps"]["first_byte"] > killed_at
+        agents_session, workers_session = sessions(stack, room)
+        assert agents_session["session_id"] != result["avatar_session_id"]
+        assert workers_session["session_id"] == result["avatar_session_id"]
+
+
+def spans_of(segments: list[dict[str, Any]]) -> list[tuple[float, float, float]]:
+    """Each recorded segment's first frame, its report and its length: a failure's context."""
+    return [(s["first_frame_at"], s["playback_finished_at"], s["received_s"]) for s in segments]
+
+
+@dataclass
+class Announced:
+    segments: list[dict[str, Any]]
+    reports: list[PlaybackFinishedEvent]

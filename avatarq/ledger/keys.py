@@ -1,7 +1,7 @@
 """Every Redis key avatarq uses, and how long each lives. Only the ledger package spells them.
 
 Per job: its terminal record, enqueue marker, lease, cancel request, attempt counter, event
-stream, waiting note and avatar session note. Per room: its order and holder. Per worker
+stream, waiting note and avatar session note. Per room: its order, holder and agent. Per worker
 process: its heartbeat and held deliveries. Per avatar server: its session quota. Then the
 warm sessions' markers, the dead-letter list and celery-redbeat's keys.
 """
@@ -94,6 +94,12 @@ def room_holder_key(room: str) -> str:
     """The job playing in the room right now (expires with its lease): no other job of the
     room may start while it is live, even if the room's order was lost."""
     return f"avatarq:room-holder:{room}"
+
+
+def room_agent_key(room: str) -> str:
+    """The conversational agent holding the room's avatar (avatarq_agents): its process id,
+    expiring unless renewed. The room's jobs park in its lane and that agent plays them."""
+    return f"avatarq:room-agent:{room}"
 
 
 QuotaPart = Literal["sessions", "waiting", "waiting-seen", "cap", "freed"]

@@ -28,6 +28,7 @@ class Lua(StrEnum):
     REGISTER = "register"
     SLOTS_ACQUIRE = "slots_acquire"
     SLOTS_RENEW = "slots_renew"
+    ROOM_AGENT = "room_agent"
 
 
 @cache

@@ -32,6 +32,7 @@ from avatarq.ledger.keys import (
     job_enqueued_key,
     job_lease_key,
     job_record_key,
+    room_agent_key,
     room_holder_key,
     room_lane_key,
     room_order_key,
@@ -171,6 +172,7 @@ class Ledger:
         self._take_stranded = script(redis, Lua.TAKE_STRANDED)
         self._lanes_keep = script(redis, Lua.LANES_KEEP)
         self._seen = script(redis, Lua.SEEN)
+        self._room_agent = script(redis, Lua.ROOM_AGENT)
 
     @staticmethod
     def new_token(worker_id: str) -> str:
@@ -195,6 +197,7 @@ class Ledger:
             room_holder_key(room),
             room_lane_key(room),
             LANES_KEY,
+            room_agent_key(room),
         ]
         args: list[str | int | float] = [
             token,
@@ -401,9 +404,35 @@ class Ledger:
         rooms: set[bytes] = await self.redis.smembers(LANES_KEY)  # type: ignore[misc,assignment]
         for room in rooms:
             await self._drop_finished_heads(None, room.decode())
-        prefixes = [room_lane_key(""), room_order_key(""), room_holder_key("")]
+        prefixes = [room_lane_key(""), room_order_key(""), room_holder_key(""), room_agent_key("")]
         entries: list[bytes] = await self._take_stranded(keys=[LANES_KEY], args=prefixes)
         return [_handoff(entry) for entry in entries]
+
+    async def hold_room(self, room: str, agent_id: str) -> bool:
+        """Hold `room` for a conversational agent (process `agent_id`), or renew its hold, for
+        `LEASE_TTL_S`: the room's jobs park for it to play. False: another agent holds it."""
+        held = await self._room_agent(
+            keys=[room_agent_key(room)], args=["hold", agent_id, int(LEASE_TTL_S * 1000)]
+        )
+        return bool(held)
+
+    async def free_room(self, room: str, agent_id: str) -> None:
+        """Let go of the agent's hold: the room's parked jobs go to the workers again."""
+        await self._room_agent(keys=[room_agent_key(room)], args=["free", agent_id, 0])
+
+    async def playing_in(self, room: str) -> str | None:
+        """The id of the job playing in `room` now, if one is."""
+        holder: bytes | None = await self.redis.get(room_holder_key(room))
+        return None if holder is None else holder.decode()
+
+    async def parked_head(self, room: str) -> Handoff | None:
+        """The room's first job, if it is parked in the lane (nobody plays it yet)."""
+        await self._drop_finished_heads(None, room)
+        head: bytes | None = await self.redis.lindex(room_order_key(room), 0)  # type: ignore[assignment,misc]
+        if head is None:
+            return None
+        entry = await self.redis.hget(room_lane_key(room), head.decode())  # type: ignore[misc]
+        return None if entry is None else _handoff(entry)
 
     async def dead_letter(self, job_payload: Mapping[str, Any], result: Mapping[str, Any]) -> None:
         """Keep a job whose retries ran out where an operator can see and replay it: its

@@ -3,7 +3,10 @@
 -- try again later), parked (not its room's turn: kept in the room's lane, whose playing job
 -- hands it on when it ends), ok (play it now, as attempt `attempt`).
 -- A lease starting with '~' is a released one's tombstone: free, yet never renewed back.
--- KEYS: record, cancel, lease, room order, attempts, enqueued, room holder, lane, lanes
+-- A room held by a conversational agent (avatarq_agents) plays through that agent only: any
+-- other process's claim parks (or waits), whatever its place.
+-- KEYS: record, cancel, lease, room order, attempts, enqueued, room holder, lane, lanes,
+--       room agent
 -- ARGV: lease token, lease ttl ms, job id, now, record ttl s, rejoin grace s, lane entry
 --       ('' to wait instead of parking), room
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'done', 0} end
@@ -27,6 +30,8 @@ local function behind()
   redis.call('SADD', KEYS[9], ARGV[8])
   return {'parked', 0}
 end
+local agent = redis.call('GET', KEYS[10])
+if agent and agent ~= string.match(ARGV[1], '^(.*)/') then return behind() end
 if redis.call('LINDEX', KEYS[4], 0) ~= ARGV[3] then return behind() end
 local rejoined = redis.call('HGET', KEYS[6], 'rejoined')
 if rejoined and tonumber(ARGV[4]) - tonumber(rejoined) < tonumber(ARGV[6]) then
