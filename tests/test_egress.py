@@ -1,6 +1,7 @@
-"""LiveKit Egress records a job's avatar: the official server (state in Redis), a real egress
-server built from its Go module (infra/build-egress), the emulator, a worker and moto for S3.
-Skips where the egress binary is not built (docs/recordings-egress.md says why CI has none)."""
+"""LiveKit Egress records a job's avatar, by itself and as a worker's recording backend: the
+official server (state in Redis), a real egress server built from its Go module
+(infra/build-egress), the emulator, a worker and moto for S3. Skips where the egress binary is
+not built (docs/recordings-egress.md says why CI has none)."""
 
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -233,12 +234,25 @@ def test_egress_backend_needs_an_egress_url_named_at_start() -> None:
     assert Settings(AVATARQ_EGRESS_URL="http://lk").recording_backend == "local"  # type: ignore[call-arg]
 
 
-def test_egress_backend_records_through_egress(tmp_path: Path) -> None:
-    settings = Settings(  # type: ignore[call-arg]
-        AVATARQ_RECORDING_BACKEND="egress",
-        AVATARQ_EGRESS_URL="http://127.0.0.1:9",
-        AVATARQ_RECORDINGS="s3://rec/videos/",
-    )
+def test_egress_backend_records_through_egress() -> None:
+    with refused_port() as port:
+        egress_url = f"http://127.0.0.1:{port}"
+        recording = egress_run(
+            Settings(  # type: ignore[call-arg]
+                AVATARQ_RECORDING_BACKEND="egress",
+                AVATARQ_EGRESS_URL=egress_url,
+                AVATARQ_RECORDINGS="s3://rec/videos/",
+            )
+        )
+    # Nothing answers at that URL: the job plays, and its result says why there is no file.
+    assert recording["backend"] == "egress" and recording["url"] is None, recording
+    assert recording["error"].startswith(f"Egress did not record: Egress at {egress_url}")
+    assert egress_filepath("s3://rec/videos/", "eg-1/attempt-1.mp4") == "videos/eg-1/attempt-1.mp4"
+    assert egress_filepath("/srv/videos", "eg-1/attempt-1.mp4") == "eg-1/attempt-1.mp4"
+
+
+def egress_run(settings: Settings) -> dict[str, Any]:
+    """A recorded job's result `recording`, checking its hook is the Egress backend's."""
     seen: list[JobHook] = []
 
     def spy(play: PlayContext) -> JobHook:
@@ -257,9 +271,5 @@ def test_egress_backend_records_through_egress(tmp_path: Path) -> None:
     outcome = asyncio.run(stand.run(payload))
     assert isinstance(seen[0], EgressRecordingHook)
     assert outcome.ending is Ending.PLAYED and outcome.result is not None
-    recording = outcome.result.as_record()["recording"]
-    # Nothing answers at that URL: the job plays, and its result says why there is no file.
-    assert recording["backend"] == "egress" and recording["url"] is None, recording
-    assert recording["error"].startswith("Egress did not record: Egress at http://127.0.0.1:9")
-    assert egress_filepath("s3://rec/videos/", "eg-1/attempt-1.mp4") == "videos/eg-1/attempt-1.mp4"
-    assert egress_filepath("/srv/videos", "eg-1/attempt-1.mp4") == "eg-1/attempt-1.mp4"
+    recording: dict[str, Any] = outcome.result.as_record()["recording"]
+    return recording
