@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Any
 
-from avatarq.captions import CaptionError, webvtt_for
+from avatarq.captions import webvtt_for
 from avatarq.results import Recording
 from avatarq.settings import Settings
 from tasks.context import HookFactory, JobHook, PlayContext, Segment
@@ -71,7 +71,7 @@ class RecordingHook(JobHook):
         """The backend's stored recording (None: nothing was played, nothing to keep)."""
         raise NotImplementedError
 
-    def _offset(self, recording: Recording) -> float:
+    def _offset(self) -> float:
         """Seconds into the recording at which the segment's first byte plays."""
         return 0.0
 
@@ -81,17 +81,17 @@ class RecordingHook(JobHook):
         job, segment = self.play.job, self.segment
         if job.transcript is None or segment is None:
             return recording
-        start_at = segment.start_at - self._offset(recording)
+        start_at = segment.start_at - self._offset()
         until = recording.duration if recording.partial else None
+        text = webvtt_for(job.transcript, segment.duration, start_at, until)
+        if text is None:
+            return recording
         try:
-            text = webvtt_for(job.transcript, segment.duration, start_at, until)
-            if text is None:
-                return recording
             url = await asyncio.to_thread(
                 store_captions, text, self.destination, captions_name(self.name),
                 settings=self.settings,
             )  # fmt: skip
-        except (CaptionError, StoreError) as e:
+        except StoreError as e:
             error = "; ".join(filter(None, [recording.error, f"no captions file: {e}"]))
             return recording.model_copy(update={"error": error})
         return recording.model_copy(update={"captions_url": url})
@@ -262,7 +262,7 @@ class EgressRecordingHook(RecordingHook):
             error=made.error,
         )
 
-    def _offset(self, recording: Recording) -> float:
+    def _offset(self) -> float:
         # Egress's file begins when it first had the avatar's media, before the first byte.
         began = self._file_started_at
         return 0.0 if began is None else max(0.0, self._first_byte_at - began)

@@ -173,6 +173,8 @@ def test_a_recorded_job_records_through_egress_with_its_captions_beside(
     clip = audio.chirp(tmp_path / "clip.ogg", seconds=seconds, rate=24000)
     played = run_job(stack, room, clip, record=True, transcript=SRT)
     assert played["status"] == "completed", played
+    ts = played["timestamps"]
+    print(f"avatar ready to first byte: {ts['first_byte'] - ts['avatar_ready']:.2f} s")
     recording = played["recording"]
     key = f"jobs/{played['job_id']}/attempt-1.mp4"
     # The worker's Egress recorded it, to the key under AVATARQ_RECORDINGS's prefix.
