@@ -193,17 +193,21 @@ def render_webvtt(cues: list[Cue]) -> str:
     return "\n\n".join(blocks) + "\n"
 
 
-def webvtt_for(transcript: str, duration: float | None, start_at: float = 0.0) -> str | None:
+def webvtt_for(
+    transcript: str, duration: float | None, start_at: float = 0.0, until: float | None = None
+) -> str | None:
     """The WebVTT file beside a recording of the transcript's audio from `start_at` seconds of
-    the source (a resumed attempt's recording starts there), its cues on the recording's time;
-    None when plain text meets audio of unknown length."""
+    the source (a resumed attempt's recording starts there), its cues on the recording's time
+    and, given `until` (a partial recording's length), cut there; None when plain text meets
+    audio of unknown length."""
     cues = parse_transcript(transcript).cues(duration)
     if cues is None:
         return None
-    return render_webvtt(
-        [
-            Cue(max(0.0, c.start - start_at), c.end - start_at, c.text)
-            for c in cues
-            if c.end > start_at
-        ]
-    )
+    shifted = [
+        Cue(max(0.0, c.start - start_at), c.end - start_at, c.text)
+        for c in cues
+        if c.end > start_at
+    ]
+    if until is not None:
+        shifted = [Cue(c.start, min(c.end, until), c.text) for c in shifted if c.start < until]
+    return render_webvtt(shifted)

@@ -30,6 +30,8 @@ class Recording(BaseModel):
     backend: str
     #: Why there is no file, or why it is shorter than what played.
     error: str | None = None
+    #: The WebVTT of the job's captions beside the MP4 (same name, `.vtt`), when it has any.
+    captions_url: str | None = None
 
 
 class _Result(BaseModel):

@@ -164,8 +164,9 @@ class Settings(BaseSettings):
     #: Comma-separated buckets a job's own `record: s3://bucket/…` may name (besides the
     #: bucket of `recordings`): a job must not make the worker write where it likes.
     recording_buckets: str = Field("", validation_alias=_env("AVATARQ_RECORDING_BUCKETS"))
-    #: What records: `local`, a subscriber process per recorded job beside the worker.
-    recording_backend: Literal["local"] = Field(
+    #: What records: `local`, a subscriber process per recorded job beside the worker, or
+    #: `egress`, the Egress service of `AVATARQ_EGRESS_URL` (which alone selects nothing).
+    recording_backend: Literal["local", "egress"] = Field(
         "local", validation_alias=_env("AVATARQ_RECORDING_BACKEND")
     )
     #: The recording's constant video frame rate (the avatar's frames are held or dropped).
@@ -261,6 +262,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"AVATARQ_RETRY_BASE ({self.retry_base_s:g}s) is above AVATARQ_RETRY_CAP "
                 f"({self.retry_cap_s:g}s)"
+            )
+        if self.recording_backend == "egress" and not self.egress_url:
+            raise ValueError(
+                "AVATARQ_RECORDING_BACKEND=egress needs AVATARQ_EGRESS_URL: the LiveKit server "
+                "whose Egress service records the jobs"
             )
         bad = [name for name in self.avatar_servers if not _SERVER_NAME.match(name)]
         if bad:

@@ -58,6 +58,8 @@ class EgressRecording(BaseModel):
     url: str
     duration_s: float
     size_bytes: int
+    #: When the file's first moment was recorded (epoch seconds; None if Egress did not say).
+    started_at: float | None = None
     #: Egress ended it before the stop (the participant left, a failure, a limit reached): the
     #: file holds what was recorded until then.
     partial: bool
@@ -181,6 +183,7 @@ class EgressRecorder:
             url=file.location,
             duration_s=file.duration / 1e9,  # nanoseconds
             size_bytes=file.size,
+            started_at=file.started_at / 1e9 if file.started_at else None,
             partial=not whole,
             error=None if whole else f"{state} before the stop: {info.error or info.details}",
         )

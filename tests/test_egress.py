@@ -1,6 +1,7 @@
-"""LiveKit Egress records a job's avatar: the official server (state in Redis), a real egress
-server built from its Go module (infra/build-egress), the emulator, a worker and moto for S3.
-Skips where the egress binary is not built (docs/recordings-egress.md says why CI has none)."""
+"""LiveKit Egress records a job's avatar, by itself and as a worker's recording backend: the
+official server (state in Redis), a real egress server built from its Go module
+(infra/build-egress), the emulator, a worker and moto for S3. Skips where the egress binary is
+not built (docs/recordings-egress.md says why CI has none)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 from livekit import api
 
+from avatarq.captions import parse_transcript
 from avatarq.settings import Settings
 from avatarq_dev import egress
 from avatarq_dev.avatar_emulator import video
@@ -54,21 +56,37 @@ def stack(
         secret=DUMMY_ENV["AWS_SECRET_ACCESS_KEY"],
     )
     with local_stack(tmp_path_factory.mktemp("egress"), livekit_redis=True) as s:
-        # A long warm window: the recorded job plays on the avatar the first job started.
-        s.start_worker("rec", concurrency=2, extra_env={"AVATARQ_WARM_IDLE": "120"})
+        # A long warm window: the recorded job plays on the avatar the first job started. Its
+        # recorded jobs go through this stack's Egress, into the bucket Egress stores to.
+        worker_env = {
+            **DUMMY_ENV,
+            "AVATARQ_WARM_IDLE": "120",
+            "AVATARQ_RECORDING_BACKEND": "egress",
+            "AVATARQ_EGRESS_URL": s.livekit_url,
+            "AVATARQ_RECORDINGS": f"s3://{BUCKET}/jobs/",
+            "AWS_ENDPOINT_URL_S3": s3_server,
+        }
+        s.start_worker("rec", concurrency=2, extra_env=worker_env)
         with egress.egress_service(s, storage=storage), s.current():
             yield s
 
 
-def run_job(stack: LocalStack, room: str, source: Path) -> dict[str, Any]:
+def run_job(stack: LocalStack, room: str, source: Path, **job: Any) -> dict[str, Any]:
+    return wait_for(stack, enqueue_job(room, source, **job))
+
+
+def enqueue_job(room: str, source: Path, **job: Any) -> str:
     from producers import enqueue
 
-    handle = enqueue({"avatar_id": AVATAR, "room": room, "source": str(source)})
+    return enqueue({"avatar_id": AVATAR, "room": room, "source": str(source), **job}).job_id
+
+
+def wait_for(stack: LocalStack, job_id: str) -> dict[str, Any]:
     return wait_terminal(
-        handle.job_id,
+        job_id,
         timeout=JOB_TIMEOUT_S,
         context=lambda: "\n".join(p.tail(60) for p in [*stack.workers]),
-    )[handle.job_id]
+    )[job_id]
 
 
 def ffprobe(path: Path) -> dict[str, Any]:
@@ -136,6 +154,76 @@ def test_egress_records_a_job_of_the_avatar(
     span = lit[-1] - lit[0]
     assert span == pytest.approx(seconds, abs=0.3), span
     assert lit[0] > 0.0 and lit[-1] < duration
+
+
+#: The recorded job's captions: two cues inside its 3 s.
+SRT = (
+    "1\n00:00:00,000 --> 00:00:01,200\nHello there.\n\n"
+    "2\n00:00:01,500 --> 00:00:02,900\nA second line.\n"
+)
+
+
+@pytest.mark.netns
+@needs_netns
+def test_a_recorded_job_records_through_egress_with_its_captions_beside(
+    stack: LocalStack, s3_server: str, tmp_path: Path
+) -> None:
+    room = f"egress-{uuid.uuid4().hex[:8]}"
+    seconds = 3.0
+    clip = audio.chirp(tmp_path / "clip.ogg", seconds=seconds, rate=24000)
+    played = run_job(stack, room, clip, record=True, transcript=SRT)
+    assert played["status"] == "completed", played
+    ts = played["timestamps"]
+    print(f"avatar ready to first byte: {ts['first_byte'] - ts['avatar_ready']:.2f} s")
+    recording = played["recording"]
+    key = f"jobs/{played['job_id']}/attempt-1.mp4"
+    # The worker's Egress recorded it, to the key under AVATARQ_RECORDINGS's prefix.
+    assert recording["backend"] == "egress" and recording["partial"] is False, recording
+    assert recording["error"] is None and recording["url"].endswith(key), recording
+    path = tmp_path / "recording.mp4"
+    s3_client(s3_server).download_file(BUCKET, key, str(path))
+    assert path.stat().st_size == recording["size"]
+    probe = ffprobe(path)
+    streams = {s["codec_type"]: s for s in probe["streams"]}
+    assert set(streams) == {"video", "audio"}, probe["streams"]
+    duration = float(probe["format"]["duration"])
+    assert duration == pytest.approx(recording["duration"], abs=0.5)
+    # The whole job is in it: the meter is lit for as long as the audio played.
+    lit = meter_lit_times(path, float(Fraction(streams["video"]["avg_frame_rate"])))
+    assert lit.size > 0 and lit[-1] - lit[0] == pytest.approx(seconds, abs=0.3), lit
+    assert lit[0] > 0.0 and lit[-1] < duration
+
+    # The WebVTT beside it, its cues on the file's time: the first shows as the meter lights.
+    assert recording["captions_url"] == f"s3://{BUCKET}/jobs/{played['job_id']}/attempt-1.vtt"
+    body = s3_client(s3_server).get_object(Bucket=BUCKET, Key=key.replace(".mp4", ".vtt"))
+    cues = parse_transcript(body["Body"].read().decode()).cues(None) or []
+    assert [c.text for c in cues] == ["Hello there.", "A second line."], cues
+    print(f"first cue at {cues[0].start:.3f} s of the file, the meter lit at {lit[0]:.3f} s")
+    assert cues[0].start == pytest.approx(lit[0], abs=0.3), (cues, lit[0])
+    assert cues[1].start - cues[0].start == pytest.approx(1.5, abs=0.01)
+
+
+@pytest.mark.netns
+@needs_netns
+def test_a_cancelled_job_leaves_a_partial_egress_recording(
+    stack: LocalStack, s3_server: str, tmp_path: Path
+) -> None:
+    from producers import cancel, get_status
+
+    room = f"egress-{uuid.uuid4().hex[:8]}"
+    job_id = enqueue_job(room, audio.chirp(tmp_path / "long.ogg", seconds=8.0), record=True)
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while time.monotonic() < deadline and get_status(job_id).get("seconds_streamed", 0) < 2.5:
+        time.sleep(0.1)
+    cancel(job_id)
+    result = wait_for(stack, job_id)
+    assert result["status"] == "cancelled", result
+    recording = result["recording"]
+    assert recording["backend"] == "egress" and recording["partial"] is True, recording
+    assert recording["url"].endswith(f"jobs/{job_id}/attempt-1.mp4"), recording
+    path = tmp_path / "partial.mp4"
+    s3_client(s3_server).download_file(BUCKET, f"jobs/{job_id}/attempt-1.mp4", str(path))
+    assert 1.5 <= float(ffprobe(path)["format"]["duration"]) <= 8.0
 
 
 @pytest.mark.netns

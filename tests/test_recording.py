@@ -6,19 +6,32 @@ from __future__ import annotations
 import asyncio
 import io
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from avatarq.captions import Cue, parse_transcript
 from avatarq.errors import InvalidJob
 from avatarq.jobs import parse_job
 from avatarq.results import Played, Recording, parse_result
 from avatarq.settings import Settings
+from tasks.context import JobHook, PlayContext
 from tasks.jobrun import Ending
 from tasks.recorder import AUDIO_RATE, AudioTimeline
-from tasks.recording import recording_hooks
-from tasks.recording_store import destination_of, object_name, store
+from tasks.recording import EgressRecordingHook, RecordingHook, recording_hooks
+from tasks.recording_store import (
+    captions_name,
+    destination_of,
+    egress_filepath,
+    object_name,
+    store,
+    store_captions,
+)
 from tests.fakes import Stand
 from tests.ports import refused_port
+from tests.s3 import aws_env, s3_client, s3_server
+
+__all__ = ["aws_env", "s3_server"]  # fixtures used by name below
 
 JOB = {"room": "lobby", "avatar_id": "anna", "source": "s3://clips/a.mp3"}
 
@@ -140,3 +153,123 @@ def test_a_recording_with_nowhere_to_go_is_named_in_the_result() -> None:
 
 def test_an_unrecorded_job_has_no_recording() -> None:
     assert "recording" not in recorded_run(Settings())
+
+
+# --- the WebVTT beside the MP4, and the backend's choice --------------------------------------
+
+SRT = (
+    "1\n00:00:00,000 --> 00:00:00,800\nHello there.\n\n2\n00:00:01,000 --> 00:00:01,900\nGoodbye.\n"
+)
+
+
+class StoredAs(RecordingHook):
+    """A backend whose recording is `made` (the captions part is the shared one)."""
+
+    made: Recording
+
+    async def _stored(self) -> Recording | None:
+        return self.made
+
+
+def captioned_run(settings: Settings, made: Recording, **job: object) -> dict[str, object]:
+    def make(play: PlayContext) -> RecordingHook:
+        hook = StoredAs(play, settings, destination_of(play.job, settings) or "")
+        hook.made = made
+        return hook
+
+    stand = Stand(settings, hooks=[make])
+    payload = {"job_id": "cap-1", "room": "r", "avatar_id": "ava", "source": "/a.wav", **job}
+    outcome = asyncio.run(stand.run(payload))
+    assert outcome.result is not None, outcome
+    recording = outcome.result.as_record()["recording"]
+    assert isinstance(recording, dict)
+    return recording
+
+
+def test_a_partial_recordings_webvtt_holds_the_cues_up_to_where_it_stops(tmp_path: Path) -> None:
+    settings = Settings(AVATARQ_RECORDINGS=str(tmp_path))  # type: ignore[call-arg]
+    mp4 = (tmp_path / "cap-1" / "attempt-1.mp4").as_uri()
+    made = Recording(url=mp4, duration=1.2, size=10, partial=True, backend="local")
+    recording = captioned_run(settings, made, record=True, transcript=SRT)
+    vtt = tmp_path / "cap-1" / "attempt-1.vtt"
+    assert recording["captions_url"] == vtt.as_uri(), recording
+    # Cut where the recording stops: the second cue is 0.2 s of its 0.9.
+    assert parse_transcript(vtt.read_text()).cues(None) == [
+        Cue(0.0, 0.8, "Hello there."),
+        Cue(1.0, 1.2, "Goodbye."),
+    ]
+    whole = made.model_copy(update={"partial": False})
+    captioned_run(settings, whole, record=True, transcript=SRT)
+    assert parse_transcript(vtt.read_text()).cues(None) == parse_transcript(SRT).cues(None)
+
+
+def test_no_webvtt_without_a_transcript_or_without_a_file(tmp_path: Path) -> None:
+    settings = Settings(AVATARQ_RECORDINGS=str(tmp_path))  # type: ignore[call-arg]
+    made = Recording(url="file:///x.mp4", duration=2.0, size=10, partial=False, backend="local")
+    assert captioned_run(settings, made, record=True)["captions_url"] is None
+    failed = Recording(url=None, duration=0.0, size=0, partial=True, backend="local", error="x")
+    assert captioned_run(settings, failed, record=True, transcript=SRT)["captions_url"] is None
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_webvtt_goes_to_s3_beside_the_mp4(
+    s3_server: str, aws_env: dict[str, str], tmp_path: Path
+) -> None:
+    s3_client(s3_server).create_bucket(Bucket="vtt-bucket")
+    settings = Settings(AWS_ENDPOINT_URL_S3=s3_server)  # type: ignore[call-arg]
+    name = captions_name(object_name("job-9", 2))
+    assert name == "job-9/attempt-2.vtt"
+    url = store_captions("WEBVTT\n", "s3://vtt-bucket/pre/", name, settings=settings)
+    assert url == "s3://vtt-bucket/pre/job-9/attempt-2.vtt"
+    got = s3_client(s3_server).get_object(Bucket="vtt-bucket", Key="pre/job-9/attempt-2.vtt")
+    assert got["ContentType"] == "text/vtt" and got["Body"].read() == b"WEBVTT\n"
+
+
+def test_egress_backend_needs_an_egress_url_named_at_start() -> None:
+    with pytest.raises(
+        ValueError, match="AVATARQ_RECORDING_BACKEND=egress needs AVATARQ_EGRESS_URL"
+    ):
+        Settings(AVATARQ_RECORDING_BACKEND="egress")  # type: ignore[call-arg]
+    # The URL alone keeps the local recorder: the backend is chosen by name only.
+    assert Settings(AVATARQ_EGRESS_URL="http://lk").recording_backend == "local"  # type: ignore[call-arg]
+
+
+def test_egress_backend_records_through_egress() -> None:
+    with refused_port() as port:
+        egress_url = f"http://127.0.0.1:{port}"
+        recording = egress_run(
+            Settings(  # type: ignore[call-arg]
+                AVATARQ_RECORDING_BACKEND="egress",
+                AVATARQ_EGRESS_URL=egress_url,
+                AVATARQ_RECORDINGS="s3://rec/videos/",
+            )
+        )
+    # Nothing answers at that URL: the job plays, and its result says why there is no file.
+    assert recording["backend"] == "egress" and recording["url"] is None, recording
+    assert recording["error"].startswith(f"Egress did not record: Egress at {egress_url}")
+    assert egress_filepath("s3://rec/videos/", "eg-1/attempt-1.mp4") == "videos/eg-1/attempt-1.mp4"
+    assert egress_filepath("/srv/videos", "eg-1/attempt-1.mp4") == "eg-1/attempt-1.mp4"
+
+
+def egress_run(settings: Settings) -> dict[str, Any]:
+    """A recorded job's result `recording`, checking its hook is the Egress backend's."""
+    seen: list[JobHook] = []
+
+    def spy(play: PlayContext) -> JobHook:
+        hook = recording_hooks(settings)(play)
+        seen.append(hook)
+        return hook
+
+    stand = Stand(settings, hooks=[spy])
+    payload = {
+        "job_id": "eg-1",
+        "room": "r",
+        "avatar_id": "ava",
+        "source": "/a.wav",
+        "record": True,
+    }
+    outcome = asyncio.run(stand.run(payload))
+    assert isinstance(seen[0], EgressRecordingHook)
+    assert outcome.ending is Ending.PLAYED and outcome.result is not None
+    recording: dict[str, Any] = outcome.result.as_record()["recording"]
+    return recording

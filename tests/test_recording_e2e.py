@@ -8,13 +8,14 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
 
+from avatarq.captions import parse_transcript
 from avatarq.results import parse_result
 from avatarq.settings import Settings
 from avatarq_dev.stack import LocalStack, local_stack
@@ -33,6 +34,11 @@ BUCKET = "recordings"
 RATE = 16000
 #: The emulator's face colour (devstack/avatarq_dev/avatar_emulator/video.py), RGB.
 FACE = (236, 196, 160)
+#: The recorded job's captions: two cues inside its 4 s.
+SRT = (
+    "1\n00:00:00,200 --> 00:00:01,500\nHello there.\n\n"
+    "2\n00:00:02,000 --> 00:00:03,800\nA second line.\n"
+)
 
 
 @pytest.fixture(scope="module")
@@ -65,12 +71,13 @@ def ended(stack: LocalStack, *job_ids: str) -> list[dict[str, Any]]:
     return [done[j] for j in job_ids]
 
 
-def fetch(recording: dict[str, Any], s3_server: str, tmp_path: Path) -> Path:
-    """The recording's file: downloaded from S3, or where a local one lies."""
-    url = urlsplit(recording["url"])
+def fetch(recording: dict[str, Any], s3_server: str, tmp_path: Path, field: str = "url") -> Path:
+    """The recording's file (or its `captions_url`): downloaded from S3, or where a local one
+    lies."""
+    url = urlsplit(recording[field])
     if url.scheme == "file":
         return Path(url.path)
-    path = tmp_path / "recording.mp4"
+    path = tmp_path / PurePosixPath(url.path).name
     s3_client(s3_server).download_file(url.netloc, url.path.lstrip("/"), str(path))
     return path
 
@@ -141,10 +148,16 @@ def test_recorded_job_is_an_mp4_of_the_avatar_with_the_jobs_audio(
     stack: LocalStack, s3_server: str, tmp_path: Path
 ) -> None:
     clip = audio.chirp(tmp_path / "clip.ogg", seconds=4.0, rate=24000)
-    (result,) = ended(stack, enqueue(source=str(clip), record=f"s3://{BUCKET}/jobs/"))
+    job_id = enqueue(source=str(clip), record=f"s3://{BUCKET}/jobs/", transcript=SRT)
+    (result,) = ended(stack, job_id)
     assert result["status"] == "completed", result
     recording = result["recording"]
     assert recording["url"] == f"s3://{BUCKET}/jobs/{result['job_id']}/attempt-1.mp4"
+    # Its captions beside it, a WebVTT file that reads back as the job's cues.
+    assert recording["captions_url"] == f"s3://{BUCKET}/jobs/{result['job_id']}/attempt-1.vtt"
+    vtt = fetch(recording, s3_server, tmp_path, "captions_url").read_text()
+    assert parse_transcript(vtt).format == "webvtt"
+    assert parse_transcript(vtt).cues(None) == parse_transcript(SRT).cues(None)
     assert recording["partial"] is False and recording["backend"] == "local", recording
     assert recording["error"] is None
 
@@ -175,13 +188,19 @@ def test_recorded_job_is_an_mp4_of_the_avatar_with_the_jobs_audio(
     assert np.abs(pixel - FACE).max() < 30, pixel
 
 
+#: One cue a second over the 8 s clip.
+LONG_SRT = "".join(
+    f"{n}\n00:00:0{n - 1},000 --> 00:00:0{n - 1},900\nSecond {n}.\n\n" for n in range(1, 9)
+)
+
+
 def test_cancelled_recorded_job_keeps_a_partial_file(
     stack: LocalStack, s3_server: str, tmp_path: Path
 ) -> None:
     from producers import cancel, get_status
 
     clip = audio.chirp(tmp_path / "long.ogg", seconds=8.0)
-    job_id = enqueue(source=str(clip), record=True)
+    job_id = enqueue(source=str(clip), record=True, transcript=LONG_SRT)
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while time.monotonic() < deadline and get_status(job_id).get("seconds_streamed", 0) < 2.5:
         time.sleep(0.1)
@@ -196,6 +215,14 @@ def test_cancelled_recorded_job_keeps_a_partial_file(
     assert info["format"]["tags"]["comment"] == "partial"
     duration = float(info["format"]["duration"])
     assert 1.5 < duration < 6.0, duration
+    # Its captions stop where it stops: the cues it holds, the last one cut there.
+    vtt = fetch(recording, s3_server, tmp_path, "captions_url").read_text()
+    cues = parse_transcript(vtt).cues(None) or []
+    whole = parse_transcript(LONG_SRT).cues(None) or []
+    kept = [c for c in whole if c.start < recording["duration"]]
+    assert len(cues) == len(kept) and 1 <= len(cues) < len(whole), (cues, recording)
+    assert (cues[-1].start, cues[-1].text) == (kept[-1].start, kept[-1].text)
+    assert cues[-1].end == pytest.approx(min(kept[-1].end, recording["duration"]), abs=0.002)
     # What was rendered is the source's beginning.
     recorded = pcm_of(path)
     source = pcm_of(clip)[: len(recorded)]
