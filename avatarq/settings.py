@@ -63,8 +63,13 @@ class AvatarServer(BaseModel):
 
 
 class Settings(BaseSettings):
+    # A settings error never echoes what it was given: the input holds the secrets.
     model_config = SettingsConfigDict(
-        env_file=".env.local", env_file_encoding="utf-8", extra="ignore", populate_by_name=True
+        env_file=".env.local",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        populate_by_name=True,
+        hide_input_in_errors=True,
     )
 
     # --- LiveKit ----------------------------------------------------------------------------

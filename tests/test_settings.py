@@ -55,6 +55,19 @@ def test_contradicting_settings_fail_by_name(
         Settings()
 
 
+def test_a_settings_error_never_echoes_the_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    # What the worker prints when it refuses to start: the problem, never the input.
+    monkeypatch.setenv("LIVEKIT_API_SECRET", "s3cr3t-value")
+    monkeypatch.setenv("AVALUMA_LICENSE_KEY", "lic-3nse-value")
+    monkeypatch.setenv("AVATARQ_RETRY_BASE", "90")
+    monkeypatch.setenv("AVATARQ_RETRY_CAP", "60")
+    with pytest.raises(ValidationError, match="above AVATARQ_RETRY_CAP") as info:
+        Settings()
+    # pydantic echoes a truncated repr of the whole input otherwise: a secret's first letters.
+    shown = str(info.value)
+    assert "input_value" not in shown and "LIVEKIT_API_SECRET" not in shown
+
+
 @pytest.mark.parametrize("module", ["tasks.app", "producers.beat"])
 def test_importing_an_app_reads_no_settings(module: str) -> None:
     # Settings that cannot validate: importing the Celery app must not read them; the first
