@@ -56,6 +56,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "result_backend_transport_options": {"visibility_timeout": visibility},
         "result_expires": 7 * 24 * 3600,
         "task_track_started": True,
+        # The STARTED record is stored before the task's body: a Redis restart at that moment
+        # must not fail the delivery outside it. Retried for a few seconds, then it fails as
+        # before (a client's read of a result also gives up within seconds).
+        "result_backend_always_retry": True,
+        "result_backend_max_retries": 8,
+        "result_backend_base_sleep_between_retries_ms": 50,
+        "result_backend_max_sleep_between_retries_ms": 1000,
         "worker_send_task_events": True,
         "task_send_sent_event": True,
         "broker_connection_retry_on_startup": True,
