@@ -27,6 +27,10 @@ class _Signer:
     secret: str = field(repr=False)
     ttl: timedelta
 
+    @classmethod
+    def of(cls, settings: Settings, ttl: timedelta) -> _Signer:
+        return cls(settings.livekit_api_key, settings.livekit_api_secret.get_secret_value(), ttl)
+
     def token(
         self,
         identity: str,
@@ -92,7 +96,7 @@ def mint(
     avatar_identity: str,
     ttl: timedelta,
 ) -> JobTokens:
-    signer = _Signer(settings.livekit_api_key, settings.livekit_api_secret.get_secret_value(), ttl)
+    signer = _Signer.of(settings, ttl)
     # The worker only sends data (the audio stream and RPCs); it publishes no media.
     worker_grants = api.VideoGrants(
         room_join=True,
@@ -114,7 +118,7 @@ def mint(
 
 def recorder_token(settings: Settings, *, room: str, identity: str, ttl: timedelta) -> str:
     """A recorder's token (tasks/recorder.py): hidden, subscribe only, one room."""
-    signer = _Signer(settings.livekit_api_key, settings.livekit_api_secret.get_secret_value(), ttl)
+    signer = _Signer.of(settings, ttl)
     grants = api.VideoGrants(
         room_join=True,
         room=room,
