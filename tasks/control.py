@@ -48,6 +48,10 @@ class JobControl:
     #: worker cut off from the ledger stops soon after the last thing it could record.
     #: None: nothing fences the stream.
     granted: float | None = None
+    #: Set when the stream reaches `granted` with audio due: the lease watch ticks at once
+    #: rather than at its next interval (the lead sends more than the fence allows at a
+    #: segment's start, and must not wait a tick for it).
+    fenced: asyncio.Event = field(default_factory=asyncio.Event)
 
     def request_stop(self, reason: StopReason, *, taken_over: bool = False) -> None:
         if self.reason is None:
@@ -63,9 +67,11 @@ class JobControl:
     async def admit(self, until: float, *, patience_s: float = LEASE_PATIENCE_S) -> None:
         """Wait until the stream may send up to `until` (source seconds) or is stopped;
         past `patience_s`, `LeaseUnconfirmed`."""
-        for _ in range(int(patience_s / _ADMIT_POLL_S) + 1):
+        for i in range(int(patience_s / _ADMIT_POLL_S) + 1):
             if self.stop.is_set() or self.granted is None or until <= self.granted:
                 return
+            if i == 0:  # once per wait: a Redis outage must not make the watch spin
+                self.fenced.set()
             await asyncio.sleep(_ADMIT_POLL_S)
         raise LeaseUnconfirmed(
             f"held the audio {patience_s:g}s without confirming the job's lease: the segment "

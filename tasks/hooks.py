@@ -29,7 +29,7 @@ log = logging.getLogger("avatarq.hooks")
 #: margin: the emulator's leave arrives within tens of milliseconds).
 AVATAR_LEAVE_NEWS_S = 0.25
 #: How often a playing job renews its lease and checks for cancel and hand-back: a stop
-#: comes within half a second.
+#: comes within half a second. A stream at its fence asks for a tick sooner.
 WATCH_INTERVAL_S = 0.25
 #: How far past what its last confirmed tick recorded a stream may send (source seconds). A
 #: redelivery resumes from that record, so it bounds what a worker cut off from the ledger
@@ -80,7 +80,8 @@ class LeaseWatch(JobHook):
 
     def on_stream_start(self, segment: Segment) -> None:
         # Fenced from the first byte: a lease confirmed a moment ago lets the first chunk go
-        # at once; otherwise the stream waits for a tick that confirms it.
+        # at once; otherwise the stream waits for a tick that confirms it (asked for at once,
+        # JobControl.fenced).
         self._segment = segment
         fresh = time.monotonic() - self._confirmed_at < 2 * self.interval_s
         self.control.grant(segment.start_at + (SEND_AHEAD_OF_LEASE_S if fresh else 0.0))
@@ -115,8 +116,11 @@ class LeaseWatch(JobHook):
             await self.ledger.watch(self.job.job_id, self.job.room, self.token, final)
 
     async def _watch(self) -> None:
+        fenced = self.control.fenced
         while self.control.reason is None:
-            await asyncio.sleep(self.interval_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(fenced.wait(), self.interval_s)
+            fenced.clear()
             if self.shutting_down():
                 self.control.request_stop(StopReason.HANDED_BACK)
                 return

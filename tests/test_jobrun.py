@@ -8,6 +8,7 @@ each branch down one by one in milliseconds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import pytest
@@ -22,16 +23,18 @@ from avatarq.errors import (
     TransientJobError,
 )
 from avatarq.events import Event
+from avatarq.jobs import parse_job
 from avatarq.ledger.worker import Checkpoint, Claim, Handoff, Span
 from avatarq.results import Cancelled, Failed, Played
 from avatarq.settings import Settings
 from tasks.context import JobHook, PlayContext, Segment
 from tasks.control import JobControl, StopReason
-from tasks.hooks import SEND_AHEAD_OF_LEASE_S
+from tasks.hooks import SEND_AHEAD_OF_LEASE_S, LeaseWatch
 from tasks.jobrun import Ending, JobRun, Outcome
+from tasks.link.pacing import Pacer
 from tasks.link.stream import CHUNK_SECONDS
 from tasks.link.types import NoAvatarSlot, PlaybackFinished, Waiting
-from tests.fakes import Stand
+from tests.fakes import FakeLedger, Stand
 
 JOB = {"job_id": "job-1", "room": "room-1", "avatar_id": "ava", "source": "file:///clip.wav"}
 
@@ -454,6 +457,41 @@ def test_a_run_that_cannot_confirm_its_lease_holds_its_audio(stand: Stand) -> No
 def test_a_lease_ahead_lets_a_whole_chunk_go() -> None:
     # Else a healthy stream would wait for a tick before every chunk.
     assert SEND_AHEAD_OF_LEASE_S > CHUNK_SECONDS
+
+
+def test_a_stream_at_its_fence_asks_for_a_tick_at_once() -> None:
+    """The lead sends more than the fence lets go at a segment's start: the stream is not
+    held until the next periodic tick (10 s here) but gets one at once, which records what
+    was sent and so keeps the bound on what a cut-off worker makes heard twice. Through a
+    ledger outage the woken ticks do not spin."""
+    bps, lead = 32000, 0.5
+
+    async def go(ledger: FakeLedger) -> float:
+        job = parse_job(JOB, Settings())
+        control = JobControl()
+        watch = LeaseWatch(ledger, job, "w/t", control, lambda: False, interval_s=10.0)
+        segment = Segment(job, bps, 6.0, Pacer(bps, lead))
+        await watch.on_claimed()
+        watch.on_stream_start(segment)
+        first = int(CHUNK_SECONDS * bps)
+        await asyncio.wait_for(control.admit(CHUNK_SECONDS), 0.01)
+        watch.on_chunk_sent(segment, first)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with contextlib.suppress(LeaseUnconfirmed):
+            await control.admit(2 * CHUNK_SECONDS, patience_s=0.3)
+        held = loop.time() - started
+        control.request_stop(StopReason.CANCELLED)
+        await watch.on_released()
+        return held
+
+    ledger = FakeLedger()
+    assert asyncio.run(go(ledger)) < 0.1
+    assert [p.sent for p in ledger.progress] == [pytest.approx(CHUNK_SECONDS)]
+    down = FakeLedger()
+    down.watch_outage = range(1, 1000)
+    assert asyncio.run(go(down)) >= 0.3  # held for its whole patience, never granted
+    assert down.watch_calls == 1  # one tick asked for per wait, not one per poll
 
 
 def test_a_stream_held_too_long_for_its_lease_ends_with_a_clear_reason() -> None:
