@@ -56,7 +56,7 @@ class Order(BaseModel):
     name: str
     title: str
     fps: int
-    #: The worker's ffmpeg (`AVATARQ_FFMPEG`, else PATH's, else imageio-ffmpeg's).
+    #: The worker's ffmpeg (`AVATARQ_FFMPEG`, else imageio-ffmpeg's, tasks/decode.py).
     ffmpeg: str
 
 

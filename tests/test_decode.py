@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import http.server
 import os
+import shutil
 import subprocess
 import threading
 import time
@@ -381,9 +382,14 @@ def test_only_ffmpegs_errors_are_kept_for_messages(tmp_path: Path) -> None:
     assert "[error]" not in tail and "[info]" not in tail and "Duration" not in tail
 
 
-def test_the_bundled_ffmpeg_reads_the_declared_length_too(tmp_path: Path) -> None:
-    # imageio-ffmpeg ships ffmpeg alone, without an ffprobe: the length comes from ffmpeg.
-    settings = Settings(ffmpeg_binary=imageio_ffmpeg.get_ffmpeg_exe())
+@pytest.mark.parametrize("which", ["bundled", "PATH"])
+def test_either_ffmpeg_reads_the_declared_length(tmp_path: Path, which: str) -> None:
+    # The length comes from ffmpeg's own input dump (imageio-ffmpeg ships no ffprobe), and a
+    # distribution's older ffmpeg (AVATARQ_FFMPEG) prints it the same way.
+    binary = imageio_ffmpeg.get_ffmpeg_exe() if which == "bundled" else shutil.which("ffmpeg")
+    if binary is None:
+        pytest.skip("no ffmpeg on PATH")
+    settings = Settings(ffmpeg_binary=binary)
     length = declared(audio.tone(tmp_path / "t.wav", seconds=1, rate=RATE), settings)
     assert length == pytest.approx(1.0, abs=0.05)
 

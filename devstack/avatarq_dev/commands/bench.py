@@ -1,4 +1,5 @@
-"""`avatarq bench`: measure overhead, pacing, concurrency, decode, queue and sender cost."""
+"""`avatarq bench`: measure overhead, pacing, concurrency, decode, queue, sender cost, the
+fleet under a burst and what a recording costs."""
 
 from __future__ import annotations
 
@@ -7,15 +8,15 @@ from typing import Annotated
 
 import typer
 
-from avatarq_dev.bench import FULL, QUICK, emit
+from avatarq_dev.bench import FULL, QUICK, SECTIONS, emit
 
 
 def bench(
     quick: Annotated[bool, typer.Option("--quick", help="Small counts, under 5 minutes")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
     sections: Annotated[
-        str, typer.Option(help="Comma-separated: decode, queue, jobs, sender")
-    ] = "decode,queue,jobs,sender",
+        str, typer.Option(help=f"Comma-separated: {', '.join(SECTIONS)}")
+    ] = ",".join(SECTIONS),
     docs: Annotated[
         Path | None, typer.Option(help="Write performance.md and the PNG plots here")
     ] = None,
