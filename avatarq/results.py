@@ -71,6 +71,9 @@ class Timestamps(BaseModel):
 
     picked: float
     room_joined: float | None = None
+    #: A cold start's ask for its avatar (the room joined and its session slot held): the
+    #: avatar's own start is avatar_ready minus this.
+    avatar_requested: float | None = None
     avatar_ready: float | None = None
     first_byte: float | None = None
     last_byte: float | None = None

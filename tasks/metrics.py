@@ -96,8 +96,8 @@ def _observe_completed(played: Played) -> None:
     wall = time.time() - ts.picked
     JOB_DURATION.observe(wall)
     JOB_OVERHEAD.observe(max(0.0, wall - played.seconds_streamed))
-    if ts.room_joined and ts.avatar_ready:
-        AVATAR_START.observe(ts.avatar_ready - ts.room_joined)
+    if ts.avatar_requested and ts.avatar_ready:
+        AVATAR_START.observe(ts.avatar_ready - ts.avatar_requested)
 
 
 class PacingProbe:

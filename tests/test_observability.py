@@ -65,7 +65,10 @@ def test_events_feed_the_counters_and_histograms() -> None:
     metrics.observe(JobStarted(room="r", avatar_id="a", attempt=1))
     metrics.observe(Retrying(reason="room_error", attempt=1, retry_in=2.0))
     metrics.observe(Failed(job_id="j", attempt=1, reason="avatar_timeout", error="no avatar"))
-    timestamps = Timestamps(picked=now - 12, room_joined=now - 11, avatar_ready=now - 9)
+    # The avatar's start counts from its ask, not from the join (made while the job waited).
+    timestamps = Timestamps(
+        picked=now - 12, room_joined=now - 11.5, avatar_requested=now - 11, avatar_ready=now - 9
+    )
     metrics.observe(played(timestamps, seconds_streamed=8.0))
     metrics.observe(Progress(seconds_streamed=1.0, total_seconds=None))  # counted nowhere
     assert sample("avatarq_jobs_started_total") == before["started"] + 1

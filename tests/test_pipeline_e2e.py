@@ -114,7 +114,8 @@ def test_job_plays_end_to_end(stack: LocalStack, tmp_path: Path) -> None:
     # The result carries the avatar's own playback report.
     assert result["playback_confirmed"] and result["interrupted"] is False
     assert result["playback_position"] == pytest.approx(seconds, abs=0.15)
-    assert ts["picked"] <= ts["room_joined"] <= ts["avatar_ready"] <= ts["first_byte"]
+    assert ts["picked"] <= ts["room_joined"] <= ts["avatar_requested"] <= ts["avatar_ready"]
+    assert ts["avatar_ready"] <= ts["first_byte"]
     assert ts["first_byte"] <= ts["last_byte"] <= ts["playback_finished"]
 
     events = events_of(stack, result["job_id"])

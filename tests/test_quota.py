@@ -203,6 +203,49 @@ def test_a_finished_rooms_session_goes_to_a_waiting_room_at_once(
     assert (parked, closed) == ((0, 1) if others_in_room == 0 else (1, 0))
 
 
+def test_a_room_lost_while_its_job_waited_is_a_room_error_without_an_avatar() -> None:
+    # The room is joined while the job waits for its slot; lost for good meanwhile, no avatar
+    # is asked into it: the attempt fails as a room error (retried), and the room is left.
+    from avatarq.budget import Budget
+    from avatarq.errors import RoomError
+    from avatarq.jobs import parse_job, resolve_server
+    from avatarq.results import Timestamps
+    from avatarq.settings import Settings
+    from tasks.link.link import JoinedRoom, open_link
+    from tasks.link.roomhold import RoomHold
+    from tasks.link.types import LinkRequest
+
+    settings = Settings()
+    job = parse_job({"room": "r", "avatar_id": "a", "source": "/x.wav"}, settings)
+    left, asked = [], []
+
+    class LostRoom:
+        def isconnected(self) -> bool:
+            return False
+
+        async def disconnect(self) -> None:
+            left.append(1)
+
+    async def nothing(*_: object) -> None:
+        return None
+
+    def client(*_: object) -> Any:
+        asked.append(1)
+        raise AssertionError("no avatar client for a lost room")
+
+    async def go() -> None:
+        request = LinkRequest(
+            job, resolve_server(job, settings), Budget.of(job, settings), 1.0,
+            Timestamps(picked=time.time()), nothing, nothing, asyncio.Event(),
+        )  # fmt: skip
+        joined = JoinedRoom(LostRoom(), None, RoomHold(time.time() + 60, 60, 60, False))  # type: ignore[arg-type]
+        with pytest.raises(RoomError, match="while waiting for an avatar slot"):
+            await open_link(request, joined, settings, client)
+
+    run(go())
+    assert left == [1] and asked == []
+
+
 @pytest.mark.parametrize("others_in_room", [0, 1])
 def test_an_idle_session_stays_while_its_room_has_more_to_play(
     redis_server: str, others_in_room: int
@@ -294,7 +337,14 @@ def test_many_jobs_share_a_quota_of_sessions(fleet: LocalStack, tmp_path: Path) 
     assert {s["attempt"] for s in ended.values()} == {1}  # waiting spent no attempt
     assert all("job.retrying" not in events(fleet, j) for j in ended)
     assert emulator(fleet)["peak_sessions"] <= QUOTA
-    assert any("job.waiting_for_avatar" in events(fleet, j) for j in ended)
+    waited = [
+        s["timestamps"] for j, s in ended.items() if "job.waiting_for_avatar" in events(fleet, j)
+    ]
+    assert waited
+    # A job waiting for its slot joins its room meanwhile: given the slot, it only asks for
+    # its avatar.
+    assert all(t["room_joined"] <= t["avatar_requested"] for t in waited), waited
+    assert max(t["avatar_requested"] - t["room_joined"] for t in waited) > 1.0, waited
     for room in rooms:
         first, second = (ended[j] for r, j in order if r == room)
         assert first["timestamps"]["last_byte"] <= second["timestamps"]["first_byte"]

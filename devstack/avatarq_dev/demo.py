@@ -181,7 +181,7 @@ def summarize(result: dict[str, Any], wall_s: float, recordings: Path) -> dict[s
         "wall_seconds": round(wall_s, 3),
         "real_time_factor": round(wall_s / audio, 3) if audio else None,
         "join_s": span("picked", "room_joined"),
-        "avatar_ready_s": span("room_joined", "avatar_ready"),
+        "avatar_ready_s": span("avatar_requested", "avatar_ready"),
         "streaming_s": span("first_byte", "last_byte"),
         "playback_finished_after_last_byte_s": span("last_byte", "playback_finished"),
         "playback_position": result.get("playback_position"),

@@ -1,8 +1,8 @@
 """The room and the avatar session a job plays through: an `AvatarLink`.
 
 A link is a joined LiveKit room (held open, tasks/link/roomhold.py) plus an avatar session that
-listens to this worker; `open_link` makes one. Where a job's link comes from (warm or cold)
-is tasks/link/links.py.
+listens to this worker; `join_room` then `open_link` make one. Where a job's link comes from
+(warm or cold) is tasks/link/links.py.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from livekit import rtc
 
+from avatarq.errors import RoomError
 from avatarq.settings import AvatarServer, Settings
 from tasks.control import JobControl, StopReason
 from tasks.link import room as rooms
@@ -176,14 +177,23 @@ def http_avatar_client(server: AvatarServer, settings: Settings) -> AvatarClient
     )
 
 
-async def open_link(
-    request: LinkRequest,
-    settings: Settings,
-    avatar_client: AvatarClientFactory = http_avatar_client,
-) -> AvatarLink:
-    """Hold the room open, join it, start the avatar and wait until it listens to us; ready
-    to stream when it returns."""
-    job, server = request.job, request.server
+@dataclass
+class JoinedRoom:
+    """A job's room, held open and joined, before its avatar is asked for: a cold start
+    joins while it waits for its avatar session slot (tasks/link/links.py)."""
+
+    room: rtc.Room
+    keeper: rtc.Room | None
+    hold: RoomHold
+
+    async def leave(self) -> None:
+        await rooms.disconnect(self.room)
+        await rooms.disconnect(self.keeper)
+
+
+async def join_room(request: LinkRequest, settings: Settings) -> JoinedRoom:
+    """Hold the room open and join it (with a keeper where the room will not stay open)."""
+    job = request.job
     job_tokens = _tokens(request, settings)
     # The room stays open by its own timeouts where this worker creates it, asked for as long
     # as the longest job it may play (they count from its creation: back-to-back warm jobs
@@ -203,6 +213,22 @@ async def open_link(
     room, keeper = joined[0], (joined[1] if len(joined) > 1 else None)
     assert isinstance(room, rtc.Room) and (keeper is None or isinstance(keeper, rtc.Room))
     request.timestamps.room_joined = time.time()
+    return JoinedRoom(room, keeper, hold)
+
+
+async def open_link(
+    request: LinkRequest,
+    joined: JoinedRoom,
+    settings: Settings,
+    avatar_client: AvatarClientFactory = http_avatar_client,
+) -> AvatarLink:
+    """Start the avatar in the joined room and wait until it listens to us; ready to stream
+    when it returns. The link owns the room from here (closed with it on failure)."""
+    job, server = request.job, request.server
+    room = joined.room
+    if not room.isconnected():  # lost for good while the job waited for its slot
+        await joined.leave()
+        raise RoomError(f"lost the LiveKit room {job.room!r} while waiting for an avatar slot")
     sender = AudioStreamSender(room, job.avatar_identity, server.sample_rate)
     link = AvatarLink(
         request.key,
@@ -210,18 +236,19 @@ async def open_link(
         sender,
         avatar_client(server, settings),
         RoomAdmin.of(settings),
-        keeper=keeper,
-        hold=hold,
+        keeper=joined.keeper,
+        hold=joined.hold,
         job_id=job.job_id,
     )
     # Fired only once the SDK gave up reconnecting: the room is lost for good.
     room.on("disconnected", lambda *_: link.lost(StopReason.ROOM_LOST))
     # An earlier session of this avatar still leaving the room is not ours.
     stale = rooms.session_of(room, job.avatar_identity)
+    request.timestamps.avatar_requested = time.time()
     try:
         link.session = await link.avatar.start(
             livekit_url=settings.livekit_url,
-            livekit_token=job_tokens.avatar,
+            livekit_token=_tokens(request, settings).avatar,
             avatar_id=job.avatar_id,
             avatar_identity=job.avatar_identity,
         )

@@ -7,6 +7,8 @@ goes back to the warm pool when it is fit for the next job, and is closed otherw
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 
 import redis.asyncio as aioredis
@@ -15,7 +17,14 @@ from avatarq.errors import AvatarOverLimit
 from avatarq.events import WaitingForAvatar
 from avatarq.ledger.keys import job_waiting_key
 from avatarq.settings import AvatarServer, Settings
-from tasks.link.link import AvatarClientFactory, AvatarLink, http_avatar_client, open_link
+from tasks.link.link import (
+    AvatarClientFactory,
+    AvatarLink,
+    JoinedRoom,
+    http_avatar_client,
+    join_room,
+    open_link,
+)
 from tasks.link.quota import AvatarQuota, wait_for_slot
 from tasks.link.types import Link, LinkRequest, NoAvatarSlot, Waiting
 from tasks.link.warm import WarmPool, slot_wanted
@@ -43,6 +52,8 @@ class Links:
         self.avatar_client = avatar_client
         self.pool = WarmPool(redis, lanes=settings.room_lanes)
         self._quotas: dict[str, AvatarQuota] = {}
+        #: Rooms joined for cold starts that ended before their avatar was asked for.
+        self._leaving: set[asyncio.Task[None]] = set()
 
     def quota(self, server: AvatarServer) -> AvatarQuota:
         """This process's handle on the fleet-wide session quota of `server`."""
@@ -79,17 +90,30 @@ class Links:
             info = json.dumps(event.data())
             await self.redis.set(job_waiting_key(job.job_id), info, ex=WAITING_TTL_S)
 
-        slot = await wait_for_slot(
-            quota, job.job_id, patience_s=QUOTA_PATIENCE_S, on_wait=on_wait, stop=request.stop
-        )
+        # The room is joined while the job waits for its slot: a room handed a slot then
+        # only waits for its avatar.
+        joining = asyncio.ensure_future(join_room(request, self.settings))
+        try:
+            slot = await wait_for_slot(
+                quota, job.job_id, patience_s=QUOTA_PATIENCE_S, on_wait=on_wait, stop=request.stop
+            )
+        except BaseException:
+            self._abandon(joining)
+            raise
         # Renewed from now on, not once the avatar is ready: a start slower than the slot's
         # lease would otherwise free the slot of a session that is about to render.
         quota.hold(slot)
-        # Also clears what an earlier, requeued try of this job left.
-        await self.redis.delete(job_waiting_key(job.job_id))
         try:
+            # Also clears what an earlier, requeued try of this job left.
+            await self.redis.delete(job_waiting_key(job.job_id))
             await self.pool.make_room(request.key)
-            link = await open_link(request, self.settings, self.avatar_client)
+            joined = await joining
+        except BaseException:
+            self._abandon(joining)
+            await quota.release(slot)
+            raise
+        try:
+            link = await open_link(request, joined, self.settings, self.avatar_client)
         except AvatarOverLimit as e:
             # Refused under our quota: the server's real limit is lower. Shrink, wait again.
             await quota.release(slot)
@@ -100,6 +124,18 @@ class Links:
             raise
         link.own_slot(quota, slot)
         return link
+
+    def _abandon(self, joining: asyncio.Future[JoinedRoom]) -> None:
+        """Leave the room `joining` joins, once it has: a join is never cut off midway (the
+        SDK would finish it unseen and leave the worker in the room)."""
+
+        async def leave() -> None:
+            with contextlib.suppress(Exception):  # a join that failed left nothing behind
+                await (await joining).leave()
+
+        task = asyncio.ensure_future(leave())
+        self._leaving.add(task)
+        task.add_done_callback(self._leaving.discard)
 
     async def give_back(self, link: Link, *, keep: bool) -> None:
         """After the job: park a link fit for the next one, close any other."""
@@ -113,3 +149,4 @@ class Links:
 
     async def aclose(self) -> None:
         await self.pool.aclose()
+        await asyncio.gather(*self._leaving)

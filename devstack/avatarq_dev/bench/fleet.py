@@ -227,7 +227,7 @@ def _where_the_time_went(
         "first_audio_after_s": round(
             min((t["first_byte"] for t in stamps), default=began) - began, 3
         ),
-        "cold_avatar_start_s": spread([t["avatar_ready"] - t["room_joined"] for t in cold]),
+        "cold_avatar_start_s": spread([t["avatar_ready"] - t["avatar_requested"] for t in cold]),
         "session_time_used_share": ratio(sum(lived), quota * drain),
         "audio_share_of_session_time": ratio(audio, sum(lived)),
     }
