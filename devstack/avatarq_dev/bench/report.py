@@ -33,7 +33,7 @@ ROWS: list[Row] = [
     ),
     ("… of it: ffmpeg start to first chunk", "decode.job_start_p50.first_chunk_s", None, "s", ""),
     (
-        "avatar start p50 (emulator, AvatarRunner order, incl. room creation and decoder start)",
+        "avatar start p50 (emulator, AvatarRunner order: asked for → listening)",
         "overhead.avatar_start_s.p50",
         None,
         "s",
@@ -208,7 +208,7 @@ ROWS: list[Row] = [
         "",
     ),
     (
-        "fleet burst: cold avatar start p50, room joined → ready",
+        "fleet burst: cold avatar start p50, asked for → ready",
         "fleet.lanes.burst.cold_avatar_start_s.p50",
         "fleet.polling.burst.cold_avatar_start_s.p50",
         "s",
@@ -255,6 +255,27 @@ ROWS: list[Row] = [
         "fleet.polling.back_to_back.warm_start_s.p50",
         "s",
         "< 0.1 s",
+    ),
+    (
+        "recording: CPU a recorded job adds (share of a core)",
+        "recording.core_share_per_recording_job",
+        None,
+        "core",
+        "",
+    ),
+    (
+        "recording: a recorder's RSS, with its ffmpeg",
+        "recording.recorder_rss_mb_per_job",
+        None,
+        "MB",
+        "",
+    ),
+    (
+        "recording: schedule p99 of 10 plain streams beside 2 recorded (baseline: 12 plain)",
+        "recording.plain_p99_ms_beside_recordings",
+        "recording.plain_p99_ms_all_plain",
+        "ms",
+        "< 20 ms",
     ),
 ]
 
