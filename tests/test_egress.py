@@ -90,8 +90,7 @@ def wait_for(stack: LocalStack, job_id: str) -> dict[str, Any]:
 
 
 def ffprobe(path: Path) -> dict[str, Any]:
-    ffprobe_bin = str(Path(ffmpeg_binary(Settings())).with_name("ffprobe"))
-    argv = [ffprobe_bin, "-v", "error", "-count_frames", "-show_streams", "-show_format"]
+    argv = ["ffprobe", "-v", "error", "-count_frames", "-show_streams", "-show_format"]
     out = subprocess.run([*argv, "-of", "json", str(path)], capture_output=True, timeout=120)
     assert out.returncode == 0, out.stderr.decode()
     return dict(json.loads(out.stdout))
