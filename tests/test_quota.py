@@ -203,6 +203,54 @@ def test_a_finished_rooms_session_goes_to_a_waiting_room_at_once(
     assert (parked, closed) == ((0, 1) if others_in_room == 0 else (1, 0))
 
 
+def test_a_closed_links_slot_goes_to_the_line_once_its_avatar_stopped(redis_server: str) -> None:
+    # Not after the worker's own leaving: its state messages in flight may wait out their
+    # RPC timeout, and the next room's avatar would wait with them.
+    from tasks.link.link import AvatarLink, RoomAdmin
+    from tasks.link.types import AvatarSession, LinkKey
+
+    events: list[str] = []
+
+    class Avatar:
+        async def stop(self, session: AvatarSession) -> bool:
+            events.append("avatar stopped")
+            return True
+
+        async def aclose(self) -> None:
+            return None
+
+    class Sender:
+        avatar_identity = "avatar-a"
+
+        async def aclose(self) -> None:
+            await asyncio.sleep(0.3)  # a state RPC waiting out its timeout
+            events.append("sender closed")
+
+    async def go() -> None:
+        r = aioredis.from_url(redis_server)
+        q = AvatarQuota(r, f"s-{uuid.uuid4().hex[:6]}", 1)
+        slot = await q.try_acquire("playing")
+        assert isinstance(slot, Slot)
+        original = q.release
+
+        async def release(slot: Slot) -> None:
+            await original(slot)
+            events.append("slot released")
+
+        q.release = release  # type: ignore[method-assign]
+        link = AvatarLink(
+            LinkKey("room", "avatar-a", q.server, 16000), None, Sender(), Avatar(),  # type: ignore[arg-type]
+            RoomAdmin("http://127.0.0.1:1", "k", "s"), session=AvatarSession("sess", "avatar-a"),
+        )  # fmt: skip
+        link.own_slot(q, slot)
+        await link.close()
+        assert isinstance(await q.try_acquire("next"), Slot)
+        await r.aclose()
+
+    run(go())
+    assert events == ["avatar stopped", "slot released", "sender closed"]
+
+
 def test_a_room_lost_while_its_job_waited_is_a_room_error_without_an_avatar() -> None:
     # The room is joined while the job waits for its slot; lost for good meanwhile, no avatar
     # is asked into it: the attempt fails as a room error (retried), and the room is left.

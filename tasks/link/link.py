@@ -142,12 +142,14 @@ class AvatarLink:
                 room=self.key.room,
                 identity=self.sender.avatar_identity,
             )
+        # The session is over: its slot goes to the next room now, not after this worker's
+        # own leaving (its state messages in flight wait out their RPC timeout).
+        if self.quota is not None and self.slot is not None:
+            await self.quota.release(self.slot)
         await self.avatar.aclose()
         await self.sender.aclose()
         await rooms.disconnect(self.room)
         await rooms.disconnect(self.keeper)
-        if self.quota is not None and self.slot is not None:
-            await self.quota.release(self.slot)
 
 
 def _tokens(request: LinkRequest, settings: Settings) -> tokens.JobTokens:
