@@ -12,7 +12,9 @@ from avatarq_dev.bench import FULL, QUICK, SECTIONS, emit
 
 
 def bench(
-    quick: Annotated[bool, typer.Option("--quick", help="Small counts, under 5 minutes")] = False,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="Small counts, about 6 minutes on 2 cores")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
     sections: Annotated[
         str, typer.Option(help=f"Comma-separated: {', '.join(SECTIONS)}")
