@@ -138,7 +138,7 @@ class JobsBench:
         plan, stack = self.plan, self.stack
         # The long job first, on a worker of its own (concurrency 1): the other sections load
         # the machine while it plays, which is what drift must survive.
-        stack.start_worker("drift", concurrency=1, extra_env=BENCH_ENV)
+        drift_worker = stack.start_worker("drift", concurrency=1, extra_env=BENCH_ENV)
         long_clip = make_clip(stack.workdir / "long.wav", plan.drift_audio_s, rate=16000)
         drift_job = streams.submit(["bench-drift"], long_clip, LEAD)
         self._wait_playing(drift_job[0][0].job_id)
@@ -178,6 +178,9 @@ class JobsBench:
         results.update(self._concurrency(steps, prefork, idle_rss))
 
         drift_runs = streams.collect(stack, drift_job, plan.drift_audio_s + 90)
+        # Left running, it would take later sections' jobs from the shared queue, with its
+        # own settings (the fleet's quota among them).
+        drift_worker.stop()
         results.update(streams.drift(drift_runs[0]))
         return results
 
