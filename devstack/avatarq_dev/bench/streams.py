@@ -168,8 +168,8 @@ def warm_start(cold: list[Played], warm: list[Played]) -> dict[str, Any]:
         ]
 
     cold_s, warm_s = spread(starts(cold, False)), spread(starts(warm, True))
-    # Where a warm start's time goes: before the kept link is taken (source probe, decoder
-    # start, first chunk) and after it (segment stream opened, first write).
+    # Where a warm start's time goes: before the kept link is taken (decoder start, first
+    # chunk) and after it (segment stream opened, first write).
     kept = [r.result["timestamps"] for r in _completed(warm) if r.result.get("warm")]
     return {
         "warm_start_overhead_p50_s": warm_s["p50"],
