@@ -187,6 +187,8 @@ class JoinedRoom:
     room: rtc.Room
     keeper: rtc.Room | None
     hold: RoomHold
+    #: The job's tokens, minted once: the avatar's is sent when it is asked for.
+    tokens: tokens.JobTokens
 
     async def leave(self) -> None:
         await rooms.disconnect(self.room)
@@ -215,7 +217,7 @@ async def join_room(request: LinkRequest, settings: Settings) -> JoinedRoom:
     room, keeper = joined[0], (joined[1] if len(joined) > 1 else None)
     assert isinstance(room, rtc.Room) and (keeper is None or isinstance(keeper, rtc.Room))
     request.timestamps.room_joined = time.time()
-    return JoinedRoom(room, keeper, hold)
+    return JoinedRoom(room, keeper, hold, job_tokens)
 
 
 async def open_link(
@@ -250,7 +252,7 @@ async def open_link(
     try:
         link.session = await link.avatar.start(
             livekit_url=settings.livekit_url,
-            livekit_token=_tokens(request, settings).avatar,
+            livekit_token=joined.tokens.avatar,
             avatar_id=job.avatar_id,
             avatar_identity=job.avatar_identity,
         )
