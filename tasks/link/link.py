@@ -227,7 +227,10 @@ async def open_link(
     avatar_client: AvatarClientFactory = http_avatar_client,
 ) -> AvatarLink:
     """Start the avatar in the joined room and wait until it listens to us; ready to stream
-    when it returns. The link owns the room from here (closed with it on failure)."""
+    when it returns. The link owns the room from here (closed with it on failure).
+
+    Asked for only once we are in: an avatar whose join starts before ours is done may learn
+    of us seconds later, from the server's batched updates (docs/scheduling.md)."""
     job, server = request.job, request.server
     room = joined.room
     if not room.isconnected():  # lost for good while the job waited for its slot
