@@ -64,8 +64,10 @@ QUICK = Plan(
     name="quick",
     decode_seconds=60,
     queue_jobs=200,
-    overhead_jobs=10,
-    overhead_batch=5,
+    # Three at a time, as the full plan: five concurrent cold starts on 2 cores measured the
+    # contention more than the start (docs/performance.md, "Reproducible start figures").
+    overhead_jobs=12,
+    overhead_batch=3,
     overhead_audio_s=1.0,
     drift_audio_s=20,
     ramp=(10, 25, 50),
@@ -97,7 +99,7 @@ FULL = Plan(
 )
 LEAD = 0.5
 #: Rounds of warm starts in the overhead section's last rooms (a batch of jobs each).
-WARM_ROUNDS = 3
+WARM_ROUNDS = 5
 #: The pacing goal (p99 schedule error) is stated at this many concurrent jobs.
 PACING_GOAL_STREAMS = 50
 #: Workers on the bench stack: every result carries its pacing trace, and the avatar servers'
