@@ -162,9 +162,12 @@ class AvatarSession(avatar.AvatarSession[Any]):
         join_timeout = settings.avatar_join_timeout_s
         if not session.acknowledged:
             join_timeout += START_ANSWER_TIMEOUT_S
-        await rooms.wait_for_avatar(room, self._identity, timeout=join_timeout, not_sid=stale)
-        await rooms.wait_until_listening(
-            room, self._identity, timeout=settings.avatar_join_timeout_s
+        await rooms.wait_until_ready(
+            room,
+            self._identity,
+            join_timeout=join_timeout,
+            listen_timeout=settings.avatar_join_timeout_s,
+            not_sid=stale,
         )
 
     async def aclose(self) -> None:

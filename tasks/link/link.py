@@ -265,8 +265,13 @@ async def open_link(
         if not link.session.acknowledged:
             # The start answer was lost: a cold start may take the whole answer timeout.
             join_timeout += START_ANSWER_TIMEOUT_S
-        await rooms.wait_for_avatar(room, identity, timeout=join_timeout, not_sid=stale)
-        await rooms.wait_until_listening(room, identity, timeout=settings.avatar_join_timeout_s)
+        await rooms.wait_until_ready(
+            room,
+            identity,
+            join_timeout=join_timeout,
+            listen_timeout=settings.avatar_join_timeout_s,
+            not_sid=stale,
+        )
     except BaseException:
         await link.close()
         raise

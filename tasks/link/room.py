@@ -73,11 +73,16 @@ def session_of(room: rtc.Room, identity: str) -> str | None:
 
 
 async def wait_for_avatar(
-    room: rtc.Room, identity: str, *, timeout: float, not_sid: str | None = None
+    room: rtc.Room,
+    identity: str,
+    *,
+    timeout: float,
+    not_sid: str | None = None,
+    publishing: asyncio.Event | None = None,
 ) -> None:
     """Until participant `identity` is in the room and publishes video (it is rendering).
     `not_sid`: a session of that identity that was there before ours was asked for (one that
-    is still leaving) does not count.
+    is still leaving) does not count. `publishing` is set once it publishes any track.
 
     Subscribes to its audio meanwhile, which is what releases an AvatarRunner's video; once
     the video is there the audio is let go again (the worker never plays it)."""
@@ -87,6 +92,8 @@ async def wait_for_avatar(
         p = room.remote_participants.get(identity)
         if p is None or (not_sid is not None and p.sid == not_sid):
             return
+        if publishing is not None and p.track_publications:
+            publishing.set()
         if _has_video(p):
             ready.set()
             return
@@ -149,6 +156,41 @@ async def wait_until_listening(room: rtc.Room, identity: str, *, timeout: float)
                 reason=Reason.AVATAR_NOT_LISTENING,
             )
         await asyncio.sleep(PROBE_INTERVAL_S)
+
+
+async def wait_until_ready(
+    room: rtc.Room,
+    identity: str,
+    *,
+    join_timeout: float,
+    listen_timeout: float,
+    not_sid: str | None = None,
+) -> None:
+    """Until the avatar renders (`wait_for_avatar`) and listens to us (`wait_until_listening`).
+
+    The probe begins once the avatar publishes a track, not once its video is there: an
+    AvatarRunner registers its receiver before it publishes, so the answer comes while its
+    video still waits for our audio subscription, and the start saves a round trip."""
+    publishing = asyncio.Event()
+    rendering = asyncio.ensure_future(
+        wait_for_avatar(
+            room, identity, timeout=join_timeout, not_sid=not_sid, publishing=publishing
+        )
+    )
+
+    async def probe() -> None:
+        await publishing.wait()
+        await wait_until_listening(room, identity, timeout=listen_timeout)
+
+    listening = asyncio.ensure_future(probe())
+    try:
+        # The first failure ends the wait; a probe still waiting for a track never fails.
+        for step in asyncio.as_completed((rendering, listening)):
+            await step
+    finally:
+        for task in (rendering, listening):
+            task.cancel()
+        await asyncio.gather(rendering, listening, return_exceptions=True)
 
 
 def on_leave(room: rtc.Room, identity: str, callback: Callable[[T], None], arg: T) -> None:
