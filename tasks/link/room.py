@@ -184,9 +184,7 @@ async def wait_until_ready(
 
     listening = asyncio.ensure_future(probe())
     try:
-        # The first failure ends the wait; a probe still waiting for a track never fails.
-        for step in asyncio.as_completed((rendering, listening)):
-            await step
+        await asyncio.gather(rendering, listening)  # the first failure ends the wait
     finally:
         for task in (rendering, listening):
             task.cancel()
