@@ -2,7 +2,8 @@
 
 Audio goes to disk as it arrives (sessions may last an hour, so no whole-audio buffers); the
 `wave` module rewrites the header after every write, so the WAV is valid at any moment even if
-the emulator is killed. The sidecar is small and rewritten whole at each segment boundary.
+the emulator is killed. The sidecar is small and rewritten whole at each segment boundary and
+when the connection to the server drops, so a crash keeps what the room could hear.
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ class SegmentRecord:
     ahead_s: list[float] = field(default_factory=list)
     # False when the segment's format differs from the session WAV's (a WAV has one format).
     in_wav: bool = True
+    # Where it was in the segment when its connection to the server first dropped: nobody in
+    # the room hears what it plays after that. A connection that comes back does not undo
+    # it, so a judge reading it errs towards "never heard" (None: the room heard it all).
+    heard_until: float | None = None
 
     @property
     def received_s(self) -> float:
@@ -71,6 +76,7 @@ class SegmentRecord:
             "underruns": [asdict(u) for u in self.underruns],
             "ahead_s": [round(a, 4) for a in self.ahead_s],
             "in_wav": self.in_wav,
+            "heard_until": self.heard_until,
         }
 
 

@@ -238,6 +238,7 @@ class AvatarSession:
             "session %s joined room %s as %s", self.session_id, self.info.room, self.info.identity
         )
         room.local_participant.register_rpc_method(RPC_AGENT_STATE_CHANGED, self._on_state)
+        room.on("connection_state_changed", self._on_connection_state)
         self._spawn(self._watch_room(room))
         behaviour = self.behaviour
         if behaviour.leave_after_s is not None:
@@ -287,6 +288,17 @@ class AvatarSession:
         # The avaluma plugin's turn-taking state; answering keeps senders from logging errors.
         self.agent_states.append(data.payload)
         return "ok"
+
+    def _on_connection_state(self, state: rtc.ConnectionState.ValueType) -> None:
+        # What it plays while cut off from the server reaches no one (the SDK notices a dead
+        # server at once, our room watch only on its next poll); saved at once, as the
+        # livekit-rtc FFI can crash as the server goes away.
+        seg, playout = self._playing, self._playout
+        if state == rtc.ConnectionState.CONN_CONNECTED or seg is None or playout is None:
+            return
+        if seg.heard_until is None:
+            seg.heard_until = playout.position(asyncio.get_running_loop().time())
+            self._save()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
@@ -395,6 +407,7 @@ class AvatarSession:
                 item.sample_rate,
                 item.num_channels,
             )
+            self._save()  # a crash mid-segment still leaves its record beside its audio
         self.recorder.write(seg, item.data.cast("B"), item.samples_per_channel, now)
         self._queue.put_nowait(_Frame(seg, item, asyncio.get_running_loop().time()))
         if self._audio_source is not None:

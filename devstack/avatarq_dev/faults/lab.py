@@ -360,22 +360,24 @@ class FaultLab:
                         end,
                         float(seg.get("received_s", 0.0)),
                         bool(seg.get("interrupted")),
-                        self._span(job_id, pcm, seg.get("playback_position")),
+                        self._span(
+                            job_id, pcm, seg.get("playback_position"), seg.get("heard_until")
+                        ),
                     )
                 )
         return sorted(out, key=lambda s: s.start)
 
-    def _span(self, job_id: str, pcm: bytes, position: float | None) -> tuple[float, float] | None:
-        """Where in the job's source the segment's samples are, up to what it played."""
+    def _span(self, job_id: str, pcm: bytes, *played: float | None) -> tuple[float, float] | None:
+        """Where in the job's source the segment's samples are, up to what the room heard: the
+        avatar's position when it stopped or when its connection dropped, whichever came
+        first."""
         clip = self.sources.get(job_id)
         if clip is None or not pcm:
             return None
         at = locate(wav_pcm(clip), pcm)
         if at is None:
             return None
-        heard = len(pcm) / SOURCE_BPS
-        if position is not None:
-            heard = min(heard, position)
+        heard = min([len(pcm) / SOURCE_BPS, *(p for p in played if p is not None)])
         return (at / SOURCE_BPS, at / SOURCE_BPS + heard)
 
     def settle(self, rooms: set[str]) -> None:
