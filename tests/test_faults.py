@@ -182,6 +182,16 @@ def test_redis_fault(lab: FaultLab, name: str) -> None:
 def test_livekit_restart(lab: FaultLab) -> None:
     run = scenario(lab, "livekit_restart")
     assert ended_on(run, run.ids[0])[0] == "completed", detail(run)
+    # What the avatar played once the server was gone reached no one: its record says where.
+    room = run.records[run.ids[0]]["room"]
+    cut = [
+        seg["heard_until"]
+        for session in lab.sessions()
+        if session.get("room") == room
+        for seg in session.get("segments", [])
+        if seg.get("heard_until") is not None
+    ]
+    assert len(cut) == 1 and cut[0] > 0, (cut, detail(run))
     heard_once_in_full("livekit_restart", run)
     judge_agrees("livekit_restart", run)
 
