@@ -35,7 +35,7 @@ def job() -> tokens.JobTokens:
     )
 
 
-def test_the_worker_only_sends_data(job: tokens.JobTokens) -> None:
+def test_the_worker_sends_data_and_may_publish_a_microphone_only(job: tokens.JobTokens) -> None:
     assert claims(job.worker) == {
         "iss": "devkey",
         "sub": "avatarq-j1",
@@ -44,7 +44,8 @@ def test_the_worker_only_sends_data(job: tokens.JobTokens) -> None:
         "video": {
             "roomJoin": True,
             "room": "r1",
-            "canPublish": False,
+            "canPublish": True,
+            "canPublishSources": ["microphone"],
             "canPublishData": True,
             "canSubscribe": True,
         },

@@ -97,11 +97,15 @@ def mint(
     ttl: timedelta,
 ) -> JobTokens:
     signer = _Signer.of(settings, ttl)
-    # The worker only sends data (the audio stream and RPCs); it publishes no media.
+    # The worker only sends data (the audio stream and RPCs) and never publishes a track, but
+    # may publish a microphone: livekit-server has a client that may publish connect its
+    # publisher transport as it joins, and one that may not pays ~150 ms on its first
+    # subscription, the avatar's audio, on every avatar start (docs/protocol.md).
     worker_grants = api.VideoGrants(
         room_join=True,
         room=room,
-        can_publish=False,
+        can_publish=True,
+        can_publish_sources=["microphone"],
         can_publish_data=True,
         can_subscribe=True,
     )
