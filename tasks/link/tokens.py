@@ -97,10 +97,10 @@ def mint(
     ttl: timedelta,
 ) -> JobTokens:
     signer = _Signer.of(settings, ttl)
-    # The worker only sends data (the audio stream and RPCs) and never publishes a track, but
-    # may publish a microphone: livekit-server has a client that may publish connect its
-    # publisher transport as it joins, and one that may not pays ~150 ms on its first
-    # subscription, the avatar's audio, on every avatar start (docs/protocol.md).
+    # The worker only sends data (the audio stream and RPCs) and never publishes a track, yet
+    # its token may publish a microphone: livekit-server has a client with that right connect
+    # its publisher transport as it joins, and a client without it waits ~150 ms longer for
+    # its first subscription (the avatar's audio), on every avatar start (docs/protocol.md).
     worker_grants = api.VideoGrants(
         room_join=True,
         room=room,

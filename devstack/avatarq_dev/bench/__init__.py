@@ -65,7 +65,7 @@ QUICK = Plan(
     decode_seconds=60,
     queue_jobs=200,
     # Three at a time, as the full plan: five concurrent cold starts on 2 cores measured the
-    # contention more than the start (docs/performance.md, "The fleet now").
+    # contention more than the start (docs/performance.md, "The fleet the session before").
     overhead_jobs=12,
     overhead_batch=3,
     overhead_audio_s=1.0,
