@@ -98,8 +98,12 @@ FULL = Plan(
     budget_s=840,
 )
 LEAD = 0.5
-#: Rounds of warm starts in the overhead section's last rooms (a batch of jobs each).
-WARM_ROUNDS = 5
+#: Rounds of warm starts in the overhead section's last rooms (one job per room each).
+WARM_ROUNDS = 8
+#: A round's jobs arrive this many per second, as a room's next announcement does: three
+#: sent in the same instant time three ffmpeg starts colliding on 2 cores, not a warm start
+#: (docs/performance.md, "The warm start").
+WARM_STARTS_PER_S = 5.0
 #: The pacing goal (p99 schedule error) is stated at this many concurrent jobs.
 PACING_GOAL_STREAMS = 50
 #: Workers on the bench stack: every result carries its pacing trace, and the avatar servers'
@@ -204,11 +208,12 @@ class JobsBench:
             runs += streams.collect(stack, streams.submit(rooms, self.clip, LEAD), 60)
         results = streams.overhead(runs, LEAD)
         # The last batch's rooms still hold their avatars (AVATARQ_WARM_IDLE): play there again,
-        # a few rounds, so that the warm median is not one moment's batch of concurrent starts.
+        # a few rounds, so that the warm median is not one moment's starts.
         cold = runs[-len(rooms) :]
         warm: list[streams.Played] = []
         for _ in range(WARM_ROUNDS):
-            warm += streams.collect(stack, streams.submit(rooms, self.clip, LEAD), 60)
+            jobs = streams.submit(rooms, self.clip, LEAD, per_second=WARM_STARTS_PER_S)
+            warm += streams.collect(stack, jobs, 60)
         results.update(streams.warm_start(cold, warm))
         worker.stop()
         return results
