@@ -22,6 +22,7 @@ from typing import Any
 import psutil
 from livekit import rtc
 
+from avatarq.settings import get_settings
 from avatarq_dev import livekit_official
 from avatarq_dev.bench import codec, queue, report, scale, streams
 from avatarq_dev.bench.fleet import FULL_FLEET, QUICK_FLEET, FleetPlan, bench_fleet
@@ -145,10 +146,16 @@ class JobsBench:
     def run(self) -> dict[str, Any]:
         plan, stack = self.plan, self.stack
         # The long job first, on a worker of its own (concurrency 1): the other sections load
-        # the machine while it plays, which is what drift must survive.
-        drift_worker = stack.start_worker("drift", concurrency=1, extra_env=BENCH_ENV)
+        # the machine while it plays, which is what drift must survive. It has a broker
+        # database of its own: idle once its job ended, it would take the ramp's jobs from the
+        # shared queue and play them against the emulator.
+        broker = stack.redis.url.rsplit("/", 1)[0] + "/1"
+        drift_worker = stack.start_worker(
+            "drift", concurrency=1, extra_env={**BENCH_ENV, "CELERY_BROKER_URL": broker}
+        )
         long_clip = make_clip(stack.workdir / "long.wav", plan.drift_audio_s, rate=16000)
-        drift_job = streams.submit(["bench-drift"], long_clip, LEAD)
+        drift_settings = get_settings().model_copy(update={"celery_broker_url": broker})
+        drift_job = streams.submit(["bench-drift"], long_clip, LEAD, settings=drift_settings)
         self._wait_playing(drift_job[0][0].job_id)
         results = self._overhead()
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import psutil
 
+from avatarq.settings import Settings
 from avatarq_dev.bench.stats import ProcessSampler, pct, ratio, spread
 from avatarq_dev.stack import LocalStack
 from tasks.toolkit import CHUNK_SECONDS
@@ -43,9 +44,15 @@ class Played:
 
 
 def submit(
-    rooms: list[str], clip: Path, lead: float, *, per_second: float | None = None
+    rooms: list[str],
+    clip: Path,
+    lead: float,
+    *,
+    per_second: float | None = None,
+    settings: Settings | None = None,
 ) -> list[tuple[Any, float]]:
-    """Enqueue one job per room, all at once or `per_second` of them each second."""
+    """Enqueue one job per room, all at once or `per_second` of them each second (through
+    `settings`' broker, else the environment's)."""
     from producers import enqueue
 
     handles = []
@@ -54,9 +61,8 @@ def submit(
         if per_second:
             time.sleep(max(0.0, began + i / per_second - time.monotonic()))
         at = time.time()
-        handles.append(
-            (enqueue({"room": room, "avatar_id": "anna", "source": str(clip), "lead": lead}), at)
-        )
+        job = {"room": room, "avatar_id": "anna", "source": str(clip), "lead": lead}
+        handles.append((enqueue(job, settings=settings), at))
     return handles
 
 
