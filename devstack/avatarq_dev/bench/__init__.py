@@ -66,7 +66,7 @@ QUICK = Plan(
     decode_seconds=60,
     queue_jobs=200,
     # Three at a time, as the full plan: five concurrent cold starts on 2 cores measured the
-    # contention more than the start (docs/performance.md, "The fleet the session before").
+    # contention more than the start (docs/performance.md, "The fleet in the morning").
     overhead_jobs=12,
     overhead_batch=3,
     overhead_audio_s=1.0,
@@ -103,7 +103,7 @@ LEAD = 0.5
 WARM_ROUNDS = 8
 #: A round's jobs arrive this many per second, as a room's next announcement does: three
 #: sent in the same instant time three ffmpeg starts colliding on 2 cores, not a warm start
-#: (docs/performance.md, "The warm start").
+#: (docs/performance.md, "The fleet now").
 WARM_STARTS_PER_S = 5.0
 #: The pacing goal (p99 schedule error) is stated at this many concurrent jobs.
 PACING_GOAL_STREAMS = 50
