@@ -271,7 +271,11 @@ class RedisServer(ManagedProcess):
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return self.db_url(0)
+
+    def db_url(self, db: int) -> str:
+        """The URL of database `db` on this server (the stack uses 0)."""
+        return f"redis://127.0.0.1:{self.port}/{db}"
 
 
 #: Where Debian's rabbitmq-server package keeps the server script itself (/usr/sbin's wrapper

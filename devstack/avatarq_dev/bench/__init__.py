@@ -149,7 +149,7 @@ class JobsBench:
         # the machine while it plays, which is what drift must survive. It has a broker
         # database of its own: idle once its job ended, it would take the ramp's jobs from the
         # shared queue and play them against the emulator.
-        broker = stack.redis.url.rsplit("/", 1)[0] + "/1"
+        broker = stack.redis.db_url(1)
         drift_worker = stack.start_worker(
             "drift", concurrency=1, extra_env={**BENCH_ENV, "CELERY_BROKER_URL": broker}
         )
@@ -215,7 +215,7 @@ class JobsBench:
             runs += streams.collect(stack, streams.submit(rooms, self.clip, LEAD), 60)
         results = streams.overhead(runs, LEAD)
         # The last batch's rooms still hold their avatars (AVATARQ_WARM_IDLE): play there again,
-        # a few rounds, so that the warm median is not one moment's starts.
+        # several rounds, so that the warm median is not one moment's.
         cold = runs[-len(rooms) :]
         warm: list[streams.Played] = []
         for _ in range(WARM_ROUNDS):
