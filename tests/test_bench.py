@@ -169,6 +169,28 @@ async def _speak_to_light_receiver(stack: LocalStack, url: str) -> None:
         await rooms.disconnect(room)
 
 
+def test_bursts_report_the_median_drain_and_the_worst_guarantees() -> None:
+    from avatarq_dev.bench.fleet import bursts_summary
+
+    def burst(drain: float, peak: int, completed: int, order: bool) -> dict[str, object]:
+        return {
+            "drain_s": drain,
+            "ratio_drain_vs_ideal": drain / 8,
+            "peak_sessions": peak,
+            "completed": completed,
+            "retried_jobs": 1,
+            "order_exact": order,
+        }
+
+    summary = bursts_summary(
+        [burst(10.2, 4, 32, True), burst(9.6, 5, 32, True), burst(9.9, 4, 31, False)]
+    )
+    assert summary["drain_s"] == 9.9 and summary["ratio_drain_vs_ideal"] == 9.9 / 8
+    assert summary["drain_s_rounds"] == [9.6, 9.9, 10.2] and summary["rounds"] == 3
+    assert summary["peak_sessions"] == 5 and summary["completed"] == 31
+    assert summary["retried_jobs"] == 3 and summary["order_exact"] is False
+
+
 def test_scale_figures_take_the_tightest_limit() -> None:
     # 10 streams: 2 % of a core each in all, 1 % on the network thread, 0.5 % in Python.
     step = {

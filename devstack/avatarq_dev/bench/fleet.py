@@ -27,6 +27,9 @@ LEAD = 0.3
 #: by a 429 (an earlier section's workers leave slots that lapse after 15 s; a cap lasts
 #: its TTL).
 REST_WAIT_S = 60.0
+#: Bursts per design: one burst's drain moves by up to 0.3 s from the next on 2 shared cores
+#: (its first wave's joins and avatar starts contend), so the section reports the median's.
+BURST_ROUNDS = 3
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,9 @@ class FleetBench:
         return {**parts, "waited_for_rest_s": self.rest_waits}
 
     def burst(self) -> dict[str, Any]:
+        return bursts_summary([self._burst_once() for _ in range(BURST_ROUNDS)])
+
+    def _burst_once(self) -> dict[str, Any]:
         p = self.plan
         rooms = [f"burst-{self.tag}-{secrets.token_hex(3)}" for _ in range(p.rooms)]
         workers = self._workers(p.quota)
@@ -192,6 +198,21 @@ class FleetBench:
             "goal_gap_p50_below_s": 0.3,
             "goal_warm_start_p50_below_s": 0.1,
         }
+
+
+def bursts_summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several bursts as one: the figures of the median drain's round, the guarantees (peak
+    sessions, completion, order, retries) at their worst over all of them."""
+    by_drain = sorted(rounds, key=lambda r: r["drain_s"])
+    return {
+        **by_drain[len(by_drain) // 2],
+        "rounds": len(by_drain),
+        "drain_s_rounds": [r["drain_s"] for r in by_drain],
+        "completed": min(r["completed"] for r in by_drain),
+        "peak_sessions": max(r["peak_sessions"] for r in by_drain),
+        "retried_jobs": sum(r["retried_jobs"] for r in by_drain),
+        "order_exact": all(r["order_exact"] for r in by_drain),
+    }
 
 
 def _wait_for_rest(stack: LocalStack, server: str = "default") -> float:
