@@ -14,7 +14,13 @@ from typing import Any
 import redis.asyncio as aioredis
 from celery import Task
 from celery.exceptions import Ignore
-from celery.signals import task_received, worker_ready, worker_shutting_down
+from celery.signals import (
+    task_received,
+    worker_process_shutdown,
+    worker_ready,
+    worker_shutdown,
+    worker_shutting_down,
+)
 from redis.exceptions import RedisError
 
 from avatarq import logs
@@ -248,3 +254,21 @@ def _hand_back_after_grace(**_: Any) -> None:
     # No new job will come to reuse them: let idle avatars go now.
     if _worker is not None:
         get_loop_thread().submit(_worker.links.aclose())
+
+
+#: How long a worker process's exit waits for its idle avatars to stop.
+CLOSE_LINKS_S = 10.0
+
+
+@worker_shutdown.connect
+@worker_process_shutdown.connect
+def _close_links_before_exit(**_: Any) -> None:
+    # Links parked during the grace period, and a prefork child's (only its parent hears of
+    # a warm shutdown): their avatars stop and their session slots come back before the
+    # process exits, not when the slots' leases run out.
+    if _worker is None:
+        return
+    try:
+        get_loop_thread().run(_worker.links.aclose(), timeout=CLOSE_LINKS_S)
+    except Exception as e:  # exiting either way: the leases run out
+        log.warning("idle avatars not stopped at exit: %r", e)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 import time
 import uuid
@@ -442,3 +443,36 @@ def test_a_killed_workers_slots_come_back(fleet: LocalStack, tmp_path: Path) -> 
     assert status["status"] == "completed", status
     # The dead workers' slots expired (tasks/link/quota.py SLOT_LEASE_S) instead of staying taken.
     assert time.monotonic() - killed < 90
+
+
+@needs_netns
+@pytest.mark.parametrize("pool", ["threads", "processes"])
+def test_a_stopping_workers_avatars_leave_before_it_exits(tmp_path: Path, pool: str) -> None:
+    """SIGTERM while a job plays: the job ends within the grace period and its link is kept
+    for the room's next job, after the worker began shutting down (and, with prefork, in a
+    child that never hears of the shutdown). Before the process exits, the avatar stops and
+    its session slot comes back, not when the slot's lease (15 s) runs out."""
+    from producers import enqueue, get_status
+
+    with local_stack(tmp_path / "stack") as s, s.current():
+        # No metrics port: a prefork child would serve on the next one, not reserved here.
+        env = {"AVATARQ_METRICS_PORT": "0"}
+        worker = s.start_worker("stopping", concurrency=1, pool=pool, extra_env=env)
+        clip = str(audio.tone(tmp_path / "t.wav", seconds=3.0))
+        room = f"stop-{uuid.uuid4().hex[:6]}"
+        job = enqueue({"room": room, "avatar_id": "anna", "source": clip})
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and get_status(job.job_id).get("status") != "playing":
+            time.sleep(0.1)
+        worker.stop(timeout=30)
+        ended = wait_all([job.job_id], 10.0)[job.job_id]
+        assert ended["status"] == "completed" and ended["attempt"] == 1, ended
+        r = redis.Redis.from_url(s.redis.url)
+        held = r.zcount(avatar_quota_key("default", "sessions"), int(time.time() * 1000), "+inf")
+        assert held == 0
+        (session,) = [
+            json.loads(p.read_text())
+            for p in s.recordings.glob("*.json")
+            if json.loads(p.read_text()).get("room") == room
+        ]
+        assert session["stop_reason"] == "stop_request", session

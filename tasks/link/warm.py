@@ -49,6 +49,7 @@ class WarmPool:
         self._token = uuid.uuid4().hex
         self._idle: dict[LinkKey, tuple[AvatarLink, asyncio.TimerHandle]] = {}
         self._watcher: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Future[None]] = set()
 
     async def take(self, key: LinkKey) -> AvatarLink | None:
         """The idle link for `key`, if this process has a usable one."""
@@ -125,11 +126,19 @@ class WarmPool:
             await self._forget(link.key)
 
     async def aclose(self) -> None:
+        """Close every idle link at once, and wait for those an earlier call is closing: a
+        process exits only once its avatars stopped and their slots came back."""
         while self._idle:
             key, (link, timer) = self._idle.popitem()
             timer.cancel()
-            await link.close()
-            await self._forget(key)
+            closing = asyncio.ensure_future(self._close_idle(key, link))
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
+        await asyncio.gather(*self._closing, return_exceptions=True)
+
+    async def _close_idle(self, key: LinkKey, link: AvatarLink) -> None:
+        await link.close()
+        await self._forget(key)
 
 
 async def slot_wanted(link: AvatarLink, redis: aioredis.Redis, *, lanes: bool) -> bool:
