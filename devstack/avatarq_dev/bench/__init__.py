@@ -104,7 +104,7 @@ LEAD = 0.5
 WARM_ROUNDS = 8
 #: A round's jobs arrive this many per second, as a room's next announcement does: three
 #: sent in the same instant time three ffmpeg starts colliding on 2 cores, not a warm start
-#: (docs/performance.md, "The fleet now").
+#: (docs/performance.md, "The fleet in the afternoon").
 WARM_STARTS_PER_S = 5.0
 #: The pacing goal (p99 schedule error) is stated at this many concurrent jobs.
 PACING_GOAL_STREAMS = 50
