@@ -470,9 +470,6 @@ def test_a_stopping_workers_avatars_leave_before_it_exits(tmp_path: Path, pool: 
         r = redis.Redis.from_url(s.redis.url)
         held = r.zcount(avatar_quota_key("default", "sessions"), int(time.time() * 1000), "+inf")
         assert held == 0
-        (session,) = [
-            json.loads(p.read_text())
-            for p in s.recordings.glob("*.json")
-            if json.loads(p.read_text()).get("room") == room
-        ]
+        sessions = [json.loads(p.read_text()) for p in s.recordings.glob("*.json")]
+        (session,) = [session for session in sessions if session.get("room") == room]
         assert session["stop_reason"] == "stop_request", session

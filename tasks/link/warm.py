@@ -118,27 +118,28 @@ class WarmPool:
         entry = self._idle.get(link.key)
         if entry is not None and entry[0] is link:
             del self._idle[link.key]
-        asyncio.get_running_loop().create_task(self._close_expired(link))
+        self._close_soon(link)
 
-    async def _close_expired(self, link: AvatarLink) -> None:
+    def _close_soon(self, link: AvatarLink) -> None:
+        """Close `link` in the background; `aclose` waits for it."""
+        closing = asyncio.ensure_future(self._close_idle(link))
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
+
+    async def _close_idle(self, link: AvatarLink) -> None:
         await link.close()
-        if link.key not in self._idle:
+        if link.key not in self._idle:  # not parked again meanwhile
             await self._forget(link.key)
 
     async def aclose(self) -> None:
-        """Close every idle link at once, and wait for those an earlier call is closing: a
-        process exits only once its avatars stopped and their slots came back."""
+        """Close every idle link at once, and wait for those already closing (expired, or
+        by an earlier call): a process exits only once its avatars stopped and their slots
+        came back."""
         while self._idle:
-            key, (link, timer) = self._idle.popitem()
+            _key, (link, timer) = self._idle.popitem()
             timer.cancel()
-            closing = asyncio.ensure_future(self._close_idle(key, link))
-            self._closing.add(closing)
-            closing.add_done_callback(self._closing.discard)
+            self._close_soon(link)
         await asyncio.gather(*self._closing, return_exceptions=True)
-
-    async def _close_idle(self, key: LinkKey, link: AvatarLink) -> None:
-        await link.close()
-        await self._forget(key)
 
 
 async def slot_wanted(link: AvatarLink, redis: aioredis.Redis, *, lanes: bool) -> bool:
