@@ -296,37 +296,46 @@ def test_a_room_lost_while_its_job_waited_is_a_room_error_without_an_avatar() ->
     assert left == [1] and asked == []
 
 
+async def _park_wanted_link(r: aioredis.Redis, close: Any, *, others_in_room: int = 0) -> Any:
+    """The pool holding a parked link with the only slot of a server another job waits for
+    (`close` stands in for the link's close); its room has `others_in_room` jobs to play."""
+    from avatarq.ledger.keys import room_order_key
+    from tasks.link.link import AvatarLink
+    from tasks.link.types import LinkKey
+    from tasks.link.warm import WarmPool
+
+    room, server = f"room-{uuid.uuid4().hex[:6]}", f"s-{uuid.uuid4().hex[:6]}"
+    q = AvatarQuota(r, server, 1)
+    slot = await q.try_acquire("played")
+    assert isinstance(slot, Slot)
+    assert isinstance(await q.try_acquire("waiting"), Waiting)
+    if others_in_room:  # the job that played has recorded its end: only the next remain
+        await r.rpush(room_order_key(room), *[f"next-{i}" for i in range(others_in_room)])
+    link = AvatarLink(LinkKey(room, "avatar-a", server, 16000), None, None, None, None)  # type: ignore[arg-type]
+    link.own_slot(q, slot)
+    link.job_id = "played"
+    link.close = close  # type: ignore[method-assign]
+    pool = WarmPool(r)
+    await pool.park(link, idle_s=60)
+    return pool
+
+
 @pytest.mark.parametrize("others_in_room", [0, 1])
 def test_an_idle_session_stays_while_its_room_has_more_to_play(
     redis_server: str, others_in_room: int
 ) -> None:
     # Parked between two jobs of its room, a session is not handed to a waiting room however
     # long its next job takes to arrive: the room would start cold again, behind the line.
-    from avatarq.ledger.keys import room_order_key
-    from tasks.link.link import AvatarLink
-    from tasks.link.types import LinkKey
-    from tasks.link.warm import RELEASE_POLL_S, WarmPool
+    from tasks.link.warm import RELEASE_POLL_S
 
     async def go() -> bool:
         r = aioredis.from_url(redis_server)
-        room, server = f"room-{uuid.uuid4().hex[:6]}", f"s-{uuid.uuid4().hex[:6]}"
-        q = AvatarQuota(r, server, 1)
-        slot = await q.try_acquire("played")
-        assert isinstance(slot, Slot)
-        assert isinstance(await q.try_acquire("waiting"), Waiting)
-        if others_in_room:  # the job that played has recorded its end: only the next remain
-            await r.rpush(room_order_key(room), *[f"next-{i}" for i in range(others_in_room)])
-        link = AvatarLink(LinkKey(room, "avatar-a", server, 16000), None, None, None, None)  # type: ignore[arg-type]
-        link.own_slot(q, slot)
-        link.job_id = "played"
         closed = asyncio.Event()
 
         async def close() -> None:
             closed.set()
 
-        link.close = close  # type: ignore[method-assign]
-        pool = WarmPool(r)
-        await pool.park(link, idle_s=60)
+        pool = await _park_wanted_link(r, close, others_in_room=others_in_room)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(closed.wait(), timeout=5 * RELEASE_POLL_S)
         handed_on = closed.is_set()
@@ -335,6 +344,29 @@ def test_an_idle_session_stays_while_its_room_has_more_to_play(
         return handed_on
 
     assert run(go()) is (others_in_room == 0)
+
+
+def test_a_process_exit_waits_for_a_session_it_is_handing_on(redis_server: str) -> None:
+    # An idle session given up for a waiting room is still stopping when the process shuts
+    # its pool: the exit waits for the stop, or the slot stays held until its lease runs out.
+    async def go() -> list[str]:
+        r = aioredis.from_url(redis_server)
+        seen: list[str] = []
+        closing = asyncio.Event()
+
+        async def close() -> None:
+            closing.set()
+            await asyncio.sleep(0.5)  # the avatar server confirming the stop
+            seen.append("stopped")
+
+        pool = await _park_wanted_link(r, close)
+        await asyncio.wait_for(closing.wait(), timeout=5)
+        await pool.aclose()
+        seen.append("pool closed")
+        await r.aclose()
+        return seen
+
+    assert run(go()) == ["stopped", "pool closed"]
 
 
 # -- the fleet --------------------------------------------------------------------------------

@@ -104,10 +104,10 @@ class WarmPool:
                 entry = self._idle.pop(key, None) if wanted else None
                 if entry is not None:
                     entry[1].cancel()
-                    await entry[0].close()
-                    await self._forget(key)
                     with contextlib.suppress(RedisError):
                         await self._redis.delete(_release_key(key))
+                    # The asker waits for the holder key, which goes once the avatar stopped.
+                    self._close_soon(entry[0])
 
     async def _forget(self, key: LinkKey) -> None:
         with contextlib.suppress(RedisError):
@@ -121,7 +121,8 @@ class WarmPool:
         self._close_soon(link)
 
     def _close_soon(self, link: AvatarLink) -> None:
-        """Close `link` in the background; `aclose` waits for it."""
+        """Close `link` in the background (the watcher goes on with other rooms meanwhile);
+        `aclose` waits for it."""
         closing = asyncio.ensure_future(self._close_idle(link))
         self._closing.add(closing)
         closing.add_done_callback(self._closing.discard)
