@@ -68,6 +68,9 @@ class AgentLinks:
 
     start_cold = take_warm
 
+    def joining(self, request: LinkRequest) -> contextlib.nullcontext[None]:
+        return contextlib.nullcontext()  # the agent's session is in the room already
+
     async def give_back(self, link: Link, *, keep: bool) -> None:
         self.release()
 

@@ -9,6 +9,7 @@ named for what it does; the parts it uses (audio, links, hooks) are given to it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -64,22 +65,23 @@ class Playback:
         # Bounded from the start by the longest the job may be; tightened once its length is
         # known.
         spec = AudioSpec(budget.max_length, server.sample_rate, chunk_bytes, play.start_at)
+        request = LinkRequest(
+            job,
+            server,
+            budget,
+            None,  # the source's length: known once it opens
+            play.timestamps,
+            play.ledger.note_avatar_session,
+            play.reporter.emit,
+            play.control.stop,
+        )
         async with asyncio.timeout(budget.time_limit(None)) as limit:
-            async with self.audio.open(job, spec) as audio:
+            async with self.links.joining(request), self.audio.open(job, spec) as audio:
                 _check_length(audio, budget.max_length)
                 remainder = _remainder(audio.duration, play.start_at)
                 loop = asyncio.get_running_loop()
                 limit.reschedule(loop.time() + budget.time_limit(remainder))
-                request = LinkRequest(
-                    job,
-                    server,
-                    budget,
-                    remainder,
-                    play.timestamps,
-                    play.ledger.note_avatar_session,
-                    play.reporter.emit,
-                    play.control.stop,
-                )
+                request = dataclasses.replace(request, duration=remainder)
                 link, warm = await self._get_link(request)
                 link.attach(play.control)
                 await play.reporter.emit(AvatarReady(session_id=link.session_id, warm=warm))
@@ -190,8 +192,8 @@ def _remainder(duration: float | None, start_at: float) -> float | None:
 
 
 def _check_length(audio: Audio, limit: float) -> None:
-    """A source that declares a length over the limit fails before any room is joined (one
-    that does not is cut off by the decoder when it passes the limit)."""
+    """A source that declares a length over the limit fails before its avatar is asked for
+    (one that does not is cut off by the decoder when it passes the limit)."""
     if audio.duration is not None and audio.duration > limit:
         raise DecodeError(
             f"audio is {audio.duration:.1f}s long, over the {limit:g}s maximum",

@@ -67,8 +67,8 @@ class Reporter(Protocol):
 @dataclass
 class Audio:
     """A source being decoded: its declared length (of the whole source, whatever the
-    start), the first chunk (decoded before anything is joined, so a bad file fails
-    cheaply), and the rest."""
+    start), the first chunk (decoded before the avatar is asked for, so a bad file costs no
+    session), and the rest."""
 
     duration: float | None
     first: bytes

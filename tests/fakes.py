@@ -259,6 +259,9 @@ class FakeLinks:
         self.given_back: list[bool] = []
         self.current: FakeLink | None = None
 
+    def joining(self, request: LinkRequest) -> contextlib.nullcontext[None]:
+        return contextlib.nullcontext()  # a cold start here has no room to join
+
     async def take_warm(self, request: LinkRequest) -> Link | None:
         link, self.parked = self.parked, None
         if link is not None:

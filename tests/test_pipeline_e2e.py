@@ -3,6 +3,9 @@ avatar emulator, with real ffmpeg. Runs inside the private network namespace."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import http.server
 import json
 import subprocess
 import time
@@ -15,6 +18,7 @@ from typing import Any
 import pytest
 import redis
 import requests
+from livekit import api
 
 from avatarq.ledger.keys import job_events_key
 from avatarq.results import parse_result
@@ -22,6 +26,7 @@ from avatarq.settings import Settings
 from avatarq_dev.stack import LocalStack, local_stack
 from tasks.decode import ffmpeg_binary
 from tests import audio
+from tests.httpserve import serving
 from tests.netns import NETNS
 from tests.ports import refused_port
 from tests.waiting import wait_terminal
@@ -125,6 +130,70 @@ def test_job_plays_end_to_end(stack: LocalStack, tmp_path: Path) -> None:
     assert len(progress) >= 2 and progress == sorted(progress)
     assert progress[-1] == pytest.approx(seconds, abs=1e-3)
     assert set(names[2:-1]) == {"job.progress"}
+
+
+#: How long the slow source's server waits before each answer.
+SOURCE_DELAY_S = 1.5
+
+
+@contextlib.contextmanager
+def slow_site(root: Path) -> Iterator[str]:
+    """Files under `root` over HTTP on loopback, each answer `SOURCE_DELAY_S` late."""
+
+    class Slow(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, directory=str(root), **kwargs)
+
+        def do_GET(self) -> None:
+            time.sleep(SOURCE_DELAY_S)
+            super().do_GET()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    with serving(http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)) as base:
+        yield base
+
+
+def room_identities(stack: LocalStack, room: str) -> set[str]:
+    async def listed() -> set[str]:
+        lkapi = api.LiveKitAPI(stack.livekit_url, "devkey", stack.api_secret)
+        try:
+            found = await lkapi.room.list_participants(api.ListParticipantsRequest(room=room))
+        finally:
+            await lkapi.aclose()
+        return {p.identity for p in found.participants}
+
+    return asyncio.run(listed())
+
+
+def test_a_cold_start_joins_its_room_while_its_source_downloads(
+    stack: LocalStack, tmp_path: Path
+) -> None:
+    audio.chirp(tmp_path / "slow.wav", seconds=1.0)
+    with slow_site(tmp_path) as base:
+        result = run_job(stack, source=f"{base}/slow.wav")
+    assert result["status"] == "completed", result
+    ts = result["timestamps"]
+    # In the room long before the source's first answer, and the avatar asked for after it.
+    assert ts["room_joined"] - ts["picked"] < SOURCE_DELAY_S
+    assert ts["avatar_requested"] - ts["picked"] > SOURCE_DELAY_S
+
+
+def test_a_bad_source_leaves_the_room_it_joined_and_starts_no_avatar(
+    stack: LocalStack, tmp_path: Path
+) -> None:
+    room = f"e2e-{uuid.uuid4().hex[:8]}"
+    with slow_site(tmp_path) as base:
+        result = run_job(stack, room=room, source=f"{base}/missing.wav")
+    assert result["status"] == "failed" and result["attempt"] == 1, result
+    assert "missing.wav" in result["error"]
+    deadline = time.monotonic() + 10
+    while (left := room_identities(stack, room)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert left == set()
+    found = requests.get(f"{stack.avatar_url}/v1/sessions", params={"room": room}, timeout=5)
+    assert found.json() == []
 
 
 def test_missing_file_fails_permanently(stack: LocalStack, tmp_path: Path) -> None:

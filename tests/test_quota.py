@@ -159,9 +159,10 @@ def test_a_stopped_waiter_leaves_the_line_at_once(redis_server: str) -> None:
 def test_a_finished_rooms_session_goes_to_a_waiting_room_at_once(
     redis_server: str, others_in_room: int
 ) -> None:
-    # A job ends with its session fit for more: kept warm while its room has more jobs, handed
-    # to the quota's line (closed, its slot released) when the room has none and a room waits.
-    from avatarq.ledger.keys import room_order_key
+    # A job ends with its session fit for more: kept warm while its room has more jobs (that
+    # a worker has parked), handed to the quota's line (closed, its slot released) when the
+    # room has none and a room waits.
+    from avatarq.ledger.keys import job_enqueued_key, room_order_key
     from avatarq.settings import Settings
     from tasks.link.link import AvatarLink
     from tasks.link.links import Links
@@ -182,9 +183,10 @@ def test_a_finished_rooms_session_goes_to_a_waiting_room_at_once(
         slot = await q.try_acquire("playing")
         assert isinstance(slot, Slot)
         assert isinstance(await q.try_acquire("waiting"), Waiting)
-        await r.rpush(
-            room_order_key(room), "playing", *[f"next-{i}" for i in range(others_in_room)]
-        )
+        following = [f"next-{uuid.uuid4().hex[:6]}" for _ in range(others_in_room)]
+        await r.rpush(room_order_key(room), "playing", *following)
+        for job_id in following:
+            await r.hset(job_enqueued_key(job_id), "seen", str(time.time()))
         link = AvatarLink(LinkKey(room, "avatar-a", server, 16000), None, None, None, None)  # type: ignore[arg-type]
         link.own_slot(q, slot)
         link.job_id = "playing"
@@ -288,7 +290,7 @@ def test_a_room_lost_while_its_job_waited_is_a_room_error_without_an_avatar() ->
             Timestamps(picked=time.time()), nothing, nothing, asyncio.Event(),
         )  # fmt: skip
         hold = RoomHold(time.time() + 60, 60, 60, False)
-        joined = JoinedRoom(LostRoom(), None, hold, None)  # type: ignore[arg-type]
+        joined = JoinedRoom(LostRoom(), None, hold)  # type: ignore[arg-type]
         with pytest.raises(RoomError, match="while waiting for an avatar slot"):
             await open_link(request, joined, settings, client)
 
@@ -296,10 +298,11 @@ def test_a_room_lost_while_its_job_waited_is_a_room_error_without_an_avatar() ->
     assert left == [1] and asked == []
 
 
-async def _park_wanted_link(r: aioredis.Redis, close: Any, *, others_in_room: int = 0) -> Any:
+async def _park_wanted_link(r: aioredis.Redis, close: Any, *, next_job: str = "none") -> Any:
     """The pool holding a parked link with the only slot of a server another job waits for
-    (`close` stands in for the link's close); its room has `others_in_room` jobs to play."""
-    from avatarq.ledger.keys import room_order_key
+    (`close` stands in for the link's close). Its room's next job: "none", "queued" (still
+    in the broker) or "seen" (delivered to a worker, which parked it in the room's lane)."""
+    from avatarq.ledger.keys import job_enqueued_key, room_order_key
     from tasks.link.link import AvatarLink
     from tasks.link.types import LinkKey
     from tasks.link.warm import WarmPool
@@ -309,8 +312,11 @@ async def _park_wanted_link(r: aioredis.Redis, close: Any, *, others_in_room: in
     slot = await q.try_acquire("played")
     assert isinstance(slot, Slot)
     assert isinstance(await q.try_acquire("waiting"), Waiting)
-    if others_in_room:  # the job that played has recorded its end: only the next remain
-        await r.rpush(room_order_key(room), *[f"next-{i}" for i in range(others_in_room)])
+    if next_job != "none":  # the job that played has recorded its end: only the next remain
+        following = f"next-{uuid.uuid4().hex[:6]}"
+        await r.rpush(room_order_key(room), following, f"{following}-after")
+        if next_job == "seen":
+            await r.hset(job_enqueued_key(following), "seen", str(time.time()))
     link = AvatarLink(LinkKey(room, "avatar-a", server, 16000), None, None, None, None)  # type: ignore[arg-type]
     link.own_slot(q, slot)
     link.job_id = "played"
@@ -320,12 +326,17 @@ async def _park_wanted_link(r: aioredis.Redis, close: Any, *, others_in_room: in
     return pool
 
 
-@pytest.mark.parametrize("others_in_room", [0, 1])
-def test_an_idle_session_stays_while_its_room_has_more_to_play(
-    redis_server: str, others_in_room: int
+@pytest.mark.parametrize(
+    ("next_job", "handed_on"), [("none", True), ("seen", False), ("queued", True)]
+)
+def test_an_idle_session_waits_for_its_rooms_next_job_once_a_worker_has_it(
+    redis_server: str, next_job: str, handed_on: bool
 ) -> None:
-    # Parked between two jobs of its room, a session is not handed to a waiting room however
-    # long its next job takes to arrive: the room would start cold again, behind the line.
+    # Parked between two jobs of its room, a session is not handed to a waiting room while
+    # the next job is in a worker's hands, however long it takes to come: the room would
+    # start cold again, behind the line. A next job still in the broker may be queued behind
+    # the very jobs that wait for this slot (each holding a worker's thread): the session
+    # goes to the line instead of idling until its warm window ends.
     from tasks.link.warm import RELEASE_POLL_S
 
     async def go() -> bool:
@@ -335,7 +346,7 @@ def test_an_idle_session_stays_while_its_room_has_more_to_play(
         async def close() -> None:
             closed.set()
 
-        pool = await _park_wanted_link(r, close, others_in_room=others_in_room)
+        pool = await _park_wanted_link(r, close, next_job=next_job)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(closed.wait(), timeout=5 * RELEASE_POLL_S)
         handed_on = closed.is_set()
@@ -343,7 +354,7 @@ def test_an_idle_session_stays_while_its_room_has_more_to_play(
         await r.aclose()
         return handed_on
 
-    assert run(go()) is (others_in_room == 0)
+    assert run(go()) is handed_on
 
 
 def test_a_process_exit_waits_for_a_session_it_is_handing_on(redis_server: str) -> None:

@@ -182,13 +182,12 @@ def http_avatar_client(server: AvatarServer, settings: Settings) -> AvatarClient
 @dataclass
 class JoinedRoom:
     """A job's room, held open and joined, before its avatar is asked for: a cold start
-    joins while it waits for its avatar session slot (tasks/link/links.py)."""
+    joins while its source opens and it waits for its avatar session slot
+    (tasks/link/links.py)."""
 
     room: rtc.Room
     keeper: rtc.Room | None
     hold: RoomHold
-    #: The job's tokens, minted once: the avatar's is sent when it is asked for.
-    tokens: tokens.JobTokens
 
     async def leave(self) -> None:
         await rooms.disconnect(self.room)
@@ -196,7 +195,10 @@ class JoinedRoom:
 
 
 async def join_room(request: LinkRequest, settings: Settings) -> JoinedRoom:
-    """Hold the room open and join it (with a keeper where the room will not stay open)."""
+    """Hold the room open and join it (with a keeper where the room will not stay open).
+
+    Joined before the source's length may be known: the worker's and keeper's tokens, which
+    never leave this process, then live as long as the longest job may."""
     job = request.job
     job_tokens = _tokens(request, settings)
     # The room stays open by its own timeouts where this worker creates it, asked for as long
@@ -217,7 +219,7 @@ async def join_room(request: LinkRequest, settings: Settings) -> JoinedRoom:
     room, keeper = joined[0], (joined[1] if len(joined) > 1 else None)
     assert isinstance(room, rtc.Room) and (keeper is None or isinstance(keeper, rtc.Room))
     request.timestamps.room_joined = time.time()
-    return JoinedRoom(room, keeper, hold, job_tokens)
+    return JoinedRoom(room, keeper, hold)
 
 
 async def open_link(
@@ -255,7 +257,8 @@ async def open_link(
     try:
         link.session = await link.avatar.start(
             livekit_url=settings.livekit_url,
-            livekit_token=joined.tokens.avatar,
+            # Minted now that the source's length is known: it goes to the avatar server.
+            livekit_token=_tokens(request, settings).avatar,
             avatar_id=job.avatar_id,
             avatar_identity=job.avatar_identity,
         )

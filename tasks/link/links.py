@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import AsyncIterator
 
 import redis.asyncio as aioredis
 
@@ -54,6 +55,9 @@ class Links:
         self._quotas: dict[str, AvatarQuota] = {}
         #: Rooms joined for cold starts that ended before their avatar was asked for.
         self._leaving: set[asyncio.Task[None]] = set()
+        #: Joins begun while a job's source opened (`joining`), by job id, until a cold start
+        #: takes them.
+        self._early: dict[str, asyncio.Future[JoinedRoom]] = {}
 
     def quota(self, server: AvatarServer) -> AvatarQuota:
         """This process's handle on the fleet-wide session quota of `server`."""
@@ -63,11 +67,33 @@ class Links:
             quota = self._quotas[server.name] = AvatarQuota(self.redis, server.name, limit)
         return quota
 
+    @contextlib.asynccontextmanager
+    async def joining(self, request: LinkRequest) -> AsyncIterator[None]:
+        """Join the room while the job's source opens, unless this process keeps the room's
+        avatar warm: the source (a probe and the first chunk; a download or an S3 read) no
+        longer comes before the join on a cold start's way to its first audio. The avatar is
+        still asked for only once the source decodes, so a bad one costs no session."""
+        if self.settings.warm_idle_s > 0 and self.pool.holds(request.key):
+            yield
+            return
+        job_id = request.job.job_id
+        self._early[job_id] = asyncio.ensure_future(join_room(request, self.settings))
+        try:
+            yield
+        finally:
+            self._drop_early(job_id)  # when no start took it
+
+    def _drop_early(self, job_id: str) -> None:
+        join = self._early.pop(job_id, None)
+        if join is not None:
+            self._abandon(join)
+
     async def take_warm(self, request: LinkRequest) -> AvatarLink | None:
         if self.settings.warm_idle_s <= 0:
             return None
         link = await self.pool.take(request.key)
         if link is not None:
+            self._drop_early(request.job.job_id)  # parked after the source began to open
             link.job_id = request.job.job_id
             await link.cover(request, self.settings)
         return link
@@ -90,9 +116,11 @@ class Links:
             info = json.dumps(event.data())
             await self.redis.set(job_waiting_key(job.job_id), info, ex=WAITING_TTL_S)
 
-        # The room is joined while the job waits for its slot: a room handed a slot then
-        # only waits for its avatar.
-        joining = asyncio.ensure_future(join_room(request, self.settings))
+        # The room is joined (since the source began to open, or from now) while the job
+        # waits for its slot: a room handed a slot then only waits for its avatar.
+        joining = self._early.pop(job.job_id, None) or asyncio.ensure_future(
+            join_room(request, self.settings)
+        )
         try:
             slot = await wait_for_slot(
                 quota, job.job_id, patience_s=QUOTA_PATIENCE_S, on_wait=on_wait, stop=request.stop

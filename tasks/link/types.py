@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
@@ -157,6 +158,11 @@ class Link(Protocol):
 
 
 class LinkSource(Protocol):
+    def joining(self, request: LinkRequest) -> AbstractAsyncContextManager[None]:
+        """Around opening the job's source: a job that will start cold joins its room
+        meanwhile (left again when the job takes no cold start after all)."""
+        ...
+
     async def take_warm(self, request: LinkRequest) -> Link | None: ...
 
     async def start_cold(self, request: LinkRequest) -> Link: ...

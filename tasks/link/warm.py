@@ -17,6 +17,7 @@ from redis.exceptions import RedisError
 
 from avatarq.ledger.keys import (
     WARM_RELEASE_TTL_S,
+    job_enqueued_key,
     room_order_key,
     warm_holder_key,
     warm_release_key,
@@ -50,6 +51,10 @@ class WarmPool:
         self._idle: dict[LinkKey, tuple[AvatarLink, asyncio.TimerHandle]] = {}
         self._watcher: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Future[None]] = set()
+
+    def holds(self, key: LinkKey) -> bool:
+        """An idle link for `key` is parked here (it may still expire before it is taken)."""
+        return key in self._idle
 
     async def take(self, key: LinkKey) -> AvatarLink | None:
         """The idle link for `key`, if this process has a usable one."""
@@ -145,10 +150,12 @@ class WarmPool:
 
 async def slot_wanted(link: AvatarLink, redis: aioredis.Redis, *, lanes: bool) -> bool:
     """Another job waits for a session slot of this link's avatar server and, with room
-    lanes, the link's room has no job but the one it played last: its session gives the slot
-    up early (False when Redis cannot say). A lane with more to play keeps its session: its
-    next job comes at once, and would otherwise start cold again, behind the line. Without
-    lanes a room's next job comes back through the broker, seconds later."""
+    lanes, the link's room has no next job that a worker has seen: its session gives the slot
+    up early (False when Redis cannot say). A lane whose next job is parked or handed on keeps
+    its session: that job comes at once, and would otherwise start cold again, behind the
+    line. One still in the broker may come only after every job queued ahead of it, which can
+    be the very jobs waiting for this slot. Without lanes a room's next job comes back
+    through the broker, seconds later."""
     if link.quota is None:
         return False
     try:
@@ -159,6 +166,11 @@ async def slot_wanted(link: AvatarLink, redis: aioredis.Redis, *, lanes: bool) -
         # The order holds the room's unfinished jobs, the one that played last among them
         # until its run records its end.
         ahead = await redis.lrange(room_order_key(link.key.room), 0, 1)  # type: ignore[misc]
+        following = [job_id.decode() for job_id in ahead if job_id.decode() != link.job_id]
+        if not following:
+            return True
+        # Every claim of a delivery stamps it (claim.lua); parked, it waits in the lane.
+        seen = await redis.hexists(job_enqueued_key(following[0]), "seen")  # type: ignore[misc]
     except RedisError:
         return False
-    return all(job_id.decode() == link.job_id for job_id in ahead)
+    return not seen
