@@ -123,13 +123,14 @@ class LocalStack:
         self,
         name: str = "w1",
         *,
-        concurrency: int = 8,
+        concurrency: int | None = 8,
         extra_env: dict[str, str] | None = None,
         pool: str | None = None,
     ) -> ManagedProcess:
         """A real `celery -A tasks worker` process on this stack, with its own metrics port
         (`metrics_ports[name]`) unless `extra_env` sets one; `pool` overrides the configured
-        threads pool (e.g. the benchmark's `prefork` baseline)."""
+        threads pool (e.g. the benchmark's `prefork` baseline); `concurrency` None leaves
+        the worker's own (`AVATARQ_WORKER_CONCURRENCY`)."""
         extra_env = extra_env or {}
         serves_metrics = "AVATARQ_METRICS_PORT" not in extra_env
 
@@ -148,8 +149,7 @@ class LocalStack:
                 "worker",
                 "--loglevel",
                 "INFO",
-                "--concurrency",
-                str(concurrency),
+                *(["--concurrency", str(concurrency)] if concurrency else []),
                 "--hostname",
                 f"{name}@%h",
                 "--without-gossip",

@@ -99,7 +99,7 @@ class FleetBench:
             "AVATARQ_ROOM_LANES": "true" if self.lanes else "false",
         }
         return [
-            self.stack.start_worker(f"fleet-{self.tag}-{i}", concurrency=8, extra_env=env)
+            self.stack.start_worker(f"fleet-{self.tag}-{i}", concurrency=None, extra_env=env)
             for i in range(self.plan.workers)
         ]
 
