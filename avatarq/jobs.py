@@ -216,6 +216,13 @@ class Job(BaseModel):
     def worker_identity(self) -> str:
         return f"avatarq-{self.job_id}"
 
+    @property
+    def remote_source(self) -> bool:
+        """Opening the source waits on the network: an http(s) URL or an S3 object."""
+        if not isinstance(self.source, str):
+            return False
+        return urlsplit(self.source.strip()).scheme.lower() in ("http", "https", "s3")
+
     def payload(self) -> dict[str, Any]:
         """The JSON-safe dict that travels through the broker."""
         return self.model_dump(mode="json", exclude_none=True)

@@ -9,6 +9,7 @@ named for what it does; the parts it uses (audio, links, hooks) are given to it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -75,8 +76,12 @@ class Playback:
             play.reporter.emit,
             play.control.stop,
         )
+        # A remote source's open waits on the network: the room is joined meanwhile. A local
+        # one's is an ffmpeg start, whose CPU a join beside it only contends with (a burst's
+        # first audio came 0.04 s later on average, docs/performance.md).
+        joining = self.links.joining(request) if job.remote_source else contextlib.nullcontext()
         async with asyncio.timeout(budget.time_limit(None)) as limit:
-            async with self.links.joining(request), self.audio.open(job, spec) as audio:
+            async with joining, self.audio.open(job, spec) as audio:
                 _check_length(audio, budget.max_length)
                 remainder = _remainder(audio.duration, play.start_at)
                 loop = asyncio.get_running_loop()

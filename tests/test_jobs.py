@@ -68,6 +68,21 @@ def test_local_paths_and_urls_accepted() -> None:
         assert Job(**{**BASE, "source": source}).source == source
 
 
+@pytest.mark.parametrize(
+    ("source", "remote"),
+    [
+        ("clips/a.wav", False),
+        ("file:///tmp/a.ogg", False),
+        ({"type": "tts", "text": "Hello"}, False),
+        ("https://cdn.example/a.m4a", True),
+        (" HTTP://cdn.example/a.m4a", True),
+        ("s3://bucket/a.wav", True),
+    ],
+)
+def test_a_source_opened_over_the_network_is_remote(source: object, remote: bool) -> None:
+    assert Job(**{**BASE, "source": source}).remote_source is remote
+
+
 def test_producers_import_stays_light() -> None:
     code = (
         "import sys, producers; "

@@ -70,9 +70,9 @@ class Links:
     @contextlib.asynccontextmanager
     async def joining(self, request: LinkRequest) -> AsyncIterator[None]:
         """Join the room while the job's source opens, unless this process keeps the room's
-        avatar warm: the source (a probe and the first chunk; a download or an S3 read) no
-        longer comes before the join on a cold start's way to its first audio. The avatar is
-        still asked for only once the source decodes, so a bad one costs no session."""
+        avatar warm: a download or an S3 read no longer comes before the join on a cold
+        start's way to its first audio. The avatar is still asked for only once the source
+        decodes, so a bad one costs no session."""
         if self.settings.warm_idle_s > 0 and self.pool.holds(request.key):
             yield
             return
