@@ -182,7 +182,7 @@ def http_avatar_client(server: AvatarServer, settings: Settings) -> AvatarClient
 @dataclass
 class JoinedRoom:
     """A job's room, held open and joined, before its avatar is asked for: a cold start
-    joins while its source opens and it waits for its avatar session slot
+    joins while it waits for its avatar session slot, and while a remote source opens
     (tasks/link/links.py)."""
 
     room: rtc.Room
