@@ -73,7 +73,7 @@ class Links:
         avatar warm: a download or an S3 read no longer comes before the join on a cold
         start's way to its first audio. The avatar is still asked for only once the source
         decodes, so a bad one costs no session."""
-        if self.settings.warm_idle_s > 0 and self.pool.holds(request.key):
+        if self.pool.holds(request.key):  # parked only with warm avatars on
             yield
             return
         job_id = request.job.job_id
