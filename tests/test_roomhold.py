@@ -20,10 +20,15 @@ import pytest
 from aiohttp import web
 from livekit import api, rtc
 
+from avatarq.budget import Budget
 from avatarq.errors import LiveKitRejected, RoomError
+from avatarq.jobs import parse_job
+from avatarq.results import Timestamps
 from avatarq.settings import Settings
 from tasks.link import room as rooms
 from tasks.link import roomhold, tokens
+from tasks.link.link import join_room
+from tasks.link.types import LinkRequest
 from tests.httpserve import serving_app
 from tests.netns import NETNS
 from tests.ports import refused_port
@@ -186,6 +191,19 @@ async def join_agents(settings: Settings, room: str) -> list[rtc.Room]:
     )
 
 
+def link_request(settings: Settings, room: str, duration: float | None) -> LinkRequest:
+    """A job's request for a link to `room`, its source `duration` s long (None: unknown)."""
+
+    async def unused(*_: Any) -> None:
+        raise AssertionError("joining a room notes and emits nothing")
+
+    job = parse_job({"room": room, "avatar_id": uuid.uuid4().hex[:8], "source": "a.wav"}, settings)
+    server = settings.avatar_server(None)
+    budget = Budget.of(job, settings)
+    stop = asyncio.Event()
+    return LinkRequest(job, server, budget, duration, Timestamps(picked=0), unused, unused, stop)
+
+
 def viewer_token(settings: Settings, room: str) -> str:
     """A standard participant's: one that keeps the room open while it is there."""
     return (
@@ -282,16 +300,42 @@ def test_a_room_held_before_covers_a_next_hold_only_within_its_timeouts(
     run(body())
 
 
+@on_official_server
+def test_a_cold_start_joins_a_keeper_only_where_the_room_closes_before_its_job_would(
+    livekit_server: Any,
+) -> None:
+    """A room that another job created for its own stay covers a job as long: that job's
+    cold start joins without a keeper (the keeper receives a copy of all the audio). A job
+    whose length is still unknown (its source opening) may be the longest: it needs one. A
+    room the short job creates itself is made for the longest job, for the ones that may
+    follow on its link."""
+    settings = server_settings(livekit_server)
+    name, fresh = f"short-{uuid.uuid4().hex[:6]}", f"fresh-{uuid.uuid4().hex[:6]}"
+    short, unknown = link_request(settings, name, 5.0), link_request(settings, name, None)
+
+    async def body() -> None:
+        created = await roomhold.hold_room_open(settings, name, short.budget.room_hold(5.0))
+        assert not created.needs_keeper
+        joined = [await join_room(request, settings) for request in (short, unknown)]
+        joined.append(await join_room(link_request(settings, fresh, 5.0), settings))
+        try:
+            assert [j.keeper is not None for j in joined] == [False, True, False]
+            longest = roomhold.room_timeout_for(short.budget.room_hold(None))
+            assert joined[2].hold.empty_timeout_s == longest
+        finally:
+            for j in joined:
+                await j.leave()
+
+    run(body())
+
+
 def test_a_warm_link_whose_room_closes_too_soon_gets_its_keeper(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # A link kept warm holds the room by its creation-time timeouts; before a next job that
     # could outlast them, the keeper joins (tasks/link/link.py AvatarLink.cover).
-    from avatarq.budget import Budget
-    from avatarq.jobs import parse_job
-    from avatarq.results import Timestamps
     from tasks.link.link import AvatarLink
-    from tasks.link.types import LinkKey, LinkRequest
+    from tasks.link.types import LinkKey
 
     joined: list[str] = []
 
@@ -301,22 +345,8 @@ def test_a_warm_link_whose_room_closes_too_soon_gets_its_keeper(
 
     monkeypatch.setattr(rooms, "connect", connect)
     settings = Settings(AVATARQ_WARM_IDLE=10)
-    job = parse_job({"room": "r1", "avatar_id": "a", "source": "a.wav"}, settings)
-    server = settings.avatar_server(None)
-
-    async def unused(*_: Any) -> None:
-        raise AssertionError("a keeper's join notes and emits nothing")
-
-    request = LinkRequest(
-        job,
-        server,
-        Budget.of(job, settings),
-        10.0,
-        Timestamps(picked=0),
-        unused,
-        unused,
-        asyncio.Event(),
-    )
+    request = link_request(settings, "r1", 10.0)
+    job, server = request.job, request.server
     now = time.time()
 
     def link(open_for_s: float) -> AvatarLink:

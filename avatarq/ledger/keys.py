@@ -45,7 +45,8 @@ def job_record_key(job_id: str) -> str:
 
 
 def job_enqueued_key(job_id: str) -> str:
-    """Hash {ts, room, job}: set once at enqueue, so the same job id is never sent twice."""
+    """Hash {ts, room, job}: set once at enqueue, so the same job id is never sent twice;
+    `seen` and `rejoined` stamped by claims (claim.lua)."""
     return f"avatarq:enqueued:{job_id}"
 
 

@@ -142,6 +142,23 @@ class Finish:
     next: Handoff | None = None
 
 
+#: The field of a job's enqueued hash that every claim of one of its deliveries stamps
+#: (claim.lua): the job has been in a worker's hands, not only in the broker.
+SEEN = "seen"
+
+
+async def next_job_seen(redis: aioredis.Redis, room: str, played: str | None) -> bool | None:
+    """Whether the room's next unfinished job after `played` has been in a worker's hands
+    (parked in the lane, or handed on); None when the room has no other job."""
+    # The order holds the room's unfinished jobs, the one that played last among them until
+    # its run records its end.
+    ahead = await redis.lrange(room_order_key(room), 0, 1)  # type: ignore[misc]
+    following = [job_id.decode() for job_id in ahead if job_id.decode() != played]
+    if not following:
+        return None
+    return bool(await redis.hexists(job_enqueued_key(following[0]), SEEN))  # type: ignore[misc]
+
+
 def job_id_of(payload: Any, task_id: str) -> str:
     """The job's id: its own, else the Celery task id, which every redelivery and retry of
     the message keeps (a fresh random id per delivery would never reach its room's head)."""
@@ -233,7 +250,7 @@ class Ledger:
             return False  # parked: its payload is kept, so it is not lost
         # Not playing and untouched for longer than the broker's redelivery window: its message
         # is gone (e.g. a broker that lost its data), so it must not block the room forever.
-        seen = await self.redis.hmget(job_enqueued_key(job_id), ["ts", "seen"])  # type: ignore[misc]
+        seen = await self.redis.hmget(job_enqueued_key(job_id), ["ts", SEEN])  # type: ignore[misc]
         stamps = [float(s) for s in seen if s is not None]
         if stamps and time.time() - max(stamps) > self.stale_after_s:
             log.warning("dropping job %s from its room's order: lost (never ended)", job_id)

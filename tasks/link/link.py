@@ -204,8 +204,12 @@ async def join_room(request: LinkRequest, settings: Settings) -> JoinedRoom:
     # The room stays open by its own timeouts where this worker creates it, asked for as long
     # as the longest job it may play (they count from its creation: back-to-back warm jobs
     # keep it an hour by default); the keeper, which receives a copy of all the audio, only
-    # joins a room that existed with shorter ones.
-    hold = await roomhold.hold_room_open(settings, job.room, request.budget.room_hold(None))
+    # joins a room that existed with ones too short for this job (for the longest job while
+    # its source's length is unknown). A later job on the link asks again (`cover`).
+    budget = request.budget
+    hold = await roomhold.hold_room_open(
+        settings, job.room, budget.room_hold(request.duration), create_for_s=budget.room_hold(None)
+    )
     joins = [rooms.connect(settings.livekit_url, job_tokens.worker)]
     if hold.needs_keeper:
         joins.append(rooms.connect(settings.livekit_url, job_tokens.keeper))

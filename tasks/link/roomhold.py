@@ -73,15 +73,19 @@ def hold_of(room: api.Room, hold_s: float, *, now: float) -> RoomHold:
     )
 
 
-async def hold_room_open(settings: Settings, room: str, hold_s: float) -> RoomHold:
+async def hold_room_open(
+    settings: Settings, room: str, hold_s: float, *, create_for_s: float | None = None
+) -> RoomHold:
     """Create `room` with empty and departure timeouts that keep it open with only agents in
     it for `hold_s` seconds from now, or learn why it will not stay open that long (it
     existed already, with shorter timeouts): then `needs_keeper` is true.
 
     `hold_s`: the whole time the worker means to stay in the room (the job's time budget
-    plus the warm idle window). Raises LiveKitRejected for refused credentials, RoomError
-    for anything a retry may mend."""
-    timeout = room_timeout_for(hold_s)
+    plus the warm idle window). `create_for_s`: a longer hold to create the room with, for
+    the jobs that may follow on the same link; a room that exists already needs only cover
+    `hold_s`. Raises LiveKitRejected for refused credentials, RoomError for anything a retry
+    may mend."""
+    timeout = room_timeout_for(max(hold_s, create_for_s or 0.0))
     request = api.CreateRoomRequest(name=room, empty_timeout=timeout, departure_timeout=timeout)
     lkapi = api.LiveKitAPI(
         settings.livekit_url,

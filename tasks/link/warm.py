@@ -15,13 +15,8 @@ import uuid
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from avatarq.ledger.keys import (
-    WARM_RELEASE_TTL_S,
-    job_enqueued_key,
-    room_order_key,
-    warm_holder_key,
-    warm_release_key,
-)
+from avatarq.ledger.keys import WARM_RELEASE_TTL_S, warm_holder_key, warm_release_key
+from avatarq.ledger.worker import next_job_seen
 from tasks.link.link import AvatarLink
 from tasks.link.types import LinkKey
 
@@ -163,14 +158,7 @@ async def slot_wanted(link: AvatarLink, redis: aioredis.Redis, *, lanes: bool) -
             return False
         if not lanes:
             return True
-        # The order holds the room's unfinished jobs, the one that played last among them
-        # until its run records its end.
-        ahead = await redis.lrange(room_order_key(link.key.room), 0, 1)  # type: ignore[misc]
-        following = [job_id.decode() for job_id in ahead if job_id.decode() != link.job_id]
-        if not following:
-            return True
-        # Every claim of a delivery stamps it (claim.lua); parked, it waits in the lane.
-        seen = await redis.hexists(job_enqueued_key(following[0]), "seen")  # type: ignore[misc]
+        seen = await next_job_seen(redis, link.key.room, link.job_id)
     except RedisError:
         return False
     return not seen
