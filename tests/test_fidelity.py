@@ -151,6 +151,29 @@ def test_job_longer_than_the_empty_timeout_plays_to_the_end(
     assert f"avatarq-{job_id}" in seen and f"avatarq-{job_id}-keeper" not in seen, seen
 
 
+def test_a_room_made_for_a_shorter_stay_plays_a_short_job_without_a_keeper(
+    stack: LocalStack, tmp_path: Path
+) -> None:
+    # Another service made the room with 10-minute timeouts: too short for the longest job a
+    # worker may play (an hour), long enough for this one. The keeper, which receives a copy
+    # of all the audio, joins only where the room would close before the job could end.
+    room = new_room()
+
+    async def make_room() -> None:
+        lkapi = api.LiveKitAPI(stack.livekit_url, DEV_API_KEY, stack.api_secret)
+        try:
+            request = api.CreateRoomRequest(name=room, empty_timeout=600, departure_timeout=600)
+            await lkapi.room.create_room(request)
+        finally:
+            await lkapi.aclose()
+
+    asyncio.run(make_room())
+    job_id = enqueue(room=room, source=str(audio.tone(tmp_path / "t.wav", seconds=2.0)))
+    result, seen = wait_watching(stack, job_id, room)
+    assert result["status"] == "completed" and result["attempt"] == 1, result
+    assert f"avatarq-{job_id}" in seen and f"avatarq-{job_id}-keeper" not in seen, seen
+
+
 def test_warm_room_outlives_its_empty_timeout(stack: LocalStack, tmp_path: Path) -> None:
     room = new_room()
     clip = str(audio.tone(tmp_path / "t.wav", seconds=1.0))

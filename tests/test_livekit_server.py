@@ -405,7 +405,7 @@ def test_room_service_twirp(livekit_server: Any) -> None:
 def test_create_room_answers_an_existing_room_as_it_is(livekit_server: Any) -> None:
     """CreateRoom of a room that is open returns it unchanged, ignoring what the second call
     asks for (livekit-server: RoomManager.getOrCreateRoom); tasks/link/roomhold.py reads the
-    timeouts of that answer to decide whether a job needs a keeper."""
+    timeouts of that answer to decide whether a job needs a keeper (AvatarLink.cover)."""
     from avatarq.settings import Settings
     from tasks.link import roomhold
 
@@ -444,12 +444,12 @@ def test_create_room_answers_an_existing_room_as_it_is(livekit_server: Any) -> N
             assert (again.empty_timeout, again.departure_timeout) == (30, 25)
 
             existing = await wait(roomhold.hold_room_open(settings, "room-exists", 120.0))
-            assert existing.needs_keeper
+            assert not existing.covers(120.0)
             assert (existing.empty_timeout_s, existing.departure_timeout_s) == (30, 25)
             fresh = await wait(roomhold.hold_room_open(settings, "room-held", 120.0))
             timeout = roomhold.room_timeout_for(120.0)
             assert (fresh.empty_timeout_s, fresh.departure_timeout_s) == (timeout, timeout)
-            assert not fresh.needs_keeper and fresh.covers(120.0)
+            assert fresh.covers(120.0)
         finally:
             for name in ("room-exists", "room-held"):
                 with contextlib.suppress(api.TwirpError):

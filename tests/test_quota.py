@@ -289,8 +289,8 @@ def test_a_room_lost_while_its_job_waited_is_a_room_error_without_an_avatar() ->
             job, resolve_server(job, settings), Budget.of(job, settings), 1.0,
             Timestamps(picked=time.time()), nothing, nothing, asyncio.Event(),
         )  # fmt: skip
-        hold = RoomHold(time.time() + 60, 60, 60, False)
-        joined = JoinedRoom(LostRoom(), None, hold)  # type: ignore[arg-type]
+        hold = RoomHold(time.time() + 60, 60, 60)
+        joined = JoinedRoom(LostRoom(), hold)  # type: ignore[arg-type]
         with pytest.raises(RoomError, match="while waiting for an avatar slot"):
             await open_link(request, joined, settings, client)
 

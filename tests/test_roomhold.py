@@ -27,7 +27,6 @@ from avatarq.results import Timestamps
 from avatarq.settings import Settings
 from tasks.link import room as rooms
 from tasks.link import roomhold, tokens
-from tasks.link.link import join_room
 from tasks.link.types import LinkRequest
 from tests.httpserve import serving_app
 from tests.netns import NETNS
@@ -73,35 +72,33 @@ def answer(empty: int, departure: int, *, age_s: float = 0.0) -> api.Room:
 
 def test_a_room_created_for_the_hold_needs_no_keeper() -> None:
     timeout = roomhold.room_timeout_for(100.0)
-    hold = roomhold.hold_of(answer(timeout, timeout), 100.0, now=NOW)
-    assert not hold.needs_keeper
+    hold = roomhold.hold_of(answer(timeout, timeout))
     assert hold.covers(100.0, now=NOW) and not hold.covers(timeout, now=NOW)
 
 
 def test_the_shorter_timeout_decides() -> None:
     """empty_timeout holds while no one but agents ever joined, departure_timeout once a
     viewer came and left: either may be the one that applies during the job."""
-    assert roomhold.hold_of(answer(3600, 20), 100.0, now=NOW).needs_keeper
-    assert roomhold.hold_of(answer(20, 3600), 100.0, now=NOW).needs_keeper
+    assert not roomhold.hold_of(answer(3600, 20)).covers(100.0, now=NOW)
+    assert not roomhold.hold_of(answer(20, 3600)).covers(100.0, now=NOW)
 
 
 def test_the_rooms_age_counts() -> None:
     """livekit-server counts an agent-only room's empty timeout from its creation."""
-    assert not roomhold.hold_of(answer(600, 600), 300.0, now=NOW).needs_keeper
-    assert roomhold.hold_of(answer(600, 600, age_s=400.0), 300.0, now=NOW).needs_keeper
+    assert roomhold.hold_of(answer(600, 600)).covers(300.0, now=NOW)
+    assert not roomhold.hold_of(answer(600, 600, age_s=400.0)).covers(300.0, now=NOW)
 
 
 def test_a_server_clock_a_little_behind_still_covers_a_new_room() -> None:
     timeout = roomhold.room_timeout_for(100.0)
     behind = answer(timeout, timeout, age_s=roomhold.CLOCK_SKEW_S - 1)
-    assert not roomhold.hold_of(behind, 100.0, now=NOW).needs_keeper
+    assert roomhold.hold_of(behind).covers(100.0, now=NOW)
 
 
 def test_unreported_timeouts_or_creation_time_need_a_keeper() -> None:
-    assert roomhold.hold_of(answer(600, 0), 10.0, now=NOW).needs_keeper
-    assert roomhold.hold_of(
-        api.Room(name="r", empty_timeout=600, departure_timeout=600), 10.0, now=NOW
-    ).needs_keeper
+    assert not roomhold.hold_of(answer(600, 0)).covers(10.0, now=NOW)
+    unreported = api.Room(name="r", empty_timeout=600, departure_timeout=600)
+    assert not roomhold.hold_of(unreported).covers(10.0, now=NOW)
 
 
 def test_timeouts_fit_the_protocol() -> None:
@@ -238,7 +235,7 @@ def test_a_held_room_keeps_its_agents_past_the_servers_timeouts(livekit_server: 
 
     async def body() -> None:
         for name in (alone, visited):
-            assert not (await roomhold.hold_room_open(settings, name, 30.0)).needs_keeper
+            assert (await roomhold.hold_room_open(settings, name, 30.0)).covers(30.0)
         joined = {name: await join_agents(settings, name) for name in (alone, visited, control)}
         try:
             viewer = await rooms.connect(settings.livekit_url, viewer_token(settings, visited))
@@ -266,7 +263,7 @@ def test_an_existing_room_with_short_timeouts_needs_the_keeper(livekit_server: A
     async def body() -> None:
         viewer = await rooms.connect(settings.livekit_url, viewer_token(settings, name))
         hold = await roomhold.hold_room_open(settings, name, 30.0)
-        assert hold.needs_keeper
+        assert not hold.covers(30.0)
         assert (hold.empty_timeout_s, hold.departure_timeout_s) == (SERVER_TIMEOUT_S,) * 2
         agents = await join_agents(settings, name)
         keeper = await rooms.connect(settings.livekit_url, job_tokens(settings, name).keeper)
@@ -294,37 +291,8 @@ def test_a_room_held_before_covers_a_next_hold_only_within_its_timeouts(
         within = await roomhold.hold_room_open(settings, name, 30.0)
         beyond = await roomhold.hold_room_open(settings, name, 600.0)
         timeout = roomhold.room_timeout_for(30.0)
-        assert not first.needs_keeper and not within.needs_keeper and beyond.needs_keeper
+        assert first.covers(30.0) and within.covers(30.0) and not beyond.covers(600.0)
         assert (beyond.empty_timeout_s, beyond.departure_timeout_s) == (timeout, timeout)
-
-    run(body())
-
-
-@on_official_server
-def test_a_cold_start_joins_a_keeper_only_where_the_room_closes_before_its_job_would(
-    livekit_server: Any,
-) -> None:
-    """A room that another job created for its own stay covers a job as long: that job's
-    cold start joins without a keeper (the keeper receives a copy of all the audio). A job
-    whose length is still unknown (its source opening) may be the longest: it needs one. A
-    room the short job creates itself is made for the longest job, for the ones that may
-    follow on its link."""
-    settings = server_settings(livekit_server)
-    name, fresh = f"short-{uuid.uuid4().hex[:6]}", f"fresh-{uuid.uuid4().hex[:6]}"
-    short, unknown = link_request(settings, name, 5.0), link_request(settings, name, None)
-
-    async def body() -> None:
-        created = await roomhold.hold_room_open(settings, name, short.budget.room_hold(5.0))
-        assert not created.needs_keeper
-        joined = [await join_room(request, settings) for request in (short, unknown)]
-        joined.append(await join_room(link_request(settings, fresh, 5.0), settings))
-        try:
-            assert [j.keeper is not None for j in joined] == [False, True, False]
-            longest = roomhold.room_timeout_for(short.budget.room_hold(None))
-            assert joined[2].hold.empty_timeout_s == longest
-        finally:
-            for j in joined:
-                await j.leave()
 
     run(body())
 
@@ -350,7 +318,7 @@ def test_a_warm_link_whose_room_closes_too_soon_gets_its_keeper(
     now = time.time()
 
     def link(open_for_s: float) -> AvatarLink:
-        hold = roomhold.RoomHold(now + open_for_s, 600, 600, needs_keeper=False)
+        hold = roomhold.RoomHold(now + open_for_s, 600, 600)
         return AvatarLink(LinkKey.of(job, server), None, None, None, None, hold=hold)  # type: ignore[arg-type]
 
     covered, closing, ending = link(3600.0), link(5.0), link(100.0)

@@ -28,7 +28,7 @@ from tasks.link.types import AvatarClient, AvatarSession, LinkKey, LinkRequest
 
 log = logging.getLogger("avatarq.link")
 
-#: A warm link's keeper joins beside its next job when the room stays open this long yet.
+#: A link's keeper joins beside its job when the room stays open this long yet.
 KEEPER_JOIN_S = 30.0
 
 
@@ -92,13 +92,21 @@ class AvatarLink:
             self.control.request_stop(reason)
 
     async def cover(self, request: LinkRequest, settings: Settings) -> None:
-        """Before a next job on this link: a room whose own timeouts end before that job
-        could (they count from its creation) gets its keeper. It joins beside the job when
-        the room stays open long enough for that, so a warm start does not wait for it."""
+        """Before each job on this link, its first included: a room whose own timeouts end
+        before the job could (they count from its creation) gets its keeper. It joins beside
+        the job when the room stays open long enough for that, so a start does not wait for
+        it."""
         if self.keeper is not None or self._keeper_join is not None or self.hold is None:
             return
         if self.hold.covers(request.budget.room_hold(request.duration)):
             return
+        log.info(
+            "room %s (timeouts %ds empty / %ds departure) closes before this job could end: "
+            "joining a keeper",
+            self.key.room,
+            self.hold.empty_timeout_s,
+            self.hold.departure_timeout_s,
+        )
         token = _tokens(request, settings).keeper
         join = asyncio.ensure_future(rooms.connect(settings.livekit_url, token))
         if not self.hold.covers(KEEPER_JOIN_S):
@@ -186,44 +194,26 @@ class JoinedRoom:
     (tasks/link/links.py)."""
 
     room: rtc.Room
-    keeper: rtc.Room | None
     hold: RoomHold
 
     async def leave(self) -> None:
         await rooms.disconnect(self.room)
-        await rooms.disconnect(self.keeper)
 
 
 async def join_room(request: LinkRequest, settings: Settings) -> JoinedRoom:
-    """Hold the room open and join it (with a keeper where the room will not stay open).
+    """Hold the room open and join it. Whether it needs a keeper is decided once the source's
+    length is known (`AvatarLink.cover`).
 
-    Joined before the source's length may be known: the worker's and keeper's tokens, which
-    never leave this process, then live as long as the longest job may."""
+    Joined before the source's length may be known: the worker's token, which never leaves
+    this process, then lives as long as the longest job may."""
     job = request.job
-    job_tokens = _tokens(request, settings)
     # The room stays open by its own timeouts where this worker creates it, asked for as long
     # as the longest job it may play (they count from its creation: back-to-back warm jobs
-    # keep it an hour by default); the keeper, which receives a copy of all the audio, only
-    # joins a room that existed with ones too short for this job (for the longest job while
-    # its source's length is unknown). A later job on the link asks again (`cover`).
-    budget = request.budget
-    hold = await roomhold.hold_room_open(
-        settings, job.room, budget.room_hold(request.duration), create_for_s=budget.room_hold(None)
-    )
-    joins = [rooms.connect(settings.livekit_url, job_tokens.worker)]
-    if hold.needs_keeper:
-        joins.append(rooms.connect(settings.livekit_url, job_tokens.keeper))
-    joined = await asyncio.gather(*joins, return_exceptions=True)
-    failed = [e for e in joined if isinstance(e, BaseException)]
-    if failed:
-        for joined_room in joined:
-            if isinstance(joined_room, rtc.Room):
-                await rooms.disconnect(joined_room)
-        raise failed[0]
-    room, keeper = joined[0], (joined[1] if len(joined) > 1 else None)
-    assert isinstance(room, rtc.Room) and (keeper is None or isinstance(keeper, rtc.Room))
+    # keep it an hour by default).
+    hold = await roomhold.hold_room_open(settings, job.room, request.budget.room_hold(None))
+    room = await rooms.connect(settings.livekit_url, _tokens(request, settings).worker)
     request.timestamps.room_joined = time.time()
-    return JoinedRoom(room, keeper, hold)
+    return JoinedRoom(room, hold)
 
 
 async def open_link(
@@ -249,7 +239,6 @@ async def open_link(
         sender,
         avatar_client(server, settings),
         RoomAdmin.of(settings),
-        keeper=joined.keeper,
         hold=joined.hold,
         job_id=job.job_id,
     )
@@ -257,8 +246,9 @@ async def open_link(
     room.on("disconnected", lambda *_: link.lost(StopReason.ROOM_LOST))
     # An earlier session of this avatar still leaving the room is not ours.
     stale = rooms.session_of(room, job.avatar_identity)
-    request.timestamps.avatar_requested = time.time()
     try:
+        await link.cover(request, settings)
+        request.timestamps.avatar_requested = time.time()
         link.session = await link.avatar.start(
             livekit_url=settings.livekit_url,
             # Minted now that the source's length is known: it goes to the avatar server.

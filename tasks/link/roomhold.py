@@ -7,7 +7,6 @@ docs/compatibility.md."""
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from dataclasses import dataclass
@@ -17,8 +16,6 @@ from livekit import api
 
 from avatarq.errors import LiveKitRejected, RoomError
 from avatarq.settings import Settings
-
-log = logging.getLogger("avatarq.roomhold")
 
 #: Asked for on top of the hold, so that a room created now covers the hold even when the
 #: server's clock is up to `CLOCK_SKEW_S` behind ours.
@@ -41,12 +38,10 @@ class RoomHold:
     open_until: float
     empty_timeout_s: int
     departure_timeout_s: int
-    #: The room closes before the hold asked for ends: join a keeper (tasks/link/room.py).
-    needs_keeper: bool
 
     def covers(self, hold_s: float, *, now: float | None = None) -> bool:
-        """Whether the room stays open for `hold_s` more seconds from `now` (a warm link
-        taken by a next job asks this before it plays without a keeper)."""
+        """Whether the room stays open for `hold_s` more seconds from `now`: a job on a link
+        asks this before it plays without a keeper (tasks/link/link.py, `AvatarLink.cover`)."""
         return self.open_until >= (time.time() if now is None else now) + hold_s
 
 
@@ -55,13 +50,13 @@ def room_timeout_for(hold_s: float) -> int:
     return min(MAX_TIMEOUT_S, math.ceil(max(0.0, hold_s)) + TIMEOUT_MARGIN_S)
 
 
-def hold_of(room: api.Room, hold_s: float, *, now: float) -> RoomHold:
-    """What a CreateRoom answer means for a hold of `hold_s` seconds from `now`.
+def hold_of(room: api.Room) -> RoomHold:
+    """What a CreateRoom answer means: until when the room stays open with agents alone.
 
     Both timeouts count: empty_timeout runs from the room's creation while no non-agent ever
     joined, departure_timeout from the last leave once one did (the last leave is never
     before the creation). A timeout of 0 (a server that does not report it) or a missing
-    creation time leaves the room needing a keeper."""
+    creation time holds the room for no time at all: a keeper joins."""
     created_s = room.creation_time_ms / 1000 if room.creation_time_ms else room.creation_time
     shortest = min(room.empty_timeout, room.departure_timeout)
     open_until = created_s + shortest - CLOCK_SKEW_S if created_s and shortest else 0.0
@@ -69,23 +64,18 @@ def hold_of(room: api.Room, hold_s: float, *, now: float) -> RoomHold:
         open_until=open_until,
         empty_timeout_s=room.empty_timeout,
         departure_timeout_s=room.departure_timeout,
-        needs_keeper=open_until < now + hold_s,
     )
 
 
-async def hold_room_open(
-    settings: Settings, room: str, hold_s: float, *, create_for_s: float | None = None
-) -> RoomHold:
+async def hold_room_open(settings: Settings, room: str, hold_s: float) -> RoomHold:
     """Create `room` with empty and departure timeouts that keep it open with only agents in
-    it for `hold_s` seconds from now, or learn why it will not stay open that long (it
-    existed already, with shorter timeouts): then `needs_keeper` is true.
+    it for `hold_s` seconds from now, and read back how long it really stays open (a room
+    that existed already keeps its own timeouts).
 
-    `hold_s`: the whole time the worker means to stay in the room (the job's time budget
-    plus the warm idle window). `create_for_s`: a longer hold to create the room with, for
-    the jobs that may follow on the same link; a room that exists already needs only cover
-    `hold_s`. Raises LiveKitRejected for refused credentials, RoomError for anything a retry
-    may mend."""
-    timeout = room_timeout_for(max(hold_s, create_for_s or 0.0))
+    `hold_s`: the longest the worker may stay in the room (the longest job's time budget plus
+    the warm idle window). Raises LiveKitRejected for refused credentials, RoomError for
+    anything a retry may mend."""
+    timeout = room_timeout_for(hold_s)
     request = api.CreateRoomRequest(name=room, empty_timeout=timeout, departure_timeout=timeout)
     lkapi = api.LiveKitAPI(
         settings.livekit_url,
@@ -111,14 +101,4 @@ async def hold_room_open(
         ) from None
     finally:
         await lkapi.aclose()
-    hold = hold_of(answer, hold_s, now=time.time())
-    if hold.needs_keeper:
-        log.info(
-            "room %s existed with timeouts %ds empty / %ds departure: too short for %.0fs, "
-            "joining a keeper",
-            room,
-            hold.empty_timeout_s,
-            hold.departure_timeout_s,
-            hold_s,
-        )
-    return hold
+    return hold_of(answer)
