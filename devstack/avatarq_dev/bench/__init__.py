@@ -357,7 +357,7 @@ def bench_sender(
         # The floor: the same sender and streams moving the bytes as fast as they go.
         "ours_unpaced": run("--mode", "ours", "--lead", huge_lead),
         "agents_unpaced": run("--mode", "agents", "--lead", huge_lead),
-        # What a keeper (tasks/link/roomhold.py: only for a room that existed with short timeouts)
+        # What a keeper (AvatarLink.cover: only where the room closes before the job could end)
         # adds: a second room per stream, which the server sends a copy of the audio.
         "ours_keepers": run("--mode", "ours", "--keepers"),
         "chunks": [
