@@ -20,14 +20,10 @@ import pytest
 from aiohttp import web
 from livekit import api, rtc
 
-from avatarq.budget import Budget
 from avatarq.errors import LiveKitRejected, RoomError
-from avatarq.jobs import parse_job
-from avatarq.results import Timestamps
 from avatarq.settings import Settings
 from tasks.link import room as rooms
 from tasks.link import roomhold, tokens
-from tasks.link.types import LinkRequest
 from tests.httpserve import serving_app
 from tests.netns import NETNS
 from tests.ports import refused_port
@@ -188,19 +184,6 @@ async def join_agents(settings: Settings, room: str) -> list[rtc.Room]:
     )
 
 
-def link_request(settings: Settings, room: str, duration: float | None) -> LinkRequest:
-    """A job's request for a link to `room`, its source `duration` s long (None: unknown)."""
-
-    async def unused(*_: Any) -> None:
-        raise AssertionError("joining a room notes and emits nothing")
-
-    job = parse_job({"room": room, "avatar_id": uuid.uuid4().hex[:8], "source": "a.wav"}, settings)
-    server = settings.avatar_server(None)
-    budget = Budget.of(job, settings)
-    stop = asyncio.Event()
-    return LinkRequest(job, server, budget, duration, Timestamps(picked=0), unused, unused, stop)
-
-
 def viewer_token(settings: Settings, room: str) -> str:
     """A standard participant's: one that keeps the room open while it is there."""
     return (
@@ -302,8 +285,11 @@ def test_a_warm_link_whose_room_closes_too_soon_gets_its_keeper(
 ) -> None:
     # A link kept warm holds the room by its creation-time timeouts; before a next job that
     # could outlast them, the keeper joins (tasks/link/link.py AvatarLink.cover).
+    from avatarq.budget import Budget
+    from avatarq.jobs import parse_job
+    from avatarq.results import Timestamps
     from tasks.link.link import AvatarLink
-    from tasks.link.types import LinkKey
+    from tasks.link.types import LinkKey, LinkRequest
 
     joined: list[str] = []
 
@@ -313,8 +299,22 @@ def test_a_warm_link_whose_room_closes_too_soon_gets_its_keeper(
 
     monkeypatch.setattr(rooms, "connect", connect)
     settings = Settings(AVATARQ_WARM_IDLE=10)
-    request = link_request(settings, "r1", 10.0)
-    job, server = request.job, request.server
+    job = parse_job({"room": "r1", "avatar_id": "a", "source": "a.wav"}, settings)
+    server = settings.avatar_server(None)
+
+    async def unused(*_: Any) -> None:
+        raise AssertionError("a keeper's join notes and emits nothing")
+
+    request = LinkRequest(
+        job,
+        server,
+        Budget.of(job, settings),
+        10.0,
+        Timestamps(picked=0),
+        unused,
+        unused,
+        asyncio.Event(),
+    )
     now = time.time()
 
     def link(open_for_s: float) -> AvatarLink:
