@@ -7,6 +7,7 @@ worker's modules move behind them; a change to a name in `__all__` changes the d
 from __future__ import annotations
 
 from tasks.app import quiet_livekit_logs
+from tasks.compat import route_own_events
 from tasks.decode import PcmDecoder, ffmpeg_binary
 from tasks.link.avatar import HttpAvatarClient
 from tasks.link.pacing import Pacer
@@ -36,6 +37,8 @@ __all__ = [
     # the fleet-wide avatar session quota
     "AvatarQuota",
     "Slot",
-    # the worker's LiveKit SDK log settings, for a process that streams as a worker does
+    # the worker's LiveKit SDK settings, for a process that streams or hosts rooms as it does:
+    # its logs, and each room given only its own FFI events
     "quiet_livekit_logs",
+    "route_own_events",
 ]

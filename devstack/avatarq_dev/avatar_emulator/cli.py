@@ -10,6 +10,8 @@ from pathlib import Path
 
 from aiohttp import web
 
+from tasks.toolkit import quiet_livekit_logs
+
 from .http import Emulator, create_app
 
 LICENSE_KEY_ENV = "AVALUMA_LICENSE_KEY"
@@ -57,6 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     # livekit-agents and the rtc SDK log per-RPC and per-stream details at INFO.
     for noisy in ("livekit", "livekit.agents", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # A real avatar server runs each session in a process of its own (a livekit-agents job)
+    # on machines of its own. Hosting them all in one process beside the workers, the SDK's
+    # defaults would hand every room's FFI events to every session and every native log
+    # record to Python: CPU taken from the cores the workers are measured on, which no real
+    # avatar server takes. So the emulator runs the SDK as a worker does (docs/performance.md).
+    quiet_livekit_logs()
     if args.record_dir is not None:
         args.record_dir.mkdir(parents=True, exist_ok=True)
     emulator = Emulator(license_key, args.record_dir)

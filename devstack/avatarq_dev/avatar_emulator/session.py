@@ -26,6 +26,8 @@ from livekit.agents.types import ATTRIBUTE_PUBLISH_ON_BEHALF
 from livekit.agents.voice.avatar import AudioSegmentEnd, DataStreamAudioReceiver
 from livekit.agents.voice.avatar._datastream_io import RPC_CLEAR_BUFFER  # not re-exported
 
+from tasks.toolkit import route_own_events
+
 from .behaviour import Faults
 from .playout import SegmentPlayout
 from .recorder import SegmentRecord, SessionRecorder
@@ -232,6 +234,7 @@ class AvatarSession:
     async def _join_and_serve(self) -> None:
         room = self._room = rtc.Room()
         await room.connect(self._livekit_url, self._token)
+        route_own_events(room)  # see cli.main
         self.joined_at = time.time()
         self.state = SessionState.JOINED
         logger.info(
