@@ -56,8 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    # livekit-agents and the rtc SDK log per-RPC and per-stream details at INFO.
-    for noisy in ("livekit", "livekit.agents", "aiohttp.access"):
+    # livekit-agents logs per-RPC and per-stream details at INFO (the rtc SDK's loggers are
+    # quieted with the worker's settings below).
+    for noisy in ("livekit.agents", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # A real avatar server runs each session in a process of its own (a livekit-agents job)
     # on machines of its own. Hosting them all in one process beside the workers, the SDK's
