@@ -51,7 +51,7 @@ from avatarq.ledger.worker import (
     Span,
     job_id_of,
 )
-from avatarq.results import AttemptSpan, Cancelled, Failed, JobResult, Played
+from avatarq.results import AttemptSpan, Cancelled, Failed, JobResult, Played, parse_result
 from avatarq.settings import Settings
 from tasks.backoff import RedisPatience, backoff_delay, outlast_redis
 from tasks.context import HookFactory, PlayContext
@@ -84,6 +84,7 @@ class Ending(StrEnum):
 @dataclass(frozen=True)
 class Outcome:
     ending: Ending
+    #: The job's end; for DROPPED, the record of a job that had ended already, if any.
     result: JobResult | None = None
     #: For RETRY, REQUEUED and HANDED_BACK: when the message comes back.
     retry_in: float | None = None
@@ -190,6 +191,8 @@ class JobRun:
             return Outcome(Ending.PARKED)
         if verdict in (Claim.DONE, Claim.BUSY):
             log.info("job %s: %s, not playing it", job.job_id, verdict.value)
+            if verdict is Claim.DONE:
+                return await self._ended_already(job.job_id)
             return self._dropped()
         if verdict is Claim.CANCELLED:
             return await self._cancelled(while_="queued", position=None, streamed=0.0)
@@ -272,6 +275,13 @@ class JobRun:
 
     def _dropped(self) -> Outcome:
         return Outcome(Ending.DROPPED)
+
+    async def _ended_already(self, job_id: str) -> Outcome:
+        """A late copy of a job that ended (its room's lane took it from the ledger before
+        its message came): its result again, for Celery's state, which this delivery's start
+        overwrote."""
+        record = await self.ledger.record(job_id)
+        return Outcome(Ending.DROPPED, parse_result(record) if record is not None else None)
 
     def _requeued(self, retry_in: float) -> Outcome:
         return Outcome(Ending.REQUEUED, retry_in=retry_in)
@@ -384,7 +394,9 @@ class JobRun:
         room = self.job.room if self.job else None
         # The job has ended; losing its record would let it play again.
         finish = await outlast_redis(
-            lambda: self.ledger.finish(self.job_id, room, record, token=self.token),
+            lambda: self.ledger.finish(
+                self.job_id, room, record, token=self.token, hand_on=self.parts.settings.room_lanes
+            ),
             doing=f"recording the end of job {self.job_id}",
             patience=self.parts.timing.redis,
         )

@@ -31,8 +31,16 @@ class JobLedger(Protocol):
     ) -> bool: ...
 
     async def finish(
-        self, job_id: str, room: str | None, result: dict[str, Any], *, token: str
+        self,
+        job_id: str,
+        room: str | None,
+        result: dict[str, Any],
+        *,
+        token: str,
+        hand_on: bool = True,
     ) -> Finish: ...
+
+    async def record(self, job_id: str) -> dict[str, Any] | None: ...
 
     async def checkpoint(self, job_id: str) -> Checkpoint: ...
 

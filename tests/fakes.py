@@ -93,7 +93,13 @@ class FakeLedger:
         return self.ours
 
     async def finish(
-        self, job_id: str, room: str | None, result: dict[str, Any], *, token: str
+        self,
+        job_id: str,
+        room: str | None,
+        result: dict[str, Any],
+        *,
+        token: str,
+        hand_on: bool = True,
     ) -> Finish:
         if self.finish_outages > 0:
             self.finish_outages -= 1
@@ -103,7 +109,10 @@ class FakeLedger:
         if job_id in self.records:
             return Finish(recorded=False)
         self.records[job_id] = result
-        return Finish(recorded=True, next=self.next_in_lane)
+        return Finish(recorded=True, next=self.next_in_lane if hand_on else None)
+
+    async def record(self, job_id: str) -> dict[str, Any] | None:
+        return self.records.get(job_id)
 
     async def checkpoint(self, job_id: str) -> Checkpoint:
         return self.checkpoints.get(job_id, Checkpoint())

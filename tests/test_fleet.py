@@ -3,7 +3,8 @@ settings but the quota: 30 one-second jobs over 6 rooms, 2 avatar sessions for t
 workers of which 2 are SIGKILLed at random and replaced, avatar starts failing first. None is
 lost, wedged or heard twice, each room hears its jobs in order and one at a time, and the
 avatar server never sees more sessions than the quota. Then a lane's own faults: SIGTERM of
-the worker holding it, and a cancel of a job parked in it."""
+the worker holding it, and a cancel of a job parked in it; and a fleet with more rooms than
+threads, whose rooms still start their avatars once each."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from avatarq_dev.faults import FaultLab, fault_lab
 from avatarq_dev.faults.fleet import (
     Load,
     cancel_in_a_lane,
+    more_rooms_than_threads,
     peak_sessions,
     sigterm_with_a_lane,
     stress,
@@ -89,3 +91,16 @@ def test_a_job_cancelled_in_a_lane_never_plays(lab: FaultLab) -> None:
     assert run.records[cancelled]["cancelled_while"] == "queued", detail(run)
     assert [run.records[j]["status"] for j in (head, last)] == ["completed"] * 2, detail(run)
     assert played_order(run, [head, last]) == [head, last], detail(run)
+
+
+@pytest.mark.netns
+@needs_netns
+def test_a_room_keeps_its_avatar_when_its_next_jobs_are_behind_other_rooms(lab: FaultLab) -> None:
+    run = scenario_checks(more_rooms_than_threads(lab))
+    assert {r.get("status") for r in run.records.values()} == {"completed"}, detail(run)
+    for room in run.facts["rooms"]:
+        jobs = [j for j in run.ids if run.records[j]["room"] == room]
+        assert played_order(run, jobs) == jobs, f"room {room} out of order\n{detail(run)}"
+        # One cold start per room: its second and third jobs played on its first's avatar.
+        cold = [j for j in jobs if not run.records[j].get("warm")]
+        assert cold == jobs[:1], f"room {room}: cold starts {cold}\n{detail(run)}"

@@ -138,6 +138,17 @@ def test_a_job_ended_or_playing_elsewhere_is_dropped(stand: Stand, verdict: Clai
     assert stand.ledger.records == {} and stand.links.cold_starts == 0
 
 
+def test_a_late_copy_of_an_ended_job_brings_back_its_recorded_result(stand: Stand) -> None:
+    # Its room's lane played it first; Celery's state, overwritten by this delivery's start,
+    # is stored again from the record.
+    failed = Failed(job_id="job-1", attempt=1, reason="bad_source", error="not audio")
+    stand.ledger.records["job-1"] = failed.as_record()
+    stand.ledger.claims = [(Claim.DONE, 0)]
+    outcome = run(stand)
+    assert outcome.ending is Ending.DROPPED and outcome.result == failed
+    assert stand.reporter.announced == [] and stand.links.cold_starts == 0
+
+
 def test_a_job_cancelled_while_queued_ends_cancelled_without_playing(stand: Stand) -> None:
     stand.ledger.claims = [(Claim.CANCELLED, 0)]
     outcome = run(stand)

@@ -1,6 +1,7 @@
 """A room's lane against a real Redis: a job behind its room's playing job parks, the playing
-job hands it on at its end, nobody's late watch tick revives a released lease, and a parked
-job that nobody will hand on is found by the sweep."""
+job hands it on at its end (from the ledger, if its message has not come yet), nobody's late
+watch tick revives a released lease, and a parked job that nobody will hand on is found by
+the sweep."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import redis.asyncio as aioredis
 
 from avatarq.ledger.keys import (
     LANES_KEY,
+    job_enqueued_key,
     job_lease_key,
     room_lane_key,
     room_order_key,
@@ -75,6 +77,46 @@ def test_jobs_behind_the_playing_one_park_and_are_handed_on_in_order(redis_serve
     assert run(redis_server, body) == ids
     client = redis.Redis.from_url(redis_server)
     assert not client.exists(room_lane_key(room)) and not client.sismember(LANES_KEY, room)
+
+
+def test_a_next_job_still_in_the_broker_is_handed_on_from_its_registration(
+    redis_server: str,
+) -> None:
+    """The room's next job has not reached a worker (its message is behind other rooms'
+    jobs): the playing job's end hands it on from the ledger, and its message, when it
+    comes, finds it playing or ended. A next job a worker has seen comes by its delivery."""
+    room, ids = enqueued_room(redis_server, 3)
+    registered = json.loads(
+        redis.Redis.from_url(redis_server).hget(job_enqueued_key(ids[1]), "job")
+    )
+
+    async def body(ledger: Ledger) -> None:
+        assert (await ledger.claim(ids[0], room, "w1/a"))[0] is Claim.OK
+        assert (await ledger.claim(ids[2], room, "w3/x"))[0] is Claim.WAIT  # seen, not parked
+        finish = await ledger.finish(ids[0], room, done(ids[0]), token="w1/a")
+        assert finish.next == Handoff(ids[1], registered)
+        held = await ledger.redis.hget(worker_held_key("w1"), ids[1])
+        assert json.loads(held) == registered
+        assert (await ledger.claim(ids[1], room, "w1/b"))[0] is Claim.OK
+        assert (await ledger.claim(ids[1], room, "w2/c"))[0] is Claim.BUSY  # its message
+        finish = await ledger.finish(ids[1], room, done(ids[1]), token="w1/b")
+        assert finish.recorded and finish.next is None
+        assert (await ledger.claim(ids[1], room, "w2/c"))[0] is Claim.DONE
+        assert await ledger.record(ids[1]) == done(ids[1])
+
+    run(redis_server, body)
+
+
+def test_without_lanes_a_job_end_hands_nothing_on(redis_server: str) -> None:
+    room, ids = enqueued_room(redis_server, 2)
+
+    async def body(ledger: Ledger) -> None:
+        assert (await ledger.claim(ids[0], room, "w1/a"))[0] is Claim.OK
+        finish = await ledger.finish(ids[0], room, done(ids[0]), token="w1/a", hand_on=False)
+        assert finish.recorded and finish.next is None
+        assert not await ledger.redis.hexists(worker_held_key("w1"), ids[1])
+
+    run(redis_server, body)
 
 
 def test_a_released_lease_is_never_renewed_by_a_late_watch_tick(redis_server: str) -> None:

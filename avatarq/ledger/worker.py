@@ -147,16 +147,18 @@ class Finish:
 SEEN = "seen"
 
 
-async def next_job_seen(redis: aioredis.Redis, room: str, played: str | None) -> bool | None:
-    """Whether the room's next unfinished job after `played` has been in a worker's hands
-    (parked in the lane, or handed on); None when the room has no other job."""
+async def next_job_at_hand(redis: aioredis.Redis, room: str, played: str | None) -> bool | None:
+    """Whether the room's next unfinished job after `played` comes to the room's worker at
+    once: parked in the lane or handed on (a claim stamped it seen), or registered by its
+    producer (`finish` takes it from there); None when the room has no other job."""
     # The order holds the room's unfinished jobs, the one that played last among them until
     # its run records its end.
     ahead = await redis.lrange(room_order_key(room), 0, 1)  # type: ignore[misc]
     following = [job_id.decode() for job_id in ahead if job_id.decode() != played]
     if not following:
         return None
-    return bool(await redis.hexists(job_enqueued_key(following[0]), SEEN))  # type: ignore[misc]
+    marks = await redis.hmget(job_enqueued_key(following[0]), [SEEN, "job"])  # type: ignore[misc]
+    return any(mark is not None for mark in marks)
 
 
 def job_id_of(payload: Any, task_id: str) -> str:
@@ -316,13 +318,23 @@ class Ledger:
             await pipe.execute()
 
     async def next_in_room(self, room: str) -> Any | None:
-        """The payload of the job parked next in `room`'s lane, if one is (to get it ready
-        while the room's current job plays)."""
+        """The payload of the room's next job when its current one's end will hand it on:
+        parked in the lane, or registered and seen by no worker yet (to get it ready while
+        the current job plays)."""
         ids: list[bytes] = await self.redis.lrange(room_order_key(room), 1, 1)  # type: ignore[misc]
         if not ids:
             return None
-        entry = await self.redis.hget(room_lane_key(room), ids[0].decode())  # type: ignore[misc]
-        return None if entry is None else json.loads(json.loads(entry)["payload"])
+        job_id = ids[0].decode()
+        entry = await self.redis.hget(room_lane_key(room), job_id)  # type: ignore[misc]
+        if entry is not None:
+            return json.loads(json.loads(entry)["payload"])
+        job, seen = await self.redis.hmget(job_enqueued_key(job_id), ["job", SEEN])  # type: ignore[misc]
+        return json.loads(job) if job is not None and seen is None else None
+
+    async def record(self, job_id: str) -> dict[str, Any] | None:
+        """The job's terminal record, once it ended."""
+        raw = await self.redis.get(job_record_key(job_id))
+        return json.loads(raw) if raw is not None else None
 
     async def avatar_session(self, job_id: str) -> tuple[str, str | None] | None:
         """The (server, session id) noted for the job, if any."""
@@ -354,10 +366,17 @@ class Ledger:
         return bool(await self.redis.exists(job_enqueued_key(job_id)))
 
     async def finish(
-        self, job_id: str, room: str | None, result: dict[str, Any], *, token: str
+        self,
+        job_id: str,
+        room: str | None,
+        result: dict[str, Any],
+        *,
+        token: str,
+        hand_on: bool = True,
     ) -> Finish:
         """Record the terminal state once, unless another delivery holds the job's lease;
-        the room's next parked job comes back to be played next by this token's worker."""
+        with `hand_on` (room lanes), the room's next job comes back to be played next by
+        this token's worker: parked in the lane, or registered and not yet delivered."""
         worker = _worker_of(token)
         keys = [
             job_record_key(job_id),
@@ -367,7 +386,7 @@ class Ledger:
             job_avatar_key(job_id),
             room_lane_key(room or ""),
             LANES_KEY,
-            worker_held_key(worker) if worker and room else "",
+            worker_held_key(worker) if hand_on and worker and room else "",
             job_checkpoint_key(job_id),
         ]
         args: list[str | int] = [
@@ -376,6 +395,7 @@ class Ledger:
             RECORD_TTL_S,
             token,
             room or "",
+            job_enqueued_key(""),
         ]
         status, task_id, entry = await self._finish(keys=keys, args=args)
         status = int(status)

@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from avatarq.ledger.keys import WARM_RELEASE_TTL_S, warm_holder_key, warm_release_key
-from avatarq.ledger.worker import next_job_seen
+from avatarq.ledger.worker import next_job_at_hand
 from tasks.link.link import AvatarLink
 from tasks.link.types import LinkKey
 
@@ -145,12 +145,13 @@ class WarmPool:
 
 async def slot_wanted(link: AvatarLink, redis: aioredis.Redis, *, lanes: bool) -> bool:
     """Another job waits for a session slot of this link's avatar server and, with room
-    lanes, the link's room has no next job that a worker has seen: its session gives the slot
-    up early (False when Redis cannot say). A lane whose next job is parked or handed on keeps
-    its session: that job comes at once, and would otherwise start cold again, behind the
-    line. One still in the broker may come only after every job queued ahead of it, which can
-    be the very jobs waiting for this slot. Without lanes a room's next job comes back
-    through the broker, seconds later."""
+    lanes, the link's room has no next job at hand: its session gives the slot up early
+    (False when Redis cannot say). A lane whose next job is parked, handed on or registered
+    by its producer keeps its session: that job comes at once (`finish` hands it on, even
+    from behind other rooms' jobs in the broker), and would otherwise start cold again,
+    behind the line. One sent without `enqueue` and not delivered yet may come only after
+    every job queued ahead of it, which can be the very jobs waiting for this slot. Without
+    lanes a room's next job comes back through the broker, seconds later."""
     if link.quota is None:
         return False
     try:
@@ -158,7 +159,7 @@ async def slot_wanted(link: AvatarLink, redis: aioredis.Redis, *, lanes: bool) -
             return False
         if not lanes:
             return True
-        seen = await next_job_seen(redis, link.key.room, link.job_id)
+        at_hand = await next_job_at_hand(redis, link.key.room, link.job_id)
     except RedisError:
         return False
-    return not seen
+    return not at_hand

@@ -1,11 +1,14 @@
 -- Record a job's terminal state once and free its room: {status, next task id, next entry}.
 -- status 1: recorded by this call; 0: it had ended already; -1: another delivery holds its
 -- lease (this attempt was taken over: it records nothing).
--- When recorded, the room's next job, if it is parked in the lane, is handed to the caller's
--- worker process (its held deliveries, so recovery covers it) to be played next.
+-- When recorded, the room's next job is handed to the caller's worker process (its held
+-- deliveries, so recovery covers it) to be played next: from the lane if it is parked there,
+-- else from its registration if no worker has seen it yet (its message is still in the
+-- broker, maybe behind other rooms' jobs; that message, when it comes, finds the job playing
+-- or ended and is dropped).
 -- KEYS: record, room order, lease, room holder, avatar note, lane, lanes, held ('' for none),
 --       checkpoint
--- ARGV: record json, job id, ttl s, token, room, now
+-- ARGV: record json, job id, ttl s, token, room, enqueued key prefix
 local holder = redis.call('GET', KEYS[3])
 if holder and holder ~= ARGV[4] and string.sub(holder, 1, 1) ~= '~' then return {-1, '', ''} end
 redis.call('LREM', KEYS[2], 0, ARGV[2])
@@ -14,10 +17,18 @@ if redis.call('GET', KEYS[4]) == ARGV[2] then redis.call('DEL', KEYS[4]) end
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[3]) then return {0, '', ''} end
 redis.call('DEL', KEYS[3], KEYS[5], KEYS[9])
 local nxt = redis.call('LINDEX', KEYS[2], 0)
-local entry = nxt and redis.call('HGET', KEYS[6], nxt)
-if KEYS[8] == '' or not entry then return {1, '', ''} end
-redis.call('HDEL', KEYS[6], nxt)
-if redis.call('HLEN', KEYS[6]) == 0 then redis.call('SREM', KEYS[7], ARGV[5]) end
+if KEYS[8] == '' or not nxt then return {1, '', ''} end
+local entry = redis.call('HGET', KEYS[6], nxt)
+if entry then
+  redis.call('HDEL', KEYS[6], nxt)
+  if redis.call('HLEN', KEYS[6]) == 0 then redis.call('SREM', KEYS[7], ARGV[5]) end
+else
+  local enqueued = ARGV[6] .. nxt
+  local payload = redis.call('HGET', enqueued, 'job')
+  if not payload or redis.call('HEXISTS', enqueued, 'seen') == 1 then return {1, '', ''} end
+  -- A producer's job id is its message's task id (producers/client.py).
+  entry = cjson.encode({task_id = nxt, payload = payload})
+end
 local task_id = cjson.decode(entry)['task_id']
 redis.call('HSET', KEYS[8], task_id, cjson.decode(entry)['payload'])
 return {1, task_id, entry}

@@ -1,7 +1,8 @@
 """The fleet under contention: many short jobs over a few rooms, a tiny session quota, forced
 avatar-start failures and workers SIGKILLed at random, all at once. It interleaves claim,
 park, hand-on, lease renewal, release, retry, recovery and quota waits far more often than a
-normal run; and a room lane's own faults (SIGTERM of its holder, cancel of a parked job).
+normal run; a room lane's own faults (SIGTERM of its holder, cancel of a parked job); and
+more rooms than worker threads.
 `tests/test_fleet.py` asserts what the listener and the quota saw."""
 
 from __future__ import annotations
@@ -174,3 +175,17 @@ def cancel_in_a_lane(lab: FaultLab) -> Run:
     return lab.observe(
         "cancel a job parked in a lane", [head, *behind], records, room=room, answer=answer
     )
+
+
+def more_rooms_than_threads(lab: FaultLab) -> Run:
+    """Three rooms of three jobs, one avatar session for the fleet, one worker of two threads:
+    one thread plays a room, the other holds the next room's head waiting for the session, and
+    the playing room's next jobs are still in the broker behind the third room's head. The
+    playing room takes them from the ledger and keeps its avatar session for them."""
+    rooms = [f"threads-{secrets.token_hex(3)}" for _ in range(3)]
+    # Non-default threads and quota: with the defaults (16 threads a process) the same happens
+    # once a burst has more waiting rooms than threads; small numbers keep the run short.
+    with lab.workers(1, concurrency=2, AVATARQ_AVATAR_MAX_SESSIONS="1"):
+        ids = [lab.enqueue(room, 1.0) for _ in range(3) for room in rooms]
+        records = lab.wait(ids)
+    return lab.observe("more rooms than worker threads", ids, records, rooms=rooms)
