@@ -4,7 +4,8 @@ workers of which 2 are SIGKILLed at random and replaced, avatar starts failing f
 lost, wedged or heard twice, each room hears its jobs in order and one at a time, and the
 avatar server never sees more sessions than the quota. Then a lane's own faults: SIGTERM of
 the worker holding it, and a cancel of a job parked in it; and a fleet with more rooms than
-threads, whose rooms still start their avatars once each."""
+threads, whose rooms still start their avatars once each, and where a job's late message
+leaves its failure in Celery's state."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from avatarq_dev.faults import FaultLab, fault_lab
 from avatarq_dev.faults.fleet import (
     Load,
     cancel_in_a_lane,
+    late_copy_of_a_failed_job,
     more_rooms_than_threads,
     peak_sessions,
     sigterm_with_a_lane,
@@ -104,3 +106,13 @@ def test_a_room_keeps_its_avatar_when_its_next_jobs_are_behind_other_rooms(lab: 
         # One cold start per room: its second and third jobs played on its first's avatar.
         cold = [j for j in jobs if not run.records[j].get("warm")]
         assert cold == jobs[:1], f"room {room}: cold starts {cold}\n{detail(run)}"
+
+
+@pytest.mark.netns
+@needs_netns
+def test_a_late_copy_of_a_failed_job_leaves_its_failure_in_celery(lab: FaultLab) -> None:
+    run = scenario_checks(late_copy_of_a_failed_job(lab))
+    statuses = [run.records[j]["status"] for j in run.ids]
+    assert statuses == ["completed", "completed", "failed"], detail(run)
+    assert run.facts["copy_dropped"], detail(run)  # its message came after it ended
+    assert run.facts["celery_state"] == "FAILURE", detail(run)

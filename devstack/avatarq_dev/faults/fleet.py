@@ -2,7 +2,8 @@
 avatar-start failures and workers SIGKILLed at random, all at once. It interleaves claim,
 park, hand-on, lease renewal, release, retry, recovery and quota waits far more often than a
 normal run; a room lane's own faults (SIGTERM of its holder, cancel of a parked job); and
-more rooms than worker threads.
+more rooms than worker threads, where a lane takes its room's next jobs from the ledger
+ahead of their messages.
 `tests/test_fleet.py` asserts what the listener and the quota saw."""
 
 from __future__ import annotations
@@ -189,3 +190,33 @@ def more_rooms_than_threads(lab: FaultLab) -> Run:
         ids = [lab.enqueue(room, 1.0) for _ in range(3) for room in rooms]
         records = lab.wait(ids)
     return lab.observe("more rooms than worker threads", ids, records, rooms=rooms)
+
+
+def late_copy_of_a_failed_job(lab: FaultLab) -> Run:
+    """A room's second job, whose file is not audio, is taken from the ledger by its room's
+    lane and fails; its message comes later (one worker of two threads, the other holding a
+    second room's head that waits for the only session) and finds the job ended. Its Celery
+    state, which that late delivery's start set to STARTED, must be the failure again."""
+    from producers.client import celery_app
+
+    rooms = [f"late-{secrets.token_hex(3)}" for _ in range(2)]
+    not_audio = lab.clips / "not-audio.wav"
+    not_audio.write_bytes(b"not audio\n" * 100)
+    with lab.workers(1, concurrency=2, AVATARQ_AVATAR_MAX_SESSIONS="1") as (worker,):
+        ids = [lab.enqueue(rooms[0]), lab.enqueue(rooms[1])]
+        ids.append(lab.enqueue(rooms[0], source=str(not_audio)))
+        records = lab.wait(ids)
+        dropped = f"job {ids[2]}: done, not playing it"
+        state = None
+        deadline = time.monotonic() + 30.0
+        while time.monotonic() < deadline and state != "FAILURE":
+            if dropped in worker.tail(400):
+                state = celery_app().AsyncResult(ids[2]).state
+            time.sleep(0.2)
+    return lab.observe(
+        "a late copy of a failed job",
+        ids,
+        records,
+        copy_dropped=dropped in worker.tail(400),
+        celery_state=state,
+    )
