@@ -277,9 +277,9 @@ class JobRun:
         return Outcome(Ending.DROPPED)
 
     async def _ended_already(self, job_id: str) -> Outcome:
-        """A late copy of a job that ended (its room's lane took it from the ledger before
-        its message came): its result again, for Celery's state, which this delivery's start
-        overwrote."""
+        """A late copy of a job that ended (a redelivery, or the message of a job its room's
+        lane took from the ledger first): its result again, for Celery's state, which this
+        delivery's start overwrote."""
         record = await self.ledger.record(job_id)
         return Outcome(Ending.DROPPED, parse_result(record) if record is not None else None)
 
