@@ -397,9 +397,9 @@ class Ledger:
             room or "",
             job_enqueued_key(""),
         ]
-        status, task_id, entry = await self._finish(keys=keys, args=args)
+        status, task_id, payload = await self._finish(keys=keys, args=args)
         status = int(status)
-        handoff = _handoff(entry) if entry else None
+        handoff = Handoff(task_id.decode(), json.loads(payload)) if task_id else None
         return Finish(recorded=status == 1, ours=status >= 0, next=handoff)
 
     async def park(self, room: str, handoff: Handoff) -> None:

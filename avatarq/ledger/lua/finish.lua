@@ -1,4 +1,4 @@
--- Record a job's terminal state once and free its room: {status, next task id, next entry}.
+-- Record a job's terminal state once and free its room: {status, next task id, its payload}.
 -- status 1: recorded by this call; 0: it had ended already; -1: another delivery holds its
 -- lease (this attempt was taken over: it records nothing).
 -- When recorded, the room's next job is handed to the caller's worker process (its held
@@ -18,17 +18,18 @@ if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[3]) then return {0, 
 redis.call('DEL', KEYS[3], KEYS[5], KEYS[9])
 local nxt = redis.call('LINDEX', KEYS[2], 0)
 if KEYS[8] == '' or not nxt then return {1, '', ''} end
+-- A producer's job id is its message's task id (producers/client.py).
+local task_id, payload = nxt, nil
 local entry = redis.call('HGET', KEYS[6], nxt)
 if entry then
   redis.call('HDEL', KEYS[6], nxt)
   if redis.call('HLEN', KEYS[6]) == 0 then redis.call('SREM', KEYS[7], ARGV[5]) end
+  local parked = cjson.decode(entry)
+  task_id, payload = parked['task_id'], parked['payload']
 else
   local enqueued = ARGV[6] .. nxt
-  local payload = redis.call('HGET', enqueued, 'job')
+  payload = redis.call('HGET', enqueued, 'job')
   if not payload or redis.call('HEXISTS', enqueued, 'seen') == 1 then return {1, '', ''} end
-  -- A producer's job id is its message's task id (producers/client.py).
-  entry = cjson.encode({task_id = nxt, payload = payload})
 end
-local task_id = cjson.decode(entry)['task_id']
-redis.call('HSET', KEYS[8], task_id, cjson.decode(entry)['payload'])
-return {1, task_id, entry}
+redis.call('HSET', KEYS[8], task_id, payload)
+return {1, task_id, payload}
