@@ -19,6 +19,7 @@ from avatarq_dev.faults import FaultLab, fault_lab
 from avatarq_dev.faults.fleet import (
     Load,
     cancel_in_a_lane,
+    idle_session_of_a_cut_off_worker,
     late_copy_of_a_failed_job,
     more_rooms_than_threads,
     peak_sessions,
@@ -116,3 +117,12 @@ def test_a_late_copy_of_a_failed_job_leaves_its_failure_in_celery(lab: FaultLab)
     assert statuses == ["completed", "completed", "failed"], detail(run)
     assert run.facts["copy_dropped"], detail(run)  # its message came after it ended
     assert run.facts["celery_state"] == "FAILURE", detail(run)
+
+
+@pytest.mark.netns
+@needs_netns
+def test_an_idle_session_of_a_cut_off_worker_ends_before_its_slot_lapses(lab: FaultLab) -> None:
+    run = scenario_checks(idle_session_of_a_cut_off_worker(lab))
+    statuses = [run.records[j]["status"] for j in run.ids]
+    assert statuses == ["completed", "completed"], detail(run)
+    assert run.facts["peak_sessions"] == 1, detail(run)

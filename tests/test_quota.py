@@ -20,6 +20,7 @@ import requests
 
 from avatarq.ledger.keys import avatar_quota_key, job_events_key
 from avatarq.settings import get_settings
+from avatarq_dev.faults.cutoff import RedisRelay
 from avatarq_dev.stack import LocalStack, local_stack
 from tasks.link import quota as quota_mod
 from tasks.link.quota import AvatarQuota, Slot, wait_for_slot
@@ -89,6 +90,52 @@ def test_a_held_slot_is_renewed(redis_server: str, monkeypatch: pytest.MonkeyPat
         await r.aclose()
 
     run(go())
+
+
+def test_a_slot_that_cannot_be_renewed_ends_its_session_before_it_lapses(
+    redis_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The holder's Redis goes away (a real TCP relay, cut): its slot calls `on_lapse` once,
+    while the slot still counts, so the session is gone before another worker can take it."""
+    # Shortened so the test takes seconds, not the 15 s lease and 5 s margin of the defaults.
+    monkeypatch.setattr(quota_mod, "SLOT_LEASE_S", 1.5)
+    monkeypatch.setattr(quota_mod, "RENEW_EVERY_S", 0.3)
+    monkeypatch.setattr(quota_mod, "LAPSE_MARGIN_S", 0.6)
+    monkeypatch.setattr(quota_mod, "WAIT_POLL_S", 0.1)
+    monkeypatch.setattr(quota_mod, "RENEW_TIMEOUT_S", 0.2)
+    port = int(redis_server.rsplit(":", 1)[1].split("/")[0])
+
+    async def go(via: str) -> None:
+        direct, cut_off = aioredis.from_url(redis_server), aioredis.from_url(via)
+        server = f"s-{uuid.uuid4().hex[:6]}"
+        holder, other = AvatarQuota(cut_off, server, 1), AvatarQuota(direct, server, 1)
+        slot = await holder.try_acquire("a")
+        assert isinstance(slot, Slot)
+        lapsing: list[bool] = []  # at each call: does the slot still count?
+
+        def on_lapse() -> None:
+            lapsing.append(True)
+
+        slot.on_lapse = on_lapse
+        holder.hold(slot)
+        await asyncio.sleep(2.0)  # renewed past its lease: nothing to end
+        assert lapsing == [] and isinstance(await other.try_acquire("b"), Waiting)
+        relay.cut()
+        cut_at = time.monotonic()
+        while not lapsing and time.monotonic() < cut_at + 3.0:
+            await asyncio.sleep(0.02)
+        assert lapsing, "no on_lapse while the slot could not be renewed"
+        assert time.monotonic() - cut_at < 1.5  # before the lease (1.5 s from the last renewal)
+        assert isinstance(await other.try_acquire("b"), Waiting)  # the slot still counted
+        await asyncio.sleep(1.6)
+        assert lapsing == [True]  # once
+        assert isinstance(await other.try_acquire("b"), Slot)  # and then lapsed
+        await holder.release(slot)  # the renewer stops; the release itself fails quietly
+        await direct.aclose()
+        await cut_off.aclose()
+
+    with RedisRelay(port).running() as relay:
+        run(go(redis_server.replace(f":{port}", f":{relay.port}")))
 
 
 def test_a_429_shrinks_the_quota_and_waiting_gives_up_in_time(redis_server: str) -> None:

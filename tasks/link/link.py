@@ -70,6 +70,7 @@ class AvatarLink:
     broken: StopReason | None = None
     _closed: bool = field(default=False, repr=False)
     _keeper_join: asyncio.Future[rtc.Room] | None = field(default=None, repr=False)
+    _lapse_close: asyncio.Future[None] | None = field(default=None, repr=False)
 
     @property
     def session_id(self) -> str | None:
@@ -83,6 +84,14 @@ class AvatarLink:
     def own_slot(self, quota: AvatarQuota, slot: Slot) -> None:
         """The link releases `slot` (renewed since it was taken) once its session ended."""
         self.quota, self.slot = quota, slot
+        slot.on_lapse = self._slot_lapsing
+
+    def _slot_lapsing(self) -> None:
+        """The slot could not be renewed (Redis out of reach): an idle session ends now, before
+        the slot can lapse and let another worker start a session over the quota. A job on the
+        link has stopped already: its own lease fences it sooner (tasks/control.py)."""
+        if self.control is None and not self._closed:
+            self._lapse_close = asyncio.ensure_future(self.close())
 
     def lost(self, reason: StopReason) -> None:
         """The room or avatar went away: stop the job using the link, and never reuse it."""

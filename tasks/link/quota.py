@@ -13,7 +13,7 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +30,11 @@ log = logging.getLogger("avatarq.quota")
 #: A slot outlives a few missed renewals; a dead worker's slot comes free this soon.
 SLOT_LEASE_S = 15.0
 RENEW_EVERY_S = SLOT_LEASE_S / 3
+#: A renewal that has not answered in this long failed (a partition may drop packets unseen).
+RENEW_TIMEOUT_S = 2.0
+#: A slot no renewal has confirmed for all but this long ends its session (`Slot.on_lapse`):
+#: another worker may take it once it lapses, and the session must be gone by then.
+LAPSE_MARGIN_S = RENEW_EVERY_S
 #: A waiting job asks again as soon as a slot is released (a notice on the `freed` channel),
 #: and at least this often: a dead worker's slot lapses without a notice.
 WAIT_POLL_S = 1.0
@@ -47,6 +52,9 @@ class Slot:
 
     server: str
     holder: str = field(default_factory=lambda: uuid.uuid4().hex)
+    #: Called once if renewals fail until the lease is about to run out: its holder ends the
+    #: session, so that it is gone before the slot can go to another worker.
+    on_lapse: Callable[[], None] | None = field(default=None, repr=False)
     _renewer: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
@@ -83,16 +91,32 @@ class AvatarQuota:
         slot._renewer = asyncio.get_running_loop().create_task(self._keep(slot))
 
     async def _keep(self, slot: Slot) -> None:
-        while True:
-            await asyncio.sleep(RENEW_EVERY_S)
+        confirmed_until = time.monotonic() + SLOT_LEASE_S
+        failing = False
+        while True:  # until released (cancelled)
+            await asyncio.sleep(WAIT_POLL_S if failing else RENEW_EVERY_S)
+            asked_at = time.monotonic()
             try:
                 now = int(time.time() * 1000)
                 renew: list[str | int] = [slot.holder, now, int(SLOT_LEASE_S * 1000)]
-                if not await self._renew(keys=[_key(self.server, "sessions")], args=renew):
+                async with asyncio.timeout(RENEW_TIMEOUT_S):
+                    renewed = await self._renew(keys=[_key(self.server, "sessions")], args=renew)
+                confirmed_until, failing = asked_at + SLOT_LEASE_S, False
+                if not renewed:
                     log.warning("avatar server %r: a held session slot had lapsed; counted again",
                                 self.server)  # fmt: skip
-            except RedisError as e:
-                log.warning("avatar server %r: slot not renewed: %s", self.server, e)
+            except (RedisError, TimeoutError) as e:
+                if not failing:  # once per outage; it is asked again every WAIT_POLL_S
+                    log.warning(
+                        "avatar server %r: slot not renewed: %s", self.server, e or "timeout"
+                    )
+                failing = True
+                on_lapse = slot.on_lapse
+                if on_lapse is not None and confirmed_until - time.monotonic() <= LAPSE_MARGIN_S:
+                    slot.on_lapse = None
+                    log.warning("avatar server %r: ending a session before its slot lapses",
+                                self.server)  # fmt: skip
+                    on_lapse()
 
     async def release(self, slot: Slot) -> None:
         if slot._renewer is not None:

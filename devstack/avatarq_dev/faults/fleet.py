@@ -3,11 +3,12 @@ avatar-start failures and workers SIGKILLed at random, all at once. It interleav
 park, hand-on, lease renewal, release, retry, recovery and quota waits far more often than a
 normal run; a room lane's own faults (SIGTERM of its holder, cancel of a parked job); and
 more rooms than worker threads, where a lane takes its room's next jobs from the ledger
-ahead of their messages.
+ahead of their messages; a worker cut off from Redis while it keeps a session idle.
 `tests/test_fleet.py` asserts what the listener and the quota saw."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 import secrets
 import signal
@@ -23,6 +24,7 @@ from avatarq.ledger.keys import (
     room_order_key,
     worker_held_key,
 )
+from avatarq_dev.faults.cutoff import RedisRelay
 from avatarq_dev.faults.lab import FaultLab, Run
 
 
@@ -220,3 +222,42 @@ def late_copy_of_a_failed_job(lab: FaultLab) -> Run:
         copy_dropped=dropped in worker.tail(400),
         celery_state=state,
     )
+
+
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1].split("/")[0])
+
+
+def idle_session_of_a_cut_off_worker(lab: FaultLab) -> Run:
+    """One session slot for the fleet. A worker keeps a room's avatar session idle (warm)
+    when it is cut off from Redis and its broker, so its slot is no longer renewed; a live
+    worker's job in another room waits for that slot, which comes free once its lease runs
+    out. The idle session must be gone by then: never two sessions at once."""
+    rooms = [f"lapse-{secrets.token_hex(3)}" for _ in range(2)]
+    env = lab.stack.env()
+    broker = env.get("CELERY_BROKER_URL", lab.stack.redis.url)
+    with contextlib.ExitStack() as cuts:
+        urls = {"REDIS_URL": lab.stack.redis.url, "CELERY_BROKER_URL": broker}
+        relays = {
+            name: cuts.enter_context(RedisRelay(_port(u)).running()) for name, u in urls.items()
+        }
+        via = {name: u.replace(f":{_port(u)}", f":{relays[name].port}") for name, u in urls.items()}
+        # Non-default warm idle: with the default 10 s the idle session ends by itself about
+        # when its slot can lapse; kept a minute, only the slot's own watch can end it in time.
+        quota = {"AVATARQ_AVATAR_MAX_SESSIONS": "1"}
+        with lab.workers(1, concurrency=1, env={**via, **quota, "AVATARQ_WARM_IDLE": "60"}):
+            first = lab.enqueue(rooms[0], 1.0)
+            records = lab.wait([first])
+            with lab.workers(1, env=quota):
+                cut_at = time.time()
+                for relay in relays.values():
+                    relay.cut()
+                second = lab.enqueue(rooms[1], 1.0)
+                records |= lab.wait([second], timeout=60.0)
+                for relay in relays.values():
+                    relay.restore()
+    run = lab.observe("idle session of a worker cut off from Redis", [first, second], records,
+                      rooms=rooms, cut_at=cut_at)  # fmt: skip
+    run.sessions = [s for s in lab.sessions() if s.get("room") in set(rooms)]
+    run.facts["peak_sessions"] = peak_sessions(run.sessions, until=time.time())
+    return run
