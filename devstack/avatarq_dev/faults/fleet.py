@@ -205,8 +205,11 @@ def late_copy_of_a_failed_job(lab: FaultLab) -> Run:
     not_audio = lab.clips / "not-audio.wav"
     not_audio.write_bytes(b"not audio\n" * 100)
     with lab.workers(1, concurrency=2, AVATARQ_AVATAR_MAX_SESSIONS="1") as (worker,):
-        ids = [lab.enqueue(rooms[0]), lab.enqueue(rooms[1])]
-        ids.append(lab.enqueue(rooms[0], source=str(not_audio)))
+        # The first room plays before the second room's head comes: enqueued together, either
+        # head could take the session first.
+        ids = [lab.enqueue(rooms[0], 2.0)]
+        lab.wait_event(ids[0], "job.avatar_ready")
+        ids += [lab.enqueue(rooms[1]), lab.enqueue(rooms[0], source=str(not_audio))]
         records = lab.wait(ids)
         dropped = f"job {ids[2]}: done, not playing it"
         state = None
