@@ -26,7 +26,8 @@ from avatarq_dev.processes import (
 )
 
 DEV_API_KEY = "devkey"
-DEV_API_SECRET = "secret"
+#: 32 bytes or more: PyJWT warns about a shorter HMAC key (RFC 7518) on every worker's first job.
+DEV_API_SECRET = "avatarq-local-stack-secret-0123456789"
 DEV_LICENSE_KEY = "local-dev-license"
 HOST = "127.0.0.1"
 #: The interpreter that runs the avatar emulator, when not this one: one with the dev stack's
