@@ -29,7 +29,7 @@ from tasks.hooks import worker_hooks
 from tasks.jobrun import JobParts, JobRun
 from tasks.playback import Playback
 from tasks.recovery import HEARTBEAT_S
-from tasks.report import JobReporter
+from tasks.report import JobReporter, WebhookOutbox
 
 log = logging.getLogger("avatarq.agents")
 
@@ -67,6 +67,7 @@ class RoomLane:
         self.agent_id = f"agent-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.redis = aioredis.from_url(settings.redis_url)
         self.ledger = Ledger(self.redis, stale_after_s=settings.redelivery_after_s)
+        self.webhooks = WebhookOutbox(settings)
         #: What each job's run is given, once the agent's avatar is there (`start`).
         self.parts: JobParts | None = None
         #: task id -> payload JSON of each delivery it holds (Redis mirrors it each beat).
@@ -104,7 +105,9 @@ class RoomLane:
         self.parts = JobParts(
             settings=settings,
             ledger=self.ledger,
-            reporter=lambda job_id: JobReporter(settings, job_id, redis=self.redis),
+            reporter=lambda job_id: JobReporter(
+                settings, job_id, outbox=self.webhooks, redis=self.redis
+            ),
             player=ThroughAgent(
                 Playback(settings, audio=FfmpegAudio(settings), links=links), self.agent_id
             ),
@@ -215,4 +218,5 @@ class RoomLane:
             await self.ledger.announce(self.agent_id, {}, {*self._gone, *self._held})
         except (RedisError, OSError) as e:  # its hold and heartbeat lapse on their own
             log.warning("agent %s: leaving without the ledger: %s", self.agent_id, e)
+        await self.webhooks.aclose()
         await self.redis.aclose()

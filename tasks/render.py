@@ -37,7 +37,7 @@ from tasks.jobrun import Ending, JobParts, JobRun, Outcome
 from tasks.link.links import Links
 from tasks.playback import Playback
 from tasks.recovery import Presence, get_presence
-from tasks.report import JobReporter, StateUpdater
+from tasks.report import JobReporter, StateUpdater, WebhookOutbox
 from tasks.runtime import get_loop_thread
 
 log = logging.getLogger("avatarq.render")
@@ -201,10 +201,17 @@ class WorkerParts:
         self.ledger = Ledger(self.redis, stale_after_s=settings.redelivery_after_s)
         self.links = Links(settings, self.redis)
         self.playback = Playback(settings, audio=FfmpegAudio(settings), links=self.links)
+        self.webhooks = WebhookOutbox(settings)
 
     def for_delivery(self, update_state: StateUpdater | None) -> JobParts:
         def reporter(job_id: str) -> JobReporter:
-            return JobReporter(self.settings, job_id, update_state=update_state, redis=self.redis)
+            return JobReporter(
+                self.settings,
+                job_id,
+                update_state=update_state,
+                outbox=self.webhooks,
+                redis=self.redis,
+            )
 
         return JobParts(
             settings=self.settings,
@@ -258,6 +265,9 @@ def _hand_back_after_grace(**_: Any) -> None:
 
 #: How long a worker process's exit waits for its idle avatars to stop.
 CLOSE_LINKS_S = 10.0
+#: How long it then waits for the webhooks still going out (one takes at most about 45 s:
+#: four attempts of 10 s and their backoff).
+SEND_WEBHOOKS_S = 60.0
 
 
 @worker_shutdown.connect
@@ -272,3 +282,7 @@ def _close_links_before_exit(**_: Any) -> None:
         get_loop_thread().run(_worker.links.aclose(), timeout=CLOSE_LINKS_S)
     except Exception as e:  # exiting either way: the leases run out
         log.warning("idle avatars not stopped at exit: %r", e)
+    try:
+        get_loop_thread().run(_worker.webhooks.aclose(), timeout=SEND_WEBHOOKS_S)
+    except Exception as e:
+        log.warning("webhooks still going out at exit are lost: %r", e)

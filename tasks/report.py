@@ -6,6 +6,7 @@ record, and the webhook. Everything written here is built from explicit fields, 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import json
@@ -62,11 +63,13 @@ class JobReporter:
         job_id: str,
         *,
         update_state: StateUpdater | None = None,
+        outbox: WebhookOutbox,
         redis: aioredis.Redis | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self.job_id = job_id
+        self._outbox = outbox
         self._update_state = update_state
         self._redis = redis or aioredis.from_url(settings.redis_url)
         self._owns_redis = redis is None
@@ -133,50 +136,82 @@ class JobReporter:
             self._progress_task = None
 
     async def announce(self, result: JobResult, webhook_url: str | None) -> None:
-        """Announce the terminal state (already recorded by the ledger); deliver the webhook."""
+        """Announce the terminal state (already recorded by the ledger); the webhook goes out
+        beside what the worker does next (`WebhookOutbox`)."""
         record = result.as_record()
         body = json.dumps(record, default=str)
         metrics.observe(result)
         await self._write(TERMINAL_EVENT[Status(result.status)], record)
         if webhook_url:
-            await self._deliver_webhook(webhook_url, body.encode())
-
-    async def _deliver_webhook(self, url: str, body: bytes) -> None:
-        """POST the result to `url`, retrying 5xx and connection errors. The SSRF policy for
-        webhooks is checked on every address connected to, and redirects are not followed:
-        a 3xx would send the signed result somewhere the job's URL did not name."""
-        secret = self.settings.webhook_secret.get_secret_value()
-        timeout = aiohttp.ClientTimeout(total=10)
-        async with SafeHttp(
-            webhook_policy(self.settings), timeout=timeout, follow_redirects=False
-        ) as http:
-            for attempt in range(WEBHOOK_ATTEMPTS):
-                headers = {"Content-Type": "application/json"}
-                if secret:
-                    ts = str(int(time.time()))
-                    headers[WEBHOOK_TIMESTAMP_HEADER] = ts
-                    headers[WEBHOOK_SIGNATURE_HEADER] = sign_webhook(secret, ts, body)
-                try:
-                    async with await http.request("POST", url, data=body, headers=headers) as resp:
-                        if 300 <= resp.status < 400:
-                            log.warning(
-                                "webhook for job %s answered %d; redirects are not followed",
-                                self.job_id,
-                                resp.status,
-                            )
-                            return
-                        if resp.status < 500:
-                            return
-                except InvalidJob as e:
-                    log.warning("webhook for job %s not sent: %s", self.job_id, e.message)
-                    return
-                except (TimeoutError, aiohttp.ClientError):
-                    pass
-                await asyncio.sleep(backoff_delay(attempt))
-        log.warning(
-            "webhook for job %s not delivered after %d attempts", self.job_id, WEBHOOK_ATTEMPTS
-        )
+            self._outbox.send(self.job_id, result.room or self.job_id, webhook_url, body.encode())
 
     async def aclose(self) -> None:
         if self._owns_redis:
             await self._redis.aclose()
+
+
+class WebhookOutbox:
+    """The webhooks of one worker process (or agent), sent beside the jobs that follow: a slow
+    receiver must not hold up the room's next job, which its lane plays at once. Each room's
+    webhooks go out in its jobs' order; `aclose` waits for every one still going out."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        #: Per room, its latest webhook still going out: the next one waits for it.
+        self._last: dict[str, asyncio.Task[None]] = {}
+        self._going: set[asyncio.Task[None]] = set()
+
+    def send(self, job_id: str, room: str, url: str, body: bytes) -> None:
+        before = self._last.get(room)
+        task = asyncio.get_running_loop().create_task(self._after(before, job_id, url, body))
+        self._last[room] = task
+        self._going.add(task)
+        task.add_done_callback(functools.partial(self._sent, room))
+
+    async def _after(
+        self, before: asyncio.Task[None] | None, job_id: str, url: str, body: bytes
+    ) -> None:
+        if before is not None:
+            await asyncio.wait({before})
+        await deliver_webhook(self.settings, job_id, url, body)
+
+    def _sent(self, room: str, task: asyncio.Task[None]) -> None:
+        self._going.discard(task)
+        if self._last.get(room) is task:
+            del self._last[room]
+
+    async def aclose(self) -> None:
+        await asyncio.gather(*self._going, return_exceptions=True)
+
+
+async def deliver_webhook(settings: Settings, job_id: str, url: str, body: bytes) -> None:
+    """POST the result to `url`, retrying 5xx and connection errors. The SSRF policy for
+    webhooks is checked on every address connected to, and redirects are not followed:
+    a 3xx would send the signed result somewhere the job's URL did not name."""
+    secret = settings.webhook_secret.get_secret_value()
+    timeout = aiohttp.ClientTimeout(total=10)
+    async with SafeHttp(webhook_policy(settings), timeout=timeout, follow_redirects=False) as http:
+        for attempt in range(WEBHOOK_ATTEMPTS):
+            headers = {"Content-Type": "application/json"}
+            if secret:
+                ts = str(int(time.time()))
+                headers[WEBHOOK_TIMESTAMP_HEADER] = ts
+                headers[WEBHOOK_SIGNATURE_HEADER] = sign_webhook(secret, ts, body)
+            try:
+                async with await http.request("POST", url, data=body, headers=headers) as resp:
+                    if 300 <= resp.status < 400:
+                        log.warning(
+                            "webhook for job %s answered %d; redirects are not followed",
+                            job_id,
+                            resp.status,
+                        )
+                        return
+                    if resp.status < 500:
+                        return
+            except InvalidJob as e:
+                log.warning("webhook for job %s not sent: %s", job_id, e.message)
+                return
+            except (TimeoutError, aiohttp.ClientError):
+                pass
+            await asyncio.sleep(backoff_delay(attempt))
+    log.warning("webhook for job %s not delivered after %d attempts", job_id, WEBHOOK_ATTEMPTS)

@@ -9,6 +9,7 @@ leaves its failure in Celery's state."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -24,6 +25,7 @@ from avatarq_dev.faults.fleet import (
     more_rooms_than_threads,
     peak_sessions,
     sigterm_with_a_lane,
+    slow_webhook_in_a_lane,
     stress,
 )
 from tests.netns import needs_netns
@@ -126,3 +128,16 @@ def test_an_idle_session_of_a_cut_off_worker_ends_before_its_slot_lapses(lab: Fa
     statuses = [run.records[j]["status"] for j in run.ids]
     assert statuses == ["completed", "completed"], detail(run)
     assert run.facts["peak_sessions"] == 1, detail(run)
+
+
+@pytest.mark.netns
+@needs_netns
+def test_a_slow_webhook_does_not_hold_up_the_rooms_next_job(lab: FaultLab) -> None:
+    run = scenario_checks(slow_webhook_in_a_lane(lab))
+    assert [run.records[j]["status"] for j in run.ids] == ["completed"] * 3, detail(run)
+    ours = sorted((s for s in run.segments if s.job_id in run.ids), key=lambda s: s.start)
+    assert [s.job_id for s in ours] == run.ids, detail(run)
+    gaps = [b.start - a.end for a, b in itertools.pairwise(ours)]
+    # Each job's webhook took 2 s to answer; the room's next job did not wait for it.
+    assert max(gaps) < 1.0, f"silences between jobs {gaps}\n{detail(run)}"
+    assert run.facts["webhooks"] == run.ids, detail(run)  # all delivered, in the room's order

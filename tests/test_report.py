@@ -24,6 +24,7 @@ from tasks.report import (
     WEBHOOK_SIGNATURE_HEADER,
     WEBHOOK_TIMESTAMP_HEADER,
     JobReporter,
+    WebhookOutbox,
 )
 from tests.httpserve import serving_app
 
@@ -45,7 +46,9 @@ def test_events_and_progress(redis_server: str) -> None:
     states: list[dict[str, Any]] = []
 
     async def go() -> None:
-        reporter = JobReporter(settings, "job-r1", update_state=states.append)
+        reporter = JobReporter(
+            settings, "job-r1", update_state=states.append, outbox=WebhookOutbox(settings)
+        )
         await reporter.emit(JobStarted(room="r", avatar_id="a", attempt=1))
         for i in range(5):  # within one second: only the first passes the throttle
             await reporter.progress(i * 0.1, 2.0)
@@ -89,6 +92,7 @@ def test_the_progress_state_is_rarer_than_the_events(redis_server: str) -> None:
             settings,
             "job-r2",
             update_state=lambda meta: states.append(meta["seconds_streamed"]),
+            outbox=WebhookOutbox(settings),
             clock=lambda: now[0],
         )
         for i in range(30):
@@ -117,6 +121,7 @@ def test_status_shows_the_latest_progress_event(redis_server: str) -> None:
             settings,
             "job-r4",
             update_state=lambda meta: backend.store_result("job-r4", meta, "PROGRESS"),
+            outbox=WebhookOutbox(settings),
             clock=lambda: now[0],
         )
         for now[0] in (0.0, 1.2, 2.4):
@@ -141,10 +146,12 @@ async def deliver(
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handler)
     async with serving_app(app) as port:
-        reporter = JobReporter(settings, job_id)
+        outbox = WebhookOutbox(settings)
+        reporter = JobReporter(settings, job_id, outbox=outbox)
         try:
             result = Failed(job_id=job_id, attempt=1, reason="decode_error", error="not audio")
             await reporter.announce(result, f"http://{host}:{port}{path}")
+            await outbox.aclose()
         finally:
             await reporter.aclose()
 
@@ -183,7 +190,9 @@ def test_progress_nowait_never_holds_up_the_caller(redis_server: str) -> None:
         states.append(meta["seconds_streamed"])
 
     async def go() -> float:
-        reporter = JobReporter(settings, "job-r3", update_state=slow_state)
+        reporter = JobReporter(
+            settings, "job-r3", update_state=slow_state, outbox=WebhookOutbox(settings)
+        )
         original = reporter.emit
 
         async def held_emit(event: Event, **data: Any) -> None:
@@ -244,3 +253,38 @@ def test_webhook_redirect_is_not_followed(redis_server: str, caplog: Any) -> Non
     asyncio.run(deliver(settings, "job-w3", hook))
     assert received == ["/hook"]
     assert "redirects are not followed" in caplog.text
+
+
+def test_webhooks_go_out_beside_the_next_job_in_each_rooms_order(redis_server: str) -> None:
+    """A slow receiver holds up neither the announcing job (its room's next job plays at once)
+    nor another room's webhook; a room's webhooks still arrive in its jobs' order."""
+    # Loopback receiver: private webhooks allowed.
+    settings = settings_for(redis_server, AVATARQ_ALLOW_PRIVATE_WEBHOOKS=True)
+    arrived: list[str] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        job_id = json.loads(await request.read())["job_id"]
+        if job_id == "a1":
+            await asyncio.sleep(1.0)  # the receiver is slow with the room's first job
+        arrived.append(job_id)
+        return web.Response(status=204)
+
+    async def go() -> float:
+        app = web.Application()
+        app.router.add_post("/hook", hook)
+        async with serving_app(app) as port:
+            outbox = WebhookOutbox(settings)
+            loop = asyncio.get_running_loop()
+            began = loop.time()
+            for job_id, room in (("a1", "ra"), ("a2", "ra"), ("b1", "rb")):
+                reporter = JobReporter(settings, job_id, outbox=outbox)
+                result = Failed(job_id=job_id, room=room, attempt=1, reason="decode_error",
+                                error="not audio")  # fmt: skip
+                await reporter.announce(result, f"http://127.0.0.1:{port}/hook")
+                await reporter.aclose()
+            announced = loop.time() - began
+            await outbox.aclose()
+            return announced
+
+    assert asyncio.run(go()) < 0.5
+    assert arrived == ["b1", "a1", "a2"]

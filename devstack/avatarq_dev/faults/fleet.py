@@ -3,17 +3,21 @@ avatar-start failures and workers SIGKILLed at random, all at once. It interleav
 park, hand-on, lease renewal, release, retry, recovery and quota waits far more often than a
 normal run; a room lane's own faults (SIGTERM of its holder, cancel of a parked job); and
 more rooms than worker threads, where a lane takes its room's next jobs from the ledger
-ahead of their messages; a worker cut off from Redis while it keeps a session idle.
+ahead of their messages; a worker cut off from Redis while it keeps a session idle; a slow
+webhook receiver beside a room's lane.
 `tests/test_fleet.py` asserts what the listener and the quota saw."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 import secrets
 import signal
+import threading
 import time
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from avatarq.ledger.keys import (
@@ -264,3 +268,43 @@ def idle_session_of_a_cut_off_worker(lab: FaultLab) -> Run:
     run.sessions = [s for s in lab.sessions() if s.get("room") in set(rooms)]
     run.facts["peak_sessions"] = peak_sessions(run.sessions, until=time.time())
     return run
+
+
+#: How long the slow webhook receiver takes to answer.
+SLOW_WEBHOOK_S = 2.0
+
+
+def slow_webhook_in_a_lane(lab: FaultLab) -> Run:
+    """Three jobs of one room, each with a webhook to a receiver that answers after 2 s: the
+    room's lane plays them back to back all the same, and the webhooks arrive in order."""
+    arrived: list[tuple[str, float]] = []
+
+    class Slow(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            time.sleep(SLOW_WEBHOOK_S)
+            arrived.append((json.loads(body)["job_id"], time.time()))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    room = f"hooks-{secrets.token_hex(3)}"
+    receiver = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{receiver.server_port}/hook"
+    try:
+        # Non-default: the receiver is on loopback, which the webhook SSRF guard refuses.
+        private = {"AVATARQ_ALLOW_PRIVATE_WEBHOOKS": "true"}
+        with lab.workers(1, env=private), lab.stack.current(private):
+            ids = [lab.enqueue(room, 1.0, webhook_url=url) for _ in range(3)]
+            records = lab.wait(ids)
+            deadline = time.monotonic() + 3 * SLOW_WEBHOOK_S + 10.0
+            while len(arrived) < len(ids) and time.monotonic() < deadline:
+                time.sleep(0.1)
+    finally:
+        receiver.shutdown()
+        receiver.server_close()
+    return lab.observe("a slow webhook receiver beside a lane", ids, records, room=room,
+                       webhooks=[job_id for job_id, _ in arrived])  # fmt: skip
