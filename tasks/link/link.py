@@ -70,6 +70,7 @@ class AvatarLink:
     broken: StopReason | None = None
     _closed: bool = field(default=False, repr=False)
     _keeper_join: asyncio.Future[rtc.Room] | None = field(default=None, repr=False)
+    #: The close a lapsing slot began (held: the loop keeps only a weak reference to a task).
     _lapse_close: asyncio.Future[None] | None = field(default=None, repr=False)
 
     @property
