@@ -58,8 +58,18 @@ class RedisRelay:
         self._writers.clear()
 
     def cut(self) -> None:
+        """Refuse new connections and drop the open ones; returns once they are dropped (a
+        message sent after it cannot reach the cut-off side through a connection not yet
+        dropped)."""
         self.open = False
-        self._loop.call_soon_threadsafe(self._drop_all)
+        dropped = threading.Event()
+
+        def drop() -> None:
+            self._drop_all()
+            dropped.set()
+
+        self._loop.call_soon_threadsafe(drop)
+        dropped.wait(5.0)
 
     def restore(self) -> None:
         self.open = True
