@@ -20,7 +20,7 @@ import requests
 
 from avatarq.ledger.keys import avatar_quota_key, job_events_key
 from avatarq.settings import get_settings
-from avatarq_dev.faults.cutoff import RedisRelay
+from avatarq_dev.faults.cutoff import RedisRelay, port_of
 from avatarq_dev.stack import LocalStack, local_stack
 from tasks.link import quota as quota_mod
 from tasks.link.quota import AvatarQuota, Slot, wait_for_slot
@@ -103,7 +103,6 @@ def test_a_slot_that_cannot_be_renewed_ends_its_session_before_it_lapses(
     monkeypatch.setattr(quota_mod, "LAPSE_MARGIN_S", 0.6)
     monkeypatch.setattr(quota_mod, "WAIT_POLL_S", 0.1)
     monkeypatch.setattr(quota_mod, "RENEW_TIMEOUT_S", 0.2)
-    port = int(redis_server.rsplit(":", 1)[1].split("/")[0])
 
     async def go(via: str) -> None:
         direct, cut_off = aioredis.from_url(redis_server), aioredis.from_url(via)
@@ -134,8 +133,8 @@ def test_a_slot_that_cannot_be_renewed_ends_its_session_before_it_lapses(
         await direct.aclose()
         await cut_off.aclose()
 
-    with RedisRelay(port).running() as relay:
-        run(go(redis_server.replace(f":{port}", f":{relay.port}")))
+    with RedisRelay(port_of(redis_server)).running() as relay:
+        run(go(relay.route(redis_server)))
 
 
 def test_a_429_shrinks_the_quota_and_waiting_gives_up_in_time(redis_server: str) -> None:

@@ -15,6 +15,11 @@ from collections.abc import Iterator
 from avatarq_dev.faults.lab import FaultLab, Run
 
 
+def port_of(url: str) -> int:
+    """The port of a `scheme://host:port[/db]` URL."""
+    return int(url.rsplit(":", 1)[1].split("/")[0])
+
+
 class RedisRelay:
     """Forwards loopback TCP connections to Redis; `cut()` drops every connection and
     refuses new ones until `restore()`."""
@@ -71,6 +76,10 @@ class RedisRelay:
         self._loop.call_soon_threadsafe(drop)
         dropped.wait(5.0)
 
+    def route(self, url: str) -> str:
+        """`url` (of the relay's target) through the relay."""
+        return url.replace(f":{port_of(url)}", f":{self.port}")
+
     def restore(self) -> None:
         self.open = True
 
@@ -90,9 +99,8 @@ def worker_cut_off_from_redis(lab: FaultLab, cut_for_s: float = 25.0) -> Run:
     3 s into a 20 s job for `cut_for_s`, longer than its heartbeat and lease; a live worker
     takes the job over. Reconnected, the old worker writes no event and sends no message."""
     room = f"cutoff-{secrets.token_hex(3)}"
-    port = int(lab.stack.redis.url.rsplit(":", 1)[1].split("/")[0])
-    with RedisRelay(port).running() as relay:
-        via = lab.stack.redis.url.replace(f":{port}", f":{relay.port}")
+    with RedisRelay(port_of(lab.stack.redis.url)).running() as relay:
+        via = relay.route(lab.stack.redis.url)
         extra = {"REDIS_URL": via}
         if lab.broker == "redis":
             extra["CELERY_BROKER_URL"] = via

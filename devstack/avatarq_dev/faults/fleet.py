@@ -28,7 +28,7 @@ from avatarq.ledger.keys import (
     room_order_key,
     worker_held_key,
 )
-from avatarq_dev.faults.cutoff import RedisRelay
+from avatarq_dev.faults.cutoff import RedisRelay, port_of
 from avatarq_dev.faults.lab import FaultLab, Run
 
 
@@ -231,10 +231,6 @@ def late_copy_of_a_failed_job(lab: FaultLab) -> Run:
     )
 
 
-def _port(url: str) -> int:
-    return int(url.rsplit(":", 1)[1].split("/")[0])
-
-
 def idle_session_of_a_cut_off_worker(lab: FaultLab) -> Run:
     """One session slot for the fleet. A worker keeps a room's avatar session idle (warm)
     when it is cut off from Redis and its broker, so its slot is no longer renewed; a live
@@ -246,9 +242,9 @@ def idle_session_of_a_cut_off_worker(lab: FaultLab) -> Run:
     with contextlib.ExitStack() as cuts:
         urls = {"REDIS_URL": lab.stack.redis.url, "CELERY_BROKER_URL": broker}
         relays = {
-            name: cuts.enter_context(RedisRelay(_port(u)).running()) for name, u in urls.items()
+            name: cuts.enter_context(RedisRelay(port_of(u)).running()) for name, u in urls.items()
         }
-        via = {name: u.replace(f":{_port(u)}", f":{relays[name].port}") for name, u in urls.items()}
+        via = {name: relays[name].route(u) for name, u in urls.items()}
         # Non-default warm idle: with the default 10 s the idle session ends by itself about
         # when its slot can lapse; kept a minute, only the slot's own watch can end it in time.
         quota = {"AVATARQ_AVATAR_MAX_SESSIONS": "1"}
@@ -281,13 +277,13 @@ SLOW_WEBHOOK_S = 2.0
 def slow_webhook_in_a_lane(lab: FaultLab) -> Run:
     """Three jobs of one room, each with a webhook to a receiver that answers after 2 s: the
     room's lane plays them back to back all the same, and the webhooks arrive in order."""
-    arrived: list[tuple[str, float]] = []
+    arrived: list[str] = []  # job ids, as their webhooks were answered
 
     class Slow(BaseHTTPRequestHandler):
         def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
             body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
             time.sleep(SLOW_WEBHOOK_S)
-            arrived.append((json.loads(body)["job_id"], time.time()))
+            arrived.append(json.loads(body)["job_id"])
             self.send_response(204)
             self.end_headers()
 
@@ -311,4 +307,4 @@ def slow_webhook_in_a_lane(lab: FaultLab) -> Run:
         receiver.shutdown()
         receiver.server_close()
     return lab.observe("a slow webhook receiver beside a lane", ids, records, room=room,
-                       webhooks=[job_id for job_id, _ in arrived])  # fmt: skip
+                       webhooks=arrived)  # fmt: skip
