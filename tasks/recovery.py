@@ -2,7 +2,9 @@
 
 Each worker process keeps a heartbeat and the deliveries it holds in Redis; every live
 process sweeps, and one of them takes a dead process's deliveries, frees their leases, stops
-their avatars and publishes them again. Why and how fast: docs/guarantees.md (2)."""
+their avatars and publishes them again. The sweep also sends again what no worker will: a
+parked job nobody hands on, a message the broker lost on its way to a worker. Why and how
+fast: docs/guarantees.md (2, 9)."""
 
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from redis.exceptions import RedisError
 
 from avatarq.errors import InvalidJob
 from avatarq.jobs import parse_job
-from avatarq.ledger.worker import Ledger, Orphan, Parked, job_id_of
+from avatarq.ledger.worker import Handoff, Ledger, Orphan, Parked, job_id_of
 from avatarq.settings import Settings
 from tasks.link import room as rooms
 from tasks.link.avatar import HttpAvatarClient
@@ -43,6 +45,12 @@ SWEEP_S = 2.0
 #: most `RESENDS` times, each wait twice the last.
 RESEND_AFTER_S = 30.0
 RESENDS = 5
+#: A registered job that no worker has claimed, whose message went into the broker this long
+#: before the broker's oldest message (or before now, with the queue empty), was lost on its
+#: way to a worker and is sent again: the Redis broker hands a message over (BRPOP) without
+#: an acknowledgement, so a connection that drops at that moment loses it. A worker claims a
+#: message within milliseconds of taking it; a copy sent on a false alarm, the ledger drops.
+LOST_AFTER_S = 10.0
 
 
 @dataclass
@@ -57,14 +65,18 @@ class Sent:
 
 #: Publishes a payload again as the render task under the given task id.
 Publish = Callable[[str, Any], None]
+#: The task ids of the broker's oldest queued messages ([] when none), or None when the
+#: broker cannot be read that way (tasks/brokerqueue.py).
+Peek = Callable[[], list[str] | None]
 
 
 class Presence:
     """This worker process in Redis: its heartbeat and the deliveries it holds."""
 
-    def __init__(self, settings: Settings, publish: Publish) -> None:
+    def __init__(self, settings: Settings, publish: Publish, peek: Peek | None = None) -> None:
         self.settings = settings
         self.publish = publish
+        self.peek = peek
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         #: task id -> payload JSON of every delivery this process holds (Redis mirrors it).
         self.held: dict[str, str] = {}
@@ -210,8 +222,8 @@ class Presence:
                 log.warning("recovery sweep: Redis unreachable: %s", e)
 
     async def sweep_once(self) -> list[str]:
-        """Recover the deliveries of every dead worker process, and the parked jobs that no
-        room's job will hand on; returns their task ids."""
+        """Recover the deliveries of every dead worker process, the parked jobs that no
+        room's job will hand on and the messages the broker lost; returns their task ids."""
         ledger = self.ledger
         orphans = await ledger.take_orphans()
         for orphan in orphans:
@@ -223,7 +235,30 @@ class Presence:
                 self.sent_back(handoff.task_id, handoff.payload, 0.0)
             else:
                 await ledger.park(str(handoff.payload.get("room", "")), handoff)
-        return [orphan.task_id for orphan in orphans] + [h.task_id for h in stranded]
+        lost = await self._resend_lost(ledger)
+        return [orphan.task_id for orphan in orphans] + [h.task_id for h in stranded + lost]
+
+    async def _resend_lost(self, ledger: Ledger) -> list[Handoff]:
+        """Send again the registered jobs whose message left the broker but reached no
+        worker: none claimed or holds them, and the broker's oldest message went in well
+        after theirs."""
+        now = time.time()
+        if self.peek is None or not await ledger.unseen_before(now - LOST_AFTER_S):
+            return []
+        try:
+            oldest = await asyncio.to_thread(self.peek)
+        except Exception as e:  # the broker is down: its connection's own errors
+            log.warning("recovery sweep: the broker's queue cannot be read: %s", e)
+            return []
+        went_in = None if oldest is None else await ledger.registered_at(oldest)
+        if went_in is None:
+            return []  # a broker that cannot be read, or an oldest message no job registered
+        lost = await ledger.take_lost(min([now, *went_in]) - LOST_AFTER_S)
+        for handoff in lost:
+            log.warning("job %s: its message left the broker and reached no worker; sending it "
+                        "again", handoff.task_id)  # fmt: skip
+            await self._publish(handoff.task_id, handoff.payload)
+        return lost
 
     async def _recover(self, ledger: Ledger, orphan: Orphan) -> None:
         task_id = orphan.task_id
@@ -290,7 +325,7 @@ _lock = threading.Lock()
 _presence: tuple[int, Presence] | None = None
 
 
-def get_presence(settings: Settings, publish: Publish) -> Presence:
+def get_presence(settings: Settings, publish: Publish, peek: Peek | None = None) -> Presence:
     """This process's presence, started on first use (and again in a forked child).
 
     It lives in the process that consumes from the broker: with the threads pool (the
@@ -300,6 +335,6 @@ def get_presence(settings: Settings, publish: Publish) -> Presence:
     global _presence
     with _lock:
         if _presence is None or _presence[0] != os.getpid():
-            _presence = (os.getpid(), Presence(settings, publish))
+            _presence = (os.getpid(), Presence(settings, publish, peek))
             _presence[1].start()
         return _presence[1]

@@ -31,6 +31,7 @@ from avatarq.settings import Settings, get_settings
 from tasks.app import app
 from tasks.audio import FfmpegAudio
 from tasks.backoff import RedisPatience, outlast_redis
+from tasks.brokerqueue import oldest_task_ids
 from tasks.control import HAND_BACK, LEAVING
 from tasks.hooks import worker_hooks
 from tasks.jobrun import Ending, JobParts, JobRun, Outcome
@@ -65,7 +66,7 @@ def render(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
     """
     settings = get_settings()
     task_id = self.request.id
-    presence = get_presence(settings, republish)
+    presence = _presence(settings)
     try:
         outcome = _deliver(self, payload, task_id, settings)
         if outcome.retry_in is not None:
@@ -102,7 +103,7 @@ def _deliver(task: Task, payload: Any, task_id: str, settings: Settings) -> Outc
         task.update_state(task_id=task_id, state="PROGRESS", meta=meta)
 
     # One lease token per delivery: a re-run after a Redis outage is the same holder.
-    token = get_presence(settings, republish).new_token()
+    token = _presence(settings).new_token()
     # Redis (broker and ledger) unreachable before the job could start: wait it out rather
     # than fail, since failing would acknowledge, and lose, it.
     run = outlast_redis(
@@ -118,7 +119,7 @@ def _play_handed(task: Task, handoff: Handoff, settings: Settings) -> Handoff | 
     """Play a job its room's previous job handed to this process (its message was
     acknowledged when it parked: this process holds it, tasks/recovery.py); returns the
     room's next one."""
-    presence = get_presence(settings, republish)
+    presence = _presence(settings)
     if LEAVING.is_set():
         _hand_on(presence, handoff)
         presence.let_go(handoff.task_id)
@@ -164,7 +165,7 @@ def _hand_on(presence: Presence, handoff: Handoff, retry_in: float = 0.0) -> Non
 @worker_ready.connect
 def _announce(**_: Any) -> None:
     # Heartbeat and sweeper from the start: an idle worker recovers dead workers' jobs too.
-    get_presence(get_settings(), republish)
+    _presence(get_settings())
 
 
 @task_received.connect
@@ -178,7 +179,7 @@ def _hold_on_receipt(sender: Any, request: Any, **_: Any) -> None:
     payload = request.args[0] if request.args else None
     if isinstance(payload, dict):
         payload = {**payload, "job_id": job_id_of(payload, request.id)}
-    get_presence(get_settings(), republish).hold(request.id, payload)
+    _presence(get_settings()).hold(request.id, payload)
 
 
 def _is_prefork(consumer: Any) -> bool:
@@ -188,6 +189,15 @@ def _is_prefork(consumer: Any) -> bool:
 def republish(task_id: str, payload: Any) -> None:
     """Send a dead worker's delivery again (tasks/recovery.py), under its own task id."""
     app.send_task(RENDER_TASK, args=[payload], task_id=task_id, queue=RENDER_QUEUE)
+
+
+def _oldest_queued() -> list[str] | None:
+    return oldest_task_ids(app, RENDER_QUEUE)
+
+
+def _presence(settings: Settings) -> Presence:
+    """This process's presence in Redis (tasks/recovery.py)."""
+    return get_presence(settings, republish, _oldest_queued)
 
 
 class WorkerParts:
@@ -220,10 +230,8 @@ class WorkerParts:
             player=self.playback,
             shutting_down=HAND_BACK.is_set,
             hooks=worker_hooks(HAND_BACK.is_set, self.settings),
-            hold=lambda handoff: get_presence(self.settings, republish).hold(
-                handoff.task_id, handoff.payload
-            ),
-            park=get_presence(self.settings, republish).park,
+            hold=lambda handoff: _presence(self.settings).hold(handoff.task_id, handoff.payload),
+            park=_presence(self.settings).park,
         )
 
 
@@ -254,7 +262,7 @@ def _hand_back_after_grace(**_: Any) -> None:
     # Warm shutdown: Celery stops taking jobs and waits for the playing ones. Let them finish
     # within the grace period; then hand the rest back so another worker plays them.
     LEAVING.set()
-    get_presence(get_settings(), republish).hand_back_parked()
+    _presence(get_settings()).hand_back_parked()
     timer = threading.Timer(get_settings().shutdown_grace_s, HAND_BACK.set)
     timer.daemon = True
     timer.start()

@@ -17,6 +17,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+from avatarq.celeryconfig import RENDER_QUEUE, RENDER_TASK
 from avatarq.ledger.keys import (
     job_lease_key,
     job_record_key,
@@ -29,8 +30,9 @@ from avatarq.ledger.worker import Claim, Ledger, job_id_of
 from avatarq.results import Failed
 from avatarq.settings import Settings
 from avatarq_dev.processes import ManagedProcess
-from producers.client import enqueue
+from producers.client import celery_app, enqueue
 from tasks import recovery
+from tasks.brokerqueue import oldest_task_ids
 from tasks.jobrun import Ending, JobParts, JobRun, Outcome
 from tasks.recovery import Presence
 from tests.fakes import FakeReporter
@@ -274,3 +276,101 @@ def test_a_delivery_sent_back_is_followed_until_another_worker_has_it(
             await other.redis.aclose()
 
     asyncio.run(go())
+
+
+def _lose_oldest_message(broker_url: str) -> str:
+    """Take the broker's oldest message as a BRPOP whose connection then dropped does (the
+    Redis server popped it; no worker ever sees it); its task id."""
+    raw = redis.Redis.from_url(broker_url).rpop(RENDER_QUEUE)
+    assert raw is not None
+    return str(json.loads(raw)["headers"]["id"])
+
+
+def test_a_message_the_redis_broker_lost_is_sent_again_once(
+    own_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A registered job whose message left the Redis broker and reached no worker is sent
+    again, once per loss; a job whose message is still queued, one that a live worker holds
+    and one that a worker claimed are not."""
+    monkeypatch.setattr(recovery, "LOST_AFTER_S", 0.3)
+    settings = Settings(REDIS_URL=own_db, CELERY_BROKER_URL=own_db)
+    app = celery_app(settings)
+    tag = uuid.uuid4().hex[:6]
+    jobs = {
+        name: {"job_id": f"{name}-{tag}", "room": f"{name}-{tag}", "avatar_id": "a",
+               "source": "a.wav"}
+        for name in ("first", "second", "third")
+    }  # fmt: skip
+    resent: list[str] = []
+
+    def publish(task_id: str, payload: Any) -> None:
+        resent.append(task_id)
+        app.send_task(RENDER_TASK, args=[payload], task_id=task_id, queue=RENDER_QUEUE)
+
+    async def go() -> None:
+        sweeper = Presence(settings, publish, lambda: oldest_task_ids(app, RENDER_QUEUE))
+        receiver = Presence(settings, lambda *a: None)
+        try:
+            for payload in jobs.values():
+                enqueue(payload, settings=settings)
+                await asyncio.sleep(0.5)
+            await sweeper.sweep_once()
+            assert resent == []  # all three are still queued, however old
+            first = _lose_oldest_message(own_db)
+            await sweeper.sweep_once()
+            assert resent == [first] == [jobs["first"]["job_id"]]
+            await asyncio.sleep(0.4)
+            await sweeper.sweep_once()
+            assert resent == [first]  # its new copy is queued behind the others
+            # The second is taken by a worker that holds it, not yet claimed; the third's
+            # worker claims it; both their messages are gone from the queue.
+            second, third = _lose_oldest_message(own_db), _lose_oldest_message(own_db)
+            receiver.hold(second, jobs["second"])
+            await receiver.beat_once()
+            ledger = Ledger(sweeper.redis, stale_after_s=3600)
+            await ledger.claim(third, jobs["third"]["room"], sweeper.new_token())
+            await asyncio.sleep(0.4)
+            await sweeper.sweep_once()
+            assert resent == [first]  # the first's copy is the oldest message queued
+            _lose_oldest_message(own_db)  # and that copy is lost too
+            await asyncio.sleep(0.4)
+            await sweeper.sweep_once()
+            assert resent == [first, first]
+        finally:
+            await sweeper.redis.aclose()
+            await receiver.redis.aclose()
+
+    asyncio.run(go())
+
+
+def test_a_broker_that_cannot_be_peeked_is_not_read() -> None:
+    # RabbitMQ acknowledges what it hands over (nothing is lost on the way); a look at it
+    # must not even connect (nothing listens on port 1).
+    app = celery_app(Settings(CELERY_BROKER_URL="amqp://guest:guest@127.0.0.1:1//"))
+    assert oldest_task_ids(app, RENDER_QUEUE) is None
+
+
+@pytest.mark.slow
+def test_a_job_whose_message_the_redis_broker_lost_plays_on_a_live_worker(
+    redis_server: str, tmp_path: Path
+) -> None:
+    # Default settings. The loss itself (a worker's connection dropping as BRPOP hands it the
+    # message) is a race; here the message is taken from the queue as that BRPOP took it.
+    env = {
+        "REDIS_URL": redis_server,
+        "CELERY_BROKER_URL": redis_server,
+        "AVATARQ_METRICS_PORT": "0",
+    }
+    settings = Settings(**env)  # type: ignore[arg-type]
+    client = redis.Redis.from_url(redis_server)
+    job_id = f"lost-{uuid.uuid4().hex[:8]}"
+    enqueue({"job_id": job_id, "room": job_id, "avatar_id": "a",
+             "source": str(tmp_path / "no.wav")}, settings=settings)  # fmt: skip
+    assert _lose_oldest_message(redis_server) == job_id
+    lost_at = time.monotonic()
+    with _worker("live", env, tmp_path) as live:
+        while (record := client.get(job_record_key(job_id))) is None:
+            assert time.monotonic() - lost_at < recovery.LOST_AFTER_S + 30, live.tail()
+            time.sleep(0.2)
+    # It ran to its (here: permanent) end: its source does not exist.
+    assert json.loads(record)["reason"] == "source_not_found"

@@ -29,6 +29,9 @@ EVENTS_STREAM = "avatarq:events"
 WORKERS_KEY = "avatarq:workers"
 #: Set of the rooms whose lane holds parked jobs (`room_lane_key`).
 LANES_KEY = "avatarq:lanes"
+#: Zset job id -> when its message last went into the broker (its registration, or a send
+#: again by tasks/recovery.py), for each registered job no worker has claimed yet.
+UNSEEN_KEY = "avatarq:unseen"
 #: Jobs that exhausted their retries, newest first (JSON: job, reason, error, attempts, ts).
 DEAD_LETTER_KEY = "avatarq:dead"
 #: celery-redbeat's keys (each announcement's last fire) and the lock a running beat holds.

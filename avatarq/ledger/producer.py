@@ -16,6 +16,7 @@ from avatarq.events import Event
 from avatarq.ledger.keys import (
     DEAD_LETTER_KEY,
     RECORD_TTL_S,
+    UNSEEN_KEY,
     avatar_quota_key,
     job_attempts_key,
     job_cancel_key,
@@ -62,7 +63,7 @@ class ProducerLedger:
     def register(self, job_id: str, room: str, payload: Mapping[str, Any]) -> bool:
         """Register the job once per id and give it its place in its room's order; False
         when the id was registered before (then nothing must be sent)."""
-        keys = [job_enqueued_key(job_id), room_order_key(room)]
+        keys = [job_enqueued_key(job_id), room_order_key(room), UNSEEN_KEY]
         args: list[str | int] = [
             f"{time.time():.3f}",
             room,
@@ -75,6 +76,7 @@ class ProducerLedger:
     def unregister(self, job_id: str, room: str) -> None:
         """The job could not be sent: free its id and its room's place for another try."""
         self.redis.lrem(room_order_key(room), 0, job_id)
+        self.redis.zrem(UNSEEN_KEY, job_id)
         self.redis.delete(job_enqueued_key(job_id))
 
     def record(self, job_id: str) -> dict[str, Any] | None:

@@ -23,6 +23,7 @@ class Lua(StrEnum):
     FINISH = "finish"
     TAKE_ORPHANS = "take_orphans"
     TAKE_STRANDED = "take_stranded"
+    TAKE_LOST = "take_lost"
     LANES_KEEP = "lanes_keep"
     SEEN = "seen"
     REGISTER = "register"

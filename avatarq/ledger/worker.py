@@ -24,6 +24,7 @@ from avatarq.ledger.keys import (
     LANES_KEY,
     LEASE_TTL_S,
     RECORD_TTL_S,
+    UNSEEN_KEY,
     WORKERS_KEY,
     job_attempts_key,
     job_avatar_key,
@@ -189,6 +190,7 @@ class Ledger:
         self._finish = script(redis, Lua.FINISH)
         self._take_orphans = script(redis, Lua.TAKE_ORPHANS)
         self._take_stranded = script(redis, Lua.TAKE_STRANDED)
+        self._take_lost = script(redis, Lua.TAKE_LOST)
         self._lanes_keep = script(redis, Lua.LANES_KEEP)
         self._seen = script(redis, Lua.SEEN)
         self._room_agent = script(redis, Lua.ROOM_AGENT)
@@ -217,6 +219,7 @@ class Ledger:
             room_lane_key(room),
             LANES_KEY,
             room_agent_key(room),
+            UNSEEN_KEY,
         ]
         args: list[str | int | float] = [
             token,
@@ -444,6 +447,29 @@ class Ledger:
         prefixes = [room_lane_key(""), room_order_key(""), room_holder_key(""), room_agent_key("")]
         entries: list[bytes] = await self._take_stranded(keys=[LANES_KEY], args=prefixes)
         return [_handoff(entry) for entry in entries]
+
+    async def unseen_before(self, at: float) -> bool:
+        """Whether a registered job no worker has claimed went into the broker before `at`."""
+        first = await self.redis.zrangebyscore(UNSEEN_KEY, "-inf", f"({at:.3f}", start=0, num=1)
+        return bool(first)
+
+    async def registered_at(self, job_ids: Collection[str]) -> list[float] | None:
+        """When each of these jobs was registered; None if one of them was not (or its
+        registration is gone)."""
+        stamps = [await self.redis.hget(job_enqueued_key(j), "ts") for j in job_ids]  # type: ignore[misc]
+        if any(ts is None for ts in stamps):
+            return None
+        return [float(ts) for ts in stamps]
+
+    async def take_lost(self, before: float, limit: int = 100) -> list[Handoff]:
+        """Registered jobs that no worker has claimed or holds and whose message went into
+        the broker before `before`; each is returned to one caller only, which must send it
+        again (it is listed again as sent now)."""
+        prefixes = [job_record_key(""), job_enqueued_key(""), worker_held_key(""),
+                    worker_heartbeat_key("")]  # fmt: skip
+        args: list[str | int] = [f"{before:.3f}", f"{time.time():.3f}", limit, *prefixes]
+        flat: list[bytes] = await self._take_lost(keys=[UNSEEN_KEY, WORKERS_KEY], args=args)
+        return [Handoff(flat[i].decode(), json.loads(flat[i + 1])) for i in range(0, len(flat), 2)]
 
     async def hold_room(self, room: str, agent_id: str) -> bool:
         """Hold `room` for a conversational agent (process `agent_id`), or renew its hold, for

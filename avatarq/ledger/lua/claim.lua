@@ -5,10 +5,12 @@
 -- A lease starting with '~' is a released one's tombstone: free, yet never renewed back.
 -- A room held by a conversational agent (avatarq_agents) plays through that agent only: any
 -- other process's claim parks (or waits), whatever its place.
+-- Any claim takes the job off the unseen list: its message reached a worker.
 -- KEYS: record, cancel, lease, room order, attempts, enqueued, room holder, lane, lanes,
---       room agent
+--       room agent, unseen
 -- ARGV: lease token, lease ttl ms, job id, now, record ttl s, rejoin grace s, lane entry
 --       ('' to wait instead of parking), room
+redis.call('ZREM', KEYS[11], ARGV[3])
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'done', 0} end
 if redis.call('EXISTS', KEYS[2]) == 1 then return {'cancelled', 0} end
 local holder = redis.call('GET', KEYS[3])
