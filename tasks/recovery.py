@@ -87,6 +87,10 @@ class Presence:
         #: Deliveries it sent back through the broker, held until someone else has them.
         self.sent: dict[str, Sent] = {}
         self._counts: dict[str, int] = {}
+        #: The session quota of each avatar server, as configured here: announced with the
+        #: heartbeat, so every worker process keeps to the smallest a live one has.
+        self.quotas = {n: s.max_sessions for n, s in settings.configured_avatar_servers().items()}
+        self._quotas_seen: dict[str, list[int]] = {}
         self._held_lock = threading.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -202,7 +206,8 @@ class Presence:
     async def beat_once(self) -> None:
         with self._held_lock:
             held, gone = dict(self.held), set(self._gone)
-        await self.ledger.announce(self.worker_id, held, gone)
+        live = await self.ledger.announce(self.worker_id, held, gone, self.quotas)
+        self._warn_of_other_quotas(live)
         with self._held_lock:
             self._gone -= gone - set(self.held)
             parked = dict(self.parked)
@@ -212,6 +217,18 @@ class Presence:
                 self.parked.pop(task_id, None)
             self.let_go(task_id)
         await self._follow_sent()
+
+    def _warn_of_other_quotas(self, live: dict[str, list[int]]) -> None:
+        """Once per change: live workers configured with other quotas for a server (each
+        process keeps to the smallest, so a mistyped one holds the whole fleet back)."""
+        for server, limits in live.items():
+            if len(limits) > 1 and limits != self._quotas_seen.get(server):
+                log.warning(
+                    "avatar server %r: live workers are configured with different session "
+                    "quotas %s (this one %d); the fleet keeps to %d",
+                    server, limits, self.quotas[server], limits[0],
+                )  # fmt: skip
+            self._quotas_seen[server] = limits
 
     async def _sweep(self) -> None:
         while True:

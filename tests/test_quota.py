@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import signal
 import time
 import uuid
@@ -18,13 +19,17 @@ import redis
 import redis.asyncio as aioredis
 import requests
 
+from avatarq.ledger import worker as ledger_worker
 from avatarq.ledger.keys import avatar_quota_key, job_events_key
-from avatarq.settings import get_settings
+from avatarq.ledger.producer import ProducerLedger
+from avatarq.ledger.worker import Ledger
+from avatarq.settings import Settings, get_settings
 from avatarq_dev.faults.cutoff import RedisRelay, port_of
 from avatarq_dev.stack import LocalStack, local_stack
 from tasks.link import quota as quota_mod
 from tasks.link.quota import AvatarQuota, Slot, wait_for_slot
 from tasks.link.types import NoAvatarSlot, Waiting
+from tasks.recovery import Presence
 from tests import audio
 from tests.netns import needs_netns
 from tests.waiting import wait_terminal
@@ -135,6 +140,58 @@ def test_a_slot_that_cannot_be_renewed_ends_its_session_before_it_lapses(
 
     with RedisRelay(port_of(redis_server)).running() as relay:
         run(go(relay.route(redis_server)))
+
+
+def test_the_fleet_keeps_to_the_smallest_quota_a_live_worker_is_configured_with(
+    redis_server: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A worker's word for its quota lasts as long as its heartbeat: shortened from 10 s.
+    monkeypatch.setattr(ledger_worker, "HEARTBEAT_TTL_S", 0.5)
+    server = f"s-{uuid.uuid4().hex[:6]}"
+
+    async def go() -> None:
+        r = aioredis.from_url(redis_server)
+        ledger = Ledger(r, stale_after_s=3600)
+        wide = AvatarQuota(r, server, 10)
+        try:
+            # A live worker configured with 2 (a rolling deploy lowering the license).
+            assert await ledger.announce("narrow", {}, (), {server: 2}) == {server: [2]}
+            assert isinstance(await wide.try_acquire("a"), Slot)
+            assert isinstance(await wide.try_acquire("b"), Slot)
+            assert await wide.try_acquire("c") == Waiting(place=0, sessions=2, quota=2)
+            assert (await wide.snapshot())["quota"] == 2
+            status = ProducerLedger(redis.Redis.from_url(redis_server)).capacity({server: 10})
+            assert status[0]["quota"] == 2
+            # That worker is gone: its word lapses with its heartbeat.
+            await asyncio.sleep(0.6)
+            assert isinstance(await wide.try_acquire("c"), Slot)
+        finally:
+            await r.aclose()
+
+    run(go())
+    # A worker whose quota differs from a live one's says so, once.
+    own = redis_server.rsplit("/", 1)[0] + "/8"
+    redis.Redis.from_url(own).flushdb()
+    settings = Settings(REDIS_URL=own, AVATARQ_AVATAR_MAX_SESSIONS=10)  # type: ignore[call-arg]
+
+    async def beats() -> None:
+        presence = Presence(settings, lambda *a: None)
+        try:
+            await presence.ledger.announce("other", {}, (), {"default": 4})
+            await presence.beat_once()
+            await presence.beat_once()
+        finally:
+            await presence.redis.aclose()
+
+    with caplog.at_level(logging.WARNING, logger="avatarq.recovery"):
+        run(beats())
+    warned = [
+        r.getMessage() for r in caplog.records if "different session quotas" in r.getMessage()
+    ]
+    assert warned == [
+        "avatar server 'default': live workers are configured with different session quotas "
+        "[4, 10] (this one 10); the fleet keeps to 4"
+    ]
 
 
 def test_a_429_shrinks_the_quota_and_waiting_gives_up_in_time(redis_server: str) -> None:

@@ -106,17 +106,24 @@ def room_agent_key(room: str) -> str:
     return f"avatarq:room-agent:{room}"
 
 
-QuotaPart = Literal["sessions", "waiting", "waiting-seen", "cap", "freed"]
+QuotaPart = Literal["sessions", "waiting", "waiting-seen", "cap", "limits", "freed"]
 
 
 def avatar_quota_key(server: str, part: QuotaPart) -> str:
     """The session quota of avatar server `server` (tasks/link/quota.py): `sessions` (zset holder →
     lease expiry ms), `waiting` (zset job → first wait ms), `waiting-seen` (zset job → last
-    poll ms), `cap` (the quota shrunk after a 429, with a TTL), `freed` (a pub/sub channel:
-    a slot was released)."""
+    poll ms), `cap` (the quota shrunk after a 429, with a TTL), `limits` (zset: the quota a
+    live worker process is configured with → when its heartbeat's word for it lapses, ms),
+    `freed` (a pub/sub channel: a slot was released)."""
     # Its own prefix: under `avatarq:avatar:` a job id such as `default:sessions` (a valid id)
     # would name this key.
     return f"avatarq:avatar-quota:{server}:{part}"
+
+
+def effective_quota(configured: int, cap: bytes | None, limits: list[bytes]) -> int:
+    """A server's quota as slots_acquire.lua keeps to it: the configured one, or less while
+    a 429's cap lasts or a live worker process is configured with less (never below one)."""
+    return max(1, min([configured, *(int(n) for n in ([cap] if cap else []) + limits)]))
 
 
 def worker_heartbeat_key(worker_id: str) -> str:

@@ -18,6 +18,7 @@ from avatarq.ledger.keys import (
     RECORD_TTL_S,
     UNSEEN_KEY,
     avatar_quota_key,
+    effective_quota,
     job_attempts_key,
     job_cancel_key,
     job_enqueued_key,
@@ -121,17 +122,19 @@ class ProducerLedger:
 
     def capacity(self, quotas: Mapping[str, int]) -> list[dict[str, Any]]:
         """Per avatar server (name → configured quota), by name: sessions held across the
-        fleet, the effective quota (shrunk for a while after a 429) and waiting jobs."""
+        fleet, the effective quota (the smallest a live worker keeps to, shrunk for a while
+        after a 429) and waiting jobs."""
         now_ms = int(time.time() * 1000)
         rows = []
         for name, quota in sorted(quotas.items()):
             cap = self.redis.get(avatar_quota_key(name, "cap"))
+            limits = self.redis.zrangebyscore(avatar_quota_key(name, "limits"), now_ms, "+inf")
             sessions = self.redis.zcount(avatar_quota_key(name, "sessions"), now_ms, "+inf")
             rows.append(
                 {
                     "server": name,
                     "sessions": int(sessions),
-                    "quota": min(quota, int(cap)) if cap else quota,
+                    "quota": effective_quota(quota, cap, limits),
                     "waiting": int(self.redis.zcard(avatar_quota_key(name, "waiting"))),
                 }
             )

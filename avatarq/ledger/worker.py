@@ -26,6 +26,7 @@ from avatarq.ledger.keys import (
     RECORD_TTL_S,
     UNSEEN_KEY,
     WORKERS_KEY,
+    avatar_quota_key,
     job_attempts_key,
     job_avatar_key,
     job_cancel_key,
@@ -504,13 +505,23 @@ class Ledger:
         await self.redis.lpush(DEAD_LETTER_KEY, json.dumps(entry))  # type: ignore[misc]
 
     async def announce(
-        self, worker_id: str, held: Mapping[str, str], gone: Collection[str] = ()
-    ) -> None:
+        self,
+        worker_id: str,
+        held: Mapping[str, str],
+        gone: Collection[str] = (),
+        quotas: Mapping[str, int] | None = None,
+    ) -> dict[str, list[int]]:
         """The worker process's heartbeat, with every delivery it holds (task id → payload
         JSON) and those it let go since the last one. One transaction, so a Redis that lost
         its data never sees the process without its held deliveries, nor held deliveries
         without a heartbeat. Entries are only added or removed by name: a job handed to the
-        process by its room's previous job (`finish`) is never wiped by a beat."""
+        process by its room's previous job (`finish`) is never wiped by a beat.
+
+        With `quotas` (avatar server → the session quota this process is configured with),
+        each is kept as long as the heartbeat (every process then keeps to the smallest);
+        returns the quotas live processes announced, per server."""
+        now_ms = int(time.time() * 1000)
+        expiry = now_ms + int(HEARTBEAT_TTL_S * 1000)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(worker_heartbeat_key(worker_id), "1", px=int(HEARTBEAT_TTL_S * 1000))
             pipe.sadd(WORKERS_KEY, worker_id)
@@ -518,7 +529,15 @@ class Ledger:
                 pipe.hdel(worker_held_key(worker_id), *gone)
             if held:
                 pipe.hset(worker_held_key(worker_id), mapping=dict(held))  # type: ignore[arg-type]
-            await pipe.execute()
+            for server, quota in (quotas or {}).items():
+                pipe.zadd(avatar_quota_key(server, "limits"), {str(quota): expiry}, gt=True)
+                pipe.zrangebyscore(avatar_quota_key(server, "limits"), now_ms, "+inf")
+            replies = await pipe.execute()
+        live = replies[len(replies) - 2 * len(quotas or {}) + 1 :: 2]
+        return {
+            server: sorted(int(n) for n in limits)
+            for server, limits in zip(quotas or {}, live, strict=True)
+        }
 
     async def hold(self, worker_id: str, task_id: str, payload: str) -> None:
         """One more delivery the worker process holds (before its next heartbeat)."""

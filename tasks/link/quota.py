@@ -20,7 +20,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from avatarq.ledger.keys import avatar_quota_key
+from avatarq.ledger.keys import QuotaPart, avatar_quota_key, effective_quota
 from avatarq.ledger.scripts import Lua, script
 from tasks.backoff import backoff_delay
 from tasks.link.types import NoAvatarSlot, Waiting
@@ -73,7 +73,8 @@ class AvatarQuota:
         self._listener: asyncio.Task[None] | None = None
 
     def _keys(self) -> list[str]:
-        return [_key(self.server, k) for k in ("sessions", "waiting", "waiting-seen", "cap")]
+        parts: tuple[QuotaPart, ...] = ("sessions", "waiting", "waiting-seen", "cap", "limits")
+        return [_key(self.server, k) for k in parts]
 
     async def try_acquire(self, job_id: str) -> Slot | Waiting:
         """A slot if one is free and no earlier job waits for it, else the job's place."""
@@ -188,9 +189,10 @@ class AvatarQuota:
         pipe = self.redis.pipeline(transaction=False)
         pipe.zcount(_key(self.server, "sessions"), now, "+inf")
         pipe.get(_key(self.server, "cap"))
+        pipe.zrangebyscore(_key(self.server, "limits"), now, "+inf")
         pipe.zcard(_key(self.server, "waiting"))
-        sessions, cap, waiting = await pipe.execute()
-        quota = min(self.quota, int(cap)) if cap is not None else self.quota
+        sessions, cap, limits, waiting = await pipe.execute()
+        quota = effective_quota(self.quota, cap, limits)
         return {"server": self.server, "sessions": sessions, "quota": quota, "waiting": waiting}
 
 

@@ -1,6 +1,7 @@
 -- Take one of a quota's session slots, first come first served.
 -- KEYS[1] holders (zset: holder -> lease expiry ms)   KEYS[2] waiters (zset: job -> first wait ms)
 -- KEYS[3] waiters seen (zset: job -> last poll ms)    KEYS[4] adaptive cap (string, with TTL)
+-- KEYS[5] live workers' configured quotas (zset: quota -> expiry ms): the smallest holds
 -- ARGV: holder, job id, now ms, lease ms, quota, waiter stale ms
 -- Returns {1, holders} when taken, else {0, place in line (0-based), holders, effective quota}.
 local now = tonumber(ARGV[3])
@@ -13,6 +14,10 @@ end
 local quota = tonumber(ARGV[5])
 local cap = tonumber(redis.call('GET', KEYS[4]) or quota)
 if cap < quota then quota = cap end
+redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
+for _, limit in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do
+  if tonumber(limit) < quota then quota = tonumber(limit) end
+end
 if quota < 1 then quota = 1 end
 local holders = redis.call('ZCARD', KEYS[1])
 redis.call('ZADD', KEYS[2], 'NX', now, ARGV[2])
