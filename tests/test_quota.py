@@ -492,10 +492,12 @@ JOB_TIMEOUT_S = 240.0
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     with local_stack(tmp_path_factory.mktemp("quota")) as s:
-        # The quota under test (the default is Avaluma's 10); everything else is default.
+        # The quota under test (the default is Avaluma's 10); everything else is default. q2
+        # was told more than the license allows (a mistyped setting): the fleet keeps to the
+        # smaller.
         env = {"AVATARQ_AVATAR_MAX_SESSIONS": str(QUOTA)}
-        for name in ("q1", "q2"):
-            s.start_worker(name, concurrency=4, extra_env=env)
+        s.start_worker("q1", concurrency=4, extra_env=env)
+        s.start_worker("q2", concurrency=4, extra_env={"AVATARQ_AVATAR_MAX_SESSIONS": "6"})
         with s.current(env):
             yield s
 
@@ -533,6 +535,8 @@ def test_many_jobs_share_a_quota_of_sessions(fleet: LocalStack, tmp_path: Path) 
     assert {s["attempt"] for s in ended.values()} == {1}  # waiting spent no attempt
     assert all("job.retrying" not in events(fleet, j) for j in ended)
     assert emulator(fleet)["peak_sessions"] <= QUOTA
+    # Nor did any worker ask for more: a 429 would have left the quota capped for 60 s.
+    assert not redis.Redis.from_url(fleet.redis.url).exists(avatar_quota_key("default", "cap"))
     waited = [
         s["timestamps"] for j, s in ended.items() if "job.waiting_for_avatar" in events(fleet, j)
     ]
