@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -67,7 +68,9 @@ class RoomLane:
         self.agent_id = f"agent-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.redis = aioredis.from_url(settings.redis_url)
         self.ledger = Ledger(self.redis, stale_after_s=settings.redelivery_after_s)
-        self.webhooks = WebhookOutbox(settings)
+        self.webhooks = WebhookOutbox(
+            settings, functools.partial(self.ledger.webhook_delivered, self.agent_id)
+        )
         #: What each job's run is given, once the agent's avatar is there (`start`).
         self.parts: JobParts | None = None
         #: task id -> payload JSON of each delivery it holds (Redis mirrors it each beat).

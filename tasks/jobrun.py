@@ -392,10 +392,16 @@ class JobRun:
             result = result.model_copy(update={"recording": self.play.recording})
         record = result.as_record()
         room = self.job.room if self.job else None
+        webhook = str(self.job.webhook_url) if self.job and self.job.webhook_url else None
         # The job has ended; losing its record would let it play again.
         finish = await outlast_redis(
             lambda: self.ledger.finish(
-                self.job_id, room, record, token=self.token, hand_on=self.parts.settings.room_lanes
+                self.job_id,
+                room,
+                record,
+                token=self.token,
+                hand_on=self.parts.settings.room_lanes,
+                webhook=webhook,
             ),
             doing=f"recording the end of job {self.job_id}",
             patience=self.parts.timing.redis,
@@ -406,8 +412,7 @@ class JobRun:
             return Outcome(Ending.DROPPED, next=finish.next)
         if dead_letter is not None:
             await self.ledger.dead_letter(dead_letter, record)
-        webhook = self.job.webhook_url if self.job is not None else None
-        await self.reporter.announce(result, str(webhook) if webhook else None)
+        await self.reporter.announce(result, webhook)
         return Outcome(ending, result, next=finish.next)
 
     @property

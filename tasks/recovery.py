@@ -27,11 +27,12 @@ from redis.exceptions import RedisError
 
 from avatarq.errors import InvalidJob
 from avatarq.jobs import parse_job
-from avatarq.ledger.worker import Handoff, Ledger, Orphan, Parked, job_id_of
+from avatarq.ledger.worker import Handoff, Ledger, Orphan, OrphanWebhook, Parked, job_id_of
 from avatarq.settings import Settings
 from tasks.link import room as rooms
 from tasks.link.avatar import HttpAvatarClient
 from tasks.link.types import AvatarSession
+from tasks.report import deliver_webhook
 from tasks.runtime import get_loop_thread
 
 log = logging.getLogger("avatarq.recovery")
@@ -242,7 +243,10 @@ class Presence:
         """Recover the deliveries of every dead worker process, the parked jobs that no
         room's job will hand on and the messages the broker lost; returns their task ids."""
         ledger = self.ledger
-        orphans = await ledger.take_orphans()
+        dead = await ledger.take_orphans()
+        for webhook in dead.webhooks:
+            self._deliver_owed(webhook)
+        orphans = dead.deliveries
         for orphan in orphans:
             await self._recover(ledger, orphan)
         stranded = await ledger.take_stranded()
@@ -276,6 +280,17 @@ class Presence:
                         "again", handoff.task_id)  # fmt: skip
             await self._publish(handoff.task_id, handoff.payload)
         return lost
+
+    def _deliver_owed(self, webhook: OrphanWebhook) -> None:
+        """A dead worker's webhook, delivered beside the sweep (a slow receiver must not
+        hold up recovery); at least once: that worker may have sent it as it died."""
+        log.warning("job %s: its worker died owing its webhook; delivering it", webhook.job_id)
+        body = webhook.record.encode()
+        task = asyncio.create_task(
+            deliver_webhook(self.settings, webhook.job_id, webhook.url, body)
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _recover(self, ledger: Ledger, orphan: Orphan) -> None:
         task_id = orphan.task_id

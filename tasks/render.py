@@ -7,6 +7,7 @@ or goes back to the queue; this module turns its `Outcome` into Celery's terms.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from typing import Any
@@ -211,7 +212,10 @@ class WorkerParts:
         self.ledger = Ledger(self.redis, stale_after_s=settings.redelivery_after_s)
         self.links = Links(settings, self.redis)
         self.playback = Playback(settings, audio=FfmpegAudio(settings), links=self.links)
-        self.webhooks = WebhookOutbox(settings)
+        worker_id = _presence(settings).worker_id
+        self.webhooks = WebhookOutbox(
+            settings, functools.partial(self.ledger.webhook_delivered, worker_id)
+        )
 
     def for_delivery(self, update_state: StateUpdater | None) -> JobParts:
         def reporter(job_id: str) -> JobReporter:

@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -153,10 +153,16 @@ class JobReporter:
 class WebhookOutbox:
     """The webhooks of one worker process (or agent), sent beside the jobs that follow: a slow
     receiver must not hold up the room's next job, which its lane plays at once. Each room's
-    webhooks go out in its jobs' order; `aclose` waits for every one still going out."""
+    webhooks go out in its jobs' order; `aclose` waits for every one still going out.
 
-    def __init__(self, settings: Settings) -> None:
+    The ledger notes each as owed with the job's end (`Ledger.finish`); `delivered` clears
+    it once sent, so a process that dies first leaves it to recovery (tasks/recovery.py)."""
+
+    def __init__(
+        self, settings: Settings, delivered: Callable[[str], Awaitable[None]] | None = None
+    ) -> None:
         self.settings = settings
+        self._delivered = delivered
         #: Per room, its latest webhook still going out: the next one waits for it.
         self._last: dict[str, asyncio.Task[None]] = {}
         self._going: set[asyncio.Task[None]] = set()
@@ -174,6 +180,11 @@ class WebhookOutbox:
         if before is not None:
             await asyncio.wait({before})
         await deliver_webhook(self.settings, job_id, url, body)
+        if self._delivered is not None:
+            try:
+                await self._delivered(job_id)
+            except RedisError as e:  # owed still: recovery may send it again if this dies
+                log.warning("webhook for job %s: delivery not noted: %s", job_id, e)
 
     def _sent(self, room: str, task: asyncio.Task[None]) -> None:
         self._going.discard(task)

@@ -38,6 +38,7 @@ class JobLedger(Protocol):
         *,
         token: str,
         hand_on: bool = True,
+        webhook: str | None = None,
     ) -> Finish: ...
 
     async def record(self, job_id: str) -> dict[str, Any] | None: ...

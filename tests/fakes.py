@@ -100,6 +100,7 @@ class FakeLedger:
         *,
         token: str,
         hand_on: bool = True,
+        webhook: str | None = None,
     ) -> Finish:
         if self.finish_outages > 0:
             self.finish_outages -= 1

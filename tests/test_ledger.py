@@ -22,8 +22,9 @@ from avatarq.ledger.keys import (
     room_order_key,
     worker_heartbeat_key,
     worker_held_key,
+    worker_webhooks_key,
 )
-from avatarq.ledger.worker import REJOIN_GRACE_S, Claim, Ledger, Orphan
+from avatarq.ledger.worker import REJOIN_GRACE_S, Claim, Ledger, Orphan, Orphans, OrphanWebhook
 from avatarq.settings import Settings
 from producers.client import cancel, enqueue
 from producers.deadletter import list_dead
@@ -238,16 +239,27 @@ def test_orphans_of_a_dead_worker_are_taken_once(redis_server: str) -> None:
     client.set(job_record_key(f"o2-{r}"), "{}")  # ended: nothing to recover
 
     async def body(ledger: Ledger) -> None:
-        client.rpush(room_order_key(r), f"o1-{r}")
+        client.rpush(room_order_key(r), f"o1-{r}", f"o4-{r}")
         assert (await ledger.claim(f"o1-{r}", r, Ledger.new_token(dead)))[0] is Claim.OK
-        assert await ledger.take_orphans() == [Orphan(f"o1-{r}", payload, playing=True)]
-        assert await ledger.take_orphans() == []
+        # Each worker records the end of a job with a webhook; the live one delivers its own.
+        hook = "http://127.0.0.1:9/hook"
+        for job, worker in ((f"o2-{r}", dead), (f"o4-{r}", alive)):
+            client.delete(job_record_key(job))
+            await ledger.finish(job, r, {"job_id": job}, token=Ledger.new_token(worker),
+                                hand_on=False, webhook=hook)  # fmt: skip
+        await ledger.webhook_delivered(alive, f"o4-{r}")
+        owed = OrphanWebhook(f"o2-{r}", hook, json.dumps({"job_id": f"o2-{r}"}))
+        assert await ledger.take_orphans() == Orphans(
+            [Orphan(f"o1-{r}", payload, playing=True)], [owed]
+        )
+        assert await ledger.take_orphans() == Orphans([], [])
         # The dead worker's lease went with it: the published copy plays at once.
         assert await ledger.claim(f"o1-{r}", r, Ledger.new_token(alive)) == (Claim.OK, 2)
 
     run(redis_server, body)
     assert not client.sismember(WORKERS_KEY, dead)
     assert client.hgetall(worker_held_key(alive)) == {f"o3-{r}".encode(): b"{}"}
+    assert not client.exists(worker_webhooks_key(alive), worker_webhooks_key(dead))
 
 
 def test_avatar_session_note_lives_until_the_job_ends(redis_server: str) -> None:

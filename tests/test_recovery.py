@@ -7,6 +7,7 @@ import asyncio
 import json
 import signal
 import sys
+import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -35,6 +36,7 @@ from tasks import recovery
 from tasks.brokerqueue import oldest_task_ids
 from tasks.jobrun import Ending, JobParts, JobRun, Outcome
 from tasks.recovery import Presence
+from tasks.report import WEBHOOK_SIGNATURE_HEADER
 from tests.fakes import FakeReporter
 from tests.httpserve import serving
 
@@ -374,3 +376,56 @@ def test_a_job_whose_message_the_redis_broker_lost_plays_on_a_live_worker(
             time.sleep(0.2)
     # It ran to its (here: permanent) end: its source does not exist.
     assert json.loads(record)["reason"] == "source_not_found"
+
+
+class _SlowFirstReceiver(BaseHTTPRequestHandler):
+    """A webhook receiver whose first request hangs (its sender dies meanwhile)."""
+
+    bodies: list[tuple[bytes, str | None]] = []
+    release = threading.Event()
+
+    def do_POST(self) -> None:  # noqa: N802 - stdlib's name
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.bodies.append((body, self.headers.get(WEBHOOK_SIGNATURE_HEADER)))
+        if len(self.bodies) == 1:
+            self.release.wait(30)
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+@pytest.mark.slow
+def test_a_webhook_its_worker_died_owing_is_delivered_by_another(
+    redis_server: str, tmp_path: Path
+) -> None:
+    # Default settings but for a loopback receiver (private webhooks allowed) and a secret.
+    _SlowFirstReceiver.bodies, _SlowFirstReceiver.release = [], threading.Event()
+    env = {"REDIS_URL": redis_server, "CELERY_BROKER_URL": redis_server,
+           "AVATARQ_METRICS_PORT": "0", "AVATARQ_ALLOW_PRIVATE_WEBHOOKS": "true",
+           "AVATARQ_WEBHOOK_SECRET": "s3cret"}  # fmt: skip
+    settings = Settings(**env)  # type: ignore[arg-type]
+    client = redis.Redis.from_url(redis_server)
+    job_id = f"hook-{uuid.uuid4().hex[:8]}"
+    with serving(ThreadingHTTPServer(("127.0.0.1", 0), _SlowFirstReceiver)) as url:
+        enqueue({"job_id": job_id, "room": job_id, "avatar_id": "a",
+                 "source": str(tmp_path / "no.wav"), "webhook_url": f"{url}/hook"},
+                settings=settings)  # fmt: skip
+        with _worker("owing", env, tmp_path) as owing:
+            deadline = time.monotonic() + 30
+            while not _SlowFirstReceiver.bodies:  # its end is recorded; the webhook is out
+                assert time.monotonic() < deadline, owing.tail()
+                time.sleep(0.1)
+            owing.signal(signal.SIGKILL)
+            killed_at = time.monotonic()
+        with _worker("rescuer", env, tmp_path) as rescuer:
+            while len(_SlowFirstReceiver.bodies) < 2:
+                assert time.monotonic() - killed_at < 45, rescuer.tail()
+                time.sleep(0.2)
+        _SlowFirstReceiver.release.set()
+    record = client.get(job_record_key(job_id))
+    (first, _), (again, signature) = _SlowFirstReceiver.bodies[:2]
+    assert first == again and json.loads(again) == json.loads(record)
+    assert json.loads(again)["reason"] == "source_not_found"
+    assert signature is not None and signature.startswith("sha256=")

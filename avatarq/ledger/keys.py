@@ -2,8 +2,9 @@
 
 Per job: its terminal record, enqueue marker, lease, cancel request, attempt counter, event
 stream, waiting note and avatar session note. Per room: its order, holder and agent. Per worker
-process: its heartbeat and held deliveries. Per avatar server: its session quota. Then the
-warm sessions' markers, the dead-letter list and celery-redbeat's keys.
+process: its heartbeat, held deliveries and owed webhooks. Per avatar server: its session
+quota. Then the warm sessions' markers, the unseen jobs, the dead-letter list and
+celery-redbeat's keys.
 """
 
 from __future__ import annotations
@@ -134,6 +135,12 @@ def worker_heartbeat_key(worker_id: str) -> str:
 def worker_held_key(worker_id: str) -> str:
     """Hash job id -> payload JSON: the deliveries the worker process holds right now."""
     return f"avatarq:held:{worker_id}"
+
+
+def worker_webhooks_key(worker_id: str) -> str:
+    """Hash job id -> webhook URL: the webhooks of jobs the worker process recorded the end
+    of and has not delivered yet (recovery delivers a dead one's)."""
+    return f"avatarq:webhooks:{worker_id}"
 
 
 def warm_holder_key(room: str, avatar: str) -> str:

@@ -40,6 +40,7 @@ from avatarq.ledger.keys import (
     room_order_key,
     worker_heartbeat_key,
     worker_held_key,
+    worker_webhooks_key,
 )
 from avatarq.ledger.scripts import Lua, script
 
@@ -60,6 +61,24 @@ class Orphan:
     payload: str
     #: It held the job's lease: its avatar may still be in the room.
     playing: bool
+
+
+@dataclass(frozen=True)
+class OrphanWebhook:
+    """A webhook its dead worker recorded the job's end for and did not deliver."""
+
+    job_id: str
+    url: str
+    #: The job's terminal record, the webhook's body.
+    record: str
+
+
+@dataclass(frozen=True)
+class Orphans:
+    """What dead worker processes left: the deliveries they held, the webhooks they owed."""
+
+    deliveries: list[Orphan]
+    webhooks: list[OrphanWebhook]
 
 
 class Claim(StrEnum):
@@ -350,16 +369,28 @@ class Ledger:
     async def forget_avatar_session(self, job_id: str) -> None:
         await self.redis.delete(job_avatar_key(job_id))
 
-    async def take_orphans(self) -> list[Orphan]:
-        """Every unfinished delivery held by a worker process whose heartbeat is gone; each
-        is returned to one caller only, which must publish it again."""
+    async def take_orphans(self) -> Orphans:
+        """Every unfinished delivery held by a worker process whose heartbeat is gone, and
+        every webhook it owed; each is returned to one caller only, which must publish the
+        delivery again, or deliver the webhook."""
         prefixes = [worker_heartbeat_key(""), worker_held_key(""), job_lease_key(""),
-                    job_record_key(""), job_checkpoint_key("")]  # fmt: skip
-        flat: list[Any] = await self._take_orphans(keys=[WORKERS_KEY], args=prefixes)
-        return [
-            Orphan(flat[i].decode(), flat[i + 1].decode(), bool(flat[i + 2]))
-            for i in range(0, len(flat), 3)
-        ]
+                    job_record_key(""), job_checkpoint_key(""),
+                    worker_webhooks_key("")]  # fmt: skip
+        held, owed = await self._take_orphans(keys=[WORKERS_KEY], args=prefixes)
+        return Orphans(
+            [
+                Orphan(held[i].decode(), held[i + 1].decode(), bool(held[i + 2]))
+                for i in range(0, len(held), 3)
+            ],
+            [
+                OrphanWebhook(owed[i].decode(), owed[i + 1].decode(), owed[i + 2].decode())
+                for i in range(0, len(owed), 3)
+            ],
+        )
+
+    async def webhook_delivered(self, worker_id: str, job_id: str) -> None:
+        """The worker process delivered (or gave up on) the job's webhook."""
+        await self.redis.hdel(worker_webhooks_key(worker_id), job_id)  # type: ignore[misc]
 
     async def owned_by_another(self, job_id: str, payload: Any) -> bool:
         """Whether a valid job owns this id (enqueued with another payload, or claimed by a
@@ -377,10 +408,12 @@ class Ledger:
         *,
         token: str,
         hand_on: bool = True,
+        webhook: str | None = None,
     ) -> Finish:
         """Record the terminal state once, unless another delivery holds the job's lease;
         with `hand_on` (room lanes), the room's next job comes back to be played next by
-        this token's worker: parked in the lane, or registered and not yet delivered."""
+        this token's worker: parked in the lane, or registered and not yet delivered. A
+        `webhook` URL is noted as owed by that worker until `webhook_delivered`."""
         worker = _worker_of(token)
         keys = [
             job_record_key(job_id),
@@ -392,6 +425,7 @@ class Ledger:
             LANES_KEY,
             worker_held_key(worker) if hand_on and worker and room else "",
             job_checkpoint_key(job_id),
+            worker_webhooks_key(worker) if webhook and worker else "",
         ]
         args: list[str | int] = [
             json.dumps(result, default=str),
@@ -400,6 +434,7 @@ class Ledger:
             token,
             room or "",
             job_enqueued_key(""),
+            webhook or "",
         ]
         status, task_id, payload = await self._finish(keys=keys, args=args)
         status = int(status)

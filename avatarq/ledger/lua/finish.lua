@@ -6,9 +6,11 @@
 -- else from its registration if no worker has seen it yet (its message is still in the
 -- broker, maybe behind other rooms' jobs; that message, when it comes, finds the job playing
 -- or ended and is dropped).
+-- When recorded with a webhook URL, it is noted among the worker's webhooks to deliver (the
+-- worker deletes it once delivered; recovery delivers a dead worker's).
 -- KEYS: record, room order, lease, room holder, avatar note, lane, lanes, held ('' for none),
---       checkpoint
--- ARGV: record json, job id, ttl s, token, room, enqueued key prefix
+--       checkpoint, webhooks ('' for none)
+-- ARGV: record json, job id, ttl s, token, room, enqueued key prefix, webhook URL ('' for none)
 local holder = redis.call('GET', KEYS[3])
 if holder and holder ~= ARGV[4] and string.sub(holder, 1, 1) ~= '~' then return {-1, '', ''} end
 redis.call('LREM', KEYS[2], 0, ARGV[2])
@@ -16,6 +18,7 @@ redis.call('HDEL', KEYS[6], ARGV[2])
 if redis.call('GET', KEYS[4]) == ARGV[2] then redis.call('DEL', KEYS[4]) end
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[3]) then return {0, '', ''} end
 redis.call('DEL', KEYS[3], KEYS[5], KEYS[9])
+if KEYS[10] ~= '' and ARGV[7] ~= '' then redis.call('HSET', KEYS[10], ARGV[2], ARGV[7]) end
 local nxt = redis.call('LINDEX', KEYS[2], 0)
 if KEYS[8] == '' or not nxt then return {1, '', ''} end
 -- A producer's job id is its message's task id (producers/client.py).

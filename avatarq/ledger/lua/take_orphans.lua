@@ -1,11 +1,24 @@
--- Deliveries held by worker processes whose heartbeat is gone, taken (and so recovered) by
--- exactly one caller: a flat list of {task id, payload, 1 if it was playing (held the lease)}.
--- A dead worker's leases go with it; jobs that ended are left out.
--- A playing one's avatar played out what it had buffered: it resumes from what was sent.
--- KEYS: workers set   ARGV: heartbeat, held, lease, record and checkpoint key prefixes
-local out = {}
+-- Deliveries held by worker processes whose heartbeat is gone, and the webhooks they had
+-- yet to deliver, taken (and so recovered) by exactly one caller: {deliveries, webhooks},
+-- flat lists of {task id, payload, 1 if it was playing (held the lease)} and of {job id,
+-- webhook URL, the job's record}. A dead worker's leases go with it; jobs that ended are
+-- left out. A playing one's avatar played out what it had buffered: it resumes from what
+-- was sent.
+-- KEYS: workers set   ARGV: heartbeat, held, lease, record, checkpoint and webhooks key
+--       prefixes
+local out, webhooks = {}, {}
 for _, w in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   if redis.call('EXISTS', ARGV[1] .. w) == 0 then
+    local pending = redis.call('HGETALL', ARGV[6] .. w)
+    for i = 1, #pending, 2 do
+      local record = redis.call('GET', ARGV[4] .. pending[i])
+      if record then
+        table.insert(webhooks, pending[i])
+        table.insert(webhooks, pending[i + 1])
+        table.insert(webhooks, record)
+      end
+    end
+    redis.call('DEL', ARGV[6] .. w)
     local items = redis.call('HGETALL', ARGV[2] .. w)
     for i = 1, #items, 2 do
       local job = items[i]
@@ -29,4 +42,4 @@ for _, w in ipairs(redis.call('SMEMBERS', KEYS[1])) do
     redis.call('SREM', KEYS[1], w)
   end
 end
-return out
+return {out, webhooks}
