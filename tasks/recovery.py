@@ -243,7 +243,7 @@ class Presence:
         """Recover the deliveries of every dead worker process, the parked jobs that no
         room's job will hand on and the messages the broker lost; returns their task ids."""
         ledger = self.ledger
-        dead = await ledger.take_orphans()
+        dead = await ledger.take_orphans(self.worker_id)
         for webhook in dead.webhooks:
             self._deliver_owed(webhook)
         orphans = dead.deliveries
@@ -282,15 +282,21 @@ class Presence:
         return lost
 
     def _deliver_owed(self, webhook: OrphanWebhook) -> None:
-        """A dead worker's webhook, delivered beside the sweep (a slow receiver must not
-        hold up recovery); at least once: that worker may have sent it as it died."""
+        """A dead worker's webhook, now owed by this one, delivered beside the sweep (a slow
+        receiver must not hold up recovery); at least once: that worker may have sent it as
+        it died, and this one may die before noting it delivered."""
         log.warning("job %s: its worker died owing its webhook; delivering it", webhook.job_id)
-        body = webhook.record.encode()
-        task = asyncio.create_task(
-            deliver_webhook(self.settings, webhook.job_id, webhook.url, body)
-        )
+        task = asyncio.create_task(self._deliver(webhook))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _deliver(self, webhook: OrphanWebhook) -> None:
+        job_id = webhook.job_id
+        await deliver_webhook(self.settings, job_id, webhook.url, webhook.record.encode())
+        try:
+            await self.ledger.webhook_delivered(self.worker_id, job_id)
+        except (RedisError, OSError) as e:
+            log.warning("webhook for job %s: delivery not noted: %s", job_id, e)
 
     async def _recover(self, ledger: Ledger, orphan: Orphan) -> None:
         task_id = orphan.task_id

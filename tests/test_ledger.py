@@ -249,10 +249,13 @@ def test_orphans_of_a_dead_worker_are_taken_once(redis_server: str) -> None:
                                 hand_on=False, webhook=hook)  # fmt: skip
         await ledger.webhook_delivered(alive, f"o4-{r}")
         owed = OrphanWebhook(f"o2-{r}", hook, json.dumps({"job_id": f"o2-{r}"}))
-        assert await ledger.take_orphans() == Orphans(
+        assert await ledger.take_orphans(alive) == Orphans(
             [Orphan(f"o1-{r}", payload, playing=True)], [owed]
         )
-        assert await ledger.take_orphans() == Orphans([], [])
+        assert await ledger.take_orphans(alive) == Orphans([], [])
+        # The taker owes it now (if it dies before delivering it, the next sweep takes it).
+        assert client.hgetall(worker_webhooks_key(alive)) == {f"o2-{r}".encode(): hook.encode()}
+        await ledger.webhook_delivered(alive, f"o2-{r}")
         # The dead worker's lease went with it: the published copy plays at once.
         assert await ledger.claim(f"o1-{r}", r, Ledger.new_token(alive)) == (Claim.OK, 2)
 

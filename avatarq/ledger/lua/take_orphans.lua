@@ -3,9 +3,9 @@
 -- flat lists of {task id, payload, 1 if it was playing (held the lease)} and of {job id,
 -- webhook URL, the job's record}. A dead worker's leases go with it; jobs that ended are
 -- left out. A playing one's avatar played out what it had buffered: it resumes from what
--- was sent.
--- KEYS: workers set   ARGV: heartbeat, held, lease, record, checkpoint and webhooks key
---       prefixes
+-- was sent. The webhooks become the caller's to deliver (owed in its name from now on).
+-- KEYS: workers set, the caller's webhooks ('' for none)   ARGV: heartbeat, held, lease,
+--       record, checkpoint and webhooks key prefixes
 local out, webhooks = {}, {}
 for _, w in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   if redis.call('EXISTS', ARGV[1] .. w) == 0 then
@@ -16,6 +16,7 @@ for _, w in ipairs(redis.call('SMEMBERS', KEYS[1])) do
         table.insert(webhooks, pending[i])
         table.insert(webhooks, pending[i + 1])
         table.insert(webhooks, record)
+        if KEYS[2] ~= '' then redis.call('HSET', KEYS[2], pending[i], pending[i + 1]) end
       end
     end
     redis.call('DEL', ARGV[6] .. w)
