@@ -32,7 +32,7 @@ from avatarq.settings import Settings
 from tasks.link import room as rooms
 from tasks.link.avatar import HttpAvatarClient
 from tasks.link.types import AvatarSession
-from tasks.report import deliver_webhook
+from tasks.report import WebhookOutbox
 from tasks.runtime import get_loop_thread
 
 log = logging.getLogger("avatarq.recovery")
@@ -92,6 +92,9 @@ class Presence:
         #: heartbeat, so every worker process keeps to the smallest a live one has.
         self.quotas = {n: s.max_sessions for n, s in settings.configured_avatar_servers().items()}
         self._quotas_seen: dict[str, list[int]] = {}
+        #: The process's webhooks: its jobs' and those it took over from dead workers, each
+        #: owed in its name until delivered.
+        self.webhooks = WebhookOutbox(settings, self._webhook_delivered)
         self._held_lock = threading.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -286,17 +289,11 @@ class Presence:
         receiver must not hold up recovery); at least once: that worker may have sent it as
         it died, and this one may die before noting it delivered."""
         log.warning("job %s: its worker died owing its webhook; delivering it", webhook.job_id)
-        task = asyncio.create_task(self._deliver(webhook))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        room = json.loads(webhook.record).get("room") or webhook.job_id
+        self.webhooks.send(webhook.job_id, room, webhook.url, webhook.record.encode())
 
-    async def _deliver(self, webhook: OrphanWebhook) -> None:
-        job_id = webhook.job_id
-        await deliver_webhook(self.settings, job_id, webhook.url, webhook.record.encode())
-        try:
-            await self.ledger.webhook_delivered(self.worker_id, job_id)
-        except (RedisError, OSError) as e:
-            log.warning("webhook for job %s: delivery not noted: %s", job_id, e)
+    async def _webhook_delivered(self, job_id: str) -> None:
+        await self.ledger.webhook_delivered(self.worker_id, job_id)
 
     async def _recover(self, ledger: Ledger, orphan: Orphan) -> None:
         task_id = orphan.task_id

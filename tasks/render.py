@@ -7,7 +7,6 @@ or goes back to the queue; this module turns its `Outcome` into Celery's terms.
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 from typing import Any
@@ -39,7 +38,7 @@ from tasks.jobrun import Ending, JobParts, JobRun, Outcome
 from tasks.link.links import Links
 from tasks.playback import Playback
 from tasks.recovery import Presence, get_presence
-from tasks.report import JobReporter, StateUpdater, WebhookOutbox
+from tasks.report import JobReporter, StateUpdater
 from tasks.runtime import get_loop_thread
 
 log = logging.getLogger("avatarq.render")
@@ -212,10 +211,7 @@ class WorkerParts:
         self.ledger = Ledger(self.redis, stale_after_s=settings.redelivery_after_s)
         self.links = Links(settings, self.redis)
         self.playback = Playback(settings, audio=FfmpegAudio(settings), links=self.links)
-        worker_id = _presence(settings).worker_id
-        self.webhooks = WebhookOutbox(
-            settings, functools.partial(self.ledger.webhook_delivered, worker_id)
-        )
+        self.webhooks = _presence(settings).webhooks
 
     def for_delivery(self, update_state: StateUpdater | None) -> JobParts:
         def reporter(job_id: str) -> JobReporter:

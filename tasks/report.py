@@ -183,7 +183,7 @@ class WebhookOutbox:
         if self._delivered is not None:
             try:
                 await self._delivered(job_id)
-            except RedisError as e:  # owed still: recovery may send it again if this dies
+            except (RedisError, OSError) as e:  # owed still: sent again if this process dies
                 log.warning("webhook for job %s: delivery not noted: %s", job_id, e)
 
     def _sent(self, room: str, task: asyncio.Task[None]) -> None:
