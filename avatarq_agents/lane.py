@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from avatarq.ledger.worker import Handoff, Ledger, Parked, job_id_of
+from avatarq.ledger.types import Handoff, Parked, job_id_of
+from avatarq.ledger.worker import Ledger
 from avatarq.results import Played
 from avatarq.settings import Settings
 from avatarq_agents.turns import AgentLinks

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from redis.exceptions import RedisError
 
 from avatarq.jobs import Job
-from avatarq.ledger.worker import Progress
+from avatarq.ledger.types import Progress
 from avatarq.settings import Settings
 from tasks import metrics
 from tasks.captions import CaptionCues

@@ -42,15 +42,7 @@ from avatarq.budget import Budget
 from avatarq.errors import IncompletePlayback, InvalidJob, JobError, Reason, TransientJobError
 from avatarq.events import Retrying
 from avatarq.jobs import Job, parse_job
-from avatarq.ledger.worker import (
-    Checkpoint,
-    Claim,
-    Handoff,
-    Parked,
-    Progress,
-    Span,
-    job_id_of,
-)
+from avatarq.ledger.types import Checkpoint, Claim, Handoff, Parked, Progress, Span, job_id_of
 from avatarq.results import AttemptSpan, Cancelled, Failed, JobResult, Played, parse_result
 from avatarq.settings import Settings
 from tasks.backoff import RedisPatience, backoff_delay, outlast_redis

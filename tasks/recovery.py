@@ -27,7 +27,9 @@ from redis.exceptions import RedisError
 
 from avatarq.errors import InvalidJob
 from avatarq.jobs import parse_job
-from avatarq.ledger.worker import Handoff, Ledger, Orphan, OrphanWebhook, Parked, job_id_of
+from avatarq.ledger.sweeps import Orphan, OrphanWebhook, Sweeps
+from avatarq.ledger.types import Handoff, Parked, job_id_of
+from avatarq.ledger.worker import Ledger
 from avatarq.settings import Settings
 from tasks.link import room as rooms
 from tasks.link.avatar import HttpAvatarClient
@@ -110,6 +112,10 @@ class Presence:
     def ledger(self) -> Ledger:
         return Ledger(self.redis, stale_after_s=self.settings.redelivery_after_s)
 
+    @cached_property
+    def sweeps(self) -> Sweeps:
+        return Sweeps(self.ledger)
+
     def start(self) -> None:
         """Start the heartbeat and the sweeper on this process's event loop."""
         loop = get_loop_thread()
@@ -156,7 +162,7 @@ class Presence:
             sent = dict(self.sent)
             # Received by this process again (held twice), or parked by it: it has it.
             here = {t for t in sent if self._counts.get(t, 0) > 1 or t in self.parked}
-        seen = here | await self.ledger.seen(self.worker_id, {t: s.job_id for t, s in sent.items()})
+        seen = here | await self.sweeps.seen(self.worker_id, {t: s.job_id for t, s in sent.items()})
         now = time.monotonic()
         for task_id, entry in sent.items():
             if task_id not in seen and now < entry.resend_at:
@@ -215,7 +221,7 @@ class Presence:
         with self._held_lock:
             self._gone -= gone - set(self.held)
             parked = dict(self.parked)
-        kept = await self.ledger.keep_parked(parked)
+        kept = await self.sweeps.keep_parked(parked)
         for task_id in set(parked) - kept:
             with self._held_lock:
                 self.parked.pop(task_id, None)
@@ -245,39 +251,39 @@ class Presence:
     async def sweep_once(self) -> list[str]:
         """Recover the deliveries of every dead worker process, the parked jobs that no
         room's job will hand on and the messages the broker lost; returns their task ids."""
-        ledger = self.ledger
-        dead = await ledger.take_orphans(self.worker_id)
+        sweeps = self.sweeps
+        dead = await sweeps.take_orphans(self.worker_id)
         for webhook in dead.webhooks:
             self._deliver_owed(webhook)
         orphans = dead.deliveries
         for orphan in orphans:
-            await self._recover(ledger, orphan)
-        stranded = await ledger.take_stranded()
+            await self._recover(sweeps, orphan)
+        stranded = await sweeps.take_stranded()
         for handoff in stranded:
             log.warning("job %s: parked with nobody to hand it on; publishing it", handoff.task_id)
             if await self._publish(handoff.task_id, handoff.payload):
                 self.sent_back(handoff.task_id, handoff.payload, 0.0)
             else:
-                await ledger.park(str(handoff.payload.get("room", "")), handoff)
-        lost = await self._resend_lost(ledger)
+                await self.ledger.park(str(handoff.payload.get("room", "")), handoff)
+        lost = await self._resend_lost(sweeps)
         return [orphan.task_id for orphan in orphans] + [h.task_id for h in stranded + lost]
 
-    async def _resend_lost(self, ledger: Ledger) -> list[Handoff]:
+    async def _resend_lost(self, sweeps: Sweeps) -> list[Handoff]:
         """Send again the registered jobs whose message left the broker but reached no
         worker: none claimed or holds them, and the broker's oldest message went in well
         after theirs."""
         now = time.time()
-        if self.peek is None or not await ledger.unseen_before(now - LOST_AFTER_S):
+        if self.peek is None or not await sweeps.unseen_before(now - LOST_AFTER_S):
             return []
         try:
             oldest = await asyncio.to_thread(self.peek)
         except Exception as e:  # the broker is down: its connection's own errors
             log.warning("recovery sweep: the broker's queue cannot be read: %s", e)
             return []
-        went_in = None if oldest is None else await ledger.registered_at(oldest)
+        went_in = None if oldest is None else await sweeps.registered_at(oldest)
         if went_in is None:
             return []  # a broker that cannot be read, or an oldest message no job registered
-        lost = await ledger.take_lost(min([now, *went_in]) - LOST_AFTER_S)
+        lost = await sweeps.take_lost(min([now, *went_in]) - LOST_AFTER_S)
         for handoff in lost:
             log.warning("job %s: its message left the broker and reached no worker; sending it "
                         "again", handoff.task_id)  # fmt: skip
@@ -295,16 +301,16 @@ class Presence:
     async def _webhook_delivered(self, job_id: str) -> None:
         await self.ledger.webhook_delivered(self.worker_id, job_id)
 
-    async def _recover(self, ledger: Ledger, orphan: Orphan) -> None:
+    async def _recover(self, sweeps: Sweeps, orphan: Orphan) -> None:
         task_id = orphan.task_id
         log.warning("delivery %s: its worker died; publishing it again", task_id)
         body = json.loads(orphan.payload)
         if orphan.playing:
             with suppress(RedisError, OSError):
-                note = await ledger.avatar_session(task_id)
+                note = await sweeps.avatar_session(task_id)
                 if note is not None:
                     await stop_avatar_session(self.settings, *note)
-                    await ledger.forget_avatar_session(task_id)
+                    await sweeps.forget_avatar_session(task_id)
             await self._evict_avatar(body)
         if await self._publish(task_id, body):
             self.sent_back(task_id, body, 0.0)

@@ -25,7 +25,8 @@ from redis.exceptions import RedisError
 
 from avatarq import logs
 from avatarq.celeryconfig import RENDER_QUEUE, RENDER_TASK, broker_countdown
-from avatarq.ledger.worker import Handoff, Ledger, job_id_of
+from avatarq.ledger.types import Handoff, job_id_of
+from avatarq.ledger.worker import Ledger
 from avatarq.results import Failed
 from avatarq.settings import Settings, get_settings
 from tasks.app import app

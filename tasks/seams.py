@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 from avatarq.events import EventPayload
 from avatarq.jobs import Job
-from avatarq.ledger.worker import Checkpoint, Claim, Finish, Handoff, Progress
+from avatarq.ledger.types import Checkpoint, Claim, Finish, Handoff, Progress
 from avatarq.results import JobResult
 
 

@@ -16,7 +16,7 @@ from redis.exceptions import RedisError
 
 from avatarq.events import Event, EventPayload
 from avatarq.jobs import Job
-from avatarq.ledger.worker import Checkpoint, Claim, Finish, Handoff, Progress
+from avatarq.ledger.types import Checkpoint, Claim, Finish, Handoff, Progress
 from avatarq.results import JobResult
 from avatarq.settings import Settings
 from tasks.backoff import RedisPatience

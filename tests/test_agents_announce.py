@@ -15,7 +15,9 @@ from avatarq.budget import Budget
 from avatarq.errors import PermanentJobError
 from avatarq.jobs import parse_job
 from avatarq.ledger.keys import room_agent_key
-from avatarq.ledger.worker import Claim, Handoff, Ledger
+from avatarq.ledger.sweeps import Sweeps
+from avatarq.ledger.types import Claim, Handoff
+from avatarq.ledger.worker import Ledger
 from avatarq.results import Timestamps
 from avatarq.settings import Settings
 from avatarq_agents.turns import AgentLinks
@@ -47,7 +49,7 @@ def test_a_held_rooms_jobs_park_for_its_agent_who_plays_them_in_order(redis_serv
         seen.append((await ledger.claim(ids[0], room, token))[0])
         finish = await ledger.finish(ids[0], room, done(ids[0]), token=token)
         seen.append(finish.next.task_id if finish.next else None)
-        seen.append(await ledger.take_stranded())  # the agent's to play, not the workers'
+        seen.append(await Sweeps(ledger).take_stranded())  # the agent's to play, not the workers'
         return seen
 
     parked, ok = Claim.PARKED, Claim.OK
@@ -61,10 +63,10 @@ def test_a_freed_or_lapsed_hold_gives_the_lane_back_to_the_workers(redis_server:
         await ledger.hold_room(room, AGENT)
         await ledger.claim(ids[0], room, "w1/a", park=park(ids[0], room))
         await ledger.free_room(room, "agent-other")  # not its hold: nothing changes
-        kept = await ledger.take_stranded()
+        kept = await Sweeps(ledger).take_stranded()
         await ledger.free_room(room, AGENT)
         # The recovery sweep publishes the parked head again, for any worker.
-        freed = [h.task_id for h in await ledger.take_stranded()]
+        freed = [h.task_id for h in await Sweeps(ledger).take_stranded()]
         # An agent that died: its hold lapses, and the job's next delivery plays at once.
         await ledger.hold_room(room, AGENT)
         parked, _ = await ledger.claim(ids[0], room, "w2/b", park=park(ids[0], room))

@@ -24,7 +24,7 @@ from avatarq.errors import (
 )
 from avatarq.events import Event
 from avatarq.jobs import parse_job
-from avatarq.ledger.worker import Checkpoint, Claim, Handoff, Span
+from avatarq.ledger.types import Checkpoint, Claim, Handoff, Span
 from avatarq.results import Cancelled, Failed, Played
 from avatarq.settings import Settings
 from tasks.context import JobHook, PlayContext, Segment

@@ -22,7 +22,9 @@ from avatarq.ledger.keys import (
     room_order_key,
     worker_held_key,
 )
-from avatarq.ledger.worker import REJOIN_GRACE_S, Claim, Handoff, Ledger, Parked
+from avatarq.ledger.sweeps import Sweeps
+from avatarq.ledger.types import Claim, Handoff, Parked
+from avatarq.ledger.worker import REJOIN_GRACE_S, Ledger
 from avatarq.settings import Settings
 from producers.client import enqueue
 
@@ -146,13 +148,13 @@ def test_a_parked_job_nobody_hands_on_is_taken_once_by_the_sweep(redis_server: s
         assert (await ledger.claim(ids[0], room, "w1/a"))[0] is Claim.OK
         park = Handoff(ids[1], {"job_id": ids[1], "room": room})
         assert (await ledger.claim(ids[1], room, "w2/b", park=park))[0] is Claim.PARKED
-        assert await ledger.take_stranded() == []  # its room's job will hand it on
+        assert await Sweeps(ledger).take_stranded() == []  # its room's job will hand it on
         # The head's lease lapses and it ends on a path that hands nothing on (a token that
         # names no worker process).
         await ledger.redis.delete(job_lease_key(ids[0]))
         finish = await ledger.finish(ids[0], room, done(ids[0]), token="no-worker")
         assert finish.recorded and finish.next is None and finish.ours
-        taken = await asyncio.gather(ledger.take_stranded(), ledger.take_stranded())
+        taken = await asyncio.gather(Sweeps(ledger).take_stranded(), Sweeps(ledger).take_stranded())
         assert sorted(len(t) for t in taken) == [0, 1]
         assert [h for t in taken for h in t] == [park]
 
@@ -169,7 +171,7 @@ def test_a_lost_head_does_not_strand_the_lane(redis_server: str) -> None:
         assert (await ledger.claim(ids[1], room, "w2/b", park=park))[0] is Claim.PARKED
         ledger.stale_after_s = 0.0
         await asyncio.sleep(0.01)
-        return await ledger.take_stranded()
+        return await Sweeps(ledger).take_stranded()
 
     assert run(redis_server, body) == [Handoff(ids[1], {"job_id": ids[1], "room": room})]
 
@@ -184,20 +186,20 @@ def test_a_parked_job_is_kept_by_its_worker_through_a_redis_that_lost_it(
         assert (await ledger.claim(ids[0], room, "w1/a"))[0] is Claim.OK
         park = Handoff(ids[1], parked[ids[1]].payload)
         assert (await ledger.claim(ids[1], room, "w2/b", park=park))[0] is Claim.PARKED
-        assert await ledger.keep_parked(parked) == {ids[1]}
+        assert await Sweeps(ledger).keep_parked(parked) == {ids[1]}
         # Redis loses its data: the parking worker's next beat puts the job back in its lane.
         await ledger.redis.delete(room_lane_key(room), room_order_key(room), LANES_KEY)
-        assert await ledger.keep_parked(parked) == {ids[1]}
+        assert await Sweeps(ledger).keep_parked(parked) == {ids[1]}
         assert await ledger.redis.lrange(room_order_key(room), 0, -1) == [ids[1].encode()]
         # The playing job re-asserts its place at the head, then hands the parked one on.
         assert await ledger.watch(ids[0], room, "w1/a") == (False, True)
         finish = await ledger.finish(ids[0], room, done(ids[0]), token="w1/a")
         assert finish.next == park
-        assert await ledger.keep_parked(parked) == {ids[1]}  # handed on, not yet claimed
+        assert await Sweeps(ledger).keep_parked(parked) == {ids[1]}  # handed on, not yet claimed
         # Put back in the order, it starts only after the rejoin grace.
         assert (await ledger.claim(ids[1], room, "w1/c"))[0] is Claim.WAIT
         await asyncio.sleep(REJOIN_GRACE_S + 0.1)
         assert (await ledger.claim(ids[1], room, "w1/c"))[0] is Claim.OK
-        assert await ledger.keep_parked(parked) == set()  # it plays: the parker lets go
+        assert await Sweeps(ledger).keep_parked(parked) == set()  # it plays: the parker lets go
 
     run(redis_server, body)

@@ -24,7 +24,9 @@ from avatarq.ledger.keys import (
     worker_held_key,
     worker_webhooks_key,
 )
-from avatarq.ledger.worker import REJOIN_GRACE_S, Claim, Ledger, Orphan, Orphans, OrphanWebhook
+from avatarq.ledger.sweeps import Orphan, Orphans, OrphanWebhook, Sweeps
+from avatarq.ledger.types import Claim
+from avatarq.ledger.worker import REJOIN_GRACE_S, Ledger
 from avatarq.settings import Settings
 from producers.client import cancel, enqueue
 from producers.deadletter import list_dead
@@ -249,10 +251,10 @@ def test_orphans_of_a_dead_worker_are_taken_once(redis_server: str) -> None:
                                 hand_on=False, webhook=hook)  # fmt: skip
         await ledger.webhook_delivered(alive, f"o4-{r}")
         owed = OrphanWebhook(f"o2-{r}", hook, json.dumps({"job_id": f"o2-{r}"}))
-        assert await ledger.take_orphans(alive) == Orphans(
+        assert await Sweeps(ledger).take_orphans(alive) == Orphans(
             [Orphan(f"o1-{r}", payload, playing=True)], [owed]
         )
-        assert await ledger.take_orphans(alive) == Orphans([], [])
+        assert await Sweeps(ledger).take_orphans(alive) == Orphans([], [])
         # The taker owes it now (if it dies before delivering it, the next sweep takes it).
         assert client.hgetall(worker_webhooks_key(alive)) == {f"o2-{r}".encode(): hook.encode()}
         await ledger.webhook_delivered(alive, f"o2-{r}")
@@ -269,13 +271,14 @@ def test_avatar_session_note_lives_until_the_job_ends(redis_server: str) -> None
     r = room()
 
     async def body(ledger: Ledger) -> None:
-        assert await ledger.avatar_session("av1") is None
+        sweeps = Sweeps(ledger)
+        assert await sweeps.avatar_session("av1") is None
         await ledger.note_avatar_session("av1", "http://avatar.test", "sess-1")
-        assert await ledger.avatar_session("av1") == ("http://avatar.test", "sess-1")
+        assert await sweeps.avatar_session("av1") == ("http://avatar.test", "sess-1")
         await ledger.note_avatar_session("av1", "http://avatar.test", None)
-        assert await ledger.avatar_session("av1") == ("http://avatar.test", None)
+        assert await sweeps.avatar_session("av1") == ("http://avatar.test", None)
         await ledger.finish("av1", r, {"job_id": "av1", "status": "completed"}, token="t")
-        assert await ledger.avatar_session("av1") is None
+        assert await sweeps.avatar_session("av1") is None
 
     run(redis_server, body)
 

@@ -27,7 +27,9 @@ from avatarq.ledger.keys import (
     worker_heartbeat_key,
     worker_held_key,
 )
-from avatarq.ledger.worker import Claim, Ledger, job_id_of
+from avatarq.ledger.sweeps import Sweeps
+from avatarq.ledger.types import Claim, job_id_of
+from avatarq.ledger.worker import Ledger
 from avatarq.results import Failed
 from avatarq.settings import Settings
 from avatarq_dev.processes import ManagedProcess
@@ -99,7 +101,7 @@ def test_dead_workers_deliveries_are_published_again_and_its_avatar_stopped(
                 await dead.redis.delete(worker_heartbeat_key(dead.worker_id))  # SIGKILL
                 recovered = await live.sweep_once()
                 assert await live.sweep_once() == []  # taken once
-                assert await ledger.avatar_session(job_id) is None
+                assert await Sweeps(ledger).avatar_session(job_id) is None
                 return recovered
             finally:
                 await dead.redis.aclose()

@@ -14,7 +14,8 @@ import redis.asyncio as aioredis
 
 from avatarq.jobs import parse_job
 from avatarq.ledger.keys import job_lease_key, room_order_key
-from avatarq.ledger.worker import Claim, Ledger
+from avatarq.ledger.types import Claim
+from avatarq.ledger.worker import Ledger
 from avatarq.settings import Settings
 from tasks.control import JobControl, StopReason
 from tasks.hooks import LeaseWatch

@@ -2,7 +2,8 @@
 
 A terminal record per job id, a renewed lease per attempt, one playing job per room at the
 head of its order, each worker process's heartbeat and held deliveries, and the dead-letter
-list. What they guarantee, and why: docs/guarantees.md and docs/scheduling.md."""
+list; what the recovery sweep takes is in `sweeps`. What they guarantee, and why:
+docs/guarantees.md and docs/scheduling.md."""
 
 from __future__ import annotations
 
@@ -11,8 +12,6 @@ import logging
 import time
 import uuid
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -43,6 +42,16 @@ from avatarq.ledger.keys import (
     worker_webhooks_key,
 )
 from avatarq.ledger.scripts import Lua, script
+from avatarq.ledger.types import (
+    Checkpoint,
+    Claim,
+    Finish,
+    Handoff,
+    Progress,
+    Span,
+    handoff_of,
+    lane_entry,
+)
 
 log = logging.getLogger("avatarq.ledger")
 
@@ -50,118 +59,6 @@ log = logging.getLogger("avatarq.ledger")
 #: or it was sent without `enqueue`) waits this long before it may start: the room's playing
 #: job re-asserts its place on its next watch tick (every 0.25 s), well within it.
 REJOIN_GRACE_S = 1.5
-
-
-@dataclass(frozen=True)
-class Orphan:
-    """A delivery its dead worker held."""
-
-    #: Its Celery task id: the job id, unless the message named another job's id.
-    task_id: str
-    payload: str
-    #: It held the job's lease: its avatar may still be in the room.
-    playing: bool
-
-
-@dataclass(frozen=True)
-class OrphanWebhook:
-    """A webhook its dead worker recorded the job's end for and did not deliver."""
-
-    job_id: str
-    url: str
-    #: The job's terminal record, the webhook's body.
-    record: str
-
-
-@dataclass(frozen=True)
-class Orphans:
-    """What dead worker processes left: the deliveries they held, the webhooks they owed."""
-
-    deliveries: list[Orphan]
-    webhooks: list[OrphanWebhook]
-
-
-class Claim(StrEnum):
-    OK = "ok"  # play it now
-    DONE = "done"  # already ended: never play again
-    CANCELLED = "cancelled"  # cancelled before it started
-    BUSY = "busy"  # another worker is playing this very job: a duplicate delivery
-    WAIT = "wait"  # not its room's turn yet: try again later
-    PARKED = "parked"  # not its room's turn: kept in the room's lane, handed on in its turn
-
-
-@dataclass(frozen=True)
-class Progress:
-    """Where a playing attempt is in the job's source (seconds): what a watch tick records."""
-
-    attempt: int
-    started_at: float
-    #: What the avatar has provably played (sent, less the buffer it may still hold).
-    position: float
-    #: What was sent: what it will have played once its buffer plays out.
-    sent: float
-
-
-@dataclass(frozen=True)
-class Span:
-    """The part of the source one attempt played."""
-
-    attempt: int
-    started_at: float
-    ended_at: float
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    #: How far the avatar has provably played the source (the last attempt's tick).
-    position: float = 0.0
-    #: How far that attempt had sent.
-    sent: float = 0.0
-    #: The attempt's worker died with nothing clearing the avatar's buffer: it played out.
-    played_out: bool = False
-    spans: tuple[Span, ...] = ()
-
-    @property
-    def heard(self) -> float:
-        """Where the listener's hearing of the source stopped: where to resume."""
-        return self.sent if self.played_out else self.position
-
-    @property
-    def heard_twice_s(self) -> float:
-        """Seconds of the source that more than one attempt played."""
-        twice, reached = 0.0, 0.0
-        for span in sorted(self.spans, key=lambda s: s.attempt):
-            twice += max(0.0, min(reached, span.ended_at) - span.started_at)
-            reached = max(reached, span.ended_at)
-        return twice
-
-
-@dataclass(frozen=True)
-class Handoff:
-    """A parked job handed to this worker process by its room's previous job."""
-
-    task_id: str
-    payload: Any
-
-
-@dataclass(frozen=True)
-class Parked:
-    """A job a worker process parked: kept in memory until it ends or plays elsewhere."""
-
-    job_id: str
-    room: str
-    payload: Any
-
-
-@dataclass(frozen=True)
-class Finish:
-    #: True when this call recorded the end; False when the job had ended already.
-    recorded: bool
-    #: False when another delivery holds the job's lease: this attempt was taken over.
-    ours: bool = True
-    #: The room's next job, now this worker's to play.
-    next: Handoff | None = None
-
 
 #: The field of a job's enqueued hash that every claim of one of its deliveries stamps
 #: (claim.lua): the job has been in a worker's hands, not only in the broker.
@@ -182,18 +79,6 @@ async def next_job_at_hand(redis: aioredis.Redis, room: str, played: str | None)
     return any(mark is not None for mark in marks)
 
 
-def job_id_of(payload: Any, task_id: str) -> str:
-    """The job's id: its own, else the Celery task id, which every redelivery and retry of
-    the message keeps (a fresh random id per delivery would never reach its room's head)."""
-    if isinstance(payload, dict) and isinstance(payload.get("job_id"), str) and payload["job_id"]:
-        return str(payload["job_id"])
-    return task_id
-
-
-def lane_entry(task_id: str, payload: Any) -> str:
-    return json.dumps({"task_id": task_id, "payload": json.dumps(payload)})
-
-
 def _worker_of(token: str) -> str | None:
     """The worker process a lease token names (`Ledger.new_token`)."""
     worker, sep, _ = token.rpartition("/")
@@ -208,11 +93,6 @@ class Ledger:
         self._watch = script(redis, Lua.WATCH)
         self._release = script(redis, Lua.RELEASE)
         self._finish = script(redis, Lua.FINISH)
-        self._take_orphans = script(redis, Lua.TAKE_ORPHANS)
-        self._take_stranded = script(redis, Lua.TAKE_STRANDED)
-        self._take_lost = script(redis, Lua.TAKE_LOST)
-        self._lanes_keep = script(redis, Lua.LANES_KEEP)
-        self._seen = script(redis, Lua.SEEN)
         self._room_agent = script(redis, Lua.ROOM_AGENT)
 
     @staticmethod
@@ -227,7 +107,7 @@ class Ledger:
         """Try to start playing; returns the verdict and, when OK, the attempt number.
         With `park`, a job whose room is playing another job is kept in the room's lane
         (PARKED: its message may be acknowledged) instead of being told to WAIT."""
-        await self._drop_finished_heads(job_id, room)
+        await self.drop_finished_heads(job_id, room)
         keys = [
             job_record_key(job_id),
             job_cancel_key(job_id),
@@ -254,7 +134,7 @@ class Ledger:
         verdict, attempt = await self._claim(keys=keys, args=args)
         return Claim(verdict.decode() if isinstance(verdict, bytes) else verdict), int(attempt)
 
-    async def _drop_finished_heads(self, job_id: str | None, room: str, limit: int = 100) -> None:
+    async def drop_finished_heads(self, job_id: str | None, room: str, limit: int = 100) -> None:
         """Unblock the room from heads that ended, or were lost without ending."""
         order = room_order_key(room)
         for _ in range(limit):
@@ -359,40 +239,6 @@ class Ledger:
         raw = await self.redis.get(job_record_key(job_id))
         return json.loads(raw) if raw is not None else None
 
-    async def avatar_session(self, job_id: str) -> tuple[str, str | None] | None:
-        """The (server, session id) noted for the job, if any."""
-        note: dict[bytes, bytes] = await self.redis.hgetall(job_avatar_key(job_id))  # type: ignore[assignment,misc]
-        if b"server" not in note:
-            return None
-        return note[b"server"].decode(), note.get(b"session_id", b"").decode() or None
-
-    async def forget_avatar_session(self, job_id: str) -> None:
-        await self.redis.delete(job_avatar_key(job_id))
-
-    async def take_orphans(self, caller: str = "") -> Orphans:
-        """Every unfinished delivery held by a worker process whose heartbeat is gone, and
-        every webhook it owed; each is returned to one caller only, which must publish the
-        delivery again, or deliver the webhook (owed by worker process `caller` from now)."""
-        prefixes = [worker_heartbeat_key(""), worker_held_key(""), job_lease_key(""),
-                    job_record_key(""), job_checkpoint_key(""),
-                    worker_webhooks_key("")]  # fmt: skip
-        keys = [WORKERS_KEY, worker_webhooks_key(caller) if caller else ""]
-        held, owed = await self._take_orphans(keys=keys, args=prefixes)
-        return Orphans(
-            [
-                Orphan(held[i].decode(), held[i + 1].decode(), bool(held[i + 2]))
-                for i in range(0, len(held), 3)
-            ],
-            [
-                OrphanWebhook(owed[i].decode(), owed[i + 1].decode(), owed[i + 2].decode())
-                for i in range(0, len(owed), 3)
-            ],
-        )
-
-    async def webhook_delivered(self, worker_id: str, job_id: str) -> None:
-        """The worker process delivered (or gave up on) the job's webhook."""
-        await self.redis.hdel(worker_webhooks_key(worker_id), job_id)  # type: ignore[misc]
-
     async def owned_by_another(self, job_id: str, payload: Any) -> bool:
         """Whether a valid job owns this id (enqueued with another payload, or claimed by a
         valid delivery): a message that fails validation must not end a job it does not own."""
@@ -442,6 +288,10 @@ class Ledger:
         handoff = Handoff(task_id.decode(), json.loads(payload)) if task_id else None
         return Finish(recorded=status == 1, ours=status >= 0, next=handoff)
 
+    async def webhook_delivered(self, worker_id: str, job_id: str) -> None:
+        """The worker process delivered (or gave up on) the job's webhook."""
+        await self.redis.hdel(worker_webhooks_key(worker_id), job_id)  # type: ignore[misc]
+
     async def park(self, room: str, handoff: Handoff) -> None:
         """Put a job taken from its lane back there (it could not be published)."""
         async with self.redis.pipeline(transaction=True) as pipe:
@@ -450,63 +300,6 @@ class Ledger:
             )
             pipe.sadd(LANES_KEY, room)
             await pipe.execute()
-
-    async def keep_parked(self, parked: Mapping[str, Parked]) -> set[str]:
-        """Of the jobs this process parked (task id → `Parked`), those still its to keep: the
-        others ended or play. Each kept one is put back in its lane if Redis lost it."""
-        if not parked:
-            return set()
-        prefixes = [job_record_key(""), job_lease_key(""), room_lane_key(""), room_order_key("")]
-        args: list[str] = [*prefixes, job_enqueued_key(""), f"{time.time():.3f}"]
-        for task_id, p in parked.items():
-            args += [task_id, p.job_id, p.room, lane_entry(task_id, p.payload)]
-        flat: list[Any] = await self._lanes_keep(keys=[LANES_KEY], args=args)
-        return {flat[i].decode() for i in range(0, len(flat), 2) if int(flat[i + 1])}
-
-    async def seen(self, worker_id: str, sent: Mapping[str, str]) -> set[str]:
-        """Of the deliveries this process sent back through the broker (task id → job id),
-        those someone answers for now: ended, playing, or held by another live process."""
-        if not sent:
-            return set()
-        prefixes = [job_record_key(""), job_lease_key(""), worker_held_key(""),
-                    worker_heartbeat_key("")]  # fmt: skip
-        args = [*prefixes, worker_id, *(x for pair in sent.items() for x in pair)]
-        flat: list[Any] = await self._seen(keys=[WORKERS_KEY], args=args)
-        return {flat[i].decode() for i in range(0, len(flat), 2) if int(flat[i + 1])}
-
-    async def take_stranded(self) -> list[Handoff]:
-        """Parked jobs at the head of a room nobody plays (the previous head ended without
-        handing on, or was lost); each is returned to one caller only, which must publish it
-        again."""
-        rooms: set[bytes] = await self.redis.smembers(LANES_KEY)  # type: ignore[misc,assignment]
-        for room in rooms:
-            await self._drop_finished_heads(None, room.decode())
-        prefixes = [room_lane_key(""), room_order_key(""), room_holder_key(""), room_agent_key("")]
-        entries: list[bytes] = await self._take_stranded(keys=[LANES_KEY], args=prefixes)
-        return [_handoff(entry) for entry in entries]
-
-    async def unseen_before(self, at: float) -> bool:
-        """Whether a registered job no worker has claimed went into the broker before `at`."""
-        first = await self.redis.zrangebyscore(UNSEEN_KEY, "-inf", f"({at:.3f}", start=0, num=1)
-        return bool(first)
-
-    async def registered_at(self, job_ids: Collection[str]) -> list[float] | None:
-        """When each of these jobs was registered; None if one of them was not (or its
-        registration is gone)."""
-        stamps = [await self.redis.hget(job_enqueued_key(j), "ts") for j in job_ids]  # type: ignore[misc]
-        if any(ts is None for ts in stamps):
-            return None
-        return [float(ts) for ts in stamps]
-
-    async def take_lost(self, before: float, limit: int = 100) -> list[Handoff]:
-        """Registered jobs that no worker has claimed or holds and whose message went into
-        the broker before `before`; each is returned to one caller only, which must send it
-        again (it is listed again as sent now)."""
-        prefixes = [job_record_key(""), job_enqueued_key(""), worker_held_key(""),
-                    worker_heartbeat_key("")]  # fmt: skip
-        args: list[str | int] = [f"{before:.3f}", f"{time.time():.3f}", limit, *prefixes]
-        flat: list[bytes] = await self._take_lost(keys=[UNSEEN_KEY, WORKERS_KEY], args=args)
-        return [Handoff(flat[i].decode(), json.loads(flat[i + 1])) for i in range(0, len(flat), 2)]
 
     async def hold_room(self, room: str, agent_id: str) -> bool:
         """Hold `room` for a conversational agent (process `agent_id`), or renew its hold, for
@@ -527,12 +320,12 @@ class Ledger:
 
     async def parked_head(self, room: str) -> Handoff | None:
         """The room's first job, if it is parked in the lane (nobody plays it yet)."""
-        await self._drop_finished_heads(None, room)
+        await self.drop_finished_heads(None, room)
         head: bytes | None = await self.redis.lindex(room_order_key(room), 0)  # type: ignore[assignment,misc]
         if head is None:
             return None
         entry = await self.redis.hget(room_lane_key(room), head.decode())  # type: ignore[misc]
-        return None if entry is None else _handoff(entry)
+        return None if entry is None else handoff_of(entry)
 
     async def dead_letter(self, job_payload: Mapping[str, Any], result: Mapping[str, Any]) -> None:
         """Keep a job whose retries ran out where an operator can see and replay it: its
@@ -578,8 +371,3 @@ class Ledger:
     async def hold(self, worker_id: str, task_id: str, payload: str) -> None:
         """One more delivery the worker process holds (before its next heartbeat)."""
         await self.redis.hset(worker_held_key(worker_id), task_id, payload)  # type: ignore[misc]
-
-
-def _handoff(entry: bytes | str) -> Handoff:
-    fields = json.loads(entry)
-    return Handoff(str(fields["task_id"]), json.loads(fields["payload"]))
