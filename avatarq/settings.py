@@ -306,6 +306,11 @@ class Settings(BaseSettings):
         )
         return {DEFAULT_AVATAR_SERVER: default, **self.avatar_servers}
 
+    def session_quotas(self) -> dict[str, int]:
+        """Each configured avatar server's session quota, as this process announces it with
+        its heartbeat (the fleet keeps to the smallest a live process announced)."""
+        return {name: s.max_sessions for name, s in self.configured_avatar_servers().items()}
+
     def avatar_license_key(self, server: AvatarServer) -> str:
         key = server.license_key or self.avaluma_license_key
         return key.get_secret_value()

@@ -69,6 +69,9 @@ class RoomLane:
         self.agent_id = f"agent-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.redis = aioredis.from_url(settings.redis_url)
         self.ledger = Ledger(self.redis, stale_after_s=settings.redelivery_after_s)
+        #: Announced with each heartbeat: the agent's sessions count against the fleet's
+        #: quota, so the fleet keeps to its configured one too.
+        self.quotas = settings.session_quotas()
         self.webhooks = WebhookOutbox(
             settings, functools.partial(self.ledger.webhook_delivered, self.agent_id)
         )
@@ -90,7 +93,7 @@ class RoomLane:
         room or the job plays on."""
         if not await self.ledger.hold_room(self.room, self.agent_id):
             raise RoomHeld(f"room {self.room!r} is held by another conversational agent")
-        await self.ledger.announce(self.agent_id, {})
+        await self.ledger.announce(self.agent_id, {}, (), self.quotas)
         self._tasks.append(asyncio.create_task(self._beat()))
         deadline = time.monotonic() + patience_s
         for _ in range(int(patience_s / POLL_S) + 1):
@@ -138,7 +141,7 @@ class RoomLane:
             await asyncio.sleep(HEARTBEAT_S)
             gone, self._gone = self._gone, set()
             try:
-                await self.ledger.announce(self.agent_id, dict(self._held), gone)
+                await self.ledger.announce(self.agent_id, dict(self._held), gone, self.quotas)
                 held = await self.ledger.hold_room(self.room, self.agent_id)
                 if self._holds and not held:
                     # Its hold lapsed (Redis unreachable past the lease) and another agent

@@ -92,7 +92,7 @@ class Presence:
         self._counts: dict[str, int] = {}
         #: The session quota of each avatar server, as configured here: announced with the
         #: heartbeat, so every worker process keeps to the smallest a live one has.
-        self.quotas = {n: s.max_sessions for n, s in settings.configured_avatar_servers().items()}
+        self.quotas = settings.session_quotas()
         self._quotas_seen: dict[str, list[int]] = {}
         #: The process's webhooks: its jobs' and those it took over from dead workers, each
         #: owed in its name until delivered.

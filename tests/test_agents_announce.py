@@ -10,6 +10,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import redis
 
 from avatarq.budget import Budget
 from avatarq.errors import PermanentJobError
@@ -20,6 +21,7 @@ from avatarq.ledger.types import Claim, Handoff
 from avatarq.ledger.worker import Ledger
 from avatarq.results import Timestamps
 from avatarq.settings import Settings
+from avatarq_agents.lane import RoomLane
 from avatarq_agents.turns import AgentLinks
 from tasks.link.types import LinkRequest
 from tests.test_lanes import done, enqueued_room, run
@@ -75,6 +77,26 @@ def test_a_freed_or_lapsed_hold_gives_the_lane_back_to_the_workers(redis_server:
         return [kept, freed, parked, (await ledger.claim(ids[0], room, "w2/b"))[0]]
 
     assert run(redis_server, body) == [[], ids, Claim.PARKED, Claim.OK]
+
+
+def test_an_agent_holding_a_room_announces_its_session_quota(redis_server: str) -> None:
+    """The agent's avatar takes a slot of the fleet's quota, so the fleet keeps to the quota
+    the agent is configured with too (a worker configured higher takes no more)."""
+    # A database of its own: no other test's heartbeat announces a quota in it.
+    own = redis_server.rsplit("/", 1)[0] + "/9"
+    redis.Redis.from_url(own).flushdb()
+    settings = Settings(REDIS_URL=own, AVATARQ_AVATAR_MAX_SESSIONS=2)  # type: ignore[call-arg]
+
+    async def go() -> dict[str, list[int]]:
+        lane = RoomLane(settings, "agent-quota-room")
+        try:
+            await lane.hold(patience_s=1.0)
+            probe = Ledger(lane.redis, stale_after_s=3600)
+            return await probe.announce("a-worker", {}, (), {"default": 10})
+        finally:
+            await lane.aclose()
+
+    assert asyncio.run(go()) == {"default": [2, 10]}
 
 
 # -- the agent's link, with a stand-in session and output (no rooms) --------------------------

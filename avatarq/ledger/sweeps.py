@@ -146,10 +146,12 @@ class Sweeps:
     async def registered_at(self, job_ids: Collection[str]) -> list[float] | None:
         """When each of these jobs was registered; None if one of them was not (or its
         registration is gone)."""
-        stamps = [await self.redis.hget(job_enqueued_key(j), "ts") for j in job_ids]  # type: ignore[misc]
-        if any(ts is None for ts in stamps):
-            return None
-        return [float(ts) for ts in stamps]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hget(job_enqueued_key(job_id), "ts")
+            stamps: list[bytes | None] = await pipe.execute()
+        known = [float(ts) for ts in stamps if ts is not None]
+        return known if len(known) == len(stamps) else None
 
     async def take_lost(self, before: float, limit: int = 100) -> list[Handoff]:
         """Registered jobs that no worker has claimed or holds and whose message went into
