@@ -450,7 +450,7 @@ def run(
             if "jobs" in sections:
                 results.update(JobsBench(stack, light, plan, deadline).run())
             if "fleet" in sections:
-                results.update(bench_fleet(stack, plan.fleet))
+                results.update(bench_fleet(stack, plan.fleet, light))
             if "recording" in sections:
                 goal, audio_s = streams.SCHEDULE_P99_GOAL_MS, plan.recording_audio_s
                 results.update(bench_recording(stack, BENCH_ENV, audio_s, LEAD, goal))

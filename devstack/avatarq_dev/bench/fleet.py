@@ -17,6 +17,7 @@ import redis
 import requests
 
 from avatarq.ledger.keys import avatar_quota_key
+from avatarq_dev.bench.load import LightAvatars
 from avatarq_dev.bench.stats import make_clip, ratio, spread
 from avatarq_dev.bench.streams import Played, collect
 from avatarq_dev.faults.fleet import peak_sessions
@@ -82,13 +83,17 @@ def _segments(sessions: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 class FleetBench:
-    """Each part on fresh workers of one design (lanes on or off)."""
+    """Each part on fresh workers of one design (lanes on or off). `light`: the workers' avatars
+    are the light receivers' instead of the emulator's."""
 
-    def __init__(self, stack: LocalStack, plan: FleetPlan, lanes: bool) -> None:
+    def __init__(
+        self, stack: LocalStack, plan: FleetPlan, lanes: bool, light: LightAvatars | None = None
+    ) -> None:
         self.stack, self.plan, self.lanes = stack, plan, lanes
         self.clip = make_clip(stack.workdir / "fleet.wav", plan.clip_s, rate=16000)
         self.b2b_clip = make_clip(stack.workdir / "fleet-b2b.wav", plan.b2b_clip_s, rate=16000)
-        self.tag = "lanes" if lanes else "polling"
+        self.tag = "light" if light else "lanes" if lanes else "polling"
+        self.avatars = light.env() if light else {}
         #: Seconds each part waited for the fleet to be at rest before it began.
         self.rest_waits: list[float] = []
 
@@ -97,6 +102,7 @@ class FleetBench:
         env = {
             "AVATARQ_AVATAR_MAX_SESSIONS": str(quota),
             "AVATARQ_ROOM_LANES": "true" if self.lanes else "false",
+            **self.avatars,
         }
         return [
             self.stack.start_worker(f"fleet-{self.tag}-{i}", concurrency=None, extra_env=env)
@@ -268,15 +274,22 @@ def _order_exact(runs: list[Played], rooms: list[str]) -> bool:
     return True
 
 
-def bench_fleet(stack: LocalStack, plan: FleetPlan) -> dict[str, Any]:
-    """Lanes (the default) and the design before them, on the same stack, one after the other."""
+def bench_fleet(stack: LocalStack, plan: FleetPlan, light: LightAvatars) -> dict[str, Any]:
+    """Lanes (the default) and the design before them, on the same stack, one after the other;
+    then the lanes' burst against the light receivers, whose avatars take far less of the
+    shared cores (as avatars on machines of their own would take none)."""
     requests.post(f"{stack.avatar_url}/_emulator/faults", json={"max_sessions": None}, timeout=5)
     lanes = FleetBench(stack, plan, lanes=True).run()
     polling = FleetBench(stack, plan, lanes=False).run()
+    burst_light = FleetBench(stack, plan, lanes=True, light=light).burst()
+    # The light receivers record no session's start and stop: no peak, no session time.
+    for key in ("peak_sessions", "session_time_used_share", "audio_share_of_session_time"):
+        burst_light.pop(key, None)
     return {
         "fleet": {
             "lanes": lanes,
             "polling": polling,
+            "light": {"burst": burst_light},
             "ratio_burst_drain_polling_vs_lanes": ratio(
                 polling["burst"]["drain_s"], lanes["burst"]["drain_s"]
             ),

@@ -194,6 +194,14 @@ ROWS: list[Row] = [
         "≤ 1.25x",
     ),
     (
+        "fleet burst drain / ideal, light receivers (avatars mostly off the shared cores; "
+        "baseline: lanes on the emulator)",
+        "fleet.light.burst.ratio_drain_vs_ideal",
+        "fleet.lanes.burst.ratio_drain_vs_ideal",
+        "x",
+        "comparison",
+    ),
+    (
         "fleet burst drain time (lanes)",
         "fleet.lanes.burst.drain_s",
         "fleet.polling.burst.drain_s",
