@@ -84,14 +84,14 @@ class Sweeps:
     async def forget_avatar_session(self, job_id: str) -> None:
         await self.redis.delete(job_avatar_key(job_id))
 
-    async def take_orphans(self, caller: str = "") -> Orphans:
+    async def take_orphans(self, caller: str) -> Orphans:
         """Every unfinished delivery held by a worker process whose heartbeat is gone, and
         every webhook it owed; each is returned to one caller only, which must publish the
         delivery again, or deliver the webhook (owed by worker process `caller` from now)."""
         prefixes = [worker_heartbeat_key(""), worker_held_key(""), job_lease_key(""),
                     job_record_key(""), job_checkpoint_key(""),
                     worker_webhooks_key("")]  # fmt: skip
-        keys = [WORKERS_KEY, worker_webhooks_key(caller) if caller else ""]
+        keys = [WORKERS_KEY, worker_webhooks_key(caller)]
         held, owed = await self._take_orphans(keys=keys, args=prefixes)
         return Orphans(
             [

@@ -4,7 +4,7 @@
 -- webhook URL, the job's record}. A dead worker's leases go with it; jobs that ended are
 -- left out. A playing one's avatar played out what it had buffered: it resumes from what
 -- was sent. The webhooks become the caller's to deliver (owed in its name from now on).
--- KEYS: workers set, the caller's webhooks ('' for none)   ARGV: heartbeat, held, lease,
+-- KEYS: workers set, the caller's webhooks   ARGV: heartbeat, held, lease,
 --       record, checkpoint and webhooks key prefixes
 local out, webhooks = {}, {}
 for _, w in ipairs(redis.call('SMEMBERS', KEYS[1])) do
@@ -16,7 +16,7 @@ for _, w in ipairs(redis.call('SMEMBERS', KEYS[1])) do
         table.insert(webhooks, pending[i])
         table.insert(webhooks, pending[i + 1])
         table.insert(webhooks, record)
-        if KEYS[2] ~= '' then redis.call('HSET', KEYS[2], pending[i], pending[i + 1]) end
+        redis.call('HSET', KEYS[2], pending[i], pending[i + 1])
       end
     end
     redis.call('DEL', ARGV[6] .. w)
