@@ -88,38 +88,47 @@ class Playback:
                 limit.reschedule(loop.time() + budget.time_limit(remainder))
                 request = dataclasses.replace(request, duration=remainder)
                 link, warm = await self._get_link(request)
-                link.attach(play.control)
-                await play.reporter.emit(AvatarReady(session_id=link.session_id, warm=warm))
-                bps = link.sender.bytes_per_second
-                pacer = Pacer(
-                    bytes_per_second=bps, lead=budget.lead, record_errors=self.settings.pacing_trace
-                )
-                segment = Segment(
-                    job, bps, audio.duration, pacer, play.start_at, link.sender.captions
-                )
-                for hook in play.hooks:
-                    await hook.on_link_ready()
-                for hook in play.hooks:
-                    hook.on_stream_start(segment)
                 keep = False
                 try:
-                    streamed = await self._stream(play, link.sender, audio, segment)
-                    # The avatar still plays the lead: time to get the room's next job ready.
-                    await self._prepare_next(play, spec)
-                    # No progress report may land after this last one.
-                    await play.reporter.settle_progress()
-                    await play.reporter.progress(streamed, audio.duration, force=True)
-                    if play.control.reason is not None:
-                        await _interrupt(play, link.sender, streamed, audio.duration)
-                    finished = await self._confirm(play, link.sender, streamed)
+                    segment, streamed, finished = await self._play_on(play, link, warm, audio, spec)
                     # Only a segment that ended cleanly leaves the session fit for the next job.
                     keep = finished is not None
                 finally:
-                    await play.reporter.settle_progress()  # nor after the job's end
-                    for hook in play.hooks:
-                        hook.on_stream_end(segment)
+                    # Whatever stopped the play, from here on the link is given back: one
+                    # left behind would hold its session slot for as long as the process lives.
                     await self.links.give_back(link, keep=keep)
         return _result(play, server, link, warm, audio, segment, streamed, finished)
+
+    async def _play_on(
+        self, play: PlayContext, link: Link, warm: bool, audio: Audio, spec: AudioSpec
+    ) -> tuple[Segment, float, PlaybackFinished | None]:
+        """Stream the job on its link and wait for the avatar's report: the segment, the
+        seconds streamed and the report (None when the avatar never sent one)."""
+        link.attach(play.control)
+        await play.reporter.emit(AvatarReady(session_id=link.session_id, warm=warm))
+        bps = link.sender.bytes_per_second
+        pacer = Pacer(
+            bytes_per_second=bps, lead=play.budget.lead, record_errors=self.settings.pacing_trace
+        )
+        segment = Segment(play.job, bps, audio.duration, pacer, play.start_at, link.sender.captions)
+        for hook in play.hooks:
+            await hook.on_link_ready()
+        for hook in play.hooks:
+            hook.on_stream_start(segment)
+        try:
+            streamed = await self._stream(play, link.sender, audio, segment)
+            # The avatar still plays the lead: time to get the room's next job ready.
+            await self._prepare_next(play, spec)
+            # No progress report may land after this last one.
+            await play.reporter.settle_progress()
+            await play.reporter.progress(streamed, audio.duration, force=True)
+            if play.control.reason is not None:
+                await _interrupt(play, link.sender, streamed, audio.duration)
+            return segment, streamed, await self._confirm(play, link.sender, streamed)
+        finally:
+            await play.reporter.settle_progress()  # nor after the job's end
+            for hook in play.hooks:
+                hook.on_stream_end(segment)
 
     async def _prepare_next(self, play: PlayContext, spec: AudioSpec) -> None:
         """Start decoding the job parked next in the room, if it plays at this rate from its

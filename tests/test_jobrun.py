@@ -416,6 +416,20 @@ def test_hooks_see_the_run_in_order_and_are_released_on_failure_too(stand: Stand
     assert trace == ["claimed", "released"]
 
 
+class _FailsOnLinkReady(JobHook):
+    async def on_link_ready(self) -> None:
+        raise RuntimeError("the recorder could not start")
+
+
+def test_a_play_stopped_before_its_first_byte_still_gives_its_link_back(stand: Stand) -> None:
+    # A link neither parked nor closed would keep its avatar session, and the session slot
+    # renewed under it, for as long as the worker process lives.
+    stand.hooks.append(lambda _run: _FailsOnLinkReady())
+    outcome = run(stand)
+    assert outcome.ending is not Ending.PLAYED
+    assert stand.links.cold_starts == 1 and stand.links.given_back == [False]
+
+
 def test_a_redelivery_resumes_where_the_listener_stopped_hearing(stand: Stand) -> None:
     stand.audio.seconds = stand.audio.declared = 10.0
     earlier = (Span(1, 0.0, 6.5),)

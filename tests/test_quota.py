@@ -309,28 +309,49 @@ def test_a_finished_rooms_session_goes_to_a_waiting_room_at_once(
     assert (parked, closed) == ((0, 1) if others_in_room == 0 else (1, 0))
 
 
-def test_a_closed_links_slot_goes_to_the_line_once_its_avatar_stopped(redis_server: str) -> None:
-    # Not after the worker's own leaving: its state messages in flight may wait out their
-    # RPC timeout, and the next room's avatar would wait with them.
+class _Avatar:
+    """An avatar server whose stop takes `stop_s` to confirm."""
+
+    def __init__(self, events: list[str], stop_s: float = 0.0) -> None:
+        self.events, self.stop_s = events, stop_s
+
+    async def stop(self, session: Any) -> bool:
+        await asyncio.sleep(self.stop_s)
+        self.events.append("avatar stopped")
+        return True
+
+    async def aclose(self) -> None:
+        return None
+
+
+class _Sender:
+    avatar_identity = "avatar-a"
+
+    def __init__(self, events: list[str], close_s: float = 0.0) -> None:
+        self.events, self.close_s = events, close_s
+
+    async def aclose(self) -> None:
+        await asyncio.sleep(self.close_s)
+        self.events.append("sender closed")
+
+
+def _link(quota: AvatarQuota, slot: Slot, avatar: _Avatar, sender: _Sender) -> Any:
+    """A link holding `slot`, its room and avatar faked (they are not under test)."""
     from tasks.link.link import AvatarLink, RoomAdmin
     from tasks.link.types import AvatarSession, LinkKey
 
+    link = AvatarLink(
+        LinkKey("room", "avatar-a", quota.server, 16000), None, sender, avatar,  # type: ignore[arg-type]
+        RoomAdmin("http://127.0.0.1:1", "k", "s"), session=AvatarSession("sess", "avatar-a"),
+    )  # fmt: skip
+    link.own_slot(quota, slot)
+    return link
+
+
+def test_a_closed_links_slot_goes_to_the_line_once_its_avatar_stopped(redis_server: str) -> None:
+    # Not after the worker's own leaving: its state messages in flight may wait out their
+    # RPC timeout, and the next room's avatar would wait with them.
     events: list[str] = []
-
-    class Avatar:
-        async def stop(self, session: AvatarSession) -> bool:
-            events.append("avatar stopped")
-            return True
-
-        async def aclose(self) -> None:
-            return None
-
-    class Sender:
-        avatar_identity = "avatar-a"
-
-        async def aclose(self) -> None:
-            await asyncio.sleep(0.3)  # a state RPC waiting out its timeout
-            events.append("sender closed")
 
     async def go() -> None:
         r = aioredis.from_url(redis_server)
@@ -344,17 +365,110 @@ def test_a_closed_links_slot_goes_to_the_line_once_its_avatar_stopped(redis_serv
             events.append("slot released")
 
         q.release = release  # type: ignore[method-assign]
-        link = AvatarLink(
-            LinkKey("room", "avatar-a", q.server, 16000), None, Sender(), Avatar(),  # type: ignore[arg-type]
-            RoomAdmin("http://127.0.0.1:1", "k", "s"), session=AvatarSession("sess", "avatar-a"),
-        )  # fmt: skip
-        link.own_slot(q, slot)
-        await link.close()
+        # The sender's close: a state RPC waiting out its timeout.
+        await _link(q, slot, _Avatar(events), _Sender(events, close_s=0.3)).close()
         assert isinstance(await q.try_acquire("next"), Slot)
         await r.aclose()
 
     run(go())
     assert events == ["avatar stopped", "slot released", "sender closed"]
+
+
+def test_a_close_cut_off_by_its_callers_deadline_still_frees_the_slot(redis_server: str) -> None:
+    # A job's deadline (or a hand-back) cancelling the close while the avatar server confirms
+    # the stop: cut off there, the slot would be renewed for as long as the process lives.
+    events: list[str] = []
+
+    async def go() -> None:
+        r = aioredis.from_url(redis_server)
+        q = AvatarQuota(r, f"s-{uuid.uuid4().hex[:6]}", 1)
+        slot = await q.try_acquire("playing")
+        assert isinstance(slot, Slot)
+        q.hold(slot)
+        link = _link(q, slot, _Avatar(events, stop_s=0.3), _Sender(events))
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.1):
+                await link.close()
+        await link.close()  # a later call waits for the same close
+        assert events == ["avatar stopped", "sender closed"]
+        assert isinstance(await q.try_acquire("next"), Slot)
+        await r.aclose()
+
+    run(go())
+
+
+def test_a_link_whose_give_back_is_cut_off_is_closed_not_lost(redis_server: str) -> None:
+    # Cancelled while it asks whether another room wants the slot (a job's deadline), the
+    # link is neither parked nor the job's any more: unless closed, it would hold its slot.
+    from tasks.link.links import Links
+
+    class Room:
+        def isconnected(self) -> bool:
+            return True
+
+    events: list[str] = []
+
+    async def go() -> None:
+        r = aioredis.from_url(redis_server)
+        q = AvatarQuota(r, f"s-{uuid.uuid4().hex[:6]}", 1)
+        slot = await q.try_acquire("playing")
+        assert isinstance(slot, Slot)
+        q.hold(slot)
+        link = _link(q, slot, _Avatar(events), _Sender(events))
+        link.room = Room()
+
+        async def demand() -> int:
+            await asyncio.sleep(60)  # Redis slow to answer
+            return 1
+
+        q.demand = demand  # type: ignore[method-assign]
+        links = Links(Settings(AVATARQ_WARM_IDLE=10), r)
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.2):
+                await links.give_back(link, keep=True)
+        assert events == ["avatar stopped", "sender closed"]
+        assert not links.pool.holds(link.key)
+        assert isinstance(await q.try_acquire("next"), Slot)
+        await links.aclose()
+        await r.aclose()
+
+    run(go())
+
+
+def test_a_slot_that_lapses_under_a_playing_job_ends_its_session(
+    redis_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis goes away while a job plays (a real TCP relay, cut): the job's lease has fenced
+    its stream, but its run may wait on Redis to record that. The session ends before the
+    slot lapses all the same, and the job stops as for an avatar that left."""
+    from tasks.control import JobControl, StopReason
+
+    # Shortened as in test_a_slot_that_cannot_be_renewed_ends_its_session_before_it_lapses.
+    monkeypatch.setattr(quota_mod, "SLOT_LEASE_S", 1.5)
+    monkeypatch.setattr(quota_mod, "RENEW_EVERY_S", 0.3)
+    monkeypatch.setattr(quota_mod, "LAPSE_MARGIN_S", 0.6)
+    monkeypatch.setattr(quota_mod, "WAIT_POLL_S", 0.1)
+    monkeypatch.setattr(quota_mod, "RENEW_TIMEOUT_S", 0.2)
+    events: list[str] = []
+
+    async def go(via: str) -> None:
+        cut_off = aioredis.from_url(via)
+        q = AvatarQuota(cut_off, f"s-{uuid.uuid4().hex[:6]}", 1)
+        slot = await q.try_acquire("playing")
+        assert isinstance(slot, Slot)
+        q.hold(slot)
+        link = _link(q, slot, _Avatar(events), _Sender(events))
+        control = JobControl()
+        link.attach(control)
+        relay.cut()
+        await asyncio.wait_for(control.stop.wait(), timeout=3.0)
+        assert control.reason is StopReason.AVATAR_LEFT and not link.reusable
+        await link.close()
+        assert events == ["avatar stopped", "sender closed"]
+        await cut_off.aclose()
+
+    with RedisRelay(port_of(redis_server)).running() as relay:
+        run(go(relay.route(redis_server)))
 
 
 def test_a_room_lost_while_its_job_waited_is_a_room_error_without_an_avatar() -> None:
@@ -481,6 +595,31 @@ def test_a_process_exit_waits_for_a_session_it_is_handing_on(redis_server: str) 
         return seen
 
     assert run(go()) == ["stopped", "pool closed"]
+
+
+def test_a_cold_start_waits_for_its_rooms_own_idle_link_to_close(redis_server: str) -> None:
+    # The link's idle window ended and its close is under way: a new session of the room
+    # started meanwhile could be made to leave with the old avatar (same identity).
+    from tasks.link.warm import WarmPool
+
+    events: list[str] = []
+
+    async def go() -> None:
+        r = aioredis.from_url(redis_server)
+        q = AvatarQuota(r, f"s-{uuid.uuid4().hex[:6]}", 1)
+        slot = await q.try_acquire("played")
+        assert isinstance(slot, Slot)
+        link = _link(q, slot, _Avatar(events, stop_s=0.5), _Sender(events))
+        pool = WarmPool(r)
+        await pool.park(link, idle_s=0.05)
+        await asyncio.sleep(0.2)  # expired: closing, its avatar not stopped yet
+        assert events == [] and not pool.holds(link.key)
+        await pool.make_room(link.key)
+        assert events == ["avatar stopped", "sender closed"]
+        await pool.aclose()
+        await r.aclose()
+
+    run(go())
 
 
 # -- the fleet --------------------------------------------------------------------------------

@@ -68,7 +68,8 @@ class AvatarLink:
     job_id: str | None = None
     #: Set once the room or the avatar is gone: the link must not be used again.
     broken: StopReason | None = None
-    _closed: bool = field(default=False, repr=False)
+    #: The close under way or done: every `close()` waits for this one.
+    _closing: asyncio.Future[None] | None = field(default=None, repr=False)
     _keeper_join: asyncio.Future[rtc.Room] | None = field(default=None, repr=False)
     #: The close a lapsing slot began (held: the loop keeps only a weak reference to a task).
     _lapse_close: asyncio.Future[None] | None = field(default=None, repr=False)
@@ -88,10 +89,12 @@ class AvatarLink:
         slot.on_lapse = self._slot_lapsing
 
     def _slot_lapsing(self) -> None:
-        """The slot could not be renewed (Redis out of reach): an idle session ends now, before
+        """The slot could not be renewed (Redis out of reach): the session ends now, before
         the slot can lapse and let another worker start a session over the quota. A job on the
-        link has stopped already: its own lease fences it sooner (tasks/control.py)."""
-        if self.control is None and not self._closed:
+        link has been fenced by its own lease already (tasks/control.py), but its run may
+        still be waiting on Redis to record that: it stops as for an avatar that left."""
+        self.lost(StopReason.AVATAR_LEFT)
+        if self._closing is None:
             self._lapse_close = asyncio.ensure_future(self.close())
 
     def lost(self, reason: StopReason) -> None:
@@ -126,7 +129,7 @@ class AvatarLink:
         join.add_done_callback(self._keeper_joined)
 
     def _keeper_joined(self, join: asyncio.Future[rtc.Room]) -> None:
-        if self._closed or join.cancelled():
+        if self._closing is not None or join.cancelled():
             return  # close() took the keeper, or stopped its join
         if join.exception() is not None:
             # The room's own timeouts still hold it a while; a close there cuts the job off
@@ -137,15 +140,21 @@ class AvatarLink:
 
     @property
     def reusable(self) -> bool:
-        return self.broken is None and not self._closed and self.room.isconnected()
+        return self.broken is None and self._closing is None and self.room.isconnected()
 
     async def close(self) -> None:
         """Stop the avatar session and leave the room (idempotent, best effort). An avatar
         whose server could not confirm the stop (no session id, no stop endpoint, an error) is
-        removed from the room, so it never goes on rendering after its job."""
-        if self._closed:
-            return
-        self._closed = True
+        removed from the room, so it never goes on rendering after its job.
+
+        A close runs to its end even when its caller is cancelled (a job's deadline, a
+        hand-back): cut off midway, it would leave the session rendering on a slot renewed
+        for as long as the process lives. Every call waits for the same close."""
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close())
+        await asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
         join = self._keeper_join
         if join is not None and not join.done():
             join.cancel()

@@ -95,7 +95,11 @@ class Links:
         if link is not None:
             self._drop_early(request.job.job_id)  # parked after the source began to open
             link.job_id = request.job.job_id
-            await link.cover(request, self.settings)
+            try:
+                await link.cover(request, self.settings)
+            except BaseException:
+                await link.close()  # out of the pool and not the job's: nobody else would
+                raise
         return link
 
     async def start_cold(self, request: LinkRequest) -> AvatarLink:
@@ -169,7 +173,11 @@ class Links:
         """After the job: park a link fit for the next one, close any other."""
         assert isinstance(link, AvatarLink), "Links only takes back the links it gave"
         if keep and self.settings.warm_idle_s > 0 and link.reusable:
-            keep = not await slot_wanted(link, self.redis, lanes=self.settings.room_lanes)
+            try:
+                keep = not await slot_wanted(link, self.redis, lanes=self.settings.room_lanes)
+            except BaseException:
+                await link.close()
+                raise
         if keep:
             await self.pool.park(link, self.settings.warm_idle_s)
         else:

@@ -17,6 +17,7 @@ from redis.exceptions import RedisError
 
 from avatarq.ledger.keys import WARM_RELEASE_TTL_S, warm_holder_key, warm_release_key
 from avatarq.ledger.worker import next_job_at_hand
+from tasks.link.avatar import STOP_TIMEOUT_S
 from tasks.link.link import AvatarLink
 from tasks.link.types import LinkKey
 
@@ -24,8 +25,10 @@ log = logging.getLogger("avatarq.warm")
 
 #: How often a process holding idle sessions checks for release requests.
 RELEASE_POLL_S = 0.2
-#: How long a cold start waits for another process to let its idle session go.
-RELEASE_WAIT_S = 3.0
+#: How long a cold start waits for another process to let its idle session go: past its
+#: avatar server's stop timeout, after which the holder makes the avatar (by its identity,
+#: the one the new session takes too) leave the room.
+RELEASE_WAIT_S = STOP_TIMEOUT_S + 3.0
 
 
 def _holder_key(key: LinkKey) -> str:
@@ -45,7 +48,8 @@ class WarmPool:
         self._token = uuid.uuid4().hex
         self._idle: dict[LinkKey, tuple[AvatarLink, asyncio.TimerHandle]] = {}
         self._watcher: asyncio.Task[None] | None = None
-        self._closing: set[asyncio.Future[None]] = set()
+        #: Links closing in the background, by key.
+        self._closing: dict[asyncio.Future[None], LinkKey] = {}
 
     def holds(self, key: LinkKey) -> bool:
         """An idle link for `key` is parked here (it may still expire before it is taken)."""
@@ -78,8 +82,13 @@ class WarmPool:
             self._watcher = loop.create_task(self._watch_releases())
 
     async def make_room(self, key: LinkKey) -> None:
-        """Before starting an avatar cold: ask another process's idle session for the same
-        room and avatar to leave, and wait (briefly) until it has."""
+        """Before starting an avatar cold: wait until no idle session for the same room and
+        avatar is left. This process's own may be closing still; another process's is asked
+        to leave (and waited for briefly). An old avatar made to leave by its identity, its
+        stop failing, would otherwise take the new session out of the room with it."""
+        await asyncio.gather(
+            *(f for f, k in self._closing.items() if k == key), return_exceptions=True
+        )
         try:
             holder = await self._redis.get(_holder_key(key))
             if holder is None or holder == self._token.encode():
@@ -124,8 +133,8 @@ class WarmPool:
         """Close `link` in the background (the watcher goes on with other rooms meanwhile);
         `aclose` waits for it."""
         closing = asyncio.ensure_future(self._close_idle(link))
-        self._closing.add(closing)
-        closing.add_done_callback(self._closing.discard)
+        self._closing[closing] = link.key
+        closing.add_done_callback(self._closing.pop)
 
     async def _close_idle(self, link: AvatarLink) -> None:
         await link.close()
