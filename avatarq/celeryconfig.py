@@ -55,10 +55,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         },
         "result_backend_transport_options": {"visibility_timeout": visibility},
         "result_expires": 7 * 24 * 3600,
-        "task_track_started": True,
-        # The STARTED record is stored before the task's body: a Redis restart at that moment
-        # must not fail the delivery outside it. Retried for a few seconds, then it fails as
-        # before (a client's read of a result also gives up within seconds).
+        # Celery would store STARTED before the task's body, and a Redis out of reach for
+        # longer than the retries below would fail the delivery there, outside the body,
+        # acknowledging (losing) its message. The render task stores it itself, best effort.
+        "task_track_started": False,
+        # A result store retried for a few seconds, then given up (a client's read of a
+        # result also gives up within seconds).
         "result_backend_always_retry": True,
         "result_backend_max_retries": 8,
         "result_backend_base_sleep_between_retries_ms": 50,

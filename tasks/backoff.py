@@ -24,10 +24,15 @@ def backoff_delay(attempt: int, base: float = 0.5, cap: float = 8.0) -> float:
     return random.uniform(0, min(cap, base * 2**attempt))
 
 
+class RedisUnreachable(TransientJobError):
+    """Redis stayed out of reach for a whole `RedisPatience`: the job goes back to the queue
+    (tasks/render.py), as failing would acknowledge its message, and lose it."""
+
+
 @dataclass(frozen=True)
 class RedisPatience:
-    """How long a worker waits out an unreachable Redis (about a minute by default) rather
-    than fail a job whose message would then be acknowledged, and lost."""
+    """How long a worker waits out an unreachable Redis (about a minute by default) before
+    it gives up with `RedisUnreachable`."""
 
     attempts: int = 20
     base_s: float = 0.5
@@ -41,12 +46,12 @@ async def outlast_redis(
     patience: RedisPatience,
     errors: tuple[type[BaseException], ...] = (RedisError,),
 ) -> T:
-    """`await call()`, again after each Redis error within `patience`; then a transient
-    job error saying what could not be done."""
+    """`await call()`, again after each Redis error within `patience`; then
+    `RedisUnreachable`, saying what could not be done."""
     for attempt in range(patience.attempts):
         try:
             return await call()
         except errors as e:
             log.warning("Redis unreachable while %s (%s); trying again", doing, e)
             await asyncio.sleep(backoff_delay(attempt, patience.base_s, patience.cap_s))
-    raise TransientJobError(f"Redis unreachable: gave up {doing}")
+    raise RedisUnreachable(f"Redis unreachable: gave up {doing}")

@@ -96,8 +96,10 @@ class Timing:
     #: A job waiting for an avatar session slot comes back this soon (well within the time its
     #: place in line is kept, tasks/link/quota.py WAITER_STALE_S).
     quota_requeue_s: float = 1.0
-    #: How long recording a job's end waits out an unreachable Redis.
-    redis: RedisPatience = field(default_factory=RedisPatience)
+    #: How long recording a job's end waits out an unreachable Redis (about five minutes):
+    #: a job that gives up goes back to the queue, and its next delivery plays again what
+    #: its listener was not recorded to have heard.
+    redis: RedisPatience = field(default_factory=lambda: RedisPatience(attempts=120))
 
 
 class Player(Protocol):

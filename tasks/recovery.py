@@ -312,16 +312,17 @@ class Presence:
                     await stop_avatar_session(self.settings, *note)
                     await sweeps.forget_avatar_session(task_id)
             await self._evict_avatar(body)
-        if await self._publish(task_id, body):
-            self.sent_back(task_id, body, 0.0)
+        # Followed even when the broker refused it: a job handed on from its lane has no
+        # message of its own to come back by, and is sent again until a worker has it.
+        await self._publish(task_id, body)
+        self.sent_back(task_id, body, 0.0)
 
     async def _publish(self, task_id: str, body: Any) -> bool:
         try:
             await asyncio.to_thread(self.publish, task_id, body)
             return True
         except Exception:
-            # An orphan's original message is still in the broker and comes back by its own
-            # rules; a parked job has none and goes back to its lane for the next sweep.
+            # The caller keeps the job: following it to send it again, or back in its lane.
             log.exception("delivery %s: could not publish it again", task_id)
             return False
 

@@ -8,11 +8,12 @@ or goes back to the queue; this module turns its `Outcome` into Celery's terms.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from typing import Any
 
 import redis.asyncio as aioredis
-from celery import Task
+from celery import Task, states
 from celery.exceptions import Ignore
 from celery.signals import (
     task_received,
@@ -31,7 +32,7 @@ from avatarq.results import Failed
 from avatarq.settings import Settings, get_settings
 from tasks.app import app
 from tasks.audio import FfmpegAudio
-from tasks.backoff import RedisPatience, outlast_redis
+from tasks.backoff import RedisPatience, RedisUnreachable, outlast_redis
 from tasks.brokerqueue import oldest_task_ids
 from tasks.control import HAND_BACK, LEAVING
 from tasks.hooks import worker_hooks
@@ -44,6 +45,8 @@ from tasks.runtime import get_loop_thread
 
 log = logging.getLogger("avatarq.render")
 
+#: A job whose run gave up waiting for Redis comes back through the broker this soon.
+REDIS_REQUEUE_S = 5.0
 #: A room's lane plays at most this many jobs in one worker slot before handing the rest
 #: back to the broker, so one busy room cannot hold a slot for ever.
 LANE_MAX_JOBS = 100
@@ -68,6 +71,7 @@ def render(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
     settings = get_settings()
     task_id = self.request.id
     presence = _presence(settings)
+    _mark_started(self, task_id)
     try:
         outcome = _deliver(self, payload, task_id, settings)
         if outcome.retry_in is not None:
@@ -97,6 +101,19 @@ def render(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
     return outcome.result.as_record()
 
 
+def _mark_started(task: Task, task_id: str) -> None:
+    """Celery's STARTED state, as `task_track_started` would store it, but best effort: the
+    run itself waits out an unreachable Redis, and sends the job back if it must."""
+    try:
+        task.update_state(
+            task_id=task_id,
+            state=states.STARTED,
+            meta={"pid": os.getpid(), "hostname": task.request.hostname},
+        )
+    except Exception as e:  # noqa: BLE001 - the backend's own errors, after its retries
+        log.warning("job %s: Celery's STARTED state not stored: %s", task_id, e)
+
+
 def _deliver(task: Task, payload: Any, task_id: str, settings: Settings) -> Outcome:
     """One delivery of one job, waiting out a Redis outage before it could start."""
 
@@ -113,7 +130,13 @@ def _deliver(task: Task, payload: Any, task_id: str, settings: Settings) -> Outc
         patience=RedisPatience(),
         errors=(RedisError, OSError),
     )
-    return get_loop_thread().run(run)
+    try:
+        return get_loop_thread().run(run)
+    except RedisUnreachable as e:
+        # Past the patience, before the job could start or record its end: back to the
+        # queue (a job that played resumes from where its listener was last recorded).
+        log.warning("job %s: %s; sending it back to the queue", task_id, e)
+        return Outcome(Ending.REQUEUED, retry_in=REDIS_REQUEUE_S)
 
 
 def _play_handed(task: Task, handoff: Handoff, settings: Settings) -> Handoff | None:

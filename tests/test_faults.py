@@ -16,6 +16,7 @@ import pytest
 
 from avatarq.ledger.keys import job_events_key
 from avatarq_dev.faults import SCENARIOS, FaultLab, Run, Segment, fault_lab, judge
+from avatarq_dev.faults.cutoff import PATIENCE_OUT_S, worker_cut_off_from_redis_past_its_patience
 from avatarq_dev.faults.judge import HEARD_TWICE_LIMIT_S, listened
 from tests.netns import NETNS
 
@@ -303,6 +304,17 @@ def test_worker_cut_off_from_redis(lab: FaultLab) -> None:
     # which is where the job resumed.
     heard_once_in_full("worker_cut_off_from_redis", run)
     judge_agrees("worker_cut_off_from_redis", run)
+
+
+def test_a_worker_cut_off_from_redis_past_its_patience_loses_no_job(lab: FaultLab) -> None:
+    """Its job goes back to the queue (not counted as an attempt) and plays once Redis is
+    back. The patience is the product's own (about a minute): the test takes as long."""
+    if lab.broker != "rabbitmq":
+        pytest.skip("on the Redis broker the cut-off worker receives no job to lose")
+    run = scenario_checks(worker_cut_off_from_redis_past_its_patience(lab))
+    (job,) = run.ids
+    assert ended_on(run, job) == ("completed", 1), detail(run)
+    assert run.facts["gave_up_after_s"] < PATIENCE_OUT_S, detail(run)
 
 
 def test_avatar_server_dies(lab: FaultLab) -> None:

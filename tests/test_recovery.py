@@ -112,6 +112,43 @@ def test_dead_workers_deliveries_are_published_again_and_its_avatar_stopped(
     assert _AvatarStops.calls == [("/v1/livekit/stop-avatar", {"session_id": "sess-9"}, "lic-1")]
 
 
+def test_a_dead_workers_job_the_broker_refused_is_sent_again(
+    own_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job handed on from its lane to a worker that died has no message of its own in the
+    broker: if publishing it again fails, the sweeper follows it and sends it again."""
+    monkeypatch.setattr(recovery, "RESEND_AFTER_S", 0.05)
+    job_id = f"refused-{uuid.uuid4().hex[:8]}"
+    payload = {"job_id": job_id, "room": job_id, "avatar_id": "a", "source": "a.wav"}
+    published: list[tuple[str, Any]] = []
+
+    def publish(task_id: str, body: Any) -> None:
+        if not published:
+            published.append(("refused", body))
+            raise ConnectionError("the broker is restarting")
+        published.append((task_id, body))
+
+    settings = Settings(REDIS_URL=own_db)
+
+    async def go() -> None:
+        dead = Presence(settings, lambda *a: None)
+        live = Presence(settings, publish)
+        try:
+            dead.hold(job_id, payload)
+            await dead.beat_once()
+            await dead.redis.delete(worker_heartbeat_key(dead.worker_id))  # SIGKILL
+            assert await live.sweep_once() == [job_id]
+            assert published == [("refused", payload)] and job_id in live.held
+            await asyncio.sleep(0.1)
+            await live.beat_once()
+            assert published == [("refused", payload), (job_id, payload)]
+        finally:
+            await dead.redis.aclose()
+            await live.redis.aclose()
+
+    asyncio.run(go())
+
+
 def test_orphaned_session_on_an_unknown_server_gets_no_license(own_db: str) -> None:
     # A name the settings lack (a URL written into Redis, a server since removed): no call.
     job_id = f"rec-{uuid.uuid4().hex[:8]}"

@@ -1,7 +1,8 @@
-"""A worker cut off from Redis while its job plays (split brain): its Redis traffic goes
-through a TCP relay the scenario can cut and restore. The worker keeps streaming through
-LiveKit, its heartbeat and lease lapse, a live worker recovers the job, and the cut-off
-attempt, once it reaches Redis again, must say nothing more of it."""
+"""A worker cut off from Redis: its Redis traffic goes through a TCP relay the scenario can cut
+and restore. While its job plays (split brain), the worker keeps streaming through LiveKit,
+its heartbeat and lease lapse, a live worker recovers the job, and the cut-off attempt, once
+it reaches Redis again, must say nothing more of it. Before its job starts, for longer than
+the worker waits for Redis, the job goes back to the queue rather than be lost."""
 
 from __future__ import annotations
 
@@ -129,3 +130,39 @@ def worker_cut_off_from_redis(lab: FaultLab, cut_for_s: float = 25.0) -> Run:
         victim_retried=f"avatarq.render[{job}] retry" in victim_log,
     )
     return run
+
+
+#: How long a cut-off worker may take to give up on Redis (tasks/backoff.py RedisPatience: up
+#: to about 90 s), with room to spare.
+PATIENCE_OUT_S = 150.0
+
+
+def worker_cut_off_from_redis_past_its_patience(lab: FaultLab) -> Run:
+    """Cut the only worker off Redis (ledger and results; the broker is RabbitMQ) before its
+    job arrives, until it gives up waiting; then restore. Failing the job would let Celery
+    acknowledge its message, and lose it: it must come back through the broker and play."""
+    room = f"patience-{secrets.token_hex(3)}"
+    url = lab.stack.redis.url
+    with (
+        RedisRelay(port_of(url)).running() as relay,
+        lab.workers(1, concurrency=1, env={"REDIS_URL": relay.route(url)}) as (worker,),
+    ):
+        relay.cut()
+        cut_at = time.time()
+        job = lab.enqueue(room, 1.0)
+        deadline = time.monotonic() + PATIENCE_OUT_S
+        while "sending it back to the queue" not in worker.tail(4000):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(1.0)
+        gave_up_at = time.time()
+        relay.restore()
+        records = lab.wait([job], timeout=90.0)
+    return lab.observe(
+        "worker cut off from Redis past its patience, before its job started",
+        [job],
+        records,
+        room=room,
+        cut_at=cut_at,
+        gave_up_after_s=gave_up_at - cut_at,
+    )
