@@ -306,11 +306,12 @@ class Presence:
         log.warning("delivery %s: its worker died; publishing it again", task_id)
         body = json.loads(orphan.payload)
         if orphan.playing:
+            job_id = job_id_of(body, task_id)
             with suppress(RedisError, OSError):
-                note = await sweeps.avatar_session(task_id)
+                note = await sweeps.avatar_session(job_id)
                 if note is not None:
                     await stop_avatar_session(self.settings, *note)
-                    await sweeps.forget_avatar_session(task_id)
+                    await sweeps.forget_avatar_session(job_id)
             await self._evict_avatar(body)
         # Followed even when the broker refused it: a job handed on from its lane has no
         # message of its own to come back by, and is sent again until a worker has it.

@@ -68,10 +68,14 @@ def own_db(redis_server: str) -> str:
     return url
 
 
+@pytest.mark.parametrize("own_task_id", [False, True], ids=["enqueued", "sent-by-task-id"])
 def test_dead_workers_deliveries_are_published_again_and_its_avatar_stopped(
-    own_db: str,
+    own_db: str, own_task_id: bool
 ) -> None:
+    # A message sent without `enqueue` may carry its job under a task id of its own: the
+    # job's lease and avatar note still go by the job's id.
     job_id = f"rec-{uuid.uuid4().hex[:8]}"
+    task_id = f"task-{uuid.uuid4().hex[:8]}" if own_task_id else job_id
     payload = {"job_id": job_id, "room": job_id, "avatar_id": "a", "source": "a.wav"}
     # Evicting the dead job's avatar from its room meets no LiveKit server here: best effort.
     nowhere = "ws://127.0.0.1:9"
@@ -89,7 +93,7 @@ def test_dead_workers_deliveries_are_published_again_and_its_avatar_stopped(
             dead = Presence(settings, lambda *a: published.append(a))
             live = Presence(settings, lambda *a: published.append(a))
             try:
-                dead.hold(job_id, payload)
+                dead.hold(task_id, payload)
                 await dead.beat_once()
                 await live.beat_once()
                 ledger = Ledger(dead.redis, stale_after_s=3600)
@@ -102,13 +106,15 @@ def test_dead_workers_deliveries_are_published_again_and_its_avatar_stopped(
                 recovered = await live.sweep_once()
                 assert await live.sweep_once() == []  # taken once
                 assert await Sweeps(ledger).avatar_session(job_id) is None
+                # The dead worker's lease went with it: the job's next delivery may play.
+                assert await dead.redis.get(job_lease_key(job_id)) is None
                 return recovered
             finally:
                 await dead.redis.aclose()
                 await live.redis.aclose()
 
-        assert asyncio.run(go()) == [job_id]
-    assert published == [(job_id, payload)]
+        assert asyncio.run(go()) == [task_id]
+    assert published == [(task_id, payload)]
     assert _AvatarStops.calls == [("/v1/livekit/stop-avatar", {"session_id": "sess-9"}, "lic-1")]
 
 

@@ -22,7 +22,11 @@ for _, w in ipairs(redis.call('SMEMBERS', KEYS[1])) do
     redis.call('DEL', ARGV[6] .. w)
     local items = redis.call('HGETALL', ARGV[2] .. w)
     for i = 1, #items, 2 do
+      -- The job's own id, which its lease, record and checkpoint go by: a message sent
+      -- without `enqueue` may carry it under another task id.
+      local ok, body = pcall(cjson.decode, items[i + 1])
       local job = items[i]
+      if ok and type(body) == 'table' and type(body.job_id) == 'string' then job = body.job_id end
       local lease = ARGV[3] .. job
       local holder = redis.call('GET', lease)
       local playing = 0
@@ -34,7 +38,7 @@ for _, w in ipairs(redis.call('SMEMBERS', KEYS[1])) do
         playing = 1
       end
       if redis.call('EXISTS', ARGV[4] .. job) == 0 then
-        table.insert(out, job)
+        table.insert(out, items[i])
         table.insert(out, items[i + 1])
         table.insert(out, playing)
       end
