@@ -17,7 +17,6 @@ from redis.exceptions import RedisError
 
 from avatarq.ledger.keys import WARM_RELEASE_TTL_S, warm_holder_key, warm_release_key
 from avatarq.ledger.worker import next_job_at_hand
-from tasks.link.avatar import STOP_TIMEOUT_S
 from tasks.link.link import AvatarLink
 from tasks.link.types import LinkKey
 
@@ -25,10 +24,9 @@ log = logging.getLogger("avatarq.warm")
 
 #: How often a process holding idle sessions checks for release requests.
 RELEASE_POLL_S = 0.2
-#: How long a cold start waits for another process to let its idle session go: past its
-#: avatar server's stop timeout, after which the holder makes the avatar (by its identity,
-#: the one the new session takes too) leave the room.
-RELEASE_WAIT_S = STOP_TIMEOUT_S + 3.0
+#: How long a cold start waits for another process to let its idle session go (a holder that
+#: died meanwhile never answers: its marker outlives it by its idle window).
+RELEASE_WAIT_S = 3.0
 
 
 def _holder_key(key: LinkKey) -> str:
