@@ -176,6 +176,28 @@ def test_a_lost_head_does_not_strand_the_lane(redis_server: str) -> None:
     assert run(redis_server, body) == [Handoff(ids[1], {"job_id": ids[1], "room": room})]
 
 
+def test_a_head_handed_on_after_a_long_wait_is_not_taken_for_lost(redis_server: str) -> None:
+    """A job parked longer than the redelivery window is handed on: until its new holder
+    claims it, it has no lease and no lane entry, but it is not lost, and the room's order
+    keeps it at the head."""
+    room, ids = enqueued_room(redis_server, 3)
+
+    async def body(ledger: Ledger) -> list[str]:
+        assert (await ledger.claim(ids[0], room, "w1/a"))[0] is Claim.OK
+        for job_id in ids[1:]:
+            park = Handoff(job_id, {"job_id": job_id, "room": room})
+            assert (await ledger.claim(job_id, room, f"w2/{job_id}", park=park))[0] is Claim.PARKED
+        ledger.stale_after_s = 0.5  # the window, shortened: the parked jobs waited past it
+        await asyncio.sleep(0.6)
+        finish = await ledger.finish(ids[0], room, done(ids[0]), token="w1/a")
+        assert finish.next is not None and finish.next.task_id == ids[1]
+        await ledger.drop_finished_heads(None, room)  # another claim, or a sweep, meanwhile
+        order = await ledger.redis.lrange(room_order_key(room), 0, -1)
+        return [job_id.decode() for job_id in order]
+
+    assert run(redis_server, body) == ids[1:]
+
+
 def test_a_parked_job_is_kept_by_its_worker_through_a_redis_that_lost_it(
     redis_server: str,
 ) -> None:

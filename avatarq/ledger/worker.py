@@ -282,6 +282,7 @@ class Ledger:
             room or "",
             job_enqueued_key(""),
             webhook or "",
+            f"{time.time():.3f}",
         ]
         status, task_id, payload = await self._finish(keys=keys, args=args)
         status = int(status)

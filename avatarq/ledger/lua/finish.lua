@@ -10,7 +10,8 @@
 -- worker deletes it once delivered; recovery delivers a dead worker's).
 -- KEYS: record, room order, lease, room holder, avatar note, lane, lanes, held ('' for none),
 --       checkpoint, webhooks ('' for none)
--- ARGV: record json, job id, ttl s, token, room, enqueued key prefix, webhook URL ('' for none)
+-- ARGV: record json, job id, ttl s, token, room, enqueued key prefix, webhook URL ('' for none),
+--       now
 local holder = redis.call('GET', KEYS[3])
 if holder and holder ~= ARGV[4] and string.sub(holder, 1, 1) ~= '~' then return {-1, '', ''} end
 redis.call('LREM', KEYS[2], 0, ARGV[2])
@@ -35,4 +36,6 @@ else
   if not payload or redis.call('HEXISTS', enqueued, 'seen') == 1 then return {1, '', ''} end
 end
 redis.call('HSET', KEYS[8], task_id, payload)
+-- In a worker's hands from now: however long it waited, it is not a lost head.
+if redis.call('EXISTS', ARGV[6] .. nxt) == 1 then redis.call('HSET', ARGV[6] .. nxt, 'seen', ARGV[8]) end
 return {1, task_id, payload}
