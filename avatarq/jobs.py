@@ -24,6 +24,7 @@ from pydantic import (
     ValidationInfo,
     field_validator,
 )
+from yarl import URL
 
 from avatarq.captions import CaptionError, parse_transcript
 from avatarq.errors import InvalidJob, Reason
@@ -85,6 +86,18 @@ Source = Annotated[
     | Annotated[TtsSource, Tag("tts")],
     Discriminator(_source_kind),
 ]
+
+
+def _readable_http_url(url: str) -> None:
+    """An http(s) source as the worker's HTTP client (yarl, under aiohttp) reads it: a port
+    out of range, a backslash or an invisible character in the host fail the job here, not
+    its fetch later (which would be retried as a network fault)."""
+    try:
+        host = URL(url).host
+    except ValueError as e:
+        raise ValueError(f"source URL cannot be read: {e}") from None
+    if not host:
+        raise ValueError("source URL names no host")
 
 
 class Job(BaseModel):
@@ -160,6 +173,8 @@ class Job(BaseModel):
             )
         if scheme == "s3" and not re.match(r"^s3://[^/]+/.+", v):
             raise ValueError("s3 source must look like s3://bucket/key")
+        if scheme in ("http", "https"):
+            _readable_http_url(v)
         if not scheme and not PurePath(v).name:
             raise ValueError("source path names no file")
         return v

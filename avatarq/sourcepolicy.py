@@ -43,8 +43,9 @@ class UrlPolicy:
             )
 
     def check_address(self, host: str, address: IpAddress) -> None:
-        """Raise InvalidJob if `host`'s `address` is private while private ones are refused."""
-        if self.allow_private or address.is_global:
+        """Raise InvalidJob if `host`'s `address` is private while private ones are refused
+        (an IPv4 address inside an IPv6 one counts as itself)."""
+        if self.allow_private or all(a.is_global for a in (address, *_embedded(address))):
             return
         raise InvalidJob(
             f"{self.what} host {host!r} is a private address ({address}); set "
@@ -88,7 +89,7 @@ def check_url(url: str, policy: UrlPolicy, *, resolve: bool) -> None:
     parts = urlsplit(url)
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
         return
-    host = parts.hostname.lower()
+    host = parts.hostname.lower().rstrip(".")
     policy.check_host(host)
     if policy.allow_private:
         return
@@ -116,11 +117,34 @@ def parse_address(text: str) -> IpAddress:
     return ipaddress.ip_address(text.split("%")[0])
 
 
+#: IPv6 prefixes that carry an IPv4 address in their last 32 bits (NAT64, RFC 6052 and 8215).
+_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+
+
+def _embedded(address: IpAddress) -> list[ipaddress.IPv4Address]:
+    """The IPv4 address an IPv6 one leads to (mapped, 6to4, NAT64), which a gateway may reach."""
+    if isinstance(address, ipaddress.IPv4Address):
+        return []
+    if address.ipv4_mapped is not None:
+        return [address.ipv4_mapped]
+    if address.sixtofour is not None:
+        return [address.sixtofour]
+    if any(address in net for net in _NAT64):
+        return [ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)]
+    return []
+
+
 def _addresses(host: str, port: int | None, *, resolve: bool) -> list[IpAddress]:
     try:
         return [ipaddress.ip_address(host)]
     except ValueError:
         pass
+    if host[:1].isdigit():
+        # The forms a resolver also takes for an IPv4 address: 127.1, 2130706433, 0x7f000001.
+        try:
+            return [ipaddress.IPv4Address(socket.inet_aton(host))]
+        except OSError:
+            pass
     if host == "localhost" or host.endswith(".localhost"):
         return [ipaddress.ip_address("127.0.0.1")]
     if not resolve:

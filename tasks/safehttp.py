@@ -94,7 +94,13 @@ class SafeHttp:
             if not self.follow_redirects or resp.status not in REDIRECTS or not location:
                 return resp
             resp.release()
-            url = str(URL(url).join(URL(location)))
+            try:
+                url = str(URL(url).join(URL(location)))
+            except ValueError as e:  # the server's own Location: no retry makes it readable
+                raise InvalidJob(
+                    f"{self.policy.what} redirected to an unreadable URL: {e}",
+                    reason=self.policy.reason,
+                ) from None
             if resp.status == 303 or (resp.status in (301, 302) and method == "POST"):
                 method, data = "GET", None  # what browsers (and aiohttp) do
         raise InvalidJob(

@@ -141,6 +141,15 @@ def test_redirect_outside_the_allowlist_is_refused(site: Site) -> None:
     assert "/voice.wav" not in site.requests and site.requests
 
 
+def test_redirect_to_an_unreadable_url_fails_the_job_at_once(site: Site) -> None:
+    # The origin's own Location: no retry makes it readable (it was taken for a 5xx and
+    # retried as a network fault).
+    resolved = resolve(f"{site.url}/redirect/http://127.0.0.1:99999/voice.wav", LOOPBACK_ONLY)
+    with pytest.raises(InvalidJob, match="redirected to an unreadable URL") as info:
+        decode(resolved, LOOPBACK_ONLY)
+    assert info.value.permanent
+
+
 def test_redirect_loop_is_bounded(site: Site) -> None:
     with pytest.raises(InvalidJob, match=f"redirects more than {MAX_REDIRECTS} times"):
         decode(resolve(f"{site.url}/loop", LOOPBACK_ONLY), LOOPBACK_ONLY)
