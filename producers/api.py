@@ -28,7 +28,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from avatarq.errors import InvalidJob
+from avatarq.errors import JobError, Reason
 from avatarq.events import TERMINAL_EVENTS, Status
 from avatarq.jobs import JOB_ID_PATTERN, Job, parse_job
 from avatarq.ledger.keys import job_enqueued_key, job_events_key, job_record_key
@@ -64,8 +64,12 @@ ROOM_MAX = 128
 STREAM_ID = re.compile(r"^\d{1,20}(-\d{1,20})?$")
 #: Errors meaning Redis (results, ledger) or the broker cannot be reached: 503.
 UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OperationalError)
-#: Which Job field an InvalidJob raised at enqueue is about, by its reason.
-FIELD_OF_REASON = {SOURCE_REFUSED: "source", WEBHOOK_REFUSED: "webhook_url"}
+#: Which Job field a job error raised at enqueue is about, by its reason.
+FIELD_OF_REASON: dict[str, str] = {
+    SOURCE_REFUSED: "source",
+    WEBHOOK_REFUSED: "webhook_url",
+    Reason.TTS_REJECTED: "source",
+}
 
 
 def parse_api_keys(value: str) -> dict[str, str]:
@@ -319,8 +323,13 @@ def _install_error_handlers(app: FastAPI) -> None:
         detail = _finite(jsonable_encoder(exc.errors()))
         return JSONResponse({"detail": detail}, status_code=422)
 
-    @app.exception_handler(InvalidJob)
-    async def invalid_job(request: Request, exc: InvalidJob) -> JSONResponse:
+    @app.exception_handler(JobError)
+    async def job_error(request: Request, exc: JobError) -> JSONResponse:
+        # Raised while enqueueing: the SSRF policy, or the TTS engine or its audio store.
+        if not exc.permanent:
+            log.warning("%s %s: could not enqueue now: %s", request.method, request.url.path, exc)
+            detail = f"the job could not be enqueued now, try again later: {exc.message}"
+            return JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": "5"})
         field = FIELD_OF_REASON.get(exc.reason)
         loc = ["body", field] if field else ["body"]
         error = {"loc": loc, "msg": exc.message, "type": exc.reason}

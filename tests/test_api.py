@@ -94,6 +94,16 @@ def test_local_file_sources_are_refused(api: str, r: redis.Redis, source: str) -
     assert error["loc"] == ["body", "source"] and "worker's disk" in error["msg"]
 
 
+def test_a_tts_request_the_engine_refuses_is_a_422_naming_the_source(api: str) -> None:
+    # Refused before any request to the engine (no network): it was a 500.
+    tts = {"type": "tts", "engine": "openai", "text": "<speak>hi</speak>", "ssml": True}
+    res = requests.post(f"{api}/jobs", json={**JOB, "source": tts}, headers=AUTH, timeout=10)
+    assert res.status_code == 422, res.text
+    [error] = res.json()["detail"]
+    assert error["loc"] == ["body", "source"] and error["type"] == "tts_rejected"
+    assert "SSML" in error["msg"]
+
+
 def test_body_over_the_cap_is_413(api: str) -> None:
     big = {**JOB, "metadata": {"pad": "x" * MAX_BODY}}
     res = requests.post(f"{api}/jobs", json=big, headers=AUTH, timeout=10)
