@@ -82,10 +82,15 @@ class RoomLane:
         self._gone: set[str] = set()
         #: Job id -> when (time.monotonic) a job sent back to the lane may be taken again.
         self._not_before: dict[str, float] = {}
+        #: Set by `stop`: no job is taken any more.
         self._closing = False
+        #: Set by `leave`: the room is let go.
+        self._leaving = False
         #: False while another agent holds the room (this one's hold lapsed): take no job.
         self._holds = True
+        #: The heartbeat, which holds the room until `leave`.
         self._tasks: list[asyncio.Task[None]] = []
+        self._consuming: asyncio.Task[None] | None = None
 
     async def hold(self, patience_s: float) -> None:
         """Hold the room, so no worker starts a job in it, then wait up to `patience_s` for
@@ -123,7 +128,7 @@ class RoomLane:
             hold=self._hold,
             park=self._parked,
         )
-        self._tasks.append(asyncio.create_task(self._consume()))
+        self._consuming = asyncio.create_task(self._consume())
 
     def _hold(self, handoff: Handoff) -> None:
         self._held[handoff.task_id] = json.dumps(handoff.payload)
@@ -137,7 +142,7 @@ class RoomLane:
         self._let_go(task_id)  # not its turn after all: its lane keeps it
 
     async def _beat(self) -> None:
-        while not self._closing:
+        while not self._leaving:
             await asyncio.sleep(HEARTBEAT_S)
             gone, self._gone = self._gone, set()
             try:
@@ -210,16 +215,26 @@ class RoomLane:
             for task_id, payload in list(self._held.items()):
                 await self._send_back(Handoff(task_id, json.loads(payload)))
 
-    async def aclose(self) -> None:
-        """Hand the job playing back to the lane, let go of the room (the workers take its
-        jobs from now on) and of the deliveries it held."""
+    async def stop(self) -> None:
+        """Hand the job playing back to the lane, and the deliveries it held. The room stays
+        held (its heartbeat goes on) while the agent's avatar is still in it: `leave`."""
         self._closing = True
-        if self._tasks:
-            _, pending = await asyncio.wait(self._tasks, timeout=CLOSE_GRACE_S)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._consuming is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._consuming), CLOSE_GRACE_S)
+            self._consuming.cancel()
+            await asyncio.gather(self._consuming, return_exceptions=True)
         await self._return_held()
+
+    async def leave(self) -> None:
+        """Let go of the room (the workers take its jobs from now on) and of what it held;
+        then deliver the webhooks still owed (a process killed meanwhile owes them to the
+        fleet's recovery)."""
+        await self.stop()
+        self._leaving = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         try:
             await self.ledger.free_room(self.room, self.agent_id)
             await self.ledger.announce(self.agent_id, {}, {*self._gone, *self._held})

@@ -6,6 +6,7 @@ the `AgentSession` an audio output on avatarq's sender (avatarq_agents/output.py
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from typing import Any
@@ -26,8 +27,9 @@ from tasks.link.avatar import START_ANSWER_TIMEOUT_S
 from tasks.link.link import RoomAdmin, http_avatar_client
 from tasks.link.quota import AvatarQuota, Slot, wait_for_slot
 from tasks.link.stream import AudioStreamSender
-from tasks.link.types import AvatarClient, NoAvatarSlot
+from tasks.link.types import AvatarClient, LinkKey, NoAvatarSlot
 from tasks.link.types import AvatarSession as ServerSession
+from tasks.link.warm import WarmPool
 
 log = logging.getLogger("avatarq.agents")
 
@@ -73,6 +75,8 @@ class AvatarSession(avatar.AvatarSession[Any]):
         self._sender: AudioStreamSender | None = None
         self._room_name = ""
         self._closed = False
+        #: The close a lapsing slot began (held: the loop keeps only a weak reference).
+        self._lapse_close: asyncio.Future[None] | None = None
 
     @property
     def avatar_identity(self) -> str:
@@ -131,6 +135,14 @@ class AvatarSession(avatar.AvatarSession[Any]):
                 f"{self.slot_timeout:g}s ({e})"
             ) from None
         quota.hold(self._slot)
+        self._slot.on_lapse = self._slot_lapsing
+
+    def _slot_lapsing(self) -> None:
+        """The slot could not be renewed (Redis out of reach): the avatar session ends before
+        the slot can lapse and let a worker start a session over the quota."""
+        log.warning("avatar server %r: the agent's slot is lapsing; ending its avatar session",
+                    self.server.name)  # fmt: skip
+        self._lapse_close = asyncio.ensure_future(self.aclose())
 
     async def _start_avatar(self, room: rtc.Room) -> None:
         settings = self.settings
@@ -144,6 +156,11 @@ class AvatarSession(avatar.AvatarSession[Any]):
         # Registered before the avatar exists, so no report of its first segment is missed.
         self._sender = AudioStreamSender(room, self._identity, self.server.sample_rate)
         self._client = http_avatar_client(self.server, settings)
+        # A worker's idle session of this avatar in the room leaves first, as for a worker's
+        # cold start: its late removal by identity would otherwise take this avatar out.
+        assert self._redis is not None
+        key = LinkKey(room.name, self._identity, self.server.name, self.server.sample_rate)
+        await WarmPool(self._redis).make_room(key)
         stale = rooms.session_of(room, self._identity)
         try:
             session = await self._client.start(
@@ -172,12 +189,12 @@ class AvatarSession(avatar.AvatarSession[Any]):
 
     async def aclose(self) -> None:
         """Stop the speech, the avatar session (or make the avatar leave) and give the slot
-        back. Idempotent."""
+        back; only then let the room go to the workers. Idempotent."""
         if self._closed:
             return
         self._closed = True
         if self.lane is not None:  # first: its playing job is handed back while the avatar is up
-            await self.lane.aclose()
+            await self.lane.stop()
         if self.audio_output is not None:
             await self.audio_output.aclose()
         if self._client is not None:
@@ -199,7 +216,14 @@ class AvatarSession(avatar.AvatarSession[Any]):
             await self._quota.aclose()
         if self._redis is not None:
             await self._redis.aclose()
+        if self.server_session is None:
+            # No avatar of ours ever joined. In a job, the base class would remove whoever
+            # has the identity: the avatar of the job or the agent that holds the room.
+            # (`_room` is livekit-agents' own; pinned below 1.9, tests/test_agents.py.)
+            self._room = None
         await super().aclose()
+        if self.lane is not None:  # the avatar is gone: the room's jobs go to the workers
+            await self.lane.leave()
 
 
 def _configured_server(settings: Settings, name_or_url: str | None) -> AvatarServer:

@@ -195,6 +195,75 @@ def test_a_clear_after_the_last_write_reaches_the_avatar() -> None:
 # -- on the local stack -----------------------------------------------------------------------
 
 
+def test_a_session_whose_avatar_never_joined_removes_no_one_as_it_closes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # In a job, livekit-agents' AvatarSession.aclose removes whoever has the avatar identity.
+    # After a start that failed before its avatar was asked for (the room held by another
+    # agent, or still playing a worker's job; no slot), that avatar is someone else's.
+    from livekit.agents.voice.avatar import _types
+
+    removed: list[str] = []
+
+    class RoomService:
+        async def remove_participant(self, request: Any) -> None:
+            removed.append(request.identity)
+
+    class JobApi:
+        room = RoomService()
+
+    class Job:
+        api = JobApi()
+
+    class Room:
+        name = "held-room"
+
+        def isconnected(self) -> bool:
+            return True
+
+        def off(self, *_: Any) -> None:
+            return None
+
+    monkeypatch.setattr(_types, "get_job_context", lambda required=False: Job())
+    avatar = AvatarSession(avatar_id="anna", settings=Settings())
+    avatar._room = Room()  # type: ignore[assignment]  # as the base class's start leaves it
+    asyncio.run(avatar.aclose())
+    assert removed == []
+
+
+def test_an_agents_slot_that_cannot_be_renewed_ends_its_avatar_session(
+    redis_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent's Redis goes away (a real TCP relay, cut): its avatar session ends before
+    the slot can lapse and a worker start one over the quota, as a worker's idle one does."""
+    from avatarq_dev.faults.cutoff import RedisRelay, port_of
+    from tasks.link import quota as quota_mod
+
+    # Shortened as in tests/test_quota.py: seconds, not the 15 s lease and its margin.
+    monkeypatch.setattr(quota_mod, "SLOT_LEASE_S", 1.5)
+    monkeypatch.setattr(quota_mod, "RENEW_EVERY_S", 0.3)
+    monkeypatch.setattr(quota_mod, "LAPSE_MARGIN_S", 0.6)
+    monkeypatch.setattr(quota_mod, "WAIT_POLL_S", 0.1)
+    monkeypatch.setattr(quota_mod, "RENEW_TIMEOUT_S", 0.2)
+
+    async def go(via: str) -> bool:
+        # A server of the test's own: its quota is no other test's.
+        server = f"lapse-{uuid.uuid4().hex[:6]}"
+        servers = {server: {"url": "http://127.0.0.1:9", "max_sessions": 1}}
+        settings = Settings(REDIS_URL=via, AVATARQ_AVATAR_SERVERS=servers)
+        avatar = AvatarSession(avatar_id="anna", avatar_server=server, settings=settings)
+        await avatar._take_slot(f"lapse-{uuid.uuid4().hex[:6]}")
+        relay.cut()
+        for _ in range(60):
+            if avatar._closed:
+                break
+            await asyncio.sleep(0.05)
+        return avatar._closed
+
+    with RedisRelay(port_of(redis_server)).running() as relay:
+        assert asyncio.run(go(relay.route(redis_server)))
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     with local_stack(tmp_path_factory.mktemp("agents")) as s:

@@ -94,7 +94,7 @@ def test_an_agent_holding_a_room_announces_its_session_quota(redis_server: str) 
             probe = Ledger(lane.redis, stale_after_s=3600)
             return await probe.announce("a-worker", {}, (), {"default": 10})
         finally:
-            await lane.aclose()
+            await lane.leave()
 
     assert asyncio.run(go()) == {"default": [2, 10]}
 
