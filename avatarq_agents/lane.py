@@ -175,6 +175,8 @@ class RoomLane:
                     handoff = await self._deliver(handoff)
                 if handoff is not None:  # handed on as the agent leaves: back in its lane
                     await self._send_back(handoff)
+                else:  # nothing handed on: the lane's head may be one still leased elsewhere
+                    await asyncio.sleep(POLL_S)
             except Exception:  # the ledger or the run failed: the conversation goes on
                 log.exception("agent %s: a job of room %s did not end", self.agent_id, self.room)
                 await self._return_held()
