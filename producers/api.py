@@ -28,14 +28,12 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from avatarq.errors import JobError, Reason
+from avatarq.errors import JobError
 from avatarq.events import TERMINAL_EVENTS, Status
 from avatarq.jobs import JOB_ID_PATTERN, Job, parse_job
 from avatarq.ledger.keys import job_enqueued_key, job_events_key, job_record_key
 from avatarq.settings import Settings, get_settings
-from avatarq.sourcepolicy import REASON as SOURCE_REFUSED
-from avatarq.sourcepolicy import WEBHOOK_REASON as WEBHOOK_REFUSED
-from producers.client import cancel, enqueue, get_status
+from producers.client import FIELD_OF_REASON, cancel, enqueue, get_status
 from producers.console import mount_console
 from producers.headers import SecurityHeaders
 
@@ -64,12 +62,6 @@ ROOM_MAX = 128
 STREAM_ID = re.compile(r"^\d{1,20}(-\d{1,20})?$")
 #: Errors meaning Redis (results, ledger) or the broker cannot be reached: 503.
 UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, OperationalError)
-#: Which Job field a job error raised at enqueue is about, by its reason.
-FIELD_OF_REASON: dict[str, str] = {
-    SOURCE_REFUSED: "source",
-    WEBHOOK_REFUSED: "webhook_url",
-    Reason.TTS_REJECTED: "source",
-}
 
 
 def parse_api_keys(value: str) -> dict[str, str]:

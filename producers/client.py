@@ -17,6 +17,7 @@ from celery import Celery
 from celery.result import AsyncResult
 
 from avatarq.celeryconfig import RENDER_QUEUE, RENDER_TASK, celery_config
+from avatarq.errors import Reason
 from avatarq.events import TERMINAL, Status
 from avatarq.jobs import Job, parse_job
 from avatarq.ledger.producer import ProducerLedger
@@ -55,19 +56,36 @@ class JobHandle:
         return self.result.get(timeout=timeout, propagate=True)  # type: ignore[no-any-return]
 
 
-def enqueue(job: Job | Mapping[str, Any], *, settings: Settings | None = None) -> JobHandle:
-    """Validate and enqueue one job; the job id is also the Celery task id.
+#: Which Job field a job error raised while preparing a job is about, by its reason.
+FIELD_OF_REASON: dict[str, str] = {
+    Reason.SOURCE_NOT_ALLOWED: "source",
+    Reason.WEBHOOK_NOT_ALLOWED: "webhook_url",
+    Reason.TTS_REJECTED: "source",
+    Reason.TTS_UNAVAILABLE: "source",
+}
 
-    Idempotent: a job id that was enqueued before is not sent again (`created` is False).
-    The job takes its place in its room's order here, so jobs of one room play in the order
-    they were enqueued.
-    """
+
+def prepare(job: Job | Mapping[str, Any], *, settings: Settings | None = None) -> Job:
+    """The job as it is sent: validated, its `tts` source rendered to stored audio, its URLs
+    checked against the SSRF policy. Raises `InvalidJob`, or the TTS engine's `JobError`."""
     s = settings or get_settings()
     parsed = render_job(parse_job(dict(job) if isinstance(job, Mapping) else job, s), s)
     if isinstance(parsed.source, str):
         check_source_url(parsed.source, s, resolve=False)
     if parsed.webhook_url is not None:
         check_url(str(parsed.webhook_url), webhook_policy(s), resolve=False)
+    return parsed
+
+
+def enqueue(job: Job | Mapping[str, Any], *, settings: Settings | None = None) -> JobHandle:
+    """Prepare (`prepare`) and enqueue one job; the job id is also the Celery task id.
+
+    Idempotent: a job id that was enqueued before is not sent again (`created` is False).
+    The job takes its place in its room's order here, so jobs of one room play in the order
+    they were enqueued.
+    """
+    s = settings or get_settings()
+    parsed = prepare(job, settings=s)
     app = celery_app(s)
     payload = parsed.payload()
     ledger = ledger_for(s)
@@ -93,10 +111,11 @@ def enqueue(job: Job | Mapping[str, Any], *, settings: Settings | None = None) -
 def enqueue_many(
     jobs: Iterable[Job | Mapping[str, Any]], *, settings: Settings | None = None
 ) -> list[JobHandle]:
-    """Validate every job first, then enqueue them all (none if any is invalid)."""
+    """Prepare every job first (`prepare`: its TTS rendered, its URLs checked), then enqueue
+    them all: none if any fails."""
     s = settings or get_settings()
-    parsed = [parse_job(dict(j) if isinstance(j, Mapping) else j, s) for j in jobs]
-    return [enqueue(j, settings=s) for j in parsed]
+    prepared = [prepare(j, settings=s) for j in jobs]
+    return [enqueue(j, settings=s) for j in prepared]
 
 
 def get_status(job_id: str, *, settings: Settings | None = None) -> dict[str, Any]:

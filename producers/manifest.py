@@ -14,7 +14,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from avatarq.errors import JobError
 from avatarq.jobs import Job, field_errors
+from producers.client import FIELD_OF_REASON, prepare
 
 #: CSV cells holding JSON rather than text.
 JSON_COLUMNS = ("metadata",)
@@ -68,6 +70,24 @@ def load_manifest(path: str | Path) -> Manifest:
         if errors:
             manifest.invalid.append(BadRow(line, errors))
     return manifest
+
+
+def prepare_rows(manifest: Manifest) -> None:
+    """Each valid row as it will be sent (`producers.client.prepare`: its TTS rendered, its
+    URLs checked); a row refused there joins the invalid ones. Raises the first `JobError`
+    that may pass (a TTS engine that cannot answer now): nothing is sent then either."""
+    prepared: list[tuple[int, Job]] = []
+    for line, job in manifest.jobs:
+        try:
+            prepared.append((line, prepare(job)))
+        except JobError as e:
+            if not e.permanent:
+                raise
+            manifest.invalid.append(
+                BadRow(line, [(FIELD_OF_REASON.get(e.reason, "job"), e.message)])
+            )
+    manifest.jobs = prepared
+    manifest.invalid.sort(key=lambda bad: bad.line)
 
 
 Row = tuple[int, dict[str, Any], list[tuple[str, str]]]

@@ -96,6 +96,26 @@ def test_enqueue_many_is_all_or_nothing(tmp_path: Path, redis_server: str) -> No
     assert sorted(queued_job_ids(client)) == ["bulk-a", "bulk-c"]
 
 
+def test_a_row_refused_as_it_is_prepared_stops_the_whole_batch(
+    tmp_path: Path, redis_server: str
+) -> None:
+    # Valid by the schema, refused by the SSRF policy: found before the first row is sent.
+    url = own_db(redis_server, 2)
+    client = redis.Redis.from_url(url)
+    rows = [
+        {"room": "lobby", "avatar_id": "anna", "source": "s3://clips/a.mp3", "job_id": "prep-a"},
+        {"room": "lobby", "avatar_id": "anna", "source": "http://10.0.0.8/b.wav"},
+    ]
+    path = write(tmp_path, "prep.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    refused = enqueue_many(url, str(path))
+    assert refused.returncode == 2, refused.stderr
+    assert "prep.jsonl line 2: source:" in refused.stderr and "private address" in refused.stderr
+    assert client.llen(RENDER_QUEUE) == 0
+    done = enqueue_many(url, str(path), "--skip-invalid", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["job_ids"] == ["prep-a"]
+
+
 def test_enqueue_many_jsonl_sends_every_row(tmp_path: Path, redis_server: str) -> None:
     url = own_db(redis_server, 2)
     client = redis.Redis.from_url(url)

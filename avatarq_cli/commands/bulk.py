@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from avatarq.errors import JobError
 from avatarq_cli.commands.common import EXIT_FAILED, EXIT_INVALID, EXIT_TIMEOUT, err
 from producers.follow import POLL_INTERVAL_S
 
@@ -69,13 +70,19 @@ def enqueue_many(
     Example: avatarq enqueue-many jobs.csv --wait
     """
     from producers import enqueue
-    from producers.manifest import ManifestError, load_manifest
+    from producers.manifest import ManifestError, load_manifest, prepare_rows
 
     try:
         loaded = load_manifest(manifest)
     except ManifestError as e:
         err.print(f"[red]error:[/] {manifest}: {e}", soft_wrap=True)
         raise typer.Exit(EXIT_INVALID) from None
+    try:
+        # Rendered and checked before the first row is sent: all rows, or none.
+        prepare_rows(loaded)
+    except JobError as e:
+        err.print(f"[red]error:[/] {manifest}: nothing enqueued: {e} (try again)", soft_wrap=True)
+        raise typer.Exit(EXIT_FAILED) from None
     for bad in loaded.invalid:
         err.print(f"[red]{manifest}[/] {bad}", soft_wrap=True)
     if loaded.invalid and not skip_invalid:
