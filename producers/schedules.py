@@ -99,10 +99,11 @@ class Announcement:
         the same slot derive the same job id."""
         moment = _aware(moment)
         if self.cron is not None:
-            # croniter's get_prev is strictly before its start: start just after `moment`.
-            return croniter(
-                self.cron, moment.astimezone(self.zone) + timedelta(seconds=1)
-            ).get_prev(datetime)
+            # croniter's get_prev is strictly before its start, and it counts whole seconds:
+            # start at the second after `moment`'s own (a fire late by less than a second
+            # before the next slot is still its own slot's).
+            start = moment.astimezone(self.zone).replace(microsecond=0) + timedelta(seconds=1)
+            return croniter(self.cron, start).get_prev(datetime)
         assert self.every is not None
         epoch = moment.timestamp()
         return datetime.fromtimestamp(epoch - epoch % self.every, UTC)

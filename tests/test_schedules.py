@@ -114,6 +114,10 @@ def test_job_ids_derive_from_name_and_fire_slot(tmp_path: Path) -> None:
     assert a.metadata == {"kind": "heartbeat"} and a.room == "lobby"
     late = opening.job_at(datetime(2026, 3, 30, 6, 30, 7, tzinfo=UTC))  # 08:30:07 Berlin
     assert late.job_id == "opening-20260330T063000Z"
+    # Fired less than a second before the next slot (beat catching up): still its own slot,
+    # whose job id the next slot's fire must not find taken.
+    caught_up = opening.job_at(datetime(2026, 3, 31, 6, 29, 59, 500_000, tzinfo=UTC))
+    assert caught_up.job_id == "opening-20260330T063000Z"
 
 
 def test_zoned_cron_is_due_in_its_own_timezone() -> None:
