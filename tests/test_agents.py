@@ -237,14 +237,9 @@ def test_an_agents_slot_that_cannot_be_renewed_ends_its_avatar_session(
     """The agent's Redis goes away (a real TCP relay, cut): its avatar session ends before
     the slot can lapse and a worker start one over the quota, as a worker's idle one does."""
     from avatarq_dev.faults.cutoff import RedisRelay, port_of
-    from tasks.link import quota as quota_mod
+    from tests.test_quota import shorten_slot_leases
 
-    # Shortened as in tests/test_quota.py: seconds, not the 15 s lease and its margin.
-    monkeypatch.setattr(quota_mod, "SLOT_LEASE_S", 1.5)
-    monkeypatch.setattr(quota_mod, "RENEW_EVERY_S", 0.3)
-    monkeypatch.setattr(quota_mod, "LAPSE_MARGIN_S", 0.6)
-    monkeypatch.setattr(quota_mod, "WAIT_POLL_S", 0.1)
-    monkeypatch.setattr(quota_mod, "RENEW_TIMEOUT_S", 0.2)
+    shorten_slot_leases(monkeypatch)
 
     async def go(via: str) -> bool:
         # A server of the test's own: its quota is no other test's.

@@ -39,6 +39,24 @@ def run(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
+def shorten_slot_leases(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Slot leases of seconds, not the defaults' 15 s lease and 5 s margin: a test of what a
+    holder cut off from Redis does takes seconds."""
+    monkeypatch.setattr(quota_mod, "SLOT_LEASE_S", 1.5)
+    monkeypatch.setattr(quota_mod, "RENEW_EVERY_S", 0.3)
+    monkeypatch.setattr(quota_mod, "LAPSE_MARGIN_S", 0.6)
+    monkeypatch.setattr(quota_mod, "WAIT_POLL_S", 0.1)
+    monkeypatch.setattr(quota_mod, "RENEW_TIMEOUT_S", 0.2)
+
+
+async def held_slot(r: aioredis.Redis, holder: str = "playing") -> tuple[AvatarQuota, Slot]:
+    """A server of the test's own with a quota of one, its slot taken by `holder`."""
+    q = AvatarQuota(r, f"s-{uuid.uuid4().hex[:6]}", 1)
+    slot = await q.try_acquire(holder)
+    assert isinstance(slot, Slot)
+    return q, slot
+
+
 def test_slots_are_taken_first_come_first_served(redis_server: str) -> None:
     async def go() -> None:
         r = aioredis.from_url(redis_server)
@@ -84,9 +102,7 @@ def test_a_held_slot_is_renewed(redis_server: str, monkeypatch: pytest.MonkeyPat
 
     async def go() -> None:
         r = aioredis.from_url(redis_server)
-        q = AvatarQuota(r, f"s-{uuid.uuid4().hex[:6]}", 1)
-        slot = await q.try_acquire("a")
-        assert isinstance(slot, Slot)
+        q, slot = await held_slot(r, "a")
         q.hold(slot)
         await asyncio.sleep(1.5)
         assert isinstance(await q.try_acquire("b"), Waiting)
@@ -102,12 +118,7 @@ def test_a_slot_that_cannot_be_renewed_ends_its_session_before_it_lapses(
 ) -> None:
     """The holder's Redis goes away (a real TCP relay, cut): its slot calls `on_lapse` once,
     while the slot still counts, so the session is gone before another worker can take it."""
-    # Shortened so the test takes seconds, not the 15 s lease and 5 s margin of the defaults.
-    monkeypatch.setattr(quota_mod, "SLOT_LEASE_S", 1.5)
-    monkeypatch.setattr(quota_mod, "RENEW_EVERY_S", 0.3)
-    monkeypatch.setattr(quota_mod, "LAPSE_MARGIN_S", 0.6)
-    monkeypatch.setattr(quota_mod, "WAIT_POLL_S", 0.1)
-    monkeypatch.setattr(quota_mod, "RENEW_TIMEOUT_S", 0.2)
+    shorten_slot_leases(monkeypatch)
 
     async def go(via: str) -> None:
         direct, cut_off = aioredis.from_url(redis_server), aioredis.from_url(via)
@@ -355,9 +366,7 @@ def test_a_closed_links_slot_goes_to_the_line_once_its_avatar_stopped(redis_serv
 
     async def go() -> None:
         r = aioredis.from_url(redis_server)
-        q = AvatarQuota(r, f"s-{uuid.uuid4().hex[:6]}", 1)
-        slot = await q.try_acquire("playing")
-        assert isinstance(slot, Slot)
+        q, slot = await held_slot(r)
         original = q.release
 
         async def release(slot: Slot) -> None:
@@ -381,9 +390,7 @@ def test_a_close_cut_off_by_its_callers_deadline_still_frees_the_slot(redis_serv
 
     async def go() -> None:
         r = aioredis.from_url(redis_server)
-        q = AvatarQuota(r, f"s-{uuid.uuid4().hex[:6]}", 1)
-        slot = await q.try_acquire("playing")
-        assert isinstance(slot, Slot)
+        q, slot = await held_slot(r)
         q.hold(slot)
         link = _link(q, slot, _Avatar(events, stop_s=0.3), _Sender(events))
         with pytest.raises(TimeoutError):
@@ -410,9 +417,7 @@ def test_a_link_whose_give_back_is_cut_off_is_closed_not_lost(redis_server: str)
 
     async def go() -> None:
         r = aioredis.from_url(redis_server)
-        q = AvatarQuota(r, f"s-{uuid.uuid4().hex[:6]}", 1)
-        slot = await q.try_acquire("playing")
-        assert isinstance(slot, Slot)
+        q, slot = await held_slot(r)
         q.hold(slot)
         link = _link(q, slot, _Avatar(events), _Sender(events))
         link.room = Room()
@@ -443,12 +448,7 @@ def test_a_slot_that_lapses_under_a_playing_job_ends_its_session(
     slot lapses all the same, and the job stops as for an avatar that left."""
     from tasks.control import JobControl, StopReason
 
-    # Shortened as in test_a_slot_that_cannot_be_renewed_ends_its_session_before_it_lapses.
-    monkeypatch.setattr(quota_mod, "SLOT_LEASE_S", 1.5)
-    monkeypatch.setattr(quota_mod, "RENEW_EVERY_S", 0.3)
-    monkeypatch.setattr(quota_mod, "LAPSE_MARGIN_S", 0.6)
-    monkeypatch.setattr(quota_mod, "WAIT_POLL_S", 0.1)
-    monkeypatch.setattr(quota_mod, "RENEW_TIMEOUT_S", 0.2)
+    shorten_slot_leases(monkeypatch)
     events: list[str] = []
 
     async def go(via: str) -> None:
@@ -606,9 +606,7 @@ def test_a_cold_start_waits_for_its_rooms_own_idle_link_to_close(redis_server: s
 
     async def go() -> None:
         r = aioredis.from_url(redis_server)
-        q = AvatarQuota(r, f"s-{uuid.uuid4().hex[:6]}", 1)
-        slot = await q.try_acquire("played")
-        assert isinstance(slot, Slot)
+        q, slot = await held_slot(r, "played")
         link = _link(q, slot, _Avatar(events, stop_s=0.5), _Sender(events))
         pool = WarmPool(r)
         await pool.park(link, idle_s=0.05)
