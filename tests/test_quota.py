@@ -515,10 +515,13 @@ def test_a_room_lost_while_its_job_waited_is_a_room_error_without_an_avatar() ->
     assert left == [1] and asked == []
 
 
-async def _park_wanted_link(r: aioredis.Redis, close: Any, *, next_job: str = "none") -> Any:
-    """The pool holding a parked link with the only slot of a server another job waits for
-    (`close` stands in for the link's close). Its room's next job: "none", "queued" (still
-    in the broker) or "seen" (delivered to a worker, which parked it in the room's lane)."""
+async def _park_wanted_link(
+    r: aioredis.Redis, close: Any, *, next_job: str = "none"
+) -> tuple[Any, Any]:
+    """The pool holding a parked link (and its key) with the only slot of a server another
+    job waits for (`close` stands in for the link's close). Its room's next job: "none",
+    "queued" (still in the broker) or "seen" (delivered to a worker, which parked it in the
+    room's lane)."""
     from avatarq.ledger.keys import job_enqueued_key, room_order_key
     from tasks.link.link import AvatarLink
     from tasks.link.types import LinkKey
@@ -540,7 +543,7 @@ async def _park_wanted_link(r: aioredis.Redis, close: Any, *, next_job: str = "n
     link.close = close  # type: ignore[method-assign]
     pool = WarmPool(r)
     await pool.park(link, idle_s=60)
-    return pool
+    return pool, link.key
 
 
 @pytest.mark.parametrize(
@@ -563,7 +566,7 @@ def test_an_idle_session_waits_for_its_rooms_next_job_once_a_worker_has_it(
         async def close() -> None:
             closed.set()
 
-        pool = await _park_wanted_link(r, close, next_job=next_job)
+        pool, _key = await _park_wanted_link(r, close, next_job=next_job)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(closed.wait(), timeout=5 * RELEASE_POLL_S)
         handed_on = closed.is_set()
@@ -572,6 +575,53 @@ def test_an_idle_session_waits_for_its_rooms_next_job_once_a_worker_has_it(
         return handed_on
 
     assert run(go()) is handed_on
+
+
+def test_a_cold_start_asks_another_processs_idle_session_to_leave_before_it_waits(
+    redis_server: str,
+) -> None:
+    # That session waits for its room's next job, which another process took (the lane was
+    # full, or it was sent without `enqueue`): it would hold the slot this very job waits
+    # for until its warm window ends.
+    from avatarq.budget import Budget
+    from avatarq.jobs import parse_job, resolve_server
+    from avatarq.results import Timestamps
+    from tasks.link.links import Links
+    from tasks.link.types import LinkRequest
+
+    async def nothing(*_: object) -> None:
+        return None
+
+    async def go() -> bool:
+        r = aioredis.from_url(redis_server)
+        closed = asyncio.Event()
+
+        async def close() -> None:
+            closed.set()
+
+        pool, key = await _park_wanted_link(r, close, next_job="seen")
+        # No LiveKit here: the cold start's join fails, after the part under test.
+        servers = {key.server: {"url": "http://127.0.0.1:9", "max_sessions": 1}}
+        settings = Settings(AVATARQ_AVATAR_SERVERS=servers, LIVEKIT_URL="ws://127.0.0.1:9")
+        payload = {"room": key.room, "avatar_id": "a", "source": "/x.wav"}
+        job = parse_job({**payload, "avatar_server": key.server}, settings)
+        request = LinkRequest(
+            job, resolve_server(job, settings), Budget.of(job, settings), 1.0,
+            Timestamps(picked=time.time()), nothing, nothing, asyncio.Event(),
+        )  # fmt: skip
+        links = Links(settings, r)
+        start = asyncio.ensure_future(links.start_cold(request))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(closed.wait()), timeout=2.0)
+        asked = closed.is_set()  # not by the pool's own close, below
+        start.cancel()
+        await asyncio.gather(start, return_exceptions=True)
+        await links.aclose()
+        await pool.aclose()
+        await r.aclose()
+        return asked
+
+    assert run(go())
 
 
 def test_a_process_exit_waits_for_a_session_it_is_handing_on(redis_server: str) -> None:
@@ -587,7 +637,7 @@ def test_a_process_exit_waits_for_a_session_it_is_handing_on(redis_server: str) 
             await asyncio.sleep(0.5)  # the avatar server confirming the stop
             seen.append("stopped")
 
-        pool = await _park_wanted_link(r, close)
+        pool, _key = await _park_wanted_link(r, close)
         await asyncio.wait_for(closing.wait(), timeout=5)
         await pool.aclose()
         seen.append("pool closed")

@@ -126,6 +126,9 @@ class Links:
             join_room(request, self.settings)
         )
         try:
+            # Before the line: an idle session of this room's avatar that another process
+            # keeps (for this very job, the room's next) may hold the slot this job waits for.
+            await self.pool.make_room(request.key)
             slot = await wait_for_slot(
                 quota, job.job_id, patience_s=QUOTA_PATIENCE_S, on_wait=on_wait, stop=request.stop
             )
@@ -138,7 +141,6 @@ class Links:
         try:
             # Also clears what an earlier, requeued try of this job left.
             await self.redis.delete(job_waiting_key(job.job_id))
-            await self.pool.make_room(request.key)
             joined = await joining
         except BaseException:
             self._abandon(joining)
