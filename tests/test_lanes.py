@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import pytest
 import redis
 import redis.asyncio as aioredis
 
@@ -27,6 +28,14 @@ from avatarq.ledger.types import Claim, Handoff, Parked
 from avatarq.ledger.worker import REJOIN_GRACE_S, Ledger
 from avatarq.settings import Settings
 from producers.client import enqueue
+from tests.producing import own_db
+
+
+@pytest.fixture
+def redis_server(redis_server: str) -> str:
+    """A database of this module's own: its jobs are registered without a broker message,
+    which a live worker of another module on the shared one would take for lost, and send."""
+    return own_db(redis_server, 13)
 
 
 def run(redis_url: str, body: Callable[[Ledger], Awaitable[Any]]) -> Any:

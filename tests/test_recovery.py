@@ -399,21 +399,22 @@ def test_a_broker_that_cannot_be_peeked_is_not_read() -> None:
 
 @pytest.mark.slow
 def test_a_job_whose_message_the_redis_broker_lost_plays_on_a_live_worker(
-    redis_server: str, tmp_path: Path
+    own_db: str, tmp_path: Path
 ) -> None:
-    # Default settings. The loss itself (a worker's connection dropping as BRPOP hands it the
+    # A database of its own: the oldest message in the queue must be this test's. Default
+    # settings. The loss itself (a worker's connection dropping as BRPOP hands it the
     # message) is a race; here the message is taken from the queue as that BRPOP took it.
     env = {
-        "REDIS_URL": redis_server,
-        "CELERY_BROKER_URL": redis_server,
+        "REDIS_URL": own_db,
+        "CELERY_BROKER_URL": own_db,
         "AVATARQ_METRICS_PORT": "0",
     }
     settings = Settings(**env)  # type: ignore[arg-type]
-    client = redis.Redis.from_url(redis_server)
+    client = redis.Redis.from_url(own_db)
     job_id = f"lost-{uuid.uuid4().hex[:8]}"
     enqueue({"job_id": job_id, "room": job_id, "avatar_id": "a",
              "source": str(tmp_path / "no.wav")}, settings=settings)  # fmt: skip
-    assert _lose_oldest_message(redis_server) == job_id
+    assert _lose_oldest_message(own_db) == job_id
     lost_at = time.monotonic()
     with _worker("live", env, tmp_path) as live:
         while (record := client.get(job_record_key(job_id))) is None:
