@@ -205,6 +205,54 @@ def test_the_fleet_keeps_to_the_smallest_quota_a_live_worker_is_configured_with(
     ]
 
 
+@contextlib.contextmanager
+def clock_off_by(monkeypatch: pytest.MonkeyPatch, seconds: float) -> Iterator[None]:
+    """This process's wall clock `seconds` away from Redis's: a worker on a machine whose
+    clock is not set right."""
+    true_time = time.time
+    monkeypatch.setattr(time, "time", lambda: true_time() + seconds)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(time, "time", true_time)
+
+
+def test_workers_whose_clocks_disagree_keep_to_the_quota(
+    redis_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Slot leases and announced quotas run on Redis's clock: a worker whose clock runs a
+    minute ahead does not count live slots as lapsed, nor one a minute behind renew its slot
+    into the past or announce a quota that has already lapsed."""
+    monkeypatch.setattr(quota_mod, "RENEW_EVERY_S", 0.2)
+    server = f"s-{uuid.uuid4().hex[:6]}"
+
+    async def go() -> None:
+        r = aioredis.from_url(redis_server)
+        q = AvatarQuota(r, server, 2)
+        try:
+            with clock_off_by(monkeypatch, -60):
+                slot = await q.try_acquire("behind")
+                assert isinstance(slot, Slot)
+                q.hold(slot)
+                announced = await Ledger(r, stale_after_s=3600).announce(
+                    "behind", {}, (), {server: 1}
+                )
+                assert announced == {server: [1]}
+                await asyncio.sleep(0.5)  # renewed twice
+            assert await q.try_acquire("other") == Waiting(place=0, sessions=1, quota=1)
+            with clock_off_by(monkeypatch, +60):
+                ahead = await q.try_acquire("ahead")
+                assert isinstance(ahead, Waiting) and (ahead.sessions, ahead.quota) == (1, 1)
+                assert (await q.snapshot())["sessions"] == 1
+            await q.leave_line("ahead")
+            await q.release(slot)
+            assert isinstance(await q.try_acquire("other"), Slot)
+        finally:
+            await r.aclose()
+
+    run(go())
+
+
 def test_a_429_shrinks_the_quota_and_waiting_gives_up_in_time(redis_server: str) -> None:
     async def go() -> None:
         r = aioredis.from_url(redis_server)

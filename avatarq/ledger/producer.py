@@ -13,6 +13,7 @@ from typing import Any, Literal, TypeVar
 import redis
 
 from avatarq.events import Event
+from avatarq.ledger.clock import server_ms_sync
 from avatarq.ledger.keys import (
     DEAD_LETTER_KEY,
     RECORD_TTL_S,
@@ -124,7 +125,7 @@ class ProducerLedger:
         """Per avatar server (name → configured quota), by name: sessions held across the
         fleet, the effective quota (the smallest a live worker keeps to, shrunk for a while
         after a 429) and waiting jobs."""
-        now_ms = int(time.time() * 1000)
+        now_ms = server_ms_sync(self.redis)
         rows = []
         for name, quota in sorted(quotas.items()):
             cap = self.redis.get(avatar_quota_key(name, "cap"))

@@ -16,6 +16,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from avatarq.ledger.clock import server_ms
 from avatarq.ledger.keys import (
     AVATAR_NOTE_TTL_S,
     DEAD_LETTER_KEY,
@@ -350,7 +351,7 @@ class Ledger:
         With `quotas` (avatar server → the session quota this process is configured with),
         each is kept as long as the heartbeat (every process then keeps to the smallest);
         returns the quotas live processes announced, per server."""
-        now_ms = int(time.time() * 1000)
+        now_ms = await server_ms(self.redis)
         expiry = now_ms + int(HEARTBEAT_TTL_S * 1000)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(worker_heartbeat_key(worker_id), "1", px=int(HEARTBEAT_TTL_S * 1000))

@@ -20,6 +20,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from avatarq.ledger.clock import server_ms
 from avatarq.ledger.keys import QuotaPart, avatar_quota_key, effective_quota
 from avatarq.ledger.scripts import Lua, script
 from tasks.backoff import backoff_delay
@@ -79,9 +80,8 @@ class AvatarQuota:
     async def try_acquire(self, job_id: str) -> Slot | Waiting:
         """A slot if one is free and no earlier job waits for it, else the job's place."""
         slot = Slot(self.server)
-        now = int(time.time() * 1000)
         lease_ms, stale_ms = int(SLOT_LEASE_S * 1000), int(WAITER_STALE_S * 1000)
-        args: list[str | int] = [slot.holder, job_id, now, lease_ms, self.quota, stale_ms]
+        args: list[str | int] = [slot.holder, job_id, lease_ms, self.quota, stale_ms]
         reply = await self._acquire(keys=self._keys(), args=args)
         if int(reply[0]) == 1:
             return slot
@@ -98,8 +98,7 @@ class AvatarQuota:
             await asyncio.sleep(WAIT_POLL_S if failing else RENEW_EVERY_S)
             asked_at = time.monotonic()
             try:
-                now = int(time.time() * 1000)
-                renew: list[str | int] = [slot.holder, now, int(SLOT_LEASE_S * 1000)]
+                renew: list[str | int] = [slot.holder, int(SLOT_LEASE_S * 1000)]
                 async with asyncio.timeout(RENEW_TIMEOUT_S):
                     renewed = await self._renew(keys=[_key(self.server, "sessions")], args=renew)
                 confirmed_until, failing = asked_at + SLOT_LEASE_S, False
@@ -171,9 +170,8 @@ class AvatarQuota:
     async def shrink(self) -> int:
         """The server refused a session under the quota: cap the quota at what is held now
         (one less than that, counting the refused one, never below one) for a while."""
-        now = int(time.time() * 1000)
         sessions = _key(self.server, "sessions")
-        await self.redis.zremrangebyscore(sessions, "-inf", now)
+        await self.redis.zremrangebyscore(sessions, "-inf", await server_ms(self.redis))
         cap = max(1, int(await self.redis.zcard(sessions)))
         await self.redis.set(_key(self.server, "cap"), cap, ex=int(BACKOFF_WINDOW_S))
         log.warning("avatar server %r refused a session: quota %d for a while", self.server, cap)
@@ -185,7 +183,7 @@ class AvatarQuota:
 
     async def snapshot(self) -> dict[str, Any]:
         """Sessions held, effective quota and waiting jobs (for status and metrics)."""
-        now = int(time.time() * 1000)
+        now = await server_ms(self.redis)
         pipe = self.redis.pipeline(transaction=False)
         pipe.zcount(_key(self.server, "sessions"), now, "+inf")
         pipe.get(_key(self.server, "cap"))
