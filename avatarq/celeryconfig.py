@@ -13,6 +13,7 @@ from celery import Celery
 from kombu import Connection
 from kombu.exceptions import OperationalError
 
+from avatarq.redisclient import COMMAND_TIMEOUT_S, CONNECT_TIMEOUT_S, TIMEOUTS
 from avatarq.settings import Settings
 
 #: The render task's registered name; producers send by name and never import the worker.
@@ -54,6 +55,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "unacked_restore_throttle": 1,
         },
         "result_backend_transport_options": {"visibility_timeout": visibility},
+        # A result store on a connection nothing answers fails in seconds, and is retried
+        # on a new one (avatarq/redisclient.py); Celery's own default waits 120 s.
+        "redis_socket_timeout": COMMAND_TIMEOUT_S,
+        "redis_socket_connect_timeout": CONNECT_TIMEOUT_S,
         "result_expires": 7 * 24 * 3600,
         # Celery would store STARTED before the task's body, and a Redis out of reach for
         # longer than the retries below would fail the delivery there, outside the body,
@@ -78,6 +83,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_concurrency": settings.worker_concurrency,
         "worker_hijack_root_logger": False,
     }
+    if _driver(settings.broker_url) == "redis":
+        # The Redis broker's connections too (kombu's default waits for ever).
+        config["broker_transport_options"].update(TIMEOUTS)
     if settings.rabbitmq_queue_type == "quorum" and _is_rabbitmq(settings.broker_url):
         config["task_queues"] = {RENDER_QUEUE: quorum_queue()}
     return config
@@ -96,9 +104,13 @@ def quorum_queue() -> dict[str, Any]:
     }
 
 
+def _driver(broker_url: str) -> str:
+    return str(Connection(broker_url).transport.driver_type)
+
+
 def _is_rabbitmq(broker_url: str) -> bool:
     # Celery's own test for quorum queues (any amqp transport: amqp, amqps, pyamqp).
-    return bool(Connection(broker_url).transport.driver_type == "amqp")
+    return _driver(broker_url) == "amqp"
 
 
 def broker_countdown(seconds: float) -> int:

@@ -17,9 +17,9 @@ import time
 import uuid
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from avatarq import redisclient
 from avatarq.ledger.types import Handoff, Parked, job_id_of
 from avatarq.ledger.worker import Ledger
 from avatarq.results import Played
@@ -67,7 +67,7 @@ class RoomLane:
         self.links: AgentLinks | None = None
         #: Its heartbeat and held deliveries are a worker process's, so recovery covers it.
         self.agent_id = f"agent-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.redis = aioredis.from_url(settings.redis_url)
+        self.redis = redisclient.async_client(settings.redis_url)
         self.ledger = Ledger(self.redis, stale_after_s=settings.redelivery_after_s)
         #: Announced with each heartbeat: the agent's sessions count against the fleet's
         #: quota, so the fleet keeps to its configured one too.

@@ -16,6 +16,7 @@ from livekit import rtc
 from livekit.agents import AgentSession, get_job_context
 from livekit.agents.voice import avatar
 
+from avatarq import redisclient
 from avatarq.errors import AvatarOverLimit
 from avatarq.settings import AvatarServer, Settings, get_settings
 from avatarq_agents.lane import RoomLane
@@ -123,7 +124,7 @@ class AvatarSession(avatar.AvatarSession[Any]):
             self.lane.start(AgentLinks(agent_session, self.audio_output, session_id))
 
     async def _take_slot(self, room: str) -> None:
-        self._redis = aioredis.from_url(self.settings.redis_url)
+        self._redis = redisclient.async_client(self.settings.redis_url)
         quota = self._quota = AvatarQuota(self._redis, self.server.name, self.server.max_sessions)
         holder = f"agent-{room}-{uuid.uuid4().hex[:8]}"
         try:

@@ -16,6 +16,7 @@ import redis
 from celery import Celery
 from celery.result import AsyncResult
 
+from avatarq import redisclient
 from avatarq.celeryconfig import RENDER_QUEUE, RENDER_TASK, celery_config
 from avatarq.errors import Reason
 from avatarq.events import TERMINAL, Status
@@ -169,7 +170,7 @@ def cancel(job_id: str, *, settings: Settings | None = None) -> str:
 
 @lru_cache(maxsize=4)
 def redis_client(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url)
+    return redisclient.client(url)
 
 
 def ledger_for(settings: Settings) -> ProducerLedger:

@@ -36,6 +36,9 @@ WATCH_INTERVAL_S = 0.25
 #: makes heard twice; it is a 400 ms chunk plus a tick's slack, so a healthy stream never
 #: waits.
 SEND_AHEAD_OF_LEASE_S = 0.5
+#: A tick whose answer has not come in this long failed: its connection may be one nothing
+#: answers (avatarq/redisclient.py), and the stream waits at its fence meanwhile.
+WATCH_TIMEOUT_S = 1.5
 
 
 class LeaseWatch(JobHook):
@@ -126,12 +129,13 @@ class LeaseWatch(JobHook):
                 return
             progress = self.progress  # what this tick records, and so what it grants from
             try:
-                cancel, ours = await self.ledger.watch(
-                    self.job.job_id, self.job.room, self.token, progress
-                )
-            except (RedisError, OSError) as e:
+                async with asyncio.timeout(WATCH_TIMEOUT_S):
+                    cancel, ours = await self.ledger.watch(
+                        self.job.job_id, self.job.room, self.token, progress
+                    )
+            except (RedisError, OSError, TimeoutError) as e:
                 # Keep playing through a Redis outage; the lease outlives a short one.
-                log.warning("job %s: ledger unreachable: %s", self.job.job_id, e)
+                log.warning("job %s: ledger unreachable: %s", self.job.job_id, e or "timeout")
                 continue
             if ours:
                 self._confirmed_at = time.monotonic()

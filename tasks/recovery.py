@@ -25,6 +25,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from avatarq import redisclient
 from avatarq.errors import InvalidJob
 from avatarq.jobs import parse_job
 from avatarq.ledger.sweeps import Orphan, OrphanWebhook, Sweeps
@@ -105,7 +106,7 @@ class Presence:
     @property
     def redis(self) -> aioredis.Redis:
         if self._redis is None:
-            self._redis = aioredis.from_url(self.settings.redis_url)
+            self._redis = redisclient.async_client(self.settings.redis_url)
         return self._redis
 
     @cached_property

@@ -12,7 +12,6 @@ import os
 import threading
 from typing import Any
 
-import redis.asyncio as aioredis
 from celery import Task, states
 from celery.exceptions import Ignore
 from celery.signals import (
@@ -24,7 +23,7 @@ from celery.signals import (
 )
 from redis.exceptions import RedisError
 
-from avatarq import logs
+from avatarq import logs, redisclient
 from avatarq.celeryconfig import RENDER_QUEUE, RENDER_TASK, broker_countdown
 from avatarq.ledger.types import Handoff, job_id_of
 from avatarq.ledger.worker import Ledger
@@ -231,7 +230,7 @@ class WorkerParts:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.redis = aioredis.from_url(settings.redis_url)
+        self.redis = redisclient.async_client(settings.redis_url)
         self.ledger = Ledger(self.redis, stale_after_s=settings.redelivery_after_s)
         self.links = Links(settings, self.redis)
         self.playback = Playback(settings, audio=FfmpegAudio(settings), links=self.links)

@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 from redis.typing import EncodableT, FieldT
 
+from avatarq import redisclient
 from avatarq.errors import InvalidJob
 from avatarq.events import TERMINAL_EVENT, Event, EventPayload, Progress, Status
 from avatarq.ledger.keys import job_events_key
@@ -71,7 +72,7 @@ class JobReporter:
         self.job_id = job_id
         self._outbox = outbox
         self._update_state = update_state
-        self._redis = redis or aioredis.from_url(settings.redis_url)
+        self._redis = redis or redisclient.async_client(settings.redis_url)
         self._owns_redis = redis is None
         self._clock = clock
         self._last_progress = self._last_state = -math.inf

@@ -16,7 +16,11 @@ import pytest
 
 from avatarq.ledger.keys import job_events_key
 from avatarq_dev.faults import SCENARIOS, FaultLab, Run, Segment, fault_lab, judge
-from avatarq_dev.faults.cutoff import PATIENCE_OUT_S, worker_cut_off_from_redis_past_its_patience
+from avatarq_dev.faults.cutoff import (
+    PATIENCE_OUT_S,
+    redis_goes_silent_under_a_playing_worker,
+    worker_cut_off_from_redis_past_its_patience,
+)
 from avatarq_dev.faults.judge import HEARD_TWICE_LIMIT_S, listened
 from tests.netns import NETNS
 
@@ -315,6 +319,16 @@ def test_a_worker_cut_off_from_redis_past_its_patience_loses_no_job(lab: FaultLa
     (job,) = run.ids
     assert ended_on(run, job) == ("completed", 1), detail(run)
     assert run.facts["gave_up_after_s"] < PATIENCE_OUT_S, detail(run)
+
+
+def test_a_playing_worker_whose_redis_goes_silent_plays_on(lab: FaultLab) -> None:
+    """Connections nothing answers and nothing closes (Redis failed over to another host):
+    the worker's Redis timeouts end them, its next commands reach Redis, and the job is heard
+    once, in full, within seconds rather than TCP's 15 minutes."""
+    run = scenario_checks(redis_goes_silent_under_a_playing_worker(lab))
+    (job,) = run.ids
+    assert ended_on(run, job)[0] == "completed", detail(run)
+    heard_once_in_full("redis_goes_silent_under_a_playing_worker", run)
 
 
 def test_avatar_server_dies(lab: FaultLab) -> None:

@@ -299,6 +299,41 @@ def test_a_waiter_takes_a_released_slot_on_its_notice_not_its_next_poll(
     assert run(go()) < 5.0
 
 
+def test_release_notices_come_again_after_their_connection_went_silent(
+    redis_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis failed over without a word: the notices' connection, quiet by nature, is pinged,
+    let go and opened again, so a waiter still wakes on the next release. Shortened from the
+    defaults' 5 s ping and 5 s command timeout."""
+    monkeypatch.setattr(quota_mod, "NOTICE_PING_S", 0.3)
+    monkeypatch.setattr(quota_mod, "COMMAND_TIMEOUT_S", 0.3)
+    server = f"s-{uuid.uuid4().hex[:6]}"
+
+    async def go() -> None:
+        with RedisRelay(port_of(redis_server)).running() as relay:
+            through = aioredis.from_url(relay.route(redis_server), socket_timeout=0.3)
+            direct = aioredis.from_url(redis_server)
+            waiter, holder = AvatarQuota(through, server, 1), AvatarQuota(direct, server, 1)
+            try:
+                slot = await holder.try_acquire("a")
+                assert isinstance(slot, Slot)
+                await waiter.next_release(0, timeout=0.5)  # listening
+                relay.go_silent()
+                await asyncio.sleep(2.0)  # given up on and opened again
+                woken = asyncio.ensure_future(waiter.next_release(0, timeout=5.0))
+                await asyncio.sleep(0.2)
+                await holder.release(slot)
+                async with asyncio.timeout(1.0):
+                    await woken
+                assert waiter.freed_count == 1
+            finally:
+                await waiter.aclose()
+                await through.aclose()
+                await direct.aclose()
+
+    run(go())
+
+
 def test_a_stopped_waiter_leaves_the_line_at_once(redis_server: str) -> None:
     async def go() -> None:
         r = aioredis.from_url(redis_server)

@@ -25,6 +25,7 @@ from avatarq.celeryconfig import (
     celery_config,
     check_queue_type,
 )
+from avatarq.redisclient import TIMEOUTS
 from avatarq.settings import Settings
 from producers.client import celery_app
 
@@ -69,7 +70,11 @@ def test_a_redis_broker_is_configured_as_a_classic_rabbitmq_one(queue_type: str)
         REDIS_URL=REDIS_URL, CELERY_BROKER_URL=AMQP_URL, AVATARQ_RABBITMQ_QUEUE_TYPE="classic"
     )
     redis = Settings(REDIS_URL=REDIS_URL, AVATARQ_RABBITMQ_QUEUE_TYPE=queue_type)
-    assert celery_config(redis) == {**celery_config(classic), "broker_url": REDIS_URL}
+    as_classic = celery_config(classic)
+    # Only the broker's URL differs, and the timeouts of its Redis connections.
+    transport = {**as_classic["broker_transport_options"], **TIMEOUTS}
+    expected = {**as_classic, "broker_url": REDIS_URL, "broker_transport_options": transport}
+    assert celery_config(redis) == expected
 
 
 @pytest.mark.parametrize(("seconds", "whole"), [(0.0, 0), (0.3, 1), (1.0, 1), (2.01, 3)])

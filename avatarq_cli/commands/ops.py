@@ -121,11 +121,10 @@ def recent_failures(redis: Any, stream: str) -> list[dict[str, Any]]:
 
 
 def overview(settings: Settings) -> dict[str, Any]:
-    import redis
-
+    from avatarq import redisclient
     from producers.client import avatar_capacity, celery_app
 
-    client = redis.Redis.from_url(settings.redis_url)
+    client = redisclient.client(settings.redis_url)
     try:
         workers, jobs = workers_and_jobs(celery_app(settings))
         return {

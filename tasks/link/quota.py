@@ -19,10 +19,12 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeout
 
 from avatarq.ledger.clock import server_ms
 from avatarq.ledger.keys import QuotaPart, avatar_quota_key, effective_quota
 from avatarq.ledger.scripts import Lua, script
+from avatarq.redisclient import COMMAND_TIMEOUT_S
 from tasks.backoff import backoff_delay
 from tasks.link.types import NoAvatarSlot, Waiting
 
@@ -41,6 +43,8 @@ LAPSE_MARGIN_S = RENEW_EVERY_S
 WAIT_POLL_S = 1.0
 #: A waiter that stopped asking this long ago lost its place (its worker died or gave up).
 WAITER_STALE_S = 10.0
+#: A release-notice connection quiet for this long is pinged.
+NOTICE_PING_S = 5.0
 #: How long a 429 keeps the quota shrunk.
 BACKOFF_WINDOW_S = 60.0
 
@@ -141,12 +145,23 @@ class AvatarQuota:
                 )
 
     async def _listen(self) -> None:
+        loop = asyncio.get_running_loop()
         for attempt in itertools.count():
             try:
                 async with self.redis.pubsub() as pubsub:
                     await pubsub.subscribe(_key(self.server, "freed"))
-                    async for message in pubsub.listen():
-                        if message.get("type") == "message":
+                    heard = loop.time()
+                    while True:
+                        # Pinged when quiet: a connection nothing answers any more (Redis
+                        # failed over) is let go, where waiting for notices would last for ever.
+                        message = await pubsub.get_message(timeout=NOTICE_PING_S)
+                        if message is not None:
+                            heard = loop.time()
+                        elif loop.time() - heard > NOTICE_PING_S + COMMAND_TIMEOUT_S:
+                            raise RedisTimeout("no answer to the release notices' ping")
+                        else:
+                            await pubsub.ping()
+                        if message is not None and message.get("type") == "message":
                             async with self._freed:
                                 self.freed_count += 1
                                 self._freed.notify_all()

@@ -23,12 +23,16 @@ def port_of(url: str) -> int:
 
 class RedisRelay:
     """Forwards loopback TCP connections to Redis; `cut()` drops every connection and
-    refuses new ones until `restore()`."""
+    refuses new ones until `restore()`; `go_silent()` leaves the open ones open but carries
+    nothing more on them."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.port = 0
         self.open = True
+        #: Connections accepted before this many `go_silent()` calls carry nothing.
+        self._silenced = 0
+        self._accepted_in = 0
         self._loop = asyncio.new_event_loop()
         self._writers: set[asyncio.StreamWriter] = set()
         self._ready = threading.Event()
@@ -47,10 +51,13 @@ class RedisRelay:
             return
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         self._writers |= {writer, up_writer}
+        accepted_in = self._accepted_in
 
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             with contextlib.suppress(OSError, asyncio.IncompleteReadError):
                 while data := await src.read(65536):
+                    if accepted_in < self._silenced:
+                        continue  # read, so nothing backs up to tell the sender
                     dst.write(data)
                     await dst.drain()
             dst.close()
@@ -76,6 +83,12 @@ class RedisRelay:
 
         self._loop.call_soon_threadsafe(drop)
         dropped.wait(5.0)
+
+    def go_silent(self) -> None:
+        """The open connections go silent, neither answered nor closed: the address they
+        reached died without a word (a failover to another host, a route gone). Only TCP's
+        own retries would end them, after about 15 minutes. New connections are carried."""
+        self._silenced = self._accepted_in = self._accepted_in + 1
 
     def route(self, url: str) -> str:
         """`url` (of the relay's target) through the relay."""
@@ -165,4 +178,35 @@ def worker_cut_off_from_redis_past_its_patience(lab: FaultLab) -> Run:
         room=room,
         cut_at=cut_at,
         gave_up_after_s=gave_up_at - cut_at,
+    )
+
+
+#: A job that plays on after its Redis went silent ends within this (its own 12 s, the
+#: worker's Redis timeouts, and room to spare); TCP alone would take about 15 minutes.
+SILENT_REDIS_JOB_S = 60.0
+
+
+def redis_goes_silent_under_a_playing_worker(lab: FaultLab) -> Run:
+    """The only worker's Redis connections (ledger, results and, on the Redis broker, its
+    broker) go silent 3 s into a 12 s job: nothing answers them, nothing closes them, while
+    new connections reach Redis. The job must play on and end within seconds."""
+    room = f"silent-{secrets.token_hex(3)}"
+    url = lab.stack.redis.url
+    with RedisRelay(port_of(url)).running() as relay:
+        via = relay.route(url)
+        extra = {"REDIS_URL": via}
+        if lab.broker == "redis":
+            extra["CELERY_BROKER_URL"] = via
+        with lab.workers(1, concurrency=1, env=extra):
+            job = lab.enqueue(room, 12.0)
+            lab.wait_streamed(job, 3.0)
+            silent_at = time.time()
+            relay.go_silent()
+            records = lab.wait([job], timeout=SILENT_REDIS_JOB_S)
+    return lab.observe(
+        "Redis gone silent under the only playing worker",
+        [job],
+        records,
+        room=room,
+        silent_at=silent_at,
     )
