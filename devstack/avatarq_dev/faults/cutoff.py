@@ -12,6 +12,7 @@ import secrets
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 from avatarq_dev.faults.lab import FaultLab, Run
 
@@ -108,29 +109,38 @@ class RedisRelay:
             self._loop.call_soon_threadsafe(self._loop.stop)
 
 
+@contextlib.contextmanager
+def _one_worker_through_relay(lab: FaultLab) -> Iterator[tuple[RedisRelay, Any]]:
+    """One worker whose Redis (results, ledger and, on the Redis broker, its broker) goes
+    through a relay."""
+    url = lab.stack.redis.url
+    with RedisRelay(port_of(url)).running() as relay:
+        via = relay.route(url)
+        extra = {"REDIS_URL": via}
+        if lab.broker == "redis":
+            extra["CELERY_BROKER_URL"] = via
+        with lab.workers(1, concurrency=1, env=extra) as (worker,):
+            yield relay, worker
+
+
 def worker_cut_off_from_redis(lab: FaultLab, cut_for_s: float = 25.0) -> Run:
     """Cut the playing worker off Redis (results, ledger and, on the Redis broker, its broker)
     3 s into a 20 s job for `cut_for_s`, longer than its heartbeat and lease; a live worker
     takes the job over. Reconnected, the old worker writes no event and sends no message."""
     room = f"cutoff-{secrets.token_hex(3)}"
-    with RedisRelay(port_of(lab.stack.redis.url)).running() as relay:
-        via = relay.route(lab.stack.redis.url)
-        extra = {"REDIS_URL": via}
-        if lab.broker == "redis":
-            extra["CELERY_BROKER_URL"] = via
-        with lab.workers(1, concurrency=1, env=extra) as (victim,):
-            job = lab.enqueue(room, 20.0)
-            lab.wait_streamed(job, 3.0)
-            with lab.workers(1):
-                cut_at = time.time()
-                relay.cut()
-                taken_over = lab.started_attempt(job, 2, timeout=60)
-                time.sleep(max(0.0, cut_at + cut_for_s - time.time()))
-                relay.restore()
-                restored_at = time.time()
-                records = lab.wait([job])
-                time.sleep(5.0)  # what the old attempt would say, it says soon after
-                victim_log = victim.tail(4000)
+    with _one_worker_through_relay(lab) as (relay, victim):
+        job = lab.enqueue(room, 20.0)
+        lab.wait_streamed(job, 3.0)
+        with lab.workers(1):
+            cut_at = time.time()
+            relay.cut()
+            taken_over = lab.started_attempt(job, 2, timeout=60)
+            time.sleep(max(0.0, cut_at + cut_for_s - time.time()))
+            relay.restore()
+            restored_at = time.time()
+            records = lab.wait([job])
+            time.sleep(5.0)  # what the old attempt would say, it says soon after
+            victim_log = victim.tail(4000)
     run = lab.observe(
         "worker cut off from Redis mid-stream",
         [job],
@@ -155,11 +165,7 @@ def worker_cut_off_from_redis_past_its_patience(lab: FaultLab) -> Run:
     job arrives, until it gives up waiting; then restore. Failing the job would let Celery
     acknowledge its message, and lose it: it must come back through the broker and play."""
     room = f"patience-{secrets.token_hex(3)}"
-    url = lab.stack.redis.url
-    with (
-        RedisRelay(port_of(url)).running() as relay,
-        lab.workers(1, concurrency=1, env={"REDIS_URL": relay.route(url)}) as (worker,),
-    ):
+    with _one_worker_through_relay(lab) as (relay, worker):
         relay.cut()
         cut_at = time.time()
         job = lab.enqueue(room, 1.0)
@@ -184,29 +190,32 @@ def worker_cut_off_from_redis_past_its_patience(lab: FaultLab) -> Run:
 #: A job that plays on after its Redis went silent ends within this (its own 12 s, the
 #: worker's Redis timeouts, and room to spare); TCP alone would take about 15 minutes.
 SILENT_REDIS_JOB_S = 60.0
+#: How long the worker idles before its Redis goes silent the second time.
+IDLE_S = 3.0
 
 
-def redis_goes_silent_under_a_playing_worker(lab: FaultLab) -> Run:
-    """The only worker's Redis connections (ledger, results and, on the Redis broker, its
-    broker) go silent 3 s into a 12 s job: nothing answers them, nothing closes them, while
-    new connections reach Redis. The job must play on and end within seconds."""
+def redis_goes_silent_under_the_only_worker(lab: FaultLab) -> Run:
+    """The only worker's Redis connections go silent twice: 3 s into a 12 s job, then while
+    the worker idles, before the room's next job is sent. Nothing answers them and nothing
+    closes them, while new connections reach Redis (a failover to another host). The playing
+    job must play on, and the next one start, within seconds."""
     room = f"silent-{secrets.token_hex(3)}"
-    url = lab.stack.redis.url
-    with RedisRelay(port_of(url)).running() as relay:
-        via = relay.route(url)
-        extra = {"REDIS_URL": via}
-        if lab.broker == "redis":
-            extra["CELERY_BROKER_URL"] = via
-        with lab.workers(1, concurrency=1, env=extra):
-            job = lab.enqueue(room, 12.0)
-            lab.wait_streamed(job, 3.0)
-            silent_at = time.time()
-            relay.go_silent()
-            records = lab.wait([job], timeout=SILENT_REDIS_JOB_S)
+    with _one_worker_through_relay(lab) as (relay, _):
+        playing = lab.enqueue(room, 12.0)
+        lab.wait_streamed(playing, 3.0)
+        silent_at = time.time()
+        relay.go_silent()
+        records = lab.wait([playing], timeout=SILENT_REDIS_JOB_S)
+        time.sleep(IDLE_S)
+        idle_silent_at = time.time()
+        relay.go_silent()
+        following = lab.enqueue(room, 2.0)
+        records |= lab.wait([following], timeout=SILENT_REDIS_JOB_S)
     return lab.observe(
-        "Redis gone silent under the only playing worker",
-        [job],
+        "Redis gone silent under the only worker, playing then idle",
+        [playing, following],
         records,
         room=room,
         silent_at=silent_at,
+        idle_silent_at=idle_silent_at,
     )
