@@ -155,13 +155,13 @@ class AvatarQuota:
                         # Pinged when quiet: a connection nothing answers any more (Redis
                         # failed over) is let go, where waiting for notices would last for ever.
                         message = await pubsub.get_message(timeout=NOTICE_PING_S)
-                        if message is not None:
-                            heard = loop.time()
-                        elif loop.time() - heard > NOTICE_PING_S + COMMAND_TIMEOUT_S:
-                            raise RedisTimeout("no answer to the release notices' ping")
-                        else:
+                        if message is None:
+                            if loop.time() - heard > NOTICE_PING_S + COMMAND_TIMEOUT_S:
+                                raise RedisTimeout("no answer to the release notices' ping")
                             await pubsub.ping()
-                        if message is not None and message.get("type") == "message":
+                            continue
+                        heard = loop.time()
+                        if message.get("type") == "message":
                             async with self._freed:
                                 self.freed_count += 1
                                 self._freed.notify_all()
