@@ -224,8 +224,9 @@ class RoomLane:
         if self._consuming is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._consuming), CLOSE_GRACE_S)
-            self._consuming.cancel()
-            await asyncio.gather(self._consuming, return_exceptions=True)
+            await asyncio.gather(
+                redisclient.cancel_and_wait(self._consuming), return_exceptions=True
+            )
         await self._return_held()
 
     async def leave(self) -> None:
@@ -234,9 +235,8 @@ class RoomLane:
         fleet's recovery)."""
         await self.stop()
         self._leaving = True
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        stopping = map(redisclient.cancel_and_wait, self._tasks)
+        await asyncio.gather(*stopping, return_exceptions=True)
         try:
             await self.ledger.free_room(self.room, self.agent_id)
             await self.ledger.announce(self.agent_id, {}, {*self._gone, *self._held})

@@ -15,6 +15,7 @@ from redis.exceptions import RedisError
 
 from avatarq.jobs import Job
 from avatarq.ledger.types import Progress
+from avatarq.redisclient import cancel_and_wait
 from avatarq.settings import Settings
 from tasks import metrics
 from tasks.captions import CaptionCues
@@ -100,9 +101,7 @@ class LeaseWatch(JobHook):
     async def on_released(self) -> None:
         # Awaited: a tick still running after the run let go of its lease must not renew it.
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
         if self.control.reason is StopReason.AVATAR_LEFT:
             await self._record_where_the_avatar_left()
 
@@ -121,8 +120,11 @@ class LeaseWatch(JobHook):
     async def _watch(self) -> None:
         fenced = self.control.fenced
         while self.control.reason is None:
+            # Not `wait_for`: on Python 3.11 it drops a cancellation that lands as the fence is
+            # set (avatarq/redisclient.py cancel_and_wait).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(fenced.wait(), self.interval_s)
+                async with asyncio.timeout(self.interval_s):
+                    await fenced.wait()
             fenced.clear()
             if self.shutting_down():
                 self.control.request_stop(StopReason.HANDED_BACK)

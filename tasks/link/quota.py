@@ -24,7 +24,7 @@ from redis.exceptions import TimeoutError as RedisTimeout
 from avatarq.ledger.clock import server_ms
 from avatarq.ledger.keys import QuotaPart, avatar_quota_key, effective_quota
 from avatarq.ledger.scripts import Lua, script
-from avatarq.redisclient import COMMAND_TIMEOUT_S
+from avatarq.redisclient import COMMAND_TIMEOUT_S, cancel_and_wait
 from tasks.backoff import backoff_delay
 from tasks.link.types import NoAvatarSlot, Waiting
 
@@ -124,9 +124,7 @@ class AvatarQuota:
 
     async def release(self, slot: Slot) -> None:
         if slot._renewer is not None:
-            slot._renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await slot._renewer
+            await cancel_and_wait(slot._renewer)
             slot._renewer = None
         try:
             await self.redis.zrem(_key(self.server, "sessions"), slot.holder)
@@ -172,9 +170,7 @@ class AvatarQuota:
     async def aclose(self) -> None:
         """Stop listening for release notices (a quota that outlives its Redis client)."""
         if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+            await cancel_and_wait(self._listener)
             self._listener = None
 
     async def leave_line(self, job_id: str) -> None:
