@@ -17,6 +17,7 @@ from celery.utils.quorum_queues import detect_quorum_queues
 from kombu import Connection, Exchange, Queue
 
 from avatarq.celeryconfig import (
+    BROKER_HEALTH_CHECK_S,
     QUORUM_DELIVERY_LIMIT,
     QUORUM_EXCHANGE,
     RENDER_QUEUE,
@@ -71,8 +72,12 @@ def test_a_redis_broker_is_configured_as_a_classic_rabbitmq_one(queue_type: str)
     )
     redis = Settings(REDIS_URL=REDIS_URL, AVATARQ_RABBITMQ_QUEUE_TYPE=queue_type)
     as_classic = celery_config(classic)
-    # Only the broker's URL differs, and the timeouts of its Redis connections.
-    transport = {**as_classic["broker_transport_options"], **TIMEOUTS}
+    # Only the broker's URL differs, and the timeouts and checks of its Redis connections.
+    transport = {
+        **as_classic["broker_transport_options"],
+        **TIMEOUTS,
+        "health_check_interval": BROKER_HEALTH_CHECK_S,
+    }
     expected = {**as_classic, "broker_url": REDIS_URL, "broker_transport_options": transport}
     assert celery_config(redis) == expected
 
