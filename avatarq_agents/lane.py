@@ -223,7 +223,8 @@ class RoomLane:
         self._closing = True
         if self._consuming is not None:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._consuming), CLOSE_GRACE_S)
+                async with asyncio.timeout(CLOSE_GRACE_S):
+                    await asyncio.shield(self._consuming)
             with contextlib.suppress(Exception):  # as before: how it ended is not asked
                 await redisclient.cancel_and_wait(self._consuming)
         await self._return_held()

@@ -87,7 +87,8 @@ class AgentLinks:
             log.info("agent speech not interrupted for a job: %s", e)
             return
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(done), INTERRUPT_TIMEOUT_S)
+            async with asyncio.timeout(INTERRUPT_TIMEOUT_S):
+                await asyncio.shield(done)
 
 
 async def _until(waited: Awaitable[None], stop: asyncio.Event) -> None:

@@ -76,7 +76,8 @@ class CaptionCues(JobHook):
             return
         self._ended.set()
         with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-            await asyncio.wait_for(self._task, CLOSE_TIMEOUT_S)
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await self._task
 
     def _plays_at(self, segment: Segment, position: float, out: Captions) -> float:
         """When (time.monotonic()) the avatar plays `position` seconds of the source."""

@@ -326,7 +326,8 @@ class PcmDecoder:
         None when it declares none or ffmpeg has not said within `timeout`."""
         assert self._declared is not None, "declared_seconds() needs `async with` first"
         try:
-            return await asyncio.wait_for(asyncio.shield(self._declared), timeout)
+            async with asyncio.timeout(timeout):
+                return await asyncio.shield(self._declared)
         except TimeoutError:
             return None
 

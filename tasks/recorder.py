@@ -178,15 +178,16 @@ class Recorder:
         self.room.on("track_published", self._on_published)
         self.room.on("track_subscribed", self._on_subscribed)
         token = self.order.token.get_secret_value()
-        await asyncio.wait_for(self.room.connect(self.order.livekit_url, token, options), 
-                               CONNECT_TIMEOUT_S)  # fmt: skip
+        async with asyncio.timeout(CONNECT_TIMEOUT_S):
+            await self.room.connect(self.order.livekit_url, token, options)
         avatar = self.room.remote_participants.get(self.order.avatar_identity)
         if avatar is None:
             return  # a cold start: its tracks are subscribed as it publishes them
         for publication in avatar.track_publications.values():
             self._on_published(publication, avatar)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.first_frames.wait(), FIRST_FRAMES_TIMEOUT_S)
+            async with asyncio.timeout(FIRST_FRAMES_TIMEOUT_S):
+                await self.first_frames.wait()
 
     def _on_published(
         self, publication: rtc.RemoteTrackPublication, participant: rtc.RemoteParticipant

@@ -68,7 +68,8 @@ class RunAhead:
     async def _take(self) -> AsyncIterator[bytes]:
         while True:
             try:
-                item = await asyncio.wait_for(self._queue.get(), self.stall_s)
+                async with asyncio.timeout(self.stall_s):
+                    item = await self._queue.get()
             except TimeoutError:
                 raise SourceStalled(
                     f"the audio source sent nothing for {self.stall_s:g}s with the buffer "

@@ -96,3 +96,34 @@ def test_played_position_is_sent_less_the_lead_from_start_at() -> None:
     assert segment.played_position(0) == 7.0  # nothing provably played yet
     assert segment.played_position(16000) == 7.0  # 0.5 s sent: all of it still in the lead
     assert segment.played_position(32000 * 3) == pytest.approx(9.5)
+
+
+@pytest.mark.parametrize("turns", range(4))
+def test_a_cancel_that_lands_as_a_chunk_arrives_stops_the_consumer(turns: int) -> None:
+    """A job's cancel (user cancel, hand-back, deadline) that lands just as the next chunk is
+    ready: Python 3.11's `wait_for` returned the chunk and dropped the cancel, and the job
+    would have played on."""
+
+    async def run() -> bool:
+        release = asyncio.Event()
+
+        async def one_chunk() -> AsyncIterator[bytes]:
+            await release.wait()
+            yield b"\x00" * 4
+
+        async with RunAhead(one_chunk(), max_chunks=2, stall_s=10) as ahead:
+
+            async def play() -> None:
+                async for _chunk in ahead:
+                    await asyncio.Event().wait()  # playing it, until stopped
+
+            player = asyncio.create_task(play())
+            await asyncio.sleep(0.05)  # the player waits for a chunk
+            release.set()
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            player.cancel()
+            await asyncio.wait({player}, timeout=2)
+            return player.cancelled()
+
+    assert asyncio.run(run())

@@ -66,7 +66,8 @@ class Pacer:
             else:
                 # shield: the timeout cancels only this wait, not the shared interrupt.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(interrupt), delay)
+                    async with asyncio.timeout(delay):
+                        await asyncio.shield(interrupt)
                 if interrupt.done():
                     return
         # Chunks the lead lets go at once (due by the start) have no schedule to keep. A

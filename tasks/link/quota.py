@@ -138,9 +138,8 @@ class AvatarQuota:
             self._listener = asyncio.get_running_loop().create_task(self._listen())
         async with self._freed:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self._freed.wait_for(lambda: self.freed_count > seen), timeout
-                )
+                async with asyncio.timeout(timeout):
+                    await self._freed.wait_for(lambda: self.freed_count > seen)
 
     async def _listen(self) -> None:
         loop = asyncio.get_running_loop()

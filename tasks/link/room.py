@@ -37,7 +37,8 @@ async def connect(
     try:
         # Subscriptions are chosen by hand (the avatar's audio only, see wait_for_avatar).
         options = rtc.RoomOptions(auto_subscribe=False)
-        await asyncio.wait_for(room.connect(url, token, options), timeout)
+        async with asyncio.timeout(timeout):
+            await room.connect(url, token, options)
     except (TimeoutError, rtc.ConnectError) as e:
         await room.disconnect()
         # The server's answer may echo the token: never let it into results or logs.
@@ -105,7 +106,8 @@ async def wait_for_avatar(
     room.on("track_published", check)
     try:
         check()
-        await asyncio.wait_for(ready.wait(), timeout)
+        async with asyncio.timeout(timeout):
+            await ready.wait()
     except TimeoutError:
         p = room.remote_participants.get(identity)
         if p is None:

@@ -178,7 +178,8 @@ class AudioStreamSender:
     async def wait_playback_finished(self, timeout: float) -> PlaybackFinished | None:
         """The avatar's report, or None if it never came (a lost RPC must not hang the job)."""
         try:
-            return await asyncio.wait_for(self._finished.get(), timeout)
+            async with asyncio.timeout(timeout):
+                return await self._finished.get()
         except TimeoutError:
             return None
 
