@@ -191,6 +191,24 @@ def test_bursts_report_the_median_drain_and_the_worst_guarantees() -> None:
     assert summary["retried_jobs"] == 3 and summary["order_exact"] is False
 
 
+def test_the_sampler_says_how_busy_the_cores_were_in_a_window() -> None:
+    """The fleet's burst reports how busy the shared cores were while it drained: what the
+    sampler counts, and only inside the window."""
+    from avatarq_dev.bench.stats import ProcessSampler
+
+    with ProcessSampler({}, period=0.05) as sampler:
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline:  # keep one core busy
+            pass
+    assert len(sampler.machine) >= 3
+    assert all(0.0 <= busy <= 100.0 for _, busy in sampler.machine)
+    assert sampler.busy(0, time.time())["p50"] > 0
+
+    sampler.machine = [(1.0, 20.0), (2.0, 95.0), (3.0, 100.0), (4.0, 50.0), (9.0, 100.0)]
+    busy = sampler.busy(1.0, 4.0)
+    assert busy == {"p50": 95.0, "p90": 100.0, "saturated_share": 0.5, "n": 4}
+
+
 def test_scale_figures_take_the_tightest_limit() -> None:
     # 10 streams: 2 % of a core each in all, 1 % on the network thread, 0.5 % in Python.
     step = {

@@ -13,14 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import redis
 import requests
 
 from avatarq.ledger.keys import avatar_quota_key
 from avatarq_dev.bench.load import LightAvatars
-from avatarq_dev.bench.stats import make_clip, ratio, spread
+from avatarq_dev.bench.stats import ProcessSampler, make_clip, ratio, spread
 from avatarq_dev.bench.streams import Played, collect
 from avatarq_dev.faults.fleet import peak_sessions
+from avatarq_dev.processes import ManagedProcess
 from avatarq_dev.stack import LocalStack
 
 LEAD = 0.3
@@ -94,10 +96,13 @@ class FleetBench:
         self.b2b_clip = make_clip(stack.workdir / "fleet-b2b.wav", plan.b2b_clip_s, rate=16000)
         self.tag = "light" if light else "lanes" if lanes else "polling"
         self.avatars = light.env() if light else {}
+        #: Whose CPU is the avatars': the light receivers (their front with its children) or
+        #: the emulator.
+        self.avatar_process = light.proc if light else stack.avatar
         #: Seconds each part waited for the fleet to be at rest before it began.
         self.rest_waits: list[float] = []
 
-    def _workers(self, quota: int) -> list[Any]:
+    def _workers(self, quota: int) -> list[ManagedProcess]:
         self.rest_waits.append(_wait_for_rest(self.stack))
         env = {
             "AVATARQ_AVATAR_MAX_SESSIONS": str(quota),
@@ -109,7 +114,7 @@ class FleetBench:
             for i in range(self.plan.workers)
         ]
 
-    def _stop(self, workers: list[Any]) -> None:
+    def _stop(self, workers: list[ManagedProcess]) -> None:
         for w in workers:
             w.stop()
 
@@ -125,10 +130,11 @@ class FleetBench:
         rooms = [f"burst-{self.tag}-{secrets.token_hex(3)}" for _ in range(p.rooms)]
         workers = self._workers(p.quota)
         try:
-            began = time.time()
-            handles = [_enqueue(room, self.clip) for _ in range(p.per_room) for room in rooms]
-            timeout = 60 + 3 * len(handles) * p.clip_s
-            runs = collect(self.stack, handles, timeout)
+            with ProcessSampler(self._processes(workers), 0.5, per_thread=False) as sampler:
+                began = time.time()
+                handles = [_enqueue(room, self.clip) for _ in range(p.per_room) for room in rooms]
+                timeout = 60 + 3 * len(handles) * p.clip_s
+                runs = collect(self.stack, handles, timeout)
             ended = [r.result.get("timestamps", {}).get("playback_finished") for r in runs]
             drain = max((t for t in ended if t), default=time.time()) - began
         finally:
@@ -150,7 +156,15 @@ class FleetBench:
             "retried_jobs": sum(1 for r in completed if r.result.get("attempt", 1) > 1),
             "order_exact": _order_exact(runs, rooms),
             "goal_ratio_below": 1.25,
+            "cpu": _cpu(sampler, began, began + drain),
         }
+
+    def _processes(self, workers: list[ManagedProcess]) -> dict[str, psutil.Process]:
+        """The processes a burst keeps busy, each with its descendants."""
+        procs = {"livekit": self.stack.livekit, "avatars": self.avatar_process}
+        procs.update({f"worker_{i}": w for i, w in enumerate(workers)})
+        pids = {name: proc.proc.pid for name, proc in procs.items() if proc.proc is not None}
+        return {name: psutil.Process(pid) for name, pid in pids.items()}
 
     def skew(self) -> dict[str, Any]:
         p = self.plan
@@ -257,6 +271,22 @@ def _where_the_time_went(
         "cold_avatar_start_s": spread([t["avatar_ready"] - t["avatar_requested"] for t in cold]),
         "session_time_used_share": ratio(sum(lived), quota * drain),
         "audio_share_of_session_time": ratio(audio, sum(lived)),
+    }
+
+
+def _cpu(sampler: ProcessSampler, start: float, end: float) -> dict[str, Any]:
+    """How busy the shared cores were while the burst drained, and who kept them busy: each
+    process's median (% of one core; the workers summed)."""
+    medians = {name: sampler.cpu_rss(name, start, end)[0] for name in sampler.processes}
+    workers = sum(v for name, v in medians.items() if name.startswith("worker_"))
+    return {
+        "machine_busy_percent": sampler.busy(start, end),
+        "cores": psutil.cpu_count(),
+        "median_percent_of_a_core": {
+            "workers": round(workers, 1),
+            "livekit": medians["livekit"],
+            "avatars": medians["avatars"],
+        },
     }
 
 

@@ -230,6 +230,20 @@ ROWS: list[Row] = [
         "",
     ),
     (
+        "fleet burst: all cores busy p50 while it drains (lanes; baseline: light receivers)",
+        "fleet.lanes.burst.cpu.machine_busy_percent.p50",
+        "fleet.light.burst.cpu.machine_busy_percent.p50",
+        "% of all cores",
+        "",
+    ),
+    (
+        "fleet burst: share of its drain with all cores ≥ 90 % busy (baseline: light receivers)",
+        "fleet.lanes.burst.cpu.machine_busy_percent.saturated_share",
+        "fleet.light.burst.cpu.machine_busy_percent.saturated_share",
+        "",
+        "",
+    ),
+    (
         "fleet burst peak sessions (quota: fleet.*.burst.quota)",
         "fleet.lanes.burst.peak_sessions",
         "fleet.lanes.burst.quota",

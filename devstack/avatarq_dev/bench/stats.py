@@ -75,7 +75,11 @@ class ProcessSampler:
 
     processes: dict[str, psutil.Process]
     period: float = 1.0
+    #: Each process's CPU per thread name too (reading every thread costs CPU of its own).
+    per_thread: bool = True
     samples: dict[str, list[Sample]] = field(default_factory=dict)
+    #: (time.time(), % of all cores busy), whoever keeps them busy.
+    machine: list[tuple[float, float]] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -108,7 +112,9 @@ class ProcessSampler:
 
     def _run(self) -> None:
         last = {name: (time.monotonic(), self._read(p)[0]) for name, p in self.processes.items()}
+        psutil.cpu_percent()  # the first call only starts the machine's count
         while not self._stop.wait(self.period):
+            self.machine.append((time.time(), psutil.cpu_percent()))
             for name, proc in self.processes.items():
                 now = time.monotonic()
                 cpu, rss, ffmpeg = self._read(proc)
@@ -116,7 +122,8 @@ class ProcessSampler:
                 last[name] = (now, cpu)
                 # Ended children take their CPU seconds with them: never report a negative.
                 percent = max(0.0, (cpu - cpu0) / (now - then) * 100)
-                sample = Sample(time.time(), percent, rss, ffmpeg, thread_cpu_seconds(proc))
+                threads = thread_cpu_seconds(proc) if self.per_thread else {}
+                sample = Sample(time.time(), percent, rss, ffmpeg, threads)
                 self.samples.setdefault(name, []).append(sample)
 
     def window(self, name: str, start: float, end: float) -> list[Sample]:
@@ -133,6 +140,17 @@ class ProcessSampler:
             round(max(s.rss_mb for s in window), 1),
             round(max(s.ffmpeg_rss_mb for s in window), 1),
         )
+
+    def busy(self, start: float, end: float) -> dict[str, float]:
+        """How busy all cores were between `start` and `end`: p50 / p90 of the samples (% of
+        all cores) and the share of samples at 90 % or more."""
+        window = [busy for at, busy in self.machine if start <= at <= end]
+        return {
+            "p50": round(pct(window, 0.5), 1),
+            "p90": round(pct(window, 0.9), 1),
+            "saturated_share": ratio(sum(b >= 90 for b in window), len(window)) or 0.0,
+            "n": len(window),
+        }
 
     def thread_cpu(self, name: str, start: float, end: float) -> dict[str, float]:
         """CPU % of one core per thread name of `name` between `start` and `end`."""
