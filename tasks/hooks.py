@@ -120,8 +120,6 @@ class LeaseWatch(JobHook):
     async def _watch(self) -> None:
         fenced = self.control.fenced
         while self.control.reason is None:
-            # Not `wait_for`: on Python 3.11 it drops a cancellation that lands as the fence is
-            # set (avatarq/redisclient.py cancel_and_wait).
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.interval_s):
                     await fenced.wait()
