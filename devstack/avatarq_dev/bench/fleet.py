@@ -164,6 +164,8 @@ class FleetBench:
         procs = {"livekit": self.stack.livekit, "avatars": self.avatar_process}
         procs.update({f"worker_{i}": w for i, w in enumerate(workers)})
         pids = {name: proc.proc.pid for name, proc in procs.items() if proc.proc is not None}
+        stopped = sorted(procs.keys() - pids.keys())
+        assert not stopped, f"the burst's processes {stopped} are not running"
         return {name: psutil.Process(pid) for name, pid in pids.items()}
 
     def skew(self) -> dict[str, Any]:
